@@ -1,0 +1,31 @@
+# feature-trimmer developer entry points. Everything runs from a local .venv.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: test bench bench-trim bench-reload bench-e2e demo run lint schema clean
+
+$(STAMP): setup.cfg pyproject.toml $(wildcard setup.py)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $(STAMP)
+
+test: $(STAMP)           ## run the whole test suite
+	$(PY) -m pytest
+
+bench-trim: $(STAMP)     ## frame trim + map compile/attach/lookup micro-benchmarks
+	$(PY) bench/trim_bench.py
+
+bench: bench-trim
+
+schema: $(STAMP)         ## regenerate flatbuffers_schema Python code with flatc
+	$(PY) -m flatbuffers_schema.regen
+
+lint: $(STAMP)
+	$(PY) -m pip install -q ruff
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
