@@ -1,0 +1,529 @@
+"""Bundle-level signature files: strict parsing and validation (SPEC §3).
+
+This is the one parser used by both the daemon (on every reload) and ``trimmer-bundle
+validate``, so a file that validates on a laptop is exactly a file the daemon accepts.
+It is pure: bytes in, :class:`ParsedBundle` or :class:`BundleError` out, no logging.
+
+File format (one file per bundle)::
+
+    {"model_A": [{"version": "1", "input_names": ["f1", "f2"], "output_names": ["score"]},
+                 {"version": "2", "input_names": ["f1", "f3"]}],
+     "model_B": [...]}
+
+Rules; any violation rejects the whole file with one :class:`BundleError` naming the file,
+a JSONPath-like location (``$["model_A"][2].input_names[5]``) and the reason:
+
+- Encoding: UTF-8 only. A leading UTF-8 BOM is *accepted* (some editors add one; it carries
+  no meaning) and reported as a warning; the sha256 still covers the exact bytes. Any other
+  encoding (UTF-16/32, Latin-1 bytes) is an error. Empty and whitespace-only files are errors.
+- Strict JSON: duplicate object keys anywhere (a model listed twice, ``version`` twice) and the
+  non-standard literals ``NaN``, ``Infinity`` and ``-Infinity`` are errors. Syntax errors
+  (including a truncated file) report line and column; nesting deep enough to exhaust the
+  parser's recursion limit is an error, never a crash.
+- The top level is an object mapping model names to non-empty arrays of version entries.
+- Each entry is an object with ``version`` (a string; a JSON integer is normalised to its
+  decimal string, ``-0`` to ``"0"``; booleans, floats, null, arrays and objects are errors),
+  a non-empty ``input_names`` array of strings and an optional ``output_names`` array of
+  strings. **Unknown extra keys in an entry (and at the top of a signature) are ignored**, for
+  forward compatibility; they must still be strict JSON.
+- Every name (model, version, feature, output) is a non-empty string of at most
+  ``Limits.max_name_length`` UTF-8 bytes and must be encodable as UTF-8 (a lone surrogate
+  written as a ``\\ud800`` escape is an error).
+- The same version twice in one model's list is an error. Duplicate feature names in one
+  ``input_names`` are collapsed (first occurrence order kept) and reported as a warning;
+  ``output_names`` are kept as written.
+- :class:`Limits` bounds file size, model count, versions per model and names per list.
+
+"Latest" version: see :func:`version_sort_key`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import stat
+import types
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "BundleError",
+    "Limits",
+    "ModelVersion",
+    "ParsedBundle",
+    "Signature",
+    "latest_version",
+    "load_bundle_file",
+    "parse_bundle",
+    "parse_signature",
+    "read_file_bounded",
+    "version_sort_key",
+]
+
+_UTF8_BOM = b"\xef\xbb\xbf"
+#: At most this many warnings are kept per file; the rest are summarised in one line, so a
+#: file with a million duplicate features cannot flood logs or the status blob.
+MAX_WARNINGS = 100
+_READ_CHUNK = 1 << 20
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_RUNS = re.compile(r"[0-9]+|[^0-9]+")
+
+
+class BundleError(ValueError):
+    """A bundle (or signature) file was rejected as a whole.
+
+    ``str(err)`` is ``f"{path}: {json_path}: {reason}"``. ``json_path`` is ``"$"`` for errors
+    about the file as a whole (I/O, size, encoding, JSON syntax).
+    """
+
+    def __init__(self, path: str, json_path: str, reason: str) -> None:
+        super().__init__(path, json_path, reason)  # args kept so the error pickles
+        self.path = path
+        self.json_path = json_path
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.json_path}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Configurable bounds; exceeding any of them is an error for the whole file."""
+
+    max_file_bytes: int = 64 * 1024 * 1024
+    max_models: int = 100_000
+    max_versions_per_model: int = 1_000
+    max_features_per_version: int = 100_000  # also bounds output_names
+    max_name_length: int = 1_024  # in UTF-8 bytes
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Limits.{name} must be a positive integer, got {value!r}")
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One validated version entry of a model."""
+
+    version: str
+    input_names: tuple[str, ...]  # de-duplicated, first-occurrence order
+    output_names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ParsedBundle:
+    """A whole validated bundle file."""
+
+    path: str
+    sha256: str  # hex sha256 of the exact file bytes
+    models: Mapping[str, tuple[ModelVersion, ...]]  # model -> versions in file order
+    warnings: tuple[str, ...] = field(default=())  # each "path: json_path: message"
+
+
+@dataclass(frozen=True)
+class Signature:
+    """A validated per-model signature (``module_info.json``)."""
+
+    input_names: tuple[str, ...]  # de-duplicated, first-occurrence order
+    output_names: tuple[str, ...]
+    warnings: tuple[str, ...] = field(default=())
+
+
+# ---------------------------------------------------------------------------------------------
+# natural version order
+
+
+def version_sort_key(version: str) -> tuple[tuple[tuple[int, int, str], ...], str]:
+    """Sort key of the natural version order used to pick the *latest* version.
+
+    The string is split into runs of ASCII digits and runs of other characters. A digit run
+    compares as the integer it spells, a text run as a string, and a digit run sorts before a
+    text run at the same position; a string that is a prefix (in runs) of another sorts first.
+    So ``"2" < "10"``, ``"v9" < "v10"``, ``"1.9" < "1.10"``, and all-digit versions compare as
+    integers. Versions that are equal this way (``"01"`` and ``"1"``) are ordered by the raw
+    string, which makes this a total order consistent with string equality.
+
+    Each run is ``(0, digit_count, digits)`` (leading zeros stripped: comparing length, then
+    text, is integer comparison without ``int()``, so any length is safe) or ``(1, 0, text)``.
+    """
+    runs = []
+    for run in _RUNS.findall(version):
+        if run[0].isdigit():
+            digits = run.lstrip("0") or "0"
+            runs.append((0, len(digits), digits))
+        else:
+            runs.append((1, 0, run))
+    return tuple(runs), version
+
+
+def latest_version(versions: Iterable[str]) -> str:
+    """The greatest version in :func:`version_sort_key` order; ValueError if there is none."""
+    items = list(versions)
+    if not items:
+        raise ValueError("latest_version() of no versions")
+    return max(items, key=version_sort_key)
+
+
+# ---------------------------------------------------------------------------------------------
+# strict JSON
+
+
+class _JsonInt:
+    """A JSON integer kept as its literal text (no int() digit limit, no float confusion)."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+class _JsonConstant:
+    """A non-standard NaN/Infinity literal; found and rejected with its JSON path."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+class _JsonObject(dict):  # type: ignore[type-arg]
+    """A JSON object that remembers its first duplicated key (reported with its path)."""
+
+    __slots__ = ("duplicate",)
+    duplicate: str | None
+
+
+def _object_pairs(pairs: list[tuple[str, object]]) -> _JsonObject:
+    obj = _JsonObject(pairs)
+    obj.duplicate = None
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                obj.duplicate = key
+                break
+            seen.add(key)
+    return obj
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_object_pairs, parse_int=_JsonInt,
+                            parse_constant=_JsonConstant)
+
+
+def _type_name(value: object) -> str:
+    if isinstance(value, dict):
+        return "object"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, _JsonInt):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if value is None:
+        return "null"
+    return type(value).__name__
+
+
+def _quote(name: str) -> str:
+    return json.dumps(name, ensure_ascii=False)
+
+
+def _member(parent: str, key: str) -> str:
+    """JSON path of ``parent[key]``: ``.key`` for identifiers below the top, else ``["key"]``."""
+    if parent != "$" and _IDENTIFIER.match(key):
+        return f"{parent}.{key}"
+    return f"{parent}[{_quote(key)}]"
+
+
+class _Context:
+    """Per-file state: the file name for messages, the limits, collected warnings."""
+
+    def __init__(self, path: str, limits: Limits) -> None:
+        self.path = path
+        self.limits = limits
+        self._warnings: list[str] = []
+        self._suppressed = 0
+
+    def error(self, json_path: str, reason: str) -> BundleError:
+        return BundleError(self.path, json_path, reason)
+
+    def warn(self, json_path: str, message: str) -> None:
+        if len(self._warnings) < MAX_WARNINGS:
+            self._warnings.append(f"{self.path}: {json_path}: {message}")
+        else:
+            self._suppressed += 1
+
+    def warnings(self) -> tuple[str, ...]:
+        if not self._suppressed:
+            return tuple(self._warnings)
+        return (*self._warnings, f"{self.path}: $: {self._suppressed} more warnings suppressed")
+
+
+def _decode_text(data: bytes, ctx: _Context) -> str:
+    if len(data) > ctx.limits.max_file_bytes:
+        raise ctx.error("$", f"file too large: {len(data)} bytes > limit "
+                             f"{ctx.limits.max_file_bytes}")
+    if not data:
+        raise ctx.error("$", "empty file")
+    skip = 0
+    if data.startswith(_UTF8_BOM):
+        ctx.warn("$", "UTF-8 byte order mark ignored")
+        skip = len(_UTF8_BOM)
+    try:
+        text = data[skip:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ctx.error("$", f"not valid UTF-8: byte 0x{data[skip + exc.start]:02x} at "
+                             f"offset {skip + exc.start}") from None
+    if not text.strip():
+        raise ctx.error("$", "file contains only whitespace")
+    return text
+
+
+def _load_json(data: bytes, ctx: _Context) -> object:
+    """Decode strictly; every failure becomes a BundleError at ``$``."""
+    text = _decode_text(data, ctx)
+    try:
+        doc = _DECODER.decode(text)
+    except json.JSONDecodeError as exc:
+        raise ctx.error("$", f"invalid JSON: {exc.msg} at line {exc.lineno} column "
+                             f"{exc.colno}") from None
+    except RecursionError:
+        raise ctx.error("$", "invalid JSON: nested too deeply") from None
+    except (ValueError, TypeError) as exc:  # defensive: no decoder error may escape
+        raise ctx.error("$", f"invalid JSON: {exc}") from None
+    _check_strict(doc, ctx)
+    return doc
+
+
+def _check_strict(doc: object, ctx: _Context) -> None:
+    """Reject duplicate keys and NaN/Infinity anywhere, with their path (iterative walk)."""
+    stack: list[tuple[object, str]] = [(doc, "$")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, _JsonObject):
+            if value.duplicate is not None:
+                raise ctx.error(_member(path, value.duplicate),
+                                f"duplicate key {_quote(value.duplicate)}")
+            items: Iterable[tuple[object, str]] = (
+                (v, _member(path, k)) for k, v in value.items())
+        elif isinstance(value, list):
+            items = ((v, f"{path}[{i}]") for i, v in enumerate(value))
+        elif isinstance(value, _JsonConstant):
+            raise ctx.error(path, f"{value.name} is not valid JSON (NaN/Infinity literals "
+                                  "are not allowed)")
+        else:
+            continue
+        for child, child_path in items:
+            if isinstance(child, (_JsonObject, list, _JsonConstant)):
+                stack.append((child, child_path))
+
+
+# ---------------------------------------------------------------------------------------------
+# structure
+
+
+def _check_name(value: object, json_path: str, what: str, ctx: _Context) -> str:
+    if not isinstance(value, str):
+        raise ctx.error(json_path, f"{what} must be a string, got {_type_name(value)}")
+    if not value:
+        raise ctx.error(json_path, f"{what} must be a non-empty string")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ctx.error(json_path, f"{what} is not valid Unicode (lone surrogate)") from None
+    if size > ctx.limits.max_name_length:
+        raise ctx.error(json_path, f"{what} too long: {size} bytes > limit "
+                                   f"{ctx.limits.max_name_length}")
+    return value
+
+
+def _parse_names(value: object, json_path: str, what: str, ctx: _Context, *,
+                 required: bool) -> tuple[str, ...]:
+    """A list of names; duplicates collapsed with a warning when ``required`` (inputs)."""
+    if not isinstance(value, list):
+        raise ctx.error(json_path, f"{what} must be an array of strings, got "
+                                   f"{_type_name(value)}")
+    if required and not value:
+        raise ctx.error(json_path, f"{what} must not be empty")
+    if len(value) > ctx.limits.max_features_per_version:
+        raise ctx.error(json_path, f"too many {what}: {len(value)} > limit "
+                                   f"{ctx.limits.max_features_per_version}")
+    if not required:
+        return tuple(_check_name(v, f"{json_path}[{i}]", "output name", ctx)
+                     for i, v in enumerate(value))
+    first: dict[str, int] = {}
+    for i, item in enumerate(value):
+        name = _check_name(item, f"{json_path}[{i}]", "feature name", ctx)
+        index = first.setdefault(name, i)
+        if index != i:
+            ctx.warn(f"{json_path}[{i}]", f"duplicate feature {_quote(name)} collapsed "
+                                          f"(first at index {index})")
+    return tuple(first)
+
+
+def _parse_version(value: object, json_path: str, ctx: _Context) -> str:
+    if isinstance(value, _JsonInt):
+        value = "0" if value.text == "-0" else value.text
+    elif not isinstance(value, str):
+        raise ctx.error(json_path, f"version must be a string or an integer, got "
+                                   f"{_type_name(value)}")
+    return _check_name(value, json_path, "version", ctx)
+
+
+def _require(obj: dict, key: str, json_path: str, ctx: _Context) -> object:  # type: ignore[type-arg]
+    if key not in obj:
+        raise ctx.error(json_path, f"missing required key {_quote(key)}")
+    return obj[key]
+
+
+def _parse_entry(entry: object, json_path: str, ctx: _Context) -> ModelVersion:
+    if not isinstance(entry, dict):
+        raise ctx.error(json_path, f"version entry must be an object, got {_type_name(entry)}")
+    version = _parse_version(_require(entry, "version", json_path, ctx),
+                             f"{json_path}.version", ctx)
+    inputs = _parse_names(_require(entry, "input_names", json_path, ctx),
+                          f"{json_path}.input_names", "input_names", ctx, required=True)
+    outputs = _parse_names(entry.get("output_names", []), f"{json_path}.output_names",
+                           "output_names", ctx, required=False)
+    return ModelVersion(version, inputs, outputs)
+
+
+def _parse_model(entries: object, json_path: str, ctx: _Context) -> tuple[ModelVersion, ...]:
+    if not isinstance(entries, list):
+        raise ctx.error(json_path, f"model must map to a non-empty array of version entries, "
+                                   f"got {_type_name(entries)}")
+    if not entries:
+        raise ctx.error(json_path, "model has no versions (empty array)")
+    if len(entries) > ctx.limits.max_versions_per_model:
+        raise ctx.error(json_path, f"too many versions: {len(entries)} > limit "
+                                   f"{ctx.limits.max_versions_per_model}")
+    first: dict[str, int] = {}
+    versions = []
+    for i, entry in enumerate(entries):
+        mv = _parse_entry(entry, f"{json_path}[{i}]", ctx)
+        index = first.setdefault(mv.version, i)
+        if index != i:
+            raise ctx.error(f"{json_path}[{i}].version", f"duplicate version "
+                                                         f"{_quote(mv.version)} (first at index {index})")
+        versions.append(mv)
+    return tuple(versions)
+
+
+def _parse_models(doc: object, ctx: _Context) -> dict[str, tuple[ModelVersion, ...]]:
+    if not isinstance(doc, dict):
+        raise ctx.error("$", f"top level must be an object mapping model names to version "
+                             f"arrays, got {_type_name(doc)}")
+    if len(doc) > ctx.limits.max_models:
+        raise ctx.error("$", f"too many models: {len(doc)} > limit {ctx.limits.max_models}")
+    if not doc:
+        ctx.warn("$", "bundle defines no models")
+    models = {}
+    for name, entries in doc.items():
+        json_path = _member("$", name)
+        _check_name(name, json_path, "model name", ctx)
+        models[name] = _parse_model(entries, json_path, ctx)
+    return models
+
+
+# ---------------------------------------------------------------------------------------------
+# public entry points
+
+
+def parse_bundle(data: bytes, *, path: str, limits: Limits = DEFAULT_LIMITS) -> ParsedBundle:
+    """Parse and validate the bytes of one bundle file (see the module docstring for rules).
+
+    ``path`` is only used in messages. Raises :class:`BundleError` and nothing else for any
+    content; warnings (BOM, duplicate features collapsed) are returned in the result.
+    """
+    ctx = _Context(path, limits)
+    data = data if isinstance(data, bytes) else bytes(data)
+    doc = _load_json(data, ctx)
+    models = _parse_models(doc, ctx)
+    return ParsedBundle(path=path, sha256=hashlib.sha256(data).hexdigest(),
+                        models=types.MappingProxyType(models), warnings=ctx.warnings())
+
+
+def parse_signature(data: bytes, *, path: str, limits: Limits = DEFAULT_LIMITS) -> Signature:
+    """Parse one per-model signature, ``{"input_names": [...], "output_names": [...]}``.
+
+    Same strictness as :func:`parse_bundle` (JSON, names, limits); other keys are ignored.
+    """
+    ctx = _Context(path, limits)
+    doc = _load_json(data if isinstance(data, bytes) else bytes(data), ctx)
+    if not isinstance(doc, dict):
+        raise ctx.error("$", f"signature must be an object, got {_type_name(doc)}")
+    inputs = _parse_names(_require(doc, "input_names", "$", ctx), "$.input_names",
+                          "input_names", ctx, required=True)
+    outputs = _parse_names(doc.get("output_names", []), "$.output_names", "output_names",
+                           ctx, required=False)
+    return Signature(inputs, outputs, ctx.warnings())
+
+
+def read_file_bounded(path: str | os.PathLike[str], max_bytes: int) -> bytes:
+    """Read a regular file, refusing one larger than ``max_bytes`` before reading it all.
+
+    At most ``max_bytes + 1`` bytes are read (so a file growing while read is caught too).
+    Opens with O_NONBLOCK so a FIFO planted at the path cannot block the caller. Every
+    failure is a :class:`BundleError` at ``$`` (``"file not found"``, ``"permission denied"``,
+    ``"not a regular file"``, ``"file too large: ..."``).
+    """
+    name = os.fsdecode(path)
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise BundleError(name, "$", "file not found") from None
+    except PermissionError:
+        raise BundleError(name, "$", "permission denied") from None
+    except OSError as exc:
+        raise BundleError(name, "$", f"cannot open file: {exc.strerror or exc}") from None
+    try:
+        return _read_fd(fd, name, max_bytes)
+    finally:
+        os.close(fd)
+
+
+def _read_fd(fd: int, name: str, max_bytes: int) -> bytes:
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+            raise BundleError(name, "$", f"not a regular file ({kind})")
+        if st.st_size > max_bytes:
+            raise BundleError(name, "$", f"file too large: {st.st_size} bytes > limit "
+                                         f"{max_bytes}")
+        chunks = []
+        remaining = max_bytes + 1
+        while remaining > 0:
+            chunk = os.read(fd, min(remaining, _READ_CHUNK))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            remaining -= len(chunk)
+    except OSError as exc:
+        raise BundleError(name, "$", f"cannot read file: {exc.strerror or exc}") from None
+    if remaining <= 0:
+        raise BundleError(name, "$", f"file too large: more than {max_bytes} bytes")
+    return b"".join(chunks)
+
+
+def load_bundle_file(path: str | os.PathLike[str], *,
+                     limits: Limits = DEFAULT_LIMITS) -> ParsedBundle:
+    """Read ``path`` (bounded by ``limits.max_file_bytes``) and :func:`parse_bundle` it.
+
+    A missing or unreadable file raises :class:`BundleError` too (reason ``"file not
+    found"``, ``"permission denied"``, ...), so callers handle exactly one error type.
+    """
+    name = os.fsdecode(path)
+    return parse_bundle(read_file_bounded(name, limits.max_file_bytes), path=name,
+                        limits=limits)
