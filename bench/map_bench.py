@@ -1,0 +1,101 @@
+"""Map benchmarks: compile, attach and lookup of a production-sized consolidated map.
+
+Section function for ``bench/trim_bench.py`` (and runnable alone). Sizes follow issue #2:
+2000 models x 3 versions x 300 features drawn from a 20,000-feature universe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from flatbuffers_schema.fmap.BundleState import BundleState  # noqa: E402
+from root_worker.map_reader import FeatureMapView  # noqa: E402
+from trimmer_daemon.bundle import parse_bundle  # noqa: E402
+from trimmer_daemon.compiler import BundleStatusRecord, compile_map  # noqa: E402
+from trimmer_daemon.consolidate import KeyCache, consolidate, index_bundle  # noqa: E402
+
+MODELS, VERSIONS, FEATURES, UNIVERSE = 2000, 3, 300, 20_000
+
+
+def synthetic_bundle(models: int = MODELS, versions: int = VERSIONS,
+                     features: int = FEATURES, universe: int = UNIVERSE,
+                     seed: int = 7) -> bytes:
+    rng = np.random.default_rng(seed)
+    names = [f"feature_{i:06d}" for i in range(universe)]
+    doc: dict[str, list[dict[str, Any]]] = {}
+    for m in range(models):
+        picked = rng.choice(universe, size=features, replace=False)
+        inputs = [names[i] for i in picked]
+        doc[f"model_{m:05d}"] = [{"version": str(v + 1), "input_names": inputs,
+                                  "output_names": ["score"]} for v in range(versions)]
+    return json.dumps(doc).encode()
+
+
+def _timed(fn, repeat: int) -> tuple[float, Any]:
+    times, result = [], None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), result
+
+
+def section_map(repeat: int = 5) -> dict[str, Any]:
+    data = synthetic_bundle()
+    parse_s, parsed = _timed(lambda: parse_bundle(data, path="synthetic.json"), repeat)
+    cache = KeyCache()
+    index_bundle(parsed, cache)  # warm the name -> key memo as a running daemon has it
+    index_s, indexed = _timed(lambda: index_bundle(parsed, cache), repeat)
+    cons_s, cmap = _timed(lambda: consolidate([("synthetic", indexed)], cache), repeat)
+    status = [BundleStatusRecord("synthetic", "synthetic.json", BundleState.Ok,
+                                 model_count=MODELS, version_count=MODELS * VERSIONS)]
+    compile_s, blob = _timed(lambda: compile_map(cmap, status, generation=1, built_at_ns=0,
+                                                 daemon_pid=os.getpid(), cache=cache), repeat)
+    crc_s, _ = _timed(lambda: zlib.crc32(blob), repeat)
+    attach_s, view = _timed(lambda: FeatureMapView(blob), 50)
+    names = [f"model_{m:05d}" for m in range(MODELS)]
+    rng = np.random.default_rng(1)
+    order = rng.permutation(MODELS)
+    t0 = time.perf_counter()
+    for i in order:
+        view.resolve(names[i], "2")
+    cold_us = (time.perf_counter() - t0) / MODELS * 1e6
+    warm = []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        for i in order:
+            view.resolve(names[i], "2")
+        warm.append((time.perf_counter() - t0) / MODELS * 1e6)
+    return {
+        "map_shape": f"{MODELS} models x {VERSIONS} versions x {FEATURES} features",
+        "bundle_json_mb": round(len(data) / 1e6, 2),
+        "blob_mb": round(len(blob) / 1e6, 2),
+        "parse_validate_ms": round(parse_s * 1e3, 1),
+        "index_ms": round(index_s * 1e3, 1),
+        "consolidate_ms": round(cons_s * 1e3, 1),
+        "compile_ms": round(compile_s * 1e3, 1),
+        "compile_target_ms": 300,
+        "crc32_ms": round(crc_s * 1e3, 2),
+        "attach_ms": round(attach_s * 1e3, 3),
+        "attach_target_ms": 5,
+        "lookup_cold_us": round(cold_us, 2),
+        "lookup_us": round(statistics.median(warm), 3),
+        "lookup_target_us": 2,
+    }
+
+
+if __name__ == "__main__":
+    result = section_map()
+    for k, v in result.items():
+        print(f"{k:24s} {v}")
