@@ -68,6 +68,7 @@ _UTF8_BOM = b"\xef\xbb\xbf"
 #: file with a million duplicate features cannot flood logs or the status blob.
 MAX_WARNINGS = 100
 _READ_CHUNK = 1 << 20
+_PATH_KEY_CHARS = 64  # longer object keys are shortened in JSON paths
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _RUNS = re.compile(r"[0-9]+|[^0-9]+")
 
@@ -213,6 +214,9 @@ def _object_pairs(pairs: list[tuple[str, object]]) -> _JsonObject:
     return obj
 
 
+#: Types of decoded JSON values that cannot hide a duplicate key or a NaN/Infinity literal.
+_PLAIN_SCALARS = frozenset({str, bool, float, type(None), _JsonInt})
+
 _DECODER = json.JSONDecoder(object_pairs_hook=_object_pairs, parse_int=_JsonInt,
                             parse_constant=_JsonConstant)
 
@@ -239,19 +243,29 @@ def _quote(name: str) -> str:
     return json.dumps(name, ensure_ascii=False)
 
 
-def _member(parent: str, key: str) -> str:
-    """JSON path of ``parent[key]``: ``.key`` for identifiers below the top, else ``["key"]``."""
-    if parent != "$" and _IDENTIFIER.match(key):
+def _member(parent: str, key: str, *, top_brackets: bool = True) -> str:
+    """JSON path of ``parent[key]``: ``.key`` for identifiers, else ``["key"]``.
+
+    Keys of the top-level object are model names in a bundle: always bracketed there
+    (``top_brackets``), so ``$["model_A"]`` reads the same for every name.
+    Keys longer than ``_PATH_KEY_CHARS`` are shortened (``["abc…"]``) to keep messages and
+    logs bounded; the reason of a "too long" error carries the real size.
+    """
+    if (not top_brackets or parent != "$") and _IDENTIFIER.match(key) \
+            and len(key) <= _PATH_KEY_CHARS:
         return f"{parent}.{key}"
+    if len(key) > _PATH_KEY_CHARS:
+        key = key[:_PATH_KEY_CHARS] + "\u2026"
     return f"{parent}[{_quote(key)}]"
 
 
 class _Context:
     """Per-file state: the file name for messages, the limits, collected warnings."""
 
-    def __init__(self, path: str, limits: Limits) -> None:
+    def __init__(self, path: str, limits: Limits, *, top_is_map: bool = True) -> None:
         self.path = path
         self.limits = limits
+        self.top_is_map = top_is_map  # bundle: top-level keys are model names
         self._warnings: list[str] = []
         self._suppressed = 0
 
@@ -283,9 +297,11 @@ def _decode_text(data: bytes, ctx: _Context) -> str:
     try:
         text = data[skip:].decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ctx.error("$", f"not valid UTF-8: byte 0x{data[skip + exc.start]:02x} at "
-                             f"offset {skip + exc.start}") from None
-    if not text.strip():
+        offset = skip + exc.start
+        line = data.count(b"\n", 0, offset) + 1
+        raise ctx.error("$", f"not valid UTF-8: byte 0x{data[offset]:02x} at offset {offset} "
+                             f"(line {line})") from None
+    if not text or text.isspace():  # isspace(): no 64 MiB copy as strip() would make
         raise ctx.error("$", "file contains only whitespace")
     return text
 
@@ -296,7 +312,9 @@ def _load_json(data: bytes, ctx: _Context) -> object:
     try:
         doc = _DECODER.decode(text)
     except json.JSONDecodeError as exc:
-        raise ctx.error("$", f"invalid JSON: {exc.msg} at line {exc.lineno} column "
+        # json's messages end with " at" for some errors ("Unterminated string starting at")
+        msg = exc.msg.removesuffix(" at")
+        raise ctx.error("$", f"invalid JSON: {msg} at line {exc.lineno} column "
                              f"{exc.colno}") from None
     except RecursionError:
         raise ctx.error("$", "invalid JSON: nested too deeply") from None
@@ -307,26 +325,28 @@ def _load_json(data: bytes, ctx: _Context) -> object:
 
 
 def _check_strict(doc: object, ctx: _Context) -> None:
-    """Reject duplicate keys and NaN/Infinity anywhere, with their path (iterative walk)."""
+    """Reject duplicate keys and NaN/Infinity anywhere, with their path.
+
+    Iterative (no recursion limit); JSON paths are only built for containers, and arrays of
+    plain scalars (the feature lists, i.e. almost all of a big file) are skipped at C speed.
+    """
     stack: list[tuple[object, str]] = [(doc, "$")]
     while stack:
         value, path = stack.pop()
-        if isinstance(value, _JsonObject):
-            if value.duplicate is not None:
-                raise ctx.error(_member(path, value.duplicate),
-                                f"duplicate key {_quote(value.duplicate)}")
-            items: Iterable[tuple[object, str]] = (
-                (v, _member(path, k)) for k, v in value.items())
-        elif isinstance(value, list):
-            items = ((v, f"{path}[{i}]") for i, v in enumerate(value))
-        elif isinstance(value, _JsonConstant):
+        if isinstance(value, _JsonConstant):
             raise ctx.error(path, f"{value.name} is not valid JSON (NaN/Infinity literals "
                                   "are not allowed)")
-        else:
-            continue
-        for child, child_path in items:
-            if isinstance(child, (_JsonObject, list, _JsonConstant)):
-                stack.append((child, child_path))
+        if isinstance(value, _JsonObject):
+            if value.duplicate is not None:
+                raise ctx.error(_member(path, value.duplicate, top_brackets=ctx.top_is_map),
+                                f"duplicate key {_quote(value.duplicate)}")
+            for key, child in value.items():
+                if type(child) not in _PLAIN_SCALARS:
+                    stack.append((child, _member(path, key, top_brackets=ctx.top_is_map)))
+        elif isinstance(value, list) and not _PLAIN_SCALARS.issuperset(map(type, value)):
+            for i, child in enumerate(value):
+                if type(child) not in _PLAIN_SCALARS:
+                    stack.append((child, f"{path}[{i}]"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,6 +379,11 @@ def _parse_names(value: object, json_path: str, what: str, ctx: _Context, *,
     if len(value) > ctx.limits.max_features_per_version:
         raise ctx.error(json_path, f"too many {what}: {len(value)} > limit "
                                    f"{ctx.limits.max_features_per_version}")
+    if _plain_names(value, ctx.limits.max_name_length):
+        names = tuple(value) if not required else tuple(dict.fromkeys(value))
+        if len(names) == len(value):
+            return names  # the common case, checked at C speed
+    # slow path: find the exact offending item (or collect the duplicate warnings)
     if not required:
         return tuple(_check_name(v, f"{json_path}[{i}]", "output name", ctx)
                      for i, v in enumerate(value))
@@ -370,6 +395,28 @@ def _parse_names(value: object, json_path: str, what: str, ctx: _Context, *,
             ctx.warn(f"{json_path}[{i}]", f"duplicate feature {_quote(name)} collapsed "
                                           f"(first at index {index})")
     return tuple(first)
+
+
+def _plain_names(value: list[object], max_bytes: int) -> bool:
+    """Whether every item is a non-empty UTF-8-encodable str surely within ``max_bytes``.
+
+    Only C-level operations (a 60 MiB bundle would otherwise spend seconds in
+    :func:`_check_name`); False sends the caller to the exact per-item checks.
+    """
+    if not value:
+        return True
+    if set(map(type, value)) != {str} or "" in value:
+        return False
+    if max(map(len, value)) * 4 > max_bytes:  # UTF-8 needs at most 4 bytes per character
+        return False
+    joined = "".join(value)  # type: ignore[arg-type]
+    if joined.isascii():
+        return True
+    try:
+        joined.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
+    return True
 
 
 def _parse_version(value: object, json_path: str, ctx: _Context) -> str:
@@ -459,7 +506,7 @@ def parse_signature(data: bytes, *, path: str, limits: Limits = DEFAULT_LIMITS) 
 
     Same strictness as :func:`parse_bundle` (JSON, names, limits); other keys are ignored.
     """
-    ctx = _Context(path, limits)
+    ctx = _Context(path, limits, top_is_map=False)
     doc = _load_json(data if isinstance(data, bytes) else bytes(data), ctx)
     if not isinstance(doc, dict):
         raise ctx.error("$", f"signature must be an object, got {_type_name(doc)}")
