@@ -270,8 +270,9 @@ class Publisher:
         except L.LayoutError as exc:
             if os.fstat(self._ctl_fd).st_size:
                 log.warning("reinitialising control prefix=%s reason=%s", self.prefix, exc)
-            os.ftruncate(self._ctl_fd, 0)
-            os.pwrite(self._ctl_fd, L.encode_header(), 0)  # allocates every page now
+            # Overwrite in place, never truncate: a truncated file that a worker still maps
+            # would SIGBUS it. One pwrite also allocates the page now (no SIGBUS later).
+            os.pwrite(self._ctl_fd, L.encode_header(), 0)
         self._ctl = mmap.mmap(self._ctl_fd, L.CTL_SIZE)
 
     def _holder_pid(self) -> int | None:

@@ -1,0 +1,227 @@
+"""Helpers for tests/test_shm.py: deterministic blobs, a fake clock, and child-process roles.
+
+Run as a script, it plays one role in a real separate process (the tests start it with
+``subprocess`` so a ``kill -9`` hits a real publisher)::
+
+    python tests/shm_helpers.py writer PREFIX COUNT MAX_SIZE      # COUNT 0 = until killed
+    python tests/shm_helpers.py reader PREFIX MAX_SIZE UNTIL_GEN STOP_FILE
+    python tests/shm_helpers.py holder PREFIX
+    python tests/shm_helpers.py fsize  PREFIX LIMIT_BYTES BLOB_SIZE
+
+Every role reports with lines on stdout (``ready``/``started N``, then one JSON line).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import selectors
+import signal
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:  # when run as a script from a child process
+    sys.path.insert(0, _ROOT)
+
+from root_worker.shm_reader import ShmReader  # noqa: E402
+from trimmer_daemon.publisher import Publisher, PublishError  # noqa: E402
+
+SHM_DIR = "/dev/shm"
+T = TypeVar("T")
+_BLOB_HEADER = struct.Struct("<QQ")  # generation, size
+
+
+class FakeClock:
+    """A settable clock (seconds) for injecting into Publisher / ShmReader."""
+
+    def __init__(self, now: float = 1_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def blob_size(generation: int, max_size: int) -> int:
+    return _BLOB_HEADER.size + (generation * 2654435761) % max_size
+
+
+def make_blob(generation: int, max_size: int = 4096) -> bytes:
+    """A blob whose size and every byte are derived from its generation."""
+    size = blob_size(generation, max_size)
+    seed = hashlib.blake2b(generation.to_bytes(8, "little"), digest_size=64).digest()
+    body_len = size - _BLOB_HEADER.size
+    body = seed * (body_len // len(seed) + 1)
+    return _BLOB_HEADER.pack(generation, size) + body[:body_len]
+
+
+def check_blob(buffer: memoryview | bytes, generation: int, max_size: int) -> str | None:
+    """``None`` if ``buffer`` is exactly generation's blob, else what is wrong."""
+    if len(buffer) < _BLOB_HEADER.size:
+        return f"gen {generation}: blob of {len(buffer)} bytes is too short"
+    gen_in_blob, size = _BLOB_HEADER.unpack_from(buffer, 0)
+    if gen_in_blob != generation:
+        return f"gen {generation}: blob says generation {gen_in_blob}"
+    if bytes(buffer) != make_blob(generation, max_size):
+        return f"gen {generation}: content differs (size {len(buffer)}, header size {size})"
+    return None
+
+
+def shm_names(prefix: str) -> list[str]:
+    """Files in /dev/shm belonging to ``prefix``."""
+    return sorted(n for n in os.listdir(SHM_DIR) if n.startswith(prefix + "."))
+
+
+# -- driving child processes from the tests ---------------------------------------------
+
+
+def spawn(*args: object) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), *map(str, args)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def reap(*procs: subprocess.Popen[str] | None) -> None:
+    """SIGKILL what still runs, wait for it and close its pipes (no ResourceWarning)."""
+    for proc in procs:
+        if proc is None:
+            continue
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(30)
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                pipe.close()
+
+
+def read_line(proc: subprocess.Popen[str], timeout: float = 30.0) -> str:
+    """Next stdout line of ``proc``, waiting at most ``timeout`` seconds (never forever)."""
+    assert proc.stdout is not None
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            raise TimeoutError(f"no output from pid {proc.pid} within {timeout}s")
+    line = proc.stdout.readline()
+    if not line:
+        raise EOFError(f"pid {proc.pid} exited (rc={proc.wait(timeout)}) without output")
+    return line.strip()
+
+
+def wait_until(
+    predicate: Callable[[], T], timeout: float = 30.0, what: str = "condition"
+) -> T:
+    """Re-check ``predicate`` until truthy; fail after ``timeout`` seconds (a deadline, not
+    a sleep: the short pause only keeps this loop from starving the processes it watches)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.0005)
+    raise TimeoutError(f"{what} not reached within {timeout}s")
+
+
+# -- roles ------------------------------------------------------------------------------
+
+
+def _writer(prefix: str, count: int, max_size: int) -> int:
+    publisher = Publisher(prefix, grace_s=0.0)
+    print(f"started {publisher.generation}", flush=True)
+    published = 0
+    while count == 0 or published < count:
+        generation = publisher.generation + 1
+        got = publisher.publish(make_blob(generation, max_size))
+        if got != generation:
+            print(json.dumps({"error": f"published {got}, expected {generation}"}), flush=True)
+            return 3
+        published += 1
+    publisher.close()
+    print(json.dumps({"last": publisher.generation, "published": published}), flush=True)
+    return 0
+
+
+def _reader(prefix: str, max_size: int, until_gen: int, stop_file: str) -> int:
+    reader = ShmReader(prefix)
+    reader.poll()
+    print("ready", flush=True)
+    seen: list[int] = []
+    violations: list[str] = []
+    polls = 0
+    deadline = time.monotonic() + 120.0
+    while time.monotonic() < deadline:
+        snapshot = reader.poll()
+        polls += 1
+        if snapshot is not None and (not seen or snapshot.generation != seen[-1]):
+            if seen and snapshot.generation < seen[-1]:
+                violations.append(f"generation went back {seen[-1]} -> {snapshot.generation}")
+            problem = check_blob(snapshot.buffer, snapshot.generation, max_size)
+            if problem:
+                violations.append(problem)
+            seen.append(snapshot.generation)
+        if until_gen and seen and seen[-1] >= until_gen:
+            break
+        if polls % 256 == 0 and stop_file != "-" and os.path.exists(stop_file):
+            break
+    stats = reader.stats
+    print(json.dumps({
+        "polls": polls, "distinct": len(set(seen)), "last": seen[-1] if seen else 0,
+        "violations": violations[:10], "n_violations": len(violations),
+        "verify_failures": stats.verify_failures, "attach_errors": stats.attach_errors,
+        "inconsistent_reads": stats.inconsistent_reads, "attaches": stats.attaches,
+        "last_error": stats.last_error,
+    }), flush=True)
+    return 0
+
+
+def _holder(prefix: str) -> int:
+    publisher = Publisher(prefix)
+    publisher.publish(make_blob(1))
+    print("ready", flush=True)
+    sys.stdin.read()  # hold the lock until killed or stdin closes
+    publisher.close()
+    return 0
+
+
+def _fsize(prefix: str, limit: int, size: int) -> int:
+    """Publish a blob larger than RLIMIT_FSIZE allows: a stand-in for a full /dev/shm."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+    publisher = Publisher(prefix)
+    before = publisher.generation
+    result: dict[str, object] = {"before": before}
+    try:
+        publisher.publish(b"\xab" * size)
+    except PublishError as exc:
+        result["error"] = str(exc)
+    result["after_failure"] = publisher.generation
+    result["segments_after_failure"] = shm_names(prefix)
+    result["retry"] = publisher.publish(make_blob(before + 1))
+    publisher.close()
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    role, prefix, *rest = argv
+    if role == "writer":
+        return _writer(prefix, int(rest[0]), int(rest[1]))
+    if role == "reader":
+        return _reader(prefix, int(rest[0]), int(rest[1]), rest[2])
+    if role == "holder":
+        return _holder(prefix)
+    if role == "fsize":
+        return _fsize(prefix, int(rest[0]), int(rest[1]))
+    raise SystemExit(f"unknown role {role!r}")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

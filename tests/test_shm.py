@@ -1,0 +1,462 @@
+"""Publication in POSIX shared memory (SPEC §5): real segments, real processes, no mocks.
+
+Every test gets a unique prefix; the ``prefix`` fixture fails the test if any segment of it
+is left in /dev/shm afterwards (and removes it). Waits are conditions with deadlines.
+"""
+
+from __future__ import annotations
+
+import grp
+import mmap
+import os
+import random
+import signal
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from uuid import uuid4
+
+import numpy as np
+import posix_ipc
+import pytest
+
+from flatbuffers_schema import shm_layout as L
+from root_worker.shm_reader import ShmReader
+from trimmer_daemon.publisher import Publisher, PublisherError, PublisherLockedError
+
+try:
+    import shm_helpers as H
+except ImportError:  # tests/ collected as a package
+    from tests import shm_helpers as H
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    name = f"fttest_{uuid4().hex[:12]}"
+    yield name
+    left = H.shm_names(name)
+    for leftover in left:
+        os.unlink(os.path.join(H.SHM_DIR, leftover))
+    assert not left, f"segments left behind in {H.SHM_DIR}: {left}"
+
+
+@pytest.fixture
+def publishers() -> Iterator[list[Publisher]]:
+    """Publishers a test registers here are cleaned up even if it fails half-way."""
+    made: list[Publisher] = []
+    yield made
+    for publisher in made:
+        if publisher._ctl is not None:
+            publisher.cleanup()
+
+
+def _path(name: str) -> str:
+    return os.path.join(H.SHM_DIR, name.lstrip("/"))
+
+
+def _rw_control(prefix: str) -> mmap.mmap:
+    fd = os.open(_path(L.control_name(prefix)), os.O_RDWR)
+    try:
+        return mmap.mmap(fd, L.CTL_SIZE)
+    finally:
+        os.close(fd)
+
+
+def _next_segment_exists(prefix: str) -> bool:
+    info = ShmReader(prefix).control()
+    return info is not None and os.path.exists(_path(f"{prefix}.g{info.generation + 1}"))
+
+
+def _finish(proc, timeout: float = 60.0) -> dict:  # type: ignore[no-untyped-def]
+    import json
+
+    line = H.read_line(proc, timeout)
+    assert proc.wait(timeout) == 0
+    return json.loads(line)
+
+
+# -- basics -----------------------------------------------------------------------------
+
+
+def test_round_trip_sequence_and_unchanged_poll(prefix: str, publishers: list) -> None:
+    reader = ShmReader(prefix)
+    assert reader.poll() is None and reader.control() is None
+    assert H.shm_names(prefix) == [], "a reader must never create segments"
+    pub = Publisher(prefix)
+    publishers.append(pub)
+    assert pub.generation == 0
+    assert reader.poll() is None  # control exists, nothing published yet
+    assert reader.control().generation == 0
+    for expected in (1, 2, 3):
+        assert pub.publish(H.make_blob(expected)) == expected
+        snapshot = reader.poll()
+        assert snapshot is not None and snapshot.generation == expected == pub.generation
+        assert bytes(snapshot.buffer) == H.make_blob(expected)
+        assert snapshot.size == len(H.make_blob(expected))
+        assert snapshot.segment == f"/{prefix}.g{expected}"
+    assert reader.poll() is snapshot and reader.poll() is snapshot
+    assert reader.generation == 3
+    assert reader.stats.attaches == 3 and reader.stats.verify_failures == 0
+
+
+def test_invalid_input_rejected(prefix: str, publishers: list) -> None:
+    with pytest.raises(ValueError, match="invalid shm prefix"):
+        Publisher("bad/prefix")
+    with pytest.raises(ValueError, match="invalid shm prefix"):
+        ShmReader("a.g1")
+    with pytest.raises(ValueError, match="unknown group"):
+        Publisher(prefix, group="no-such-group-ft")
+    assert H.shm_names(prefix) == []
+    pub = Publisher(prefix)
+    publishers.append(pub)
+    with pytest.raises(ValueError, match="empty"):
+        pub.publish(b"")
+    assert pub.generation == 0
+
+
+def test_observable_fields(prefix: str, publishers: list) -> None:
+    clock = H.FakeClock(1_700_000_000.0)
+    pub = Publisher(prefix, clock=clock, pid=4242)
+    publishers.append(pub)
+    reader = ShmReader(prefix)
+    info = reader.control()
+    assert info.heartbeat_ns == 1_700_000_000 * 10**9 and info.heartbeat_pid == 4242
+    clock.now += 5
+    pub.publish(b"blob")
+    snapshot = reader.poll()
+    assert snapshot.published_at_ns == 1_700_000_005 * 10**9 and snapshot.publisher_pid == 4242
+    clock.now += 1.5
+    pub.heartbeat()
+    info = reader.control()
+    assert info.generation == 1 and info.blob_size == 4
+    assert info.blob_checksum == L.checksum(b"blob") == snapshot.checksum
+    assert info.published_at_ns == 1_700_000_005 * 10**9
+    assert info.heartbeat_ns == 1_700_000_006_500_000_000 and info.heartbeat_pid == 4242
+
+
+# -- atomicity under load ---------------------------------------------------------------
+
+
+def test_torn_read_stress(prefix: str, tmp_path: Path) -> None:
+    generations, max_size = 3000, 192 * 1024
+    readers = [H.spawn("reader", prefix, max_size, generations, "-") for _ in range(2)]
+    writer = None
+    try:
+        for proc in readers:
+            assert H.read_line(proc) == "ready"
+        writer = H.spawn("writer", prefix, generations, max_size)
+        assert H.read_line(writer) == "started 0"
+        result = _finish(writer)
+        assert result == {"last": generations, "published": generations}
+        reports = [_finish(proc) for proc in readers]
+    finally:
+        H.reap(*readers, writer)
+    for report in reports:
+        assert report["n_violations"] == 0, report["violations"]
+        assert report["verify_failures"] == 0, report["last_error"]
+        assert report["last"] == generations
+        print("reader report:", report)
+        assert report["distinct"] >= 30, report  # they really raced the writer
+    # The writer exited with close(): the last generation and the control stay for readers.
+    assert f"{prefix}.g{generations}" in H.shm_names(prefix)
+    Publisher(prefix).cleanup()
+
+
+def test_kill_minus_nine_during_publication(prefix: str, tmp_path: Path) -> None:
+    rng = random.Random(0x5EED)
+    max_size = 1024 * 1024
+    stop_file = tmp_path / "stop"
+    background = H.spawn("reader", prefix, max_size, 0, stop_file)
+    assert H.read_line(background) == "ready"
+    reader = ShmReader(prefix)
+    last_seen = 0
+    mid_write_kills = 0
+    try:
+        for _ in range(20):
+            writer = H.spawn("writer", prefix, 0, max_size)
+            try:
+                assert H.read_line(writer) == f"started {last_seen}"  # continues the sequence
+                target = last_seen + rng.randint(1, 12)
+                H.wait_until(lambda t=target: reader.poll() and reader.generation >= t,
+                             what=f"generation {target}")
+                if rng.random() < 0.5:  # aim inside the write of the next generation
+                    H.wait_until(lambda: _next_segment_exists(prefix), what="a blob write")
+            finally:
+                writer.send_signal(signal.SIGKILL)
+                H.reap(writer)
+            snapshot = reader.poll()
+            assert snapshot is not None and snapshot.generation > last_seen
+            assert H.check_blob(snapshot.buffer, snapshot.generation, max_size) is None
+            assert reader.control().generation == snapshot.generation
+            last_seen = snapshot.generation
+            unpublished = f"{prefix}.g{last_seen + 1}"
+            mid_write_kills += unpublished in H.shm_names(prefix)
+    finally:
+        stop_file.touch()
+        try:
+            report = _finish(background)
+        finally:
+            H.reap(background)
+    assert reader.stats.verify_failures == 0, reader.stats.last_error
+    assert report["n_violations"] == 0 and report["verify_failures"] == 0, report
+    assert report["last"] == last_seen
+    print("kills inside a publication:", mid_write_kills)
+    assert mid_write_kills >= 1, "no kill landed inside a publication; the test proved nothing"
+    successor = Publisher(prefix)
+    assert successor.generation == last_seen
+    assert f"{prefix}.g{last_seen + 1}" not in H.shm_names(prefix), "half-made blob not removed"
+    assert successor.publish(b"after") == last_seen + 1
+    assert bytes(reader.poll().buffer) == b"after"
+    successor.cleanup()
+
+
+# -- single instance --------------------------------------------------------------------
+
+
+def test_second_publisher_refused(prefix: str, publishers: list) -> None:
+    first = Publisher(prefix)
+    publishers.append(first)
+    first.publish(b"one")
+    with pytest.raises(PublisherLockedError) as info:
+        Publisher(prefix)
+    assert prefix in str(info.value) and f"pid {os.getpid()}" in str(info.value)
+    assert info.value.holder_pid == os.getpid()
+    assert first.publish(b"two") == 2  # the refused one disturbed nothing
+
+
+def test_lock_released_when_holder_is_killed(prefix: str) -> None:
+    holder = H.spawn("holder", prefix)
+    try:
+        assert H.read_line(holder) == "ready"
+        with pytest.raises(PublisherLockedError, match=f"{prefix}.*pid {holder.pid}"):
+            Publisher(prefix)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        H.reap(holder)
+    successor = Publisher(prefix)
+    assert successor.generation == 1
+    assert ShmReader(prefix).poll().generation == 1  # the dead daemon's map still serves
+    successor.cleanup()
+
+
+# -- verification -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lie", ["corrupt_blob", "control_checksum", "control_size"])
+def test_reader_keeps_previous_on_mismatch(prefix: str, publishers: list, lie: str) -> None:
+    pub = Publisher(prefix)
+    publishers.append(pub)
+    reader = ShmReader(prefix, clock=H.FakeClock())
+    pub.publish(b"good generation one")
+    assert reader.poll().generation == 1
+    pub.publish(b"generation two payload")
+    if lie == "corrupt_blob":  # root may open the immutable segment read-write
+        fd = os.open(_path(f"{prefix}.g2"), os.O_RDWR)
+        os.pwrite(fd, b"X", 3)
+        os.close(fd)
+    else:
+        good = L.decode_slot(bytes(pub._ctl[L.slot_offset(2) : L.slot_offset(2) + 64]))
+        if lie == "control_checksum":
+            lying = good._replace(blob_checksum=good.blob_checksum ^ 1)
+        else:
+            lying = good._replace(blob_size=good.blob_size + 4096)
+        ctl = _rw_control(prefix)
+        ctl[L.slot_offset(2) : L.slot_offset(2) + L.SLOT_SIZE] = L.encode_slot(lying)
+        ctl.close()
+    snapshot = reader.poll()
+    assert snapshot.generation == 1 and bytes(snapshot.buffer) == b"good generation one"
+    assert reader.stats.verify_failures == 1
+    assert reader.stats.last_error_generation == 2
+    assert ("checksum" if lie != "control_size" else "bytes") in reader.stats.last_error
+    reader._clock.now += 60  # periodic re-checks do not re-verify a rejected generation
+    assert reader.poll() is snapshot and reader.poll() is snapshot
+    assert reader.stats.verify_failures == 1
+    pub.publish(b"generation three")
+    assert reader.poll().generation == 3
+
+
+def test_vanished_segment_is_a_change_not_a_crash(prefix: str, publishers: list) -> None:
+    pub = Publisher(prefix)
+    publishers.append(pub)
+    reader = ShmReader(prefix)
+    pub.publish(b"one")
+    first = reader.poll()
+    pub.publish(b"two")
+    posix_ipc.unlink_shared_memory(f"/{prefix}.g2")  # as if reclaimed before we attached
+    assert reader.poll() is first
+    assert reader.stats.attach_errors >= 1 and "vanished" in reader.stats.last_error
+    pub.publish(b"three")
+    assert bytes(reader.poll().buffer) == b"three"
+
+
+def test_uninitialised_or_foreign_control(prefix: str, publishers: list) -> None:
+    # A publisher killed between creating and initialising the control segment.
+    empty = posix_ipc.SharedMemory(f"/{prefix}.ctl", posix_ipc.O_CREX, mode=0o640)
+    empty.close_fd()
+    reader = ShmReader(prefix)
+    assert reader.poll() is None and reader.control() is None
+    pub = Publisher(prefix)
+    publishers.append(pub)
+    pub.publish(b"fresh")
+    assert bytes(reader.poll().buffer) == b"fresh"
+    pub.close()
+    # A control block of another layout version: readers refuse it, a publisher re-inits.
+    ctl = _rw_control(prefix)
+    ctl[8:12] = (99).to_bytes(4, "little")
+    ctl.close()
+    stranger = ShmReader(prefix)
+    assert stranger.poll() is None and "layout version=99" in stranger.stats.last_error
+    pub = Publisher(prefix)
+    publishers.append(pub)
+    assert pub.publish(b"re-initialised") == 2  # sequence continues past existing blobs
+    assert bytes(stranger.poll().buffer) == b"re-initialised"
+
+
+# -- bounded: reclaim -------------------------------------------------------------------
+
+
+def test_reclaim_after_grace_keeps_old_mapping_readable(prefix: str, publishers: list) -> None:
+    clock = H.FakeClock()
+    pub = Publisher(prefix, grace_s=10.0, clock=clock)
+    publishers.append(pub)
+    reader = ShmReader(prefix)
+    pub.publish(H.make_blob(1, 64 * 1024))
+    old = reader.poll()
+    keys = np.frombuffer(old.buffer, dtype=np.uint8)  # a zero-copy view pins the mapping
+    pub.publish(H.make_blob(2))
+    pub.publish(H.make_blob(3))
+    assert reader.poll().generation == 3
+    clock.now += 5
+    assert pub.reclaim() == []
+    clock.now += 5.5
+    assert pub.reclaim() == [f"/{prefix}.g1"]  # g2 is the previous one: always kept
+    assert H.shm_names(prefix) == [f"{prefix}.ctl", f"{prefix}.g2", f"{prefix}.g3"]
+    assert H.check_blob(old.buffer, 1, 64 * 1024) is None  # unlinked, still mapped
+    # g2 stopped being current 10.5 s ago; once it is no longer the previous one, the
+    # reclaim inside publish() removes it.
+    pub.publish(H.make_blob(4))
+    assert H.shm_names(prefix) == [f"{prefix}.ctl", f"{prefix}.g3", f"{prefix}.g4"]
+    pub.publish(H.make_blob(5))  # g3 retired just now: within its grace period
+    assert H.shm_names(prefix) == [f"{prefix}.ctl", f"{prefix}.g3", f"{prefix}.g4",
+                                   f"{prefix}.g5"]
+    clock.now += 10
+    assert pub.reclaim() == [f"/{prefix}.g3"]
+    reader.close()  # no BufferError although a numpy view still uses generation 1
+    del old
+    assert keys[:8].tobytes() == (1).to_bytes(8, "little")
+
+
+def test_restart_continues_sequence_and_reclaims_leftovers(prefix: str, publishers: list) -> None:
+    clock = H.FakeClock()
+    pub = Publisher(prefix, clock=clock)
+    for generation in (1, 2, 3):
+        pub.publish(H.make_blob(generation))
+    pub.close()  # a daemon that exits leaves its map in place
+    with pytest.raises(PublisherError, match="closed"):
+        pub.publish(b"late")
+    reader = ShmReader(prefix)
+    assert reader.poll().generation == 3
+    successor = Publisher(prefix, clock=clock)
+    publishers.append(successor)
+    assert successor.generation == 3
+    assert successor.publish(H.make_blob(4)) == 4
+    assert reader.poll().generation == 4
+    clock.now += 11
+    assert sorted(successor.reclaim()) == [f"/{prefix}.g1", f"/{prefix}.g2"]
+
+
+def test_cleanup_removes_everything_and_readers_let_go(prefix: str) -> None:
+    pub = Publisher(prefix, grace_s=3600)
+    reader = ShmReader(prefix)
+    for generation in range(1, 6):
+        pub.publish(H.make_blob(generation))
+    assert reader.poll().generation == 5
+    assert len(H.shm_names(prefix)) == 6
+    pub.cleanup()
+    assert H.shm_names(prefix) == []
+    assert reader.poll() is None and reader.control() is None
+    with pytest.raises(PublisherError, match="closed"):
+        pub.heartbeat()
+
+
+def test_reader_notices_control_replaced(prefix: str, publishers: list) -> None:
+    clock = H.FakeClock()
+    pub = Publisher(prefix)
+    pub.publish(b"first daemon")
+    reader = ShmReader(prefix, clock=clock)
+    assert reader.poll().generation == 1
+    pub.close()
+    posix_ipc.unlink_shared_memory(f"/{prefix}.ctl")  # an operator removed it by hand
+    fresh = Publisher(prefix)
+    publishers.append(fresh)
+    assert fresh.publish(b"second daemon") == 2
+    assert reader.poll().generation == 1  # not before the periodic re-check
+    clock.now += 1.0
+    assert bytes(reader.poll().buffer) == b"second daemon"
+    assert reader.stats.control_opens == 2
+
+
+# -- least privilege --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o077])
+def test_segment_mode_ignores_umask(prefix: str, publishers: list, umask: int) -> None:
+    old = os.umask(umask)
+    try:
+        pub = Publisher(prefix)
+        publishers.append(pub)
+        pub.publish(b"x")
+    finally:
+        os.umask(old)
+    for name in (f"{prefix}.ctl", f"{prefix}.g1"):
+        assert stat.S_IMODE(os.stat(_path(name)).st_mode) == 0o640, name
+
+
+def test_custom_mode_and_group(prefix: str, publishers: list) -> None:
+    other = next((g for g in grp.getgrall() if g.gr_gid != os.getgid()), None)
+    if other is None:
+        pytest.skip("needs a second group")
+    pub = Publisher(prefix, mode=0o600, group=other.gr_name)
+    publishers.append(pub)
+    pub.publish(b"x")
+    for name in (f"{prefix}.ctl", f"{prefix}.g1"):
+        st = os.stat(_path(name))
+        assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_gid == other.gr_gid, name
+
+
+def test_reader_mapping_is_read_only(prefix: str, publishers: list) -> None:
+    pub = Publisher(prefix)
+    publishers.append(pub)
+    pub.publish(b"immutable")
+    snapshot = ShmReader(prefix).poll()
+    assert snapshot.buffer.readonly
+    with pytest.raises(TypeError):
+        snapshot.buffer[0] = 0
+    with pytest.raises(TypeError):
+        snapshot.buffer.obj[0:1] = b"X"  # the mmap itself is PROT_READ
+    view = np.frombuffer(snapshot.buffer, dtype=np.uint8)
+    assert not view.flags.writeable
+    assert bytes(snapshot.buffer) == b"immutable"
+
+
+# -- /dev/shm full ----------------------------------------------------------------------
+
+
+def test_publish_fails_cleanly_when_space_runs_out(prefix: str) -> None:
+    pub = Publisher(prefix)
+    pub.publish(H.make_blob(1))
+    pub.close()
+    reader = ShmReader(prefix)
+    assert reader.poll().generation == 1
+    child = H.spawn("fsize", prefix, 64 * 1024, 1024 * 1024)
+    try:
+        result = _finish(child)
+    finally:
+        H.reap(child)
+    assert "File too large" in result["error"] and f"/{prefix}.g2" in result["error"]
+    assert "generation 1 stays current" in result["error"]
+    assert result["after_failure"] == 1
+    assert result["segments_after_failure"] == [f"{prefix}.ctl", f"{prefix}.g1"]
+    assert result["retry"] == 2  # the next attempt, with room, succeeds
+    assert H.check_blob(reader.poll().buffer, 2, 4096) is None
+    Publisher(prefix).cleanup()
