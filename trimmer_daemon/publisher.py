@@ -150,6 +150,11 @@ class Publisher:
         """The last published generation (0 if this prefix never published)."""
         return self._generation
 
+    @property
+    def next_generation(self) -> int:
+        """The number the next successful :meth:`publish` will return (to embed in the blob)."""
+        return max(self._generation, self._floor) + 1
+
     def publish(self, blob: bytes | bytearray | memoryview) -> int:
         """Publish ``blob`` as the next generation and return its number.
 
@@ -162,7 +167,7 @@ class Publisher:
         data = memoryview(blob).cast("B")
         if len(data) == 0:
             raise ValueError("cannot publish an empty blob")
-        generation = max(self._generation, self._floor) + 1
+        generation = self.next_generation
         crc = L.checksum(data)
         self._write_blob(generation, data)
         now = self._clock()

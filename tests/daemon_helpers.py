@@ -1,0 +1,126 @@
+"""Run a real trimmer-daemon subprocess for tests and wait on what it publishes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from root_worker.live_map import LiveMap
+from root_worker.map_reader import FeatureMapView
+from trimmer_daemon.publisher import Publisher
+
+T = TypeVar("T")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_for(cond: Callable[[], T], timeout: float = 10.0, what: str = "condition",
+             interval: float = 0.005) -> T:
+    """Poll ``cond`` until it returns a truthy value or ``timeout`` passes (then fail)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def write_bundle(path: Path, doc: dict) -> None:
+    """Write a bundle file in place (open + truncate + write), as `cp` does."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc))
+
+
+def replace_bundle(path: Path, doc: dict) -> None:
+    """Write a temp file beside ``path`` and rename it over ``path`` (mv / rsync style)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(doc))
+    os.replace(tmp, path)
+
+
+def model_doc(model: str, version: str, features: list[str]) -> dict:
+    return {model: [{"version": version, "input_names": features}]}
+
+
+class DaemonProc:
+    """A trimmer-daemon in its own process group, logging to a file."""
+
+    def __init__(self, prefix: str, bundles: dict[str, Path], log_path: Path, *,
+                 extra: list[str] | None = None, config: Path | None = None) -> None:
+        self.prefix, self.log_path = prefix, log_path
+        cmd = [sys.executable, "-m", "trimmer_daemon.cli", "--shm-name", prefix,
+               "--metrics-listen", "", "--grace-seconds", "0.2", "--heartbeat-interval", "0.2",
+               "--log-level", "DEBUG"]
+        for name, path in bundles.items():
+            cmd += ["--bundle", f"{name}={path}"]
+        if config is not None:
+            cmd += ["--config", str(config)]
+        cmd += extra or []
+        self._log = open(log_path, "ab")
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self.live = LiveMap(prefix)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def view(self) -> FeatureMapView | None:
+        return self.live.current()
+
+    def wait_view(self, cond: Callable[[FeatureMapView], bool], timeout: float = 10.0,
+                  what: str = "a map generation") -> FeatureMapView:
+        def check() -> FeatureMapView | None:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
+            view = self.view()
+            return view if view is not None and cond(view) else None
+        return wait_for(check, timeout, what)
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+                raise AssertionError(f"daemon ignored SIGTERM:\n{self.log()}") from None
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def close(self) -> None:
+        self.kill()
+        self.live.close()
+        self._log.close()
+
+
+def remove_segments(prefix: str) -> None:
+    """Remove every segment of ``prefix`` as the owner would (the daemon must be gone)."""
+    Publisher(prefix).cleanup()
+
+
+def bundle_state(view: FeatureMapView, name: str) -> dict:
+    return next(b for b in view.bundles() if b["name"] == name)
+
+
+def features_of(view: FeatureMapView, model: str, version: str | None = None) -> list[str]:
+    res = view.resolve(model, version)
+    if res.allowlist is None:
+        return []
+    return sorted(view.feature_names(res.allowlist.keys))

@@ -1,0 +1,272 @@
+"""The trimmer daemon's main loop: watch -> reload bundle -> consolidate -> compile -> publish.
+
+Runs in the daemon process, single-threaded (the metrics HTTP server is prometheus_client's
+own thread). Signal handlers only set flags and wake the loop through ``signal.set_wakeup_fd``;
+the loop does the work (``handle_hup`` / ``handle_term``).
+
+Guarantees (SPEC §5, §9):
+- start is never blocked: the first generation is published even if every bundle is broken
+  (a broken bundle logs CRITICAL and shows its error in the map's bundle status);
+- a bundle that fails validation keeps its last-known-good map; the others still update;
+- a failed publication (e.g. /dev/shm full) keeps the current generation and is retried
+  every ``retry_interval`` seconds;
+- on SIGTERM the current generation stays in place for the workers (``--cleanup`` removes it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+from flatbuffers_schema.fmap.BundleState import BundleState
+from trimmer_daemon.compiler import compile_map
+from trimmer_daemon.config import DaemonConfig
+from trimmer_daemon.consolidate import KeyCache, consolidate
+from trimmer_daemon.metrics import DaemonMetrics
+from trimmer_daemon.publisher import PublishError, Publisher
+from trimmer_daemon.sdnotify import Notifier
+from trimmer_daemon.state import STATE_NAMES, BundleTracker, RefreshResult
+from trimmer_daemon.watcher import BundleWatcher
+
+log = logging.getLogger(__name__)
+
+
+class Daemon:
+    def __init__(self, config: DaemonConfig, *,
+                 reload_config: Callable[[], DaemonConfig] | None = None) -> None:
+        self.config = config
+        self._reload_config = reload_config
+        self.cache = KeyCache()
+        self.metrics = DaemonMetrics()
+        self.notifier = Notifier()
+        self.trackers: dict[str, BundleTracker] = {}
+        self.publisher: Publisher | None = None
+        self.watcher: BundleWatcher | None = None
+        self._dirty = True          # the published map is out of date
+        self._retry_at = 0.0
+        self._stop = False
+        self._hup = False
+        self._wake_r = self._wake_w = -1
+        self._last_heartbeat = 0.0
+        self._last_watchdog = 0.0
+        self._seen_rescans = self._seen_overflows = 0
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def run(self) -> int:
+        """Start, serve until SIGTERM/SIGINT, stop. Returns the process exit code."""
+        cfg = self.config
+        self.publisher = Publisher(cfg.shm_name, mode=cfg.shm_mode,
+                                   group=cfg.shm_group or None, grace_s=cfg.grace_seconds)
+        try:
+            self._install_signals()
+            self._set_bundles(cfg.bundles)
+            self.watcher = BundleWatcher(cfg.bundles, debounce_s=cfg.debounce_ms / 1e3,
+                                         max_delay_s=cfg.max_delay_ms / 1e3,
+                                         rescan_interval_s=cfg.rescan_interval)
+            self.metrics.serve(cfg.metrics_listen)
+            self._refresh(set(self.trackers), startup=True)
+            self._publish_if_dirty()
+            self.notifier.notify("READY=1", self._status_line())
+            log.info("daemon ready shm=%s generation=%d bundles=%d", cfg.shm_name,
+                     self.publisher.generation, len(self.trackers))
+            while not self._stop:
+                self._step()
+        finally:
+            self._shutdown()
+        return 0
+
+    def _step(self) -> None:
+        assert self.watcher is not None
+        timeout = self._next_timeout()
+        readable, _, _ = select.select([self.watcher.fileno(), self._wake_r], [], [], timeout)
+        if self._wake_r in readable:
+            self._drain_wakeup()
+        if self._stop:
+            return
+        if self._hup:
+            self._hup = False
+            self.handle_hup()
+        changed = self.watcher.poll(0)
+        self._count_watch_stats()
+        if changed:
+            self._refresh(changed)
+        self._publish_if_dirty()
+        self._tick()
+
+    def _next_timeout(self) -> float:
+        now = time.monotonic()
+        timeout = max(0.0, self._last_heartbeat + self.config.heartbeat_interval - now)
+        if self._dirty:
+            timeout = min(timeout, max(0.0, self._retry_at - now))
+        return timeout
+
+    def _tick(self) -> None:
+        """Heartbeat, watchdog and reclaim, at most once per heartbeat interval."""
+        assert self.publisher is not None
+        now = time.monotonic()
+        if now - self._last_heartbeat >= self.config.heartbeat_interval:
+            self._last_heartbeat = now
+            self.publisher.heartbeat()
+            self.publisher.reclaim()
+        wd = self.notifier.watchdog_s
+        if wd and now - self._last_watchdog >= wd / 2:
+            self._last_watchdog = now
+            self.notifier.notify("WATCHDOG=1")
+
+    def _shutdown(self) -> None:
+        if self.watcher is not None:
+            self.watcher.close()
+        if self.publisher is not None:
+            if self.config.cleanup:
+                self.publisher.cleanup()
+                log.info("stopped; removed every segment of shm=%s", self.config.shm_name)
+            else:
+                log.info("stopped; generation %d stays in place for the workers",
+                         self.publisher.generation)
+                self.publisher.close()
+        self.notifier.notify("STOPPING=1")
+        self.notifier.close()
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
+
+    # -- signals: handlers only set flags; the loop acts -----------------------------------
+    def _install_signals(self) -> None:
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_hup)
+
+    def _on_stop(self, signum: int, frame: Any) -> None:
+        self._stop = True
+
+    def _on_hup(self, signum: int, frame: Any) -> None:
+        self._hup = True
+
+    def _drain_wakeup(self) -> None:
+        try:
+            while os.read(self._wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def handle_hup(self) -> None:
+        """Re-read the configuration (bundles added/removed) and rescan every bundle."""
+        self.notifier.notify("RELOADING=1")
+        if self._reload_config is not None:
+            try:
+                self.config = self._reload_config()
+            except ValueError as exc:
+                log.error("reload failed, keeping the previous configuration: %s", exc)
+        self._set_bundles(self.config.bundles)
+        assert self.watcher is not None
+        self.watcher.set_bundles(self.config.bundles)
+        self._refresh(set(self.trackers))
+        self._publish_if_dirty()
+        self.notifier.notify("READY=1", self._status_line())
+        log.info("reloaded configuration bundles=%s", ",".join(sorted(self.trackers)) or "-")
+
+    # -- bundles --------------------------------------------------------------------------
+    def _set_bundles(self, bundles: dict[str, str]) -> None:
+        for name in list(self.trackers):
+            if name not in bundles or self.trackers[name].path != bundles[name]:
+                del self.trackers[name]
+                self.metrics.forget_bundle(name)
+                self._dirty = True
+                log.info("bundle removed bundle=%s", name)
+        for name, path in sorted(bundles.items()):
+            if name not in self.trackers:
+                self.trackers[name] = BundleTracker(name, path, limits=self.config.limits,
+                                                    cache=self.cache)
+                self._dirty = True
+                log.info("bundle added bundle=%s path=%s", name, path)
+
+    def _refresh(self, names: set[str], *, startup: bool = False) -> None:
+        for name in sorted(names):
+            tracker = self.trackers.get(name)
+            if tracker is None:
+                continue
+            result = tracker.refresh()
+            self._record(tracker, result, startup)
+
+    def _record(self, tracker: BundleTracker, r: RefreshResult, startup: bool) -> None:
+        m = self.metrics
+        m.set_bundle_state(r.bundle, r.state)
+        m.bundle_models.labels(r.bundle).set(len(tracker.indexed.models) if tracker.indexed
+                                             else 0)
+        if r.loaded:
+            m.bundle_reloads.labels(r.bundle).inc()
+        if r.error and r.changed:
+            m.bundle_failures.labels(r.bundle).inc()
+        if r.changed:
+            self._dirty = True
+        state = STATE_NAMES[r.state]
+        if r.error and (r.changed or startup):
+            level = logging.CRITICAL if startup else logging.ERROR
+            log.log(level, "bundle %s bundle=%s serving=%s error=%s", state, r.bundle,
+                    "last-known-good" if tracker.indexed else "nothing", r.error)
+        elif r.loaded:
+            log.info("bundle loaded bundle=%s models=%d versions=%d sha256=%s duration_ms=%.1f",
+                     r.bundle, len(tracker.indexed.models) if tracker.indexed else 0,
+                     tracker.indexed.version_count if tracker.indexed else 0,
+                     tracker.loaded_sha256[:12], r.duration_s * 1e3)
+        elif r.changed and r.state == BundleState.Ok:
+            log.info("bundle ok again bundle=%s (file matches the loaded content)", r.bundle)
+
+    # -- publication ----------------------------------------------------------------------
+    def _publish_if_dirty(self) -> None:
+        if not self._dirty or time.monotonic() < self._retry_at:
+            return
+        assert self.publisher is not None
+        t0 = time.perf_counter()
+        trackers = [self.trackers[n] for n in sorted(self.trackers)]
+        cmap = consolidate([(t.name, t.indexed) for t in trackers], self.cache)
+        generation = self.publisher.next_generation
+        blob = compile_map(cmap, [t.status() for t in trackers], generation=generation,
+                           built_at_ns=time.time_ns(), daemon_pid=os.getpid(),
+                           cache=self.cache)
+        try:
+            published = self.publisher.publish(blob)
+        except PublishError as exc:
+            self.metrics.publish_failures.inc()
+            self._retry_at = time.monotonic() + self.config.retry_interval
+            log.error("publish failed generation=%d size=%d error=%s; generation %d stays, "
+                      "retrying in %.1fs", generation, len(blob), exc,
+                      self.publisher.generation, self.config.retry_interval)
+            return
+        duration = time.perf_counter() - t0
+        self._dirty = False
+        m = self.metrics
+        m.publish.inc()
+        m.generation.set(published)
+        m.last_publish.set(time.time())
+        m.publish_duration.observe(duration)
+        m.conflicts.set(len(cmap.conflicts))
+        states = {STATE_NAMES[t.state] for t in trackers}
+        log.info("published generation=%d models=%d versions=%d size=%d bundles=%d "
+                 "states=%s duration_ms=%.1f", published, len(cmap.models),
+                 cmap.version_count, len(blob), len(trackers), ",".join(sorted(states)) or "-",
+                 duration * 1e3)
+        self.notifier.notify(self._status_line())
+
+    def _status_line(self) -> str:
+        gen = self.publisher.generation if self.publisher else 0
+        bad = sum(1 for t in self.trackers.values() if t.state != BundleState.Ok)
+        return f"STATUS=generation {gen}, {len(self.trackers)} bundles, {bad} not ok"
+
+    def _count_watch_stats(self) -> None:
+        assert self.watcher is not None
+        stats = self.watcher.stats
+        rescans, overflows = stats.rescans, stats.overflows
+        if rescans > self._seen_rescans:
+            self.metrics.rescans.inc(rescans - self._seen_rescans)
+        if overflows > self._seen_overflows:
+            self.metrics.overflows.inc(overflows - self._seen_overflows)
+        self._seen_rescans, self._seen_overflows = rescans, overflows
