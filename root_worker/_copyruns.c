@@ -1,0 +1,128 @@
+/*
+ * root_worker._copyruns: the two byte-moving primitives of the frame trim engine.
+ *
+ * Optional accelerator: root_worker/frame_copy.py has a pure numpy/Python fallback with the
+ * same semantics, and the tests run both.  Everything is bounds-checked before the first
+ * byte moves, so a bad runs array raises ValueError and never touches memory out of range.
+ *
+ *   copy_runs(dst, src, runs) -> int
+ *       dst: writable contiguous buffer; src: contiguous buffer; runs: contiguous int64
+ *       buffer of n*3 values (src_offset, dst_offset, length).  Copies every run with
+ *       memcpy and returns the total number of bytes copied.  The GIL is released when the
+ *       total is large (copying is then pure memory traffic).
+ *
+ *   same_bytes(buf, offset, expected) -> bool
+ *       True if buf[offset:offset + len(expected)] == expected (memcmp, no temporary
+ *       copy); False if that range is not inside buf.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+/* Below this many bytes, releasing and re-acquiring the GIL costs more than it frees. */
+#define RELEASE_GIL_MIN_BYTES (256 * 1024)
+
+static int
+check_runs(const int64_t *r, Py_ssize_t n_runs, Py_ssize_t src_len, Py_ssize_t dst_len,
+           int64_t *total)
+{
+    int64_t sum = 0;
+    for (Py_ssize_t i = 0; i < n_runs; i++) {
+        int64_t s = r[3 * i], d = r[3 * i + 1], len = r[3 * i + 2];
+        if (s < 0 || d < 0 || len < 0 || s > (int64_t)src_len || d > (int64_t)dst_len
+            || len > (int64_t)src_len - s || len > (int64_t)dst_len - d) {
+            PyErr_Format(PyExc_ValueError,
+                         "run %zd (src %lld, dst %lld, len %lld) is outside the buffers "
+                         "(src %zd bytes, dst %zd bytes)",
+                         i, (long long)s, (long long)d, (long long)len, src_len, dst_len);
+            return -1;
+        }
+        sum += len;
+    }
+    *total = sum;
+    return 0;
+}
+
+static PyObject *
+copy_runs(PyObject *self, PyObject *args)
+{
+    Py_buffer dst, src, runs;
+    int64_t total = 0;
+    PyObject *result = NULL;
+
+    if (!PyArg_ParseTuple(args, "w*y*y*:copy_runs", &dst, &src, &runs)) {
+        return NULL;
+    }
+    if (runs.len % (3 * (Py_ssize_t)sizeof(int64_t)) != 0) {
+        PyErr_SetString(PyExc_ValueError, "runs must hold a multiple of 3 int64 values");
+        goto done;
+    }
+    Py_ssize_t n_runs = runs.len / (3 * (Py_ssize_t)sizeof(int64_t));
+    const int64_t *r = (const int64_t *)runs.buf;
+    if (((uintptr_t)r) % sizeof(int64_t) != 0) {
+        PyErr_SetString(PyExc_ValueError, "runs buffer must be 8-byte aligned");
+        goto done;
+    }
+    if (check_runs(r, n_runs, src.len, dst.len, &total) < 0) {
+        goto done;
+    }
+    char *d = (char *)dst.buf;
+    const char *s = (const char *)src.buf;
+    if (total >= RELEASE_GIL_MIN_BYTES) {
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < n_runs; i++) {
+            memcpy(d + r[3 * i + 1], s + r[3 * i], (size_t)r[3 * i + 2]);
+        }
+        Py_END_ALLOW_THREADS
+    }
+    else {
+        for (Py_ssize_t i = 0; i < n_runs; i++) {
+            memcpy(d + r[3 * i + 1], s + r[3 * i], (size_t)r[3 * i + 2]);
+        }
+    }
+    result = PyLong_FromLongLong((long long)total);
+done:
+    PyBuffer_Release(&runs);
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
+    return result;
+}
+
+static PyObject *
+same_bytes(PyObject *self, PyObject *args)
+{
+    Py_buffer buf, expected;
+    Py_ssize_t offset;
+    int equal = 0;
+
+    if (!PyArg_ParseTuple(args, "y*ny*:same_bytes", &buf, &offset, &expected)) {
+        return NULL;
+    }
+    if (offset >= 0 && offset <= buf.len && expected.len <= buf.len - offset) {
+        equal = memcmp((const char *)buf.buf + offset, expected.buf, (size_t)expected.len) == 0;
+    }
+    PyBuffer_Release(&expected);
+    PyBuffer_Release(&buf);
+    return PyBool_FromLong(equal);
+}
+
+static PyMethodDef methods[] = {
+    {"copy_runs", copy_runs, METH_VARARGS,
+     "copy_runs(dst, src, runs) -> int: memcpy each (src_off, dst_off, len) int64 run."},
+    {"same_bytes", same_bytes, METH_VARARGS,
+     "same_bytes(buf, offset, expected) -> bool: memcmp of a region against bytes."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "root_worker._copyruns",
+    "Bounds-checked byte-run copy for the frame trim engine (optional accelerator).", -1,
+    methods,
+};
+
+PyMODINIT_FUNC
+PyInit__copyruns(void)
+{
+    return PyModule_Create(&module);
+}

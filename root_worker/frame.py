@@ -1,0 +1,42 @@
+"""Numpy-packed candidate payloads ("frames"): codec and trim engine, public API.
+
+A frame carries, for C candidates, F named feature columns (dense numpy arrays or
+:class:`Ragged` lists) plus a JSON metadata object (``request_id`` and whatever the caller
+adds).  It is feature-major and 64-byte aligned, so :func:`decode` returns zero-copy numpy
+views, and :func:`trim` keeps exactly the columns a model's allowlist names by copying
+whole blocks verbatim.  The binary layout, for readers in any language, is specified in
+``docs/frame-format.md``.
+
+Which process runs what: the root workers encode (or receive) frames and call
+:meth:`Trimmer.trim` once per fan-out target; leaves call :func:`decode`.  A
+:class:`Trimmer` holds only in-process caches, so creating one before fork is harmless and
+each worker warms its own.
+
+Example::
+
+    frame = encode({"ctr": np.zeros(16, np.float32)}, {"request_id": "r1"})
+    res = trim(frame, Allowlist.from_names(["ctr"]), out=buffer)
+    decode(res.data).columns["ctr"]
+"""
+
+from __future__ import annotations
+
+from root_worker.frame_codec import Column, Frame, Ragged, decode, encode, peek_metadata
+from root_worker.frame_copy import BACKENDS
+from root_worker.frame_format import DTYPE_BY_CODE, FrameError
+from root_worker.frame_trim import TrimResult, Trimmer, trim
+
+__all__ = [
+    "BACKENDS",
+    "Column",
+    "DTYPE_BY_CODE",
+    "Frame",
+    "FrameError",
+    "Ragged",
+    "TrimResult",
+    "Trimmer",
+    "decode",
+    "encode",
+    "peek_metadata",
+    "trim",
+]

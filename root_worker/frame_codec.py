@@ -1,0 +1,314 @@
+"""Frame encoder and zero-copy decoder (layout: ``docs/frame-format.md``).
+
+``encode`` packs named numpy columns (dense or :class:`Ragged`) for C candidates plus a JSON
+metadata object into one feature-major frame; ``decode`` validates a frame completely and
+returns numpy views on the caller's buffer (``np.frombuffer``, no copy).  ``peek_metadata``
+reads only the preamble and the metadata.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from root_worker.frame_format import (
+    BLOCK_ALIGN,
+    CODE_BY_DTYPE,
+    DIM_SIZE,
+    KIND_DENSE,
+    KIND_RAGGED,
+    MAGIC,
+    MAX_CANDIDATES,
+    MAX_ELEM_BYTES,
+    MAX_NAME_BYTES,
+    MAX_NDIM,
+    PREAMBLE,
+    PREAMBLE_SIZE,
+    RECORD_DTYPE,
+    TABLE_ALIGN,
+    TABLE_ENTRY_SIZE,
+    VERSION,
+    ZERO_RESERVED,
+    FrameError,
+    Layout,
+    LayoutCache,
+    align,
+    check_table,
+    layout_hint,
+    ragged_head,
+    read_preamble,
+)
+
+OFFSETS_DTYPE = np.dtype("<i8")
+_LAYOUTS = LayoutCache()
+
+
+class Ragged:
+    """A variable-length column: candidate ``i`` holds ``values[offsets[i]:offsets[i + 1]]``.
+
+    ``values`` has shape ``(n_values, *inner_shape)``; ``offsets`` is int64 of length
+    ``n_candidates + 1`` with ``offsets[0] == 0``, non-decreasing, ``offsets[-1] ==
+    n_values``.  The constructor checks this (``ValueError``); decoded instances are views
+    on the frame buffer.
+    """
+
+    __slots__ = ("values", "offsets")
+
+    def __init__(self, values: ArrayLike, offsets: ArrayLike) -> None:
+        values = np.asarray(values)
+        offsets = np.asarray(offsets)
+        if values.ndim < 1:
+            raise ValueError("Ragged values must have at least one dimension")
+        if offsets.ndim != 1 or offsets.size < 1 or offsets.dtype.kind not in "iu":
+            raise ValueError("Ragged offsets must be a non-empty 1-D integer array")
+        if offsets[0] != 0 or offsets[-1] != values.shape[0]:
+            raise ValueError(f"Ragged offsets must start at 0 and end at len(values) "
+                             f"({values.shape[0]}), got {offsets[0]} .. {offsets[-1]}")
+        if np.any(offsets[1:] < offsets[:-1]):
+            raise ValueError("Ragged offsets must be non-decreasing")
+        self.values = values
+        self.offsets = offsets.astype(OFFSETS_DTYPE, copy=False)
+
+    @classmethod
+    def from_lengths(cls, values: ArrayLike, lengths: ArrayLike) -> Ragged:
+        """Build from the flat values and each candidate's item count."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if lengths.ndim != 1 or np.any(lengths < 0):
+            raise ValueError("Ragged lengths must be a 1-D array of non-negative counts")
+        offsets = np.zeros(lengths.size + 1, dtype=OFFSETS_DTYPE)
+        np.cumsum(lengths, out=offsets[1:])
+        return cls(values, offsets)
+
+    @classmethod
+    def from_lists(cls, items: Sequence[ArrayLike], dtype: Any) -> Ragged:
+        """Build from one array-like per candidate (all with the same inner shape)."""
+        arrays = [np.asarray(x, dtype=dtype) for x in items]
+        lengths = [a.shape[0] if a.ndim else 1 for a in arrays]
+        values = (np.concatenate([np.atleast_1d(a) for a in arrays]) if arrays
+                  else np.zeros(0, dtype=dtype))
+        return cls.from_lengths(values, lengths)
+
+    @classmethod
+    def _trusted(cls, values: np.ndarray, offsets: np.ndarray) -> Ragged:
+        self = cls.__new__(cls)
+        self.values = values
+        self.offsets = offsets
+        return self
+
+    @property
+    def n_candidates(self) -> int:
+        return int(self.offsets.shape[0]) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def __len__(self) -> int:
+        return self.n_candidates
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.values[int(self.offsets[i]):int(self.offsets[i + 1])]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (self[i] for i in range(self.n_candidates))
+
+    def __eq__(self, other: object) -> bool:
+        """Bitwise equality: same dtype, inner shape, offsets and value bytes."""
+        if not isinstance(other, Ragged):
+            return NotImplemented
+        return (self.values.dtype == other.values.dtype
+                and self.values.shape == other.values.shape
+                and np.array_equal(self.offsets, other.offsets)
+                and self.values.tobytes() == other.values.tobytes())
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return (f"Ragged(n_candidates={self.n_candidates}, values={self.values.dtype}"
+                f"{list(self.values.shape)})")
+
+
+Column = np.ndarray | Ragged
+
+
+@dataclass(frozen=True)
+class Frame:
+    """A decoded frame: ``columns`` keeps the wire order; arrays are views on the buffer."""
+
+    n_candidates: int
+    metadata: dict[str, Any]
+    columns: dict[str, Column]
+
+
+# --- encode -------------------------------------------------------------------------------
+class _Col:
+    __slots__ = ("name", "kind", "code", "inner", "parts", "nbytes", "count")
+
+    def __init__(self, name: str, col: Column) -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"column names must be non-empty strings, got {name!r}")
+        self.name = name.encode("utf-8")
+        if len(self.name) > MAX_NAME_BYTES:
+            raise ValueError(f"column {name!r}: name is longer than {MAX_NAME_BYTES} bytes")
+        if isinstance(col, Ragged):
+            self.kind = KIND_RAGGED
+            values = _wire_array(name, col.values)
+            offsets = np.ascontiguousarray(col.offsets, dtype=OFFSETS_DTYPE)
+            head = ragged_head(offsets.shape[0] - 1)
+            pad = bytes(head - offsets.nbytes)
+            self.parts: list[Any] = [offsets, pad, values]
+            self.nbytes = head + values.nbytes
+            self.count = offsets.shape[0] - 1
+        else:
+            self.kind = KIND_DENSE
+            values = _wire_array(name, np.asarray(col))
+            self.parts = [values]
+            self.nbytes = values.nbytes
+            self.count = values.shape[0]
+        self.code = CODE_BY_DTYPE[values.dtype]
+        self.inner = values.shape[1:]
+        if len(self.inner) > MAX_NDIM or 0 in self.inner:
+            raise ValueError(f"column {name!r}: per-candidate shape {self.inner} must have at "
+                             f"most {MAX_NDIM} non-zero dimensions")
+        if values.dtype.itemsize * int(np.prod(self.inner)) > MAX_ELEM_BYTES:
+            raise ValueError(f"column {name!r}: elements of shape {self.inner} are too large")
+
+
+def _wire_array(name: str, arr: np.ndarray) -> np.ndarray:
+    if arr.ndim < 1:
+        raise ValueError(f"column {name!r}: arrays need a leading candidate axis")
+    wire = arr.dtype.newbyteorder("<") if arr.dtype.byteorder != "|" else arr.dtype
+    if wire not in CODE_BY_DTYPE:
+        raise ValueError(f"column {name!r}: unsupported dtype {arr.dtype}")
+    return np.ascontiguousarray(arr, dtype=wire)
+
+
+def _layout_bytes(cols: list[_Col]) -> bytes:
+    records = np.zeros(len(cols), dtype=RECORD_DTYPE)
+    records["code"] = [c.code for c in cols]
+    records["kind"] = [c.kind for c in cols]
+    records["ndim"] = [len(c.inner) for c in cols]
+    records["name_len"] = [len(c.name) for c in cols]
+    dims = np.asarray([d for c in cols for d in c.inner], dtype="<u4")
+    assert dims.itemsize == DIM_SIZE
+    return records.tobytes() + dims.tobytes() + b"".join(c.name for c in cols)
+
+
+def encode(columns: Mapping[str, Column], metadata: Mapping[str, Any] | None = None, *,
+           n_candidates: int | None = None) -> bytes:
+    """Pack ``columns`` (same candidate count each) and ``metadata`` into a frame.
+
+    ``metadata`` must be JSON-serialisable (conventionally it carries ``request_id``);
+    ``n_candidates`` is only needed when there are no columns.  Raises ``ValueError`` for
+    unsupported dtypes, shapes or inconsistent candidate counts.
+    """
+    cols = [_Col(name, col) for name, col in columns.items()]
+    counts = {c.count for c in cols}
+    if n_candidates is not None:
+        counts.add(int(n_candidates))
+    if len(counts) > 1:
+        raise ValueError(f"columns disagree on the candidate count: {sorted(counts)}")
+    n_cand = counts.pop() if counts else 0
+    if not 0 <= n_cand <= MAX_CANDIDATES:
+        raise ValueError(f"n_candidates {n_cand} is outside [0, {MAX_CANDIDATES}]")
+    meta = json.dumps(dict(metadata or {}), separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False).encode("utf-8")
+    layout = _layout_bytes(cols)
+    table_off = align(PREAMBLE_SIZE + len(layout), TABLE_ALIGN)
+    cursor = table_off + TABLE_ENTRY_SIZE * len(cols)
+    table = np.zeros((len(cols), 2), dtype="<u8")
+    parts: list[Any] = [None, layout, bytes(table_off - PREAMBLE_SIZE - len(layout)), table]
+    for i, c in enumerate(cols):
+        start = align(cursor, BLOCK_ALIGN)
+        table[i] = (start, c.nbytes)
+        parts.append(bytes(start - cursor))
+        parts.extend(c.parts)
+        cursor = start + c.nbytes
+    parts[0] = PREAMBLE.pack(MAGIC, VERSION, 0, len(cols), len(layout), layout_hint(layout),
+                             n_cand, 0, cursor + len(meta), cursor, len(meta), ZERO_RESERVED)
+    parts.append(meta)
+    return b"".join(parts)
+
+
+# --- decode -------------------------------------------------------------------------------
+def as_bytes_view(buf: Any) -> memoryview:
+    """A flat unsigned-byte memoryview of any C-contiguous buffer (raises FrameError)."""
+    try:
+        mv = buf if type(buf) is memoryview else memoryview(buf)
+        if mv.format != "B" or mv.ndim != 1:
+            mv = mv.cast("B")
+    except TypeError as exc:
+        raise FrameError(f"frame must be a contiguous bytes-like buffer: {exc}") from None
+    return mv
+
+
+def peek_metadata(buf: Any) -> dict[str, Any]:
+    """Return the metadata object after checking only the preamble (cheap)."""
+    mv = as_bytes_view(buf)
+    pre = read_preamble(mv)
+    return _parse_metadata(mv, pre.meta_offset, pre.meta_len)
+
+
+def _parse_metadata(mv: memoryview, offset: int, length: int) -> dict[str, Any]:
+    where = f"metadata [offset {offset}, {offset + length})"
+    try:
+        meta = json.loads(mv[offset:offset + length].tobytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise FrameError(f"{where} is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+                         ) from None
+    except (ValueError, RecursionError) as exc:
+        raise FrameError(f"{where} is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise FrameError(f"{where} is a JSON {type(meta).__name__}, expected an object")
+    return meta
+
+
+def decode(buf: Any) -> Frame:
+    """Validate ``buf`` completely and return its columns as zero-copy numpy views.
+
+    Raises :class:`FrameError` (and nothing else) for any malformed input.  Arrays are
+    read-only when ``buf`` is immutable (``bytes``) and stay valid while it lives.
+    """
+    mv = as_bytes_view(buf)
+    pre = read_preamble(mv)
+    layout = _LAYOUTS.get(pre.hint, pre.n_columns, mv[PREAMBLE_SIZE:pre.layout_end].tobytes())
+    n_cand = pre.n_candidates
+    table = np.frombuffer(mv, dtype="<u8", count=2 * pre.n_columns,
+                          offset=pre.table_offset).reshape(pre.n_columns, 2)
+    off, nb = check_table(layout, table, n_cand, pre.table_end, pre.meta_offset)
+    columns: dict[str, Column] = {}
+    for i, (o, n) in enumerate(zip(off.tolist(), nb.tolist(), strict=True)):
+        if layout.ragged[i]:
+            columns[layout.names[i]] = _ragged_view(mv, layout, i, n_cand, o, n)
+        else:
+            dt, shape = layout.dtypes[i], layout.shapes[i]
+            arr = np.frombuffer(mv, dtype=dt, count=n // dt.itemsize, offset=o)
+            columns[layout.names[i]] = arr.reshape((n_cand, *shape))
+    metadata = _parse_metadata(mv, pre.meta_offset, pre.meta_len)
+    return Frame(n_cand, metadata, columns)
+
+
+def _ragged_view(mv: memoryview, layout: Layout, i: int, n_cand: int, o: int,
+                 n: int) -> Ragged:
+    head = ragged_head(n_cand)
+    dt, shape = layout.dtypes[i], layout.shapes[i]
+    n_values = (n - head) // int(layout.elem_size[i])
+    offsets = np.frombuffer(mv, dtype=OFFSETS_DTYPE, count=n_cand + 1, offset=o)
+    label = layout.label(i)
+    if offsets[0] != 0:
+        raise FrameError(f"{label}: ragged offsets[0] is {int(offsets[0])}, expected 0")
+    down = offsets[1:] < offsets[:-1]
+    if down.any():
+        k = int(np.argmax(down))
+        raise FrameError(f"{label}: ragged offsets decrease at candidate {k + 1} "
+                         f"({int(offsets[k])} -> {int(offsets[k + 1])})")
+    if offsets[-1] != n_values:
+        raise FrameError(f"{label}: ragged offsets end at {int(offsets[-1])} but the block "
+                         f"holds {n_values} values")
+    values = np.frombuffer(mv, dtype=dt, count=(n - head) // dt.itemsize, offset=o + head)
+    return Ragged._trusted(values.reshape((n_values, *shape)), offsets)

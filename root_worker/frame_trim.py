@@ -1,0 +1,280 @@
+"""The trim engine: keep exactly the allowlisted columns of a frame, bytes unchanged.
+
+Per request the work is: unpack the 64-byte preamble, look the plan up by
+``(layout_hint, allowlist.digest)``, verify the layout bytes equal the plan's (memcmp), look
+the size plan up by ``(n_candidates, meta_offset)`` and verify the block table bytes
+(memcmp), then write the prebuilt output header, copy the kept byte runs and the metadata.
+
+The hint is never trusted: a forged or colliding hint fails the byte comparison and only
+costs a rebuild, so a plan is always applied to exactly the layout and block table it was
+validated against.  Plans hold no reference to the allowlist's key array (it is usually a
+view on a shared-memory map that must be free to go away).
+
+Two cache levels, both bounded LRU:
+
+* ``_Plan`` per (layout, allowlist): kept column indices, the output layout section and its
+  hint, the missing-feature count.  Built once per layout and model version.
+* ``_SizePlan`` per plan and block table: the full output header (preamble with the three
+  per-request fields patched at write time, layout, block table, padding) and the coalesced
+  copy runs.  Dense frames with a repeated candidate count always hit; ragged frames take
+  the vectorised build (tens of microseconds for thousands of columns).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from flatbuffers_schema.keys import Allowlist
+from root_worker.frame_codec import as_bytes_view
+from root_worker.frame_copy import (
+    BACKENDS,
+    UniformRows,
+    copy_runs_c,
+    copy_runs_loop,
+    same_bytes,
+    uniform_rows,
+)
+from root_worker.frame_format import (
+    BLOCK_ALIGN,
+    MAGIC,
+    PREAMBLE,
+    PREAMBLE_SIZE,
+    TABLE_ALIGN,
+    TABLE_ENTRY_SIZE,
+    TAIL,
+    TAIL_OFFSET,
+    VERSION,
+    ZERO_RESERVED,
+    FrameError,
+    Layout,
+    LayoutCache,
+    Preamble,
+    align,
+    check_table,
+    layout_hint,
+    read_preamble,
+)
+
+_U64_ALIGN_MASK = np.uint64(~(BLOCK_ALIGN - 1) & 0xFFFF_FFFF_FFFF_FFFF)
+
+
+class TrimResult(NamedTuple):
+    """Outcome of one trim.  ``data`` views the output (the caller's ``out`` if given)."""
+
+    data: memoryview
+    bytes_in: int
+    bytes_out: int
+    n_kept: int
+    n_missing: int
+
+
+class _SizePlan:
+    __slots__ = ("table", "header", "out_meta_offset", "runs", "runs_list", "uniform")
+
+    def __init__(self, table: bytes, header: bytes, out_meta_offset: int, runs: np.ndarray,
+                 uniform: UniformRows | None) -> None:
+        self.table = table
+        self.header = header
+        self.out_meta_offset = out_meta_offset
+        self.runs = runs
+        self.runs_list: list[tuple[int, int, int]] = [tuple(r) for r in runs.tolist()]
+        self.uniform = uniform
+
+
+class _Plan:
+    """Kept columns of one layout under one allowlist, and the output layout section."""
+
+    __slots__ = ("layout", "layout_len", "table_offset", "kept", "n_kept", "n_missing", "out_layout",
+                 "out_hint", "out_table_offset", "out_table_end", "sizes")
+
+    def __init__(self, layout: Layout, allowlist: Allowlist) -> None:
+        self.layout = layout
+        self.layout_len = len(layout.raw)
+        self.table_offset = align(PREAMBLE_SIZE + self.layout_len, TABLE_ALIGN)
+        keys = layout.keys
+        allowed = np.unique(np.asarray(allowlist.keys, dtype=np.uint64))
+        self.kept = np.flatnonzero(np.isin(keys, allowed))
+        self.n_kept = int(self.kept.size)
+        self.n_missing = int(np.count_nonzero(~np.isin(allowed, keys)))
+        raw = layout.raw
+        records = layout.records[self.kept].tobytes()
+        dims = b"".join(raw[a:b] for a, b in layout.dims_spans[self.kept].tolist())
+        names = b"".join(raw[a:b] for a, b in layout.name_spans[self.kept].tolist())
+        self.out_layout = records + dims + names
+        self.out_hint = layout_hint(self.out_layout)
+        self.out_table_offset = align(PREAMBLE_SIZE + len(self.out_layout), TABLE_ALIGN)
+        self.out_table_end = self.out_table_offset + TABLE_ENTRY_SIZE * self.n_kept
+        self.sizes: OrderedDict[tuple[int, int], _SizePlan] = OrderedDict()
+
+    def size_plan(self, src: memoryview, pre: Preamble) -> _SizePlan:
+        """Validate this request's block table and build its output header and runs."""
+        n_columns = self.layout.n_columns
+        table_raw = src[pre.table_offset:pre.table_end].tobytes()
+        table = np.frombuffer(table_raw, dtype="<u8").reshape(n_columns, 2)
+        off, nb = check_table(self.layout, table, pre.n_candidates, pre.table_end,
+                              pre.meta_offset)
+        k_off, k_nb = off[self.kept], nb[self.kept]
+        padded = (k_nb + np.uint64(BLOCK_ALIGN - 1)) & _U64_ALIGN_MASK
+        data_start = align(self.out_table_end, BLOCK_ALIGN)
+        out_off = np.zeros(self.n_kept, dtype=np.uint64)
+        np.cumsum(padded[:-1], out=out_off[1:])
+        out_off += np.uint64(data_start)
+        if self.n_kept:
+            out_meta = int(out_off[-1] + k_nb[-1])
+            header_len = data_start
+        else:
+            out_meta = header_len = self.out_table_end
+        out_table = np.stack([out_off, k_nb], axis=1).astype("<u8").tobytes()
+        preamble = PREAMBLE.pack(MAGIC, VERSION, 0, self.n_kept, len(self.out_layout),
+                                 self.out_hint, pre.n_candidates, 0, 0, out_meta, 0,
+                                 ZERO_RESERVED)
+        header = bytearray(header_len)
+        header[:PREAMBLE_SIZE] = preamble
+        header[PREAMBLE_SIZE:PREAMBLE_SIZE + len(self.out_layout)] = self.out_layout
+        header[self.out_table_offset:self.out_table_end] = out_table
+        runs = _coalesced_runs(k_off, k_nb, padded, out_off)
+        uniform = uniform_rows(self.kept, k_off, k_nb, data_start, BLOCK_ALIGN)
+        return _SizePlan(table_raw, bytes(header), out_meta, runs, uniform)
+
+
+def _coalesced_runs(k_off: np.ndarray, k_nb: np.ndarray, padded: np.ndarray,
+                    out_off: np.ndarray) -> np.ndarray:
+    """(src, dst, len) int64 runs: each kept block with its padding (none after the last),
+    merged while consecutive kept blocks are contiguous in the input."""
+    if k_off.size == 0:
+        return np.zeros((0, 3), dtype=np.int64)
+    lengths = padded.copy()
+    lengths[-1] = k_nb[-1]
+    starts = np.ones(k_off.size, dtype=bool)
+    starts[1:] = k_off[1:] != k_off[:-1] + padded[:-1]
+    first = np.flatnonzero(starts)
+    runs = np.stack([k_off[first], out_off[first], np.add.reduceat(lengths, first)], axis=1)
+    return np.ascontiguousarray(runs, dtype=np.int64)
+
+
+class Trimmer:
+    """Trims frames to allowlists with cached plans (one instance per worker process).
+
+    ``backend`` is ``"c"`` (the ``_copyruns`` extension, default when built) or ``"numpy"``
+    (pure fallback).  Thread-safe in the sense that concurrent calls never produce a wrong
+    result; they may occasionally build the same plan twice.
+    """
+
+    def __init__(self, max_plans: int = 256, max_sizes_per_plan: int = 16,
+                 backend: str | None = None) -> None:
+        backend = backend or BACKENDS[0]
+        if backend not in BACKENDS:
+            raise ValueError(f"backend {backend!r} is not available (have {BACKENDS})")
+        self.backend = backend
+        self._use_c = backend == "c"
+        self._max_plans = max_plans
+        self._max_sizes = max_sizes_per_plan
+        self._plans: OrderedDict[tuple[int, int], _Plan] = OrderedDict()
+        self._layouts = LayoutCache(max_plans)
+
+    def trim(self, buf: Any, allowlist: Allowlist, out: Any = None) -> TrimResult:
+        """Return a frame with exactly the columns of ``buf`` whose name keys are in
+        ``allowlist``, in their original order, block bytes and metadata unchanged.
+
+        ``out``: a writable byte buffer (``bytearray``, ``np.uint8`` array, ...) to write
+        into; the output is never longer than the input, so ``len(buf)`` bytes always
+        suffice.  Without it a new buffer is allocated.  Raises :class:`FrameError` for a
+        malformed frame, ``ValueError`` if ``out`` is too small.
+        """
+        src = as_bytes_view(buf)
+        n = src.nbytes
+        if n < PREAMBLE_SIZE:
+            read_preamble(src)
+        (magic, version, flags, n_columns, layout_len, hint, n_cand, reserved0, frame_len,
+         meta_off, meta_len, reserved1) = PREAMBLE.unpack_from(src, 0)
+        if (magic != MAGIC or version != VERSION or flags or reserved0 or frame_len != n
+                or meta_off + meta_len != n or reserved1 != ZERO_RESERVED):
+            read_preamble(src)  # raises the precise error
+        key = (hint, allowlist.digest)
+        plan = self._plans.get(key)
+        if (plan is None or plan.layout.n_columns != n_columns or plan.layout_len != layout_len
+                or not same_bytes(src, PREAMBLE_SIZE, plan.layout.raw)):
+            plan = self._new_plan(src, key, allowlist)
+        else:
+            _lru_touch(self._plans, key)
+        sizes = plan.sizes.get((n_cand, meta_off))
+        if sizes is None or not same_bytes(src, plan.table_offset, sizes.table):
+            sizes = self._new_size_plan(plan, src)
+        elif len(plan.sizes) > 1:
+            _lru_touch(plan.sizes, (n_cand, meta_off))
+        out_meta = sizes.out_meta_offset
+        out_len = out_meta + meta_len
+        dst = _output_view(out, out_len)
+        dst[:len(sizes.header)] = sizes.header
+        TAIL.pack_into(dst, TAIL_OFFSET, out_len, out_meta, meta_len)
+        if self._use_c:
+            copy_runs_c(dst, src, sizes.runs)
+        elif sizes.uniform is not None:
+            sizes.uniform.copy(dst, src)
+        else:
+            copy_runs_loop(dst, src, sizes.runs_list)
+        dst[out_meta:out_len] = src[meta_off:n]
+        return TrimResult(dst[:out_len], n, out_len, plan.n_kept, plan.n_missing)
+
+    def _new_plan(self, src: memoryview, key: tuple[int, int], allowlist: Allowlist) -> _Plan:
+        pre = read_preamble(src)
+        raw = src[PREAMBLE_SIZE:pre.layout_end].tobytes()
+        plan = _Plan(self._layouts.get(pre.hint, pre.n_columns, raw), allowlist)
+        _lru_put(self._plans, key, plan, self._max_plans)
+        return plan
+
+    def _new_size_plan(self, plan: _Plan, src: memoryview) -> _SizePlan:
+        pre = read_preamble(src)
+        sizes = plan.size_plan(src, pre)
+        _lru_put(plan.sizes, (pre.n_candidates, pre.meta_offset), sizes, self._max_sizes)
+        return sizes
+
+    def clear(self) -> None:
+        """Drop every cached plan and layout."""
+        self._plans.clear()
+        self._layouts = LayoutCache(self._max_plans)
+
+
+def _lru_put(cache: OrderedDict[Any, Any], key: Any, value: Any, limit: int) -> None:
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > limit:
+        try:
+            cache.popitem(last=False)
+        except KeyError:  # emptied concurrently
+            break
+
+
+def _lru_touch(cache: OrderedDict[Any, Any], key: Any) -> None:
+    try:
+        cache.move_to_end(key)
+    except KeyError:  # evicted by a concurrent caller
+        pass
+
+
+def _output_view(out: Any, out_len: int) -> memoryview:
+    if out is None:
+        return memoryview(bytearray(out_len))
+    dst = memoryview(out)
+    if dst.format != "B" or dst.ndim != 1:
+        dst = dst.cast("B")
+    if dst.readonly:
+        raise ValueError("out buffer is read-only")
+    if dst.nbytes < out_len:
+        raise ValueError(f"out buffer has {dst.nbytes} bytes, the trimmed frame needs "
+                         f"{out_len}")
+    return dst
+
+
+_DEFAULT = Trimmer()
+
+
+def trim(buf: Any, allowlist: Allowlist, out: Any = None) -> TrimResult:
+    """Trim with the module's default :class:`Trimmer` (see :meth:`Trimmer.trim`)."""
+    return _DEFAULT.trim(buf, allowlist, out)
+
+
+__all__ = ["FrameError", "TrimResult", "Trimmer", "trim"]

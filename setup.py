@@ -1,0 +1,9 @@
+"""Build hook for the optional C accelerator; all other metadata lives in setup.cfg."""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension("root_worker._copyruns", ["root_worker/_copyruns.c"], optional=True),
+    ],
+)
