@@ -58,10 +58,14 @@ stronger error detector.
 
 from __future__ import annotations
 
+import mmap
 import re
 import struct
 import zlib
-from typing import NamedTuple
+from typing import NamedTuple, TypeAlias
+
+Buffer: TypeAlias = bytes | bytearray | memoryview | mmap.mmap
+"""What the decoders accept: a copy, or the control mapping itself."""
 
 MAGIC = b"FTRMSHM1"
 LAYOUT_VERSION = 1
@@ -146,7 +150,7 @@ def slot_offset(generation: int) -> int:
     return OFF_SLOTS + (generation % SLOT_COUNT) * SLOT_SIZE
 
 
-def checksum(data: bytes | memoryview) -> int:
+def checksum(data: Buffer) -> int:
     """The blob checksum (``CHECKSUM_CRC32``)."""
     return zlib.crc32(data)
 
@@ -160,7 +164,7 @@ def encode_header() -> bytes:
     return bytes(buf)
 
 
-def check_header(buf: bytes | memoryview) -> None:
+def check_header(buf: Buffer) -> None:
     """Raise ``LayoutError`` unless ``buf`` starts a control segment of this layout."""
     if len(buf) < CTL_SIZE:
         raise LayoutError(f"control segment too small: {len(buf)} < {CTL_SIZE} bytes")
@@ -178,7 +182,7 @@ def encode_active(generation: int) -> bytes:
     return ACTIVE_STRUCT.pack(generation)
 
 
-def read_active(buf: bytes | memoryview) -> int:
+def read_active(buf: Buffer) -> int:
     return int(ACTIVE_STRUCT.unpack_from(buf, OFF_ACTIVE)[0])
 
 

@@ -40,7 +40,7 @@ MAX_ATTEMPTS = 4
 """Bounded retries for a torn control read or a segment unlinked while attaching."""
 RECHECK_INTERVAL_S = 1.0
 """How often the slow path runs even when the active word is unchanged: detects a control
-segment that was unlinked (its fd then has ``st_nlink == 0``) and retries failed attaches."""
+segment that was unlinked or replaced (by its inode) and retries failed attaches."""
 
 _unpack_active = L.ACTIVE_STRUCT.unpack_from
 _OFF_ACTIVE = L.OFF_ACTIVE
@@ -117,8 +117,8 @@ class ShmReader:
         self.stats = ReaderStats()
         self.recheck_interval_s = recheck_interval_s
         self._clock = clock
-        self._ctl: mmap.mmap | None = None
-        self._ctl_fd = -1
+        self._ctl: mmap.mmap | None = None  # holds its own fd; no other fd is kept open
+        self._ctl_id: tuple[int, int] = (0, 0)  # (st_dev, st_ino) of the mapped control
         self._seen: int | None = None  # active word whose outcome is settled
         self._snapshot: Snapshot | None = None
         self._rejected: tuple[int, int, int] | None = None  # (generation, size, checksum)
@@ -187,8 +187,8 @@ class ShmReader:
         now = self._clock()
         if now >= self._next_recheck:
             self._next_recheck = now + self.recheck_interval_s
-            if self._ctl is not None and os.fstat(self._ctl_fd).st_nlink == 0:
-                self._record_error("control segment was unlinked; re-opening", 0)
+            if self._ctl is not None and self._control_replaced():
+                self._record_error("control segment was unlinked or replaced; re-opening", 0)
                 self._drop_control()
         if self._ctl is None and not self._open_control():
             return None
@@ -292,31 +292,39 @@ class ShmReader:
         except posix_ipc.PermissionsError as exc:
             self._record_error(f"cannot open {name}: {exc}", 0)
             return False
-        fd = os.dup(shm.fd)
-        shm.close_fd()
         try:
-            if os.fstat(fd).st_size < L.CTL_SIZE:
+            st = os.fstat(shm.fd)
+            if st.st_size < L.CTL_SIZE:
                 return False  # a publisher is initialising it right now
-            ctl = mmap.mmap(fd, L.CTL_SIZE, prot=mmap.PROT_READ)
+            ctl = mmap.mmap(shm.fd, L.CTL_SIZE, prot=mmap.PROT_READ)
             L.check_header(ctl)
         except (OSError, L.LayoutError) as exc:
             self._record_error(f"cannot use {name}: {exc}", 0)
-            os.close(fd)
             return False
-        except BaseException:
-            os.close(fd)
-            raise
-        self._ctl, self._ctl_fd = ctl, fd
+        finally:
+            shm.close_fd()
+        self._ctl, self._ctl_id = ctl, (st.st_dev, st.st_ino)
         self._seen, self._snapshot, self._rejected = None, None, None
         self.stats.control_opens += 1
         return True
 
+    def _control_replaced(self) -> bool:
+        """Is the name no longer the segment we map (cleanup, or removed and re-created)?"""
+        try:
+            shm = posix_ipc.SharedMemory(L.control_name(self.prefix), read_only=True)
+        except posix_ipc.ExistentialError:
+            return True
+        except posix_ipc.Error:
+            return False
+        try:
+            st = os.fstat(shm.fd)
+        finally:
+            shm.close_fd()
+        return (st.st_dev, st.st_ino) != self._ctl_id
+
     def _drop_control(self) -> None:
         # No ctl.close(): a concurrent fast path may hold a reference; GC unmaps it.
         self._ctl = None
-        fd, self._ctl_fd = self._ctl_fd, -1
-        if fd >= 0:
-            os.close(fd)
         self._seen, self._snapshot, self._rejected = None, None, None
 
     def _read_slot(self) -> tuple[int, L.SlotRecord | None]:

@@ -116,9 +116,7 @@ def read_line(proc: subprocess.Popen[str], timeout: float = 30.0) -> str:
     return line.strip()
 
 
-def wait_until(
-    predicate: Callable[[], T], timeout: float = 30.0, what: str = "condition"
-) -> T:
+def wait_until(predicate: Callable[[], T], timeout: float = 30.0, what: str = "condition") -> T:
     """Re-check ``predicate`` until truthy; fail after ``timeout`` seconds (a deadline, not
     a sleep: the short pause only keeps this loop from starving the processes it watches)."""
     deadline = time.monotonic() + timeout
@@ -172,13 +170,23 @@ def _reader(prefix: str, max_size: int, until_gen: int, stop_file: str) -> int:
         if polls % 256 == 0 and stop_file != "-" and os.path.exists(stop_file):
             break
     stats = reader.stats
-    print(json.dumps({
-        "polls": polls, "distinct": len(set(seen)), "last": seen[-1] if seen else 0,
-        "violations": violations[:10], "n_violations": len(violations),
-        "verify_failures": stats.verify_failures, "attach_errors": stats.attach_errors,
-        "inconsistent_reads": stats.inconsistent_reads, "attaches": stats.attaches,
-        "last_error": stats.last_error,
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "polls": polls,
+                "distinct": len(set(seen)),
+                "last": seen[-1] if seen else 0,
+                "violations": violations[:10],
+                "n_violations": len(violations),
+                "verify_failures": stats.verify_failures,
+                "attach_errors": stats.attach_errors,
+                "inconsistent_reads": stats.inconsistent_reads,
+                "attaches": stats.attaches,
+                "last_error": stats.last_error,
+            }
+        ),
+        flush=True,
+    )
     return 0
 
 

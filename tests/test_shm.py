@@ -63,7 +63,9 @@ def _rw_control(prefix: str) -> mmap.mmap:
 
 
 def _next_segment_exists(prefix: str) -> bool:
-    info = ShmReader(prefix).control()
+    reader = ShmReader(prefix)
+    info = reader.control()
+    reader.close()
     return info is not None and os.path.exists(_path(f"{prefix}.g{info.generation + 1}"))
 
 
@@ -177,8 +179,10 @@ def test_kill_minus_nine_during_publication(prefix: str, tmp_path: Path) -> None
             try:
                 assert H.read_line(writer) == f"started {last_seen}"  # continues the sequence
                 target = last_seen + rng.randint(1, 12)
-                H.wait_until(lambda t=target: reader.poll() and reader.generation >= t,
-                             what=f"generation {target}")
+                H.wait_until(
+                    lambda t=target: reader.poll() and reader.generation >= t,
+                    what=f"generation {target}",
+                )
                 if rng.random() < 0.5:  # aim inside the write of the next generation
                     H.wait_until(lambda: _next_segment_exists(prefix), what="a blob write")
             finally:
@@ -337,8 +341,7 @@ def test_reclaim_after_grace_keeps_old_mapping_readable(prefix: str, publishers:
     pub.publish(H.make_blob(4))
     assert H.shm_names(prefix) == [f"{prefix}.ctl", f"{prefix}.g3", f"{prefix}.g4"]
     pub.publish(H.make_blob(5))  # g3 retired just now: within its grace period
-    assert H.shm_names(prefix) == [f"{prefix}.ctl", f"{prefix}.g3", f"{prefix}.g4",
-                                   f"{prefix}.g5"]
+    assert H.shm_names(prefix) == [f"{prefix}.ctl", f"{prefix}.g3", f"{prefix}.g4", f"{prefix}.g5"]
     clock.now += 10
     assert pub.reclaim() == [f"/{prefix}.g3"]
     reader.close()  # no BufferError although a numpy view still uses generation 1

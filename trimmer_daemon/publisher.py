@@ -140,7 +140,9 @@ class Publisher:
             raise
         log.info(
             "publisher started prefix=%s generation=%d pid=%d",
-            prefix, self._generation, self._pid,
+            prefix,
+            self._generation,
+            self._pid,
         )
 
     # -- public API ---------------------------------------------------------------------
@@ -309,8 +311,9 @@ class Publisher:
             if generation > self._generation and self._generation:
                 # Created but never flipped to: no reader can have it; remove now.
                 _unlink(L.blob_name(self.prefix, generation))
-                log.info("removed unpublished segment prefix=%s generation=%d",
-                         self.prefix, generation)
+                log.info(
+                    "removed unpublished segment prefix=%s generation=%d", self.prefix, generation
+                )
             elif generation != self._generation:
                 self._retired.append(_Retired(generation, now))
                 self._floor = max(self._floor, generation)
