@@ -1,0 +1,359 @@
+"""Build a bundle-level signature file from model directories and ``.pt`` archives (SPEC §7).
+
+Runs in the deploy pipeline (``trimmer-bundle build``), never on the request path.
+
+How model name and version are derived:
+
+``MODEL_DIR`` (a positional or ``--pending`` source that is a directory)
+    The directory's own name is the model name; each subdirectory is one version, named
+    after it: ``<model>/<version>/``. A version's signature is
+    ``<model>/<version>/module_info.json`` (the standalone artifact, preferred), otherwise
+    the ``*/extra/module_info.json`` member of the single ``*.pt`` archive in that directory.
+    Names starting with ``.`` (temp files, ConfigMap ``..data`` links) and plain files
+    directly in the model directory are ignored.
+``ARCHIVE.pt`` (a positional or ``--pending`` source that is a file)
+    Must sit at ``<model>/<version>/<any name>.pt``: version = parent directory name,
+    model = grandparent directory name.
+``--entry MODEL VERSION PATH`` / ``--pending-entry MODEL VERSION PATH``
+    Explicit names for any other layout; PATH is a ``module_info.json``, a ``.pt`` archive
+    or a version directory as above.
+
+A ``.pt`` archive is a zip (``torch.jit.save(..., _extra_files=...)`` writes the signature to
+``<archive-root>/extra/module_info.json``; the root folder name varies, so any single
+``*/extra/module_info.json`` is accepted).
+
+A model version without a signature is skipped with a warning (signature publishing may not
+be rolled out everywhere yet); a signature that exists but is broken, an unreadable or corrupt
+archive, or the same model+version found twice with different signatures is an error.
+
+Pending versions (``--pending``) are merged with the current ones so that roots receive the
+allowlists before the new leaf version rolls out; the output holds both. Output is
+deterministic (models sorted, versions in natural order, ``json.dumps(sort_keys=True,
+indent=2)`` plus a newline), re-validated with :func:`~trimmer_daemon.bundle.parse_bundle`,
+and written atomically (temp file in the same directory, fsync, ``os.replace``, fsync of the
+directory).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import stat
+import tempfile
+import zipfile
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from trimmer_daemon.bundle import (
+    DEFAULT_LIMITS,
+    BundleError,
+    Limits,
+    Signature,
+    parse_bundle,
+    parse_signature,
+    read_file_bounded,
+    version_sort_key,
+)
+
+__all__ = [
+    "SIGNATURE_FILE",
+    "BuildError",
+    "BundleError",  # re-exported: build_bundle raises it for an invalid signature file
+    "BuildResult",
+    "FoundVersion",
+    "Source",
+    "build_bundle",
+    "collect_source",
+    "read_archive_signature",
+    "write_atomic",
+]
+
+SIGNATURE_FILE = "module_info.json"
+ARCHIVE_SUFFIX = ".pt"
+_ARCHIVE_SIGNATURE = re.compile(r"[^/]+/extra/module_info\.json\Z")
+_DEFAULT_MODE = 0o644  # a new bundle file is read by the daemon, possibly as another user
+# What a damaged or unsupported zip can raise from zipfile (beyond OSError).
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, RuntimeError,
+               NotImplementedError, ValueError, zlib.error)
+
+Warn = Callable[[str], None]
+
+
+class BuildError(Exception):
+    """The build cannot produce a trustworthy bundle; the message names the file."""
+
+
+class _ArchiveProblem(Exception):
+    """Raised inside the zip reader; reported as a BuildError naming the archive."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """One build input: a model directory or archive, or an explicit model+version path."""
+
+    path: str
+    model: str | None = None  # both set: explicit --entry
+    version: str | None = None
+    pending: bool = False
+
+
+@dataclass(frozen=True)
+class FoundVersion:
+    """A model version with its signature and where it came from."""
+
+    model: str
+    version: str
+    signature: Signature
+    origin: str  # the signature file, or "archive.pt!member"
+    pending: bool
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """The serialised bundle and what went into it."""
+
+    data: bytes
+    models: int
+    versions: int
+    pending_versions: int  # versions that only came from pending sources
+    warnings: tuple[str, ...]
+
+
+# ---------------------------------------------------------------------------------------------
+# reading signatures
+
+
+def read_archive_signature(path: str, limits: Limits = DEFAULT_LIMITS) -> tuple[bytes, str] | None:
+    """The signature bytes and member name in a ``.pt`` zip, or None if it has none.
+
+    Raises :class:`BuildError` for an unreadable or corrupt archive, several signature
+    members, or a member larger than ``limits.max_file_bytes``.
+    """
+    try:
+        return _read_archive_signature(path, limits.max_file_bytes)
+    except _ArchiveProblem as exc:
+        raise BuildError(f"{path}: {exc}") from None
+    except FileNotFoundError:
+        raise BuildError(f"{path}: archive not found") from None
+    except OSError as exc:
+        raise BuildError(f"{path}: cannot read archive: {exc.strerror or exc}") from None
+    except _ZIP_ERRORS as exc:
+        raise BuildError(f"{path}: not a valid .pt (zip) archive: {exc}") from None
+
+
+def _read_archive_signature(path: str, max_bytes: int) -> tuple[bytes, str] | None:
+    with zipfile.ZipFile(path) as archive:
+        members = [i for i in archive.infolist() if _ARCHIVE_SIGNATURE.match(i.filename)]
+        if not members:
+            return None
+        if len(members) > 1:
+            names = ", ".join(sorted(i.filename for i in members))
+            raise _ArchiveProblem(f"several signatures in archive: {names}")
+        member = members[0]
+        if member.file_size > max_bytes:
+            raise _ArchiveProblem(f"{member.filename}: {member.file_size} bytes > limit "
+                                  f"{max_bytes}")
+        with archive.open(member) as fh:
+            data = fh.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise _ArchiveProblem(f"{member.filename}: more than {max_bytes} bytes")
+        return data, member.filename
+
+
+def _signature_from_file(path: str, limits: Limits) -> Signature:
+    data = read_file_bounded(path, limits.max_file_bytes)
+    return parse_signature(data, path=path, limits=limits)
+
+
+def _signature_from_archive(path: str, limits: Limits) -> tuple[Signature, str] | None:
+    found = read_archive_signature(path, limits)
+    if found is None:
+        return None
+    data, member = found
+    origin = f"{path}!{member}"
+    return parse_signature(data, path=origin, limits=limits), origin
+
+
+def _signature_from_version_dir(path: str, limits: Limits) -> tuple[Signature, str] | None:
+    standalone = os.path.join(path, SIGNATURE_FILE)
+    if os.path.lexists(standalone):
+        return _signature_from_file(standalone, limits), standalone
+    archives = sorted(e.name for e in os.scandir(path)
+                      if e.name.endswith(ARCHIVE_SUFFIX) and not e.name.startswith(".")
+                      and e.is_file())
+    if len(archives) > 1:
+        raise BuildError(f"{path}: several {ARCHIVE_SUFFIX} archives ({', '.join(archives)}) "
+                         f"and no {SIGNATURE_FILE}: cannot tell which one to use")
+    if not archives:
+        return None
+    return _signature_from_archive(os.path.join(path, archives[0]), limits)
+
+
+def _signature_at(path: str, limits: Limits) -> tuple[Signature, str] | None:
+    """Signature of an explicit entry path: a version directory, a .json file or an archive."""
+    if os.path.isdir(path):
+        return _signature_from_version_dir(path, limits)
+    if path.endswith(".json"):
+        return _signature_from_file(path, limits), path
+    return _signature_from_archive(path, limits)
+
+
+# ---------------------------------------------------------------------------------------------
+# collecting sources
+
+
+def collect_source(source: Source, limits: Limits, warn: Warn) -> list[FoundVersion]:
+    """All model versions with a signature that ``source`` provides (see module docstring).
+
+    Versions without a signature are reported through ``warn`` and left out.
+    """
+    path = source.path
+    if source.model is not None and source.version is not None:
+        return _found(source, source.model, source.version, _signature_at(path, limits), warn)
+    if os.path.isdir(path):
+        return _collect_model_dir(source, limits, warn)
+    if not os.path.lexists(path):
+        raise BuildError(f"{path}: no such file or directory")
+    if not path.endswith(ARCHIVE_SUFFIX):
+        raise BuildError(f"{path}: not a model directory or a {ARCHIVE_SUFFIX} archive "
+                         "(use --entry MODEL VERSION PATH for other files)")
+    version_dir = os.path.dirname(os.path.abspath(path))
+    version = os.path.basename(version_dir)
+    model = os.path.basename(os.path.dirname(version_dir))
+    if not model or not version:
+        raise BuildError(f"{path}: cannot derive model and version from the path (expected "
+                         "<model>/<version>/<file>.pt; use --entry MODEL VERSION PATH)")
+    return _found(source, model, version, _signature_from_archive(path, limits), warn)
+
+
+def _found(source: Source, model: str, version: str, found: tuple[Signature, str] | None,
+           warn: Warn) -> list[FoundVersion]:
+    kind = "pending " if source.pending else ""
+    if found is None:
+        warn(f"{source.path}: {kind}model {model!r} version {version!r} has no signature "
+             f"({SIGNATURE_FILE} or */extra/{SIGNATURE_FILE} in a {ARCHIVE_SUFFIX}); skipped")
+        return []
+    signature, origin = found
+    for message in signature.warnings:
+        warn(message)
+    return [FoundVersion(model, version, signature, origin, source.pending)]
+
+
+def _collect_model_dir(source: Source, limits: Limits, warn: Warn) -> list[FoundVersion]:
+    model = os.path.basename(os.path.abspath(source.path))
+    try:
+        entries = sorted((e for e in os.scandir(source.path) if not e.name.startswith(".")),
+                         key=lambda e: e.name)
+    except OSError as exc:
+        raise BuildError(f"{source.path}: cannot list directory: {exc.strerror or exc}") from None
+    versions = [e for e in entries if e.is_dir()]
+    if not versions:
+        hint = (f" (it holds {SIGNATURE_FILE} itself: pass its parent, the model directory, "
+                "or use --entry)" if any(e.name == SIGNATURE_FILE for e in entries) else "")
+        warn(f"{source.path}: no version directories (<model>/<version>/) found{hint}; "
+             "skipped")
+        return []
+    found: list[FoundVersion] = []
+    for entry in versions:
+        signature = _signature_from_version_dir(entry.path, limits)
+        found += _found(Source(entry.path, pending=source.pending), model, entry.name,
+                        signature, warn)
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# merging and serialising
+
+
+def _merge(found: Iterable[FoundVersion]) -> dict[str, dict[str, FoundVersion]]:
+    models: dict[str, dict[str, FoundVersion]] = {}
+    for fv in found:
+        versions = models.setdefault(fv.model, {})
+        prev = versions.get(fv.version)
+        if prev is None:
+            versions[fv.version] = fv
+            continue
+        same = (prev.signature.input_names, prev.signature.output_names) == (
+            fv.signature.input_names, fv.signature.output_names)
+        if not same:
+            raise BuildError(f"model {fv.model!r} version {fv.version!r} is defined twice with "
+                             f"different signatures: {prev.origin} and {fv.origin}")
+        if prev.pending and not fv.pending:  # also current: not only pending
+            versions[fv.version] = fv
+    return models
+
+
+def _warn_signature_changes(model: str, ordered: list[FoundVersion], warn: Warn) -> None:
+    """Signatures should stay unchanged across versions (a change means a new model)."""
+    for older, newer in zip(ordered, ordered[1:]):
+        if set(older.signature.input_names) != set(newer.signature.input_names):
+            warn(f"model {model!r}: input_names of version {newer.version!r} differ from "
+                 f"version {older.version!r} (a model's signature is expected to stay the "
+                 "same across versions; fork a new model to change it)")
+
+
+def build_bundle(sources: Iterable[Source], *, limits: Limits = DEFAULT_LIMITS,
+                 output_name: str = "<bundle>") -> BuildResult:
+    """Collect, merge and serialise; the bytes are validated with ``parse_bundle``.
+
+    Raises :class:`BuildError` when nothing usable was found or an input is broken, and
+    :class:`~trimmer_daemon.bundle.BundleError` when a signature file is invalid (it names
+    that file) or the result breaks a limit.
+    """
+    warnings: list[str] = []
+    found: list[FoundVersion] = []
+    for source in sources:
+        found += collect_source(source, limits, warnings.append)
+    models = _merge(found)
+    if not models:
+        raise BuildError("nothing usable: no model version with a signature was found")
+    doc: dict[str, list[dict[str, object]]] = {}
+    for model in sorted(models):
+        ordered = [models[model][v] for v in sorted(models[model], key=version_sort_key)]
+        _warn_signature_changes(model, ordered, warnings.append)
+        doc[model] = [{"version": fv.version,
+                       "input_names": list(fv.signature.input_names),
+                       "output_names": list(fv.signature.output_names)} for fv in ordered]
+    data = (json.dumps(doc, sort_keys=True, indent=2) + "\n").encode("utf-8")
+    parse_bundle(data, path=output_name, limits=limits)  # the daemon must accept what we write
+    versions = [fv for by_version in models.values() for fv in by_version.values()]
+    return BuildResult(data=data, models=len(models), versions=len(versions),
+                       pending_versions=sum(fv.pending for fv in versions),
+                       warnings=tuple(warnings))
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes, *, mode: int | None = None) -> None:
+    """Replace ``path`` with ``data`` atomically: readers see the old or the new file, whole.
+
+    Writes a temp file in the same directory (``.<name>.*.tmp``), fsyncs it, renames it over
+    ``path`` and fsyncs the directory. The temp file is removed on any failure. ``mode``
+    defaults to the mode of the file being replaced, else 0644.
+    """
+    target = os.path.abspath(os.fspath(path))
+    directory, name = os.path.split(target)
+    if mode is None:
+        try:
+            mode = stat.S_IMODE(os.stat(target).st_mode)
+        except FileNotFoundError:
+            mode = _DEFAULT_MODE
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fchmod(fh.fileno(), mode)
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+

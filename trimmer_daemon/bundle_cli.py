@@ -1,0 +1,188 @@
+"""``trimmer-bundle``: build and validate bundle-level signature files (SPEC §7).
+
+``main(argv)`` returns the exit code instead of exiting, so tests call it in-process.
+Exit codes: 0 ok, 1 error (invalid file, nothing usable, I/O failure), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from trimmer_daemon.bundle import BundleError, ParsedBundle, load_bundle_file
+from trimmer_daemon.bundle_build import (
+    ARCHIVE_SUFFIX,
+    SIGNATURE_FILE,
+    BuildError,
+    Source,
+    build_bundle,
+    write_atomic,
+)
+
+__all__ = ["EXIT_ERROR", "EXIT_OK", "EXIT_USAGE", "main"]
+
+EXIT_OK = 0
+EXIT_ERROR = 1  # invalid input, nothing usable, I/O failure
+EXIT_USAGE = 2  # bad command line (argparse's own convention)
+
+PROG = "trimmer-bundle"
+
+_BUILD_HELP = f"""\
+Write one bundle-level signature file from model directories and {ARCHIVE_SUFFIX} archives.
+
+How model name and version are derived:
+  MODEL_DIR             <model>/<version>/ : the directory name is the model, each
+                        subdirectory a version; its signature is <version>/{SIGNATURE_FILE},
+                        else */extra/{SIGNATURE_FILE} inside the single <version>/*.pt
+  ARCHIVE.pt            must sit at <model>/<version>/<name>.pt
+  --entry M V PATH      explicit model M, version V; PATH is a {SIGNATURE_FILE},
+                        a .pt archive or a version directory
+
+A version without a signature is skipped with a warning. A broken signature, a corrupt
+archive, or one model+version with two different signatures is an error. Output: models
+sorted, versions in natural order ("2" < "10", "v9" < "v10"), sorted keys, indent 2;
+written atomically (temp file + fsync + rename), and only if it validates.
+
+Pending versions (--pending, --pending-entry) are merged into the same output, so roots
+receive the allowlists before the new leaf version rolls out.
+
+Note: --pending takes several values; put positional SOURCEs before it.
+
+exit codes: 0 written, 1 nothing usable or error (output left untouched), 2 usage error
+"""
+
+_VALIDATE_HELP = """\
+Validate bundle files with exactly the parser the daemon uses.
+
+Prints "FILE: ok (N models, M versions, K features)" per valid file (K = distinct
+input feature names) and warnings (e.g. duplicate features collapsed) on stderr; for an
+invalid file prints "FILE: JSON_PATH: REASON" on stderr. All files are checked.
+
+exit codes: 0 all valid, 1 at least one invalid, 2 usage error
+"""
+
+
+def _make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Build and validate feature-trimmer bundle signature files.",
+        epilog="Run 'trimmer-bundle COMMAND --help' for details.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    build = commands.add_parser(
+        "build", help="write a bundle file from model directories / .pt archives",
+        description=_BUILD_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    build.add_argument("-o", "--output", required=True, metavar="FILE",
+                       help="bundle file to write (replaced atomically)")
+    build.add_argument("sources", nargs="*", metavar="SOURCE",
+                       help="model directory (<model>/<version>/...) or "
+                            "<model>/<version>/*.pt archive")
+    build.add_argument("--pending", nargs="+", action="extend", default=[], metavar="SOURCE",
+                       help="pending (not yet rolled out) model directories or archives")
+    build.add_argument("--entry", nargs=3, action="append", default=[],
+                       metavar=("MODEL", "VERSION", "PATH"),
+                       help="explicit model version (repeatable)")
+    build.add_argument("--pending-entry", nargs=3, action="append", default=[],
+                       metavar=("MODEL", "VERSION", "PATH"),
+                       help="explicit pending model version (repeatable)")
+    build.set_defaults(func=_cmd_build, parser=build)
+
+    validate = commands.add_parser(
+        "validate", help="check bundle files as the daemon would",
+        description=_VALIDATE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    validate.add_argument("files", nargs="+", metavar="FILE", help="bundle file(s) to check")
+    validate.add_argument("--json", action="store_true",
+                          help="print one JSON document on stdout instead of text")
+    validate.set_defaults(func=_cmd_validate, parser=validate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``trimmer-bundle``; returns the exit code."""
+    parser = _make_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    code: int = args.func(args)
+    return code
+
+
+# ---------------------------------------------------------------------------------------------
+# build
+
+
+def _sources(args: argparse.Namespace) -> list[Source]:
+    sources = [Source(p) for p in args.sources]
+    sources += [Source(p, pending=True) for p in args.pending]
+    sources += [Source(p, model=m, version=v) for m, v, p in args.entry]
+    sources += [Source(p, model=m, version=v, pending=True) for m, v, p in args.pending_entry]
+    return sources
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    sources = _sources(args)
+    if not sources:
+        try:
+            args.parser.error("no SOURCE given (model directories, archives or --entry)")
+        except SystemExit as exc:
+            return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    try:
+        result = build_bundle(sources, output_name=args.output)
+    except (BuildError, BundleError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    for warning in result.warnings:
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
+    try:
+        write_atomic(args.output, result.data)
+    except OSError as exc:
+        print(f"{PROG}: error: cannot write {args.output}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return EXIT_ERROR
+    print(f"{args.output}: wrote {result.models} models, {result.versions} versions "
+          f"({result.pending_versions} pending)")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
+# validate
+
+
+def _summary(parsed: ParsedBundle) -> dict[str, object]:
+    versions = [mv for mvs in parsed.models.values() for mv in mvs]
+    features = {name for mv in versions for name in mv.input_names}
+    return {"path": parsed.path, "ok": True, "sha256": parsed.sha256,
+            "models": len(parsed.models), "versions": len(versions),
+            "features": len(features), "warnings": list(parsed.warnings)}
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    reports: list[dict[str, object]] = []
+    for name in args.files:
+        try:
+            parsed = load_bundle_file(name)
+        except BundleError as exc:
+            print(str(exc), file=sys.stderr)
+            reports.append({"path": exc.path, "ok": False, "json_path": exc.json_path,
+                            "reason": exc.reason, "error": str(exc)})
+            continue
+        report = _summary(parsed)
+        reports.append(report)
+        for warning in parsed.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        if not args.json:
+            print(f"{name}: ok ({report['models']} models, {report['versions']} versions, "
+                  f"{report['features']} features)")
+    ok = all(r["ok"] for r in reports)
+    if args.json:
+        print(json.dumps({"ok": ok, "files": reports}, indent=2, sort_keys=True))
+    return EXIT_OK if ok else EXIT_ERROR
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
