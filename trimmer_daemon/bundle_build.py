@@ -296,24 +296,31 @@ def _warn_signature_changes(model: str, ordered: list[FoundVersion], warn: Warn)
 
 
 def build_bundle(sources: Iterable[Source], *, limits: Limits = DEFAULT_LIMITS,
-                 output_name: str = "<bundle>") -> BuildResult:
+                 output_name: str = "<bundle>", warn: Warn | None = None) -> BuildResult:
     """Collect, merge and serialise; the bytes are validated with ``parse_bundle``.
 
-    Raises :class:`BuildError` when nothing usable was found or an input is broken, and
-    :class:`~trimmer_daemon.bundle.BundleError` when a signature file is invalid (it names
-    that file) or the result breaks a limit.
+    Warnings go to ``warn`` as they happen (so they are seen even if the build then fails)
+    and are also returned in the result. Raises :class:`BuildError` when nothing usable was
+    found or an input is broken, and :class:`~trimmer_daemon.bundle.BundleError` when a
+    signature file is invalid (it names that file) or the result breaks a limit.
     """
     warnings: list[str] = []
+
+    def report(message: str) -> None:
+        warnings.append(message)
+        if warn is not None:
+            warn(message)
+
     found: list[FoundVersion] = []
     for source in sources:
-        found += collect_source(source, limits, warnings.append)
+        found += collect_source(source, limits, report)
     models = _merge(found)
     if not models:
         raise BuildError("nothing usable: no model version with a signature was found")
     doc: dict[str, list[dict[str, object]]] = {}
     for model in sorted(models):
         ordered = [models[model][v] for v in sorted(models[model], key=version_sort_key)]
-        _warn_signature_changes(model, ordered, warnings.append)
+        _warn_signature_changes(model, ordered, report)
         doc[model] = [{"version": fv.version,
                        "input_names": list(fv.signature.input_names),
                        "output_names": list(fv.signature.output_names)} for fv in ordered]

@@ -124,6 +124,10 @@ def _sources(args: argparse.Namespace) -> list[Source]:
     return sources
 
 
+def _print_warning(message: str) -> None:
+    print(f"{PROG}: warning: {message}", file=sys.stderr)
+
+
 def _cmd_build(args: argparse.Namespace) -> int:
     sources = _sources(args)
     if not sources:
@@ -132,12 +136,10 @@ def _cmd_build(args: argparse.Namespace) -> int:
         except SystemExit as exc:
             return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
-        result = build_bundle(sources, output_name=args.output)
+        result = build_bundle(sources, output_name=args.output, warn=_print_warning)
     except (BuildError, BundleError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    for warning in result.warnings:
-        print(f"{PROG}: warning: {warning}", file=sys.stderr)
     try:
         write_atomic(args.output, result.data)
     except OSError as exc:
