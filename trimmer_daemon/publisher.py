@@ -263,7 +263,10 @@ class Publisher:
 
     def _open_control(self) -> None:
         name = L.control_name(self.prefix)
-        shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREAT, mode=self.mode)
+        try:
+            shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREAT, mode=self.mode)
+        except (posix_ipc.Error, OSError) as exc:
+            raise PublisherError(f"cannot open control segment {name}: {exc}") from exc
         self._ctl_fd = os.dup(shm.fd)
         shm.close_fd()
         try:
@@ -271,7 +274,12 @@ class Publisher:
         except BlockingIOError:
             holder = self._holder_pid()
             raise PublisherLockedError(self.prefix, holder) from None
-        self._restrict(self._ctl_fd)
+        try:
+            self._restrict(self._ctl_fd)
+        except OSError as exc:
+            raise PublisherError(
+                f"cannot set mode {self.mode:#o} / gid {self._gid} on {name}: {exc}"
+            ) from exc
         try:
             L.check_header(os.pread(self._ctl_fd, L.CTL_SIZE, 0))
         except L.LayoutError as exc:
@@ -308,15 +316,18 @@ class Publisher:
             ctl[L.OFF_ACTIVE : L.OFF_ACTIVE + 8] = L.encode_active(L.NONE_PUBLISHED)
         now = self._clock()
         for generation in self._scan_blobs():
-            if generation > self._generation and self._generation:
-                # Created but never flipped to: no reader can have it; remove now.
+            if not self._generation:
+                # No usable control: numbers still on disk stay used (the sequence never
+                # goes back, so a worker never mistakes a new map for one it verified).
+                self._floor = max(self._floor, generation)
+            if generation > self._generation:
+                # Never flipped to (a crash mid-publish): no reader will attach it.
                 _unlink(L.blob_name(self.prefix, generation))
                 log.info(
                     "removed unpublished segment prefix=%s generation=%d", self.prefix, generation
                 )
-            elif generation != self._generation:
+            elif generation < self._generation:
                 self._retired.append(_Retired(generation, now))
-                self._floor = max(self._floor, generation)
         self._retired.sort()
 
     def _scan_blobs(self) -> list[int]:
