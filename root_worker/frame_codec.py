@@ -240,9 +240,9 @@ def as_bytes_view(buf: Any) -> memoryview:
     """A flat unsigned-byte memoryview of any C-contiguous buffer (raises FrameError)."""
     try:
         mv = buf if type(buf) is memoryview else memoryview(buf)
-        if mv.format != "B" or mv.ndim != 1:
+        if mv.format != "B" or mv.ndim != 1 or not mv.c_contiguous:
             mv = mv.cast("B")
-    except TypeError as exc:
+    except (TypeError, BufferError) as exc:
         raise FrameError(f"frame must be a contiguous bytes-like buffer: {exc}") from None
     return mv
 

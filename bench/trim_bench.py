@@ -1,0 +1,239 @@
+"""Frame trim micro-benchmarks: trim vs memcpy, vs lz4/zstd, small-frame cost, page faults.
+
+Run:  .venv/bin/python bench/trim_bench.py [--quick]
+Writes bench/results/trim_bench.json and prints a table.  Every ratio is computed from
+numbers measured side by side in this same run (the machine is shared and noisy, so each
+figure is the median of many repetitions, with repetitions of the compared operations
+interleaved).
+
+The script is a list of section functions (``SECTIONS``), each returning a dict of results;
+to add a benchmark (e.g. the map lookup part of the per-target cost), append a function to
+``SECTIONS`` -- see the marked hook at the bottom.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lz4.frame
+import numpy as np
+import zstandard
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from flatbuffers_schema.keys import Allowlist  # noqa: E402
+from root_worker.frame import BACKENDS, Ragged, Trimmer, decode, encode  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "trim_bench.json"
+QUICK = "--quick" in sys.argv
+SCALE = 0.2 if QUICK else 1.0
+
+
+def reps(n: int) -> int:
+    return max(5, int(n * SCALE))
+
+
+def median_us(samples: list[float]) -> float:
+    return round(statistics.median(samples) * 1e6, 2)
+
+
+def timed_batches(fns: dict[str, Callable[[], Any]], batch: int, rounds: int) -> dict[str, float]:
+    """Median seconds per call of each fn; the fns are interleaved round by round."""
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():  # warm up caches and plans
+        for _ in range(batch):
+            fn()
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(batch):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / batch)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def dense_frame(n_cand: int, n_feat: int, seed: int = 0) -> tuple[bytes, list[str]]:
+    rng = np.random.default_rng(seed)
+    names = [f"feature_{i:05d}" for i in range(n_feat)]
+    data = rng.standard_normal((n_feat, n_cand), dtype=np.float32)
+    # Realistic-ish payload: many features are sparse or quantised (compressible).
+    data[rng.random(n_feat) < 0.3] = 0.0
+    data[::3] = np.round(data[::3], 1)
+    cols = {name: data[i] for i, name in enumerate(names)}
+    return encode(cols, {"request_id": "bench-0001", "targets": ["model_a"]}), names
+
+
+def random_allowlist(names: list[str], frac: float, seed: int = 1) -> Allowlist:
+    rng = np.random.default_rng(seed)
+    keep = rng.random(len(names)) < frac
+    return Allowlist.from_names([n for n, k in zip(names, keep, strict=True) if k])
+
+
+# --- sections ---------------------------------------------------------------------------
+def section_dense_vs_memcpy() -> dict[str, Any]:
+    """200 x 2000 float32, 40% kept: steady-state trim vs memcpy of the kept bytes."""
+    frame, names = dense_frame(200, 2000)
+    allow = random_allowlist(names, 0.4)
+    out = np.zeros(len(frame), dtype=np.uint8)
+    res = Trimmer().trim(frame, allow, out=out)
+    kept = res.bytes_out
+    src = np.frombuffer(frame, dtype=np.uint8)
+    dst = np.zeros(kept, dtype=np.uint8)
+
+    def memcpy() -> None:
+        dst[:] = src[:kept]
+
+    fns: dict[str, Callable[[], Any]] = {"memcpy": memcpy}
+    for backend in BACKENDS:
+        t = Trimmer(backend=backend)
+        fns[f"trim_{backend}"] = (lambda t=t: t.trim(frame, allow, out=out))
+    med = timed_batches(fns, batch=10, rounds=reps(300))
+    row: dict[str, Any] = {
+        "frame_bytes": len(frame), "trimmed_bytes": kept, "columns_kept": res.n_kept,
+        "memcpy_us": round(med["memcpy"] * 1e6, 2),
+    }
+    for backend in BACKENDS:
+        row[f"trim_{backend}_us"] = round(med[f"trim_{backend}"] * 1e6, 2)
+        row[f"trim_{backend}_over_memcpy"] = round(med[f"trim_{backend}"] / med["memcpy"], 3)
+    row["target"] = "trim_c_over_memcpy <= 1.5"
+    return row
+
+
+def section_vs_compression() -> dict[str, Any]:
+    """Same frame: trim vs lz4.frame / zstd-1 compressing the untrimmed frame."""
+    frame, names = dense_frame(200, 2000)
+    allow = random_allowlist(names, 0.4)
+    trimmer = Trimmer()
+    out = np.zeros(len(frame), dtype=np.uint8)
+    zc = zstandard.ZstdCompressor(level=1)
+    fns: dict[str, Callable[[], Any]] = {
+        "trim": lambda: trimmer.trim(frame, allow, out=out),
+        "lz4": lambda: lz4.frame.compress(frame),
+        "zstd1": lambda: zc.compress(frame),
+    }
+    med = timed_batches(fns, batch=3, rounds=reps(100))
+    trimmed = bytes(trimmer.trim(frame, allow).data)
+    return {
+        "frame_bytes": len(frame),
+        "trim_bytes": len(trimmed),
+        "lz4_bytes": len(lz4.frame.compress(frame)),
+        "zstd1_bytes": len(zc.compress(frame)),
+        "trim_then_lz4_bytes": len(lz4.frame.compress(trimmed)),
+        "trim_us": round(med["trim"] * 1e6, 2),
+        "lz4_us": round(med["lz4"] * 1e6, 2),
+        "zstd1_us": round(med["zstd1"] * 1e6, 2),
+        "lz4_over_trim_time": round(med["lz4"] / med["trim"], 1),
+        "zstd1_over_trim_time": round(med["zstd1"] / med["trim"], 1),
+        "target": "lz4_over_trim_time >= 40",
+    }
+
+
+def section_small_per_target() -> dict[str, Any]:
+    """16 x 300: whole per-target cost (fingerprint + plan hit + write into reused buffer)."""
+    frame, names = dense_frame(16, 300, seed=2)
+    allow = random_allowlist(names, 0.4, seed=3)
+    out = np.zeros(len(frame), dtype=np.uint8)
+    fns: dict[str, Callable[[], Any]] = {}
+    for backend in BACKENDS:
+        t = Trimmer(backend=backend)
+        fns[backend] = (lambda t=t: t.trim(frame, allow, out=out))
+    med = timed_batches(fns, batch=200, rounds=reps(200))
+    row: dict[str, Any] = {"frame_bytes": len(frame)}
+    for backend in BACKENDS:
+        row[f"per_target_{backend}_us"] = round(med[backend] * 1e6, 2)
+    row["target"] = "per_target_c_us <= 10 (map lookup not included yet)"
+    return row
+
+
+def section_page_faults() -> dict[str, Any]:
+    """Minor page faults per steady-state trim, with and without a reused out buffer."""
+    frame, names = dense_frame(200, 2000)
+    allow = random_allowlist(names, 0.4)
+    trimmer = Trimmer()
+    out = np.zeros(len(frame), dtype=np.uint8)
+    n = reps(2000)
+
+    def faults(fn: Callable[[], Any]) -> float:
+        for _ in range(50):
+            fn()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(n):
+            fn()
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / n
+
+    return {
+        "trims": n,
+        "minflt_per_trim_reused_out": round(faults(lambda: trimmer.trim(frame, allow, out=out)), 3),
+        "minflt_per_trim_fresh_alloc": round(faults(lambda: trimmer.trim(frame, allow)), 3),
+        "target": "minflt_per_trim_reused_out ~= 0",
+    }
+
+
+def section_ragged_and_decode() -> dict[str, Any]:
+    """Context figures: ragged frame (size plan rebuilt per request) and full decode."""
+    rng = np.random.default_rng(4)
+    n_cand, n_dense, n_ragged = 200, 1000, 50
+    cols: dict[str, Any] = {f"d{i}": rng.standard_normal(n_cand, dtype=np.float32)
+                            for i in range(n_dense)}
+    frames = []
+    for k in range(8):
+        for j in range(n_ragged):
+            lengths = rng.integers(0, 20, n_cand)
+            cols[f"r{j}"] = Ragged.from_lengths(rng.integers(0, 1 << 40, lengths.sum()),
+                                                lengths)
+        frames.append(encode(cols, {"request_id": f"r{k}"}))
+    allow = random_allowlist(list(cols), 0.4, seed=5)
+    trimmer = Trimmer()
+    out = np.zeros(max(map(len, frames)), dtype=np.uint8)
+    it = iter(range(1 << 62))
+    med = timed_batches({
+        "ragged_trim_new_sizes": lambda: trimmer.trim(frames[next(it) % 8], allow, out=out),
+        "decode_dense_2000": lambda: decode(frames[0]),
+    }, batch=4, rounds=reps(50))
+    return {"ragged_frame_bytes": len(frames[0]), "columns": len(cols),
+            "ragged_trim_us": round(med["ragged_trim_new_sizes"] * 1e6, 1),
+            "decode_1050_columns_us": round(med["decode_dense_2000"] * 1e6, 1),
+            "target": "informational"}
+
+
+SECTIONS: list[Callable[[], dict[str, Any]]] = [
+    section_dense_vs_memcpy,
+    section_vs_compression,
+    section_small_per_target,
+    section_page_faults,
+    section_ragged_and_decode,
+    # HOOK: append further sections here (e.g. the map-lookup part of the per-target cost);
+    # each is a zero-argument function returning a flat dict of figures.
+]
+
+
+def main() -> int:
+    results: dict[str, Any] = {
+        "python": sys.version.split()[0], "numpy": np.__version__,
+        "machine": platform.machine(), "backends": list(BACKENDS), "quick": QUICK,
+        "sections": {},
+    }
+    for section in SECTIONS:
+        name = section.__name__.removeprefix("section_")
+        row = section()
+        results["sections"][name] = row
+        print(f"\n== {name}: {(section.__doc__ or '').strip()}")
+        for key, value in row.items():
+            print(f"   {key:32s} {value}")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwrote {RESULTS.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

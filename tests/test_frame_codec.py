@@ -1,0 +1,216 @@
+"""Frame encode/decode: round trips of every dtype, dense and ragged, zero copy, alignment."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from root_worker.frame import DTYPE_BY_CODE, FrameError, Ragged, decode, encode, peek_metadata
+from root_worker.frame_format import (
+    BLOCK_ALIGN,
+    PREAMBLE,
+    PREAMBLE_SIZE,
+    TABLE_ENTRY_SIZE,
+    align,
+    layout_hint,
+)
+
+ALL_DTYPES = sorted({dt.name for dt in DTYPE_BY_CODE.values()})
+
+
+def sample(dtype: np.dtype, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if dtype.kind == "b":
+        return rng.random(shape) < 0.5
+    if dtype.kind == "f":
+        return rng.standard_normal(shape).astype(dtype)
+    info = np.iinfo(dtype)
+    return rng.integers(info.min, info.max, size=shape, dtype=dtype, endpoint=True)
+
+
+def assert_same_column(got: object, want: object) -> None:
+    if isinstance(want, Ragged):
+        assert isinstance(got, Ragged)
+        assert got == want
+        assert got.offsets.dtype == np.dtype("<i8")
+    else:
+        assert isinstance(got, np.ndarray) and isinstance(want, np.ndarray)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert got.tobytes() == want.tobytes()
+
+
+def table_entries(frame: bytes) -> list[tuple[int, int]]:
+    fields = PREAMBLE.unpack(frame[:PREAMBLE_SIZE])
+    n_columns, layout_len = fields[3], fields[4]
+    table_off = align(PREAMBLE_SIZE + layout_len, 8)
+    return [struct.unpack_from("<QQ", frame, table_off + TABLE_ENTRY_SIZE * i)
+            for i in range(n_columns)]
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("shape", [(), (3,), (2, 1, 2)])
+def test_dense_round_trip_every_dtype(dtype: str, shape: tuple[int, ...]) -> None:
+    col = sample(np.dtype(dtype), (7, *shape))
+    frame = decode(encode({"x": col, "y": col[::-1].copy()}, {"request_id": "r"}))
+    assert frame.n_candidates == 7
+    assert list(frame.columns) == ["x", "y"]
+    assert_same_column(frame.columns["x"], col)
+    assert_same_column(frame.columns["y"], col[::-1].copy())
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_ragged_round_trip_every_dtype(dtype: str) -> None:
+    lengths = [3, 0, 1, 5, 0]
+    values = sample(np.dtype(dtype), (sum(lengths),))
+    rag = Ragged.from_lengths(values, lengths)
+    got = decode(encode({"r": rag})).columns["r"]
+    assert_same_column(got, rag)
+    assert [len(got[i]) for i in range(5)] == lengths
+    assert got.lengths.tolist() == lengths
+
+
+def test_ragged_with_inner_shape_and_lists() -> None:
+    rag = Ragged.from_lists([np.ones((2, 3)), np.zeros((0, 3)), np.full((1, 3), 7)], np.int16)
+    got = decode(encode({"emb": rag})).columns["emb"]
+    assert isinstance(got, Ragged)
+    assert got.values.shape == (3, 3)
+    assert got[2].tolist() == [[7, 7, 7]]
+    assert [g.shape for g in got] == [(2, 3), (0, 3), (1, 3)]
+
+
+def test_mixed_columns_keep_order_and_metadata() -> None:
+    cols = {
+        "z_last_alphabetically": np.arange(4, dtype=np.int64),
+        "ids": Ragged.from_lists([[1], [2, 3], [], [4, 5, 6]], np.uint32),
+        "emb": np.ones((4, 16), dtype=np.float16),
+        "ünïcödé/名前": np.array([True, False, True, True]),
+    }
+    meta = {"request_id": "req-42", "targets": [{"model": "m", "version": "3"}], "x": 1.5}
+    frame = decode(encode(cols, meta))
+    assert list(frame.columns) == list(cols)
+    assert frame.metadata == meta
+    for name, col in cols.items():
+        assert_same_column(frame.columns[name], col)
+
+
+def test_decode_is_zero_copy_and_blocks_are_aligned() -> None:
+    buf = bytearray(encode({"a": np.arange(10, dtype=np.float32),
+                            "b": Ragged.from_lengths(np.arange(6), [1, 2, 3, 0, 0, 0, 0, 0, 0, 0]),
+                            "c": np.arange(30, dtype=np.int8).reshape(10, 3)}))
+    for off, _ in table_entries(bytes(buf)):
+        assert off % BLOCK_ALIGN == 0
+    frame = decode(buf)
+    a = frame.columns["a"]
+    assert isinstance(a, np.ndarray) and np.shares_memory(a, np.frombuffer(buf, np.uint8))
+    a[0] = 99.0  # a writable buffer gives writable views onto it
+    assert decode(buf).columns["a"][0] == 99.0
+    rag = frame.columns["b"]
+    assert isinstance(rag, Ragged) and np.shares_memory(rag.values, np.frombuffer(buf, np.uint8))
+    assert not decode(bytes(buf)).columns["c"].flags.writeable
+
+
+def test_decode_accepts_memoryview_and_numpy_buffers() -> None:
+    raw = encode({"a": np.arange(3, dtype=np.uint16)}, {"request_id": "m"})
+    for buf in (memoryview(raw), np.frombuffer(raw, np.uint8).copy(), bytearray(raw)):
+        assert decode(buf).columns["a"].tolist() == [0, 1, 2]
+    assert decode(np.frombuffer(raw, np.uint8)[None, :]).metadata == {"request_id": "m"}
+
+
+def test_big_endian_input_is_stored_little_endian() -> None:
+    col = np.arange(5, dtype=">i4")
+    frame = decode(encode({"be": col}))
+    assert frame.columns["be"].dtype == np.dtype("<i4")
+    assert frame.columns["be"].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_empty_frames() -> None:
+    empty = decode(encode({}, {"request_id": "none"}, n_candidates=5))
+    assert (empty.n_candidates, empty.columns, empty.metadata) == (5, {}, {"request_id": "none"})
+    zero = decode(encode({"a": np.zeros(0, np.float32),
+                          "r": Ragged.from_lengths(np.zeros(0, np.int8), [])}))
+    assert zero.n_candidates == 0 and zero.columns["a"].shape == (0,)
+    assert zero.columns["r"].n_candidates == 0
+    assert decode(encode({})).metadata == {}
+
+
+def test_encoding_is_canonical_and_hinted() -> None:
+    cols = {"a": np.arange(3, dtype=np.float64), "b": np.ones((3, 2), np.int32)}
+    one, two = encode(cols, {"request_id": "x"}), encode(cols, {"request_id": "x"})
+    assert one == two
+    fields = PREAMBLE.unpack(one[:PREAMBLE_SIZE])
+    layout_len, hint = fields[4], fields[5]
+    assert hint == layout_hint(one[PREAMBLE_SIZE:PREAMBLE_SIZE + layout_len])
+    # The layout (and its hint) does not depend on the candidate count or metadata.
+    other = encode({"a": np.arange(9, dtype=np.float64), "b": np.ones((9, 2), np.int32)}, {})
+    assert PREAMBLE.unpack(other[:PREAMBLE_SIZE])[5] == hint
+
+
+def test_peek_metadata_reads_only_the_metadata() -> None:
+    frame = encode({"a": np.arange(4, dtype=np.float32)}, {"request_id": "peek", "n": [1, 2]})
+    assert peek_metadata(frame) == {"request_id": "peek", "n": [1, 2]}
+    with pytest.raises(FrameError, match="bad magic"):
+        peek_metadata(b"XXXX" + frame[4:])
+
+
+@pytest.mark.parametrize(
+    ("columns", "message"),
+    [
+        ({"a": np.zeros(3), "b": np.zeros(4)}, "disagree on the candidate count"),
+        ({"a": np.zeros(3, dtype=np.complex64)}, "unsupported dtype complex64"),
+        ({"a": np.array(["x", "y"])}, "unsupported dtype"),
+        ({"a": np.float32(1.0)}, "leading candidate axis"),
+        ({"a": np.zeros((3, 0))}, "non-zero dimensions"),
+        ({"a": np.zeros((2, 1, 1, 1, 1, 1))}, "at most 4"),
+        ({"": np.zeros(3)}, "non-empty strings"),
+        ({"x" * 70000: np.zeros(3)}, "longer than 65535 bytes"),
+    ],
+)
+def test_encode_rejects_bad_columns(columns: dict[str, np.ndarray], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        encode(columns)
+
+
+def test_encode_rejects_non_json_metadata() -> None:
+    with pytest.raises(ValueError):
+        encode({"a": np.zeros(2)}, {"x": float("nan")})
+    with pytest.raises(TypeError):
+        encode({"a": np.zeros(2)}, {"x": object()})
+
+
+@pytest.mark.parametrize(
+    ("values", "offsets", "message"),
+    [
+        (np.arange(3), [1, 3], "start at 0"),
+        (np.arange(3), [0, 2], "end at len"),
+        (np.arange(3), [0, 2, 1, 3], "non-decreasing"),
+        (np.arange(3), [[0, 3]], "1-D integer"),
+        (np.arange(3), [0.0, 3.0], "1-D integer"),
+        (np.float32(1), [0, 1], "at least one dimension"),
+    ],
+)
+def test_ragged_constructor_validates(values: np.ndarray, offsets: list[int],
+                                      message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Ragged(values, offsets)
+    with pytest.raises(ValueError, match="non-negative"):
+        Ragged.from_lengths(np.arange(3), [2, -1, 2])
+
+
+def test_ragged_equality_is_bitwise() -> None:
+    a = Ragged.from_lengths(np.array([1.0, 2.0]), [1, 1])
+    assert a == Ragged.from_lengths(np.array([1.0, 2.0]), [1, 1])
+    assert a != Ragged.from_lengths(np.array([1.0, 2.0]), [2, 0])
+    assert a != Ragged.from_lengths(np.array([1, 2]), [1, 1])
+    assert a.__eq__("x") is NotImplemented
+    assert "n_candidates=2" in repr(a)
+
+
+def test_metadata_is_compact_utf8_json() -> None:
+    frame = encode({"a": np.zeros(1)}, {"request_id": "é"})
+    fields = PREAMBLE.unpack(frame[:PREAMBLE_SIZE])
+    meta_off, meta_len = fields[9], fields[10]
+    assert json.loads(frame[meta_off:meta_off + meta_len].decode()) == {"request_id": "é"}
+    assert frame[meta_off:meta_off + meta_len] == '{"request_id":"é"}'.encode()

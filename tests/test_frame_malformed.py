@@ -1,0 +1,255 @@
+"""Malformed frames: decode and trim raise FrameError naming what is wrong and where.
+
+Each case patches one field of a valid frame (``REF``) at its documented offset
+(docs/frame-format.md) and checks the exact message.  Structural errors must come out of
+``trim`` identically; ragged-offset and metadata *content* is checked by ``decode`` only.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from flatbuffers_schema.keys import Allowlist
+from root_worker.frame import BACKENDS, FrameError, Ragged, Trimmer, decode, encode
+from root_worker.frame_format import PREAMBLE, PREAMBLE_SIZE, TABLE_ENTRY_SIZE, align
+
+COLS = {
+    "alpha": np.arange(6, dtype=np.float32),
+    "beta": np.arange(12, dtype=np.int16).reshape(6, 2),
+    "gamma": Ragged.from_lengths(np.arange(9, dtype=np.int64), [2, 0, 3, 1, 0, 3]),
+}
+REF = encode(COLS, {"request_id": "bad-1"})
+FIELDS = PREAMBLE.unpack(REF[:PREAMBLE_SIZE])
+N_COLUMNS, LAYOUT_LEN, N_CAND, META_OFF, META_LEN = (FIELDS[3], FIELDS[4], FIELDS[6],
+                                                     FIELDS[9], FIELDS[10])
+SIZE = len(REF)
+RECORDS = PREAMBLE_SIZE
+DIMS = RECORDS + 8 * N_COLUMNS  # only "beta" has a dimension
+NAMES = DIMS + 4  # "alpha" "beta" "gamma"
+TABLE = align(PREAMBLE_SIZE + LAYOUT_LEN, 8)
+TABLE_END = TABLE + TABLE_ENTRY_SIZE * N_COLUMNS
+# One column with a 200-byte name and no candidates: room for 26 records, a tiny frame.
+LONG_NAME = encode({"n" * 200: np.zeros(0, np.float32)}, {})
+BLOCKS = [struct.unpack_from("<QQ", REF, TABLE + TABLE_ENTRY_SIZE * i) for i in range(3)]
+
+
+def patch(frame: bytes, offset: int, fmt: str, *values: object) -> bytes:
+    buf = bytearray(frame)
+    struct.pack_into("<" + fmt, buf, offset, *values)
+    return bytes(buf)
+
+
+def entry(i: int) -> int:
+    return TABLE + TABLE_ENTRY_SIZE * i
+
+
+def with_metadata(raw: bytes) -> bytes:
+    """REF with its metadata bytes replaced (preamble sizes fixed up)."""
+    frame = REF[:META_OFF] + raw
+    frame = patch(frame, 32, "Q", len(frame))
+    return patch(frame, 48, "I", len(raw))
+
+
+def test_reference_frame_is_valid_and_as_documented() -> None:
+    assert decode(REF).metadata == {"request_id": "bad-1"}
+    assert (N_COLUMNS, LAYOUT_LEN, N_CAND) == (3, 42, 6)
+    assert REF[NAMES:NAMES + 14] == b"alphabetagamma"
+    assert BLOCKS == [(192, 24), (256, 24), (320, 136)]
+
+
+def run_decode(frame: bytes) -> None:
+    decode(frame)
+
+
+def make_trim(backend: str) -> Callable[[bytes], None]:
+    def run(frame: bytes) -> None:
+        Trimmer(backend=backend).trim(frame, Allowlist.from_names(["beta", "gamma"]))
+    return run
+
+
+READERS = [pytest.param(run_decode, id="decode")] + [
+    pytest.param(make_trim(b), id=f"trim-{b}") for b in BACKENDS]
+
+STRUCTURAL = {
+    "truncated preamble": (REF[:10], "truncated preamble: frame is 10 bytes, need 64"),
+    "empty buffer": (b"", "truncated preamble: frame is 0 bytes, need 64"),
+    "bad magic": (b"XTRM" + REF[4:], "bad magic b'XTRM' at offset 0, expected b'FTRM'"),
+    "bad version": (patch(REF, 4, "H", 7),
+                    "unsupported frame version 7 at offset 4, expected 1"),
+    "unknown flags": (patch(REF, 6, "H", 1), "unknown flags 0x0001 at offset 6, expected 0"),
+    "reserved bytes": (patch(REF, 60, "B", 1),
+                       "reserved preamble bytes (offsets 28..32, 52..64) are not zero"),
+    "truncated frame": (REF[:-1], f"preamble frame_len {SIZE} != buffer length {SIZE - 1}"),
+    "trailing garbage": (REF + b"\0", f"preamble frame_len {SIZE} != buffer length {SIZE + 1}"),
+    "layout_len past end": (
+        patch(REF, 12, "I", 10_000),
+        f"layout section [offset 64, 10064) runs past end of frame ({SIZE} bytes)"),
+    "huge n_columns": (
+        patch(REF, 8, "I", 0xFFFF_FFFF),
+        f"n_columns 4294967295 needs 34359738360 bytes of column records but the layout "
+        f"section is {LAYOUT_LEN} bytes"),
+    "table past end": (
+        patch(LONG_NAME, 8, "I", 26),
+        f"block table [offset 272, 688) for 26 columns runs past end of frame "
+        f"({len(LONG_NAME)} bytes)"),
+    "metadata inside table": (
+        patch(REF, 40, "Q", TABLE),
+        f"metadata [offset {TABLE}, {TABLE + META_LEN}) must lie after the block table (ends "
+        f"at {TABLE_END}) and end the frame ({SIZE} bytes)"),
+    "metadata not ending frame": (
+        patch(REF, 48, "I", META_LEN - 1),
+        f"metadata [offset {META_OFF}, {SIZE - 1}) must lie after the block table (ends at "
+        f"{TABLE_END}) and end the frame ({SIZE} bytes)"),
+    "layout size mismatch": (
+        patch(REF, RECORDS + 4, "H", 6),
+        f"layout section is {LAYOUT_LEN} bytes but its 3 column records declare 43 "
+        f"(records + 4 dims + 15 names)"),
+    "unknown kind": (patch(REF, RECORDS + 8 + 1, "B", 9), "column 1: unknown column kind 9"),
+    "ndim too large": (patch(REF, RECORDS + 2, "B", 5), "column 0: ndim above 4: 5"),
+    "reserved record byte": (patch(REF, RECORDS + 16 + 3, "B", 2),
+                             "column 2: reserved record byte is 2"),
+    "empty name": (patch(REF, RECORDS + 8 + 4, "H", 0), "column 1: empty name, name_len 0"),
+    "bad utf-8 name": (
+        patch(REF, NAMES + 5 + 1, "B", 0xFF),
+        f"column 1: name bytes [layout offset {NAMES - 64 + 5}, {NAMES - 64 + 9}) are not "
+        f"valid UTF-8 (invalid start byte at byte 1)"),
+    "duplicate name": (
+        patch(REF, NAMES, "5s", b"gamma"),
+        "column 2 'gamma': duplicate name (also column 0)"),
+    "bad dtype code": (patch(REF, RECORDS + 8, "B", 99),
+                       "column 1 'beta': unknown dtype code 99"),
+    "dtype code zero": (patch(REF, RECORDS, "B", 0), "column 0 'alpha': unknown dtype code 0"),
+    "zero dimension": (patch(REF, DIMS, "I", 0), "column 1 'beta': shape has a zero dimension"),
+    "huge element": (
+        patch(REF, DIMS, "I", 0xFFFF_FFFF),
+        "column 1 'beta': shape (4294967295,) makes 8589934590 bytes per element, above the "
+        "limit 4294967295"),
+    "misaligned block": (
+        patch(REF, entry(1), "Q", BLOCKS[1][0] + 8),
+        f"column 1 'beta': block [offset 264, 288) is not aligned to 64 bytes"),
+    "block inside header": (
+        patch(REF, entry(0), "Q", 64),
+        f"column 0 'alpha': block [offset 64, 88) starts inside the header (data starts at "
+        f"{TABLE_END})"),
+    "block past end": (
+        patch(REF, entry(2), "Q", 1 << 20),
+        f"column 2 'gamma': block [offset 1048576, 1048712) runs past end of data (metadata "
+        f"starts at {META_OFF})"),
+    "huge block size": (
+        patch(REF, entry(2) + 8, "Q", 0xFFFF_FFFF_FFFF_FFC0),
+        f"column 2 'gamma': block [offset 320, {320 + 0xFFFF_FFFF_FFFF_FFC0}) runs past end "
+        f"of data (metadata starts at {META_OFF})"),
+    "overlapping blocks": (
+        patch(REF, entry(1), "Q", 192),
+        "column 1 'beta': block [offset 192, 216) overlaps or precedes the block of column 0 "
+        "'alpha', which ends at 216"),
+    "wrong dense size": (
+        patch(REF, entry(0) + 8, "Q", 20),
+        "column 0 'alpha': dense block [offset 192, 212) is 20 bytes, expected 24 (6 "
+        "candidates x 4 bytes)"),
+    "wrong n_candidates": (
+        patch(REF, 24, "I", 5),
+        "column 0 'alpha': dense block [offset 192, 216) is 24 bytes, expected 20 (5 "
+        "candidates x 4 bytes)"),
+    "huge n_candidates": (
+        patch(REF, 24, "I", 0xFFFF_FFFF),
+        "column 0 'alpha': dense block [offset 192, 216) is 24 bytes, expected 17179869180 "
+        "(4294967295 candidates x 4 bytes)"),
+    "ragged smaller than head": (
+        patch(REF, entry(2) + 8, "Q", 40),
+        "column 2 'gamma': ragged block [offset 320, 360) is 40 bytes, smaller than its "
+        "64-byte offsets head (6 candidates)"),
+    "ragged partial value": (
+        patch(REF, entry(2) + 8, "Q", 132),
+        "column 2 'gamma': ragged block [offset 320, 452) holds 68 value bytes, not a "
+        "multiple of the 8-byte element"),
+}
+
+CONTENT = {
+    "ragged offsets[0]": (patch(REF, 320, "q", 1),
+                          "column 2 'gamma': ragged offsets[0] is 1, expected 0"),
+    "ragged offsets decrease": (
+        patch(REF, 320 + 8 * 3, "q", 1),
+        "column 2 'gamma': ragged offsets decrease at candidate 3 (2 -> 1)"),
+    "ragged offsets past values": (
+        patch(REF, 320 + 8 * 6, "q", 10),
+        "column 2 'gamma': ragged offsets end at 10 but the block holds 9 values"),
+    "ragged offsets wrap negative": (
+        patch(REF, 320 + 8 * 6, "q", -1),
+        "column 2 'gamma': ragged offsets decrease at candidate 6 (6 -> -1)"),
+    "metadata not utf-8": (
+        with_metadata(b'{"a":"\xff"}'),
+        f"metadata [offset {META_OFF}, {META_OFF + 9}) is not valid UTF-8 (invalid start "
+        f"byte at byte 6)"),
+    "metadata not json": (
+        with_metadata(b'{"request_id": '),
+        f"metadata [offset {META_OFF}, {META_OFF + 15}) is not valid JSON (Expecting value: "
+        f"line 1 column 16 (char 15))"),
+    "metadata not an object": (
+        with_metadata(b"[1, 2]"),
+        f"metadata [offset {META_OFF}, {META_OFF + 6}) is a JSON list, expected an object"),
+    "metadata nested too deep": (
+        with_metadata(b"[" * 100_000),
+        None),
+}
+
+
+@pytest.mark.parametrize("reader", READERS)
+@pytest.mark.parametrize("case", sorted(STRUCTURAL))
+def test_structural_errors(case: str, reader: Callable[[bytes], None]) -> None:
+    frame, message = STRUCTURAL[case]
+    with pytest.raises(FrameError) as info:
+        reader(frame)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize("case", sorted(CONTENT))
+def test_content_errors_in_decode(case: str) -> None:
+    frame, message = CONTENT[case]
+    with pytest.raises(FrameError) as info:
+        decode(frame)
+    if message is None:
+        assert "is not valid JSON" in str(info.value)
+    else:
+        assert str(info.value) == message
+
+
+def test_trim_copies_ragged_content_verbatim_but_decode_rejects_it() -> None:
+    frame, _ = CONTENT["ragged offsets past values"]
+    out = Trimmer().trim(frame, Allowlist.from_names(["gamma"]))
+    with pytest.raises(FrameError, match="ragged offsets end at 10"):
+        decode(out.data)
+
+
+@pytest.mark.parametrize("bad", [None, "text", 12, [1, 2]])
+def test_non_buffers_are_frame_errors(bad: object) -> None:
+    with pytest.raises(FrameError, match="contiguous bytes-like"):
+        decode(bad)
+    with pytest.raises(FrameError, match="contiguous bytes-like"):
+        Trimmer().trim(bad, Allowlist.from_names(["a"]))
+
+
+def test_non_contiguous_buffer_is_a_frame_error() -> None:
+    for bad in (np.frombuffer(REF, np.uint8)[::2], memoryview(REF)[::2]):
+        with pytest.raises(FrameError, match="contiguous"):
+            decode(bad)
+        with pytest.raises(FrameError, match="contiguous"):
+            Trimmer().trim(bad, Allowlist.from_names(["alpha"]))
+
+
+def test_fast_path_still_checks_per_request_fields() -> None:
+    """A cached plan must not let a bad preamble or block table through."""
+    trimmer = Trimmer()
+    allow = Allowlist.from_names(["alpha", "gamma"])
+    trimmer.trim(REF, allow)  # warm the caches
+    for case in ("bad version", "truncated frame", "metadata not ending frame",
+                 "overlapping blocks", "wrong dense size", "reserved bytes"):
+        frame, message = STRUCTURAL[case]
+        with pytest.raises(FrameError) as info:
+            trimmer.trim(frame, allow)
+        assert str(info.value) == message, case
+    assert bytes(trimmer.trim(REF, allow).data) == bytes(Trimmer().trim(REF, allow).data)

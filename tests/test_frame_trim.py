@@ -1,0 +1,278 @@
+"""Trim semantics, plan caching and both copy backends (C extension and numpy fallback)."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+
+from flatbuffers_schema.keys import Allowlist, keyset_digest, name_keys
+from root_worker import frame_copy
+from root_worker.frame import (
+    BACKENDS,
+    FrameError,
+    Ragged,
+    TrimResult,
+    Trimmer,
+    decode,
+    encode,
+    peek_metadata,
+    trim,
+)
+from root_worker.frame_format import PREAMBLE, PREAMBLE_SIZE
+
+RNG = np.random.default_rng(7)
+NAMES = [f"f{i:03d}" for i in range(40)]
+
+
+def mixed_columns(n_cand: int, seed: int = 0) -> dict[str, object]:
+    rng = np.random.default_rng(seed)
+    cols: dict[str, object] = {}
+    for i, name in enumerate(NAMES):
+        if i % 7 == 3:
+            lengths = rng.integers(0, 5, n_cand)
+            cols[name] = Ragged.from_lengths(rng.integers(0, 1000, lengths.sum()), lengths)
+        elif i % 5 == 1:
+            cols[name] = rng.standard_normal((n_cand, 3)).astype(np.float16)
+        else:
+            cols[name] = rng.standard_normal(n_cand).astype(np.float32)
+    return cols
+
+
+def bytes_of(col: object) -> bytes:
+    if isinstance(col, Ragged):
+        return col.offsets.tobytes() + col.values.tobytes()
+    assert isinstance(col, np.ndarray)
+    return col.tobytes()
+
+
+@pytest.fixture(params=BACKENDS)
+def trimmer(request: pytest.FixtureRequest) -> Trimmer:
+    return Trimmer(backend=request.param)
+
+
+def test_backends_available() -> None:
+    assert "numpy" in BACKENDS
+    assert frame_copy.HAVE_C == ("c" in BACKENDS)
+
+
+def test_keeps_exactly_the_allowlisted_columns_in_order(trimmer: Trimmer) -> None:
+    frame = encode(mixed_columns(9), {"request_id": "t1", "targets": ["m"]})
+    wanted = ["f039", "f003", "f010", "f011", "not_in_frame", "f001"]
+    res = trimmer.trim(frame, Allowlist.from_names(wanted))
+    assert isinstance(res, TrimResult)
+    out = decode(res.data)
+    assert list(out.columns) == ["f001", "f003", "f010", "f011", "f039"]
+    assert out.metadata == {"request_id": "t1", "targets": ["m"]}
+    assert out.n_candidates == 9
+    src = decode(frame)
+    for name, col in out.columns.items():
+        assert bytes_of(col) == bytes_of(src.columns[name])
+    assert (res.n_kept, res.n_missing) == (5, 1)
+    assert (res.bytes_in, res.bytes_out) == (len(frame), len(res.data))
+    assert res.bytes_out < res.bytes_in
+
+
+def test_trim_is_idempotent_and_all_keeps_identity(trimmer: Trimmer) -> None:
+    frame = encode(mixed_columns(5), {"request_id": "idem"})
+    allow = Allowlist.from_names(NAMES[::3])
+    once = bytes(trimmer.trim(frame, allow).data)
+    assert bytes(trimmer.trim(once, allow).data) == once
+    assert bytes(trimmer.trim(frame, Allowlist.from_names(NAMES)).data) == frame
+
+
+def test_output_equals_encoding_of_the_kept_columns(trimmer: Trimmer) -> None:
+    cols = mixed_columns(6, seed=3)
+    meta = {"request_id": "enc"}
+    keep = [n for n in NAMES if int(n[1:]) % 4 != 0]
+    res = trimmer.trim(encode(cols, meta), Allowlist.from_names(keep))
+    assert bytes(res.data) == encode({n: cols[n] for n in keep}, meta)
+
+
+def test_empty_results_and_empty_allowlist(trimmer: Trimmer) -> None:
+    frame = encode(mixed_columns(4), {"request_id": "e"})
+    res = trimmer.trim(frame, Allowlist.from_names([]))
+    out = decode(res.data)
+    assert (out.columns, out.n_candidates, out.metadata) == ({}, 4, {"request_id": "e"})
+    assert (res.n_kept, res.n_missing) == (0, 0)
+    res = trimmer.trim(frame, Allowlist.from_names(["x", "y"]))
+    assert (res.n_kept, res.n_missing) == (0, 2)
+    empty = encode({}, {"request_id": "none"}, n_candidates=3)
+    assert bytes(trimmer.trim(empty, Allowlist.from_names(["a"])).data) == empty
+
+
+def test_zero_candidates(trimmer: Trimmer) -> None:
+    frame = encode(mixed_columns(0))
+    res = trimmer.trim(frame, Allowlist.from_names(NAMES[:10]))
+    assert list(decode(res.data).columns) == NAMES[:10]
+
+
+def test_out_buffer_is_reused_and_result_views_it(trimmer: Trimmer) -> None:
+    allow = Allowlist.from_names(NAMES[1::2])
+    out = np.full(1 << 16, 0xAB, dtype=np.uint8)
+    frames = [encode(mixed_columns(n, seed=n), {"request_id": str(n)}) for n in (3, 8, 3)]
+    for n_cand, frame in zip((3, 8, 3), frames, strict=True):
+        res = trimmer.trim(frame, allow, out=out)
+        assert np.shares_memory(np.frombuffer(res.data, np.uint8), out)
+        assert bytes(res.data) == bytes(Trimmer(backend="numpy").trim(frame, allow).data)
+        assert decode(res.data).n_candidates == n_cand
+    barr = bytearray(len(frames[1]))
+    res = trimmer.trim(frames[1], allow, out=barr)
+    assert bytes(res.data) == bytes(barr[:res.bytes_out])
+
+
+def test_out_buffer_errors(trimmer: Trimmer) -> None:
+    frame = encode(mixed_columns(4))
+    allow = Allowlist.from_names(NAMES)
+    with pytest.raises(ValueError, match=f"needs {len(frame)}"):
+        trimmer.trim(frame, allow, out=bytearray(100))
+    with pytest.raises(ValueError, match="read-only"):
+        trimmer.trim(frame, allow, out=bytes(len(frame)))
+    trimmer.trim(frame, allow, out=np.zeros(len(frame) // 8 + 1, dtype=np.uint64))
+
+
+def test_padding_is_never_stale(trimmer: Trimmer) -> None:
+    """Bytes between output blocks come from the input, never from an earlier request."""
+    frame = encode(mixed_columns(5))
+    allow = Allowlist.from_names(NAMES[::2])
+    expected = bytes(trimmer.trim(frame, allow).data)
+    out = np.full(len(frame), 0x5A, dtype=np.uint8)
+    assert bytes(trimmer.trim(frame, allow, out=out).data) == expected
+    assert b"\x5a" * 4 not in expected
+
+
+def test_plans_are_cached_by_digest_not_identity(trimmer: Trimmer) -> None:
+    frame = encode(mixed_columns(4))
+    trimmer.trim(frame, Allowlist.from_names(["f001", "f002"]))
+    keys = np.unique(name_keys(["f002", "f001"]))
+    other = Allowlist(keys.copy(), keyset_digest(keys))
+    trimmer.trim(frame, other)
+    assert len(trimmer._plans) == 1
+    trimmer.trim(frame, Allowlist.from_names(["f001"]))
+    assert len(trimmer._plans) == 2
+
+
+def test_plan_holds_no_reference_to_the_allowlist_keys(trimmer: Trimmer) -> None:
+    frame = encode(mixed_columns(4))
+    backing = bytearray(np.unique(name_keys(["f001", "f004"])).tobytes())
+    keys = np.frombuffer(backing, dtype="<u8")
+    trimmer.trim(frame, Allowlist(keys, keyset_digest(keys)))
+    del keys
+    backing.extend(b"x" * 8)  # raises BufferError if anything still exports it
+
+
+def test_forged_hint_costs_a_miss_not_a_wrong_trim(trimmer: Trimmer) -> None:
+    allow = Allowlist.from_names(["f000", "f001", "fx"])
+    frame_a = encode({"f000": np.arange(4.0), "f001": np.arange(4.0)})
+    frame_b = encode({"f001": np.arange(4.0), "f002": np.arange(4.0), "f000": np.ones(4)})
+    hint_a = PREAMBLE.unpack(frame_a[:PREAMBLE_SIZE])[5]
+    forged = bytearray(frame_b)
+    struct.pack_into("<Q", forged, 16, hint_a)
+    trimmer.trim(frame_a, allow)
+    res = trimmer.trim(forged, allow)
+    assert list(decode(res.data).columns) == ["f001", "f000"]
+    assert decode(res.data).columns["f000"].tolist() == [1, 1, 1, 1]
+    res = trimmer.trim(frame_a, allow)
+    assert list(decode(res.data).columns) == ["f000", "f001"]
+
+
+def test_same_layout_new_sizes_and_ragged_lengths(trimmer: Trimmer) -> None:
+    allow = Allowlist.from_names(NAMES[2:30])
+    for seed, n_cand in enumerate((5, 5, 9, 5, 1, 9)):
+        cols = mixed_columns(n_cand, seed=seed)
+        frame = encode(cols, {"request_id": seed})
+        res = trimmer.trim(frame, allow)
+        assert bytes(res.data) == encode({n: cols[n] for n in NAMES[2:30]},
+                                         {"request_id": seed})
+    assert len(trimmer._plans) == 1
+
+
+def test_caches_are_bounded() -> None:
+    trimmer = Trimmer(max_plans=3, max_sizes_per_plan=2)
+    frame = encode(mixed_columns(3))
+    for i in range(10):
+        trimmer.trim(frame, Allowlist.from_names(NAMES[i:i + 5]))
+    assert len(trimmer._plans) == 3
+    allow = Allowlist.from_names(NAMES[:5])
+    for n_cand in range(1, 8):
+        trimmer.trim(encode(mixed_columns(n_cand)), allow)
+    assert all(len(p.sizes) <= 2 for p in trimmer._plans.values())
+    trimmer.clear()
+    assert not trimmer._plans
+
+
+def test_metadata_is_copied_verbatim(trimmer: Trimmer) -> None:
+    meta = {"request_id": "r-" + "x" * 5000, "nested": {"a": [1, 2, {"b": None}]}}
+    res = trimmer.trim(encode(mixed_columns(2), meta), Allowlist.from_names(["f005"]))
+    assert peek_metadata(res.data) == meta
+
+
+def test_module_level_trim() -> None:
+    frame = encode({"a": np.arange(3), "b": np.arange(3)}, {"request_id": "mod"})
+    res = trim(frame, Allowlist.from_names(["b"]))
+    assert list(decode(res.data).columns) == ["b"]
+
+
+def test_unknown_backend_is_rejected() -> None:
+    with pytest.raises(ValueError, match="not available"):
+        Trimmer(backend="gpu")
+
+
+def test_uniform_numpy_fast_path_is_used_and_correct() -> None:
+    names = [f"u{i}" for i in range(50)]
+    cols = {n: RNG.standard_normal(13).astype(np.float32) for n in names}  # 52 B blocks
+    frame = encode(cols, {"request_id": "u"})
+    trimmer = Trimmer(backend="numpy")
+    keep = names[1:7] + names[20:21] + names[33:49:3]
+    res = trimmer.trim(frame, Allowlist.from_names(keep))
+    plan = next(iter(trimmer._plans.values()))
+    assert next(iter(plan.sizes.values())).uniform is not None
+    assert bytes(res.data) == encode({n: cols[n] for n in keep}, {"request_id": "u"})
+
+
+def test_loop_fallback_on_mixed_sizes() -> None:
+    frame = encode(mixed_columns(6))
+    trimmer = Trimmer(backend="numpy")
+    trimmer.trim(frame, Allowlist.from_names(NAMES[::2]))
+    plan = next(iter(trimmer._plans.values()))
+    assert next(iter(plan.sizes.values())).uniform is None
+
+
+@pytest.mark.skipif(not frame_copy.HAVE_C, reason="C extension not built")
+def test_c_copy_runs_is_bounds_checked() -> None:
+    from root_worker import _copyruns
+
+    src, dst = bytes(range(100)), bytearray(50)
+    ok = np.array([[10, 0, 5], [90, 5, 10]], dtype=np.int64)
+    assert _copyruns.copy_runs(dst, src, ok) == 15
+    assert bytes(dst[:15]) == src[10:15] + src[90:100]
+    for bad in ([[95, 0, 10]], [[0, 45, 10]], [[-1, 0, 1]], [[0, 0, -1]],
+                [[1 << 62, 0, 1 << 62]]):
+        with pytest.raises(ValueError, match="outside the buffers"):
+            _copyruns.copy_runs(dst, src, np.array(bad, dtype=np.int64))
+    with pytest.raises(ValueError, match="multiple of 3"):
+        _copyruns.copy_runs(dst, src, np.zeros(4, dtype=np.int64))
+    with pytest.raises(TypeError):
+        _copyruns.copy_runs(bytes(5), src, ok)
+    big = np.zeros(1 << 20, np.uint8)
+    assert _copyruns.copy_runs(big, np.ones(1 << 20, np.uint8),
+                               np.array([[0, 0, 1 << 20]], np.int64)) == 1 << 20
+    assert big.all()
+
+
+@pytest.mark.skipif(not frame_copy.HAVE_C, reason="C extension not built")
+def test_c_same_bytes_matches_python() -> None:
+    from root_worker import _copyruns
+
+    buf = memoryview(bytes(range(50)))
+    for off, exp in ((0, bytes(range(5))), (45, bytes(range(45, 50))), (3, b"\x00"),
+                     (50, b""), (10, bytes(range(10, 50)))):
+        assert _copyruns.same_bytes(buf, off, exp) == frame_copy.same_bytes_py(buf, off, exp)
+    for off, exp in ((46, bytes(range(46, 51))), (-1, b"\x00"), (51, b"")):
+        assert _copyruns.same_bytes(buf, off, exp) is False
+
+
+def test_trim_rejects_unknown_frame_errors_cleanly(trimmer: Trimmer) -> None:
+    with pytest.raises(FrameError, match="bad magic"):
+        trimmer.trim(b"\0" * 100, Allowlist.from_names(["a"]))
