@@ -95,9 +95,8 @@ def _bundle(**models: object) -> bytes:
     return json.dumps(models).encode()
 
 
-def _entry(version: object = "1", inputs: object = ("a",), **extra: object) -> dict[str, object]:
-    return {"version": version, "input_names": list(inputs)  # type: ignore[call-overload]
-            if isinstance(inputs, tuple) else inputs, **extra}
+def _entry(version: object = "1", inputs: object = None, **extra: object) -> dict[str, object]:
+    return {"version": version, "input_names": ["a"] if inputs is None else inputs, **extra}
 
 
 # --- corpus ----------------------------------------------------------------------------------
@@ -237,10 +236,9 @@ def test_json_path_quoting() -> None:
     with pytest.raises(BundleError) as info:
         parse_bundle(data, path="p")
     assert info.value.json_path == '$["we\\"ird name"][0].input_names[1]'
-    data = json.dumps({"m": [{**_entry(), "x y": {"k": 1, "k": 2}}]})  # noqa: F601
-    data = data.replace('"k": 2', '"k": 2, "k": 3')
+    text = '{"m": [{"version": "1", "input_names": ["a"], "x y": {"k": 1, "k": 2}}]}'
     with pytest.raises(BundleError) as info:
-        parse_bundle(data.encode(), path="p")
+        parse_bundle(text.encode(), path="p")
     assert info.value.json_path == '$["m"][0]["x y"].k'
 
 
@@ -425,7 +423,7 @@ def test_all_digit_versions_compare_as_integers(a: int, b: int) -> None:
 _GOOD_BYTES = (GOOD / "simple.json").read_bytes()
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.data())
 def test_mutated_bundles_raise_only_bundle_error(data: st.DataObject) -> None:
     buf = bytearray(_GOOD_BYTES)
@@ -457,7 +455,7 @@ _json_values = st.recursive(
     max_leaves=20)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(_json_values)
 def test_arbitrary_json_raises_only_bundle_error(value: object) -> None:
     try:

@@ -47,6 +47,7 @@ import stat
 import types
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import cast
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -407,9 +408,10 @@ def _plain_names(value: list[object], max_bytes: int) -> bool:
         return True
     if set(map(type, value)) != {str} or "" in value:
         return False
-    if max(map(len, value)) * 4 > max_bytes:  # UTF-8 needs at most 4 bytes per character
+    names = cast("list[str]", value)
+    if max(map(len, names)) * 4 > max_bytes:  # UTF-8 needs at most 4 bytes per character
         return False
-    joined = "".join(value)  # type: ignore[arg-type]
+    joined = "".join(names)
     if joined.isascii():
         return True
     try:
@@ -461,8 +463,8 @@ def _parse_model(entries: object, json_path: str, ctx: _Context) -> tuple[ModelV
         mv = _parse_entry(entry, f"{json_path}[{i}]", ctx)
         index = first.setdefault(mv.version, i)
         if index != i:
-            raise ctx.error(f"{json_path}[{i}].version", f"duplicate version "
-                                                         f"{_quote(mv.version)} (first at index {index})")
+            raise ctx.error(f"{json_path}[{i}].version",
+                            f"duplicate version {_quote(mv.version)} (first at index {index})")
         versions.append(mv)
     return tuple(versions)
 

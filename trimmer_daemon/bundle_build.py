@@ -37,6 +37,7 @@ directory).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -288,7 +289,7 @@ def _merge(found: Iterable[FoundVersion]) -> dict[str, dict[str, FoundVersion]]:
 
 def _warn_signature_changes(model: str, ordered: list[FoundVersion], warn: Warn) -> None:
     """Signatures should stay unchanged across versions (a change means a new model)."""
-    for older, newer in zip(ordered, ordered[1:]):
+    for older, newer in itertools.pairwise(ordered):
         if set(older.signature.input_names) != set(newer.signature.input_names):
             warn(f"model {model!r}: input_names of version {newer.version!r} differ from "
                  f"version {older.version!r} (a model's signature is expected to stay the "
