@@ -211,6 +211,7 @@ def _fsize(prefix: str, limit: int, size: int) -> int:
     except PublishError as exc:
         result["error"] = str(exc)
     result["after_failure"] = publisher.generation
+    result["next_after_failure"] = publisher.next_generation
     result["segments_after_failure"] = shm_names(prefix)
     result["retry"] = publisher.publish(make_blob(before + 1))
     publisher.close()

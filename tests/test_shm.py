@@ -86,10 +86,11 @@ def test_round_trip_sequence_and_unchanged_poll(prefix: str, publishers: list) -
     assert H.shm_names(prefix) == [], "a reader must never create segments"
     pub = Publisher(prefix)
     publishers.append(pub)
-    assert pub.generation == 0
+    assert pub.generation == 0 and pub.next_generation == 1
     assert reader.poll() is None  # control exists, nothing published yet
     assert reader.control().generation == 0
     for expected in (1, 2, 3):
+        assert pub.next_generation == expected
         assert pub.publish(H.make_blob(expected)) == expected
         snapshot = reader.poll()
         assert snapshot is not None and snapshot.generation == expected == pub.generation
@@ -159,7 +160,8 @@ def test_torn_read_stress(prefix: str, tmp_path: Path) -> None:
         assert report["last"] == generations
         print("reader report:", report)
         assert report["distinct"] >= 30, report  # they really raced the writer
-    # The writer exited with close(): the last generation and the control stay for readers.
+    # The writer exited with close(), the readers exited too: the last generation and the
+    # control stay (readers never register segments for cleanup; only the owner unlinks).
     assert f"{prefix}.g{generations}" in H.shm_names(prefix)
     Publisher(prefix).cleanup()
 
@@ -359,9 +361,14 @@ def test_restart_continues_sequence_and_reclaims_leftovers(prefix: str, publishe
         pub.publish(b"late")
     reader = ShmReader(prefix)
     assert reader.poll().generation == 3
+    # A daemon killed inside publish() leaves a half-written, never-flipped segment.
+    crashed = posix_ipc.SharedMemory(f"/{prefix}.g4", posix_ipc.O_CREX, mode=0o640)
+    os.write(crashed.fd, b"half a blo")
+    crashed.close_fd()
     successor = Publisher(prefix, clock=clock)
     publishers.append(successor)
     assert successor.generation == 3
+    assert f"{prefix}.g4" not in H.shm_names(prefix)
     assert successor.publish(H.make_blob(4)) == 4
     assert reader.poll().generation == 4
     clock.now += 11
@@ -458,7 +465,7 @@ def test_publish_fails_cleanly_when_space_runs_out(prefix: str) -> None:
         H.reap(child)
     assert "File too large" in result["error"] and f"/{prefix}.g2" in result["error"]
     assert "generation 1 stays current" in result["error"]
-    assert result["after_failure"] == 1
+    assert result["after_failure"] == 1 and result["next_after_failure"] == 2
     assert result["segments_after_failure"] == [f"{prefix}.ctl", f"{prefix}.g1"]
     assert result["retry"] == 2  # the next attempt, with room, succeeds
     assert H.check_blob(reader.poll().buffer, 2, 4096) is None
