@@ -18,6 +18,11 @@ Views taken on it (``np.frombuffer``, FlatBuffers accessors) keep the mapping al
 reader never calls ``mmap.close()`` on a blob — it only drops its reference, and the mapping
 goes away with the last view. An unlinked generation stays readable for as long as it is
 mapped.
+
+Trust boundary: the reader checks the segment size before mapping and the checksum before
+use, so a torn, short or corrupt blob is rejected. It cannot defend against a process with
+write access truncating an already-mapped segment (touching the lost pages raises SIGBUS);
+segments are immutable by contract and writable only by the daemon's user (mode 0640).
 """
 
 from __future__ import annotations

@@ -281,6 +281,26 @@ def test_reader_keeps_previous_on_mismatch(prefix: str, publishers: list, lie: s
     assert reader.poll().generation == 3
 
 
+def test_corrupt_control_slot_is_bounded_and_survivable(prefix: str, publishers: list) -> None:
+    pub = Publisher(prefix)
+    publishers.append(pub)
+    clock = H.FakeClock()
+    reader = ShmReader(prefix, clock=clock)
+    pub.publish(b"one")
+    first = reader.poll()
+    ctl = _rw_control(prefix)  # a slot that fails its own crc, and the word pointing at it
+    ctl[L.slot_offset(2) : L.slot_offset(2) + L.SLOT_SIZE] = b"\x5a" * L.SLOT_SIZE
+    ctl[L.OFF_ACTIVE : L.OFF_ACTIVE + 8] = L.encode_active(2)
+    ctl.close()
+    assert reader.poll() is first
+    assert reader.stats.inconsistent_reads == 4 and "unreadable" in reader.stats.last_error
+    assert reader.poll() is first and reader.stats.inconsistent_reads == 4  # no spinning
+    assert reader.control() is None
+    pub.publish(b"two")  # rewrites slot and word (same word value as the forged one)
+    clock.now += 1.0  # ... so the reader picks it up at its periodic re-check
+    assert bytes(reader.poll().buffer) == b"two"
+
+
 def test_vanished_segment_is_a_change_not_a_crash(prefix: str, publishers: list) -> None:
     pub = Publisher(prefix)
     publishers.append(pub)

@@ -11,6 +11,9 @@ Lifecycle contract (after CPython's ``multiprocessing.shared_memory``):
   ``kill -9`` — so a crashed daemon never blocks its successor, while a live one makes a
   second daemon fail with :class:`PublisherLockedError`. The generation sequence continues
   from the control segment; segments a crashed predecessor left half-made are removed.
+  The lock belongs to the open file description: a child made by a bare ``fork()`` (no
+  exec) shares it and keeps it held after the daemon dies — fork+exec is safe (the fd is
+  close-on-exec).
 * ``publish(blob)`` writes ``.g<N>`` completely through the fd (``posix_fallocate`` +
   ``pwrite``, so a full ``/dev/shm`` is an ``OSError``, not a ``SIGBUS``), then flips the
   control block; on failure it removes the half-made segment and raises :class:`PublishError`.
