@@ -427,3 +427,41 @@ def test_installed_console_script(models: Path, tmp_path: Path) -> None:
     assert checked.returncode == 1
     assert checked.stdout == f"{out}: ok (1 models, 3 versions, 2 features)\n"
     assert "nan.json: $[\"m\"][0].version: NaN is not valid JSON" in checked.stderr
+
+
+# --- limits ----------------------------------------------------------------------------------
+
+
+def test_validate_limit_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    path = DATA / "good_bundles" / "simple.json"
+    code, _, err = run(capsys, "validate", "--max-models", "1", str(path))
+    assert (code, err) == (EXIT_ERROR, f"{path}: $: too many models: 2 > limit 1\n")
+    code, _, err = run(capsys, "validate", "--max-name-length", "4", str(path))
+    assert code == EXIT_ERROR and "too long" in err
+    assert run(capsys, "validate", "--max-models", "2", str(path))[0] == EXIT_OK
+    assert run(capsys, "validate", "--max-models", "0", str(path))[0] == EXIT_USAGE
+    assert run(capsys, "validate", "--max-models", "many", str(path))[0] == EXIT_USAGE
+
+
+def test_validate_limits_from_daemon_config(capsys: pytest.CaptureFixture[str],
+                                            tmp_path: Path) -> None:
+    path = DATA / "good_bundles" / "simple.json"
+    config = tmp_path / "daemon.toml"
+    config.write_text("max_versions_per_model = 1\n")
+    code, _, err = run(capsys, "validate", "--config", str(config), str(path))
+    assert code == EXIT_ERROR and "too many versions: 2 > limit 1" in err
+    # a single flag overrides the config file
+    assert run(capsys, "validate", "--config", str(config), "--max-versions", "5",
+               str(path))[0] == EXIT_OK
+    code, _, err = run(capsys, "validate", "--config", str(tmp_path / "nope.toml"), str(path))
+    assert code == EXIT_USAGE and "nope.toml" in err
+
+
+def test_build_respects_limits(capsys: pytest.CaptureFixture[str], models: Path,
+                               tmp_path: Path) -> None:
+    out = tmp_path / "b.json"
+    code, _, err = run(capsys, "build", "-o", str(out), "--max-versions", "2",
+                       str(models / "ranker"))
+    assert code == EXIT_ERROR
+    assert f'{out}: $["ranker"]: too many versions: 3 > limit 2' in err
+    assert not out.exists()

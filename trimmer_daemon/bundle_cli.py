@@ -7,11 +7,18 @@ Exit codes: 0 ok, 1 error (invalid file, nothing usable, I/O failure), 2 usage e
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
 
-from trimmer_daemon.bundle import BundleError, ParsedBundle, load_bundle_file
+from trimmer_daemon.bundle import (
+    DEFAULT_LIMITS,
+    BundleError,
+    Limits,
+    ParsedBundle,
+    load_bundle_file,
+)
 from trimmer_daemon.bundle_build import (
     ARCHIVE_SUFFIX,
     SIGNATURE_FILE,
@@ -64,15 +71,60 @@ exit codes: 0 all valid, 1 at least one invalid, 2 usage error
 """
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+# option -> Limits field; the flag names are the daemon's (trimmer-daemon --help)
+_LIMIT_FLAGS = (
+    ("--max-file-bytes", "max_file_bytes", "largest accepted file"),
+    ("--max-models", "max_models", "most models per bundle"),
+    ("--max-versions", "max_versions_per_model", "most versions per model"),
+    ("--max-features", "max_features_per_version", "most input (or output) names per version"),
+    ("--max-name-length", "max_name_length", "longest name, in UTF-8 bytes"),
+)
+
+
+def _limits_parent() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group(
+        "limits", "The daemon's defaults unless --config names a daemon config file (its\n"
+                  "limits then apply, as on that host); single flags override either.")
+    group.add_argument("--config", metavar="FILE", help="trimmer-daemon config file (TOML)")
+    for flag, name, text in _LIMIT_FLAGS:
+        group.add_argument(flag, dest=name, type=_positive_int, metavar="N",
+                           help=f"{text} (default {getattr(DEFAULT_LIMITS, name)})")
+    return parent
+
+
+def _limits(args: argparse.Namespace) -> Limits:
+    """The limits to apply; raises ConfigError for an unusable --config file."""
+    limits = DEFAULT_LIMITS
+    if args.config is not None:
+        from trimmer_daemon.config import load_config  # only needed with --config
+        limits = load_config(["--config", args.config]).limits
+    overrides = {name: getattr(args, name) for _, name, _ in _LIMIT_FLAGS
+                 if getattr(args, name) is not None}
+    return dataclasses.replace(limits, **overrides)
+
+
 def _make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Build and validate feature-trimmer bundle signature files.",
         epilog="Run 'trimmer-bundle COMMAND --help' for details.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    limits = _limits_parent()
 
     build = commands.add_parser(
         "build", help="write a bundle file from model directories / .pt archives",
-        description=_BUILD_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=_BUILD_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[limits])
     build.add_argument("-o", "--output", required=True, metavar="FILE",
                        help="bundle file to write (replaced atomically)")
     build.add_argument("sources", nargs="*", metavar="SOURCE",
@@ -90,7 +142,8 @@ def _make_parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser(
         "validate", help="check bundle files as the daemon would",
-        description=_VALIDATE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=_VALIDATE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[limits])
     validate.add_argument("files", nargs="+", metavar="FILE", help="bundle file(s) to check")
     validate.add_argument("--json", action="store_true",
                           help="print one JSON document on stdout instead of text")
@@ -107,6 +160,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     if args.command is None:
         parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        args.limits = _limits(args)
+    except ValueError as exc:  # ConfigError, or limits the daemon would refuse too
+        print(f"{PROG}: error: --config: {exc}", file=sys.stderr)
         return EXIT_USAGE
     code: int = args.func(args)
     return code
@@ -136,7 +194,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
         except SystemExit as exc:
             return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
-        result = build_bundle(sources, output_name=args.output, warn=_print_warning)
+        result = build_bundle(sources, limits=args.limits, output_name=args.output,
+                              warn=_print_warning)
     except (BuildError, BundleError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
@@ -167,7 +226,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     reports: list[dict[str, object]] = []
     for name in args.files:
         try:
-            parsed = load_bundle_file(name)
+            parsed = load_bundle_file(name, limits=args.limits)
         except BundleError as exc:
             print(str(exc), file=sys.stderr)
             reports.append({"path": exc.path, "ok": False, "json_path": exc.json_path,
