@@ -1,0 +1,80 @@
+"""A reader process for the daemon stress tests: poll the live map and check invariants.
+
+    python tests/stress_reader.py PREFIX STOP_FILE
+
+Every generation it sees must be a whole, verified map whose content matches what the
+writer encodes for step k (see :func:`stress_doc`). Prints ``ready`` once attached to a
+first generation, then on exit one JSON line: generations seen, checks made, errors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _ROOT)
+
+from root_worker.live_map import LiveMap  # noqa: E402
+from root_worker.map_reader import FeatureMapView  # noqa: E402
+
+
+def stress_features(k: int) -> list[str]:
+    return sorted(f"f{k}_{i}" for i in range(1 + k % 7))
+
+
+def stress_doc(k: int) -> dict:
+    """Bundle content at writer step ``k``: model 'm' has exactly one version, str(k)."""
+    return {"m": [{"version": str(k), "input_names": stress_features(k)}],
+            "static": [{"version": "1", "input_names": ["s1", "s2"]}]}
+
+
+def check(view: FeatureMapView) -> str | None:
+    res = view.resolve("m")
+    if res.allowlist is None or res.version is None:
+        return f"gen {view.generation}: model m missing"
+    k = int(res.version)
+    names = sorted(view.feature_names(res.allowlist.keys))
+    if names != stress_features(k):
+        return f"gen {view.generation}: m@{k} has {names}"
+    static = view.resolve("static")
+    if static.allowlist is None or sorted(view.feature_names(static.allowlist.keys)) != ["s1", "s2"]:
+        return f"gen {view.generation}: static model wrong"
+    states = [b["state"] for b in view.bundles()]
+    if states != ["ok"]:
+        return f"gen {view.generation}: bundle states {states}"
+    return None
+
+
+def main(prefix: str, stop_file: str) -> int:
+    live = LiveMap(prefix)
+    seen: set[int] = set()
+    errors: list[str] = []
+    checks = 0
+    announced = False
+    while not os.path.exists(stop_file):
+        view = live.current()
+        if view is None:
+            continue
+        if not announced:
+            print("ready", flush=True)
+            announced = True
+        if view.generation in seen:
+            continue
+        seen.add(view.generation)
+        checks += 1
+        problem = check(view)
+        if problem:
+            errors.append(problem)
+    stats = live.reader.stats
+    print(json.dumps({"generations": len(seen), "checks": checks, "errors": errors[:20],
+                      "n_errors": len(errors), "verify_failures": stats.verify_failures,
+                      "map_errors": live.map_errors, "max_generation": max(seen, default=0)}),
+          flush=True)
+    live.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], sys.argv[2]))
