@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -52,9 +53,9 @@ def write(path: Path, text: str) -> None:
 def make_watcher() -> Iterator[Callable[..., BundleWatcher]]:
     made: list[BundleWatcher] = []
 
-    def make(bundles: dict[str, Path], **kw: object) -> BundleWatcher:
+    def make(bundles: dict[str, Path], **kw: Any) -> BundleWatcher:
         kw.setdefault("rescan_interval_s", math.inf)  # prove inotify alone suffices
-        w = BundleWatcher(bundles, **kw)  # type: ignore[arg-type]
+        w = BundleWatcher(bundles, **kw)
         made.append(w)
         return w
 
@@ -196,7 +197,7 @@ class AtomicWriterLike:
         self.target = target
         target.mkdir(parents=True, exist_ok=True)
 
-    def write(self, payload: dict[str, str]) -> None:
+    def write(self, payload: dict[str, str], *, remove_old: bool = True) -> None:
         data = self.target / "..data"
         old = os.readlink(data) if data.is_symlink() else None
         stamp = datetime.datetime.now(datetime.UTC).strftime("..%Y_%m_%d_%H_%M_%S.")
@@ -211,7 +212,7 @@ class AtomicWriterLike:
             visible = self.target / name
             if not visible.is_symlink():
                 os.symlink(os.path.join("..data", name), visible)
-        if old is not None:
+        if old is not None and remove_old:
             shutil.rmtree(self.target / old)
 
 
@@ -231,6 +232,20 @@ def test_configmap_data_swaps(tmp_path: Path, make_watcher: Callable[..., Bundle
     assert live_ts in w.watched_dirs  # the current timestamped dir, not a removed one
     cm_b.write({FILE: '{"v": 9}'})
     assert wait_for(w, "b") == {"b"}
+
+
+def test_configmap_swap_alone_is_reported(
+    tmp_path: Path, make_watcher: Callable[..., BundleWatcher]
+) -> None:
+    """The ``..data`` rename itself is the signal, not the later cleanup (which kubelet may
+    fail or delay): stop the writer right after step 9 of AtomicWriter."""
+    cm = AtomicWriterLike(tmp_path / "cm")
+    cm.write({FILE: '{"v": 0}'})
+    w = make_watcher({"a": cm.target / FILE})
+    assert w.poll(0) == {"a"}
+    cm.write({FILE: '{"v": 1}'}, remove_old=False)
+    assert wait_for(w, "a") == {"a"}
+    assert (cm.target / FILE).read_text() == '{"v": 1}'
 
 
 def test_configmap_volume_populated_after_start(
@@ -275,7 +290,9 @@ def test_symlinked_bundle_file_in_other_dir(
     assert wait_for(w, "a") == {"a"}
 
 
-def test_bundle_dir_symlink_swap(tmp_path: Path, make_watcher: Callable[..., BundleWatcher]) -> None:
+def test_bundle_dir_symlink_swap(
+    tmp_path: Path, make_watcher: Callable[..., BundleWatcher]
+) -> None:
     """Release-style deploys: bundles/a -> releases/v1, atomically re-pointed to v2."""
     for rel in ("releases/v1", "releases/v2", "bundles"):
         (tmp_path / rel).mkdir(parents=True)
@@ -447,7 +464,9 @@ def test_set_bundles_adds_and_removes(
     assert w.watched_dirs == frozenset()
 
 
-def test_set_bundles_new_path_for_same_name(two: tuple[BundleWatcher, Path], tmp_path: Path) -> None:
+def test_set_bundles_new_path_for_same_name(
+    two: tuple[BundleWatcher, Path], tmp_path: Path
+) -> None:
     w, path_a = two
     moved = tmp_path / "elsewhere" / FILE
     moved.parent.mkdir()
@@ -491,9 +510,17 @@ def test_periodic_rescan_via_injected_clock(
     assert w.poll(0) == {"a", "b"}
     assert w.stats.rescans == 1
     assert w.poll(0) == set()  # rescheduled 30 s from now
+    assert w.seconds_until_rescan() == 30.0
     now[0] += 30.0
+    assert w.seconds_until_rescan() == 0.0
     assert w.poll(None) == {"a", "b"}  # a blocking poll also honours the schedule
     assert w.stats.rescans == 2
+
+
+def test_rescan_disabled(two: tuple[BundleWatcher, Path]) -> None:
+    w, _ = two
+    assert w.seconds_until_rescan() == math.inf
+    assert w.poll(0) == set()
 
 
 # ---------------------------------------------------------------- lifecycle

@@ -180,9 +180,15 @@ class BundleWatcher:
 
         with BundleWatcher(bundles) as watcher:
             while running:
-                ready, _, _ = select.select([watcher, signal_fd], [], [], 1.0)
+                wait = min(HEARTBEAT_S, watcher.seconds_until_rescan())
+                select.select([watcher, signal_wakeup_fd], [], [], wait)
+                handle_signal_flags()  # SIGHUP -> watcher.set_bundles(new_bundles)
                 for name in watcher.poll(0):
                     reload_if_content_changed(name)
+
+    Call ``poll(0)`` on every iteration, not only when the fd is readable: bundles added by
+    :meth:`set_bundles` and the periodic rescan make no inotify event. ``poll(0)`` with
+    nothing to do costs one zero-timeout ``poll(2)``.
 
     The first :meth:`poll` reports every bundle: create the watcher *before* the initial
     load and do that load from the loop, so no change between load and watch is lost.
@@ -258,7 +264,13 @@ class BundleWatcher:
         """The inotify fd, readable when events are queued (for select() in the main loop)."""
         self._require_open()
         assert self._inotify is not None
-        return self._inotify.fileno()
+        fd: int = self._inotify.fileno()
+        return fd
+
+    def seconds_until_rescan(self) -> float:
+        """Seconds until the periodic rescan is due (0 if due, ``inf`` if disabled); a
+        select() timeout for a main loop that waits on :meth:`fileno` itself."""
+        return max(0.0, self._next_rescan - self._clock())
 
     @property
     def watched_dirs(self) -> frozenset[str]:
