@@ -14,7 +14,6 @@ import signal
 import stat
 from collections.abc import Iterator
 from pathlib import Path
-from uuid import uuid4
 
 import numpy as np
 import posix_ipc
@@ -31,13 +30,9 @@ except ImportError:  # tests/ collected as a package
 
 
 @pytest.fixture
-def prefix() -> Iterator[str]:
-    name = f"fttest_{uuid4().hex[:12]}"
-    yield name
-    left = H.shm_names(name)
-    for leftover in left:
-        os.unlink(os.path.join(H.SHM_DIR, leftover))
-    assert not left, f"segments left behind in {H.SHM_DIR}: {left}"
+def prefix(shm_prefix: str) -> str:
+    """A unique prefix; conftest's ``shm_prefix`` fails the test on any leftover segment."""
+    return shm_prefix
 
 
 @pytest.fixture
