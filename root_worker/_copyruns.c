@@ -11,6 +11,12 @@
  *       memcpy and returns the total number of bytes copied.  The GIL is released when the
  *       total is large (copying is then pure memory traffic).
  *
+ *   write_frame(dst, src, header, runs, meta_offset, meta_len, out_meta_offset) -> int
+ *       The whole output step of one trim: dst[:len(header)] = header; patch the three
+ *       per-request preamble fields (frame_len u64 at 32, meta_offset u64 at 40, meta_len
+ *       u32 at 48, little-endian); copy_runs(dst, src, runs); copy the metadata
+ *       src[meta_offset:+meta_len] to dst[out_meta_offset:].  Returns the output length.
+ *
  *   same_bytes(buf, offset, expected) -> bool
  *       True if buf[offset:offset + len(expected)] == expected (memcmp, no temporary
  *       copy); False if that range is not inside buf.
@@ -22,6 +28,9 @@
 
 /* Below this many bytes, releasing and re-acquiring the GIL costs more than it frees. */
 #define RELEASE_GIL_MIN_BYTES (256 * 1024)
+/* Per-request preamble fields (docs/frame-format.md): frame_len, meta_offset, meta_len. */
+#define FRAME_TAIL_OFFSET 32
+#define FRAME_TAIL_END (FRAME_TAIL_OFFSET + 8 + 8 + 4)
 
 static int
 check_runs(const int64_t *r, Py_ssize_t n_runs, Py_ssize_t src_len, Py_ssize_t dst_len,
@@ -89,6 +98,73 @@ done:
     return result;
 }
 
+static void
+store_le(char *p, uint64_t v, int n)
+{
+    for (int i = 0; i < n; i++) {
+        p[i] = (char)(v >> (8 * i));
+    }
+}
+
+static PyObject *
+write_frame(PyObject *self, PyObject *args)
+{
+    Py_buffer dst, src, header, runs;
+    long long meta_off, meta_len, out_meta;
+    int64_t total = 0;
+    PyObject *result = NULL;
+
+    if (!PyArg_ParseTuple(args, "w*y*y*y*LLL:write_frame", &dst, &src, &header, &runs,
+                          &meta_off, &meta_len, &out_meta)) {
+        return NULL;
+    }
+    Py_ssize_t n_runs = runs.len / (3 * (Py_ssize_t)sizeof(int64_t));
+    const int64_t *r = (const int64_t *)runs.buf;
+    if (runs.len % (3 * (Py_ssize_t)sizeof(int64_t)) != 0
+        || ((uintptr_t)r) % sizeof(int64_t) != 0) {
+        PyErr_SetString(PyExc_ValueError, "runs must be aligned int64 triples");
+        goto done;
+    }
+    if (header.len < FRAME_TAIL_END || header.len > dst.len || meta_off < 0 || meta_len < 0
+        || out_meta < header.len || meta_off > src.len || meta_len > src.len - meta_off
+        || out_meta > dst.len || meta_len > dst.len - out_meta) {
+        PyErr_Format(PyExc_ValueError,
+                     "write_frame: header (%zd bytes) or metadata (src %lld, dst %lld, len "
+                     "%lld) is outside the buffers (src %zd bytes, dst %zd bytes)",
+                     header.len, meta_off, out_meta, meta_len, src.len, dst.len);
+        goto done;
+    }
+    if (check_runs(r, n_runs, src.len, dst.len, &total) < 0) {
+        goto done;
+    }
+    char *d = (char *)dst.buf;
+    const char *s = (const char *)src.buf;
+    memcpy(d, header.buf, (size_t)header.len);
+    store_le(d + FRAME_TAIL_OFFSET, (uint64_t)(out_meta + meta_len), 8);
+    store_le(d + FRAME_TAIL_OFFSET + 8, (uint64_t)out_meta, 8);
+    store_le(d + FRAME_TAIL_OFFSET + 16, (uint64_t)meta_len, 4);
+    if (total >= RELEASE_GIL_MIN_BYTES) {
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < n_runs; i++) {
+            memcpy(d + r[3 * i + 1], s + r[3 * i], (size_t)r[3 * i + 2]);
+        }
+        Py_END_ALLOW_THREADS
+    }
+    else {
+        for (Py_ssize_t i = 0; i < n_runs; i++) {
+            memcpy(d + r[3 * i + 1], s + r[3 * i], (size_t)r[3 * i + 2]);
+        }
+    }
+    memcpy(d + out_meta, s + meta_off, (size_t)meta_len);
+    result = PyLong_FromLongLong(out_meta + meta_len);
+done:
+    PyBuffer_Release(&runs);
+    PyBuffer_Release(&header);
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
+    return result;
+}
+
 static PyObject *
 same_bytes(PyObject *self, PyObject *args)
 {
@@ -110,6 +186,8 @@ same_bytes(PyObject *self, PyObject *args)
 static PyMethodDef methods[] = {
     {"copy_runs", copy_runs, METH_VARARGS,
      "copy_runs(dst, src, runs) -> int: memcpy each (src_off, dst_off, len) int64 run."},
+    {"write_frame", write_frame, METH_VARARGS,
+     "write_frame(dst, src, header, runs, meta_offset, meta_len, out_meta_offset) -> int."},
     {"same_bytes", same_bytes, METH_VARARGS,
      "same_bytes(buf, offset, expected) -> bool: memcmp of a region against bytes."},
     {NULL, NULL, 0, NULL},

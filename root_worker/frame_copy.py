@@ -75,10 +75,16 @@ def copy_runs_loop(dst: memoryview, src: memoryview, runs: list[tuple[int, int, 
         dst[d:d + n] = src[s:s + n]
 
 
-def same_bytes_py(buf: memoryview, offset: int, expected: bytes) -> bool:
-    """``buf[offset:offset + len(expected)] == expected`` via one copy + memcmp."""
-    return buf[offset:offset + len(expected)].tobytes() == expected
+def same_bytes_py(buf: Any, offset: int, expected: bytes) -> bool:
+    """``buf[offset:offset + len(expected)] == expected`` via one copy + memcmp.
+
+    (``bytes(view) == other`` costs ~7 us for 100 KB; ``view == other`` ~375 us.)
+    """
+    end = offset + len(expected)
+    if offset < 0 or end > len(buf):
+        return False
+    return bytes(buf[offset:end]) == expected
 
 
-copy_runs_c: Any = _copyruns.copy_runs if HAVE_C else None
-same_bytes: Any = _copyruns.same_bytes if HAVE_C else same_bytes_py
+write_frame_c: Any = _copyruns.write_frame if HAVE_C else None
+same_bytes_c: Any = _copyruns.same_bytes if HAVE_C else None

@@ -32,10 +32,11 @@ from root_worker.frame_codec import as_bytes_view
 from root_worker.frame_copy import (
     BACKENDS,
     UniformRows,
-    copy_runs_c,
     copy_runs_loop,
-    same_bytes,
+    same_bytes_c,
+    same_bytes_py,
     uniform_rows,
+    write_frame_c,
 )
 from root_worker.frame_format import (
     BLOCK_ALIGN,
@@ -170,6 +171,7 @@ class Trimmer:
             raise ValueError(f"backend {backend!r} is not available (have {BACKENDS})")
         self.backend = backend
         self._use_c = backend == "c"
+        self._same = same_bytes_c if self._use_c else same_bytes_py
         self._max_plans = max_plans
         self._max_sizes = max_sizes_per_plan
         self._plans: OrderedDict[tuple[int, int], _Plan] = OrderedDict()
@@ -184,49 +186,46 @@ class Trimmer:
         suffice.  Without it a new buffer is allocated.  Raises :class:`FrameError` for a
         malformed frame, ``ValueError`` if ``out`` is too small.
         """
-        src = as_bytes_view(buf)
-        n = src.nbytes
+        src = buf if type(buf) is bytes else as_bytes_view(buf)
+        n = len(src)
         if n < PREAMBLE_SIZE:
-            read_preamble(src)
+            read_preamble(as_bytes_view(src))
         (magic, version, flags, n_columns, layout_len, hint, n_cand, reserved0, frame_len,
          meta_off, meta_len, reserved1) = PREAMBLE.unpack_from(src, 0)
         if (magic != MAGIC or version != VERSION or flags or reserved0 or frame_len != n
                 or meta_off + meta_len != n or reserved1 != ZERO_RESERVED):
-            read_preamble(src)  # raises the precise error
+            read_preamble(as_bytes_view(src))  # raises the precise error
         key = (hint, allowlist.digest)
         plan = self._plans.get(key)
         if (plan is None or plan.layout.n_columns != n_columns or plan.layout_len != layout_len
-                or not same_bytes(src, PREAMBLE_SIZE, plan.layout.raw)):
+                or not self._same(src, PREAMBLE_SIZE, plan.layout.raw)):
             plan = self._new_plan(src, key, allowlist)
         else:
             _lru_touch(self._plans, key)
         sizes = plan.sizes.get((n_cand, meta_off))
-        if sizes is None or not same_bytes(src, plan.table_offset, sizes.table):
+        if sizes is None or not self._same(src, plan.table_offset, sizes.table):
             sizes = self._new_size_plan(plan, src)
         elif len(plan.sizes) > 1:
             _lru_touch(plan.sizes, (n_cand, meta_off))
         out_meta = sizes.out_meta_offset
         out_len = out_meta + meta_len
         dst = _output_view(out, out_len)
-        dst[:len(sizes.header)] = sizes.header
-        TAIL.pack_into(dst, TAIL_OFFSET, out_len, out_meta, meta_len)
         if self._use_c:
-            copy_runs_c(dst, src, sizes.runs)
-        elif sizes.uniform is not None:
-            sizes.uniform.copy(dst, src)
+            write_frame_c(dst, src, sizes.header, sizes.runs, meta_off, meta_len, out_meta)
         else:
-            copy_runs_loop(dst, src, sizes.runs_list)
-        dst[out_meta:out_len] = src[meta_off:n]
+            _write_frame_py(dst, as_bytes_view(src), sizes, meta_off, meta_len)
         return TrimResult(dst[:out_len], n, out_len, plan.n_kept, plan.n_missing)
 
-    def _new_plan(self, src: memoryview, key: tuple[int, int], allowlist: Allowlist) -> _Plan:
+    def _new_plan(self, src: Any, key: tuple[int, int], allowlist: Allowlist) -> _Plan:
+        src = as_bytes_view(src)
         pre = read_preamble(src)
         raw = src[PREAMBLE_SIZE:pre.layout_end].tobytes()
         plan = _Plan(self._layouts.get(pre.hint, pre.n_columns, raw), allowlist)
         _lru_put(self._plans, key, plan, self._max_plans)
         return plan
 
-    def _new_size_plan(self, plan: _Plan, src: memoryview) -> _SizePlan:
+    def _new_size_plan(self, plan: _Plan, src: Any) -> _SizePlan:
+        src = as_bytes_view(src)
         pre = read_preamble(src)
         sizes = plan.size_plan(src, pre)
         _lru_put(plan.sizes, (pre.n_candidates, pre.meta_offset), sizes, self._max_sizes)
@@ -236,6 +235,19 @@ class Trimmer:
         """Drop every cached plan and layout."""
         self._plans.clear()
         self._layouts = LayoutCache(self._max_plans)
+
+
+def _write_frame_py(dst: memoryview, src: memoryview, sizes: _SizePlan, meta_off: int,
+                    meta_len: int) -> None:
+    """Pure-Python twin of ``_copyruns.write_frame``: header, patched tail, blocks, metadata."""
+    out_meta = sizes.out_meta_offset
+    dst[:len(sizes.header)] = sizes.header
+    TAIL.pack_into(dst, TAIL_OFFSET, out_meta + meta_len, out_meta, meta_len)
+    if sizes.uniform is not None:
+        sizes.uniform.copy(dst, src)
+    else:
+        copy_runs_loop(dst, src, sizes.runs_list)
+    dst[out_meta:out_meta + meta_len] = src[meta_off:meta_off + meta_len]
 
 
 def _lru_put(cache: OrderedDict[Any, Any], key: Any, value: Any, limit: int) -> None:

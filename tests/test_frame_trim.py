@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -262,6 +266,30 @@ def test_c_copy_runs_is_bounds_checked() -> None:
 
 
 @pytest.mark.skipif(not frame_copy.HAVE_C, reason="C extension not built")
+def test_c_write_frame_is_bounds_checked() -> None:
+    from root_worker import _copyruns
+
+    src = bytes(range(200))
+    header = bytes(range(64))
+    runs = np.array([[100, 64, 10]], dtype=np.int64)
+    dst = bytearray(100)
+    assert _copyruns.write_frame(dst, src, header, runs, 190, 10, 74) == 84
+    assert dst[:32] == header[:32] and dst[52:64] == header[52:64]
+    assert struct.unpack_from("<QQI", dst, 32) == (84, 74, 10)
+    assert dst[64:74] == src[100:110] and dst[74:84] == src[190:200]
+    for args in ((190, 11, 74), (-1, 5, 74), (190, 10, 95), (190, 10, 10), (0, 5, 1 << 40)):
+        with pytest.raises(ValueError, match="outside the buffers"):
+            _copyruns.write_frame(bytearray(100), src, header, runs, *args)
+    with pytest.raises(ValueError, match="outside the buffers"):
+        _copyruns.write_frame(bytearray(100), src, header[:40], runs, 190, 10, 74)
+    with pytest.raises(ValueError, match="outside the buffers"):
+        _copyruns.write_frame(bytearray(100), src, header,
+                              np.array([[195, 64, 10]], np.int64), 190, 10, 74)
+    with pytest.raises(ValueError, match="int64 triples"):
+        _copyruns.write_frame(bytearray(100), src, header, np.zeros(2, np.int64), 190, 10, 74)
+
+
+@pytest.mark.skipif(not frame_copy.HAVE_C, reason="C extension not built")
 def test_c_same_bytes_matches_python() -> None:
     from root_worker import _copyruns
 
@@ -271,6 +299,33 @@ def test_c_same_bytes_matches_python() -> None:
         assert _copyruns.same_bytes(buf, off, exp) == frame_copy.same_bytes_py(buf, off, exp)
     for off, exp in ((46, bytes(range(46, 51))), (-1, b"\x00"), (51, b"")):
         assert _copyruns.same_bytes(buf, off, exp) is False
+        assert frame_copy.same_bytes_py(buf, off, exp) is False
+
+
+def test_pure_python_path_without_the_extension() -> None:
+    """With the extension unimportable, the package falls back and still trims correctly."""
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["root_worker._copyruns"] = None  # makes the import fail
+        import numpy as np
+        from flatbuffers_schema.keys import Allowlist
+        from root_worker import frame_copy
+        from root_worker.frame import BACKENDS, Ragged, Trimmer, decode, encode, trim
+        assert not frame_copy.HAVE_C and BACKENDS == ("numpy",)
+        assert Trimmer().backend == "numpy"
+        cols = {"a": np.arange(13.0), "b": Ragged.from_lengths(np.arange(4), [1] * 4 + [0] * 9),
+                "c": np.ones((13, 2), np.int8), "d": np.arange(13, dtype=np.uint16)}
+        for keep in (["a", "c"], ["b", "d"], ["a", "b", "c", "d"], []):
+            got = trim(encode(cols, {"request_id": 1}), Allowlist.from_names(keep))
+            want = encode({k: cols[k] for k in keep}, {"request_id": 1}, n_candidates=13)
+            assert bytes(got.data) == want, keep
+            assert bytes(trim(bytearray(want), Allowlist.from_names(keep)).data) == want
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
 
 
 def test_trim_rejects_unknown_frame_errors_cleanly(trimmer: Trimmer) -> None:
