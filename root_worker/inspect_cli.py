@@ -1,0 +1,404 @@
+"""``trimmer-inspect``: the on-call view of the feature map a host serves (read-only).
+
+Runs as its own short-lived process, on the host of the daemon and the root workers (as
+root or as a member of the segments' group). It never writes, creates, locks or unlinks
+shared memory: everything goes through the workers' own read-only reader. ``main(argv)``
+returns the exit code instead of exiting, so tests call it in-process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import struct
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+import posix_ipc
+
+from flatbuffers_schema.shm_layout import validate_prefix
+from root_worker import inspect_format as fmt
+from root_worker.inspect_diff import IN_SYNC, BundleDiff, describe_change, diff_bundles
+from root_worker.inspect_state import Level, MapState, Thresholds, evaluate, read_state
+from root_worker.map_reader import FeatureMapView, MapError
+from trimmer_daemon.bundle import DEFAULT_LIMITS, Limits
+from trimmer_daemon.config import ConfigError, load_config
+
+__all__ = ["EXIT_CRITICAL", "EXIT_OK", "EXIT_UNKNOWN", "EXIT_WARNING", "main"]
+
+EXIT_OK = 0
+EXIT_WARNING = 1
+EXIT_CRITICAL = 2
+EXIT_UNKNOWN = 3  # bad command line or configuration: the check itself could not run
+
+PROG = "trimmer-inspect"
+DEFAULT_SHM_NAME = "feature_trimmer"
+SHM_ENV = "FT_SHM_NAME"
+
+_EPILOG = """\
+exit codes (monitoring-plugin convention; the first line of `status` is the check summary):
+  0  OK        status: map published and verified, daemon alive, heartbeat fresh, every
+               bundle ok.  diff: every file equals what is served.  models/lookup/dump:
+               the map was read.
+  1  WARNING   status: a bundle is stale / missing / never loaded, the daemon is not
+               running, the heartbeat is older than --heartbeat-warn, the map is older
+               than --age-warn, or no bundle is configured.  Workers still trim with the
+               last good map.  diff: at least one file differs from what is served.
+  2  CRITICAL  every verb: no map was ever published, the control segment is unreadable,
+               the blob fails its checksum or is not a feature map (workers pass requests
+               through untrimmed, or keep an older generation).  status also: heartbeat
+               older than --heartbeat-crit, map older than --age-crit.
+  3  UNKNOWN   bad command line or unreadable --config: the check did not run.
+
+Durations: 500ms, 5s, 2m, 1h, 1d or a number of seconds; 0 or "off" disables a threshold.
+Runbook: docs/operations.md.
+"""
+
+
+#: What reading a checksum-valid but malformed FlatBuffers blob can raise (map_reader wraps
+#: these in MapError on the hot path only).
+_CORRUPT = (MapError, struct.error, IndexError, TypeError, UnicodeDecodeError, OverflowError)
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        raise _UsageError(f"{self.prog}: error: {message}")
+
+
+def _duration(text: str) -> float:
+    try:
+        return fmt.parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    default = (lambda v: v) if top else (lambda v: argparse.SUPPRESS)
+    parser.add_argument("--shm-name", default=default(None), metavar="NAME",
+                        help=f"shared-memory prefix the daemon publishes under (default: "
+                             f"${SHM_ENV}, else {DEFAULT_SHM_NAME})")
+    parser.add_argument("--json", action="store_true", default=default(False),
+                        help="print one JSON document instead of text")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, epilog=_EPILOG,
+                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                     description="Inspect the feature-trimmer map in shared memory "
+                                 "(read-only; usable as a monitoring check).")
+    _common(parser, top=True)
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True,
+                                  parser_class=_Parser)
+    p = verbs.add_parser("status", help="health check: generation, ages, daemon, bundles",
+                         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--heartbeat-warn", type=_duration, default=5.0, metavar="DURATION",
+                   help="WARNING when the last daemon heartbeat is older (default: 5s)")
+    p.add_argument("--heartbeat-crit", type=_duration, default=30.0, metavar="DURATION",
+                   help="CRITICAL when the last daemon heartbeat is older (default: 30s)")
+    p.add_argument("--age-warn", type=_duration, default=0.0, metavar="DURATION",
+                   help="WARNING when the map was published longer ago (default: off; the "
+                        "daemon only publishes on change)")
+    p.add_argument("--age-crit", type=_duration, default=0.0, metavar="DURATION",
+                   help="CRITICAL when the map was published longer ago (default: off)")
+    p = verbs.add_parser("models", help="models, versions, allowlist sizes, source bundles")
+    p.add_argument("pattern", nargs="?", default="*", metavar="PATTERN",
+                   help="only models whose name matches this glob (default: all)")
+    p = verbs.add_parser("lookup", help="which allowlist applies to MODEL [VERSION], and why")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("version", nargs="?", default=None, metavar="VERSION")
+    p.add_argument("--features", action="store_true", help="list the allowlist's feature names")
+    p = verbs.add_parser("diff", help="bundle files on disk vs. what is published")
+    p.add_argument("--config", metavar="FILE",
+                   help="the daemon's TOML config: also compare the configured bundle list "
+                        "and use its --max-* limits")
+    p.add_argument("--models", action="store_true",
+                   help="also list model/version differences of each valid file")
+    p = verbs.add_parser("dump", help="the whole map as JSON")
+    p.add_argument("--no-features", action="store_true",
+                   help="leave out the feature names of each allowlist")
+    for sub in verbs.choices.values():
+        _common(sub, top=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one verb; return its exit code (see ``trimmer-inspect --help``)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+    except _UsageError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_UNKNOWN
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else EXIT_OK
+    prefix = args.shm_name or os.environ.get(SHM_ENV) or DEFAULT_SHM_NAME
+    try:
+        validate_prefix(prefix)
+    except ValueError as exc:
+        print(f"{PROG}: error: --shm-name: {exc}", file=sys.stderr)
+        return EXIT_UNKNOWN
+    try:
+        state = read_state(prefix)
+        return int(_VERBS[args.verb](state, args))
+    except _UsageError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_UNKNOWN
+    except BrokenPipeError:  # `trimmer-inspect dump | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except (OSError, posix_ipc.Error) as exc:
+        print(f"CRITICAL: cannot read shared memory {prefix!r}: {exc}", file=sys.stderr)
+        return EXIT_CRITICAL
+    except _CORRUPT as exc:  # a verified blob whose FlatBuffers offsets are still wrong
+        print(f"CRITICAL: the published map {prefix!r} is corrupt: {type(exc).__name__}: "
+              f"{exc}", file=sys.stderr)
+        return EXIT_CRITICAL
+
+
+# -- verbs ------------------------------------------------------------------------------------
+
+def cmd_status(state: MapState, args: argparse.Namespace) -> Level:
+    evaluate(state, Thresholds(args.heartbeat_warn, args.heartbeat_crit, args.age_warn,
+                               args.age_crit))
+    if args.json:
+        doc = _envelope(state)
+        doc.update(_status_facts(state))
+        doc["thresholds_s"] = {"heartbeat_warn": args.heartbeat_warn,
+                               "heartbeat_crit": args.heartbeat_crit,
+                               "age_warn": args.age_warn, "age_crit": args.age_crit}
+        _print_json(doc)
+        return state.level
+    print(_summary(state))
+    facts = _status_lines(state)
+    if facts:
+        print(fmt.key_values(facts))
+    if state.view is not None:
+        print()
+        print(_bundle_table(state.view, state.now_ns))
+    if state.findings:
+        print()
+        print(fmt.table(["LEVEL", "CODE", "MESSAGE"],
+                        [(f.level.name if f.level else "NOTE", f.code, f.message)
+                         for f in state.findings]))
+    return state.level
+
+
+def cmd_models(state: MapState, args: argparse.Namespace) -> Level:
+    view = _need_view(state, args)
+    if view is None:
+        return state.level
+    models = [m for m in view.models() if fnmatch.fnmatchcase(m["name"], args.pattern)]
+    if args.json:
+        doc = _envelope(state)
+        doc.update(generation=view.generation, models=models)
+        _print_json(doc)
+        return state.level
+    rows = []
+    for m in models:
+        for v in m["versions"]:
+            rows.append((m["name"], v["version"], v["version"] == m["latest"], v["features"],
+                         ",".join(v["bundles"]), v["conflict"]))
+    if rows:
+        print(fmt.table(["MODEL", "VERSION", "LATEST", "FEATURES", "BUNDLES", "CONFLICT"],
+                        rows))
+    print(f"{len(models)} models, {len(rows)} versions (generation {view.generation})"
+          + ("" if args.pattern == "*" else f" matching {args.pattern!r}"))
+    return state.level
+
+
+def cmd_lookup(state: MapState, args: argparse.Namespace) -> Level:
+    view = _need_view(state, args, model=args.model, version=args.version)
+    if view is None:
+        return state.level
+    res = view.resolve(args.model, args.version)
+    info = next((m for m in view.models() if m["name"] == args.model), None)
+    vinfo = next((v for v in info["versions"] if v["version"] == res.version), None) \
+        if info else None
+    names = sorted(view.feature_names(res.allowlist.keys)) if res.allowlist is not None \
+        else None
+    doc: dict[str, Any] = {
+        "model": args.model, "requested_version": args.version, "outcome": res.outcome.value,
+        "trims": res.trims, "version": res.version, "explanation": res.explain(),
+        "latest": info["latest"] if info else None,
+        "known_versions": [v["version"] for v in info["versions"]] if info else [],
+        "features": len(names) if names is not None else None,
+        "digest": vinfo["digest"] if vinfo else None,
+        "bundles": vinfo["bundles"] if vinfo else [],
+        "conflict": vinfo["conflict"] if vinfo else False, "generation": view.generation}
+    if args.json:
+        if args.features:
+            doc["feature_names"] = names
+        _print_json({**_envelope(state), **doc})
+        return state.level
+    print(res.explain())
+    print(fmt.key_values([(k, _show(v)) for k, v in doc.items() if k != "explanation"]))
+    if args.features and names is not None:
+        print()
+        print("\n".join(names))
+    return state.level
+
+
+def cmd_diff(state: MapState, args: argparse.Namespace) -> Level:
+    view = _need_view(state, args)
+    if view is None:
+        return state.level
+    limits, configured = _daemon_config(args.config)
+    diffs = diff_bundles(view, limits=limits, configured=configured, models=args.models)
+    for d in diffs:
+        if d.status != IN_SYNC or d.models:
+            state.add(Level.WARNING, f"diff_{d.status}", f"bundle {d.name!r}: {d.status}")
+    if args.json:
+        doc = _envelope(state)
+        doc.update(generation=view.generation, bundles=[d.to_dict() for d in diffs])
+        _print_json(doc)
+        return state.level
+    print(_diff_text(diffs))
+    changed = sum(1 for d in diffs if d.status != IN_SYNC or d.models)
+    print(f"{len(diffs)} bundles, {changed} differ from generation {view.generation}")
+    return state.level
+
+
+def cmd_dump(state: MapState, args: argparse.Namespace) -> Level:
+    view = _need_view(state, args)
+    if view is None:
+        return state.level
+    doc = _envelope(state)
+    doc.update(_status_facts(state))
+    doc["map"] = view.to_dict(with_features=not args.no_features)
+    _print_json(doc)
+    return state.level
+
+
+_VERBS = {"status": cmd_status, "models": cmd_models, "lookup": cmd_lookup, "diff": cmd_diff,
+          "dump": cmd_dump}
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+def _need_view(state: MapState, args: argparse.Namespace, **extra: Any) -> FeatureMapView | None:
+    """The map, or (after reporting why there is none: CRITICAL) ``None``."""
+    if state.view is not None:
+        return state.view
+    if args.json:
+        doc = _envelope(state)
+        if "model" in extra:
+            doc.update(extra, outcome="passthrough_no_map", trims=False,
+                       explanation="no usable map: requests pass through untrimmed")
+        _print_json(doc)
+    else:
+        for f in state.findings:
+            print(f"{f.level.name}: {f.message}", file=sys.stderr)
+    return None
+
+
+def _daemon_config(path: str | None) -> tuple[Limits, dict[str, str] | None]:
+    if path is None:
+        return DEFAULT_LIMITS, None
+    try:
+        config = load_config(["--config", path])
+    except ConfigError as exc:
+        raise _UsageError(f"{PROG}: --config: {exc}") from None
+    return config.limits, dict(config.bundles)
+
+
+def _envelope(state: MapState) -> dict[str, Any]:
+    level = state.level
+    return {"shm_name": state.prefix, "status": level.name.lower(), "exit_code": int(level),
+            "checked_at": fmt.iso_utc(state.now_ns),
+            "findings": [f.to_dict() for f in state.findings]}
+
+
+def _status_facts(state: MapState) -> dict[str, Any]:
+    c, snap, view = state.control, state.snapshot, state.view
+    published = c is not None and c.generation > 0
+    return {
+        "generation": c.generation if published and c else None,
+        "published_at": fmt.iso_utc(c.published_at_ns) if published and c else None,
+        "map_age_s": state.map_age_s() if published else None,
+        "heartbeat_at": fmt.iso_utc(c.heartbeat_ns) if c and c.heartbeat_ns else None,
+        "heartbeat_age_s": state.heartbeat_age_s(),
+        "daemon": state.daemon.to_dict() if state.daemon else None,
+        "blob": {"segment": snap.segment, "size": snap.size,
+                 "crc32": f"{snap.checksum:#010x}", "verified": True} if snap else None,
+        "models": view.model_count if view else None,
+        "bundles": view.bundles() if view else [],
+        "conflicts": view.conflicts() if view else [],
+    }
+
+
+def _summary(state: MapState) -> str:
+    level = state.level
+    worst = [f for f in state.findings if f.level == level and level > Level.OK]
+    gen = state.control.generation if state.control else 0
+    head = f"{level.name} - feature-trimmer shm={state.prefix} generation={gen}"
+    if not worst:
+        return head
+    more = f" (+{len(worst) - 1} more)" if len(worst) > 1 else ""
+    return f"{head}: {worst[0].message}{more}"
+
+
+def _status_lines(state: MapState) -> list[tuple[str, object]]:
+    c, d, snap, view = state.control, state.daemon, state.snapshot, state.view
+    if c is None:
+        return []
+    lines: list[tuple[str, object]] = []
+    if c.generation:
+        lines.append(("generation", f"{c.generation} published {fmt.iso_utc(c.published_at_ns)}"
+                                    f" ({fmt.ago(c.published_at_ns, state.now_ns)})"))
+    if d is not None:
+        alive = {True: "alive", False: "NOT RUNNING", None: "unknown"}[d.alive]
+        lock = {True: f"writer lock held{f' by pid {d.lock_pid}' if d.lock_pid else ''}",
+                False: "writer lock FREE", None: "writer lock unknown"}[d.lock_held]
+        lines.append(("daemon", f"pid {d.pid} {alive}, {lock}"))
+    lines.append(("heartbeat", f"{fmt.iso_utc(c.heartbeat_ns)} "
+                               f"({fmt.ago(c.heartbeat_ns, state.now_ns)})"))
+    if snap is not None:
+        lines.append(("blob", f"{snap.segment}, {snap.size} bytes, crc32 {snap.checksum:#010x} "
+                              "verified"))
+    if view is not None:
+        lines.append(("map", f"{view.model_count} models, {len(view.bundles())} bundles, "
+                             f"{len(view.conflicts())} conflicts, built by pid "
+                             f"{view.daemon_pid}"))
+    return lines
+
+
+def _bundle_table(view: FeatureMapView, now_ns: int) -> str:
+    rows = [(b["name"], b["state"], b["model_count"], b["version_count"],
+             fmt.ago(b["loaded_at_ns"], now_ns), b["sha256"][:12] or None,
+             b["error"] or b["path"]) for b in view.bundles()]
+    return fmt.table(["BUNDLE", "STATE", "MODELS", "VERSIONS", "LOADED", "SHA256",
+                      "ERROR / PATH"], rows)
+
+
+def _diff_text(diffs: list[BundleDiff]) -> str:
+    rows = [(d.name, d.status, d.published_state or None, d.published_sha256[:12] or None,
+             d.disk_sha256[:12] or None, d.detail or d.path) for d in diffs]
+    lines = [fmt.table(["BUNDLE", "STATUS", "PUBLISHED", "SERVED SHA", "DISK SHA", "DETAIL"],
+                       rows)]
+    for d in diffs:
+        for change in d.models:
+            lines.append(f"  {d.name}: {describe_change(change)}")
+    return "\n".join(lines)
+
+
+def _show(value: Any) -> object:
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value) or "-"
+    return value
+
+
+def _print_json(doc: dict[str, Any]) -> None:
+    json.dump(doc, sys.stdout, indent=2, sort_keys=False)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
