@@ -564,6 +564,20 @@ def test_fileno_is_selectable(two: tuple[BundleWatcher, Path]) -> None:
     assert select.select([w.fileno()], [], [], 0)[0] == []
 
 
+def test_huge_timeout_is_fine(two: tuple[BundleWatcher, Path]) -> None:
+    w, path = two
+    write(path, "{1}")
+    assert w.poll(1e12) == {"a"}  # longer than poll(2)'s int milliseconds
+
+
+def test_bad_path_leaves_state_unchanged(two: tuple[BundleWatcher, Path]) -> None:
+    w, path = two
+    before = (w.bundles, w.watched_dirs)
+    with pytest.raises(ValueError, match="NUL"):
+        w.set_bundles({"x": "/tmp/bad\0path"})
+    assert (w.bundles, w.watched_dirs) == before
+
+
 def test_invalid_arguments(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         BundleWatcher({}, debounce_s=0.1, max_delay_s=0.05)

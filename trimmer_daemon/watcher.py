@@ -96,6 +96,8 @@ MAX_SYMLINK_HOPS = 40
 _RESOLVE_PASSES = 3
 #: add_watch errors that mean "the path is gone or not a directory": re-anchor upwards.
 _GONE_ERRNOS = (errno.ENOENT, errno.ENOTDIR)
+#: Longest single poll(2) wait; callers' longer waits loop (poll's timeout is a C int, ms).
+_MAX_WAIT_MS = 3_600_000
 
 Anchor = tuple[str, str]
 _K = TypeVar("_K")
@@ -248,6 +250,9 @@ class BundleWatcher:
         """
         self._require_open()
         wanted = {name: os.path.abspath(os.fspath(p)) for name, p in bundles.items()}
+        for name, path in wanted.items():  # check everything before changing anything
+            if "\0" in path:
+                raise ValueError(f"bundle {name!r}: path contains a NUL byte")
         for name in [n for n in self._paths if wanted.get(n) != self._paths[n]]:
             self._set_anchors(name, frozenset())
             del self._paths[name], self._anchors[name]
@@ -350,7 +355,7 @@ class BundleWatcher:
     def _wait_readable(self, wait_s: float | None) -> bool:
         # Round up so a sub-millisecond remainder blocks instead of spinning; PEP 475 makes
         # poll() retry on EINTR with the remaining time.
-        ms = None if wait_s is None else math.ceil(wait_s * 1000.0)
+        ms = _MAX_WAIT_MS if wait_s is None else min(_MAX_WAIT_MS, math.ceil(wait_s * 1e3))
         return bool(self._poller.poll(ms))
 
     def _debounce(self) -> None:
@@ -389,6 +394,7 @@ class BundleWatcher:
         if dirty:
             self._reresolve(dirty)
             refresh.update(d for name in dirty for d, _ in self._anchors[name])
+        if refresh:
             self._sync_watches(refresh)
         return relevant
 
