@@ -1,0 +1,285 @@
+"""``trimmer-leaf``: the reference leaf server (demo, tests, benchmarks).
+
+It plays a leaf partition: it decodes each frame the root sends (lz4 if the request says
+``Content-Encoding: lz4``), converts the features its model signature names into arrays and
+returns deterministic scores (:mod:`root_worker.leaf_model`), so the system can show that
+trimming changes the bytes on the wire, never the scores. It counts what it receives.
+
+HTTP/1.1 with keep-alive, one thread per connection (``ThreadingHTTPServer``):
+
+``POST /score?model=NAME[&version=V]``
+    body: a frame. 200 ``{"model", "version", "requested_version", "scores": [...],
+    "n_candidates", "n_columns", "missing": [...], "bytes_received", "frame_bytes"}``;
+    400 for a malformed frame or lz4 body, 404 for a model it does not serve, 411 without
+    Content-Length, 413 above ``--max-body-bytes``. Errors are ``{"error": "..."}``.
+``GET /stats``
+    counters since start: requests, errors, bytes received (on the wire) and decoded frame
+    bytes, in total and per model, plus the models served.
+``GET /healthz``
+    ``{"status": "ok", "pid": ...}``.
+
+Example: ``trimmer-leaf --bundle examples/bundles/ads/module_info.json --model ads_ctr
+--port 0 --port-file /tmp/leaf.port`` (``--port 0`` binds a free port, printed and written
+to ``--port-file``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import lz4.frame
+
+from root_worker.frame import FrameError, decode
+from root_worker.leaf_model import ModelStore
+from trimmer_daemon.bundle import BundleError
+
+log = logging.getLogger("trimmer_leaf")
+DEFAULT_MAX_BODY = 256 << 20
+EXIT_OK, EXIT_USAGE = 0, 2
+
+
+class LeafStats:
+    """Thread-safe counters (``GET /stats``)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.totals = {"requests": 0, "errors": 0, "bytes_received": 0, "frame_bytes": 0}
+        self.by_model: dict[str, dict[str, int]] = {}
+
+    def record(self, model: str | None, wire: int, frame: int, columns: int,
+               ok: bool) -> None:
+        with self._lock:
+            t = self.totals
+            t["requests"] += 1
+            t["errors"] += 0 if ok else 1
+            t["bytes_received"] += wire
+            t["frame_bytes"] += frame
+            if model is not None and ok:
+                m = self.by_model.setdefault(model, {"requests": 0, "bytes_received": 0,
+                                                     "frame_bytes": 0, "columns": 0})
+                m["requests"] += 1
+                m["bytes_received"] += wire
+                m["frame_bytes"] += frame
+                m["columns"] += columns
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {**self.totals, "by_model": {k: dict(v) for k, v in self.by_model.items()}}
+
+
+class LeafError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class LeafServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], store: ModelStore, max_body: int,
+                 delay_s: float = 0.0) -> None:
+        super().__init__(address, LeafHandler)
+        self.store = store
+        self.max_body = max_body
+        self.delay_s = delay_s
+        self.stats = LeafStats()
+        self.started = time.time()
+
+
+class LeafHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: LeafServer
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib name
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def _send_json(self, status: int, doc: Any) -> None:
+        body = json.dumps(doc, separators=(",", ":")).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib name
+        path = urlsplit(self.path).path
+        if path == "/stats":
+            doc = self.server.stats.snapshot()
+            doc.update(pid=os.getpid(), models=self.server.store.describe())
+            self._send_json(200, doc)
+        elif path == "/healthz":
+            self._send_json(200, {"status": "ok", "pid": os.getpid()})
+        else:
+            self._send_json(404, {"error": f"no such path {path!r}"})
+
+    def do_POST(self) -> None:  # noqa: N802 - stdlib name
+        url = urlsplit(self.path)
+        if url.path != "/score":
+            self._discard_body()
+            self._send_json(404, {"error": f"no such path {url.path!r}"})
+            return
+        query = parse_qs(url.query)
+        model = (query.get("model") or [None])[0]
+        wire = frame_len = columns = 0
+        try:
+            body = self._read_body()
+            wire = len(body)
+            doc, frame_len, columns = self._score(model, (query.get("version") or [None])[0],
+                                                  body)
+        except LeafError as exc:
+            self.server.stats.record(model, wire, frame_len, columns, ok=False)
+            self._send_json(exc.status, {"error": str(exc)})
+            return
+        except Exception as exc:  # a bug: answer 500, keep serving
+            log.exception("scoring failed model=%s", model)
+            self.server.stats.record(model, wire, frame_len, columns, ok=False)
+            self._send_json(500, {"error": f"internal error: {type(exc).__name__}: {exc}"})
+            return
+        self.server.stats.record(model, wire, frame_len, columns, ok=True)
+        if self.server.delay_s:
+            time.sleep(self.server.delay_s)  # a deliberately slow leaf (tests)
+        self._send_json(200, doc)
+
+    def _discard_body(self) -> None:
+        try:
+            self._read_body()
+        except LeafError:
+            pass
+
+    def _read_body(self) -> bytes:
+        raw = self.headers.get("Content-Length")
+        if raw is None or not raw.isdigit():
+            self.close_connection = True
+            raise LeafError(411, "a Content-Length header is required")
+        length = int(raw)
+        if length > self.server.max_body:
+            self.close_connection = True
+            raise LeafError(413, f"body of {length} bytes exceeds {self.server.max_body}")
+        body = self.rfile.read(length)
+        if len(body) != length:
+            self.close_connection = True
+            raise LeafError(400, f"body truncated: {len(body)} of {length} bytes")
+        return body
+
+    def _score(self, model: str | None, version: str | None,
+               body: bytes) -> tuple[dict[str, Any], int, int]:
+        if not model:
+            raise LeafError(400, "query parameter 'model' is required")
+        lm = self.server.store.get(model, version)
+        if lm is None:
+            raise LeafError(404, f"model {model!r} is not served here")
+        frame_bytes = self._decompress(body)
+        try:
+            frame = decode(frame_bytes)
+        except FrameError as exc:
+            raise LeafError(400, f"malformed frame: {exc}") from None
+        scores, missing = lm.score(frame)
+        doc = {"model": model, "version": lm.version, "requested_version": version,
+               "scores": scores, "n_candidates": frame.n_candidates,
+               "n_columns": len(frame.columns), "missing": missing,
+               "bytes_received": len(body), "frame_bytes": len(frame_bytes)}
+        return doc, len(frame_bytes), len(frame.columns)
+
+    def _decompress(self, body: bytes) -> bytes:
+        encoding = (self.headers.get("Content-Encoding") or "identity").strip().lower()
+        if encoding == "identity":
+            return body
+        if encoding != "lz4":
+            raise LeafError(415, f"unsupported Content-Encoding {encoding!r}")
+        try:
+            dec = lz4.frame.LZ4FrameDecompressor()
+            out = dec.decompress(body, max_length=self.server.max_body)
+            if not dec.eof:
+                raise LeafError(400, "lz4 body is truncated or decompresses beyond "
+                                     f"{self.server.max_body} bytes")
+        except RuntimeError as exc:
+            raise LeafError(400, f"malformed lz4 body: {exc}") from None
+        return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="trimmer-leaf",
+        description="Reference leaf: decode frames, score the features a model's signature "
+                    "names, count received bytes.")
+    p.add_argument("--bundle", action="append", default=[], metavar="PATH",
+                   help="bundle-level module_info.json; serves its models (re-read on change)")
+    p.add_argument("--model", action="append", default=[], metavar="NAME",
+                   help="serve only these models of the bundles (repeatable)")
+    p.add_argument("--signature", action="append", default=[], metavar="MODEL[@VERSION]=PATH",
+                   help="a per-model module_info.json (version defaults to 1)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8101, help="0 picks a free port")
+    p.add_argument("--port-file", type=Path,
+                   help="write the bound port here (atomically) once listening")
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY)
+    p.add_argument("--delay-ms", type=float, default=0.0,
+                   help="answer every score request this much later (to simulate a slow leaf)")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def _signatures(specs: list[str]) -> list[tuple[str, str, str]]:
+    out = []
+    for spec in specs:
+        target, sep, path = spec.partition("=")
+        model, _, version = target.partition("@")
+        if not sep or not model or not path:
+            raise ValueError(f"--signature {spec!r}: expected MODEL[@VERSION]=PATH")
+        out.append((model, version or "1", path))
+    return out
+
+
+def _write_port(path: Path, port: int) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(f"{port}\n")
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.bundle and not args.signature:
+        print("trimmer-leaf: give at least one --bundle or --signature", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        store = ModelStore(args.bundle, args.model, _signatures(args.signature))
+    except (ValueError, BundleError) as exc:
+        print(f"trimmer-leaf: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    server = LeafServer((args.host, args.port), store, args.max_body_bytes,
+                        args.delay_ms / 1000.0)
+    port = server.server_address[1]
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    thread = threading.Thread(target=server.serve_forever, name="leaf-http", daemon=True)
+    thread.start()
+    if args.port_file:
+        _write_port(args.port_file, port)
+    print(f"trimmer-leaf listening on http://{args.host}:{port} models="
+          f"{','.join(store.describe())}", flush=True)
+    stop.wait()
+    log.info("stopping")
+    server.shutdown()
+    server.server_close()
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
