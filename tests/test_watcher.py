@@ -8,6 +8,7 @@ checked with ``poll(QUIET_S)``, i.e. the watcher itself waits.
 from __future__ import annotations
 
 import datetime
+import logging
 import math
 import os
 import select
@@ -482,7 +483,9 @@ def test_set_bundles_new_path_for_same_name(
 # ---------------------------------------------------------------- overflow and rescan
 
 
-def test_queue_overflow_reports_everything(two: tuple[BundleWatcher, Path]) -> None:
+def test_queue_overflow_reports_everything(
+    two: tuple[BundleWatcher, Path], caplog: pytest.LogCaptureFixture
+) -> None:
     w, path = two
     limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
     if limit > 200_000:
@@ -497,6 +500,9 @@ def test_queue_overflow_reports_everything(two: tuple[BundleWatcher, Path]) -> N
             os.chmod(p, 0o644)
     assert w.poll(DEADLINE_S) == {"a", "b"}
     assert w.stats.overflows == 1
+    assert [r.levelno for r in caplog.records if "overflow" in r.getMessage()] == [
+        logging.WARNING
+    ]
     write(path, "{}")  # watches are intact after the overflow
     assert wait_for(w, "a") == {"a"}
 
