@@ -59,6 +59,7 @@ from root_worker.frame_format import (
     read_preamble,
 )
 
+_new_tuple = tuple.__new__  # builds a TrimResult without the Python-level __new__ frame
 _U64_ALIGN_MASK = np.uint64(~(BLOCK_ALIGN - 1) & 0xFFFF_FFFF_FFFF_FFFF)
 
 
@@ -88,11 +89,13 @@ class _SizePlan:
 class _Plan:
     """Kept columns of one layout under one allowlist, and the output layout section."""
 
-    __slots__ = ("layout", "layout_len", "table_offset", "kept", "n_kept", "n_missing", "out_layout",
+    __slots__ = ("layout", "layout_raw", "n_columns", "layout_len", "table_offset", "kept", "n_kept", "n_missing", "out_layout",
                  "out_hint", "out_table_offset", "out_table_end", "sizes")
 
     def __init__(self, layout: Layout, allowlist: Allowlist) -> None:
         self.layout = layout
+        self.layout_raw = layout.raw
+        self.n_columns = layout.n_columns
         self.layout_len = len(layout.raw)
         self.table_offset = align(PREAMBLE_SIZE + self.layout_len, TABLE_ALIGN)
         keys = layout.keys
@@ -197,11 +200,11 @@ class Trimmer:
             read_preamble(as_bytes_view(src))  # raises the precise error
         key = (hint, allowlist.digest)
         plan = self._plans.get(key)
-        if (plan is None or plan.layout.n_columns != n_columns or plan.layout_len != layout_len
-                or not self._same(src, PREAMBLE_SIZE, plan.layout.raw)):
-            plan = self._new_plan(src, key, allowlist)
-        else:
+        if (plan is not None and plan.n_columns == n_columns and plan.layout_len == layout_len
+                and self._same(src, PREAMBLE_SIZE, plan.layout_raw)):
             _lru_touch(self._plans, key)
+        else:
+            plan = self._new_plan(src, key, allowlist)
         sizes = plan.sizes.get((n_cand, meta_off))
         if sizes is None or not self._same(src, plan.table_offset, sizes.table):
             sizes = self._new_size_plan(plan, src)
@@ -209,12 +212,17 @@ class Trimmer:
             _lru_touch(plan.sizes, (n_cand, meta_off))
         out_meta = sizes.out_meta_offset
         out_len = out_meta + meta_len
-        dst = _output_view(out, out_len)
+        if out is None:
+            dst = memoryview(bytearray(out_len))
+        else:
+            dst = memoryview(out)
+            if dst.readonly or dst.nbytes < out_len or dst.format != "B" or dst.ndim != 1:
+                dst = _output_view(dst, out_len)
         if self._use_c:
             write_frame_c(dst, src, sizes.header, sizes.runs, meta_off, meta_len, out_meta)
         else:
             _write_frame_py(dst, as_bytes_view(src), sizes, meta_off, meta_len)
-        return TrimResult(dst[:out_len], n, out_len, plan.n_kept, plan.n_missing)
+        return _new_tuple(TrimResult, (dst[:out_len], n, out_len, plan.n_kept, plan.n_missing))
 
     def _new_plan(self, src: Any, key: tuple[int, int], allowlist: Allowlist) -> _Plan:
         src = as_bytes_view(src)
@@ -267,10 +275,9 @@ def _lru_touch(cache: OrderedDict[Any, Any], key: Any) -> None:
         pass
 
 
-def _output_view(out: Any, out_len: int) -> memoryview:
-    if out is None:
-        return memoryview(bytearray(out_len))
-    dst = memoryview(out)
+def _output_view(out: memoryview, out_len: int) -> memoryview:
+    """Cast a caller's ``out`` to flat bytes, or say why it cannot hold the output."""
+    dst = out
     if dst.format != "B" or dst.ndim != 1:
         dst = dst.cast("B")
     if dst.readonly:
