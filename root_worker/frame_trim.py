@@ -259,8 +259,10 @@ def _write_frame_py(dst: memoryview, src: memoryview, sizes: _SizePlan, meta_off
 
 
 def _lru_put(cache: OrderedDict[Any, Any], key: Any, value: Any, limit: int) -> None:
+    """Insert as most recent and evict the oldest; each step is atomic under the GIL, so
+    concurrent callers can interleave without raising (at worst an entry is rebuilt)."""
+    cache.pop(key, None)
     cache[key] = value
-    cache.move_to_end(key)
     while len(cache) > limit:
         try:
             cache.popitem(last=False)

@@ -6,6 +6,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -300,6 +301,38 @@ def test_c_same_bytes_matches_python() -> None:
     for off, exp in ((46, bytes(range(46, 51))), (-1, b"\x00"), (51, b"")):
         assert _copyruns.same_bytes(buf, off, exp) is False
         assert frame_copy.same_bytes_py(buf, off, exp) is False
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_concurrent_trims_with_cache_churn(backend: str) -> None:
+    """Threads sharing one small-cache Trimmer (evictions race with hits) stay correct."""
+    trimmer = Trimmer(max_plans=2, max_sizes_per_plan=1, backend=backend)
+    frames = [encode(mixed_columns(n, seed=n), {"request_id": n}) for n in (2, 3, 4)]
+    allows = [Allowlist.from_names(NAMES[i::3]) for i in range(3)]
+    expected = {(f, a): bytes(Trimmer().trim(frames[f], allows[a]).data)
+                for f in range(3) for a in range(3)}
+    errors: list[str] = []
+
+    def worker(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        out = bytearray(max(map(len, frames)))
+        for _ in range(300):
+            f, a = int(rng.integers(3)), int(rng.integers(3))
+            try:
+                got = bytes(trimmer.trim(frames[f], allows[a], out=out).data)
+            except Exception as exc:  # noqa: BLE001 - reported below
+                errors.append(repr(exc))
+                return
+            if got != expected[(f, a)]:
+                errors.append(f"frame {f} allowlist {a}")
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == []
 
 
 def test_pure_python_path_without_the_extension() -> None:
