@@ -24,7 +24,7 @@ from __future__ import annotations
 from root_worker.frame_codec import Column, Frame, Ragged, decode, encode, peek_metadata
 from root_worker.frame_copy import BACKENDS
 from root_worker.frame_format import DTYPE_BY_CODE, FrameError
-from root_worker.frame_trim import TrimResult, Trimmer, trim
+from root_worker.frame_trim import Trimmer, TrimResult, trim
 
 __all__ = [
     "BACKENDS",

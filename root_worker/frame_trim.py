@@ -89,8 +89,9 @@ class _SizePlan:
 class _Plan:
     """Kept columns of one layout under one allowlist, and the output layout section."""
 
-    __slots__ = ("layout", "layout_raw", "n_columns", "layout_len", "table_offset", "kept", "n_kept", "n_missing", "out_layout",
-                 "out_hint", "out_table_offset", "out_table_end", "sizes")
+    __slots__ = ("layout", "layout_raw", "n_columns", "layout_len", "table_offset", "kept",
+                 "n_kept", "n_missing", "out_layout", "out_hint", "out_table_offset",
+                 "out_table_end", "sizes")
 
     def __init__(self, layout: Layout, allowlist: Allowlist) -> None:
         self.layout = layout

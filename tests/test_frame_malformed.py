@@ -130,7 +130,7 @@ STRUCTURAL = {
         "limit 4294967295"),
     "misaligned block": (
         patch(REF, entry(1), "Q", BLOCKS[1][0] + 8),
-        f"column 1 'beta': block [offset 264, 288) is not aligned to 64 bytes"),
+        "column 1 'beta': block [offset 264, 288) is not aligned to 64 bytes"),
     "block inside header": (
         patch(REF, entry(0), "Q", 64),
         f"column 0 'alpha': block [offset 64, 88) starts inside the header (data starts at "
