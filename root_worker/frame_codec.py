@@ -285,10 +285,9 @@ def decode(buf: Any) -> Frame:
     for i, (o, n) in enumerate(zip(off.tolist(), nb.tolist(), strict=True)):
         if layout.ragged[i]:
             columns[layout.names[i]] = _ragged_view(mv, layout, i, n_cand, o, n)
-        else:
-            dt, shape = layout.dtypes[i], layout.shapes[i]
-            arr = np.frombuffer(mv, dtype=dt, count=n // dt.itemsize, offset=o)
-            columns[layout.names[i]] = arr.reshape((n_cand, *shape))
+        else:  # np.ndarray over the buffer: a zero-copy view, ~2x cheaper than frombuffer
+            columns[layout.names[i]] = np.ndarray((n_cand, *layout.shapes[i]),
+                                                  layout.dtypes[i], mv, o)
     metadata = _parse_metadata(mv, pre.meta_offset, pre.meta_len)
     return Frame(n_cand, metadata, columns)
 
@@ -298,7 +297,7 @@ def _ragged_view(mv: memoryview, layout: Layout, i: int, n_cand: int, o: int,
     head = ragged_head(n_cand)
     dt, shape = layout.dtypes[i], layout.shapes[i]
     n_values = (n - head) // int(layout.elem_size[i])
-    offsets = np.frombuffer(mv, dtype=OFFSETS_DTYPE, count=n_cand + 1, offset=o)
+    offsets = np.ndarray((n_cand + 1,), OFFSETS_DTYPE, mv, o)
     label = layout.label(i)
     if offsets[0] != 0:
         raise FrameError(f"{label}: ragged offsets[0] is {int(offsets[0])}, expected 0")
@@ -310,5 +309,4 @@ def _ragged_view(mv: memoryview, layout: Layout, i: int, n_cand: int, o: int,
     if offsets[-1] != n_values:
         raise FrameError(f"{label}: ragged offsets end at {int(offsets[-1])} but the block "
                          f"holds {n_values} values")
-    values = np.frombuffer(mv, dtype=dt, count=(n - head) // dt.itemsize, offset=o + head)
-    return Ragged._trusted(values.reshape((n_values, *shape)), offsets)
+    return Ragged._trusted(np.ndarray((n_values, *shape), dt, mv, o + head), offsets)

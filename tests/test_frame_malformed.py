@@ -192,6 +192,10 @@ CONTENT = {
     "metadata not an object": (
         with_metadata(b"[1, 2]"),
         f"metadata [offset {META_OFF}, {META_OFF + 6}) is a JSON list, expected an object"),
+    "metadata empty": (
+        with_metadata(b""),
+        f"metadata [offset {META_OFF}, {META_OFF}) is not valid JSON (Expecting value: line 1 "
+        f"column 1 (char 0))"),
     "metadata nested too deep": (
         with_metadata(b"[" * 100_000),
         None),
