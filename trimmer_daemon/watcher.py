@@ -98,6 +98,8 @@ _RESOLVE_PASSES = 3
 _GONE_ERRNOS = (errno.ENOENT, errno.ENOTDIR)
 #: Longest single poll(2) wait; callers' longer waits loop (poll's timeout is a C int, ms).
 _MAX_WAIT_MS = 3_600_000
+#: select(2) cannot take fds at or above this (glibc's fixed fd_set size).
+_FD_SETSIZE = 1024
 
 Anchor = tuple[str, str]
 _K = TypeVar("_K")
@@ -232,8 +234,9 @@ class BundleWatcher:
         self._inotify = INotify(nonblocking=True)
         self._closed = False
         try:
+            self._fd: int = self._inotify.fileno()
             self._poller = select.poll()
-            self._poller.register(self._inotify.fileno(), select.POLLIN)
+            self._poller.register(self._fd, select.POLLIN)
             self._next_rescan = clock() + rescan_interval_s
             self.set_bundles(bundles)  # the first poll() reports every bundle
         except BaseException:
@@ -353,8 +356,12 @@ class BundleWatcher:
         return budget
 
     def _wait_readable(self, wait_s: float | None) -> bool:
-        # Round up so a sub-millisecond remainder blocks instead of spinning; PEP 475 makes
-        # poll() retry on EINTR with the remaining time.
+        # poll(2) counts whole milliseconds, which would turn a 0.2 ms debounce into 1 ms:
+        # sub-millisecond waits use select(2) (microseconds) while the fd fits in an fd_set.
+        # Otherwise round up, so a sub-millisecond remainder blocks instead of spinning.
+        # PEP 475: both retry on EINTR with the remaining time.
+        if wait_s is not None and wait_s < 1e-3 and self._fd < _FD_SETSIZE:
+            return bool(select.select([self._fd], [], [], wait_s)[0])
         ms = _MAX_WAIT_MS if wait_s is None else min(_MAX_WAIT_MS, math.ceil(wait_s * 1e3))
         return bool(self._poller.poll(ms))
 
