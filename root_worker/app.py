@@ -106,8 +106,6 @@ class RootApp:
             status, headers, body = handler[1](self, environ)
         except BadRequest as exc:
             status, headers, body = _error(exc.status, exc.code, exc.message)
-            if exc.status in (411, 413):
-                headers.append(("Connection", "close"))  # the unread body cannot be skipped
         except Exception:  # a bug: answer 500, keep the worker
             log.exception("unhandled error method=%s path=%s", method, path)
             status, headers, body = _error(500, "internal", "internal error (logged)")

@@ -1,0 +1,222 @@
+"""Run real leaves and a real gunicorn root pool for tests (own process groups, free ports).
+
+Every process is started with ``start_new_session=True`` and stopped with SIGTERM, then
+SIGKILL to its group after a deadline; every wait polls with a deadline (``wait_for``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from daemon_helpers import ROOT, wait_for
+
+from flatbuffers_schema.keys import Allowlist
+from root_worker.client import Client
+from root_worker.frame import Trimmer, decode
+from root_worker.leaf_model import LeafModel
+from root_worker.workload import FeatureSpec, assign_models, bundle_doc, make_universe
+
+STOP_TIMEOUT = 10.0
+
+
+class Proc:
+    """A subprocess in its own session, logging to a file."""
+
+    def __init__(self, cmd: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None
+                 ) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "ab")
+        self.proc = subprocess.Popen(list(cmd), cwd=ROOT, stdout=self._log,
+                                     stderr=subprocess.STDOUT, start_new_session=True,
+                                     env=dict(env) if env is not None else None)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def check_alive(self, what: str) -> None:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"{what} exited with {self.proc.returncode}:\n{self.log()}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        try:  # whatever the leader left in its group (gunicorn workers)
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self._log.close()
+        return self.proc.returncode
+
+
+class LeafProc(Proc):
+    """``trimmer-leaf`` on a free port."""
+
+    def __init__(self, args: Sequence[str], tmp: Path, name: str) -> None:
+        self.port_file = tmp / f"{name}.port"
+        cmd = [sys.executable, "-m", "root_worker.leaf", "--port", "0",
+               "--port-file", str(self.port_file), "--log-level", "WARNING", *args]
+        super().__init__(cmd, tmp / f"{name}.log")
+        self.name = name
+        self._port = 0
+
+    def wait_ready(self, timeout: float = 20.0) -> LeafProc:
+        def ready() -> bool:
+            self.check_alive(f"leaf {self.name}")
+            return self.port_file.exists()
+        wait_for(ready, timeout, f"leaf {self.name} to listen")
+        self._port = int(self.port_file.read_text())
+        return self
+
+    @property
+    def url(self) -> str:
+        assert self._port, "wait_ready() first"
+        return f"http://127.0.0.1:{self._port}"
+
+    def stats(self) -> dict[str, Any]:
+        with Client(self.url) as c:
+            status, doc = c.json("GET", "/stats")
+        assert status == 200
+        return doc
+
+
+class RootProc(Proc):
+    """The gunicorn root pool, configured through FT_* variables."""
+
+    def __init__(self, tmp: Path, settings: Mapping[str, str], name: str = "root") -> None:
+        self.run_dir = tmp / f"{name}-run"
+        self.home = tmp / f"{name}-home"
+        self.home.mkdir(exist_ok=True)
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("FT_") and k not in ("XDG_RUNTIME_DIR",
+                                                       "PROMETHEUS_MULTIPROC_DIR")}
+        env.update({"FT_BIND": "127.0.0.1:0", "FT_WORKERS": "2", "FT_RUN_DIR": str(self.run_dir),
+                    "HOME": str(self.home), "FT_LOG_LEVEL": "info"})
+        env.update(settings)
+        cmd = [sys.executable, "-m", "gunicorn", "-c", "python:root_worker.gunicorn_conf",
+               "root_worker.app:app"]
+        super().__init__(cmd, tmp / f"{name}.log", env)
+        self.workers = int(env["FT_WORKERS"])
+        self.url = ""
+        self._clients: list[Client] = []
+
+    def wait_ready(self, timeout: float = 30.0) -> RootProc:
+        address_file = self.run_dir / "root.json"
+
+        def listening() -> bool:
+            self.check_alive("gunicorn")
+            return address_file.exists()
+        wait_for(listening, timeout, "gunicorn to listen")
+        self.url = json.loads(address_file.read_text())["addresses"][0]
+        wait_for(lambda: len(self.worker_pids()) == self.workers and
+                 self.log().count("root worker ready") >= self.workers,
+                 timeout, "gunicorn workers to start")
+        return self
+
+    def worker_pids(self) -> set[int]:
+        """Live children of the gunicorn master."""
+        path = Path(f"/proc/{self.pid}/task/{self.pid}/children")
+        try:
+            return {int(p) for p in path.read_text().split()}
+        except FileNotFoundError:
+            return set()
+
+    def client(self) -> Client:
+        """A keep-alive client, closed by :meth:`stop`."""
+        c = Client(self.url)
+        self._clients.append(c)
+        return c
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        for c in self._clients:
+            c.close()
+        return super().stop(sig)
+
+    def health_by_worker(self, want: set[int], timeout: float = 20.0,
+                         cond: Any = None) -> dict[int, dict[str, Any]]:
+        """Poll /healthz on fresh connections until every pid in ``want`` answered with a
+        document satisfying ``cond`` (reaching each worker is up to the kernel)."""
+        seen: dict[int, dict[str, Any]] = {}
+        c = self.client()
+
+        def done() -> bool:
+            self.check_alive("gunicorn")
+            status, doc = c.json("GET", "/healthz", fresh=True)
+            assert status == 200, doc
+            if cond is None or cond(doc):
+                seen[doc["pid"]] = doc
+            return want <= set(seen)
+        wait_for(done, timeout, f"workers {sorted(want)} to report via /healthz")
+        return seen
+
+
+# -- a small production-shaped workload for the tests -------------------------------------
+class Workload:
+    """A feature universe, three models over it and the bundle documents."""
+
+    def __init__(self, n_features: int = 240) -> None:
+        self.universe: list[FeatureSpec] = make_universe(n_features, seed=3)
+        self.models = assign_models(self.universe, seed=4)
+        self.v2 = sorted(set(self.models["homefeed_rank"][10:]) |
+                         {f.name for f in self.universe[:12]})
+
+    def ads_doc(self) -> dict[str, Any]:
+        return bundle_doc({"ads_ctr": {"1": self.models["ads_ctr"]},
+                           "ads_cvr": {"1": self.models["ads_cvr"]}})
+
+    def homefeed_doc(self, with_v2: bool = False) -> dict[str, Any]:
+        versions = {"1": self.models["homefeed_rank"]}
+        if with_v2:
+            versions["2"] = self.v2
+        return bundle_doc({"homefeed_rank": versions})
+
+    def features(self, model: str, version: str = "1") -> list[str]:
+        if model == "homefeed_rank" and version == "2":
+            return self.v2
+        return self.models[model]
+
+
+def reference_scores(frame: bytes, model: str, version: str, features: list[str]
+                     ) -> list[float]:
+    """What the leaf must answer, computed here on the whole, untrimmed frame."""
+    scores, _ = LeafModel.build(model, version, features).score(decode(frame))
+    return scores
+
+
+def trimmed_size(frame: bytes, features: list[str]) -> int:
+    return Trimmer().trim(frame, Allowlist.from_names(features)).bytes_out
+
+
+def kept_bytes(frame: bytes, features: list[str]) -> int:
+    """Bytes of the kept columns' data blocks (no padding, no header)."""
+    cols = decode(frame).columns
+    total = 0
+    for name in features:
+        col = cols.get(name)
+        if col is None:
+            continue
+        if hasattr(col, "offsets"):
+            total += col.offsets.nbytes + col.values.nbytes
+        else:
+            total += col.nbytes
+    return total
+
+
+def write_routing(path: Path, routes: Mapping[str, Any]) -> Path:
+    path.write_text(json.dumps(routes))
+    return path
