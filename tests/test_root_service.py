@@ -30,8 +30,7 @@ from root_helpers import (
 
 from flatbuffers_schema.keys import Allowlist
 from root_worker.client import Client, metric_samples, metric_value
-from root_worker.frame import Trimmer, encode
-from root_worker.frame import decode
+from root_worker.frame import Trimmer, decode, encode
 from root_worker.workload import make_columns, make_frame
 
 MODELS = ("ads_ctr", "ads_cvr", "homefeed_rank")
