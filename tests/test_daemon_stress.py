@@ -19,6 +19,12 @@ KILL_ROUNDS = int(os.environ.get("FT_KILL_ROUNDS", "20"))
 FAST = ["--debounce-ms", "0.2", "--max-delay-ms", "2"]
 
 
+def _newer(d: DaemonProc, gen: int) -> int:
+    snap = d.live.reader.poll()
+    assert d.proc.poll() is None, d.log()
+    return snap.generation if snap is not None and snap.generation > gen else 0
+
+
 class Readers:
     def __init__(self, prefix: str, tmp: Path, n: int = 2) -> None:
         self.stop_file = tmp / "stop-readers"
@@ -62,13 +68,12 @@ def test_readers_never_see_a_torn_generation(shm_prefix: str, tmp_path: Path) ->
         first = d.wait_view(lambda v: v.resolve("m").version == "0").generation
         readers = Readers(shm_prefix, tmp_path)
         readers.wait_ready()
-        k, target = 0, first + STRESS_GENERATIONS
-        while d.live.reader.poll().generation < target:  # type: ignore[union-attr]
+        k, gen, target = 0, first, first + STRESS_GENERATIONS
+        while gen < target:  # one rename per generation, as fast as the daemon publishes
             k += 1
             replace_bundle(bundle, stress_doc(k))
-            assert d.proc.poll() is None, d.log()
-            if k > STRESS_GENERATIONS * 20:
-                pytest.fail(f"daemon published only up to {d.live.reader.generation}")
+            gen = wait_for(lambda: _newer(d, gen), timeout=15,
+                           what=f"a generation after {gen} (daemon log: {d.log_path})")
         results = readers.finish()
         readers = None
     finally:
