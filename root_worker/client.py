@@ -1,5 +1,9 @@
 """A small keep-alive HTTP client for the root service and leaves (demo, tests, benchmarks).
 
+As a command, it sends one synthetic request and prints what each target got::
+
+    python -m root_worker.client http://127.0.0.1:8100 --target ads_ctr --target ads_cvr@1
+
 Not used by the service itself. One :class:`Client` holds one HTTP/1.1 connection and
 re-opens it when the server closed it; it is not thread-safe (use one per thread).
 ``fresh=True`` on a call uses a new connection for that call only, which lets a caller reach
@@ -13,8 +17,10 @@ different gunicorn workers.
 
 from __future__ import annotations
 
+import argparse
 import http.client
 import json
+import sys
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -112,3 +118,39 @@ def metric_value(text: str, name: str, **labels: str) -> float:
     """Sum of the samples called ``name`` whose labels include ``labels`` (0 if none)."""
     return sum(v for n, lbl, v in metric_samples(text)
                if n == name and all(lbl.get(k) == want for k, want in labels.items()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from root_worker.workload import load_universe, make_frame
+
+    p = argparse.ArgumentParser(prog="python -m root_worker.client",
+                                description="Send one synthetic score request to a root.")
+    p.add_argument("url", nargs="?", default="http://127.0.0.1:8100")
+    p.add_argument("--target", action="append", metavar="MODEL[@VERSION]",
+                   help="default: ads_ctr, ads_cvr, homefeed_rank")
+    p.add_argument("--features", default="examples/features.json")
+    p.add_argument("--candidates", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the whole answer")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    targets = args.target or ["ads_ctr", "ads_cvr", "homefeed_rank"]
+    frame = make_frame(load_universe(args.features), args.candidates, seed=args.seed,
+                       targets=targets)
+    with Client(args.url) as c:
+        status, doc = c.score(frame)
+    if args.json:
+        print(json.dumps(doc, indent=1))
+        return 0 if status == 200 else 1
+    print(f"HTTP {status}  generation={doc.get('generation')} mode={doc.get('mode')} "
+          f"lz4={doc.get('lz4')} frame={len(frame)} bytes")
+    for t in doc.get("targets", []):
+        detail = (f"sent={t.get('bytes_sent')} scores[0]={t['scores'][0] if t['scores'] else None}"
+                  if t["status"] == "ok" else f"error={t['error']['kind']}: "
+                  f"{t['error']['message']}")
+        print(f"  {t['model']:<16} v={t['version']!s:<4} {t['outcome']:<26} "
+              f"trimmed={t['bytes_trimmed']:<9} {detail}")
+    return 0 if status == 200 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

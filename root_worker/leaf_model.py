@@ -25,7 +25,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -171,6 +171,15 @@ class ModelStore:
         self._next_check = 0.0
         self.reloads = 0
         self._reload(force=True)
+
+    @classmethod
+    def from_inputs(cls, models: Mapping[str, Mapping[str, Sequence[str]]]) -> ModelStore:
+        """A store of ``{model: {version: input_names}}`` given in memory (tests)."""
+        store = cls()
+        store._fixed = {m: {v: LeafModel.build(m, v, names) for v, names in vs.items()}
+                        for m, vs in models.items()}
+        store._publish()
+        return store
 
     def _reload(self, force: bool = False) -> None:
         changed = False

@@ -66,6 +66,13 @@ def _mode(text: str) -> str:
     return low
 
 
+def _log_level(text: str) -> str:
+    low = text.strip().lower()
+    if low not in ("debug", "info", "warning", "error", "critical"):
+        raise ValueError("expected debug, info, warning, error or critical")
+    return low
+
+
 def _bind(text: str) -> str:
     host, sep, port = text.rpartition(":")
     if text.startswith("unix:"):
@@ -118,9 +125,10 @@ SETTINGS: tuple[Setting, ...] = (
             "`/healthz` reports `degraded` when the daemon's heartbeat is older than this"),
     Setting("FT_TIMEOUT", "timeout", 30, _positive(int),
             "gunicorn: a worker silent this many seconds is killed and replaced"),
-    Setting("FT_LOG_LEVEL", "log_level", "info", str.lower,
-            "gunicorn and service log level (debug, info, warning, error)"),
-    Setting("FT_ACCESS_LOG", "access_log", False, _bool, "log every request to stderr"),
+    Setting("FT_LOG_LEVEL", "log_level", "info", _log_level,
+            "gunicorn and service log level (debug, info, warning, error, critical)"),
+    Setting("FT_ACCESS_LOG", "access_log", False, _bool,
+            "gunicorn access log (one line per request) on stdout"),
 )
 _BY_NAME = {s.name: s for s in SETTINGS}
 

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -220,3 +221,54 @@ def kept_bytes(frame: bytes, features: list[str]) -> int:
 def write_routing(path: Path, routes: Mapping[str, Any]) -> Path:
     path.write_text(json.dumps(routes))
     return path
+
+
+# -- in-process pieces for unit tests -------------------------------------------------------
+class MapPublisher:
+    """Publish feature maps from bundle documents in this process (the daemon's own code
+    path minus the watcher), for tests of the readers."""
+
+    def __init__(self, prefix: str) -> None:
+        from trimmer_daemon.publisher import Publisher
+
+        self.publisher = Publisher(prefix, grace_s=0.0)
+
+    def publish(self, docs: Mapping[str, dict[str, Any]]) -> int:
+        from flatbuffers_schema.fmap.BundleState import BundleState
+        from trimmer_daemon.bundle import parse_bundle
+        from trimmer_daemon.compiler import BundleStatusRecord, compile_map
+        from trimmer_daemon.consolidate import KeyCache, consolidate, index_bundle
+
+        cache = KeyCache()
+        indexed = [(name, index_bundle(parse_bundle(json.dumps(doc).encode(),
+                                                    path=f"/b/{name}"), cache))
+                   for name, doc in docs.items()]
+        statuses = [BundleStatusRecord(name=n, path=f"/b/{n}", state=BundleState.Ok)
+                    for n in docs]
+        blob = compile_map(consolidate(indexed, cache), statuses,
+                           generation=self.publisher.next_generation,
+                           built_at_ns=time.time_ns(), daemon_pid=os.getpid(), cache=cache)
+        return self.publisher.publish(blob)
+
+    def close(self) -> None:
+        self.publisher.cleanup()
+
+
+class LeafThread:
+    """A reference leaf server in a thread of this process (unit tests)."""
+
+    def __init__(self, store: Any, delay_s: float = 0.0, max_body: int = 64 << 20) -> None:
+        import threading
+
+        from root_worker.leaf import LeafServer
+
+        self.server = LeafServer(("127.0.0.1", 0), store, max_body, delay_s)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
+                                        daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self._thread.join(10)

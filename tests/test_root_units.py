@@ -1,0 +1,281 @@
+"""Unit tier of the root service: settings, routing, targets, fan-out and the scorer.
+
+Real pieces only: a real map published in real shared memory (``MapPublisher``), real leaf
+servers on loopback threads, a real ``Trimmer`` (one test swaps in a subclass that fails, the
+fault the fallback exists for).
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from root_helpers import LeafThread, MapPublisher, Workload, reference_scores, trimmed_size
+
+from root_worker.client import metric_value
+from root_worker.fanout import Fanout, LeafError, LeafPool
+from root_worker.frame import Trimmer
+from root_worker.leaf_model import ModelStore
+from root_worker.live_map import LiveMap
+from root_worker.metrics import RootMetrics
+from root_worker.routing import Endpoint, Routing, RoutingError
+from root_worker.score import BadRequest, Scorer
+from root_worker.settings import SETTINGS, SettingsError, load_settings, markdown_table
+from root_worker.targets import BadTargets, Target, parse_targets
+from root_worker.workload import make_frame
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- settings --------------------------------------------------------------------------------
+def test_settings_defaults_and_errors_name_the_variable() -> None:
+    s = load_settings({})
+    assert (s.mode, s.lz4, s.workers, s.shm_name) == ("trim", False, 2, "feature_trimmer")
+    assert s.prometheus_dir.startswith(s.run_dir)
+    s = load_settings({"FT_MODE": "Shadow", "FT_LZ4": "yes", "FT_RUN_DIR": "rel"})
+    assert s.mode == "shadow" and s.lz4 and Path(s.run_dir).is_absolute()
+    for env, value in [("FT_MODE", "fast"), ("FT_LZ4", "maybe"), ("FT_WORKERS", "0"),
+                       ("FT_LEAF_TIMEOUT", "-1"), ("FT_BIND", "nowhere"),
+                       ("FT_MAX_REQUEST_BYTES", "lots")]:
+        with pytest.raises(SettingsError, match=env):
+            load_settings({env: value})
+
+
+def test_docs_carry_the_current_settings_table() -> None:
+    doc = (ROOT / "docs" / "root-service.md").read_text()
+    assert markdown_table() in doc, "regenerate with: python -m root_worker.settings"
+    assert all(s.env in doc for s in SETTINGS)
+
+
+# -- routing ---------------------------------------------------------------------------------
+def test_routing_round_robin_default_route_and_errors(tmp_path: Path) -> None:
+    r = Routing.from_doc({"a": ["http://h1:1", "http://h2:2/p/"], "b": "http://h3:3",
+                          "*": "http://d:9"})
+    firsts = [r.pick("a")[0].host for _ in range(4)]
+    assert firsts == ["h1", "h2", "h1", "h2"]
+    assert r.pick("a")[1].base_path in ("", "/p")
+    assert [e.url for e in r.pick("zzz")] == ["http://d:9"]
+    assert r.listed("a") and not r.listed("zzz") and not r.listed("*")
+    assert Routing.empty().pick("a") == []
+    assert Endpoint.parse("http://x:81/leaf/").base_path == "/leaf"
+    bad = [([], "top level"), ({"a": []}, "non-empty"), ({"a": "https://x"}, "http://"),
+           ({"a": "http://x:99999"}, "(?i)port"), ({"a": 5}, "URL"), ({"": "http://x"}, "empty"),
+           ({"a": "http://x/?q=1"}, "query")]
+    for doc, why in bad:
+        with pytest.raises(RoutingError, match=why):
+            Routing.from_doc(doc)
+    path = tmp_path / "r.json"
+    path.write_text("{not json")
+    with pytest.raises(RoutingError, match="not valid JSON"):
+        Routing.load(path)
+    with pytest.raises(RoutingError, match="cannot read"):
+        Routing.load(tmp_path / "missing.json")
+
+
+# -- targets ---------------------------------------------------------------------------------
+def test_targets_from_metadata_and_query() -> None:
+    meta = {"targets": ["a", {"model": "b", "version": 3}, {"model": "c", "version": None}]}
+    assert parse_targets(meta, "", 8) == [Target("a"), Target("b", "3"), Target("c")]
+    assert parse_targets(meta, "target=x@2&target=y", 8) == [Target("x", "2"), Target("y")]
+    assert parse_targets({}, "target=m@v@w", 8) == [Target("m", "v@w")]
+    cases = [({}, "", "no targets"), ({"targets": []}, "", "empty"),
+             ({"targets": {"a": 1}}, "", "must be a list"),
+             ({"targets": [None]}, "", r"targets\[0\]"),
+             ({"targets": [{"model": ""}]}, "", "non-empty"),
+             ({"targets": [{"model": "a", "version": True}]}, "", "version"),
+             ({"targets": ["a"] * 9}, "", "limit is 8"), ({}, "target=a@", "version"),
+             ({"targets": ["x" * 2000]}, "", "longer than")]
+    for metadata, query, why in cases:
+        with pytest.raises(BadTargets, match=why):
+            parse_targets(metadata, query, 8)
+
+
+# -- fan-out ---------------------------------------------------------------------------------
+class OneShotServer:
+    """Answers each connection's first request as keep-alive, then closes it (as a leaf
+    restarting or an idle timeout does): the next request on that connection finds it dead."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+                while len(body) < length:
+                    body += conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    def close(self) -> None:
+        self.sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept(); close() would not
+        self.sock.close()
+        self._thread.join(5)
+        assert not self._thread.is_alive()
+
+
+def test_pool_keeps_connections_alive_and_retries_a_stale_one() -> None:
+    store = ModelStore.from_inputs({})
+    leaf = LeafThread(store)
+    pool = LeafPool()
+    ep = Endpoint.parse(leaf.url)
+    try:
+        for _ in range(5):
+            status, _ = pool.post(ep, "/nowhere", b"x", {}, deadline=_far())
+            assert status == 404
+        assert pool.connects == 1
+    finally:
+        pool.close()
+        leaf.close()
+    srv = OneShotServer()
+    ep = Endpoint.parse(f"http://127.0.0.1:{srv.port}")
+    pool = LeafPool()
+    try:
+        for _ in range(3):
+            assert pool.post(ep, "/", b"abc", {}, deadline=_far()) == (200, b"ok")
+        assert srv.accepted == 3 and pool.connects == 3  # each stale reuse retried fresh
+    finally:
+        pool.close()
+        srv.close()
+
+
+def _far() -> float:
+    return time.monotonic() + 30
+
+
+def test_fanout_keeps_order_returns_errors_and_abandons_late_jobs() -> None:
+    fan = Fanout(4)
+    gate = threading.Event()
+
+    def boom() -> int:
+        raise LeafError("io", "broken")
+
+    try:
+        out = fan.run([lambda: 1, boom, lambda: gate.wait(30) and 3], timeout=0.2)
+        assert out[0] == 1
+        assert isinstance(out[1], LeafError) and out[1].kind == "io"
+        assert isinstance(out[2], LeafError) and out[2].kind == "timeout" and out[2].abandoned
+        assert fan.run([boom], timeout=1)[0].kind == "io"  # type: ignore[union-attr]
+    finally:
+        gate.set()
+        fan.close()
+
+
+# -- the scorer over a real map and real leaves ------------------------------------------------
+class FailingTrimmer(Trimmer):
+    """The fault the fallback exists for: a trimmer bug (not a malformed frame)."""
+
+    def trim(self, buf: Any, allowlist: Any, out: Any = None) -> Any:
+        raise RuntimeError("simulated trimmer bug")
+
+
+@pytest.fixture
+def stack(shm_prefix: str) -> Iterator[dict[str, Any]]:
+    wl = Workload(120)
+    pub = MapPublisher(shm_prefix)
+    pub.publish({"ads": wl.ads_doc(), "hf": wl.homefeed_doc()})
+    leaf = LeafThread(_store(wl))
+    live = LiveMap(shm_prefix)
+    scorers: list[Scorer] = []
+
+    def scorer(trimmer: Trimmer | None = None, **settings: Any) -> Scorer:
+        s = load_settings({}, shm_name=shm_prefix, **settings)
+        routing = Routing.from_doc({"*": leaf.url})
+        sc = Scorer(s, live, routing, RootMetrics(routing.listed), trimmer)
+        scorers.append(sc)
+        return sc
+    try:
+        yield {"wl": wl, "scorer": scorer, "pub": pub, "leaf": leaf}
+    finally:
+        for sc in scorers:
+            sc.close()
+        leaf.close()
+        live.close()
+        pub.close()
+
+
+def _store(wl: Workload) -> ModelStore:
+    return ModelStore.from_inputs({m: {"1": f} for m, f in wl.models.items()})
+
+
+def test_trimmer_failure_falls_back_to_untrimmed_and_is_counted(stack: dict) -> None:
+    wl = stack["wl"]
+    frame = make_frame(wl.universe, 4, seed=1, targets=["ads_ctr", "ads_cvr"])
+    good = stack["scorer"]()
+    status, doc = good.score(frame, "")
+    assert status == 200 and [t["outcome"] for t in doc["targets"]] == ["trimmed"] * 2
+    assert doc["targets"][0]["bytes_sent"] == trimmed_size(frame, wl.models["ads_ctr"])
+    bad = stack["scorer"](FailingTrimmer())
+    status, doc2 = bad.score(frame, "")
+    assert status == 200 and doc2["ok"] == 2
+    for t, t_good in zip(doc2["targets"], doc["targets"], strict=True):
+        assert t["fallback"].startswith("trim_error") and t["bytes_sent"] == len(frame)
+        assert t["scores"] == t_good["scores"]  # bandwidth lost, correctness kept
+    text = bad.metrics.render()[0].decode()
+    assert metric_value(text, "feature_trimmer_root_trim_errors_total") == 2
+
+
+def test_scorer_modes_buffers_and_bad_frames(stack: dict) -> None:
+    wl = stack["wl"]
+    sc = stack["scorer"]()
+    frames = [make_frame(wl.universe, n, seed=n, targets=["ads_ctr", "homefeed_rank"])
+              for n in (8, 2, 16, 0)]
+    for frame in frames:  # buffers are reused and grow; every answer stays exact
+        status, doc = sc.score(frame, "")
+        assert status == 200
+        for t in doc["targets"]:
+            assert t["scores"] == reference_scores(frame, t["model"], "1", wl.models[t["model"]])
+    shadow = stack["scorer"](mode="shadow", lz4=True)
+    status, doc = shadow.score(frames[0], "")
+    t = doc["targets"][0]
+    assert t["bytes_trimmed"] < t["bytes_untrimmed"] and 0 < t["bytes_sent"] < len(frames[0])
+    off = stack["scorer"](mode="off")
+    status, doc = off.score(frames[0], "target=ads_ctr")
+    assert doc["targets"][0]["outcome"] == "off" and doc["generation"] >= 0
+    with pytest.raises(BadRequest, match="malformed frame"):
+        sc.score(frames[0][:-1], "")
+    table_off = (64 + int.from_bytes(frames[0][12:16], "little") + 7) & ~7
+    broken = bytearray(frames[0])
+    broken[table_off:table_off + 8] = (1).to_bytes(8, "little")  # column 0 misaligned
+    with pytest.raises(BadRequest, match="column 0"):
+        sc.score(bytes(broken), "")
+
+
+def test_no_map_then_map_then_retired(shm_prefix: str) -> None:
+    wl = Workload(60)
+    leaf = LeafThread(_store(wl))
+    live = LiveMap(shm_prefix)
+    routing = Routing.from_doc({"*": leaf.url})
+    sc = Scorer(load_settings({}, shm_name=shm_prefix), live, routing, RootMetrics())
+    frame = make_frame(wl.universe, 3, targets=["ads_ctr"])
+    pub = None
+    try:
+        assert sc.score(frame, "")[1]["targets"][0]["outcome"] == "passthrough_no_map"
+        pub = MapPublisher(shm_prefix)
+        gen = pub.publish({"ads": wl.ads_doc()})
+        doc = sc.score(frame, "")[1]
+        assert doc["generation"] == gen and doc["targets"][0]["outcome"] == "trimmed"
+    finally:
+        sc.close()
+        leaf.close()
+        live.close()
+        if pub is not None:
+            pub.close()
