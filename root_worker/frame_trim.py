@@ -74,15 +74,19 @@ class TrimResult(NamedTuple):
 
 
 class _SizePlan:
+    """Output of one (plan, block table): prebuilt header and copy runs.  ``runs_list`` and
+    ``uniform`` serve only the numpy backend and are left empty for the C one."""
+
     __slots__ = ("table", "header", "out_meta_offset", "runs", "runs_list", "uniform")
 
     def __init__(self, table: bytes, header: bytes, out_meta_offset: int, runs: np.ndarray,
-                 uniform: UniformRows | None) -> None:
+                 uniform: UniformRows | None, for_python: bool) -> None:
         self.table = table
         self.header = header
         self.out_meta_offset = out_meta_offset
         self.runs = runs
-        self.runs_list: list[tuple[int, int, int]] = [tuple(r) for r in runs.tolist()]
+        self.runs_list: list[tuple[int, int, int]] = (
+            [(s, d, n) for s, d, n in runs.tolist()] if for_python else [])
         self.uniform = uniform
 
 
@@ -114,7 +118,7 @@ class _Plan:
         self.out_table_end = self.out_table_offset + TABLE_ENTRY_SIZE * self.n_kept
         self.sizes: OrderedDict[tuple[int, int], _SizePlan] = OrderedDict()
 
-    def size_plan(self, src: memoryview, pre: Preamble) -> _SizePlan:
+    def size_plan(self, src: memoryview, pre: Preamble, for_python: bool) -> _SizePlan:
         """Validate this request's block table and build its output header and runs."""
         n_columns = self.layout.n_columns
         table_raw = src[pre.table_offset:pre.table_end].tobytes()
@@ -141,8 +145,9 @@ class _Plan:
         header[PREAMBLE_SIZE:PREAMBLE_SIZE + len(self.out_layout)] = self.out_layout
         header[self.out_table_offset:self.out_table_end] = out_table
         runs = _coalesced_runs(k_off, k_nb, padded, out_off)
-        uniform = uniform_rows(self.kept, k_off, k_nb, data_start, BLOCK_ALIGN)
-        return _SizePlan(table_raw, bytes(header), out_meta, runs, uniform)
+        uniform = (uniform_rows(self.kept, k_off, k_nb, data_start, BLOCK_ALIGN)
+                   if for_python else None)
+        return _SizePlan(table_raw, bytes(header), out_meta, runs, uniform, for_python)
 
 
 def _coalesced_runs(k_off: np.ndarray, k_nb: np.ndarray, padded: np.ndarray,
@@ -236,7 +241,7 @@ class Trimmer:
     def _new_size_plan(self, plan: _Plan, src: Any) -> _SizePlan:
         src = as_bytes_view(src)
         pre = read_preamble(src)
-        sizes = plan.size_plan(src, pre)
+        sizes = plan.size_plan(src, pre, for_python=not self._use_c)
         _lru_put(plan.sizes, (pre.n_candidates, pre.meta_offset), sizes, self._max_sizes)
         return sizes
 
