@@ -104,11 +104,14 @@ class _Groups:
         for kind, (flats, ws, offs, counts) in sorted(self.ragged.items()):
             flat = _transform(np.concatenate(flats, dtype=_CONCAT[kind], casting="unsafe"),
                               kind)
-            csum = np.concatenate(([0.0], np.cumsum(flat)))
             bases = np.cumsum([0] + [a.size for a in flats[:-1]]).tolist()
-            starts = np.stack([o[:-1] + b for o, b in zip(offs, bases, strict=True)])
-            ends = np.stack([o[1:] + b for o, b in zip(offs, bases, strict=True)])
-            per_col = csum[ends] - csum[starts] + RAGGED_ITEM_WEIGHT * np.stack(counts)
+            starts = np.stack([o[:-1] + b for o, b in zip(offs, bases, strict=True)]).ravel()
+            sizes = np.stack([np.diff(o) for o in offs]).ravel()
+            sums = np.zeros(starts.size, dtype=np.float64)
+            filled = sizes > 0  # each non-empty list ends where the next non-empty one starts
+            if filled.any():
+                sums[filled] = np.add.reduceat(flat, starts[filled])
+            per_col = sums.reshape(len(flats), self.n) + RAGGED_ITEM_WEIGHT * np.stack(counts)
             total += (per_col * np.asarray(ws)[:, None]).sum(axis=0)
         return total
 

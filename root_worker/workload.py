@@ -114,13 +114,8 @@ def make_columns(universe: Iterable[FeatureSpec], n_candidates: int, seed: int =
         if spec.ragged:
             cols[spec.name] = _ragged_ids(rng, spec, n_candidates, zero)
             continue
-        shape = (n_candidates, *spec.shape)
-        if spec.name.startswith(USER_PREFIX):  # one user per request: a repeated value
-            shape = (1, *spec.shape)
-        if np.dtype(spec.dtype).kind == "f":
-            arr = rng.standard_normal(shape).astype(spec.dtype)
-        else:
-            arr = rng.integers(0, 1 << 63, size=shape, dtype=np.int64).astype(spec.dtype)
+        # one user per request: a user-level feature repeats one value
+        arr = _values(rng, spec, 1 if spec.name.startswith(USER_PREFIX) else n_candidates)
         if arr.shape[0] != n_candidates:
             arr = np.repeat(arr, n_candidates, axis=0)
         arr[zero] = 0
@@ -130,18 +125,28 @@ def make_columns(universe: Iterable[FeatureSpec], n_candidates: int, seed: int =
 
 def _ragged_ids(rng: np.random.Generator, spec: FeatureSpec, n_candidates: int,
                 zero: np.ndarray) -> Ragged:
-    """Random 63-bit ids; a user-level list is the same for every candidate."""
+    """Lists of random values (63-bit ids for integer columns); a user-level list is the
+    same for every candidate."""
     if spec.name.startswith(USER_PREFIX):
-        one = rng.integers(0, 1 << 63, size=int(rng.integers(0, SEQ_MAX_LEN // 2 + 1)),
-                           dtype=np.int64)
-        lengths = np.full(n_candidates, one.size)
+        one = _values(rng, spec, int(rng.integers(0, SEQ_MAX_LEN // 2 + 1)))
+        lengths = np.full(n_candidates, one.shape[0])
         lengths[zero] = 0
         values = np.concatenate([one[:n] for n in lengths.tolist()] or [one[:0]])
     else:
         lengths = rng.integers(0, SEQ_MAX_LEN + 1, size=n_candidates)
         lengths[zero] = 0
-        values = rng.integers(0, 1 << 63, size=int(lengths.sum()), dtype=np.int64)
-    return Ragged.from_lengths(values.astype(spec.dtype), lengths)
+        values = _values(rng, spec, int(lengths.sum()))
+    return Ragged.from_lengths(values, lengths)
+
+
+def _values(rng: np.random.Generator, spec: FeatureSpec, n: int) -> np.ndarray:
+    shape = (n, *spec.shape)
+    kind = np.dtype(spec.dtype).kind
+    if kind == "f":
+        return rng.standard_normal(shape).astype(spec.dtype)
+    if kind == "b":
+        return rng.random(shape) < 0.5
+    return rng.integers(0, 1 << 63, size=shape, dtype=np.int64).astype(spec.dtype)
 
 
 def make_frame(universe: Sequence[FeatureSpec], n_candidates: int, *, seed: int = 0,

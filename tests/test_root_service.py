@@ -23,6 +23,7 @@ from root_helpers import (
     RootProc,
     Workload,
     kept_bytes,
+    raw_post,
     reference_scores,
     trimmed_size,
     write_routing,
@@ -299,24 +300,6 @@ def test_malformed_frames_and_targets_are_4xx_and_the_worker_survives(
     assert root.worker_pids() == pids
 
 
-def _raw_post(url: str, head: str, body: bytes = b"") -> bytes:
-    """Send a request by hand and return the answer's head, even if the server answers
-    (and closes) before the whole body is sent."""
-    host, port = url[len("http://"):].split(":")
-    with socket.create_connection((host, int(port)), timeout=30) as s:
-        try:
-            s.sendall(head.encode() + b"\r\n" + body)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-        answer = b""
-        while b"\r\n\r\n" not in answer:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            answer += chunk
-        return answer
-
-
 def _chunked(body: bytes, size: int = 65536) -> bytes:
     parts = [b"%x\r\n%s\r\n" % (len(body[i:i + size]), body[i:i + size])
              for i in range(0, len(body), size)]
@@ -327,14 +310,14 @@ def test_request_size_limit_is_413(backend: Backend, root: RootProc) -> None:
     pids = root.worker_pids()
     limit = 4 << 20
     # decided from Content-Length alone, before reading the body
-    answer = _raw_post(root.url, f"POST /score HTTP/1.1\r\nHost: x\r\n"
+    answer = raw_post(root.url, f"POST /score HTTP/1.1\r\nHost: x\r\n"
                                  f"Content-Length: {limit + 1}\r\n")
     assert answer.startswith(b"HTTP/1.1 413") and b"FT_MAX_REQUEST_BYTES" in answer
     chunked_head = "POST /score HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
-    answer = _raw_post(root.url, chunked_head, _chunked(b"\0" * (limit + 1)))
+    answer = raw_post(root.url, chunked_head, _chunked(b"\0" * (limit + 1)))
     assert answer.startswith(b"HTTP/1.1 413")
     frame = _frame(backend, seed=8, targets=["ads_ctr"])
-    assert _raw_post(root.url, chunked_head, _chunked(frame)).startswith(b"HTTP/1.1 200")
+    assert raw_post(root.url, chunked_head, _chunked(frame)).startswith(b"HTTP/1.1 200")
     with root.client() as client:
         status, doc = client.score(frame)
     assert status == 200
