@@ -20,6 +20,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +106,7 @@ def section_dense_vs_memcpy() -> dict[str, Any]:
     for backend in BACKENDS:  # each backend against its own side-by-side memcpy
         t = Trimmer(backend=backend)
         med = timed_batches({"memcpy": memcpy,
-                             "trim": lambda t=t: t.trim(frame, allow, out=out)},
+                             "trim": partial(t.trim, frame, allow, out=out)},
                             batch=20, rounds=reps(250))
         row[f"{backend}:memcpy_us"] = round(med["memcpy"]["median"] * 1e6, 2)
         row[f"{backend}:trim_us"] = round(med["trim"]["median"] * 1e6, 2)
@@ -155,7 +156,7 @@ def section_small_per_target() -> dict[str, Any]:
     fns: dict[str, Callable[[], Any]] = {}
     for backend in BACKENDS:
         t = Trimmer(backend=backend)
-        fns[backend] = (lambda t=t: t.trim(frame, allow, out=out))
+        fns[backend] = partial(t.trim, frame, allow, out=out)
     med = timed_batches(fns, batch=200, rounds=reps(200))
     row: dict[str, Any] = {"frame_bytes": len(frame),
                            "trimmed_bytes": Trimmer().trim(frame, allow).bytes_out}

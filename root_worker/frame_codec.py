@@ -144,6 +144,20 @@ class Frame:
     metadata: dict[str, Any]
     columns: dict[str, Column]
 
+    def dense(self, name: str) -> np.ndarray:
+        """The dense column ``name`` (``KeyError`` if absent, ``TypeError`` if ragged)."""
+        col = self.columns[name]
+        if isinstance(col, Ragged):
+            raise TypeError(f"column {name!r} is ragged, not dense")
+        return col
+
+    def ragged(self, name: str) -> Ragged:
+        """The ragged column ``name`` (``KeyError`` if absent, ``TypeError`` if dense)."""
+        col = self.columns[name]
+        if not isinstance(col, Ragged):
+            raise TypeError(f"column {name!r} is dense, not ragged")
+        return col
+
 
 # --- encode -------------------------------------------------------------------------------
 class _Col:

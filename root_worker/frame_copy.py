@@ -16,10 +16,11 @@ from typing import Any
 
 import numpy as np
 
+_copyruns: Any
 try:
-    from root_worker import _copyruns
+    from root_worker import _copyruns  # type: ignore[attr-defined,no-redef]
 except ImportError:  # pragma: no cover - depends on the build
-    _copyruns = None  # type: ignore[assignment]
+    _copyruns = None
 
 HAVE_C = _copyruns is not None
 BACKENDS = ("c", "numpy") if HAVE_C else ("numpy",)

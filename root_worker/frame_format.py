@@ -102,6 +102,14 @@ class Preamble:
     __slots__ = ("n_columns", "layout_len", "hint", "n_candidates", "frame_len",
                  "meta_offset", "meta_len")
 
+    n_columns: int
+    layout_len: int
+    hint: int
+    n_candidates: int
+    frame_len: int
+    meta_offset: int
+    meta_len: int
+
     def __init__(self, fields: tuple[Any, ...]) -> None:
         (_, _, _, self.n_columns, self.layout_len, self.hint, self.n_candidates, _,
          self.frame_len, self.meta_offset, self.meta_len, _) = fields
@@ -321,7 +329,7 @@ def _bad_blocks(layout: Layout, off: np.ndarray, nb: np.ndarray, n_candidates: i
     values_nb = np.where(nb >= head, nb - head, np.uint64(1))
     bad_ragged = (nb < head) | (values_nb % elem != 0)
     bad |= np.where(layout.ragged, bad_ragged, nb != dense_nb)
-    return bad
+    return np.asarray(bad, dtype=bool)
 
 
 def _explain_block(layout: Layout, off: np.ndarray, nb: np.ndarray, n_candidates: int,

@@ -8,7 +8,15 @@ import struct
 import numpy as np
 import pytest
 
-from root_worker.frame import DTYPE_BY_CODE, FrameError, Ragged, decode, encode, peek_metadata
+from root_worker.frame import (
+    DTYPE_BY_CODE,
+    Column,
+    FrameError,
+    Ragged,
+    decode,
+    encode,
+    peek_metadata,
+)
 from root_worker.frame_format import (
     BLOCK_ALIGN,
     PREAMBLE,
@@ -66,7 +74,7 @@ def test_ragged_round_trip_every_dtype(dtype: str) -> None:
     lengths = [3, 0, 1, 5, 0]
     values = sample(np.dtype(dtype), (sum(lengths),))
     rag = Ragged.from_lengths(values, lengths)
-    got = decode(encode({"r": rag})).columns["r"]
+    got = decode(encode({"r": rag})).ragged("r")
     assert_same_column(got, rag)
     assert [len(got[i]) for i in range(5)] == lengths
     assert got.lengths.tolist() == lengths
@@ -82,7 +90,7 @@ def test_ragged_with_inner_shape_and_lists() -> None:
 
 
 def test_mixed_columns_keep_order_and_metadata() -> None:
-    cols = {
+    cols: dict[str, Column] = {
         "z_last_alphabetically": np.arange(4, dtype=np.int64),
         "ids": Ragged.from_lists([[1], [2, 3], [], [4, 5, 6]], np.uint32),
         "emb": np.ones((4, 16), dtype=np.float16),
@@ -109,21 +117,21 @@ def test_decode_is_zero_copy_and_blocks_are_aligned() -> None:
     assert decode(buf).columns["a"][0] == 99.0
     rag = frame.columns["b"]
     assert isinstance(rag, Ragged) and np.shares_memory(rag.values, np.frombuffer(buf, np.uint8))
-    assert not decode(bytes(buf)).columns["c"].flags.writeable
+    assert not decode(bytes(buf)).dense("c").flags.writeable
 
 
 def test_decode_accepts_memoryview_and_numpy_buffers() -> None:
     raw = encode({"a": np.arange(3, dtype=np.uint16)}, {"request_id": "m"})
     for buf in (memoryview(raw), np.frombuffer(raw, np.uint8).copy(), bytearray(raw)):
-        assert decode(buf).columns["a"].tolist() == [0, 1, 2]
+        assert decode(buf).dense("a").tolist() == [0, 1, 2]
     assert decode(np.frombuffer(raw, np.uint8)[None, :]).metadata == {"request_id": "m"}
 
 
 def test_big_endian_input_is_stored_little_endian() -> None:
     col = np.arange(5, dtype=">i4")
     frame = decode(encode({"be": col}))
-    assert frame.columns["be"].dtype == np.dtype("<i4")
-    assert frame.columns["be"].tolist() == [0, 1, 2, 3, 4]
+    assert frame.dense("be").dtype == np.dtype("<i4")
+    assert frame.dense("be").tolist() == [0, 1, 2, 3, 4]
 
 
 def test_empty_frames() -> None:
@@ -131,13 +139,14 @@ def test_empty_frames() -> None:
     assert (empty.n_candidates, empty.columns, empty.metadata) == (5, {}, {"request_id": "none"})
     zero = decode(encode({"a": np.zeros(0, np.float32),
                           "r": Ragged.from_lengths(np.zeros(0, np.int8), [])}))
-    assert zero.n_candidates == 0 and zero.columns["a"].shape == (0,)
-    assert zero.columns["r"].n_candidates == 0
+    assert zero.n_candidates == 0 and zero.dense("a").shape == (0,)
+    assert zero.ragged("r").n_candidates == 0
     assert decode(encode({})).metadata == {}
 
 
 def test_encoding_is_canonical_and_hinted() -> None:
-    cols = {"a": np.arange(3, dtype=np.float64), "b": np.ones((3, 2), np.int32)}
+    cols: dict[str, Column] = {"a": np.arange(3, dtype=np.float64),
+                               "b": np.ones((3, 2), np.int32)}
     one, two = encode(cols, {"request_id": "x"}), encode(cols, {"request_id": "x"})
     assert one == two
     fields = PREAMBLE.unpack(one[:PREAMBLE_SIZE])
@@ -197,6 +206,18 @@ def test_ragged_constructor_validates(values: np.ndarray, offsets: list[int],
         Ragged(values, offsets)
     with pytest.raises(ValueError, match="non-negative"):
         Ragged.from_lengths(np.arange(3), [2, -1, 2])
+
+
+def test_frame_typed_accessors() -> None:
+    frame = decode(encode({"d": np.arange(2), "r": Ragged.from_lengths(np.arange(1), [1, 0])}))
+    assert frame.dense("d").tolist() == [0, 1]
+    assert frame.ragged("r").lengths.tolist() == [1, 0]
+    with pytest.raises(TypeError, match="ragged, not dense"):
+        frame.dense("r")
+    with pytest.raises(TypeError, match="dense, not ragged"):
+        frame.ragged("d")
+    with pytest.raises(KeyError):
+        frame.dense("missing")
 
 
 def test_ragged_equality_is_bitwise() -> None:

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from flatbuffers_schema.keys import Allowlist
-from root_worker.frame import BACKENDS, FrameError, Ragged, Trimmer, decode, encode
+from root_worker.frame import BACKENDS, Column, FrameError, Ragged, Trimmer, decode, encode
 from root_worker.frame_format import PREAMBLE, PREAMBLE_SIZE, TABLE_ENTRY_SIZE, align
 
-COLS = {
+COLS: dict[str, Column] = {
     "alpha": np.arange(6, dtype=np.float32),
     "beta": np.arange(12, dtype=np.int16).reshape(6, 2),
     "gamma": Ragged.from_lengths(np.arange(9, dtype=np.int64), [2, 0, 3, 1, 0, 3]),

@@ -67,7 +67,7 @@ def column_sets(draw: st.DrawFn, max_columns: int = 8) -> tuple[dict[str, Any], 
 def wire_bytes(col: Any) -> bytes:
     if isinstance(col, Ragged):
         return col.offsets.astype("<i8").tobytes() + b"|" + col.values.tobytes()
-    return col.tobytes()
+    return bytes(col.tobytes())
 
 
 def shape_of(col: Any) -> tuple[Any, ...]:
