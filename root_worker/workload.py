@@ -5,8 +5,9 @@ Nothing here runs in the serving path. It builds, deterministically from a seed:
 * a *feature universe* -- what the root fetches per candidate: scalar floats (``num``),
   integer ids and counts (``cat``), float16 embeddings (``emb``, 16 values per candidate) and
   variable-length id lists (``seq``, ragged), named ``<group>_<kind>_<index>``;
-* a *model set* over it: every feature is used by one primary model and, with a small
-  probability, by each other model, so each of three models uses 25--40% of the union;
+* a *model set* over it: every feature has one primary user (one of the models, or a model
+  served elsewhere) and, with a small probability, each other model, so each of three
+  models uses ~31% of the union;
 * *frames* for N candidates carrying the whole universe (what an untrimmed root sends).
 
 Values are calibrated so that lz4 saves roughly a fifth of a frame, as the article reports
@@ -78,15 +79,20 @@ def make_universe(n_features: int = 2000, seed: int = 0) -> list[FeatureSpec]:
 
 
 def assign_models(universe: Sequence[FeatureSpec], models: Sequence[str] = EXAMPLE_MODELS,
-                  extra_share: float = 0.05, seed: int = 1) -> dict[str, list[str]]:
-    """Each feature gets one primary model and each other model with ``extra_share``.
+                  extra_share: float = 0.04, elsewhere_share: float = 0.15,
+                  seed: int = 1) -> dict[str, list[str]]:
+    """Give each feature one primary user and, with ``extra_share``, each other model too.
 
-    With three models every model uses ~36% of the universe and the union is all of it.
+    The primary user is one of ``models`` or, with ``elsewhere_share``, a model served by
+    other roots (the union a root fetches is wider than any one partition's needs). With
+    three models each uses ~31% of the universe.
     """
     rng = np.random.default_rng(seed)
-    n = len(universe)
-    primary = rng.integers(0, len(models), size=n)
-    extra = rng.random((n, len(models))) < extra_share
+    n, k = len(universe), len(models)
+    shares = np.full(k + 1, (1.0 - elsewhere_share) / k)
+    shares[k] = elsewhere_share
+    primary = rng.choice(k + 1, size=n, p=shares)
+    extra = rng.random((n, k)) < extra_share
     return {m: [f.name for i, f in enumerate(universe) if primary[i] == j or extra[i, j]]
             for j, m in enumerate(models)}
 
