@@ -174,7 +174,8 @@ class Layout:
     request that repeats the layout.  ``raw`` is the exact section bytes.
     """
 
-    __slots__ = ("raw", "n_columns", "names", "records", "ragged", "dtypes", "shapes",
+    __slots__ = ("raw", "n_columns", "names", "records", "ragged", "ragged_idx", "dtypes",
+                 "shapes",
                  "elem_size", "dims_spans", "name_spans", "_keys")
 
     def __init__(self, raw: bytes, n_columns: int) -> None:
@@ -224,6 +225,7 @@ class Layout:
         self.name_spans = np.stack([name_starts, name_ends], axis=1)
         self.names = self._decode_names(name_starts.tolist(), name_ends.tolist())
         self.ragged = rec["kind"] == KIND_RAGGED
+        self.ragged_idx = np.flatnonzero(self.ragged)
         self._parse_types(dims, (dim_ends - ndim).tolist(), dim_ends.tolist())
 
     def _decode_names(self, starts: list[int], ends: list[int]) -> tuple[str, ...]:
@@ -320,15 +322,18 @@ def _bad_blocks(layout: Layout, off: np.ndarray, nb: np.ndarray, n_candidates: i
                 data_start: int, data_end: int) -> np.ndarray:
     cap = np.uint64(data_end + 1)  # clip before adding: no uint64 wrap-around
     end = np.minimum(off, cap) + np.minimum(nb, cap)
-    bad = (off % np.uint64(BLOCK_ALIGN) != 0) | (off < np.uint64(data_start))
-    bad |= end > np.uint64(data_end)
+    bad = (off & np.uint64(BLOCK_ALIGN - 1)) != 0
+    bad |= off < data_start
+    bad |= end > data_end
     bad[1:] |= off[1:] < end[:-1]
-    elem = layout.elem_size
-    dense_nb = np.uint64(n_candidates) * elem
-    head = np.uint64(ragged_head(n_candidates))
-    values_nb = np.where(nb >= head, nb - head, np.uint64(1))
-    bad_ragged = (nb < head) | (values_nb % elem != 0)
-    bad |= np.where(layout.ragged, bad_ragged, nb != dense_nb)
+    size_ok = nb == np.uint64(n_candidates) * layout.elem_size  # right for dense columns
+    r = layout.ragged_idx
+    if r.size:
+        head = np.uint64(ragged_head(n_candidates))
+        nb_r = nb[r]
+        values_nb = nb_r - np.minimum(nb_r, head)
+        size_ok[r] = (nb_r >= head) & (values_nb % layout.elem_size[r] == 0)
+    bad |= ~size_ok
     return np.asarray(bad, dtype=bool)
 
 

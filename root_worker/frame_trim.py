@@ -136,7 +136,10 @@ class _Plan:
             header_len = data_start
         else:
             out_meta = header_len = self.out_table_end
-        out_table = np.stack([out_off, k_nb], axis=1).astype("<u8").tobytes()
+        out_table_arr = np.empty((self.n_kept, 2), dtype="<u8")
+        out_table_arr[:, 0] = out_off
+        out_table_arr[:, 1] = k_nb
+        out_table = out_table_arr.tobytes()
         preamble = PREAMBLE.pack(MAGIC, VERSION, 0, self.n_kept, len(self.out_layout),
                                  self.out_hint, pre.n_candidates, 0, 0, out_meta, 0,
                                  ZERO_RESERVED)
@@ -156,13 +159,19 @@ def _coalesced_runs(k_off: np.ndarray, k_nb: np.ndarray, padded: np.ndarray,
     merged while consecutive kept blocks are contiguous in the input."""
     if k_off.size == 0:
         return np.zeros((0, 3), dtype=np.int64)
-    lengths = padded.copy()
-    lengths[-1] = k_nb[-1]
     starts = np.ones(k_off.size, dtype=bool)
     starts[1:] = k_off[1:] != k_off[:-1] + padded[:-1]
     first = np.flatnonzero(starts)
-    runs = np.stack([k_off[first], out_off[first], np.add.reduceat(lengths, first)], axis=1)
-    return np.ascontiguousarray(runs, dtype=np.int64)
+    runs = np.empty((first.size, 3), dtype=np.int64)
+    runs[:, 0] = k_off[first]
+    runs[:, 1] = out_off[first]
+    # A run spans from its first block to the end of its last one (no padding after the
+    # frame's last kept block): the next run's output offset, or the end of the data.
+    ends = np.empty(first.size, dtype=np.int64)
+    ends[:-1] = out_off[first[1:]]
+    ends[-1] = int(out_off[-1] + k_nb[-1])
+    runs[:, 2] = ends - runs[:, 1]
+    return runs
 
 
 class Trimmer:
