@@ -174,12 +174,13 @@ class Layout:
     request that repeats the layout.  ``raw`` is the exact section bytes.
     """
 
-    __slots__ = ("raw", "n_columns", "names", "records", "ragged", "ragged_idx", "dtypes",
+    __slots__ = ("raw", "hint", "n_columns", "names", "records", "ragged", "ragged_idx", "dtypes",
                  "shapes",
                  "elem_size", "dims_spans", "name_spans", "_keys")
 
     def __init__(self, raw: bytes, n_columns: int) -> None:
         self.raw = raw
+        self.hint = layout_hint(raw)  # the true fingerprint, whatever the preamble says
         self.n_columns = n_columns
         self._keys: np.ndarray | None = None
         self.records = np.frombuffer(raw, dtype=RECORD_DTYPE, count=n_columns)
@@ -273,31 +274,55 @@ class Layout:
 
 
 class LayoutCache:
-    """Bounded LRU of parsed layouts keyed by the preamble hint, verified by content.
+    """Bounded LRU of parsed layouts, keyed by the true layout hint, verified by content.
 
-    A forged or stale hint only costs a miss: a hit requires the exact layout bytes.
+    A lookup first tries the preamble's hint (free); if that slot holds different bytes the
+    hint is wrong (forged, stale, or an encoder that does not compute it), so the true hint
+    is computed (one BLAKE2b over the layout) and used instead.  A wrong hint therefore costs
+    a hash per request, never a re-parse, and can never evict the entry of a correct one.
     """
 
     def __init__(self, max_entries: int = 64) -> None:
         self._max = max_entries
         self._entries: OrderedDict[int, Layout] = OrderedDict()
 
-    def get(self, hint: int, n_columns: int, raw: bytes) -> Layout:
+    def lookup(self, hint: int, n_columns: int, raw: bytes) -> Layout | None:
         entry = self._entries.get(hint)
         if entry is not None and entry.n_columns == n_columns and entry.raw == raw:
-            try:
-                self._entries.move_to_end(hint)
-            except KeyError:  # evicted by another thread meanwhile
-                pass
+            lru_touch(self._entries, hint)
             return entry
-        layout = Layout(raw, n_columns)
-        self._entries[hint] = layout
-        while len(self._entries) > self._max:
-            try:
-                self._entries.popitem(last=False)
-            except KeyError:
-                break
+        return None
+
+    def get(self, hint: int, n_columns: int, raw: bytes) -> Layout:
+        """The parsed layout of ``raw`` (parsing and validating it on a miss)."""
+        layout = self.lookup(hint, n_columns, raw)
+        if layout is None:
+            true_hint = layout_hint(raw)
+            layout = None if true_hint == hint else self.lookup(true_hint, n_columns, raw)
+            if layout is None:
+                layout = Layout(raw, n_columns)
+                lru_put(self._entries, layout.hint, layout, self._max)
         return layout
+
+
+def lru_touch(cache: OrderedDict[Any, Any], key: Any) -> None:
+    """Mark ``key`` most recently used (no-op if a concurrent caller evicted it)."""
+    try:
+        cache.move_to_end(key)
+    except KeyError:
+        pass
+
+
+def lru_put(cache: OrderedDict[Any, Any], key: Any, value: Any, limit: int) -> None:
+    """Insert as most recent and evict the oldest; each step is atomic under the GIL, so
+    concurrent callers can interleave without raising (at worst an entry is rebuilt)."""
+    cache.pop(key, None)
+    cache[key] = value
+    while len(cache) > limit:
+        try:
+            cache.popitem(last=False)
+        except KeyError:  # emptied concurrently
+            break
 
 
 def check_table(layout: Layout, table: np.ndarray, n_candidates: int, data_start: int,

@@ -5,10 +5,12 @@ Per request the work is: unpack the 64-byte preamble, look the plan up by
 the size plan up by ``(n_candidates, meta_offset)`` and verify the block table bytes
 (memcmp), then write the prebuilt output header, copy the kept byte runs and the metadata.
 
-The hint is never trusted: a forged or colliding hint fails the byte comparison and only
-costs a rebuild, so a plan is always applied to exactly the layout and block table it was
-validated against.  Plans hold no reference to the allowlist's key array (it is usually a
-view on a shared-memory map that must be free to go away).
+The hint is never trusted: a plan is always applied to exactly the layout and block table
+bytes it was validated against.  Plans and parsed layouts are stored under the *true* layout
+hash, so a frame with a forged, stale or zero hint costs one BLAKE2b of its layout per
+request and can neither get a wrong trim nor evict a correctly hinted plan.  Plans hold no
+reference to the allowlist's key array (it is usually a view on a shared-memory map that
+must be free to go away).
 
 Two cache levels, both bounded LRU:
 
@@ -56,6 +58,8 @@ from root_worker.frame_format import (
     align,
     check_table,
     layout_hint,
+    lru_put,
+    lru_touch,
     read_preamble,
 )
 
@@ -217,14 +221,14 @@ class Trimmer:
         plan = self._plans.get(key)
         if (plan is not None and plan.n_columns == n_columns and plan.layout_len == layout_len
                 and self._same(src, PREAMBLE_SIZE, plan.layout_raw)):
-            _lru_touch(self._plans, key)
+            lru_touch(self._plans, key)
         else:
-            plan = self._new_plan(src, key, allowlist)
+            plan = self._new_plan(src, allowlist)
         sizes = plan.sizes.get((n_cand, meta_off))
         if sizes is None or not self._same(src, plan.table_offset, sizes.table):
             sizes = self._new_size_plan(plan, src)
         elif len(plan.sizes) > 1:
-            _lru_touch(plan.sizes, (n_cand, meta_off))
+            lru_touch(plan.sizes, (n_cand, meta_off))
         out_meta = sizes.out_meta_offset
         out_len = out_meta + meta_len
         if out is None:
@@ -239,19 +243,26 @@ class Trimmer:
             _write_frame_py(dst, as_bytes_view(src), sizes, meta_off, meta_len)
         return _new_tuple(TrimResult, (dst[:out_len], n, out_len, plan.n_kept, plan.n_missing))
 
-    def _new_plan(self, src: Any, key: tuple[int, int], allowlist: Allowlist) -> _Plan:
+    def _new_plan(self, src: Any, allowlist: Allowlist) -> _Plan:
+        """Plan for a frame whose preamble hint missed: find it under the true layout hint
+        (a wrong hint costs one hash, and never evicts a correctly hinted plan), else build
+        it."""
         src = as_bytes_view(src)
         pre = read_preamble(src)
         raw = src[PREAMBLE_SIZE:pre.layout_end].tobytes()
-        plan = _Plan(self._layouts.get(pre.hint, pre.n_columns, raw), allowlist)
-        _lru_put(self._plans, key, plan, self._max_plans)
+        layout = self._layouts.get(pre.hint, pre.n_columns, raw)
+        key = (layout.hint, allowlist.digest)
+        plan = self._plans.get(key)
+        if plan is None or plan.layout is not layout:
+            plan = _Plan(layout, allowlist)
+            lru_put(self._plans, key, plan, self._max_plans)
         return plan
 
     def _new_size_plan(self, plan: _Plan, src: Any) -> _SizePlan:
         src = as_bytes_view(src)
         pre = read_preamble(src)
         sizes = plan.size_plan(src, pre, for_python=not self._use_c)
-        _lru_put(plan.sizes, (pre.n_candidates, pre.meta_offset), sizes, self._max_sizes)
+        lru_put(plan.sizes, (pre.n_candidates, pre.meta_offset), sizes, self._max_sizes)
         return sizes
 
     def clear(self) -> None:
@@ -271,25 +282,6 @@ def _write_frame_py(dst: memoryview, src: memoryview, sizes: _SizePlan, meta_off
     else:
         copy_runs_loop(dst, src, sizes.runs_list)
     dst[out_meta:out_meta + meta_len] = src[meta_off:meta_off + meta_len]
-
-
-def _lru_put(cache: OrderedDict[Any, Any], key: Any, value: Any, limit: int) -> None:
-    """Insert as most recent and evict the oldest; each step is atomic under the GIL, so
-    concurrent callers can interleave without raising (at worst an entry is rebuilt)."""
-    cache.pop(key, None)
-    cache[key] = value
-    while len(cache) > limit:
-        try:
-            cache.popitem(last=False)
-        except KeyError:  # emptied concurrently
-            break
-
-
-def _lru_touch(cache: OrderedDict[Any, Any], key: Any) -> None:
-    try:
-        cache.move_to_end(key)
-    except KeyError:  # evicted by a concurrent caller
-        pass
 
 
 def _output_view(out: memoryview, out_len: int) -> memoryview:

@@ -183,6 +183,27 @@ def test_forged_hint_costs_a_miss_not_a_wrong_trim(trimmer: Trimmer) -> None:
     assert list(decode(res.data).columns) == ["f000", "f001"]
 
 
+def test_wrong_hints_never_evict_or_replan(trimmer: Trimmer) -> None:
+    """Frames with a forged or zero hint find their plan under the true layout hash."""
+    allow = Allowlist.from_names(["f000", "f002"])
+    frame_a = encode({"f000": np.arange(4.0), "f001": np.arange(4.0)})
+    frame_b = encode({"f002": np.arange(4.0), "f000": np.ones(4)})
+    hint_a = PREAMBLE.unpack(frame_a[:PREAMBLE_SIZE])[5]
+    forged_b = bytearray(frame_b)
+    struct.pack_into("<Q", forged_b, 16, hint_a)
+    zero_b = bytearray(frame_b)
+    struct.pack_into("<Q", zero_b, 16, 0)
+    trimmer.trim(frame_a, allow)
+    trimmer.trim(frame_b, allow)
+    plans = dict(trimmer._plans)
+    for _ in range(3):
+        for frame in (forged_b, zero_b, frame_a, frame_b):
+            trimmer.trim(frame, allow)
+    assert trimmer._plans == plans  # same plan objects, nothing evicted or rebuilt
+    for frame in (forged_b, zero_b):
+        assert bytes(trimmer.trim(frame, allow).data) == bytes(trimmer.trim(frame_b, allow).data)
+
+
 def test_same_layout_new_sizes_and_ragged_lengths(trimmer: Trimmer) -> None:
     allow = Allowlist.from_names(NAMES[2:30])
     for seed, n_cand in enumerate((5, 5, 9, 5, 1, 9)):
