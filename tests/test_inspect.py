@@ -475,6 +475,27 @@ def test_control_unreadable(daemon: DaemonProc, capsys: pytest.CaptureFixture[st
     assert rc == 2 and "CRITICAL: the control segment" in err and text in err
 
 
+@pytest.mark.parametrize("corrupt", ["blob-byte", "control-magic"])
+def test_restart_repairs_what_inspect_reports(daemon: DaemonProc, bundles: dict[str, Path],
+                                              tmp_path: Path, corrupt: str,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """The runbook's remedy for a CRITICAL map: restart the daemon (docs/operations.md)."""
+    gen = stop_leaving_map(daemon)
+    if corrupt == "blob-byte":
+        _flip_blob_byte(daemon.prefix, gen)
+    else:
+        patch_shm(f"{daemon.prefix}.ctl", 0, b"NOTMAGIC")
+    assert run(capsys, daemon.prefix, "status")[0] == 2
+    d2 = DaemonProc(daemon.prefix, bundles, tmp_path / "d2.log")
+    try:
+        d2.wait_view(lambda v: v.model_count == 2 and v.daemon_pid == d2.proc.pid)
+        rc, doc = run_json(capsys, daemon.prefix, "status")
+        assert rc == 0, doc["findings"]
+        assert doc["daemon"]["pid"] == d2.proc.pid
+    finally:
+        d2.close()
+
+
 def test_blob_not_a_feature_map(shm_prefix: str, capsys: pytest.CaptureFixture[str]) -> None:
     pub = Publisher(shm_prefix)
     try:
