@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import json
 import os
 import struct
 import sys
@@ -21,7 +20,8 @@ import posix_ipc
 
 from flatbuffers_schema.shm_layout import validate_prefix
 from root_worker import inspect_format as fmt
-from root_worker.inspect_diff import IN_SYNC, BundleDiff, describe_change, diff_bundles
+from root_worker import inspect_render as render
+from root_worker.inspect_diff import IN_SYNC, diff_bundles
 from root_worker.inspect_state import Level, MapState, Thresholds, evaluate, read_state
 from root_worker.map_reader import FeatureMapView, MapError
 from trimmer_daemon.bundle import DEFAULT_LIMITS, Limits
@@ -169,20 +169,20 @@ def cmd_status(state: MapState, args: argparse.Namespace) -> Level:
     evaluate(state, Thresholds(args.heartbeat_warn, args.heartbeat_crit, args.age_warn,
                                args.age_crit))
     if args.json:
-        doc = _envelope(state)
-        doc.update(_status_facts(state))
+        doc = render.envelope(state)
+        doc.update(render.status_facts(state))
         doc["thresholds_s"] = {"heartbeat_warn": args.heartbeat_warn,
                                "heartbeat_crit": args.heartbeat_crit,
                                "age_warn": args.age_warn, "age_crit": args.age_crit}
-        _print_json(doc)
+        render.print_json(doc)
         return state.level
-    print(_summary(state))
-    facts = _status_lines(state)
+    print(render.summary(state))
+    facts = render.status_lines(state)
     if facts:
         print(fmt.key_values(facts))
     if state.view is not None:
         print()
-        print(_bundle_table(state.view, state.now_ns))
+        print(render.bundle_table(state.view, state.now_ns))
     if state.findings:
         print()
         print(fmt.table(["LEVEL", "CODE", "MESSAGE"],
@@ -197,9 +197,9 @@ def cmd_models(state: MapState, args: argparse.Namespace) -> Level:
         return state.level
     models = [m for m in view.models() if fnmatch.fnmatchcase(m["name"], args.pattern)]
     if args.json:
-        doc = _envelope(state)
+        doc = render.envelope(state)
         doc.update(generation=view.generation, models=models)
-        _print_json(doc)
+        render.print_json(doc)
         return state.level
     rows = []
     for m in models:
@@ -236,10 +236,10 @@ def cmd_lookup(state: MapState, args: argparse.Namespace) -> Level:
     if args.json:
         if args.features:
             doc["feature_names"] = names
-        _print_json({**_envelope(state), **doc})
+        render.print_json({**render.envelope(state), **doc})
         return state.level
     print(res.explain())
-    print(fmt.key_values([(k, _show(v)) for k, v in doc.items() if k != "explanation"]))
+    print(fmt.key_values([(k, render.show(v)) for k, v in doc.items() if k != "explanation"]))
     if args.features and names is not None:
         print()
         print("\n".join(names))
@@ -256,11 +256,11 @@ def cmd_diff(state: MapState, args: argparse.Namespace) -> Level:
         if d.status != IN_SYNC or d.models:
             state.add(Level.WARNING, f"diff_{d.status}", f"bundle {d.name!r}: {d.status}")
     if args.json:
-        doc = _envelope(state)
+        doc = render.envelope(state)
         doc.update(generation=view.generation, bundles=[d.to_dict() for d in diffs])
-        _print_json(doc)
+        render.print_json(doc)
         return state.level
-    print(_diff_text(diffs))
+    print(render.diff_text(diffs))
     changed = sum(1 for d in diffs if d.status != IN_SYNC or d.models)
     print(f"{len(diffs)} bundles, {changed} differ from generation {view.generation}")
     return state.level
@@ -270,10 +270,10 @@ def cmd_dump(state: MapState, args: argparse.Namespace) -> Level:
     view = _need_view(state, args)
     if view is None:
         return state.level
-    doc = _envelope(state)
-    doc.update(_status_facts(state))
+    doc = render.envelope(state)
+    doc.update(render.status_facts(state))
     doc["map"] = view.to_dict(with_features=not args.no_features)
-    _print_json(doc)
+    render.print_json(doc)
     return state.level
 
 
@@ -288,11 +288,11 @@ def _need_view(state: MapState, args: argparse.Namespace, **extra: Any) -> Featu
     if state.view is not None:
         return state.view
     if args.json:
-        doc = _envelope(state)
+        doc = render.envelope(state)
         if "model" in extra:
             doc.update(extra, outcome="passthrough_no_map", trims=False,
                        explanation="no usable map: requests pass through untrimmed")
-        _print_json(doc)
+        render.print_json(doc)
     else:
         for f in state.findings:
             print(f"{f.level.name}: {f.message}", file=sys.stderr)
@@ -307,97 +307,6 @@ def _daemon_config(path: str | None) -> tuple[Limits, dict[str, str] | None]:
     except ConfigError as exc:
         raise _UsageError(f"{PROG}: --config: {exc}") from None
     return config.limits, dict(config.bundles)
-
-
-def _envelope(state: MapState) -> dict[str, Any]:
-    level = state.level
-    return {"shm_name": state.prefix, "status": level.name.lower(), "exit_code": int(level),
-            "checked_at": fmt.iso_utc(state.now_ns),
-            "findings": [f.to_dict() for f in state.findings]}
-
-
-def _status_facts(state: MapState) -> dict[str, Any]:
-    c, snap, view = state.control, state.snapshot, state.view
-    published = c is not None and c.generation > 0
-    return {
-        "generation": c.generation if published and c else None,
-        "published_at": fmt.iso_utc(c.published_at_ns) if published and c else None,
-        "map_age_s": state.map_age_s() if published else None,
-        "heartbeat_at": fmt.iso_utc(c.heartbeat_ns) if c and c.heartbeat_ns else None,
-        "heartbeat_age_s": state.heartbeat_age_s(),
-        "daemon": state.daemon.to_dict() if state.daemon else None,
-        "blob": {"segment": snap.segment, "size": snap.size,
-                 "crc32": f"{snap.checksum:#010x}", "verified": True} if snap else None,
-        "models": view.model_count if view else None,
-        "bundles": view.bundles() if view else [],
-        "conflicts": view.conflicts() if view else [],
-    }
-
-
-def _summary(state: MapState) -> str:
-    level = state.level
-    worst = [f for f in state.findings if f.level == level and level > Level.OK]
-    gen = state.control.generation if state.control else 0
-    head = f"{level.name} - feature-trimmer shm={state.prefix} generation={gen}"
-    if not worst:
-        return head
-    more = f" (+{len(worst) - 1} more)" if len(worst) > 1 else ""
-    return f"{head}: {worst[0].message}{more}"
-
-
-def _status_lines(state: MapState) -> list[tuple[str, object]]:
-    c, d, snap, view = state.control, state.daemon, state.snapshot, state.view
-    if c is None:
-        return []
-    lines: list[tuple[str, object]] = []
-    if c.generation:
-        lines.append(("generation", f"{c.generation} published {fmt.iso_utc(c.published_at_ns)}"
-                                    f" ({fmt.ago(c.published_at_ns, state.now_ns)})"))
-    if d is not None:
-        alive = {True: "alive", False: "NOT RUNNING", None: "unknown"}[d.alive]
-        lock = {True: f"writer lock held{f' by pid {d.lock_pid}' if d.lock_pid else ''}",
-                False: "writer lock FREE", None: "writer lock unknown"}[d.lock_held]
-        lines.append(("daemon", f"pid {d.pid} {alive}, {lock}"))
-    lines.append(("heartbeat", f"{fmt.iso_utc(c.heartbeat_ns)} "
-                               f"({fmt.ago(c.heartbeat_ns, state.now_ns)})"))
-    if snap is not None:
-        lines.append(("blob", f"{snap.segment}, {snap.size} bytes, crc32 {snap.checksum:#010x} "
-                              "verified"))
-    if view is not None:
-        lines.append(("map", f"{view.model_count} models, {len(view.bundles())} bundles, "
-                             f"{len(view.conflicts())} conflicts, built by pid "
-                             f"{view.daemon_pid}"))
-    return lines
-
-
-def _bundle_table(view: FeatureMapView, now_ns: int) -> str:
-    rows = [(b["name"], b["state"], b["model_count"], b["version_count"],
-             fmt.ago(b["loaded_at_ns"], now_ns), b["sha256"][:12] or None,
-             b["error"] or b["path"]) for b in view.bundles()]
-    return fmt.table(["BUNDLE", "STATE", "MODELS", "VERSIONS", "LOADED", "SHA256",
-                      "ERROR / PATH"], rows)
-
-
-def _diff_text(diffs: list[BundleDiff]) -> str:
-    rows = [(d.name, d.status, d.published_state or None, d.published_sha256[:12] or None,
-             d.disk_sha256[:12] or None, d.detail or d.path) for d in diffs]
-    lines = [fmt.table(["BUNDLE", "STATUS", "PUBLISHED", "SERVED SHA", "DISK SHA", "DETAIL"],
-                       rows)]
-    for d in diffs:
-        for change in d.models:
-            lines.append(f"  {d.name}: {describe_change(change)}")
-    return "\n".join(lines)
-
-
-def _show(value: Any) -> object:
-    if isinstance(value, list):
-        return ", ".join(str(v) for v in value) or "-"
-    return value
-
-
-def _print_json(doc: dict[str, Any]) -> None:
-    json.dump(doc, sys.stdout, indent=2, sort_keys=False)
-    sys.stdout.write("\n")
 
 
 if __name__ == "__main__":
