@@ -52,10 +52,6 @@ def feature_weight(model: str, feature: str) -> float:
     return int.from_bytes(digest, "little") / 2.0 ** 63 - 1.0
 
 
-def _kind(dtype: np.dtype) -> str:
-    return "f" if dtype.kind == "f" else "b" if dtype.kind == "b" else "i"
-
-
 def _transform(values: np.ndarray, kind: str) -> np.ndarray:
     """Bounded float64 image of values of one kind (see the module docstring)."""
     if kind == "f":
@@ -77,23 +73,30 @@ class _Groups:
 
     def __init__(self, n_candidates: int) -> None:
         self.n = n_candidates
+        # kind -> (2-D arrays (n, width), weights, widths)
         self.dense: dict[str, tuple[list[np.ndarray], list[float], list[int]]] = {}
+        # kind -> (flat values, weights, offsets (n + 1), elements per list item)
         self.ragged: dict[str, tuple[list[np.ndarray], list[float], list[np.ndarray],
-                                     list[np.ndarray]]] = {}
+                                     list[int]]] = {}
 
     def add(self, col: np.ndarray | Ragged, weight: float) -> None:
         if isinstance(col, Ragged):
-            group = self.ragged.setdefault(_kind(col.values.dtype), ([], [], [], []))
-            group[0].append(col.values.reshape(-1))
+            values = col.values
+            group = self.ragged.get(_KIND[values.dtype.kind])
+            if group is None:
+                group = self.ragged[_KIND[values.dtype.kind]] = ([], [], [], [])
+            group[0].append(values.reshape(-1))
             group[1].append(weight)
-            group[2].append(col.offsets * _width(col.values))  # offsets into the flat values
-            group[3].append(np.diff(col.offsets))               # list items per candidate
-        else:
-            width = _width(col)
-            dense = self.dense.setdefault(_kind(col.dtype), ([], [], []))
-            dense[0].append(col.reshape(self.n, width))
-            dense[1].append(weight)
-            dense[2].append(width)
+            group[2].append(col.offsets)
+            group[3].append(1 if values.ndim == 1 else _width(values))
+            return
+        dense = self.dense.get(_KIND[col.dtype.kind])
+        if dense is None:
+            dense = self.dense[_KIND[col.dtype.kind]] = ([], [], [])
+        width = 1 if col.ndim == 1 else _width(col)
+        dense[0].append(col.reshape(self.n, width))
+        dense[1].append(weight)
+        dense[2].append(width)
 
     def scores(self) -> np.ndarray:
         total = np.zeros(self.n, dtype=np.float64)
@@ -101,21 +104,31 @@ class _Groups:
             values = _transform(np.concatenate(arrs, axis=1, dtype=_CONCAT[kind],
                                                casting="unsafe"), kind)
             total += (values * np.repeat(np.asarray(ws), widths)).sum(axis=1)
-        for kind, (flats, ws, offs, counts) in sorted(self.ragged.items()):
-            flat = _transform(np.concatenate(flats, dtype=_CONCAT[kind], casting="unsafe"),
-                              kind)
-            bases = np.cumsum([0] + [a.size for a in flats[:-1]]).tolist()
-            starts = np.stack([o[:-1] + b for o, b in zip(offs, bases, strict=True)]).ravel()
-            sizes = np.stack([np.diff(o) for o in offs]).ravel()
-            sums = np.zeros(starts.size, dtype=np.float64)
-            filled = sizes > 0  # each non-empty list ends where the next non-empty one starts
-            if filled.any():
-                sums[filled] = np.add.reduceat(flat, starts[filled])
-            per_col = sums.reshape(len(flats), self.n) + RAGGED_ITEM_WEIGHT * np.stack(counts)
-            total += (per_col * np.asarray(ws)[:, None]).sum(axis=0)
+        for kind, (flats, ws, offs, widths) in sorted(self.ragged.items()):
+            total += self._ragged_scores(kind, flats, np.asarray(ws), np.stack(offs),
+                                         np.asarray(widths, dtype=np.int64))
         return total
 
+    def _ragged_scores(self, kind: str, flats: list[np.ndarray], ws: np.ndarray,
+                       offsets: np.ndarray, widths: np.ndarray) -> np.ndarray:
+        """Per candidate: sum over columns of w * (sum of its items' values + 0.01 * items).
 
+        Each list is summed on its own (``reduceat``), so a candidate's score depends only
+        on its own values."""
+        flat = _transform(np.concatenate(flats, dtype=_CONCAT[kind], casting="unsafe"), kind)
+        sizes = np.array([a.size for a in flats], dtype=np.int64)
+        bases = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+        counts = np.diff(offsets, axis=1)                      # list items, (columns, n)
+        starts = (offsets[:, :-1] * widths[:, None] + bases[:, None]).ravel()
+        filled = (counts > 0).ravel()  # a non-empty list ends where the next one starts
+        sums = np.zeros(starts.size, dtype=np.float64)
+        if filled.any():
+            sums[filled] = np.add.reduceat(flat, starts[filled])
+        per_col = sums.reshape(counts.shape) + RAGGED_ITEM_WEIGHT * counts
+        return (per_col * ws[:, None]).sum(axis=0)
+
+
+_KIND = {"f": "f", "b": "b", "i": "i", "u": "i"}
 _CONCAT = {"f": np.float64, "b": np.float64, "i": np.int64}
 
 

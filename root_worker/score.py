@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 FRAME_CONTENT_TYPE = "application/x-ft-frame"
 DEADLINE_SLACK_S = 0.05  # let socket timeouts fire first: their errors are more precise
 OUTCOME_OFF = "off"
+_SAFE_ID = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, no spaces or controls
 
 
 class BadRequest(Exception):
@@ -97,8 +99,8 @@ class Scorer:
         prepared = [self._prepare(i, t, body) for i, t in enumerate(targets)]
         deadline = time.monotonic() + self.settings.leaf_timeout
         headers = {"Content-Type": FRAME_CONTENT_TYPE}
-        if isinstance(request_id, str | int):
-            headers["X-Request-Id"] = str(request_id)
+        if isinstance(request_id, str | int) and _SAFE_ID.fullmatch(str(request_id)):
+            headers["X-Request-Id"] = str(request_id)  # only a header-safe id is forwarded
         jobs: list[Callable[[], dict[str, Any]]] = [
             _bind(self._send, p, headers, deadline) for p in prepared]
         results = self.fanout.run(jobs, self.settings.leaf_timeout + DEADLINE_SLACK_S)

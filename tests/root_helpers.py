@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -276,8 +277,8 @@ class LeafThread:
 
 
 def raw_post(url: str, head: str, body: bytes = b"") -> bytes:
-    """Send a request by hand and return the answer's head, even if the server answers
-    (and closes) before the whole body is sent."""
+    """Send a request by hand and return the whole answer, even if the server answers (and
+    closes) before the whole body is sent."""
     host, port = url[len("http://"):].split(":")
     with socket.create_connection((host, int(port)), timeout=30) as s:
         try:
@@ -285,9 +286,13 @@ def raw_post(url: str, head: str, body: bytes = b"") -> bytes:
         except (BrokenPipeError, ConnectionResetError):
             pass
         answer = b""
-        while b"\r\n\r\n" not in answer:
+        while True:
+            end = answer.find(b"\r\n\r\n")
+            if end >= 0:
+                length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", answer[:end])
+                if length is None or len(answer) >= end + 4 + int(length.group(1)):
+                    return answer
             chunk = s.recv(65536)
             if not chunk:
-                break
+                return answer
             answer += chunk
-        return answer

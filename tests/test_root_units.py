@@ -279,3 +279,13 @@ def test_no_map_then_map_then_retired(shm_prefix: str) -> None:
         live.close()
         if pub is not None:
             pub.close()
+
+
+def test_request_ids_reach_leaves_only_when_header_safe(stack: dict) -> None:
+    wl = stack["wl"]
+    sc = stack["scorer"]()
+    for rid in ("r-1", 17, "evil\r\nX-Injected: 1", "x" * 500, "sp ace"):
+        frame = make_frame(wl.universe, 2, targets=["ads_ctr"], request_id=rid)
+        status, doc = sc.score(frame, "")
+        assert status == 200 and doc["ok"] == 1, rid
+        assert doc["request_id"] == rid
