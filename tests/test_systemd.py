@@ -31,8 +31,8 @@ DOCUMENTED_SYSTEMD = 252  # the version whose exposure scores docs/systemd.md re
 
 if ANALYZE is None:
     if os.environ.get("FT_REQUIRE_SYSTEMD") == "1":
-        raise RuntimeError("FT_REQUIRE_SYSTEMD=1 but systemd-analyze is not installed "
-                           "(apt-get install -y systemd)")
+        pytest.fail("FT_REQUIRE_SYSTEMD=1 but systemd-analyze is not installed "
+                    "(apt-get install -y systemd procps)", pytrace=False)
     pytest.skip("systemd-analyze is not installed (Debian: apt-get install -y systemd procps); "
                 "the units cannot be verified", allow_module_level=True)
 
