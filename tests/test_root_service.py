@@ -70,7 +70,7 @@ def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
         "ads_cvr": LeafProc(["--bundle", str(ads), "--model", "ads_cvr"], tmp, "l-cvr"),
         "homefeed_rank": LeafProc(["--bundle", str(homefeed)], tmp, "l-hf"),
         "newmodel": LeafProc(["--signature", f"newmodel={newsig}"], tmp, "l-new"),
-        "slowmodel": LeafProc(["--signature", f"slowmodel={newsig}", "--delay-ms", "3000"],
+        "slowmodel": LeafProc(["--signature", f"slowmodel={newsig}", "--delay-ms", "6000"],
                               tmp, "l-slow"),
     }
     daemon = DaemonProc(prefix, {"ads": ads, "homefeed": homefeed}, tmp / "daemon.log")
@@ -94,7 +94,7 @@ def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
 
 def _root(backend: Backend, name: str, **settings: str) -> RootProc:
     env = {"FT_SHM_NAME": backend.prefix, "FT_ROUTING": str(backend.routing),
-           "FT_LEAF_TIMEOUT": "1.0", "FT_MAX_REQUEST_BYTES": str(4 << 20)}
+           "FT_LEAF_TIMEOUT": "2.0", "FT_MAX_REQUEST_BYTES": str(4 << 20)}
     env.update(settings)
     return RootProc(backend.tmp, env, name)
 
