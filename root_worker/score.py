@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import threading
@@ -96,10 +97,12 @@ class Scorer:
         except BadTargets as exc:
             raise BadRequest(400, "bad_targets", str(exc)) from None
         request_id = metadata.get("request_id")
+        if not isinstance(request_id, str | int) or isinstance(request_id, bool):
+            request_id = None  # echoed as given only when a string or integer
         prepared = [self._prepare(i, t, body) for i, t in enumerate(targets)]
         deadline = time.monotonic() + self.settings.leaf_timeout
         headers = {"Content-Type": FRAME_CONTENT_TYPE}
-        if isinstance(request_id, str | int) and _SAFE_ID.fullmatch(str(request_id)):
+        if request_id is not None and _SAFE_ID.fullmatch(str(request_id)):
             headers["X-Request-Id"] = str(request_id)  # only a header-safe id is forwarded
         jobs: list[Callable[[], dict[str, Any]]] = [
             _bind(self._send, p, headers, deadline) for p in prepared]
@@ -209,7 +212,7 @@ def _bind(fn: Callable[..., dict[str, Any]], *args: Any) -> Callable[[], dict[st
 def _leaf_reply(url: str, status: int, data: bytes) -> dict[str, Any]:
     """The fields of a leaf's answer the client gets; raises LeafError if unusable."""
     try:
-        doc = json.loads(data, parse_constant=_reject_constant)
+        doc = json.loads(data, parse_constant=_reject_constant, parse_float=_finite_float)
     except (UnicodeDecodeError, ValueError):
         doc = None
     if status != 200:
@@ -226,3 +229,10 @@ def _leaf_reply(url: str, status: int, data: bytes) -> dict[str, Any]:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a score")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999: the answer could not be re-encoded as JSON
+        raise ValueError(f"{text} is not a finite number")
+    return value

@@ -7,6 +7,7 @@ fault the fallback exists for).
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import threading
@@ -289,3 +290,24 @@ def test_request_ids_reach_leaves_only_when_header_safe(stack: dict) -> None:
         status, doc = sc.score(frame, "")
         assert status == 200 and doc["ok"] == 1, rid
         assert doc["request_id"] == rid
+    # NaN is accepted by Python's JSON parser but cannot be echoed in strict JSON
+    frame = make_frame(wl.universe, 2, targets=["ads_ctr"], request_id="NANPLACEHOLDER")
+    frame = frame.replace(b'"NANPLACEHOLDER"', b'NaN' + b" " * 13)
+    status, doc = sc.score(frame, "")
+    assert status == 200 and doc["request_id"] is None
+    json.dumps(doc, allow_nan=False)
+
+
+def test_leaf_replies_must_be_json_objects_with_finite_scores() -> None:
+    from root_worker.score import _leaf_reply
+
+    assert _leaf_reply("u", 200, b'{"scores": [1.5, -2], "version": "3"}') == {
+        "scores": [1.5, -2], "leaf_version": "3"}
+    for body in (b'{"scores": [1e999]}', b'{"scores": [NaN]}', b"[]", b"\xff", b"{}"):
+        with pytest.raises(LeafError) as err:
+            _leaf_reply("u", 200, body)
+        assert err.value.kind == "bad_reply"
+    with pytest.raises(LeafError) as err:
+        _leaf_reply("u", 404, b'{"error": "model m is not served here"}')
+    assert err.value.kind == "status" and err.value.status == 404
+    assert "not served here" in err.value.message
