@@ -128,7 +128,7 @@ def reload_latency(rounds: int, n_readers: int) -> dict:
 
 
 def compile_publish(repeat: int = 5) -> dict:
-    from map_bench import MODELS, VERSIONS, FEATURES, synthetic_bundle
+    from map_bench import FEATURES, MODELS, VERSIONS, synthetic_bundle
 
     from flatbuffers_schema.fmap.BundleState import BundleState
     from trimmer_daemon.bundle import parse_bundle

@@ -221,12 +221,21 @@ def section_ragged_and_decode() -> dict[str, Any]:
             "target": "informational"}
 
 
+def _map_sections() -> list[Callable[[], dict[str, Any]]]:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from map_bench import section_map, section_per_target_with_map
+    return [section_map, section_per_target_with_map]
+
+
+MAP_SECTIONS = _map_sections()
+
 SECTIONS: list[Callable[[], dict[str, Any]]] = [
     section_dense_vs_memcpy,
     section_vs_compression,
     section_small_per_target,
     section_page_faults,
     section_ragged_and_decode,
+    *MAP_SECTIONS,
     # HOOK: append further sections here (e.g. the map-lookup part of the per-target cost);
     # each is a zero-argument function returning a flat dict of figures.
 ]

@@ -55,7 +55,7 @@ class MapError(ValueError):
     """The blob is not a readable feature map (wrong identifier, truncated, corrupt)."""
 
 
-class Outcome(str, enum.Enum):
+class Outcome(enum.StrEnum):
     TRIMMED = "trimmed"
     VERSION_FALLBACK = "version_fallback"
     PASSTHROUGH_UNKNOWN_MODEL = "passthrough_unknown_model"
@@ -177,6 +177,13 @@ class FeatureMapView:
 
     # -- for people (trimmer-inspect) --------------------------------------------------------
     def bundles(self) -> list[dict[str, Any]]:
+        """Per-bundle status as the daemon published it (SPEC §5 "Observable")."""
+        try:
+            return self._bundles()
+        except _CORRUPT as exc:
+            raise MapError(f"corrupt feature map blob (bundle status): {exc}") from exc
+
+    def _bundles(self) -> list[dict[str, Any]]:
         out = []
         for i in range(self._root.BundlesLength()):
             b = self._root.Bundles(i)
@@ -193,6 +200,12 @@ class FeatureMapView:
 
     def models(self) -> Iterator[dict[str, Any]]:
         """Every model (sorted by name) with its versions, sizes and source bundles."""
+        try:
+            yield from self._models()
+        except _CORRUPT as exc:
+            raise MapError(f"corrupt feature map blob (models): {exc}") from exc
+
+    def _models(self) -> Iterator[dict[str, Any]]:
         bundle_names = [b["name"] for b in self.bundles()]
         for i in range(self.model_count):
             m = self._root.Models(i)

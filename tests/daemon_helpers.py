@@ -55,7 +55,8 @@ class DaemonProc:
     """A trimmer-daemon in its own process group, logging to a file."""
 
     def __init__(self, prefix: str, bundles: dict[str, Path], log_path: Path, *,
-                 extra: list[str] | None = None, config: Path | None = None) -> None:
+                 extra: list[str] | None = None, config: Path | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.prefix, self.log_path = prefix, log_path
         cmd = [sys.executable, "-m", "trimmer_daemon.cli", "--shm-name", prefix,
                "--metrics-listen", "", "--grace-seconds", "0.2", "--heartbeat-interval", "0.2",
@@ -67,7 +68,7 @@ class DaemonProc:
         cmd += extra or []
         self._log = open(log_path, "ab")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, env={**os.environ, **(env or {})})
         self.live = LiveMap(prefix)
 
     def log(self) -> str:

@@ -39,7 +39,8 @@ def check(view: FeatureMapView) -> str | None:
     if names != stress_features(k):
         return f"gen {view.generation}: m@{k} has {names}"
     static = view.resolve("static")
-    if static.allowlist is None or sorted(view.feature_names(static.allowlist.keys)) != ["s1", "s2"]:
+    static_names = sorted(view.feature_names(static.allowlist.keys)) if static.allowlist else []
+    if static_names != ["s1", "s2"]:
         return f"gen {view.generation}: static model wrong"
     states = [b["state"] for b in view.bundles()]
     if states != ["ok"]:

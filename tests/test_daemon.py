@@ -11,10 +11,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from daemon_helpers import (
-    ROOT, DaemonProc, bundle_state, features_of, model_doc, remove_segments, replace_bundle,
-    wait_for, write_bundle,
+    ROOT,
+    DaemonProc,
+    bundle_state,
+    features_of,
+    model_doc,
+    remove_segments,
+    replace_bundle,
+    wait_for,
+    write_bundle,
 )
 
 F1, F2, F3 = ["a", "b"], ["a", "c", "d"], ["x", "y", "z"]
@@ -273,3 +279,66 @@ def test_help_explains_every_option() -> None:
     for flag in ("--bundle", "--config", "--shm-name", "--grace-seconds", "--debounce-ms",
                  "--max-file-bytes", "--metrics-listen", "--cleanup", "SIGHUP"):
         assert flag in result.stdout
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_metrics_endpoint_reports_generation_and_bundle_states(
+        shm_prefix: str, bundles: dict[str, Path], tmp_path: Path) -> None:
+    import urllib.request
+    port = _free_port()
+    bundles["ads"].write_text("{ broken")
+    d = DaemonProc(shm_prefix, bundles, tmp_path / "d.log",
+                   extra=["--metrics-listen", f"127.0.0.1:{port}"])
+    try:
+        view = d.wait_view(lambda v: v.model_count == 1)
+
+        def scrape() -> str:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                    return r.read().decode()
+            except OSError:
+                return ""
+        text = wait_for(lambda: (t := scrape()) and "heartbeat_timestamp" in t and t,
+                        what="the metrics endpoint")
+        assert f"feature_trimmer_daemon_generation {float(view.generation)}" in text
+        assert 'feature_trimmer_daemon_bundle_state{bundle="ads",state="never_loaded"} 1.0' in text
+        assert 'feature_trimmer_daemon_bundle_state{bundle="feed",state="ok"} 1.0' in text
+        assert 'feature_trimmer_daemon_bundle_failures_total{bundle="ads"} 1.0' in text
+        assert "feature_trimmer_daemon_publish_total" in text
+    finally:
+        d.close()
+        remove_segments(shm_prefix)
+
+
+def test_systemd_notify_ready_status_and_watchdog(
+        shm_prefix: str, bundles: dict[str, Path], tmp_path: Path) -> None:
+    import socket
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(10)
+    env = {"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "400000"}
+    d = DaemonProc(shm_prefix, bundles, tmp_path / "d.log", env=env)
+    try:
+        messages: list[str] = []
+        while not ("READY=1" in "\n".join(messages) and "WATCHDOG=1" in messages):
+            messages.append(sock.recv(4096).decode())  # times out (fails) after 10 s
+        ready = next(m for m in messages if "READY=1" in m)
+        view = d.wait_view(lambda v: v.model_count == 2)
+        assert f"STATUS=generation {view.generation}, 2 bundles, 0 not ok" in ready
+        d.signal(signal.SIGHUP)
+        while "RELOADING=1" not in messages:
+            messages.append(sock.recv(4096).decode())
+        assert d.stop() == 0
+        while "STOPPING=1" not in messages:
+            messages.append(sock.recv(4096).decode())
+    finally:
+        d.close()
+        sock.close()
+        remove_segments(shm_prefix)

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from daemon_helpers import ROOT, DaemonProc, remove_segments, replace_bundle, wait_for
 from stress_reader import stress_doc
 
@@ -72,7 +71,7 @@ def test_readers_never_see_a_torn_generation(shm_prefix: str, tmp_path: Path) ->
         while gen < target:  # one rename per generation, as fast as the daemon publishes
             k += 1
             replace_bundle(bundle, stress_doc(k))
-            gen = wait_for(lambda: _newer(d, gen), timeout=15,
+            gen = wait_for(lambda g=gen: _newer(d, g), timeout=15,
                            what=f"a generation after {gen} (daemon log: {d.log_path})")
         results = readers.finish()
         readers = None
@@ -100,7 +99,7 @@ def test_kill_9_at_any_moment_never_tears_the_map(shm_prefix: str, tmp_path: Pat
             d = DaemonProc(shm_prefix, {"b": bundle}, tmp_path / f"d{round_no}.log",
                            extra=FAST)
             try:
-                view = d.wait_view(lambda v: v.daemon_pid == d.proc.pid,
+                view = d.wait_view(lambda v, d=d: v.daemon_pid == d.proc.pid,
                                    what=f"round {round_no}: the restarted daemon's map")
                 assert view.generation > last_generation, "sequence must continue"
                 if round_no == 0:
@@ -115,7 +114,7 @@ def test_kill_9_at_any_moment_never_tears_the_map(shm_prefix: str, tmp_path: Pat
                     k += 1
                     replace_bundle(bundle, stress_doc(k))
                 d.kill()
-                last_generation = wait_for(lambda: d.live.reader.poll(),
+                last_generation = wait_for(lambda d=d: d.live.reader.poll(),
                                            what="a map after kill -9").generation
             finally:
                 d.close()

@@ -1,4 +1,4 @@
-"""Compile a consolidated map into the immutable FlatBuffers blob (flatbuffers_schema/feature_map.fbs).
+"""Compile a consolidated map into the immutable FlatBuffers blob (feature_map.fbs).
 
 Runs in the daemon. The blob is self-indexed so a worker can attach a new generation in O(1):
 ``model_keys``/``model_slots`` let it bisect for a model by its stable key without walking the

@@ -28,7 +28,7 @@ from trimmer_daemon.compiler import compile_map
 from trimmer_daemon.config import DaemonConfig
 from trimmer_daemon.consolidate import KeyCache, consolidate
 from trimmer_daemon.metrics import DaemonMetrics
-from trimmer_daemon.publisher import PublishError, Publisher
+from trimmer_daemon.publisher import Publisher, PublishError
 from trimmer_daemon.sdnotify import Notifier
 from trimmer_daemon.state import STATE_NAMES, BundleTracker, RefreshResult
 from trimmer_daemon.watcher import BundleWatcher
@@ -112,6 +112,7 @@ class Daemon:
         if now - self._last_heartbeat >= self.config.heartbeat_interval:
             self._last_heartbeat = now
             self.publisher.heartbeat()
+            self.metrics.heartbeat.set(time.time())
             self.publisher.reclaim()
         wd = self.notifier.watchdog_s
         if wd and now - self._last_watchdog >= wd / 2:

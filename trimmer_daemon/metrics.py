@@ -16,6 +16,7 @@ feature_trimmer_daemon_bundle_state{bundle,state}  gauge   1 for the bundle's cu
 feature_trimmer_daemon_bundle_reloads_total{bundle} counter new content loaded
 feature_trimmer_daemon_bundle_failures_total{bundle} counter validation / read failures
 feature_trimmer_daemon_bundle_models{bundle}       gauge   models served from the bundle
+feature_trimmer_daemon_heartbeat_timestamp_seconds gauge last heartbeat written to shm
 feature_trimmer_daemon_conflicts                   gauge   conflicting definitions in the map
 feature_trimmer_daemon_watch_rescans_total         counter full rescans (periodic + overflow)
 feature_trimmer_daemon_watch_overflows_total       counter inotify queue overflows
@@ -55,6 +56,8 @@ class DaemonMetrics:
                                        registry=r)
         self.bundle_models = Gauge(P + "bundle_models", "Models served from the bundle",
                                    ["bundle"], registry=r)
+        self.heartbeat = Gauge(P + "heartbeat_timestamp_seconds",
+                               "Wall clock of the last heartbeat written to shm", registry=r)
         self.conflicts = Gauge(P + "conflicts", "Conflicting definitions in the map",
                                registry=r)
         self.rescans = Counter(P + "watch_rescans", "Full rescans of every bundle", registry=r)
