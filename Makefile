@@ -18,6 +18,9 @@ test: $(STAMP)           ## run the whole test suite
 bench-trim: $(STAMP)     ## frame trim + map compile/attach/lookup micro-benchmarks
 	$(PY) bench/trim_bench.py
 
+bench-reload: $(STAMP)   ## reload latency (rename -> 8 readers) and compile + publish
+	$(PY) bench/reload_bench.py
+
 bench: bench-trim
 
 schema: $(STAMP)         ## regenerate flatbuffers_schema Python code with flatc
