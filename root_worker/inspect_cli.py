@@ -43,14 +43,15 @@ exit codes (monitoring-plugin convention; the first line of `status` is the chec
   0  OK        status: map published and verified, daemon alive, heartbeat fresh, every
                bundle ok.  diff: every file equals what is served.  models/lookup/dump:
                the map was read.
-  1  WARNING   status: a bundle is stale / missing / never loaded, the daemon is not
+  1  WARNING   status: a bundle is stale or missing (last-known-good served), the daemon is not
                running, the heartbeat is older than --heartbeat-warn, the map is older
                than --age-warn, or no bundle is configured.  Workers still trim with the
                last good map.  diff: at least one file differs from what is served.
   2  CRITICAL  every verb: no map was ever published, the control segment is unreadable,
                the blob fails its checksum or is not a feature map (workers pass requests
                through untrimmed, or keep an older generation).  status also: heartbeat
-               older than --heartbeat-crit, map older than --age-crit.
+               older than --heartbeat-crit, map older than --age-crit, a bundle never
+               loaded (init-time failure: its models pass through untrimmed).
   3  UNKNOWN   bad command line or unreadable --config: the check did not run.
 
 Durations: 500ms, 5s, 2m, 1h, 1d or a number of seconds; 0 or "off" disables a threshold.

@@ -284,7 +284,10 @@ def _check_bundles(state: MapState, view: FeatureMapView) -> None:
         if b["state"] != "ok":
             meaning = _BUNDLE_MEANING.get(b["state"], "unknown state")
             error = f": {b['error']}" if b["error"] else ""
-            state.add(Level.WARNING, f"bundle_{b['state']}",
+            # never_loaded is an init-time failure: it alerts as critical (SPEC §9); the
+            # daemon still started and serves every other bundle.
+            level = Level.CRITICAL if b["state"] == "never_loaded" else Level.WARNING
+            state.add(level, f"bundle_{b['state']}",
                       f"bundle {b['name']!r} is {b['state']} ({meaning}){error}")
         for warning in b["warnings"]:
             state.add(Level.OK, "bundle_warning", f"bundle {b['name']!r}: {warning}")

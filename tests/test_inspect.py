@@ -321,7 +321,7 @@ def test_never_loaded_and_empty(shm_prefix: str, tmp_path: Path,
     try:
         d.wait_view(lambda v: bool(v.bundles()))
         rc, doc = run_json(capsys, shm_prefix, "status")
-        assert rc == 1 and codes(doc) == {"bundle_never_loaded": "warning"}
+        assert rc == 2 and codes(doc) == {"bundle_never_loaded": "critical"}
         assert "pass through untrimmed" in doc["findings"][0]["message"]
         rc, doc = run_json(capsys, shm_prefix, "diff")
         assert rc == 1 and doc["bundles"][0]["status"] == "invalid"
