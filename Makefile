@@ -21,7 +21,16 @@ bench-trim: $(STAMP)     ## frame trim + map compile/attach/lookup micro-benchma
 bench-reload: $(STAMP)   ## reload latency (rename -> 8 readers) and compile + publish
 	$(PY) bench/reload_bench.py
 
+bench-e2e: $(STAMP)      ## end to end on the demo stack: off / lz4 / trim / trim+lz4
+	$(PY) bench/e2e_bench.py $(BENCH_ARGS)
+
 bench: bench-trim
+
+demo: $(STAMP)           ## the whole stack on loopback: traffic, hot swap, table, checks
+	$(PY) -m root_worker.demo demo $(DEMO_ARGS)
+
+run: $(STAMP)            ## the demo stack, kept up until Ctrl-C
+	$(PY) -m root_worker.demo run
 
 schema: $(STAMP)         ## regenerate flatbuffers_schema Python code with flatc
 	$(PY) -m flatbuffers_schema.regen
