@@ -1,0 +1,366 @@
+"""End-to-end benchmark on the demo stack: off / lz4 / trim / trim+lz4 (issue #4).
+
+    python bench/e2e_bench.py [--candidates 64] [--clients 4] [--duration 10] [--rounds 2]
+    make bench-e2e                                # the same, with BENCH_ARGS="..." if wanted
+
+The stack of ``make demo`` (:mod:`root_worker.stack`): one ``trimmer-daemon`` publishing the
+example bundles, three ``trimmer-leaf`` processes (ads_ctr, ads_cvr, homefeed_rank) and a
+gunicorn root pool (2 workers, 4 threads each). The daemon and the leaves stay up for the
+whole run; the pool is restarted for every configuration with ``FT_MODE`` / ``FT_LZ4``:
+
+    off       FT_MODE=off  FT_LZ4=0    untrimmed frame to every leaf (the baseline)
+    lz4       FT_MODE=off  FT_LZ4=1    untrimmed, lz4-compressed (the article's first lever)
+    trim      FT_MODE=trim FT_LZ4=0    each leaf gets its model's features only
+    trim+lz4  FT_MODE=trim FT_LZ4=1    both
+
+Workload (production-shaped, ``examples/``): a 2000-feature union (55% float32 scalars, 15%
+int64 ids, 15% float16 embeddings of 16 values, 15% ragged id lists); each of the three
+models uses ~31% of it. Every request is one frame of ``--candidates`` candidates carrying
+the whole union and naming all three models as targets (one fan-out of 3). Values are
+calibrated so that lz4 saves about a fifth of a frame, as the Pinterest article reports; the
+script measures and prints the saving on the frames it sends.
+
+Method: ``--clients`` closed-loop client threads (one kept-alive connection each) send
+requests for ``--duration`` seconds after ``--warmup`` seconds, per configuration; the four
+configurations run ``--rounds`` times in rotated order (the machine is shared, so drift hits
+all of them alike) and the rounds are pooled: throughput = requests / seconds measured,
+p50/p99 over all measured latencies (client-side, whole request: upload to the root, trim,
+fan-out of 3, leaf decode + score, answer). Wire bytes per request are root->leaf body bytes
+(``bytes_sent`` of the responses, after lz4), checked against the leaves' ``/stats``.
+Per-process CPU time (``/proc/<pid>/stat``) over the measured windows shows where the time
+goes.
+
+Honest shape of this machine: client, root pool, leaves and daemon all share the same cores
+(2 on the reference machine), so a configuration's throughput is bounded by the *total* CPU
+it needs per request, not by a network: on loopback the wire costs only memory copies. The
+leaves are Python (they decode every column they receive and score their model's features),
+so what trimming saves the leaves in CPU counts as much as what it saves on the wire; the
+client is Python too and its CPU (building nothing: frames are pre-built, but sending a
+multi-MB body per request) is in the same budget. The script prints the CPU split.
+
+Writes bench/results/e2e_bench.json. Every process and shm segment is removed at exit
+(also on Ctrl-C and on failure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import signal
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lz4.frame
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from root_worker.client import Client  # noqa: E402
+from root_worker.stack import Pool, Stack, StackError, shm_segments  # noqa: E402
+from root_worker.workload import load_universe, make_frame  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "e2e_bench.json"
+CONFIGS = {  # name -> (FT_MODE, FT_LZ4)
+    "off": ("off", False),
+    "lz4": ("off", True),
+    "trim": ("trim", False),
+    "trim+lz4": ("trim", True),
+}
+TARGETS = ["ads_ctr", "ads_cvr", "homefeed_rank"]
+N_FRAMES = 4
+TICK = os.sysconf("SC_CLK_TCK")
+TARGET_THROUGHPUT_X, TARGET_WIRE_REDUCTION = 1.5, 0.65
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of one process (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def self_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) jiffies over all CPUs from /proc/stat."""
+    parts = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = parts[3] + parts[4]
+    total = sum(parts[:8])
+    return total - idle, total
+
+
+@dataclass
+class Window:
+    """What one configuration did in one measured window."""
+
+    config: str
+    seconds: float
+    latencies: list[float] = field(default_factory=list)
+    wire: list[int] = field(default_factory=list)   # root->leaf bytes per request
+    errors: int = 0
+    leaf_bytes: int = 0
+    cpu: dict[str, float] = field(default_factory=dict)
+    busy: float = 0.0
+
+    @property
+    def requests(self) -> int:
+        return len(self.latencies)
+
+
+class Load:
+    """``clients`` closed-loop threads; each records only while ``recording`` is set."""
+
+    def __init__(self, url: str, frames: Sequence[bytes], clients: int) -> None:
+        self.url, self.frames = url, frames
+        self.recording = threading.Event()
+        self.stop = threading.Event()
+        self.samples: list[tuple[float, int]] = []
+        self.errors: list[str] = []
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True)
+                         for i in range(clients)]
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self._threads:
+            t.join(30)
+
+    def _run(self, k: int) -> None:
+        with Client(self.url, timeout=30) as c:
+            i = k
+            while not self.stop.is_set():
+                frame = self.frames[i % len(self.frames)]
+                i += 1
+                t0 = time.perf_counter()
+                try:
+                    status, doc = c.score(frame)
+                except Exception as exc:  # noqa: BLE001 - counted and reported
+                    status, doc = 0, {"error": f"{type(exc).__name__}: {exc}"}
+                dt = time.perf_counter() - t0
+                ok = status == 200 and all(t["status"] == "ok" for t in doc["targets"])
+                if not self.recording.is_set():
+                    continue
+                with self._lock:
+                    if ok:
+                        self.samples.append((dt, sum(t["bytes_sent"] for t in doc["targets"])))
+                    else:
+                        self.errors.append(str(doc)[:300])
+
+    def take(self) -> tuple[list[tuple[float, int]], list[str]]:
+        with self._lock:
+            out, errs = self.samples, self.errors
+            self.samples, self.errors = [], []
+        return out, errs
+
+
+def measure(stack: Stack, pool: Pool, config: str, frames: Sequence[bytes],
+            args: argparse.Namespace) -> Window:
+    procs = {"root": [pool.pid, *pool.worker_pids()],
+             "leaves": [leaf.pid for leaf in stack.leaves.values()],
+             "daemon": [stack.daemon.pid] if stack.daemon else []}
+    with Load(pool.url, frames, args.clients) as load:
+        time.sleep(args.warmup)
+        stack.check_alive()
+        leaf0 = sum(leaf.stats()["bytes_received"] for leaf in stack.leaves.values())
+        cpu0 = {k: sum(cpu_seconds(p) for p in pids) for k, pids in procs.items()}
+        cpu0["client"] = self_cpu()
+        busy0, total0 = machine_busy()
+        t0 = time.monotonic()
+        load.recording.set()
+        time.sleep(args.duration)
+        load.recording.clear()
+        seconds = time.monotonic() - t0
+        busy1, total1 = machine_busy()
+        cpu1 = {k: sum(cpu_seconds(p) for p in pids) for k, pids in procs.items()}
+        cpu1["client"] = self_cpu()
+        samples, errors = load.take()
+    # requests still in flight when recording stopped were not counted, but the leaves
+    # saw their bytes: the leaf counter is read after the clients stopped, so it is a
+    # cross-check (>=), not an exact figure
+    leaf1 = sum(leaf.stats()["bytes_received"] for leaf in stack.leaves.values())
+    w = Window(config, seconds, [s[0] for s in samples], [s[1] for s in samples],
+               len(errors), leaf1 - leaf0,
+               {k: cpu1[k] - cpu0[k] for k in cpu1},
+               (busy1 - busy0) / max(1, total1 - total0))
+    if errors:
+        print(f"    {config}: {len(errors)} failed requests, e.g. {errors[0]}",
+              file=sys.stderr)
+    return w
+
+
+def pct(values: Sequence[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
+
+
+def summarize(windows: Sequence[Window]) -> dict[str, Any]:
+    lat = [x for w in windows for x in w.latencies]
+    wire = [x for w in windows for x in w.wire]
+    secs = sum(w.seconds for w in windows)
+    n = len(lat)
+    cpu = {k: sum(w.cpu.get(k, 0.0) for w in windows) for k in ("client", "root", "leaves",
+                                                              "daemon")}
+    return {
+        "requests": n, "seconds": round(secs, 3), "errors": sum(w.errors for w in windows),
+        "throughput_rps": n / secs if secs else 0.0,
+        "p50_ms": pct(lat, 0.50) * 1e3, "p99_ms": pct(lat, 0.99) * 1e3,
+        "mean_ms": statistics.fmean(lat) * 1e3 if lat else float("nan"),
+        "wire_bytes_per_request": statistics.fmean(wire) if wire else 0.0,
+        "leaf_bytes_received": sum(w.leaf_bytes for w in windows),
+        "cpu_ms_per_request": {k: v / n * 1e3 if n else 0.0 for k, v in cpu.items()},
+        "machine_busy": statistics.fmean(w.busy for w in windows),
+        # CPU of processes that are not part of the benchmark (others sharing the machine)
+        "other_load": max(0.0, statistics.fmean(w.busy for w in windows)
+                          - sum(cpu.values()) / (secs * (os.cpu_count() or 1))),
+        "rounds": [{"requests": w.requests, "seconds": round(w.seconds, 3),
+                    "throughput_rps": round(w.requests / w.seconds, 2),
+                    "p99_ms": round(pct(w.latencies, 0.99) * 1e3, 2)} for w in windows],
+    }
+
+
+def lz4_saving(frames: Sequence[bytes]) -> float:
+    raw = sum(len(f) for f in frames)
+    return 1 - sum(len(lz4.frame.compress(f)) for f in frames) / raw
+
+
+def render(results: dict[str, dict[str, Any]]) -> list[str]:
+    base = results["off"]
+    lines = [f"{'config':<9} {'req/s':>7} {'x off':>6} {'p50 ms':>7} {'p99 ms':>7} "
+             f"{'p99/off':>7} {'wire KB/req':>11} {'wire -%':>7}   "
+             f"{'CPU ms/req: client':>18} {'root':>6} {'leaves':>6}  {'busy':>4} {'other':>5}"]
+    for name, r in results.items():
+        c = r["cpu_ms_per_request"]
+        lines.append(
+            f"{name:<9} {r['throughput_rps']:>7.1f} {r['throughput_rps'] / base['throughput_rps']:>5.2f}x"
+            f" {r['p50_ms']:>7.1f} {r['p99_ms']:>7.1f} {r['p99_ms'] / base['p99_ms']:>7.2f}"
+            f" {r['wire_bytes_per_request'] / 1e3:>11.0f}"
+            f" {1 - r['wire_bytes_per_request'] / base['wire_bytes_per_request']:>7.1%}   "
+            f"{c['client']:>18.1f} {c['root']:>6.1f} {c['leaves']:>6.1f}  "
+            f"{r['machine_busy']:>4.0%} {r['other_load']:>5.0%}")
+    return lines
+
+
+def verdict(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    off, trim = results["off"], results["trim"]
+    x = trim["throughput_rps"] / off["throughput_rps"]
+    red = 1 - trim["wire_bytes_per_request"] / off["wire_bytes_per_request"]
+    return {
+        "trim_throughput_x": round(x, 3), "trim_p99_ratio": round(trim["p99_ms"] / off["p99_ms"], 3),
+        "trim_wire_reduction": round(red, 4),
+        "throughput_target_met": x >= TARGET_THROUGHPUT_X,
+        "p99_target_met": trim["p99_ms"] < off["p99_ms"],
+        "wire_target_met": red >= TARGET_WIRE_REDUCTION,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    universe = load_universe(args.examples / "features.json")
+    frames = [make_frame(universe, args.candidates, seed=1000 + k, targets=TARGETS,
+                         request_id=f"bench-{k}") for k in range(N_FRAMES)]
+    saving = lz4_saving(frames)
+    shape = {"features": len(universe), "candidates": args.candidates,
+             "targets_per_request": len(TARGETS), "frame_bytes": len(frames[0]),
+             "lz4_saving_of_frame": round(saving, 4), "clients": args.clients,
+             "root_workers": 2, "root_threads": args.threads, "leaves": 3,
+             "duration_s": args.duration, "warmup_s": args.warmup, "rounds": args.rounds,
+             "cpus": os.cpu_count()}
+    print(f"workload: {len(universe)} features, {args.candidates} candidates, frame "
+          f"{len(frames[0]) / 1e6:.2f} MB, 3 targets per request; lz4 saves {saving:.1%} of "
+          "a frame (the article: ~20%)")
+    print(f"load: {args.clients} client threads, {args.rounds} x {args.duration:g} s per "
+          f"configuration after {args.warmup:g} s warm-up; {os.cpu_count()} CPUs shared by "
+          "client, root pool (2 workers), 3 leaves and the daemon")
+    windows: dict[str, list[Window]] = {name: [] for name in args.configs}
+    stack = Stack.create("ftbench", args.examples)
+    try:
+        names = args.configs
+        for rnd in range(args.rounds):
+            for name in names[rnd % len(names):] + names[:rnd % len(names)]:
+                mode, lz4_on = CONFIGS[name]
+                pool = stack.start_pool(name, mode=mode, lz4=lz4_on,
+                                        FT_THREADS=str(args.threads))
+                try:
+                    w = measure(stack, pool, name, frames, args)
+                finally:
+                    stack.stop_pool(name)
+                windows[name].append(w)
+                print(f"  round {rnd + 1} {name:<9} {w.requests / w.seconds:7.1f} req/s  "
+                      f"p99 {pct(w.latencies, 0.99) * 1e3:7.1f} ms  busy {w.busy:.0%}",
+                      flush=True)
+    finally:
+        closed = stack.close()
+    results = {name: summarize(ws) for name, ws in windows.items()}
+    print()
+    print("\n".join(render(results)))
+    v = verdict(results)
+    print(f"\ntrim vs off: {v['trim_throughput_x']:.2f}x throughput (target >= "
+          f"{TARGET_THROUGHPUT_X}x: {'met' if v['throughput_target_met'] else 'NOT met'}), "
+          f"p99 ratio {v['trim_p99_ratio']:.2f} (target < 1: "
+          f"{'met' if v['p99_target_met'] else 'NOT met'}), wire bytes -"
+          f"{v['trim_wire_reduction']:.1%} (target >= {TARGET_WIRE_REDUCTION:.0%}: "
+          f"{'met' if v['wire_target_met'] else 'NOT met'})")
+    left = shm_segments(stack.prefix)
+    print(f"cleanup: shm segments of {stack.prefix} left: {left or 'none'}; processes "
+          f"killed after the SIGTERM deadline: {closed.killed or 'none'}")
+    doc = {"benchmark": "e2e", "command": " ".join(["python", *sys.argv]),
+           "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                       "cpus": os.cpu_count()},
+           "shape": shape, "results": results, "verdict": v,
+           "note": "client, root pool, leaves and daemon share the machine's CPUs; "
+                   "throughput is bounded by total CPU per request (see cpu_ms_per_request)"}
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {args.output}")
+    errors = sum(r["errors"] for r in results.values())
+    return 0 if not left and not errors else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench/e2e_bench.py",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--candidates", type=int, default=64)
+    p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--threads", type=int, default=4, help="FT_THREADS of the root pool")
+    p.add_argument("--duration", type=float, default=10.0, help="measured seconds per window")
+    p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--configs", default=",".join(CONFIGS),
+                   help="comma-separated subset of %(default)s (must include off and trim)")
+    p.add_argument("--examples", type=Path, default=ROOT / "examples")
+    p.add_argument("--output", type=Path, default=RESULTS)
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    args.configs = [c for c in args.configs.split(",") if c]
+    if not {"off", "trim"} <= set(args.configs) or not set(args.configs) <= set(CONFIGS):
+        p.error(f"--configs: a subset of {','.join(CONFIGS)} with off and trim")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        return run(args)
+    except StackError as exc:
+        print(f"benchmark failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; everything was stopped and cleaned up", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
