@@ -2,8 +2,10 @@
 
 The optional extension ``root_worker._copyruns`` (built by ``setup.py`` when a compiler is
 present) copies an int64 ``(n, 3)`` array of ``(src_offset, dst_offset, length)`` runs with
-bounds-checked ``memcpy``, releasing the GIL for large copies.  Without it, the fallback
-copies uniform dense frames with one ``np.take`` over a 2-D row view (one row = one
+bounds-checked copies (an AVX-512/AVX2 kernel where the CPU has one), releasing the GIL for
+large copies, and runs the trimmer's whole steady-state request in one call
+(``fast_trim`` over ``pack_plan`` blobs, see :mod:`root_worker.frame_trim`).  Without it,
+the fallback copies uniform dense frames with one ``np.take`` over a 2-D row view (one row = one
 block plus its padding) and anything else with a slice loop.  Measured on a 2-core VM:
 a Python slice assignment costs ~0.3 us, so ~800 runs take ~300 us in the loop, ~36 us
 with ``np.take`` on contiguous rows, and ~385 us with ``np.take`` into a *strided* ``out``
@@ -89,3 +91,7 @@ def same_bytes_py(buf: Any, offset: int, expected: bytes) -> bool:
 
 write_frame_c: Any = _copyruns.write_frame if HAVE_C else None
 same_bytes_c: Any = _copyruns.same_bytes if HAVE_C else None
+fast_trim_c: Any = _copyruns.fast_trim if HAVE_C else None
+pack_plan_c: Any = _copyruns.pack_plan if HAVE_C else None
+#: The C copy kernel in use ("avx512", "avx2", "movsb" or "memcpy"), or None without C.
+KERNEL: str | None = _copyruns.KERNEL if HAVE_C else None

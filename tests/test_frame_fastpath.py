@@ -1,0 +1,345 @@
+"""The C steady-state path (``_copyruns.fast_trim``) and its copy kernels.
+
+A Trimmer on the C backend serves a (layout, allowlist, block table) it has seen twice from
+one C call.  These tests warm that path and then check that it gives the general path's
+bytes, that every input byte deciding what is copied is still verified per request (a
+changed layout, block table or preamble is never served from the cached plan), and that
+the kernels copy exactly.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from flatbuffers_schema.keys import Allowlist
+from root_worker import frame_copy
+from root_worker.frame import FrameError, Ragged, Trimmer, TrimResult, decode, encode
+from root_worker.frame_format import PREAMBLE, PREAMBLE_SIZE, align
+
+pytestmark = pytest.mark.skipif(not frame_copy.HAVE_C, reason="C extension not built")
+
+if frame_copy.HAVE_C:
+    from root_worker import _copyruns  # type: ignore[attr-defined]
+
+KERNELS = ("memcpy", "movsb", "avx2", "avx512")
+
+
+def supported_kernels() -> list[str]:
+    best = frame_copy.KERNEL
+    assert best in KERNELS
+    return list(KERNELS[:KERNELS.index(best) + 1])
+
+
+@pytest.fixture
+def each_kernel(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Runs the test once per kernel this CPU supports, restoring the default after."""
+    best = frame_copy.KERNEL
+    yield request.param
+    _copyruns.set_kernel(best)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "each_kernel" in metafunc.fixturenames:
+        kernels = supported_kernels() if frame_copy.HAVE_C else ["memcpy"]
+        metafunc.parametrize("each_kernel", kernels, indirect=True)
+
+
+def dense(n_cand: int, n_feat: int, seed: int = 0, dtype: str = "<f4") -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {f"col_{i:04d}": rng.standard_normal(n_cand).astype(dtype) for i in range(n_feat)}
+
+
+def mixed(n_cand: int, seed: int = 0) -> dict[str, object]:
+    rng = np.random.default_rng(seed)
+    cols: dict[str, object] = {}
+    for i in range(30):
+        if i % 4 == 1:
+            cols[f"m{i}"] = rng.standard_normal((n_cand, 1 + i % 3)).astype(np.float64)
+        else:
+            cols[f"m{i}"] = rng.integers(0, 1 << 30, n_cand).astype(np.int32)
+    return cols
+
+
+def warm(trimmer: Trimmer, frame: bytes, allow: Allowlist, out: object = None) -> None:
+    for _ in range(3):
+        trimmer.trim(frame, allow, out=out)
+    assert trimmer._fast, "fast path not installed"
+
+
+def fast(trimmer: Trimmer, frame: object, allow: Allowlist, out: object = None) -> object:
+    """Call the C fast path directly: a TrimResult, or None when it declines."""
+    return _copyruns.fast_trim(trimmer._fast, frame, out, allow.digest, TrimResult)
+
+
+def reference(frame: bytes, allow: Allowlist) -> bytes:
+    return bytes(Trimmer(backend="numpy").trim(frame, allow).data)
+
+
+# --- kernels --------------------------------------------------------------------------------
+def test_kernel_is_reported_and_selectable(each_kernel: str) -> None:
+    assert _copyruns.set_kernel(each_kernel) == each_kernel
+    assert _copyruns.KERNEL == frame_copy.KERNEL  # the import-time choice is unchanged
+    with pytest.raises(ValueError, match="not supported"):
+        _copyruns.set_kernel("sse9")
+
+
+def test_kernels_copy_every_length_and_alignment(each_kernel: str) -> None:
+    _copyruns.set_kernel(each_kernel)
+    rng = np.random.default_rng(1)
+    src = rng.integers(0, 256, 1 << 14, dtype=np.uint8)
+    for length in list(range(0, 300)) + [511, 512, 513, 4095, 4096, 4097]:
+        for s_off, d_off in ((0, 0), (1, 63), (48, 16), (17, 17), (63, 1), (32, 0)):
+            dst = np.zeros(length + 200, dtype=np.uint8)
+            runs = np.array([[s_off, d_off, length]], dtype=np.int64)
+            assert _copyruns.copy_runs(dst, src, runs) == length
+            assert bytes(dst[d_off:d_off + length]) == bytes(src[s_off:s_off + length])
+            assert not dst[:d_off].any() and not dst[d_off + length:].any(), (length, s_off)
+
+
+def test_kernels_copy_many_scattered_runs(each_kernel: str) -> None:
+    _copyruns.set_kernel(each_kernel)
+    rng = np.random.default_rng(2)
+    src = rng.integers(0, 256, 1 << 20, dtype=np.uint8)
+    lengths = rng.integers(0, 3000, 400)
+    starts = rng.integers(0, src.size - 3000, 400)
+    dst_off = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    runs = np.stack([starts, dst_off, lengths], axis=1).astype(np.int64)
+    dst = np.zeros(int(lengths.sum()), dtype=np.uint8)
+    _copyruns.copy_runs(dst, src, runs)
+    want = np.concatenate([src[s:s + n] for s, n in zip(starts, lengths, strict=True)])
+    assert bytes(dst) == bytes(want)
+
+
+# --- fast path hits -----------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", ["uniform", "mixed"])
+def test_fast_path_serves_repeated_frames_byte_identically(each_kernel: str, shape: str) -> None:
+    _copyruns.set_kernel(each_kernel)
+    cols = dense(37, 300) if shape == "uniform" else mixed(37)
+    frame = encode(cols, {"request_id": "fast"})
+    allow = Allowlist.from_names(list(cols)[1::3] + list(cols)[7:20] + ["absent"])
+    trimmer = Trimmer(backend="c")
+    out = np.zeros(len(frame), dtype=np.uint8)
+    warm(trimmer, frame, allow, out)
+    res = fast(trimmer, frame, allow, out)
+    assert isinstance(res, TrimResult)
+    want = reference(frame, allow)
+    assert bytes(res.data) == want
+    assert np.shares_memory(np.frombuffer(res.data, np.uint8), out)
+    assert (res.bytes_in, res.bytes_out) == (len(frame), len(want))
+    slow = Trimmer(backend="numpy").trim(frame, allow)
+    assert (res.n_kept, res.n_missing) == (slow.n_kept, slow.n_missing)
+    # and through the public method, with every kind of out
+    for o in (None, bytearray(len(frame)), memoryview(bytearray(len(frame) + 7)),
+              np.zeros(len(frame), np.uint8), np.zeros(len(frame) // 4 + 1, np.int32)):
+        got = trimmer.trim(frame, allow, out=o)
+        assert bytes(got.data) == want
+        assert got.data.format == "B" and got.data.nbytes == len(want)
+
+
+def test_fast_path_with_new_metadata_each_request() -> None:
+    cols = dense(16, 50)
+    allow = Allowlist.from_names(list(cols)[::2])
+    trimmer = Trimmer(backend="c")
+    out = bytearray(1 << 16)
+    for i in range(6):
+        meta = {"request_id": "r" * i, "i": i}  # meta_len changes, meta_offset does not
+        frame = encode(cols, meta)
+        res = trimmer.trim(frame, allow, out=out)
+        assert bytes(res.data) == reference(frame, allow)
+        assert decode(res.data).metadata == meta
+    assert len(trimmer._fast) == 1
+    assert fast(trimmer, encode(cols, {"x": 1}), allow, out) is not None
+
+
+def test_fast_path_accepts_other_source_buffers() -> None:
+    frame = encode(dense(8, 40), {"request_id": "src"})
+    allow = Allowlist.from_names([f"col_{i:04d}" for i in range(0, 40, 3)])
+    trimmer = Trimmer(backend="c")
+    warm(trimmer, frame, allow)
+    want = reference(frame, allow)
+    for src in (bytearray(frame), memoryview(frame), np.frombuffer(frame, np.uint8).copy()):
+        res = fast(trimmer, src, allow)
+        assert res is not None and bytes(res.data) == want
+
+
+def test_fast_path_for_a_frame_without_columns_and_an_empty_result() -> None:
+    trimmer = Trimmer(backend="c")
+    empty = encode({}, {"request_id": "none"}, n_candidates=3)
+    allow = Allowlist.from_names(["a"])
+    warm(trimmer, empty, allow)
+    assert bytes(fast(trimmer, empty, allow).data) == empty
+    frame = encode(dense(5, 10))
+    nothing = Allowlist.from_names(["zzz"])
+    warm(trimmer, frame, nothing)
+    res = fast(trimmer, frame, nothing)
+    assert bytes(res.data) == reference(frame, nothing)
+    assert (res.n_kept, res.n_missing) == (0, 1)
+
+
+# --- every request is verified ------------------------------------------------------------------
+def table_offset(frame: bytes) -> int:
+    layout_len = PREAMBLE.unpack_from(frame, 0)[4]
+    return align(PREAMBLE_SIZE + layout_len, 8)
+
+
+@pytest.mark.parametrize("shape", ["uniform", "mixed"])
+def test_changed_layout_or_table_is_never_served_from_the_plan(shape: str) -> None:
+    cols = dense(12, 60) if shape == "uniform" else mixed(12)
+    names = list(cols)
+    frame = encode(cols, {"request_id": "v"})
+    allow = Allowlist.from_names(names[::2])
+    trimmer = Trimmer(backend="c")
+    warm(trimmer, frame, allow)
+    t_off = table_offset(frame)
+    n_columns = len(names)
+
+    # A renamed column (same hint: the hint is never trusted), in a kept and a dropped one.
+    for col in (0, 1, n_columns - 1):
+        renamed = bytearray(frame)
+        name_at = frame.index(names[col].encode(), PREAMBLE_SIZE)
+        renamed[name_at] ^= 0x01
+        assert fast(trimmer, renamed, allow) is None
+        got = trimmer.trim(renamed, allow)
+        assert bytes(got.data) == reference(bytes(renamed), allow)
+
+    # A block table entry changed, for a dropped column too: caught, then rejected by the
+    # general path because the blocks now overlap / are misaligned.
+    for col, field, delta in ((1, 0, 64), (n_columns - 1, 0, 8), (3, 1, 4), (0, 1, -4)):
+        bad = bytearray(frame)
+        at = t_off + 16 * col + 8 * field
+        struct.pack_into("<Q", bad, at, struct.unpack_from("<Q", bad, at)[0] + delta)
+        assert fast(trimmer, bad, allow) is None
+        with pytest.raises(FrameError):
+            trimmer.trim(bad, allow)
+
+    # Preamble: reserved bytes, flags, version, frame_len, metadata bounds.
+    for at, fmt, value in ((28, "I", 1), (60, "B", 1), (6, "H", 1), (4, "H", 2),
+                           (32, "Q", len(frame) + 1), (48, "I", 0)):
+        bad = bytearray(frame)
+        struct.pack_into("<" + fmt, bad, at, value)
+        assert fast(trimmer, bad, allow) is None
+        with pytest.raises(FrameError):
+            trimmer.trim(bad, allow)
+    for short in (frame[:-1], frame[:PREAMBLE_SIZE], frame[:10], b""):
+        assert fast(trimmer, short, allow) is None
+        with pytest.raises(FrameError):
+            trimmer.trim(short, allow)
+    # The cached plan still serves the real frame.
+    assert bytes(fast(trimmer, frame, allow).data) == reference(frame, allow)
+
+
+def test_same_key_other_block_table_takes_the_general_path() -> None:
+    allow = Allowlist.from_names(["r", "d"])
+    trimmer = Trimmer(backend="c")
+
+    def frame(values: int, lengths: list[int]) -> bytes:
+        return encode({"r": Ragged.from_lengths(np.arange(values), lengths),
+                       "d": np.arange(4.0)})
+
+    frame_a = frame(6, [1, 2, 3, 0])
+    warm(trimmer, frame_a, allow)
+    # Same block table (ragged offsets live inside the block, copied verbatim): served.
+    frame_b = frame(6, [3, 3, 0, 0])
+    assert bytes(fast(trimmer, frame_b, allow).data) == reference(frame_b, allow)
+    # Same n_candidates and meta_offset (the fast key), another ragged block size: declined.
+    frame_c = frame(7, [3, 4, 0, 0])
+    assert PREAMBLE.unpack_from(frame_c)[9] == PREAMBLE.unpack_from(frame_a)[9]
+    assert fast(trimmer, frame_c, allow) is None
+    assert bytes(trimmer.trim(frame_c, allow).data) == reference(frame_c, allow)
+
+
+def test_wrong_hints_and_odd_digests_never_get_fast_slots() -> None:
+    frame = encode(dense(4, 10))
+    allow = Allowlist.from_names(["col_0001", "col_0004"])
+    trimmer = Trimmer(backend="c")
+    zero_hint = bytearray(frame)
+    struct.pack_into("<Q", zero_hint, 16, 0)
+    for _ in range(4):
+        assert bytes(trimmer.trim(zero_hint, allow).data) == reference(frame, allow)
+    assert not trimmer._fast
+    for digest in (-1, 1 << 64, 1 << 80):
+        odd = Allowlist(allow.keys, digest)
+        for _ in range(3):
+            assert bytes(trimmer.trim(frame, odd).data) == reference(frame, allow)
+    assert not trimmer._fast
+
+
+def test_out_problems_fall_back_to_the_worded_errors() -> None:
+    frame = encode(dense(6, 20))
+    allow = Allowlist.from_names([f"col_{i:04d}" for i in range(20)])
+    trimmer = Trimmer(backend="c")
+    warm(trimmer, frame, allow)
+    assert fast(trimmer, frame, allow, bytearray(100)) is None
+    with pytest.raises(ValueError, match=f"needs {len(frame)}"):
+        trimmer.trim(frame, allow, out=bytearray(100))
+    assert fast(trimmer, frame, allow, bytes(len(frame))) is None
+    with pytest.raises(ValueError, match="read-only"):
+        trimmer.trim(frame, allow, out=bytes(len(frame)))
+    strided = np.zeros(2 * len(frame), np.uint8)[::2]
+    assert fast(trimmer, frame, allow, strided) is None
+    assert fast(trimmer, frame, allow, 12) is None
+    with pytest.raises(TypeError):
+        trimmer.trim(frame, allow, out=12)
+
+
+def test_fast_cache_is_bounded_and_cleared() -> None:
+    trimmer = Trimmer(max_plans=2, max_sizes_per_plan=2, backend="c")
+    allow = Allowlist.from_names(["col_0000"])
+    for n_cand in range(1, 9):
+        frame = encode(dense(n_cand, 3))
+        for _ in range(2):
+            trimmer.trim(frame, allow)
+    assert 0 < len(trimmer._fast) <= 4
+    trimmer.clear()
+    assert not trimmer._fast
+
+
+# --- pack_plan and fast_trim argument checks ------------------------------------------------
+def test_pack_plan_rejects_inconsistent_plans() -> None:
+    header = bytes(128)
+    table = struct.pack("<QQ", 192, 100)
+    ok = dict(n_columns=1, layout_len=20, n_candidates=1, meta_offset=300, table_offset=88,
+              table=table, header=header, runs=np.array([[192, 128, 100]], np.int64),
+              out_meta_offset=228, n_kept=1, n_missing=0)
+    assert isinstance(_copyruns.pack_plan(*ok.values()), bytes)
+    bad_cases = [
+        dict(runs=np.array([[192, 129, 100]], np.int64)),  # gap after the header
+        dict(runs=np.array([[250, 128, 100]], np.int64)),  # reads past the metadata start
+        dict(runs=np.array([[-1, 128, 100]], np.int64)),
+        dict(out_meta_offset=229),  # runs do not reach the metadata
+        dict(runs=np.array([[192, 128, 60], [192, 180, 40]], np.int64)),  # overlap
+        dict(table_offset=60),  # table inside the layout
+        dict(table=table + bytes(16)),  # table size != 16 * n_columns
+        dict(meta_offset=90),  # table past the metadata
+        dict(header=bytes(40)),  # shorter than the preamble fields
+        dict(runs=np.zeros(4, np.int64)),
+    ]
+    for change in bad_cases:
+        args = {**ok, **change}
+        with pytest.raises(ValueError, match="pack_plan"):
+            _copyruns.pack_plan(*args.values())
+
+
+def test_fast_trim_checks_its_arguments() -> None:
+    frame = encode(dense(3, 3))
+    with pytest.raises(TypeError):
+        _copyruns.fast_trim({}, frame, None, 1)
+    with pytest.raises(TypeError):
+        _copyruns.fast_trim([], frame, None, 1, TrimResult)
+    with pytest.raises(TypeError):
+        _copyruns.fast_trim({}, frame, None, 1, dict)
+    assert _copyruns.fast_trim({}, frame, None, 1, TrimResult) is None
+    assert _copyruns.fast_trim({}, object(), None, 1, TrimResult) is None
+    assert _copyruns.fast_trim({}, frame, None, "x", TrimResult) is None
+    trimmer = Trimmer(backend="c")
+    allow = Allowlist.from_names(["col_0000"])
+    warm(trimmer, frame, allow)
+    key = next(iter(trimmer._fast))
+    for entry in (b"x", (b"x",), (trimmer._fast[key][0], b"short"),
+                  (trimmer._fast[key][0], bytes(400))):
+        with pytest.raises(TypeError, match="fast_trim"):
+            _copyruns.fast_trim({key: entry}, frame, None, allow.digest, TrimResult)
