@@ -112,13 +112,13 @@ class Proc:
     def __init__(self, name: str, cmd: Sequence[str], log_path: Path,
                  env: Mapping[str, str] | None = None) -> None:
         self.name, self.log_path = name, log_path
-        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self._log = open(log_path, "ab")  # closed in stop()
         try:
             self.proc = subprocess.Popen(
                 list(cmd), cwd=PROJECT_DIR, stdin=subprocess.DEVNULL, stdout=self._log,
                 stderr=subprocess.STDOUT, start_new_session=True,
                 env=child_env() if env is None else dict(env),
-                preexec_fn=_die_with_parent)  # noqa: PLW1509 - no threads run at spawn
+                preexec_fn=_die_with_parent)  # spawned before any thread starts
         except BaseException:
             self._log.close()
             raise
