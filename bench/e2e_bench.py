@@ -375,7 +375,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.configs = [c for c in args.configs.split(",") if c]
     if not {"off", "trim"} <= set(args.configs) or not set(args.configs) <= set(CONFIGS):
         p.error(f"--configs: a subset of {','.join(CONFIGS)} with off and trim")
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # both unwind through the finally blocks
+        signal.signal(sig, signal.default_int_handler)
     try:
         return run(args)
     except StackError as exc:

@@ -493,8 +493,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if args.requests < 2:
         p.error("--requests must be at least 2 (the hot swap happens half way)")
-    # SIGTERM unwinds like Ctrl-C, so the finally blocks stop every process
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # SIGTERM unwinds like Ctrl-C, so the finally blocks stop every process; SIGINT too,
+    # even when started in the background by a shell that set it to "ignore"
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.default_int_handler)
     try:
         if args.command == "run":
             return run(args, args.examples.resolve())
