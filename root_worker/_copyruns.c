@@ -241,6 +241,26 @@ check_runs(const int64_t *r, Py_ssize_t n_runs, Py_ssize_t src_len, Py_ssize_t d
     return 0;
 }
 
+/* Software prefetch of the first lines of the run PREFETCH_AHEAD runs ahead: each run
+ * starts a new source stream, which the hardware prefetchers pick up only after a few
+ * misses. */
+#define PREFETCH_AHEAD 2
+#define PREFETCH_LINES 4
+
+static void
+copy_runs_loop(char *d, const char *s, const int64_t *r, Py_ssize_t n_runs)
+{
+    for (Py_ssize_t i = 0; i < n_runs; i++) {
+        if (i + PREFETCH_AHEAD < n_runs) {
+            const char *next = s + r[3 * (i + PREFETCH_AHEAD)];
+            for (int k = 0; k < PREFETCH_LINES; k++) {
+                __builtin_prefetch(next + 64 * k, 0, 3);
+            }
+        }
+        copy_run(d + r[3 * i + 1], s + r[3 * i], (size_t)r[3 * i + 2]);
+    }
+}
+
 /* Copy checked runs; the GIL is released when there is enough memory traffic to share.
  * The buffers stay exported (Py_buffer held by the caller), so they cannot move. */
 static void
@@ -248,15 +268,11 @@ copy_all_runs(char *d, const char *s, const int64_t *r, Py_ssize_t n_runs, int64
 {
     if (total >= RELEASE_GIL_MIN_BYTES) {
         Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t i = 0; i < n_runs; i++) {
-            copy_run(d + r[3 * i + 1], s + r[3 * i], (size_t)r[3 * i + 2]);
-        }
+        copy_runs_loop(d, s, r, n_runs);
         Py_END_ALLOW_THREADS
     }
     else {
-        for (Py_ssize_t i = 0; i < n_runs; i++) {
-            copy_run(d + r[3 * i + 1], s + r[3 * i], (size_t)r[3 * i + 2]);
-        }
+        copy_runs_loop(d, s, r, n_runs);
     }
 }
 
@@ -388,126 +404,45 @@ load_le(const char *p, int n)
 
 #define FRAME_PREAMBLE_SIZE 64
 #define FAST_KEY_SIZE 32
-#define PLAN_MAGIC 0x314e414c504d5254ULL /* "TRMPLAN1" */
-#define TABLE_BYTES 0   /* compare the block table with a cached copy */
-#define TABLE_UNIFORM 1 /* entry i == (base + i * stride, nbytes) */
+#define PLAN_MAGIC 0x324e414c504d5254ULL /* "TRMPLAN2" */
+#define TABLE_BYTES 0   /* a block table kept as bytes */
+#define TABLE_UNIFORM 1 /* entry i == (base + i * stride, nbytes): kept as three numbers */
 
 /* The head of a pack_plan blob (native byte order; the blob never leaves the process),
- * followed by the cached table (TABLE_BYTES only), the header and the runs, each at an
- * 8-byte aligned offset of the blob. */
+ * followed by the input block table (TABLE_BYTES only), the output header and the runs,
+ * each at an 8-byte aligned offset of the blob.  Runs are packed as uint32 pairs
+ * (source offset / 64, length): their output offsets follow from tiling. */
 typedef struct {
     uint64_t magic;
     uint64_t n_columns, layout_len, n_candidates, meta_offset;
-    uint64_t table_offset, table_len, table_mode, u_base, u_stride, u_nbytes;
-    uint64_t header_len, out_meta_offset, n_runs, n_kept, n_missing;
+    uint64_t table_offset, table_mode, t_base, t_stride, t_nbytes;
+    uint64_t header_len, out_table_offset, n_kept, out_table_mode, o_base, o_stride, o_nbytes;
+    uint64_t out_meta_offset, n_runs, n_missing;
     uint64_t table_at, header_at, runs_at, blob_len;
 } plan_head;
 
-static Py_ssize_t
-round8(Py_ssize_t n)
+static uint64_t
+round8(uint64_t n)
 {
-    return (n + 7) & ~(Py_ssize_t)7;
+    return (n + 7) & ~(uint64_t)7;
 }
 
-static PyObject *
-pack_plan(PyObject *self, PyObject *args)
+/* TABLE_UNIFORM (and base, stride, nbytes) if the n-entry table at t is arithmetic. */
+static uint64_t
+table_shape(const char *t, uint64_t n, uint64_t *base, uint64_t *stride, uint64_t *nbytes)
 {
-    unsigned long long n_columns, layout_len, n_cand, meta_off, table_off, out_meta, n_kept,
-        n_missing;
-    Py_buffer table, header, runs;
-    PyObject *result = NULL;
-
-    if (!PyArg_ParseTuple(args, "KKKKKy*y*y*KKK:pack_plan", &n_columns, &layout_len, &n_cand,
-                          &meta_off, &table_off, &table, &header, &runs, &out_meta, &n_kept,
-                          &n_missing)) {
-        return NULL;
-    }
-    const uint64_t limit = (uint64_t)1 << 62; /* keeps every sum below 2**64 */
-    Py_ssize_t n_runs = runs.len / (3 * (Py_ssize_t)sizeof(int64_t));
-    const int64_t *r = (const int64_t *)runs.buf;
-    if (runs.len % (3 * (Py_ssize_t)sizeof(int64_t)) != 0
-        || ((uintptr_t)r) % sizeof(int64_t) != 0) {
-        PyErr_SetString(PyExc_ValueError, "pack_plan: runs must be aligned int64 triples");
-        goto done;
-    }
-    if (n_columns > limit || layout_len > limit || meta_off > limit || out_meta > limit
-        || table_off < FRAME_PREAMBLE_SIZE + layout_len
-        || (uint64_t)table.len != 16 * n_columns || table_off + (uint64_t)table.len > meta_off
-        || header.len < FRAME_TAIL_END || (uint64_t)header.len > out_meta) {
-        PyErr_SetString(PyExc_ValueError,
-                        "pack_plan: table, header or metadata offsets are inconsistent");
-        goto done;
-    }
-    uint64_t at = (uint64_t)header.len;
-    for (Py_ssize_t i = 0; i < n_runs; i++) {
-        int64_t so = r[3 * i], d = r[3 * i + 1], len = r[3 * i + 2];
-        if (so < 0 || len < 0 || (uint64_t)d != at || (uint64_t)so > meta_off
-            || (uint64_t)len > meta_off - (uint64_t)so || (uint64_t)len > out_meta - at) {
-            PyErr_Format(PyExc_ValueError,
-                         "pack_plan: run %zd (src %lld, dst %lld, len %lld) does not continue "
-                         "the output at %llu inside the input's data",
-                         i, (long long)so, (long long)d, (long long)len, (unsigned long long)at);
-            goto done;
-        }
-        at += (uint64_t)len;
-    }
-    if (at != out_meta) {
-        PyErr_Format(PyExc_ValueError, "pack_plan: runs end at %llu, not at the metadata (%llu)",
-                     (unsigned long long)at, out_meta);
-        goto done;
-    }
-
-    plan_head h;
-    memset(&h, 0, sizeof h);
-    h.magic = PLAN_MAGIC;
-    h.n_columns = n_columns;
-    h.layout_len = layout_len;
-    h.n_candidates = n_cand;
-    h.meta_offset = meta_off;
-    h.table_offset = table_off;
-    h.table_len = (uint64_t)table.len;
-    h.header_len = (uint64_t)header.len;
-    h.out_meta_offset = out_meta;
-    h.n_runs = (uint64_t)n_runs;
-    h.n_kept = n_kept;
-    h.n_missing = n_missing;
-    const char *t = (const char *)table.buf;
-    h.table_mode = TABLE_UNIFORM;
-    if (n_columns) {
-        h.u_base = load_le(t, 8);
-        h.u_nbytes = load_le(t + 8, 8);
-        h.u_stride = n_columns > 1 ? load_le(t + 16, 8) - h.u_base : 0;
-        for (uint64_t i = 0; i < n_columns; i++) {
-            if (load_le(t + 16 * i, 8) != h.u_base + i * h.u_stride
-                || load_le(t + 16 * i + 8, 8) != h.u_nbytes) {
-                h.table_mode = TABLE_BYTES;
-                break;
-            }
+    *base = n ? load_le(t, 8) : 0;
+    *nbytes = n ? load_le(t + 8, 8) : 0;
+    *stride = n > 1 ? load_le(t + 16, 8) - *base : 0;
+    for (uint64_t i = 0; i < n; i++) {
+        if (load_le(t + 16 * i, 8) != *base + i * *stride || load_le(t + 16 * i + 8, 8) != *nbytes) {
+            return TABLE_BYTES;
         }
     }
-    Py_ssize_t table_copy = h.table_mode == TABLE_BYTES ? table.len : 0;
-    h.table_at = sizeof h;
-    h.header_at = h.table_at + (uint64_t)round8(table_copy);
-    h.runs_at = h.header_at + (uint64_t)round8(header.len);
-    h.blob_len = h.runs_at + (uint64_t)runs.len;
-    result = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)h.blob_len);
-    if (result == NULL) {
-        goto done;
-    }
-    char *b = PyBytes_AS_STRING(result);
-    memset(b, 0, (size_t)h.blob_len);
-    memcpy(b, &h, sizeof h);
-    memcpy(b + h.table_at, table.buf, (size_t)table_copy);
-    memcpy(b + h.header_at, header.buf, (size_t)header.len);
-    memcpy(b + h.runs_at, runs.buf, (size_t)runs.len);
-done:
-    PyBuffer_Release(&runs);
-    PyBuffer_Release(&header);
-    PyBuffer_Release(&table);
-    return result;
+    return TABLE_UNIFORM;
 }
 
-/* Non-zero if the n_columns-entry block table at t is not (base + i * stride, nbytes). */
+/* Non-zero if the n-entry block table at t is not (base + i * stride, nbytes). */
 #ifdef HAVE_X86_KERNELS
 __attribute__((target("avx512f"))) static uint64_t
 uniform_differs_avx512(const char *t, uint64_t n, uint64_t base, uint64_t stride,
@@ -533,6 +468,27 @@ uniform_differs_avx512(const char *t, uint64_t n, uint64_t base, uint64_t stride
         acc |= (load_le(t + 16 * i, 8) ^ off) | (load_le(t + 16 * i + 8, 8) ^ nbytes);
     }
     return acc;
+}
+
+__attribute__((target("avx512f"))) static void
+write_uniform_avx512(char *t, uint64_t n, uint64_t base, uint64_t stride, uint64_t nbytes)
+{
+    __m512i v = _mm512_set_epi64((long long)nbytes, (long long)(base + 3 * stride),
+                                 (long long)nbytes, (long long)(base + 2 * stride),
+                                 (long long)nbytes, (long long)(base + stride),
+                                 (long long)nbytes, (long long)base);
+    const __m512i step = _mm512_set_epi64(0, (long long)(4 * stride), 0,
+                                          (long long)(4 * stride), 0, (long long)(4 * stride),
+                                          0, (long long)(4 * stride));
+    uint64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        _mm512_storeu_si512((void *)(t + 16 * i), v);
+        v = _mm512_add_epi64(v, step);
+    }
+    for (uint64_t off = base + i * stride; i < n; i++, off += stride) {
+        store_le(t + 16 * i, off, 8);
+        store_le(t + 16 * i + 8, nbytes, 8);
+    }
 }
 #endif
 
@@ -561,6 +517,140 @@ uniform_table_differs(const char *t, uint64_t n, uint64_t base, uint64_t stride,
     }
     return acc;
 #endif
+}
+
+static void
+write_uniform_table(char *t, uint64_t n, uint64_t base, uint64_t stride, uint64_t nbytes)
+{
+#ifdef HAVE_X86_KERNELS
+    if (kernel == KERNEL_AVX512) {
+        write_uniform_avx512(t, n, base, stride, nbytes);
+        return;
+    }
+#endif
+    for (uint64_t i = 0, off = base; i < n; i++, off += stride) {
+        store_le(t + 16 * i, off, 8);
+        store_le(t + 16 * i + 8, nbytes, 8);
+    }
+}
+
+static PyObject *
+pack_plan(PyObject *self, PyObject *args)
+{
+    unsigned long long n_columns, layout_len, n_cand, meta_off, table_off, out_table_off,
+        out_meta, n_kept, n_missing;
+    Py_buffer table, header, runs;
+    PyObject *result = NULL;
+
+    if (!PyArg_ParseTuple(args, "KKKKKy*y*Ky*KKK:pack_plan", &n_columns, &layout_len, &n_cand,
+                          &meta_off, &table_off, &table, &header, &out_table_off, &runs,
+                          &out_meta, &n_kept, &n_missing)) {
+        return NULL;
+    }
+    const uint64_t limit = (uint64_t)1 << 40; /* keeps every sum below 2**64 */
+    Py_ssize_t n_runs = runs.len / (3 * (Py_ssize_t)sizeof(int64_t));
+    const int64_t *r = (const int64_t *)runs.buf;
+    if (runs.len % (3 * (Py_ssize_t)sizeof(int64_t)) != 0
+        || ((uintptr_t)r) % sizeof(int64_t) != 0) {
+        PyErr_SetString(PyExc_ValueError, "pack_plan: runs must be aligned int64 triples");
+        goto done;
+    }
+    if (n_columns > limit || n_kept > limit || layout_len > limit || meta_off > limit
+        || out_meta > limit || table_off < FRAME_PREAMBLE_SIZE + layout_len
+        || (uint64_t)table.len != 16 * n_columns || table_off + (uint64_t)table.len > meta_off
+        || header.len < FRAME_TAIL_END || (uint64_t)header.len > out_meta
+        || out_table_off < FRAME_PREAMBLE_SIZE
+        || out_table_off + 16 * n_kept > (uint64_t)header.len) {
+        PyErr_SetString(PyExc_ValueError,
+                        "pack_plan: table, header or metadata offsets are inconsistent");
+        goto done;
+    }
+    /* The runs must tile [len(header), out_meta) in order, read inside [0, meta_offset),
+     * and pack into (source / 64, length) uint32 pairs. */
+    uint64_t at = (uint64_t)header.len;
+    for (Py_ssize_t i = 0; i < n_runs; i++) {
+        int64_t so = r[3 * i], d = r[3 * i + 1], len = r[3 * i + 2];
+        if (so < 0 || len < 0 || (uint64_t)d != at || (uint64_t)so > meta_off
+            || (uint64_t)len > meta_off - (uint64_t)so || (uint64_t)len > out_meta - at) {
+            PyErr_Format(PyExc_ValueError,
+                         "pack_plan: run %zd (src %lld, dst %lld, len %lld) does not continue "
+                         "the output at %llu inside the input's data",
+                         i, (long long)so, (long long)d, (long long)len, (unsigned long long)at);
+            goto done;
+        }
+        if (so % 64 != 0 || (uint64_t)so / 64 > UINT32_MAX || (uint64_t)len > UINT32_MAX) {
+            PyErr_Format(PyExc_ValueError,
+                         "pack_plan: run %zd (src %lld, len %lld) cannot be packed", i,
+                         (long long)so, (long long)len);
+            goto done;
+        }
+        at += (uint64_t)len;
+    }
+    if (at != out_meta) {
+        PyErr_Format(PyExc_ValueError, "pack_plan: runs end at %llu, not at the metadata (%llu)",
+                     (unsigned long long)at, out_meta);
+        goto done;
+    }
+
+    plan_head h;
+    memset(&h, 0, sizeof h);
+    h.magic = PLAN_MAGIC;
+    h.n_columns = n_columns;
+    h.layout_len = layout_len;
+    h.n_candidates = n_cand;
+    h.meta_offset = meta_off;
+    h.table_offset = table_off;
+    h.table_mode = table_shape((const char *)table.buf, n_columns, &h.t_base, &h.t_stride,
+                               &h.t_nbytes);
+    h.header_len = (uint64_t)header.len;
+    h.out_table_offset = out_table_off;
+    h.n_kept = n_kept;
+    h.out_table_mode = table_shape((const char *)header.buf + out_table_off, n_kept, &h.o_base,
+                                   &h.o_stride, &h.o_nbytes);
+    h.out_meta_offset = out_meta;
+    h.n_runs = (uint64_t)n_runs;
+    h.n_missing = n_missing;
+    uint64_t table_copy = h.table_mode == TABLE_BYTES ? (uint64_t)table.len : 0;
+    h.table_at = sizeof h;
+    h.header_at = h.table_at + round8(table_copy);
+    h.runs_at = h.header_at + round8((uint64_t)header.len);
+    h.blob_len = h.runs_at + 8 * (uint64_t)n_runs;
+    result = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)h.blob_len);
+    if (result == NULL) {
+        goto done;
+    }
+    char *b = PyBytes_AS_STRING(result);
+    memset(b, 0, (size_t)h.blob_len);
+    memcpy(b, &h, sizeof h);
+    memcpy(b + h.table_at, table.buf, (size_t)table_copy);
+    memcpy(b + h.header_at, header.buf, (size_t)header.len);
+    uint32_t *packed = (uint32_t *)(b + h.runs_at);
+    for (Py_ssize_t i = 0; i < n_runs; i++) {
+        packed[2 * i] = (uint32_t)(r[3 * i] / 64);
+        packed[2 * i + 1] = (uint32_t)r[3 * i + 2];
+    }
+done:
+    PyBuffer_Release(&runs);
+    PyBuffer_Release(&header);
+    PyBuffer_Release(&table);
+    return result;
+}
+
+/* Copy packed runs to d, consecutively (see plan_head), prefetching ahead as
+ * copy_runs_loop does. */
+static void
+copy_packed_runs(char *d, const char *s, const uint32_t *r, uint64_t n_runs)
+{
+    for (uint64_t i = 0; i < n_runs; i++) {
+        if (i + PREFETCH_AHEAD < n_runs) {
+            const char *next = s + 64 * (uint64_t)r[2 * (i + PREFETCH_AHEAD)];
+            for (int k = 0; k < PREFETCH_LINES; k++) {
+                __builtin_prefetch(next + 64 * k, 0, 3);
+            }
+        }
+        copy_run(d, s + 64 * (uint64_t)r[2 * i], r[2 * i + 1]);
+        d += r[2 * i + 1];
+    }
 }
 
 /* A new reference to type(data, bytes_in, bytes_out, n_kept, n_missing), a tuple subclass
@@ -604,12 +694,11 @@ fast_trim(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_Clear(); /* not a u64 digest: never cached, the general path serves it */
         Py_RETURN_NONE;
     }
-    Py_buffer src, dst;
+    Py_buffer src;
     if (PyObject_GetBuffer(src_obj, &src, PyBUF_SIMPLE) < 0) {
         PyErr_Clear(); /* the general path words the error */
         Py_RETURN_NONE;
     }
-    dst.obj = NULL;
     PyObject *entry = NULL, *result = NULL, *data = NULL, *out_new = NULL;
     const char *s = (const char *)src.buf;
     const Py_ssize_t n = src.len;
@@ -628,11 +717,9 @@ fast_trim(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     char keybuf[FAST_KEY_SIZE];
     memcpy(keybuf, s + 16, 8); /* the layout hint, as on the wire (LE) */
-    for (int i = 0; i < 8; i++) {
-        keybuf[8 + i] = (char)(digest >> (8 * i));
-        keybuf[16 + i] = (char)(n_cand >> (8 * i));
-        keybuf[24 + i] = (char)(meta_off >> (8 * i));
-    }
+    store_le(keybuf + 8, digest, 8);
+    store_le(keybuf + 16, n_cand, 8);
+    store_le(keybuf + 24, meta_off, 8);
     PyObject *key = PyBytes_FromStringAndSize(keybuf, FAST_KEY_SIZE);
     if (key == NULL) {
         goto done;
@@ -665,7 +752,8 @@ fast_trim(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
 
     /* Everything that decides what is copied must equal the plan's.  meta_off equals the
-     * plan's (it is in the key), so the plan's table and runs lie inside src. */
+     * plan's (it is in the key, and checked), so the plan's table and runs lie inside src
+     * (pack_plan checked them against it). */
     if (h.n_columns != n_columns || h.layout_len != layout_len || h.n_candidates != n_cand
         || h.meta_offset != meta_off || (uint64_t)PyBytes_GET_SIZE(layout) != layout_len
         || memcmp(s + FRAME_PREAMBLE_SIZE, PyBytes_AS_STRING(layout), (size_t)layout_len) != 0) {
@@ -673,12 +761,13 @@ fast_trim(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     const char *table = s + h.table_offset;
     if (h.table_mode == TABLE_UNIFORM
-            ? uniform_table_differs(table, n_columns, h.u_base, h.u_stride, h.u_nbytes) != 0
-            : memcmp(table, blob + h.table_at, (size_t)h.table_len) != 0) {
+            ? uniform_table_differs(table, n_columns, h.t_base, h.t_stride, h.t_nbytes) != 0
+            : memcmp(table, blob + h.table_at, 16 * (size_t)n_columns) != 0) {
         goto miss;
     }
 
-    /* The output buffer. */
+    /* The output: a memoryview of out (a new bytearray for None) with exactly out_len
+     * bytes, written through that view's own buffer. */
     const uint64_t out_len = h.out_meta_offset + meta_len;
     if (out_obj == Py_None) {
         out_new = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)out_len);
@@ -687,45 +776,62 @@ fast_trim(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         }
         out_obj = out_new;
     }
-    if (PyObject_GetBuffer(out_obj, &dst, PyBUF_WRITABLE | PyBUF_FORMAT | PyBUF_ND) < 0) {
-        PyErr_Clear();
-        dst.obj = NULL;
+    else if (!PyObject_CheckBuffer(out_obj)) {
         goto miss;
     }
-    if (dst.ndim != 1 || (dst.format != NULL && strcmp(dst.format, "B") != 0)
-        || (uint64_t)dst.len < out_len) {
+    data = PyMemoryView_FromObject(out_obj);
+    if (data == NULL) {
+        PyErr_Clear();
         goto miss;
+    }
+    Py_buffer *view = PyMemoryView_GET_BUFFER(data);
+    if (view->readonly || view->ndim != 1 || (view->format != NULL && strcmp(view->format, "B") != 0)
+        || !PyBuffer_IsContiguous(view, 'C') || (uint64_t)view->len < out_len) {
+        goto miss;
+    }
+    if ((uint64_t)view->len != out_len) {
+        Py_SETREF(data, PySequence_GetSlice(data, 0, (Py_ssize_t)out_len));
+        if (data == NULL) {
+            goto done;
+        }
+        view = PyMemoryView_GET_BUFFER(data);
     }
 
-    /* Write: header, the per-request preamble fields, the runs, the metadata. */
-    char *d = (char *)dst.buf;
-    const int64_t *r = (const int64_t *)(blob + h.runs_at);
-    memcpy(d, blob + h.header_at, (size_t)h.header_len);
+    /* Write: header (its table generated when uniform), the per-request preamble fields,
+     * the runs, the metadata. */
+    char *d = (char *)view->buf;
+    const char *header = blob + h.header_at;
+    if (h.out_table_mode == TABLE_UNIFORM) {
+        uint64_t ot = h.out_table_offset, ot_end = ot + 16 * h.n_kept;
+        memcpy(d, header, (size_t)ot);
+        write_uniform_table(d + ot, h.n_kept, h.o_base, h.o_stride, h.o_nbytes);
+        memcpy(d + ot_end, header + ot_end, (size_t)(h.header_len - ot_end));
+    }
+    else {
+        memcpy(d, header, (size_t)h.header_len);
+    }
     store_le(d + FRAME_TAIL_OFFSET, out_len, 8);
     store_le(d + FRAME_TAIL_OFFSET + 8, h.out_meta_offset, 8);
     store_le(d + FRAME_TAIL_OFFSET + 16, meta_len, 4);
-    copy_all_runs(d, s, r, (Py_ssize_t)h.n_runs,
-                  (int64_t)(h.out_meta_offset - h.header_len));
+    const uint32_t *runs = (const uint32_t *)(blob + h.runs_at);
+    if (h.out_meta_offset - h.header_len >= RELEASE_GIL_MIN_BYTES) {
+        /* src, the view and the entry are all held: nothing moves or goes away. */
+        Py_BEGIN_ALLOW_THREADS
+        copy_packed_runs(d + h.header_len, s, runs, h.n_runs);
+        Py_END_ALLOW_THREADS
+    }
+    else {
+        copy_packed_runs(d + h.header_len, s, runs, h.n_runs);
+    }
     memcpy(d + h.out_meta_offset, s + meta_off, (size_t)meta_len);
-
-    data = PyMemoryView_FromObject(out_obj);
-    if (data != NULL && (uint64_t)dst.len != out_len) {
-        PyObject *view = PySequence_GetSlice(data, 0, (Py_ssize_t)out_len);
-        Py_SETREF(data, view);
-    }
-    if (data != NULL) {
-        result = make_result((PyTypeObject *)args[4], data, n, (Py_ssize_t)out_len, h.n_kept,
-                             h.n_missing);
-    }
+    result = make_result((PyTypeObject *)args[4], data, n, (Py_ssize_t)out_len, h.n_kept,
+                         h.n_missing);
     goto done;
 miss:
     result = Py_None;
     Py_INCREF(result);
 done:
     Py_XDECREF(data);
-    if (dst.obj != NULL) {
-        PyBuffer_Release(&dst);
-    }
     Py_XDECREF(out_new);
     Py_XDECREF(entry);
     PyBuffer_Release(&src);

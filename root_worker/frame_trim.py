@@ -307,10 +307,16 @@ class Trimmer:
                       meta_off: int) -> None:
         entry = sizes.fast_entry
         if entry is None:
-            blob = pack_plan_c(plan.n_columns, plan.layout_len, n_cand, meta_off,
-                               plan.table_offset, sizes.table, sizes.header, sizes.runs,
-                               sizes.out_meta_offset, plan.n_kept, plan.n_missing)
+            try:
+                blob = pack_plan_c(plan.n_columns, plan.layout_len, n_cand, meta_off,
+                                   plan.table_offset, sizes.table, sizes.header,
+                                   plan.out_table_offset, sizes.runs, sizes.out_meta_offset,
+                                   plan.n_kept, plan.n_missing)
+            except ValueError:  # e.g. a run of 4 GiB or more: stays on the general path
+                blob = b""
             entry = sizes.fast_entry = (plan.layout_raw, blob)
+        if not entry[1]:
+            return
         fast = self._fast
         if fast.get(key) is entry:
             return

@@ -303,7 +303,8 @@ def test_pack_plan_rejects_inconsistent_plans() -> None:
     header = bytes(128)
     table = struct.pack("<QQ", 192, 100)
     ok = dict(n_columns=1, layout_len=20, n_candidates=1, meta_offset=300, table_offset=88,
-              table=table, header=header, runs=np.array([[192, 128, 100]], np.int64),
+              table=table, header=header, out_table_offset=64,
+              runs=np.array([[192, 128, 100]], np.int64),
               out_meta_offset=228, n_kept=1, n_missing=0)
     assert isinstance(_copyruns.pack_plan(*ok.values()), bytes)
     bad_cases = [
@@ -316,7 +317,10 @@ def test_pack_plan_rejects_inconsistent_plans() -> None:
         dict(table=table + bytes(16)),  # table size != 16 * n_columns
         dict(meta_offset=90),  # table past the metadata
         dict(header=bytes(40)),  # shorter than the preamble fields
+        dict(out_table_offset=40),  # output table inside the preamble
+        dict(out_table_offset=120),  # output table past the header
         dict(runs=np.zeros(4, np.int64)),
+        dict(runs=np.array([[193, 128, 100]], np.int64)),  # unaligned source: not packable
     ]
     for change in bad_cases:
         args = {**ok, **change}
@@ -343,3 +347,17 @@ def test_fast_trim_checks_its_arguments() -> None:
                   (trimmer._fast[key][0], bytes(400))):
         with pytest.raises(TypeError, match="fast_trim"):
             _copyruns.fast_trim({key: entry}, frame, None, allow.digest, TrimResult)
+
+
+def test_fast_path_on_a_large_frame_releasing_the_gil() -> None:
+    """The benchmark's shape: 2000 float32 columns x 200 candidates, ~40% kept."""
+    cols = dense(200, 2000, seed=5)
+    frame = encode(cols, {"request_id": "big"})
+    keep = np.random.default_rng(6).random(2000) < 0.4
+    allow = Allowlist.from_names([n for n, k in zip(cols, keep, strict=True) if k])
+    trimmer = Trimmer(backend="c")
+    out = np.zeros(len(frame), np.uint8)
+    warm(trimmer, frame, allow, out)
+    res = fast(trimmer, frame, allow, out)
+    assert res is not None and res.bytes_out > 256 * 1024
+    assert bytes(res.data) == reference(frame, allow)
