@@ -51,9 +51,11 @@ import platform
 import resource
 import signal
 import statistics
+import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,6 +114,7 @@ class Window:
     latencies: list[float] = field(default_factory=list)
     wire: list[int] = field(default_factory=list)   # root->leaf bytes per request
     errors: int = 0
+    outcomes: Counter[str] = field(default_factory=Counter)  # per target; +fallback
     leaf_bytes: int = 0
     cpu: dict[str, float] = field(default_factory=dict)
     busy: float = 0.0
@@ -130,6 +133,7 @@ class Load:
         self.stop = threading.Event()
         self.samples: list[tuple[float, int]] = []
         self.errors: list[str] = []
+        self.outcomes: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True)
                          for i in range(clients)]
@@ -162,14 +166,18 @@ class Load:
                 with self._lock:
                     if ok:
                         self.samples.append((dt, sum(t["bytes_sent"] for t in doc["targets"])))
+                        for t in doc["targets"]:
+                            self.outcomes[t["outcome"]] += 1
+                            if t.get("fallback"):  # trimmer failed, sent untrimmed
+                                self.outcomes[f"fallback {t['fallback']}"] += 1
                     else:
                         self.errors.append(str(doc)[:300])
 
-    def take(self) -> tuple[list[tuple[float, int]], list[str]]:
+    def take(self) -> tuple[list[tuple[float, int]], list[str], Counter[str]]:
         with self._lock:
-            out, errs = self.samples, self.errors
-            self.samples, self.errors = [], []
-        return out, errs
+            out, errs, outcomes = self.samples, self.errors, self.outcomes
+            self.samples, self.errors, self.outcomes = [], [], Counter()
+        return out, errs, outcomes
 
 
 def measure(stack: Stack, pool: Pool, config: str, frames: Sequence[bytes],
@@ -192,13 +200,13 @@ def measure(stack: Stack, pool: Pool, config: str, frames: Sequence[bytes],
         busy1, total1 = machine_busy()
         cpu1 = {k: sum(cpu_seconds(p) for p in pids) for k, pids in procs.items()}
         cpu1["client"] = self_cpu()
-        samples, errors = load.take()
+        samples, errors, outcomes = load.take()
     # requests still in flight when recording stopped were not counted, but the leaves
     # saw their bytes: the leaf counter is read after the clients stopped, so it is a
     # cross-check (>=), not an exact figure
     leaf1 = sum(leaf.stats()["bytes_received"] for leaf in stack.leaves.values())
     w = Window(config, seconds, [s[0] for s in samples], [s[1] for s in samples],
-               len(errors), leaf1 - leaf0,
+               len(errors), outcomes, leaf1 - leaf0,
                {k: cpu1[k] - cpu0[k] for k in cpu1},
                (busy1 - busy0) / max(1, total1 - total0))
     if errors:
@@ -221,6 +229,7 @@ def summarize(windows: Sequence[Window]) -> dict[str, Any]:
                                                               "daemon")}
     return {
         "requests": n, "seconds": round(secs, 3), "errors": sum(w.errors for w in windows),
+        "target_outcomes": dict(sum((w.outcomes for w in windows), Counter())),
         "throughput_rps": n / secs if secs else 0.0,
         "p50_ms": pct(lat, 0.50) * 1e3, "p99_ms": pct(lat, 0.99) * 1e3,
         "mean_ms": statistics.fmean(lat) * 1e3 if lat else float("nan"),
@@ -280,6 +289,28 @@ def verdict(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "p99_target_met": trim["p99_ms"] < off["p99_ms"],
         "wire_target_met": red >= TARGET_WIRE_REDUCTION,
     }
+
+
+def sanity(results: dict[str, dict[str, Any]]) -> list[str]:
+    """Problems that make the figures meaningless: failed requests, trim configurations
+    whose targets were not all trimmed (a trimmer fallback sends untrimmed)."""
+    out = []
+    for name, r in results.items():
+        expected = "trimmed" if CONFIGS[name][0] == "trim" else "off"
+        odd = {k: v for k, v in r["target_outcomes"].items() if k != expected}
+        if odd or r["errors"]:
+            out.append(f"WARNING {name}: {r['errors']} failed requests, unexpected target "
+                       f"outcomes {odd or 'none'}: its figures do not measure what they claim")
+    return out
+
+
+def source_state() -> str:
+    """The commit measured, and whether the trim engine had uncommitted changes."""
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def where_the_time_goes(results: dict[str, dict[str, Any]], v: dict[str, Any]) -> str:
@@ -342,20 +373,23 @@ def run(args: argparse.Namespace) -> int:
           f"{v['trim_wire_reduction']:.1%} (target >= {TARGET_WIRE_REDUCTION:.0%}: "
           f"{'met' if v['wire_target_met'] else 'NOT met'})")
     print(where_the_time_goes(results, v))
+    problems = sanity(results)
+    for line in problems:
+        print(line)
     left = shm_segments(stack.prefix)
     print(f"cleanup: shm segments of {stack.prefix} left: {left or 'none'}; processes "
           f"killed after the SIGTERM deadline: {closed.killed or 'none'}")
     doc = {"benchmark": "e2e", "command": " ".join(["python", *sys.argv]),
            "machine": {"platform": platform.platform(), "python": platform.python_version(),
                        "cpus": os.cpu_count()},
+           "source": source_state(), "problems": problems,
            "shape": shape, "results": results, "verdict": v,
            "note": "client, root pool, leaves and daemon share the machine's CPUs; "
                    "throughput is bounded by total CPU per request (see cpu_ms_per_request)"}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"wrote {args.output}")
-    errors = sum(r["errors"] for r in results.values())
-    return 0 if not left and not errors else 1
+    return 0 if not left and not problems else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
