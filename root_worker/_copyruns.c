@@ -58,17 +58,20 @@
 #define HAVE_X86_KERNELS 1
 #endif
 
-/* The copy kernel, chosen once at import (exported as KERNEL):
+/* The copy kernel, chosen once at import (exported as KERNEL; set_kernel switches):
  *
- *   "avx512"  64-byte vectors, destination-aligned stores; x86-64 with AVX-512F enabled by
- *             the OS.  A trim copies a few hundred ~1-6 KB runs from scattered source
- *             offsets; measured on the 2-core dev VM (Xeon, ERMS+FSRM) for the benchmark's
- *             491 runs with the real buffer alignments (src 48, dst 16 mod 64): ~1.2x one
- *             memcpy of the same bytes, vs ~1.3x with rep movsb or glibc memcpy per run.
- *             Only loads and stores are 512-bit ("light" instructions).
- *   "avx2"    the same with 32-byte vectors (~1.25x there).
+ *   "avx512"  64-byte vectors, destination-aligned stores, from unaligned loads; x86-64
+ *             with AVX-512F and VBMI (Ice Lake, Zen 4 or later) enabled by the OS.  Only
+ *             loads and stores are 512-bit ("light" instructions).
+ *   "avx2"    the same with 32-byte vectors.
  *   "movsb"   rep movsb, on ERMS CPUs without AVX2.
  *   "memcpy"  everything else (and every non-x86 build).
+ *
+ * A trim copies a few hundred 1-6 KB runs from scattered, 64-byte aligned source offsets
+ * into one contiguous output.  On the 2-core dev VM (Xeon, AVX-512, ERMS+FSRM), for the
+ * benchmark's 491 runs with the buffers' real alignments (source 48, destination 16 mod
+ * 64), relative to one memcpy of the same bytes: avx512 ~1.2x, avx2 ~1.25x, rep movsb or
+ * glibc memcpy per run ~1.3x (the per-run startup of rep movsb with misaligned pointers).
  */
 enum { KERNEL_MEMCPY, KERNEL_MOVSB, KERNEL_AVX2, KERNEL_AVX512 };
 static int kernel = KERNEL_MEMCPY;
@@ -178,8 +181,12 @@ detect_cpu(void)
     }
     __cpuid_count(7, 0, eax, ebx, ecx, edx);
     int erms = (ebx >> 9) & 1, avx2 = (ebx >> 5) & 1, avx512f = (ebx >> 16) & 1;
+    int avx512vbmi = (ecx >> 1) & 1;
     int os_ymm = (xcr0 & 0x6) == 0x6, os_zmm = (xcr0 & 0xE6) == 0xE6;
-    if (avx && avx512f && os_zmm) {
+    /* AVX-512 only from the generations with VBMI (Ice Lake and later, Zen 4): on Skylake-SP
+     * and Cascade Lake even 512-bit loads and stores lower the core's clock for a while,
+     * which would tax everything else the worker runs. */
+    if (avx && avx512f && avx512vbmi && os_zmm) {
         kernel = KERNEL_AVX512;
     }
     else if (avx && avx2 && os_ymm) {
