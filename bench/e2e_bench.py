@@ -32,11 +32,18 @@ goes.
 
 Honest shape of this machine: client, root pool, leaves and daemon all share the same cores
 (2 on the reference machine), so a configuration's throughput is bounded by the *total* CPU
-it needs per request, not by a network: on loopback the wire costs only memory copies. The
-leaves are Python (they decode every column they receive and score their model's features),
-so what trimming saves the leaves in CPU counts as much as what it saves on the wire; the
-client is Python too and its CPU (building nothing: frames are pre-built, but sending a
-multi-MB body per request) is in the same budget. The script prints the CPU split.
+all of them need per request, not by a network: on loopback the wire costs only memory
+copies, and lz4 (CPU spent to save wire bytes) can only lose here. The reference leaves are
+Python and take most of that CPU: decoding a frame costs per column received (trimming cuts
+it by ~3x), but scoring the model's own features costs the same trimmed or not, so it is a
+floor that trimming cannot remove; the root receives the whole frame from the client in
+every configuration. The script prints the split (CPU ms per request per component, from
+``/proc/<pid>/stat``), the in-process cost of one leaf request untrimmed vs trimmed, and the
+CPU share taken by processes outside the benchmark (the machine is shared): the ratio of
+CPU per request off / trim is what throughput tends to on an otherwise idle CPU-bound box.
+Candidates: 64 per request by default (``--candidates``); fewer candidates make the
+per-column decode a larger share of the leaf's work and trimming gains more, more
+candidates make the per-value scoring larger and it gains less.
 
 Writes bench/results/e2e_bench.json. Every process and shm segment is removed at exit
 (also on Ctrl-C and on failure).
@@ -66,7 +73,10 @@ import lz4.frame
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from flatbuffers_schema.keys import Allowlist  # noqa: E402
 from root_worker.client import Client  # noqa: E402
+from root_worker.frame import Trimmer, decode  # noqa: E402
+from root_worker.leaf_model import LeafModel  # noqa: E402
 from root_worker.stack import Pool, Stack, StackError, shm_segments  # noqa: E402
 from root_worker.workload import load_universe, make_frame  # noqa: E402
 
@@ -246,6 +256,36 @@ def summarize(windows: Sequence[Window]) -> dict[str, Any]:
     }
 
 
+def median_ms(fn: Any, n: int = 15) -> float:
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples) * 1e3
+
+
+def component_costs(frame: bytes, examples: Path) -> dict[str, float]:
+    """In-process, one core, no HTTP: what one leaf request and one root trim cost for the
+    ads_ctr leaf on this frame, untrimmed vs trimmed (a breakdown of the leaf CPU below)."""
+    doc = json.loads((examples / "bundles" / "ads" / "module_info.json").read_text())
+    names = doc["ads_ctr"][0]["input_names"]
+    allowlist = Allowlist.from_names(names)
+    trimmer, out = Trimmer(), bytearray(len(frame))
+    trimmed = bytes(trimmer.trim(frame, allowlist, out=out).data)
+    model = LeafModel.build("ads_ctr", "1", names)
+    packed = lz4.frame.compress(frame)
+    return {
+        "leaf_decode_untrimmed_ms": median_ms(lambda: decode(frame)),
+        "leaf_decode_trimmed_ms": median_ms(lambda: decode(trimmed)),
+        "leaf_score_ms": median_ms(lambda: model.score(decode(trimmed)))
+        - median_ms(lambda: decode(trimmed)),
+        "leaf_lz4_decompress_untrimmed_ms": median_ms(lambda: lz4.frame.decompress(packed)),
+        "root_lz4_compress_untrimmed_ms": median_ms(lambda: lz4.frame.compress(frame)),
+        "root_trim_ms": median_ms(lambda: trimmer.trim(frame, allowlist, out=out)),
+    }
+
+
 def lz4_saving(frames: Sequence[bytes]) -> float:
     raw = sum(len(f) for f in frames)
     return 1 - sum(len(lz4.frame.compress(f)) for f in frames) / raw
@@ -343,6 +383,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"load: {args.clients} client threads, {args.rounds} x {args.duration:g} s per "
           f"configuration after {args.warmup:g} s warm-up; {os.cpu_count()} CPUs shared by "
           "client, root pool (2 workers), 3 leaves and the daemon")
+    costs = component_costs(frames[0], args.examples)
+    shape["component_costs_ms"] = {k: round(v, 3) for k, v in costs.items()}
+    print("one leaf request in-process (ads_ctr, no HTTP): decode "
+          f"{costs['leaf_decode_untrimmed_ms']:.1f} ms untrimmed / "
+          f"{costs['leaf_decode_trimmed_ms']:.1f} ms trimmed, score "
+          f"{costs['leaf_score_ms']:.1f} ms (the same either way), lz4 decompress "
+          f"{costs['leaf_lz4_decompress_untrimmed_ms']:.1f} ms; root: trim "
+          f"{costs['root_trim_ms']:.2f} ms per target, lz4 compress "
+          f"{costs['root_lz4_compress_untrimmed_ms']:.1f} ms per untrimmed target")
     windows: dict[str, list[Window]] = {name: [] for name in args.configs}
     stack = Stack.create("ftbench", args.examples)
     try:
