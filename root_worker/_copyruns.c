@@ -317,12 +317,17 @@ done:
     return result;
 }
 
-static void
+/* Little-endian stores (the wire format is LE whatever the host). */
+static inline void
 store_le(char *p, uint64_t v, int n)
 {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    memcpy(p, &v, (size_t)n); /* one store, not n byte stores */
+#else
     for (int i = 0; i < n; i++) {
         p[i] = (char)(v >> (8 * i));
     }
+#endif
 }
 
 static PyObject *
@@ -394,7 +399,7 @@ same_bytes(PyObject *self, PyObject *args)
 
 /* ---- fast path: packed plans ---------------------------------------------------------- */
 
-/* Little-endian loads and stores (the wire format is LE whatever the host). */
+/* Little-endian loads (the wire format is LE whatever the host). */
 static inline uint64_t
 load_le(const char *p, int n)
 {
@@ -535,10 +540,19 @@ write_uniform_table(char *t, uint64_t n, uint64_t base, uint64_t stride, uint64_
         return;
     }
 #endif
+#ifdef HAVE_X86_KERNELS
+    __m128i v = _mm_set_epi64x((long long)nbytes, (long long)base);
+    const __m128i step = _mm_set_epi64x(0, (long long)stride);
+    for (uint64_t i = 0; i < n; i++) {
+        _mm_storeu_si128((__m128i *)(t + 16 * i), v);
+        v = _mm_add_epi64(v, step);
+    }
+#else
     for (uint64_t i = 0, off = base; i < n; i++, off += stride) {
         store_le(t + 16 * i, off, 8);
         store_le(t + 16 * i + 8, nbytes, 8);
     }
+#endif
 }
 
 static PyObject *
