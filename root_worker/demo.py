@@ -138,6 +138,14 @@ class Traffic:
             if self._done >= self.swap_at:
                 self.swap_due.set()
 
+    def until(self, done: Any, timeout: float) -> None:
+        """More requests from this thread until ``done(exchanges)`` or ``timeout`` (a slow
+        machine may finish the traffic before the leaf rolled out the new version)."""
+        deadline = time.monotonic() + timeout
+        with Client(self.trim_url) as trim, Client(self.off_url) as off:
+            while not done(self.exchanges) and time.monotonic() < deadline:
+                self._exchange(len(self.exchanges), trim, off)
+
     def _error(self, message: str) -> None:
         with self._lock:
             self.errors.append(message)
@@ -282,6 +290,9 @@ def run_traffic(stack: Stack, traffic: Traffic, swap: SwapTimes, examples: Path,
     if not traffic.join(max(1.0, deadline - time.monotonic())):
         traffic.stop.set()
         raise StackError(f"traffic did not finish within {timeout:g}s")
+    traffic.until(lambda exchanges: any(
+        t["model"] == "homefeed_rank" and t.get("leaf_version") == "2"
+        for ex in exchanges[swap.at_request:] for t in ex.trim.get("targets", [])), 10.0)
     stack.check_alive()
 
 

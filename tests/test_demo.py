@@ -139,7 +139,8 @@ def test_demo_passes_prints_the_table_and_leaves_nothing(demos: list[DemoProc]) 
     assert "version_fallback=" in out  # ads_cvr@7 falls back to the latest version
     compared = re.search(r"scores with trimming == scores without: yes \((\d+) targets", out)
     assert compared and int(compared.group(1)) > 0, out
-    workers = re.findall(r"^\s+(\d+)\s+g\d+: \d+.*\s+g(\d+)\s+g(\d+)$", out, re.M)
+    workers = re.findall(r"^\s+(\d+)\s+(?:g\d+: \d+.*|\(none\))\s+g(\d+)\s+g(\d+)$", out,
+                         re.M)
     assert len(workers) == 2, out
     assert all(hz == metric == "2" for _, hz, metric in workers), workers
     assert re.search(r"daemon published generation 2 \(was 1\)", out)
