@@ -245,6 +245,9 @@ def summarize(windows: Sequence[Window]) -> dict[str, Any]:
         "mean_ms": statistics.fmean(lat) * 1e3 if lat else float("nan"),
         "wire_bytes_per_request": statistics.fmean(wire) if wire else 0.0,
         "leaf_bytes_received": sum(w.leaf_bytes for w in windows),
+        # the leaves' own count per measured request (includes requests in flight at the
+        # window's edges, so slightly above wire_bytes_per_request)
+        "leaf_bytes_per_request": sum(w.leaf_bytes for w in windows) / n if n else 0.0,
         "cpu_ms_per_request": {k: v / n * 1e3 if n else 0.0 for k, v in cpu.items()},
         "machine_busy": statistics.fmean(w.busy for w in windows),
         # CPU of processes that are not part of the benchmark (others sharing the machine)
