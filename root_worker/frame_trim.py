@@ -218,7 +218,7 @@ class Trimmer:
         self._layouts = LayoutCache(max_plans)
         # C backend: _FAST_KEY bytes -> (layout bytes, pack_plan blob) for size plans seen
         # at least twice, served by _copyruns.fast_trim in one call.  Bounded, oldest out.
-        self._fast: dict[bytes, tuple[bytes, bytes]] = {}
+        self._fast: OrderedDict[bytes, tuple[bytes, bytes]] = OrderedDict()
         self._max_fast = max(1, max_plans * max_sizes_per_plan)
 
     def trim(self, buf: Any, allowlist: Allowlist, out: Any = None) -> TrimResult:
@@ -323,8 +323,8 @@ class Trimmer:
         fast[key] = entry
         while len(fast) > self._max_fast:
             try:
-                del fast[next(iter(fast))]
-            except (KeyError, RuntimeError, StopIteration):  # raced with another thread
+                fast.popitem(last=False)
+            except KeyError:  # emptied concurrently
                 break
 
     def clear(self) -> None:
