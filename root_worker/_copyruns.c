@@ -253,6 +253,11 @@ check_runs(const int64_t *r, Py_ssize_t n_runs, Py_ssize_t src_len, Py_ssize_t d
  * misses. */
 #define PREFETCH_AHEAD 2
 #define PREFETCH_LINES 4
+#if defined(__GNUC__) || defined(__clang__)
+#define PREFETCH(p) __builtin_prefetch((p), 0, 3)
+#else
+#define PREFETCH(p) ((void)(p))
+#endif
 
 static void
 copy_runs_loop(char *d, const char *s, const int64_t *r, Py_ssize_t n_runs)
@@ -261,7 +266,7 @@ copy_runs_loop(char *d, const char *s, const int64_t *r, Py_ssize_t n_runs)
         if (i + PREFETCH_AHEAD < n_runs) {
             const char *next = s + r[3 * (i + PREFETCH_AHEAD)];
             for (int k = 0; k < PREFETCH_LINES; k++) {
-                __builtin_prefetch(next + 64 * k, 0, 3);
+                PREFETCH(next + 64 * k);
             }
         }
         copy_run(d + r[3 * i + 1], s + r[3 * i], (size_t)r[3 * i + 2]);
@@ -666,7 +671,7 @@ copy_packed_runs(char *d, const char *s, const uint32_t *r, uint64_t n_runs)
         if (i + PREFETCH_AHEAD < n_runs) {
             const char *next = s + 64 * (uint64_t)r[2 * (i + PREFETCH_AHEAD)];
             for (int k = 0; k < PREFETCH_LINES; k++) {
-                __builtin_prefetch(next + 64 * k, 0, 3);
+                PREFETCH(next + 64 * k);
             }
         }
         copy_run(d, s + 64 * (uint64_t)r[2 * i], r[2 * i + 1]);
