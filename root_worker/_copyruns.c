@@ -662,22 +662,46 @@ done:
     return result;
 }
 
-/* Copy packed runs to d, consecutively (see plan_head), prefetching ahead as
- * copy_runs_loop does. */
+/* Copy packed runs to [d, d_end), consecutively (see plan_head), prefetching ahead as
+ * copy_runs_loop does; first run first, or (backwards) last run first.
+ *
+ * fast_trim alternates the two orders from call to call.  When consecutive trims read the
+ * same frame (a fan-out to several targets, or the benchmark's steady state) and the
+ * frame plus the output outgrow the L2 cache, a copy in one fixed order always finds its
+ * next bytes evicted (the access pattern is cyclic); alternating the order starts each
+ * copy where the previous one ended, in what is still cached.  Measured on the dev VM
+ * (2 MB L2) for the 1.7 MB benchmark frame: ~10% faster whole trims. */
 static void
-copy_packed_runs(char *d, const char *s, const uint32_t *r, uint64_t n_runs)
+copy_packed_runs(char *d, char *d_end, const char *s, const uint32_t *r, uint64_t n_runs,
+                 int backwards)
 {
-    for (uint64_t i = 0; i < n_runs; i++) {
-        if (i + PREFETCH_AHEAD < n_runs) {
-            const char *next = s + 64 * (uint64_t)r[2 * (i + PREFETCH_AHEAD)];
+    if (!backwards) {
+        for (uint64_t i = 0; i < n_runs; i++) {
+            if (i + PREFETCH_AHEAD < n_runs) {
+                const char *next = s + 64 * (uint64_t)r[2 * (i + PREFETCH_AHEAD)];
+                for (int k = 0; k < PREFETCH_LINES; k++) {
+                    PREFETCH(next + 64 * k);
+                }
+            }
+            copy_run(d, s + 64 * (uint64_t)r[2 * i], r[2 * i + 1]);
+            d += r[2 * i + 1];
+        }
+        return;
+    }
+    for (uint64_t i = n_runs; i-- > 0;) {
+        if (i >= PREFETCH_AHEAD) {
+            const char *next = s + 64 * (uint64_t)r[2 * (i - PREFETCH_AHEAD)];
             for (int k = 0; k < PREFETCH_LINES; k++) {
                 PREFETCH(next + 64 * k);
             }
         }
-        copy_run(d, s + 64 * (uint64_t)r[2 * i], r[2 * i + 1]);
-        d += r[2 * i + 1];
+        d_end -= r[2 * i + 1];
+        copy_run(d_end, s + 64 * (uint64_t)r[2 * i], r[2 * i + 1]);
     }
 }
+
+/* Which order the next fast_trim copies in; read and flipped only while holding the GIL. */
+static int copy_backwards = 0;
 
 /* A new reference to type(data, bytes_in, bytes_out, n_kept, n_missing), a tuple subclass
  * (NamedTuple): built directly, as tuple.__new__(type, items) would. */
@@ -840,14 +864,17 @@ fast_trim(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     store_le(d + FRAME_TAIL_OFFSET + 8, h.out_meta_offset, 8);
     store_le(d + FRAME_TAIL_OFFSET + 16, meta_len, 4);
     const uint32_t *runs = (const uint32_t *)(blob + h.runs_at);
+    char *data_start = d + h.header_len, *data_end = d + h.out_meta_offset;
+    int backwards = copy_backwards;
+    copy_backwards = !backwards;
     if (h.out_meta_offset - h.header_len >= RELEASE_GIL_MIN_BYTES) {
         /* src, the view and the entry are all held: nothing moves or goes away. */
         Py_BEGIN_ALLOW_THREADS
-        copy_packed_runs(d + h.header_len, s, runs, h.n_runs);
+        copy_packed_runs(data_start, data_end, s, runs, h.n_runs, backwards);
         Py_END_ALLOW_THREADS
     }
     else {
-        copy_packed_runs(d + h.header_len, s, runs, h.n_runs);
+        copy_packed_runs(data_start, data_end, s, runs, h.n_runs, backwards);
     }
     memcpy(d + h.out_meta_offset, s + meta_off, (size_t)meta_len);
     result = make_result((PyTypeObject *)args[4], data, n, (Py_ssize_t)out_len, h.n_kept,
