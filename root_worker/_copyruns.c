@@ -1,5 +1,5 @@
 /*
- * root_worker._copyruns: the two byte-moving primitives of the frame trim engine.
+ * root_worker._copyruns: the byte-moving primitives of the frame trim engine.
  *
  * Optional accelerator: root_worker/frame_copy.py has a pure numpy/Python fallback with the
  * same semantics, and the tests run both.  Everything is bounds-checked before the first
@@ -7,9 +7,13 @@
  *
  *   copy_runs(dst, src, runs) -> int
  *       dst: writable contiguous buffer; src: contiguous buffer; runs: contiguous int64
- *       buffer of n*3 values (src_offset, dst_offset, length).  Copies every run (memcpy,
- *       or rep movsb where faster) and returns the total number of bytes copied.  The GIL is released when the
- *       total is large (copying is then pure memory traffic).
+ *       buffer of n*3 values (src_offset, dst_offset, length).  Copies every run (with the
+ *       kernel below) and returns the total number of bytes copied.  The GIL is released
+ *       when the total is large (copying is then pure memory traffic).
+ *
+ *   set_kernel(name) -> name
+ *       Switches to another copy kernel the CPU supports (tests and benchmarks); KERNEL is
+ *       the one chosen at import.
  *
  *   write_frame(dst, src, header, runs, meta_offset, meta_len, out_meta_offset) -> int
  *       The whole output step of one trim: dst[:len(header)] = header; patch the three

@@ -28,7 +28,9 @@ a ``memcmp`` of the layout section, the block table check (an arithmetic check w
 table is ``offset = base + i * stride, nbytes = constant``, as in a canonical frame whose
 columns all have one size; a ``memcmp`` otherwise), the header, the runs and the metadata.
 It returns ``None`` -- having written nothing -- whenever anything differs, and the general
-path below takes over (and words the errors).
+path below takes over (and words the errors).  Consecutive fast calls copy the runs in
+alternating order (first run first, then last run first), so that repeated trims of one
+frame -- a fan-out to several targets -- start where the previous copy ended, in cache.
 """
 
 from __future__ import annotations
