@@ -10,6 +10,9 @@ HTTP/1.1 with keep-alive, one thread per connection (``ThreadingHTTPServer``):
 ``POST /score?model=NAME[&version=V]``
     body: a frame. 200 ``{"model", "version", "requested_version", "scores": [...],
     "n_candidates", "n_columns", "missing": [...], "bytes_received", "frame_bytes"}``;
+    409 when the root marked the frame ``X-FT-Trimmed-For: V`` (trimmed for version V), this
+    leaf serves another version and the frame lacks features that version needs: a rollout
+    skew, the root then re-sends the frame untrimmed (scores never change because of trimming);
     400 for a malformed frame or lz4 body, 404 for a model it does not serve, 411 without
     Content-Length, 413 above ``--max-body-bytes``. Errors are ``{"error": "..."}``.
 ``GET /stats``
@@ -47,6 +50,8 @@ from trimmer_daemon.bundle import BundleError
 
 log = logging.getLogger("trimmer_leaf")
 DEFAULT_MAX_BODY = 256 << 20
+#: The root marks a trimmed frame with the version whose allowlist it applied.
+TRIMMED_FOR_HEADER = "X-FT-Trimmed-For"
 EXIT_OK, EXIT_USAGE = 0, 2
 
 
@@ -195,6 +200,11 @@ class LeafHandler(BaseHTTPRequestHandler):
         except FrameError as exc:
             raise LeafError(400, f"malformed frame: {exc}") from None
         scores, missing = lm.score(frame)
+        trimmed_for = self.headers.get(TRIMMED_FOR_HEADER)
+        if trimmed_for is not None and trimmed_for != lm.version and missing:
+            raise LeafError(409, f"frame trimmed for version {trimmed_for!r} of {model!r}, "
+                                 f"this leaf serves version {lm.version!r} and lacks "
+                                 f"{len(missing)} of its features (e.g. {missing[0]!r})")
         doc = {"model": model, "version": lm.version, "requested_version": version,
                "scores": scores, "n_candidates": frame.n_candidates,
                "n_columns": len(frame.columns), "missing": missing,

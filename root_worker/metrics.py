@@ -23,6 +23,8 @@ feature_trimmer_root_missing_required_total{model}  counter  allowlisted feature
                                                              the frame
 feature_trimmer_root_trim_errors_total{model}       counter  trimmer failures (sent untrimmed)
 feature_trimmer_root_leaf_errors_total{model,kind}  counter  failed targets by kind (fanout.py)
+feature_trimmer_root_skew_resends_total{model}      counter  leaf on another version refused a
+                                                             trimmed frame: re-sent untrimmed
 feature_trimmer_root_trim_seconds                   histo    one trim (per target)
 feature_trimmer_root_leaf_seconds{model}            histo    leaf round trip per target
 feature_trimmer_root_requests_total{code}           counter  /score answers by HTTP status
@@ -62,7 +64,7 @@ class ModelMetrics:
     """The label children of one model, bound once (``.labels()`` costs microseconds)."""
 
     __slots__ = ("untrimmed", "trimmed", "sent", "missing", "trim_errors", "leaf_seconds",
-                 "_root", "_label", "_outcomes", "_errors")
+                 "skew_resends", "_root", "_label", "_outcomes", "_errors")
 
     def __init__(self, root: RootMetrics, label: str) -> None:
         self._root, self._label = root, label
@@ -72,6 +74,7 @@ class ModelMetrics:
         self.missing = root.missing.labels(label)
         self.trim_errors = root.trim_errors.labels(label)
         self.leaf_seconds = root.leaf_seconds.labels(label)
+        self.skew_resends = root.skew_resends.labels(label)
         self._outcomes: dict[str, Any] = {}
         self._errors: dict[str, Any] = {}
 
@@ -113,6 +116,9 @@ class RootMetrics:
                                    by_model, registry=r)
         self.leaf_errors = Counter(P + "leaf_errors", "Failed targets by kind",
                                    ["model", "kind"], registry=r)
+        self.skew_resends = Counter(
+            P + "skew_resends", "Trimmed frames a leaf refused (it serves another version "
+            "and lacks features), re-sent untrimmed", by_model, registry=r)
         self.trim_seconds = Histogram(P + "trim_seconds", "Time to trim one target's frame",
                                       buckets=TRIM_BUCKETS, registry=r)
         self.leaf_seconds = Histogram(P + "leaf_seconds", "Leaf round trip per target",

@@ -32,6 +32,7 @@ import lz4.frame
 
 from root_worker.fanout import Fanout, LeafError, LeafPool, post_to_replicas
 from root_worker.frame import FrameError, Trimmer, peek_metadata
+from root_worker.leaf import TRIMMED_FOR_HEADER
 from root_worker.live_map import LiveMap
 from root_worker.metrics import ModelMetrics, RootMetrics
 from root_worker.routing import Routing
@@ -67,6 +68,7 @@ class Prepared:
     bytes_trimmed: int
     missing: int
     metrics: ModelMetrics
+    untrimmed: Any = None         # the request body, kept to re-send on a version skew
     fallback: str | None = None
 
 
@@ -120,7 +122,7 @@ class Scorer:
     def _prepare(self, i: int, target: Target, body: bytes) -> Prepared:
         mm = self.metrics.model(target.model)
         n = len(body)
-        p = Prepared(target, OUTCOME_OFF, target.version, body, n, n, 0, mm)
+        p = Prepared(target, OUTCOME_OFF, target.version, body, n, n, 0, mm, body)
         if self.settings.mode != "off":
             res = self.live_map.resolve(target.model, target.version)
             p.outcome = res.outcome.value
@@ -164,7 +166,24 @@ class Scorer:
         return bufs[i]
 
     def _send(self, p: Prepared, headers: dict[str, str], deadline: float) -> dict[str, Any]:
-        body = p.payload
+        if p.payload is p.untrimmed or p.version is None:
+            return self._post(p, p.payload, headers, deadline)
+        try:
+            return self._post(p, p.payload, {**headers, TRIMMED_FOR_HEADER: p.version},
+                              deadline)
+        except LeafError as exc:
+            if exc.status != 409:
+                raise
+        # The leaf serves another version than the root trimmed for (a rollout skew) and
+        # the trimmed frame lacks features it needs: trimming costs bandwidth, never scores.
+        log.warning("version skew model=%s trimmed_for=%s: re-sending untrimmed",
+                    p.target.model, p.version)
+        p.fallback = "version_skew_resent_untrimmed"
+        p.metrics.skew_resends.inc()
+        return self._post(p, p.untrimmed, headers, deadline)
+
+    def _post(self, p: Prepared, body: Any, headers: dict[str, str],
+              deadline: float) -> dict[str, Any]:
         if self.settings.lz4:
             body = lz4.frame.compress(body)
             headers = {**headers, "Content-Encoding": "lz4"}
