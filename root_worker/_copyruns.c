@@ -513,6 +513,65 @@ write_uniform_avx512(char *t, uint64_t n, uint64_t base, uint64_t stride, uint64
 }
 #endif
 
+/* Non-zero if the n bytes at a and b differ.  The vector versions prefetch both streams
+ * COMPARE_PREFETCH bytes ahead: the layout section and the plan's copy of it are usually
+ * cold (evicted by the previous trim's copy), and this hides more of the latency than
+ * glibc's memcmp does (~1.5 us of the benchmark's 42 KB compare on the dev VM). */
+#define COMPARE_PREFETCH 1024
+#ifdef HAVE_X86_KERNELS
+__attribute__((target("avx512f"))) static int
+differs_avx512(const char *a, const char *b, size_t n)
+{
+    __m512i acc = _mm512_setzero_si512();
+    size_t i = 0;
+    for (; i + 256 <= n; i += 256) {
+        for (int k = 0; k < 256; k += 64) {
+            PREFETCH(a + i + COMPARE_PREFETCH + k);
+            PREFETCH(b + i + COMPARE_PREFETCH + k);
+        }
+        for (int k = 0; k < 256; k += 64) {
+            __m512i x = _mm512_loadu_si512((const void *)(a + i + k));
+            __m512i y = _mm512_loadu_si512((const void *)(b + i + k));
+            acc = _mm512_or_si512(acc, _mm512_xor_si512(x, y));
+        }
+    }
+    return _mm512_test_epi64_mask(acc, acc) != 0 || memcmp(a + i, b + i, n - i) != 0;
+}
+
+__attribute__((target("avx2"))) static int
+differs_avx2(const char *a, const char *b, size_t n)
+{
+    __m256i acc = _mm256_setzero_si256();
+    size_t i = 0;
+    for (; i + 256 <= n; i += 256) {
+        for (int k = 0; k < 256; k += 64) {
+            PREFETCH(a + i + COMPARE_PREFETCH + k);
+            PREFETCH(b + i + COMPARE_PREFETCH + k);
+        }
+        for (int k = 0; k < 256; k += 32) {
+            __m256i x = _mm256_loadu_si256((const __m256i *)(a + i + k));
+            __m256i y = _mm256_loadu_si256((const __m256i *)(b + i + k));
+            acc = _mm256_or_si256(acc, _mm256_xor_si256(x, y));
+        }
+    }
+    return !_mm256_testz_si256(acc, acc) || memcmp(a + i, b + i, n - i) != 0;
+}
+#endif
+
+static int
+bytes_differ(const char *a, const char *b, size_t n)
+{
+#ifdef HAVE_X86_KERNELS
+    if (kernel == KERNEL_AVX512) {
+        return differs_avx512(a, b, n);
+    }
+    if (kernel == KERNEL_AVX2) {
+        return differs_avx2(a, b, n);
+    }
+#endif
+    return memcmp(a, b, n) != 0;
+}
+
 static uint64_t
 uniform_table_differs(const char *t, uint64_t n, uint64_t base, uint64_t stride,
                       uint64_t nbytes)
@@ -810,13 +869,13 @@ fast_trim(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
      * (pack_plan checked them against it). */
     if (h.n_columns != n_columns || h.layout_len != layout_len || h.n_candidates != n_cand
         || h.meta_offset != meta_off || (uint64_t)PyBytes_GET_SIZE(layout) != layout_len
-        || memcmp(s + FRAME_PREAMBLE_SIZE, PyBytes_AS_STRING(layout), (size_t)layout_len) != 0) {
+        || bytes_differ(s + FRAME_PREAMBLE_SIZE, PyBytes_AS_STRING(layout), (size_t)layout_len)) {
         goto miss;
     }
     const char *table = s + h.table_offset;
     if (h.table_mode == TABLE_UNIFORM
             ? uniform_table_differs(table, n_columns, h.t_base, h.t_stride, h.t_nbytes) != 0
-            : memcmp(table, blob + h.table_at, 16 * (size_t)n_columns) != 0) {
+            : bytes_differ(table, blob + h.table_at, 16 * (size_t)n_columns)) {
         goto miss;
     }
 

@@ -366,3 +366,25 @@ def test_fast_path_on_a_large_frame_releasing_the_gil() -> None:
         res = fast(trimmer, frame, allow, out)
         assert res is not None and res.bytes_out > 256 * 1024
         assert bytes(res.data) == want
+
+
+@pytest.mark.parametrize("shape", ["uniform", "mixed"])
+def test_a_change_anywhere_in_layout_or_table_is_caught(each_kernel: str, shape: str) -> None:
+    """Every byte of the layout section and of a non-arithmetic block table is compared
+    (vector loops plus their tails)."""
+    _copyruns.set_kernel(each_kernel)
+    cols = dense(3, 300) if shape == "uniform" else {**mixed(3), **dense(3, 40)}
+    frame = encode(cols)
+    allow = Allowlist.from_names(list(cols)[::3])
+    trimmer = Trimmer(backend="c")
+    warm(trimmer, frame, allow)
+    layout_len = PREAMBLE.unpack_from(frame, 0)[4]
+    t_off = table_offset(frame)
+    positions = list(range(PREAMBLE_SIZE, PREAMBLE_SIZE + layout_len, 37))
+    positions += [PREAMBLE_SIZE + layout_len - 1]
+    positions += list(range(t_off, t_off + 16 * len(cols), 41)) + [t_off + 16 * len(cols) - 1]
+    for at in positions:
+        bad = bytearray(frame)
+        bad[at] ^= 0x10
+        assert fast(trimmer, bad, allow) is None, at
+    assert fast(trimmer, frame, allow) is not None
