@@ -645,7 +645,8 @@ pack_plan(PyObject *self, PyObject *args)
         goto done;
     }
     if (n_columns > limit || n_kept > limit || layout_len > limit || meta_off > limit
-        || out_meta > limit || table_off < FRAME_PREAMBLE_SIZE + layout_len
+        || out_meta > limit || table_off > limit || out_table_off > limit
+        || table_off < FRAME_PREAMBLE_SIZE + layout_len
         || (uint64_t)table.len != 16 * n_columns || table_off + (uint64_t)table.len > meta_off
         || header.len < FRAME_TAIL_END || (uint64_t)header.len > out_meta
         || out_table_off < FRAME_PREAMBLE_SIZE

@@ -321,6 +321,8 @@ def test_pack_plan_rejects_inconsistent_plans() -> None:
         dict(header=bytes(40)),  # shorter than the preamble fields
         dict(out_table_offset=40),  # output table inside the preamble
         dict(out_table_offset=120),  # output table past the header
+        dict(out_table_offset=(1 << 64) - 8),  # would wrap around
+        dict(table_offset=(1 << 64) - 8),
         dict(runs=np.zeros(4, np.int64)),
         dict(runs=np.array([[193, 128, 100]], np.int64)),  # unaligned source: not packable
     ]
