@@ -282,17 +282,19 @@ def main(argv: list[str] | None = None) -> int:
     server = LeafServer((args.host, args.port), store, args.max_body_bytes,
                         args.delay_ms / 1000.0)
     port = server.server_address[1]
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    # Block the stop signals in every thread (threads inherit the mask) and take them with
+    # sigwait in the main thread: no Python-level handler, so no lock a handler could
+    # deadlock on, and a signal that arrives at any moment is never lost.
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     thread = threading.Thread(target=server.serve_forever, name="leaf-http", daemon=True)
     thread.start()
     if args.port_file:
         _write_port(args.port_file, port)
     print(f"trimmer-leaf listening on http://{args.host}:{port} models="
           f"{','.join(store.describe())}", flush=True)
-    stop.wait()
-    log.info("stopping")
+    sig = signal.sigwait(stop_signals)
+    log.info("stopping on %s", signal.Signals(sig).name)
     server.shutdown()
     server.server_close()
     return EXIT_OK

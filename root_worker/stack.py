@@ -96,6 +96,8 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
     """preexec_fn: SIGTERM this child when the process that started it dies."""
     if _PRCTL is not None:
         _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() == 1:  # the parent died before prctl: nobody will signal us
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
