@@ -11,7 +11,10 @@ with ``g`` a bounded transform per dtype (floats: ``tanh``; integers: the low 20
 scaled to [0, 1); booleans: 0/1) and, for ragged columns, ``+ 0.01`` per list item. Every
 input contributes (change any value of any required feature and the score moves); columns
 the model does not name are never looked at, so a trimmed frame and the untrimmed frame
-give bit-identical scores. A missing input contributes 0 and is reported.
+give bit-identical scores. A missing input contributes 0 and is reported. Which columns of
+a frame layout go into which vectorised group is worked out once per (layout, model
+version) and cached (``_Plan``), so a request costs a few numpy calls per group, not Python
+work per column (the reference leaf's CPU should go to receiving and decoding frames).
 
 :class:`ModelStore` holds the served models and re-reads the bundle file they came from
 when it changes (so a demo's bundle hot-swap also "rolls out" the new leaf version).
@@ -22,16 +25,17 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import operator
 import os
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from root_worker.frame import Frame, Ragged
+from root_worker.frame import Column, Frame, Ragged
 from trimmer_daemon.bundle import (
     BundleError,
     latest_version,
@@ -44,6 +48,7 @@ log = logging.getLogger(__name__)
 INT_BITS = 20
 RAGGED_ITEM_WEIGHT = 0.01
 RELOAD_CHECK_S = 0.2
+MAX_PLANS = 64  # frame layouts remembered per model version
 
 
 def feature_weight(model: str, feature: str) -> float:
@@ -53,83 +58,161 @@ def feature_weight(model: str, feature: str) -> float:
 
 
 def _transform(values: np.ndarray, kind: str) -> np.ndarray:
-    """Bounded float64 image of values of one kind (see the module docstring)."""
+    """Bounded float64 image of values of one kind (see the module docstring); ``values``
+    is a fresh float64 (kinds ``f``, ``b``) or int64 (kind ``i``) array, reused in place."""
     if kind == "f":
-        return np.tanh(np.nan_to_num(values.astype(np.float64, copy=False), posinf=1.0,
-                                     neginf=-1.0))
+        if not np.isfinite(values).all():  # rare: skip nan_to_num's three passes
+            np.nan_to_num(values, copy=False, posinf=1.0, neginf=-1.0)
+        return np.tanh(values, out=values)
     if kind == "b":
-        return values.astype(np.float64)
-    low = values.astype(np.int64, casting="unsafe", copy=False) & ((1 << INT_BITS) - 1)
-    return low.astype(np.float64) / float(1 << INT_BITS)
+        return values
+    np.bitwise_and(values, (1 << INT_BITS) - 1, out=values)
+    out = values.astype(np.float64)
+    out /= float(1 << INT_BITS)
+    return out
 
 
-def _width(arr: np.ndarray) -> int:
-    return math.prod(arr.shape[1:])
+def _width(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
 
 
-class _Groups:
-    """The model's columns of one frame, grouped by dense/ragged and value kind, so each
-    group is transformed and weighted with a few vectorised operations."""
+def _getter(names: Sequence[str]) -> Callable[[Mapping[str, Any]], tuple[Any, ...]]:
+    """``columns -> tuple of columns[name]`` in one C call (``itemgetter``)."""
+    if len(names) == 1:
+        name = names[0]
+        return lambda columns: (columns[name],)
+    return operator.itemgetter(*names)
 
-    def __init__(self, n_candidates: int) -> None:
-        self.n = n_candidates
-        # kind -> (2-D arrays (n, width), weights, widths)
-        self.dense: dict[str, tuple[list[np.ndarray], list[float], list[int]]] = {}
-        # kind -> (flat values, weights, offsets (n + 1), elements per list item)
-        self.ragged: dict[str, tuple[list[np.ndarray], list[float], list[np.ndarray],
-                                     list[int]]] = {}
 
-    def add(self, col: np.ndarray | Ragged, weight: float) -> None:
-        if isinstance(col, Ragged):
-            values = col.values
-            group = self.ragged.get(_KIND[values.dtype.kind])
-            if group is None:
-                group = self.ragged[_KIND[values.dtype.kind]] = ([], [], [], [])
-            group[0].append(values.reshape(-1))
-            group[1].append(weight)
-            group[2].append(col.offsets)
-            group[3].append(1 if values.ndim == 1 else _width(values))
-            return
-        dense = self.dense.get(_KIND[col.dtype.kind])
-        if dense is None:
-            dense = self.dense[_KIND[col.dtype.kind]] = ([], [], [])
-        width = 1 if col.ndim == 1 else _width(col)
-        dense[0].append(col.reshape(self.n, width))
-        dense[1].append(weight)
-        dense[2].append(width)
+_KIND = {"f": "f", "b": "b", "i": "i", "u": "i"}
+_CONCAT = {"f": np.float64, "b": np.float64, "i": np.int64}
+_DTYPES = operator.attrgetter("dtype")
+_NDIM = operator.attrgetter("ndim")
+_SHAPE = operator.attrgetter("shape")
+_VALUES = operator.attrgetter("values")
+_OFFSETS = operator.attrgetter("offsets")
 
-    def scores(self) -> np.ndarray:
-        total = np.zeros(self.n, dtype=np.float64)
-        for kind, (arrs, ws, widths) in sorted(self.dense.items()):
-            values = _transform(np.concatenate(arrs, axis=1, dtype=_CONCAT[kind],
-                                               casting="unsafe"), kind)
-            total += (values * np.repeat(np.asarray(ws), widths)).sum(axis=1)
-        for kind, (flats, ws, offs, widths) in sorted(self.ragged.items()):
-            total += self._ragged_scores(kind, flats, np.asarray(ws), np.stack(offs),
-                                         np.asarray(widths, dtype=np.int64))
+
+@dataclass(frozen=True)
+class _Group:
+    """Same-kind, same-inner-shape columns of one frame layout, scored together: dense ones
+    as one ``(n, columns * width)`` matrix, ragged ones as one flat array + offsets."""
+
+    kind: str
+    width: int                # elements per candidate (dense) or per list item (ragged)
+    get: Callable[[Mapping[str, Any]], tuple[Any, ...]]
+    shape: tuple[int, ...]    # inner shape of every column (dense) or list item (ragged)
+    dtypes: tuple[np.dtype, ...]  # the layout the plan was made for (checked on use) ...
+    ndims: tuple[int, ...]        # ... with the arrays' ndim (dense, or ragged values)
+    weights: np.ndarray       # per column; dense and not scalar: per element of a row
+    scalar: bool              # dense columns of shape (n,)
+
+    def matches(self, arrays: tuple[np.ndarray, ...]) -> bool:
+        """Whether these arrays (dense columns or ragged values) are still of the dtypes
+        and inner shape the group was made for."""
+        if (tuple(map(_DTYPES, arrays)) != self.dtypes
+                or tuple(map(_NDIM, arrays)) != self.ndims):
+            return False
+        shape = self.shape
+        if not shape:
+            return True
+        shapes = set(map(_SHAPE, arrays))
+        if len(shapes) == 1:  # dense columns (n rows each), ragged ones of one length
+            return next(iter(shapes))[1:] == shape
+        return all(a.shape[1:] == shape for a in arrays)
+
+
+class _Plan:
+    """How a model scores one frame layout (which columns it names, where, of what kind),
+    computed once per (layout, model version) so :meth:`LeafModel.score` does a few
+    vectorised operations per group instead of Python work per column."""
+
+    def __init__(self, input_names: Sequence[str], weights: Sequence[float],
+                 columns: Mapping[str, Column]) -> None:
+        self.missing: list[str] = []
+        dense: dict[tuple[str, tuple[int, ...]], tuple[list[str], list[float]]] = {}
+        ragged: dict[tuple[str, tuple[int, ...]], tuple[list[str], list[float]]] = {}
+        for name, w in zip(input_names, weights, strict=True):
+            col = columns.get(name)
+            if col is None:
+                self.missing.append(name)
+                continue
+            arr, into = (col.values, ragged) if isinstance(col, Ragged) else (col, dense)
+            names, ws = into.setdefault((_KIND[arr.dtype.kind], arr.shape[1:]), ([], []))
+            names.append(name)
+            ws.append(w)
+        self.dense = [self._group(kind, shape, names, ws, columns, repeat=True)
+                      for (kind, shape), (names, ws) in sorted(dense.items())]
+        self.ragged = [self._group(kind, shape, names, ws, columns, repeat=False)
+                       for (kind, shape), (names, ws) in sorted(ragged.items())]
+
+    @staticmethod
+    def _group(kind: str, shape: tuple[int, ...], names: list[str], ws: list[float],
+               columns: Mapping[str, Column], repeat: bool) -> _Group:
+        width = _width(shape)
+        get = _getter(names)
+        cols = get(columns)
+        arrays = cols if repeat else tuple(map(_VALUES, cols))
+        weights = np.asarray(ws, dtype=np.float64)
+        scalar = repeat and not shape
+        return _Group(kind, width, get, shape, tuple(map(_DTYPES, arrays)),
+                      tuple(map(_NDIM, arrays)),
+                      np.repeat(weights, width) if repeat and not scalar else weights,
+                      scalar)
+
+    def matches(self, columns: Mapping[str, Column]) -> bool:
+        """Whether ``columns`` (same names) are still of the dense/ragged kind, dtypes and
+        inner shapes this plan was made for."""
+        try:
+            for g in self.dense:
+                if not g.matches(g.get(columns)):
+                    return False
+            for g in self.ragged:
+                if not g.matches(tuple(map(_VALUES, g.get(columns)))):
+                    return False
+        except (AttributeError, KeyError):  # a dense column became ragged or vice versa
+            return False
+        return True
+
+    def scores(self, columns: Mapping[str, Column], n: int) -> np.ndarray:
+        total = np.zeros(n, dtype=np.float64)
+        for g in self.dense:
+            cols = g.get(columns)
+            dtype = _CONCAT[g.kind]
+            if g.scalar:  # (n,) columns, concatenated column-major: (columns, n)
+                values = _transform(np.concatenate(cols, dtype=dtype, casting="unsafe")
+                                    .reshape(len(cols), n), g.kind)
+                values *= g.weights[:, None]
+                total += values.sum(axis=0)
+            else:         # (n, *shape) columns side by side: (n, columns * width)
+                values = _transform(np.concatenate(cols, axis=1, dtype=dtype,
+                                                   casting="unsafe")
+                                    .reshape(n, g.weights.size), g.kind)
+                values *= g.weights
+                total += values.sum(axis=1)
+        for g in self.ragged:
+            total += self._ragged_scores(g, g.get(columns), n)
         return total
 
-    def _ragged_scores(self, kind: str, flats: list[np.ndarray], ws: np.ndarray,
-                       offsets: np.ndarray, widths: np.ndarray) -> np.ndarray:
+    @staticmethod
+    def _ragged_scores(g: _Group, cols: tuple[Ragged, ...], n: int) -> np.ndarray:
         """Per candidate: sum over columns of w * (sum of its items' values + 0.01 * items).
 
         Each list is summed on its own (``reduceat``), so a candidate's score depends only
         on its own values."""
-        flat = _transform(np.concatenate(flats, dtype=_CONCAT[kind], casting="unsafe"), kind)
-        sizes = np.array([a.size for a in flats], dtype=np.int64)
+        flat = _transform(np.concatenate(tuple(map(_VALUES, cols)), dtype=_CONCAT[g.kind],
+                                         casting="unsafe").reshape(-1), g.kind)
+        offsets = np.concatenate(tuple(map(_OFFSETS, cols))).reshape(len(cols), n + 1)
+        sizes = offsets[:, -1] * g.width                       # elements per column
         bases = np.concatenate(([0], np.cumsum(sizes)[:-1]))
         counts = np.diff(offsets, axis=1)                      # list items, (columns, n)
-        starts = (offsets[:, :-1] * widths[:, None] + bases[:, None]).ravel()
+        starts = (offsets[:, :-1] * g.width + bases[:, None]).ravel()
         filled = (counts > 0).ravel()  # a non-empty list ends where the next one starts
         sums = np.zeros(starts.size, dtype=np.float64)
         if filled.any():
             sums[filled] = np.add.reduceat(flat, starts[filled])
         per_col = sums.reshape(counts.shape) + RAGGED_ITEM_WEIGHT * counts
-        return (per_col * ws[:, None]).sum(axis=0)
-
-
-_KIND = {"f": "f", "b": "b", "i": "i", "u": "i"}
-_CONCAT = {"f": np.float64, "b": np.float64, "i": np.int64}
+        return (per_col * g.weights[:, None]).sum(axis=0)
 
 
 @dataclass(frozen=True)
@@ -140,6 +223,9 @@ class LeafModel:
     version: str
     input_names: tuple[str, ...]
     weights: np.ndarray = field(repr=False, compare=False)
+    #: frame layout (its column names) -> :class:`_Plan`, shared by the request threads
+    _plans: dict[tuple[str, ...], _Plan] = field(default_factory=dict, init=False,
+                                                 repr=False, compare=False)
 
     @classmethod
     def build(cls, model: str, version: str, input_names: Iterable[str]) -> LeafModel:
@@ -149,16 +235,15 @@ class LeafModel:
 
     def score(self, frame: Frame) -> tuple[list[float], list[str]]:
         """``(scores, missing input names)`` for a decoded frame."""
-        groups = _Groups(frame.n_candidates)
-        missing: list[str] = []
         columns = frame.columns
-        for name, w in zip(self.input_names, self.weights.tolist(), strict=True):
-            col = columns.get(name)
-            if col is None:
-                missing.append(name)
-            else:
-                groups.add(col, w)
-        return groups.scores().tolist(), missing
+        key = tuple(columns)
+        plan = self._plans.get(key)
+        if plan is None or not plan.matches(columns):
+            plan = _Plan(self.input_names, self.weights.tolist(), columns)
+            if len(self._plans) >= MAX_PLANS:
+                self._plans.clear()
+            self._plans[key] = plan
+        return plan.scores(columns, frame.n_candidates).tolist(), list(plan.missing)
 
 
 class ModelStore:

@@ -88,6 +88,27 @@ def test_missing_features_are_reported_and_contribute_nothing() -> None:
         decode(make_frame(SPECS, 0)))[0] == []
 
 
+def test_a_model_scores_each_frame_layout_as_a_fresh_model_would() -> None:
+    """The per-layout plan a model caches never leaks into a frame of another layout, even
+    one with the same column names but other dtypes, shapes or ragged-ness."""
+    names = [s.name for s in SPECS if s.name != "unused"]
+    model = LeafModel.build("m", "1", [*names, "ghost"])
+    variants = [SPECS, [FeatureSpec("f32", "<i4"), *SPECS[1:]],          # float -> int
+                [SPECS[0], FeatureSpec("f16v", "<f2", (4,)), *SPECS[2:]],  # other width
+                [SPECS[0], FeatureSpec("f16v", "<f2", (2, 2)), *SPECS[2:]],  # same width
+                [*SPECS[:2], FeatureSpec("i64", "<i8", (), True), *SPECS[3:]],  # ragged
+                [*SPECS[:5], FeatureSpec("ids", "<i8"), *SPECS[6:]],     # dense
+                [s for s in SPECS if s.name != "flag"]]                  # one missing
+    for rnd in range(2):  # the second round uses the cached plans
+        for i, specs in enumerate(variants):
+            for n in (0, 1, 6):
+                frame = decode(make_frame(specs, n, seed=i))
+                fresh = LeafModel.build("m", "1", [*names, "ghost"]).score(frame)
+                assert model.score(frame) == fresh, (rnd, i, n)
+                assert fresh[1] == [s for s in [*names, "ghost"]
+                                    if s not in {x.name for x in specs}]
+
+
 def test_weights_are_stable_and_model_specific() -> None:
     w = feature_weight("m", "f")
     assert -1.0 <= w < 1.0 and w == feature_weight("m", "f")
