@@ -53,6 +53,7 @@ DEFAULT_MAX_BODY = 256 << 20
 #: The root marks a trimmed frame with the version whose allowlist it applied.
 TRIMMED_FOR_HEADER = "X-FT-Trimmed-For"
 EXIT_OK, EXIT_USAGE = 0, 2
+_DATE: tuple[int, str] = (0, "")  # (second, its HTTP Date header value), for all threads
 
 
 class LeafStats:
@@ -118,14 +119,22 @@ class LeafHandler(BaseHTTPRequestHandler):
         log.debug("%s %s", self.address_string(), format % args)
 
     def _send_json(self, status: int, doc: Any) -> None:
+        """Status line, headers and body in one buffer and one write (the stdlib's
+        ``send_response``/``send_header`` path formats and logs eagerly and writes twice)."""
         body = json.dumps(doc, separators=(",", ":")).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(body)
+        if log.isEnabledFor(logging.DEBUG):
+            self.log_request(status, len(body))
+        global _DATE
+        now = int(time.time())
+        if now != _DATE[0]:
+            _DATE = (now, self.date_time_string(now))
+        reason = self.responses.get(status, ("",))[0]
+        close = "Connection: close\r\n" if self.close_connection else ""
+        head = (f"{self.protocol_version} {status} {reason}\r\n"
+                f"Server: {self.version_string()}\r\nDate: {_DATE[1]}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                f"{close}\r\n")
+        self.wfile.write(head.encode("latin-1") + body)
 
     def do_GET(self) -> None:  # noqa: N802 - stdlib name
         path = urlsplit(self.path).path
