@@ -113,19 +113,15 @@ class FeatureMapView:
             self.built_at_ns: int = self._root.BuiltAtNs()
             self.daemon_pid: int = self._root.DaemonPid()
             self._model_keys = _u64_view(self._root.ModelKeysAsNumpy())
-            self._model_slots = self._root.ModelSlotsAsNumpy()
+            slots = self._root.ModelSlotsAsNumpy()
+            self._model_slots = slots if isinstance(slots, np.ndarray) else np.empty(0, np.uint32)
             self.model_count: int = self._root.ModelsLength()
         except _CORRUPT as exc:
             raise MapError(f"corrupt feature map blob: {exc}") from exc
-        if self._model_keys.size != self.model_count or len(self._model_slots_or_empty()) \
-                != self.model_count:
+        if not self._model_keys.size == self._model_slots.size == self.model_count:
             raise MapError("corrupt feature map blob: model index does not match model count")
         self._buf = buf
         self._memo: dict[tuple[str, str | None], Resolution] = {}
-
-    def _model_slots_or_empty(self) -> np.ndarray:
-        slots = self._model_slots
-        return slots if isinstance(slots, np.ndarray) else np.empty(0, np.uint32)
 
     # -- hot path -------------------------------------------------------------------------
     def resolve(self, model: str, version: str | None = None) -> Resolution:

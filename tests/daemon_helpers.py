@@ -7,11 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from root_worker import stack
 from root_worker.live_map import LiveMap
 from root_worker.map_reader import FeatureMapView
 from trimmer_daemon.publisher import Publisher
@@ -23,14 +23,10 @@ ROOT = Path(__file__).resolve().parent.parent
 def wait_for(cond: Callable[[], T], timeout: float = 10.0, what: str = "condition",
              interval: float = 0.005) -> T:
     """Poll ``cond`` until it returns a truthy value or ``timeout`` passes (then fail)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+    try:
+        return stack.wait_for(cond, timeout, what, interval)
+    except stack.StackError as exc:
+        raise AssertionError(str(exc)) from None
 
 
 def write_bundle(path: Path, doc: dict) -> None:

@@ -342,3 +342,19 @@ def test_systemd_notify_ready_status_and_watchdog(
         d.close()
         sock.close()
         remove_segments(shm_prefix)
+
+
+def test_a_fifo_at_the_bundle_path_never_blocks_the_daemon(
+        shm_prefix: str, bundles: dict[str, Path], tmp_path: Path) -> None:
+    bundles["ads"].unlink()
+    os.mkfifo(bundles["ads"])  # nobody writes: a blocking open/read would hang the loop
+    d = DaemonProc(shm_prefix, bundles, tmp_path / "d.log")
+    try:
+        view = d.wait_view(lambda v: v.model_count == 1)
+        st = bundle_state(view, "ads")
+        assert st["state"] == "never_loaded" and "not a regular file" in st["error"]
+        replace_bundle(bundles["feed"], model_doc("rank", "2", F2))
+        d.wait_view(has("rank", "2", F2), what="the other bundle to keep updating")
+    finally:
+        d.close()
+        remove_segments(shm_prefix)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from flatbuffers_schema.fmap.BundleState import BundleState
-from trimmer_daemon.bundle import BundleError, Limits, parse_bundle
+from trimmer_daemon.bundle import BundleError, Limits, parse_bundle, read_file_bounded
 from trimmer_daemon.compiler import BundleStatusRecord
 from trimmer_daemon.consolidate import IndexedBundle, KeyCache, index_bundle
 
@@ -66,10 +66,11 @@ class BundleTracker:
         before = (self.state, self.error, self.loaded_sha256)
         loaded = False
         self.checked_at_ns = self._clock_ns()
-        data, read_error = self._read()
-        if data is None:
-            self._fail(BundleState.Missing if read_error.endswith("file not found")
-                       else self._stale_state(), read_error, "")
+        try:
+            data = read_file_bounded(self.path, self.limits.max_file_bytes)
+        except BundleError as exc:  # missing, unreadable, a FIFO, too large
+            missing = exc.reason == "file not found"
+            self._fail(BundleState.Missing if missing else self._stale_state(), str(exc), "")
         else:
             sha = hashlib.sha256(data).hexdigest()
             if sha == self.loaded_sha256:
@@ -79,16 +80,6 @@ class BundleTracker:
         changed = (self.state, self.error, self.loaded_sha256) != before
         return RefreshResult(self.name, self.state, changed, loaded, self.error,
                              time.perf_counter() - t0)
-
-    def _read(self) -> tuple[bytes | None, str]:
-        try:
-            with open(self.path, "rb") as f:
-                data = f.read(self.limits.max_file_bytes + 1)
-        except FileNotFoundError:
-            return None, f"{self.path}: $: file not found"
-        except OSError as exc:
-            return None, f"{self.path}: $: cannot read: {exc.strerror or exc}"
-        return data, ""
 
     def _load(self, data: bytes, sha: str) -> bool:
         try:
