@@ -27,10 +27,10 @@ bench-e2e: $(STAMP)      ## end to end on the demo stack: off / lz4 / trim / tri
 bench: bench-trim
 
 demo: $(STAMP)           ## the whole stack on loopback: traffic, hot swap, table, checks
-	$(PY) -m root_worker.demo demo $(DEMO_ARGS)
+	$(PY) -m root_worker.testing.demo demo $(DEMO_ARGS)
 
 run: $(STAMP)            ## the demo stack, kept up until Ctrl-C
-	$(PY) -m root_worker.demo run
+	$(PY) -m root_worker.testing.demo run
 
 schema: $(STAMP)         ## regenerate flatbuffers_schema Python code with flatc
 	$(PY) -m flatbuffers_schema.regen

@@ -4,6 +4,6 @@ from setuptools import Extension, setup
 
 setup(
     ext_modules=[
-        Extension("root_worker._copyruns", ["root_worker/_copyruns.c"], optional=True),
+        Extension("root_worker.frame._copyruns", ["root_worker/frame/_copyruns.c"], optional=True),
     ],
 )

@@ -3,7 +3,7 @@
     python bench/e2e_bench.py [--candidates 64] [--clients 4] [--duration 6] [--rounds 3]
     make bench-e2e                                # the same, with BENCH_ARGS="..." if wanted
 
-The stack of ``make demo`` (:mod:`root_worker.stack`): one ``trimmer-daemon`` publishing the
+The stack of ``make demo`` (:mod:`root_worker.testing.stack`): one ``trimmer-daemon`` publishing the
 example bundles, three ``trimmer-leaf`` processes (ads_ctr, ads_cvr, homefeed_rank) and a
 gunicorn root pool (2 workers, 4 threads each). The daemon and the leaves stay up for the
 whole run; the pool is restarted for every configuration with ``FT_MODE`` / ``FT_LZ4``:
@@ -74,11 +74,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from flatbuffers_schema.keys import Allowlist  # noqa: E402
-from root_worker.client import Client  # noqa: E402
+from root_worker.testing.client import Client  # noqa: E402
 from root_worker.frame import Trimmer, decode  # noqa: E402
-from root_worker.leaf_model import LeafModel  # noqa: E402
-from root_worker.stack import Pool, Stack, StackError, shm_segments  # noqa: E402
-from root_worker.workload import load_universe, make_frame  # noqa: E402
+from root_worker.leaf.model import LeafModel  # noqa: E402
+from root_worker.testing.stack import Pool, Stack, StackError, shm_segments  # noqa: E402
+from root_worker.testing.workload import load_universe, make_frame  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "e2e_bench.json"
 CONFIGS = {  # name -> (FT_MODE, FT_LZ4)

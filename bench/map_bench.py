@@ -20,8 +20,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flatbuffers_schema.fmap.BundleState import BundleState  # noqa: E402
-from root_worker.map_reader import FeatureMapView  # noqa: E402
-from trimmer_daemon.bundle import parse_bundle  # noqa: E402
+from root_worker.featuremap.map_reader import FeatureMapView  # noqa: E402
+from trimmer_daemon.bundle.parse import parse_bundle  # noqa: E402
 from trimmer_daemon.compiler import BundleStatusRecord, compile_map  # noqa: E402
 from trimmer_daemon.consolidate import KeyCache, consolidate, index_bundle  # noqa: E402
 
@@ -110,7 +110,7 @@ def section_per_target_with_map() -> dict[str, Any]:
 
     from trim_bench import Trimmer, dense_frame, reps, timed_batches
 
-    from root_worker.live_map import LiveMap
+    from root_worker.featuremap.live_map import LiveMap
     from trimmer_daemon.publisher import Publisher
 
     frame, names = dense_frame(16, 300, seed=2)

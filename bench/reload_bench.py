@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 READER = r"""
 import sys, time
 sys.path.insert(0, sys.argv[2])
-from root_worker.live_map import LiveMap
+from root_worker.featuremap.live_map import LiveMap
 live = LiveMap(sys.argv[1])
 last = -1
 print("up", flush=True)
@@ -131,7 +131,7 @@ def compile_publish(repeat: int = 5) -> dict:
     from map_bench import FEATURES, MODELS, VERSIONS, synthetic_bundle
 
     from flatbuffers_schema.fmap.BundleState import BundleState
-    from trimmer_daemon.bundle import parse_bundle
+    from trimmer_daemon.bundle.parse import parse_bundle
     from trimmer_daemon.compiler import BundleStatusRecord, compile_map
     from trimmer_daemon.consolidate import KeyCache, consolidate, index_bundle
     from trimmer_daemon.publisher import Publisher

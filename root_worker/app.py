@@ -29,11 +29,11 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from root_worker.live_map import LiveMap
-from root_worker.metrics import RootMetrics
-from root_worker.routing import Routing, RoutingError
-from root_worker.score import BadRequest, Scorer
-from root_worker.settings import Settings, load_settings
+from root_worker.featuremap.live_map import LiveMap
+from root_worker.service.metrics import RootMetrics
+from root_worker.service.routing import Routing, RoutingError
+from root_worker.service.score import BadRequest, Scorer
+from root_worker.service.settings import Settings, load_settings
 
 log = logging.getLogger("root_worker")
 StartResponse = Callable[..., Any]

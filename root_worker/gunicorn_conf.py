@@ -1,6 +1,6 @@
 """gunicorn configuration of the root service: ``gunicorn -c python:root_worker.gunicorn_conf
 root_worker.app:app``. Settings come from ``FT_*`` environment variables
-(:mod:`root_worker.settings`).
+(:mod:`root_worker.service.settings`).
 
 Which process runs what:
 
@@ -27,7 +27,7 @@ import os
 import shutil
 from typing import Any
 
-from root_worker.settings import load_settings as _load_settings
+from root_worker.service.settings import load_settings as _load_settings
 
 _settings = _load_settings()
 
@@ -48,7 +48,7 @@ worker_tmp_dir = _settings.tmp_dir
 
 
 def on_starting(server: Any) -> None:
-    from root_worker.routing import Routing, RoutingError
+    from root_worker.service.routing import Routing, RoutingError
 
     if _settings.routing:
         try:

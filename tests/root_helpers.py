@@ -21,10 +21,10 @@ from typing import Any
 from daemon_helpers import ROOT, wait_for
 
 from flatbuffers_schema.keys import Allowlist
-from root_worker.client import Client
+from root_worker.testing.client import Client
 from root_worker.frame import Trimmer, decode
-from root_worker.leaf_model import LeafModel
-from root_worker.workload import FeatureSpec, assign_models, bundle_doc, make_universe
+from root_worker.leaf.model import LeafModel
+from root_worker.testing.workload import FeatureSpec, assign_models, bundle_doc, make_universe
 
 STOP_TIMEOUT = 10.0
 
@@ -72,7 +72,7 @@ class LeafProc(Proc):
 
     def __init__(self, args: Sequence[str], tmp: Path, name: str) -> None:
         self.port_file = tmp / f"{name}.port"
-        cmd = [sys.executable, "-m", "root_worker.leaf", "--port", "0",
+        cmd = [sys.executable, "-m", "root_worker.leaf.server", "--port", "0",
                "--port-file", str(self.port_file), "--log-level", "WARNING", *args]
         super().__init__(cmd, tmp / f"{name}.log")
         self.name = name
@@ -237,7 +237,7 @@ class MapPublisher:
 
     def publish(self, docs: Mapping[str, dict[str, Any]]) -> int:
         from flatbuffers_schema.fmap.BundleState import BundleState
-        from trimmer_daemon.bundle import parse_bundle
+        from trimmer_daemon.bundle.parse import parse_bundle
         from trimmer_daemon.compiler import BundleStatusRecord, compile_map
         from trimmer_daemon.consolidate import KeyCache, consolidate, index_bundle
 
@@ -262,7 +262,7 @@ class LeafThread:
     def __init__(self, store: Any, delay_s: float = 0.0, max_body: int = 64 << 20) -> None:
         import threading
 
-        from root_worker.leaf import LeafServer
+        from root_worker.leaf.server import LeafServer
 
         self.server = LeafServer(("127.0.0.1", 0), store, max_body, delay_s)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"

@@ -30,7 +30,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:  # when run as a script from a child process
     sys.path.insert(0, _ROOT)
 
-from root_worker.shm_reader import ShmReader  # noqa: E402
+from root_worker.featuremap.shm_reader import ShmReader  # noqa: E402
 from trimmer_daemon.publisher import Publisher, PublishError  # noqa: E402
 
 SHM_DIR = "/dev/shm"

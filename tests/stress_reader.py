@@ -16,8 +16,8 @@ import sys
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _ROOT)
 
-from root_worker.live_map import LiveMap  # noqa: E402
-from root_worker.map_reader import FeatureMapView  # noqa: E402
+from root_worker.featuremap.live_map import LiveMap  # noqa: E402
+from root_worker.featuremap.map_reader import FeatureMapView  # noqa: E402
 
 
 def stress_features(k: int) -> list[str]:

@@ -1,4 +1,4 @@
-"""Bundle parsing and validation (trimmer_daemon.bundle): corpus, limits, file I/O, order."""
+"""Bundle parsing and validation (trimmer_daemon.bundle.parse): corpus, limits, file I/O, order."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trimmer_daemon.bundle import (
+from trimmer_daemon.bundle.parse import (
     DEFAULT_LIMITS,
     MAX_WARNINGS,
     BundleError,

@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from trimmer_daemon.bundle import load_bundle_file
-from trimmer_daemon.bundle_build import (
+from trimmer_daemon.bundle.parse import load_bundle_file
+from trimmer_daemon.bundle.build import (
     BuildError,
     Source,
     build_bundle,
     read_archive_signature,
     write_atomic,
 )
-from trimmer_daemon.bundle_cli import EXIT_ERROR, EXIT_OK, EXIT_USAGE, main
+from trimmer_daemon.bundle.cli import EXIT_ERROR, EXIT_OK, EXIT_USAGE, main
 
 DATA = Path(__file__).parent / "data"
 

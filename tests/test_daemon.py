@@ -234,7 +234,7 @@ def test_sigterm_leaves_the_map_and_restart_continues_the_sequence(
         assert d.stop() == 0
         assert "stays in place" in d.log()
         # a fresh reader (a worker started later) still gets the whole map
-        from root_worker.live_map import LiveMap
+        from root_worker.featuremap.live_map import LiveMap
         fresh = LiveMap(shm_prefix)
         kept = fresh.current()
         assert kept is not None and kept.generation == last

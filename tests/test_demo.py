@@ -1,4 +1,4 @@
-"""``make demo`` / ``make run`` (``python -m root_worker.demo``) end to end, as a subprocess.
+"""``make demo`` / ``make run`` (``python -m root_worker.testing.demo``) end to end, as a subprocess.
 
 Each test runs the real entry point (daemon, 3 leaves, two gunicorn pools) with a small
 request count, then checks the exit status, the printed table and that nothing is left
@@ -22,9 +22,9 @@ import pytest
 from conftest import shm_leftovers
 from daemon_helpers import ROOT, wait_for
 
-from root_worker.client import Client
+from root_worker.testing.client import Client
 
-DEMO = [sys.executable, "-m", "root_worker.demo"]
+DEMO = [sys.executable, "-m", "root_worker.testing.demo"]
 RUN_TIMEOUT = 120
 
 

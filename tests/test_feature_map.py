@@ -11,8 +11,8 @@ import pytest
 
 from flatbuffers_schema.fmap.BundleState import BundleState
 from flatbuffers_schema.keys import Allowlist, keyset_digest, name_keys
-from root_worker.map_reader import FeatureMapView, MapError, Outcome, no_map
-from trimmer_daemon.bundle import parse_bundle
+from root_worker.featuremap.map_reader import FeatureMapView, MapError, Outcome, no_map
+from trimmer_daemon.bundle.parse import parse_bundle
 from trimmer_daemon.compiler import BundleStatusRecord, compile_map
 from trimmer_daemon.consolidate import KeyCache, consolidate, index_bundle
 

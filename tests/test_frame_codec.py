@@ -17,7 +17,7 @@ from root_worker.frame import (
     encode,
     peek_metadata,
 )
-from root_worker.frame_format import (
+from root_worker.frame.format import (
     BLOCK_ALIGN,
     PREAMBLE,
     PREAMBLE_SIZE,

@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 
 from flatbuffers_schema.keys import Allowlist
-from root_worker import frame_copy
+from root_worker.frame import backends as frame_copy
 from root_worker.frame import FrameError, Ragged, Trimmer, TrimResult, decode, encode
-from root_worker.frame_format import PREAMBLE, PREAMBLE_SIZE, align
+from root_worker.frame.format import PREAMBLE, PREAMBLE_SIZE, align
 
 pytestmark = pytest.mark.skipif(not frame_copy.HAVE_C, reason="C extension not built")
 
 if frame_copy.HAVE_C:
-    from root_worker import _copyruns  # type: ignore[attr-defined]
+    from root_worker.frame import _copyruns  # type: ignore[attr-defined]
 
 KERNELS = ("memcpy", "movsb", "avx2", "avx512")
 

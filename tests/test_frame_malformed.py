@@ -15,7 +15,7 @@ import pytest
 
 from flatbuffers_schema.keys import Allowlist
 from root_worker.frame import BACKENDS, Column, FrameError, Ragged, Trimmer, decode, encode
-from root_worker.frame_format import PREAMBLE, PREAMBLE_SIZE, TABLE_ENTRY_SIZE, align
+from root_worker.frame.format import PREAMBLE, PREAMBLE_SIZE, TABLE_ENTRY_SIZE, align
 
 COLS: dict[str, Column] = {
     "alpha": np.arange(6, dtype=np.float32),

@@ -26,7 +26,7 @@ from root_worker.frame import (
     decode,
     encode,
 )
-from root_worker.frame_format import PREAMBLE, PREAMBLE_SIZE, TABLE_ENTRY_SIZE, align
+from root_worker.frame.format import PREAMBLE, PREAMBLE_SIZE, TABLE_ENTRY_SIZE, align
 
 PROFILE = settings(deadline=None, max_examples=120,
                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from flatbuffers_schema.keys import Allowlist, keyset_digest, name_keys
-from root_worker import frame_copy
+from root_worker.frame import backends as frame_copy
 from root_worker.frame import (
     BACKENDS,
     Column,
@@ -26,7 +26,7 @@ from root_worker.frame import (
     peek_metadata,
     trim,
 )
-from root_worker.frame_format import PREAMBLE, PREAMBLE_SIZE
+from root_worker.frame.format import PREAMBLE, PREAMBLE_SIZE
 
 RNG = np.random.default_rng(7)
 NAMES = [f"f{i:03d}" for i in range(40)]
@@ -268,7 +268,7 @@ def test_loop_fallback_on_mixed_sizes() -> None:
 
 @pytest.mark.skipif(not frame_copy.HAVE_C, reason="C extension not built")
 def test_c_copy_runs_is_bounds_checked() -> None:
-    from root_worker import _copyruns  # type: ignore[attr-defined]
+    from root_worker.frame import _copyruns  # type: ignore[attr-defined]
 
     src, dst = bytes(range(100)), bytearray(50)
     ok = np.array([[10, 0, 5], [90, 5, 10]], dtype=np.int64)
@@ -290,7 +290,7 @@ def test_c_copy_runs_is_bounds_checked() -> None:
 
 @pytest.mark.skipif(not frame_copy.HAVE_C, reason="C extension not built")
 def test_c_write_frame_is_bounds_checked() -> None:
-    from root_worker import _copyruns  # type: ignore[attr-defined]
+    from root_worker.frame import _copyruns  # type: ignore[attr-defined]
 
     src = bytes(range(200))
     header = bytes(range(64))
@@ -314,7 +314,7 @@ def test_c_write_frame_is_bounds_checked() -> None:
 
 @pytest.mark.skipif(not frame_copy.HAVE_C, reason="C extension not built")
 def test_c_same_bytes_matches_python() -> None:
-    from root_worker import _copyruns  # type: ignore[attr-defined]
+    from root_worker.frame import _copyruns  # type: ignore[attr-defined]
 
     buf = memoryview(bytes(range(50)))
     for off, exp in ((0, bytes(range(5))), (45, bytes(range(45, 50))), (3, b"\x00"),
@@ -361,10 +361,10 @@ def test_pure_python_path_without_the_extension() -> None:
     """With the extension unimportable, the package falls back and still trims correctly."""
     code = textwrap.dedent("""
         import sys
-        sys.modules["root_worker._copyruns"] = None  # makes the import fail
+        sys.modules["root_worker.frame._copyruns"] = None  # makes the import fail
         import numpy as np
         from flatbuffers_schema.keys import Allowlist
-        from root_worker import frame_copy
+        from root_worker.frame import backends as frame_copy
         from root_worker.frame import BACKENDS, Ragged, Trimmer, decode, encode, trim
         assert not frame_copy.HAVE_C and BACKENDS == ("numpy",)
         assert Trimmer().backend == "numpy"

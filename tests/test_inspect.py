@@ -29,8 +29,8 @@ from daemon_helpers import (
 )
 
 from flatbuffers_schema import shm_layout as L
-from root_worker import inspect_format as fmt
-from root_worker.inspect_cli import main
+from root_worker.oncall import format as fmt
+from root_worker.oncall.cli import main
 from trimmer_daemon.publisher import Publisher
 
 SHM = Path("/dev/shm")
@@ -528,7 +528,7 @@ def test_console_script_is_read_only(daemon: DaemonProc) -> None:
 
 
 def test_never_imports_the_publisher(daemon: DaemonProc) -> None:
-    code = ("import sys; from root_worker.inspect_cli import main; "
+    code = ("import sys; from root_worker.oncall.cli import main; "
             f"rc = main(['--shm-name', {daemon.prefix!r}, 'dump']); "
             "assert 'trimmer_daemon.publisher' not in sys.modules, 'publisher imported'; "
             "sys.exit(rc)")
@@ -558,7 +558,7 @@ def test_works_without_write_access(daemon: DaemonProc) -> None:
     for verb in (["status", "--heartbeat-crit", "off"], ["models"], ["lookup", "ctr"],
                  ["diff"], ["dump"]):
         proc = subprocess.run(
-            [*drop, sys.executable, "-m", "root_worker.inspect_cli", "--shm-name",
+            [*drop, sys.executable, "-m", "root_worker.oncall.cli", "--shm-name",
              daemon.prefix, *verb, "--json"], capture_output=True, text=True, timeout=60,
             cwd=ROOT)
         assert proc.returncode in (0, 1), proc.stdout + proc.stderr

@@ -15,11 +15,11 @@ from daemon_helpers import replace_bundle, wait_for, write_bundle
 from root_helpers import LeafThread, Workload, raw_post
 
 from flatbuffers_schema.keys import Allowlist
-from root_worker.client import Client
+from root_worker.testing.client import Client
 from root_worker.frame import Ragged, Trimmer, decode, encode
-from root_worker.leaf import main as leaf_main
-from root_worker.leaf_model import LeafModel, ModelStore, feature_weight
-from root_worker.workload import FeatureSpec, make_columns, make_frame
+from root_worker.leaf.server import main as leaf_main
+from root_worker.leaf.model import LeafModel, ModelStore, feature_weight
+from root_worker.testing.workload import FeatureSpec, make_columns, make_frame
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = [FeatureSpec("f32", "<f4"), FeatureSpec("f16v", "<f2", (3,)),
@@ -114,7 +114,7 @@ def test_weights_are_stable_and_model_specific() -> None:
     assert -1.0 <= w < 1.0 and w == feature_weight("m", "f")
     assert w != feature_weight("n", "f")
     out = subprocess.run([sys.executable, "-c",
-                          "from root_worker.leaf_model import feature_weight as f;"
+                          "from root_worker.leaf.model import feature_weight as f;"
                           "print(repr(f('m', 'f')))"], cwd=ROOT, capture_output=True,
                          text=True, check=True)
     assert float(out.stdout) == w  # no per-process hash salt
@@ -194,7 +194,7 @@ def test_cli_port_file_and_usage_errors(tmp_path: Path) -> None:
     sig = tmp_path / "sig.json"
     sig.write_text(json.dumps({"input_names": ["f32"]}))
     port_file = tmp_path / "port"
-    proc = subprocess.Popen([sys.executable, "-m", "root_worker.leaf", "--signature",
+    proc = subprocess.Popen([sys.executable, "-m", "root_worker.leaf.server", "--signature",
                              f"m@3={sig}", "--port", "0", "--port-file", str(port_file)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True, text=True)

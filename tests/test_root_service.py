@@ -30,9 +30,9 @@ from root_helpers import (
 )
 
 from flatbuffers_schema.keys import Allowlist
-from root_worker.client import Client, metric_samples, metric_value
+from root_worker.testing.client import Client, metric_samples, metric_value
 from root_worker.frame import Trimmer, decode, encode
-from root_worker.workload import make_columns, make_frame
+from root_worker.testing.workload import make_columns, make_frame
 
 MODELS = ("ads_ctr", "ads_cvr", "homefeed_rank")
 M = "feature_trimmer_root_"

@@ -16,8 +16,8 @@ from conftest import shm_leftovers
 from daemon_helpers import DaemonProc, remove_segments, write_bundle
 from root_helpers import LeafProc, RootProc, Workload, reference_scores, write_routing
 
-from root_worker.client import metric_value
-from root_worker.workload import make_frame
+from root_worker.testing.client import metric_value
+from root_worker.testing.workload import make_frame
 
 
 def test_leaf_on_another_version_gets_the_frame_untrimmed(tmp_path: Path) -> None:

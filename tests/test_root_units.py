@@ -19,17 +19,17 @@ from typing import Any
 import pytest
 from root_helpers import LeafThread, MapPublisher, Workload, reference_scores, trimmed_size
 
-from root_worker.client import metric_value
-from root_worker.fanout import Fanout, LeafError, LeafPool
+from root_worker.testing.client import metric_value
+from root_worker.service.fanout import Fanout, LeafError, LeafPool
 from root_worker.frame import Trimmer
-from root_worker.leaf_model import ModelStore
-from root_worker.live_map import LiveMap
-from root_worker.metrics import RootMetrics
-from root_worker.routing import Endpoint, Routing, RoutingError
-from root_worker.score import BadRequest, Scorer
-from root_worker.settings import SETTINGS, SettingsError, load_settings, markdown_table
-from root_worker.targets import BadTargets, Target, parse_targets
-from root_worker.workload import make_frame
+from root_worker.leaf.model import ModelStore
+from root_worker.featuremap.live_map import LiveMap
+from root_worker.service.metrics import RootMetrics
+from root_worker.service.routing import Endpoint, Routing, RoutingError
+from root_worker.service.score import BadRequest, Scorer
+from root_worker.service.settings import SETTINGS, SettingsError, load_settings, markdown_table
+from root_worker.service.targets import BadTargets, Target, parse_targets
+from root_worker.testing.workload import make_frame
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,7 +50,7 @@ def test_settings_defaults_and_errors_name_the_variable() -> None:
 
 def test_docs_carry_the_current_settings_table() -> None:
     doc = (ROOT / "docs" / "root-service.md").read_text()
-    assert markdown_table() in doc, "regenerate with: python -m root_worker.settings"
+    assert markdown_table() in doc, "regenerate with: python -m root_worker.service.settings"
     assert all(s.env in doc for s in SETTINGS)
 
 
@@ -299,7 +299,7 @@ def test_request_ids_reach_leaves_only_when_header_safe(stack: dict) -> None:
 
 
 def test_leaf_replies_must_be_json_objects_with_finite_scores() -> None:
-    from root_worker.score import _leaf_reply
+    from root_worker.service.score import _leaf_reply
 
     assert _leaf_reply("u", 200, b'{"scores": [1.5, -2], "version": "3"}') == {
         "scores": [1.5, -2], "leaf_version": "3"}

@@ -20,7 +20,7 @@ import posix_ipc
 import pytest
 
 from flatbuffers_schema import shm_layout as L
-from root_worker.shm_reader import ShmReader
+from root_worker.featuremap.shm_reader import ShmReader
 from trimmer_daemon.publisher import Publisher, PublisherError, PublisherLockedError
 
 try:

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from trimmer_daemon.bundle import Limits
+from trimmer_daemon.bundle.parse import Limits
 
 DEFAULT_SHM_NAME = "feature_trimmer"
 BUNDLE_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")

@@ -5,7 +5,7 @@ Runs in the daemon (the single writer). Each bundle is indexed once when its fil
 merges arrays, so a reload of one bundle costs O(that bundle) + a cheap merge of the others.
 
 Rules (SPEC §4):
-- a model's versions are kept in natural order (:func:`trimmer_daemon.bundle.version_sort_key`);
+- a model's versions are kept in natural order (:func:`trimmer_daemon.bundle.parse.version_sort_key`);
   the last one is "latest";
 - the same model+version defined by several bundles with *different* inputs gets the union of
   the allowlists (never under-send) and a conflict report naming the bundles;
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from flatbuffers_schema.keys import KEY_DTYPE, keyset_digest, name_key
-from trimmer_daemon.bundle import ParsedBundle, version_sort_key
+from trimmer_daemon.bundle.parse import ParsedBundle, version_sort_key
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from flatbuffers_schema.fmap.BundleState import BundleState
-from trimmer_daemon.bundle import BundleError, Limits, parse_bundle, read_file_bounded
+from trimmer_daemon.bundle.parse import BundleError, Limits, parse_bundle, read_file_bounded
 from trimmer_daemon.compiler import BundleStatusRecord
 from trimmer_daemon.consolidate import IndexedBundle, KeyCache, index_bundle
 

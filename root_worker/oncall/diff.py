@@ -1,7 +1,7 @@
 """``trimmer-inspect diff``: each bundle file on disk versus what the daemon published.
 
 Runs in the ``trimmer-inspect`` process only. Every file is read and validated with the
-daemon's own parser (:func:`trimmer_daemon.bundle.load_bundle_file`), so "invalid" here means
+daemon's own parser (:func:`trimmer_daemon.bundle.parse.load_bundle_file`), so "invalid" here means
 exactly "the daemon rejects it". Nothing is written anywhere.
 
 Per bundle, ``status`` is one of:
@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 
 from flatbuffers_schema.keys import KEY_DTYPE, name_key
-from root_worker.map_reader import FeatureMapView
-from trimmer_daemon.bundle import (
+from root_worker.featuremap.map_reader import FeatureMapView
+from trimmer_daemon.bundle.parse import (
     BundleError,
     Limits,
     ModelVersion,

@@ -1,10 +1,10 @@
 """Byte-run copy and region compare for the trim engine: C accelerator or numpy fallback.
 
-The optional extension ``root_worker._copyruns`` (built by ``setup.py`` when a compiler is
+The optional extension ``root_worker.frame._copyruns`` (built by ``setup.py`` when a compiler is
 present) copies an int64 ``(n, 3)`` array of ``(src_offset, dst_offset, length)`` runs with
 bounds-checked copies (an AVX-512/AVX2 kernel where the CPU has one), releasing the GIL for
 large copies, and runs the trimmer's whole steady-state request in one call
-(``fast_trim`` over ``pack_plan`` blobs, see :mod:`root_worker.frame_trim`).  Without it,
+(``fast_trim`` over ``pack_plan`` blobs, see :mod:`root_worker.frame.trim`).  Without it,
 the fallback copies uniform dense frames with one ``np.take`` over a 2-D row view (one row = one
 block plus its padding) and anything else with a slice loop.  Measured on a 2-core VM:
 a Python slice assignment costs ~0.3 us, so ~800 runs take ~300 us in the loop, ~36 us
@@ -20,7 +20,7 @@ import numpy as np
 
 _copyruns: Any
 try:
-    from root_worker import _copyruns  # type: ignore[attr-defined,no-redef]
+    from root_worker.frame import _copyruns  # type: ignore[attr-defined,no-redef]
 except ImportError:  # pragma: no cover - depends on the build
     _copyruns = None
 

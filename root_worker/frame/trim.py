@@ -42,8 +42,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from flatbuffers_schema.keys import Allowlist
-from root_worker.frame_codec import as_bytes_view
-from root_worker.frame_copy import (
+from root_worker.frame.codec import as_bytes_view
+from root_worker.frame.backends import (
     BACKENDS,
     UniformRows,
     copy_runs_loop,
@@ -54,7 +54,7 @@ from root_worker.frame_copy import (
     uniform_rows,
     write_frame_c,
 )
-from root_worker.frame_format import (
+from root_worker.frame.format import (
     BLOCK_ALIGN,
     MAGIC,
     PREAMBLE,

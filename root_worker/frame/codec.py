@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from root_worker.frame_format import (
+from root_worker.frame.format import (
     BLOCK_ALIGN,
     CODE_BY_DTYPE,
     DIM_SIZE,

@@ -1,6 +1,6 @@
 """Start and stop the whole stack on loopback: daemon, leaves, gunicorn root pools.
 
-Used by ``python -m root_worker.demo`` (``make demo`` / ``make run``) and
+Used by ``python -m root_worker.testing.demo`` (``make demo`` / ``make run``) and
 ``bench/e2e_bench.py``; the tests have their own copy in ``tests/root_helpers.py``. Not used
 by the service itself.
 
@@ -46,8 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from root_worker.client import Client, metric_samples
-from root_worker.shm_reader import ShmReader
+from root_worker.testing.client import Client, metric_samples
+from root_worker.featuremap.shm_reader import ShmReader
 
 T = TypeVar("T")
 SHM_DIR = Path("/dev/shm")
@@ -63,7 +63,7 @@ EXAMPLE_LEAVES = (  # leaf name, bundle, models served (None: all of the bundle'
 GENERATION_METRIC = "feature_trimmer_root_map_generation"
 # The directory that holds the root_worker package: children run from here so that
 # ``python -m`` finds the project even from a source checkout that is not installed.
-PROJECT_DIR = Path(__file__).resolve().parent.parent
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 
 
 class StackError(RuntimeError):
@@ -167,7 +167,7 @@ class Leaf(Proc):
     def __init__(self, name: str, bundle: Path, models: Sequence[str] | None, workdir: Path
                  ) -> None:
         self.port_file = workdir / f"leaf-{name}.port"
-        cmd = [sys.executable, "-m", "root_worker.leaf", "--bundle", str(bundle),
+        cmd = [sys.executable, "-m", "root_worker.leaf.server", "--bundle", str(bundle),
                "--port", "0", "--port-file", str(self.port_file), "--log-level", "WARNING"]
         for m in models or ():
             cmd += ["--model", m]

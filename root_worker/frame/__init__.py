@@ -21,10 +21,10 @@ Example::
 
 from __future__ import annotations
 
-from root_worker.frame_codec import Column, Frame, Ragged, decode, encode, peek_metadata
-from root_worker.frame_copy import BACKENDS
-from root_worker.frame_format import DTYPE_BY_CODE, FrameError
-from root_worker.frame_trim import Trimmer, TrimResult, trim
+from root_worker.frame.codec import Column, Frame, Ragged, decode, encode, peek_metadata
+from root_worker.frame.backends import BACKENDS
+from root_worker.frame.format import DTYPE_BY_CODE, FrameError
+from root_worker.frame.trim import Trimmer, TrimResult, trim
 
 __all__ = [
     "BACKENDS",

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 
-from root_worker.map_reader import FeatureMapView, MapError, Resolution, no_map
-from root_worker.shm_reader import ShmReader, Snapshot
+from root_worker.featuremap.map_reader import FeatureMapView, MapError, Resolution, no_map
+from root_worker.featuremap.shm_reader import ShmReader, Snapshot
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ for production traffic: most columns are dense random values, a ``sparsity`` fra
 candidates holds zeros (missing features), user-level features (``user_*``) repeat one
 value for every candidate of the request (a request scores many items for one user).
 
-``python -m root_worker.workload write-examples examples`` regenerates ``examples/``.
+``python -m root_worker.testing.workload write-examples examples`` regenerates ``examples/``.
 """
 
 from __future__ import annotations
@@ -217,7 +217,7 @@ def write_examples(out: Path, n_features: int = 2000) -> dict[str, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m root_worker.workload")
+    parser = argparse.ArgumentParser(prog="python -m root_worker.testing.workload")
     sub = parser.add_subparsers(dest="cmd", required=True)
     ex = sub.add_parser("write-examples", help="regenerate the example bundles and routing")
     ex.add_argument("out", type=Path)

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from root_worker.frame import Column, Frame, Ragged
-from trimmer_daemon.bundle import (
+from trimmer_daemon.bundle.parse import (
     BundleError,
     latest_version,
     load_bundle_file,

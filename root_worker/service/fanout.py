@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, TypeVar
 
-from root_worker.routing import Endpoint
+from root_worker.service.routing import Endpoint
 
 T = TypeVar("T")
 MAX_IDLE_PER_ENDPOINT = 16

@@ -1,7 +1,7 @@
 /*
- * root_worker._copyruns: the byte-moving primitives of the frame trim engine.
+ * root_worker.frame._copyruns: the byte-moving primitives of the frame trim engine.
  *
- * Optional accelerator: root_worker/frame_copy.py has a pure numpy/Python fallback with the
+ * Optional accelerator: root_worker/frame/backends.py has a pure numpy/Python fallback with the
  * same semantics, and the tests run both.  Everything is bounds-checked before the first
  * byte moves, so a bad runs array raises ValueError and never touches memory out of range.
  *
@@ -974,7 +974,7 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "root_worker._copyruns",
+    PyModuleDef_HEAD_INIT, "root_worker.frame._copyruns",
     "Bounds-checked byte-run copy for the frame trim engine (optional accelerator).", -1,
     methods,
 };

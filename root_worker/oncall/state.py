@@ -1,7 +1,7 @@
 """What ``trimmer-inspect`` reads from shared memory, and how healthy it is.
 
 Runs in the ``trimmer-inspect`` process only (on-call, monitoring checks). Strictly
-read-only: segments are opened through :class:`~root_worker.shm_reader.ShmReader`, which
+read-only: segments are opened through :class:`~root_worker.featuremap.shm_reader.ShmReader`, which
 maps them ``O_RDONLY`` / ``PROT_READ`` and never creates, writes, locks or unlinks anything.
 Liveness of the daemon is judged from the outside: ``kill(pid, 0)`` on the pid the control
 block names, and ``/proc/locks`` for who holds the writer ``flock`` on the control segment
@@ -20,8 +20,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from root_worker.map_reader import FeatureMapView, MapError
-from root_worker.shm_reader import ControlInfo, ShmReader, Snapshot
+from root_worker.featuremap.map_reader import FeatureMapView, MapError
+from root_worker.featuremap.shm_reader import ControlInfo, ShmReader, Snapshot
 
 SHM_DIR = "/dev/shm"
 """Where Linux exposes POSIX shm names as files (only ``stat``-ed here, never opened)."""

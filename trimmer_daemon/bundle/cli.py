@@ -12,14 +12,14 @@ import json
 import sys
 from collections.abc import Sequence
 
-from trimmer_daemon.bundle import (
+from trimmer_daemon.bundle.parse import (
     DEFAULT_LIMITS,
     BundleError,
     Limits,
     ParsedBundle,
     load_bundle_file,
 )
-from trimmer_daemon.bundle_build import (
+from trimmer_daemon.bundle.build import (
     ARCHIVE_SUFFIX,
     SIGNATURE_FILE,
     BuildError,

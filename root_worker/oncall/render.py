@@ -2,7 +2,7 @@
 
 Runs in the ``trimmer-inspect`` process only. Every JSON document starts with the same
 envelope (``shm_name``, ``status``, ``exit_code``, ``checked_at``, ``findings``); text output
-is aligned tables (:mod:`root_worker.inspect_format`). No I/O besides printing to stdout.
+is aligned tables (:mod:`root_worker.oncall.format`). No I/O besides printing to stdout.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import json
 import sys
 from typing import Any
 
-from root_worker import inspect_format as fmt
-from root_worker.inspect_diff import BundleDiff, describe_change
-from root_worker.inspect_state import Level, MapState
-from root_worker.map_reader import FeatureMapView
+from root_worker.oncall import format as fmt
+from root_worker.oncall.diff import BundleDiff, describe_change
+from root_worker.oncall.state import Level, MapState
+from root_worker.featuremap.map_reader import FeatureMapView
 
 
 def envelope(state: MapState) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 Read by the gunicorn master when it loads :mod:`root_worker.gunicorn_conf` (bind, workers,
 run directory) and by each worker when it builds the app (everything else). The same
-registry renders the table in ``docs/root-service.md`` (``python -m root_worker.settings``)
+registry renders the table in ``docs/root-service.md`` (``python -m root_worker.service.settings``)
 and a test keeps the two in sync. Reading settings has no side effects: it parses
 ``os.environ`` (or a mapping given for tests) and raises :class:`SettingsError` naming the
 variable at fault.

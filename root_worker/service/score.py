@@ -3,14 +3,14 @@
 Runs in each root worker (one :class:`Scorer` per process, built after fork). Per request:
 
 1. read the frame's preamble and metadata (``peek_metadata``) and the targets
-   (:mod:`root_worker.targets`); anything malformed is a :class:`BadRequest` (4xx);
+   (:mod:`root_worker.service.targets`); anything malformed is a :class:`BadRequest` (4xx);
 2. per target, in the request thread: resolve the model's allowlist in the live map (SPEC
    §4) and trim into a buffer reused by this thread (one per target position) -- or pass the
    frame through (unknown model, no map, mode ``off``); mode ``shadow`` trims only to count
    what it would save and sends the original. A frame the trimmer finds malformed is a 400;
    any *other* trimmer failure sends that target untrimmed and is counted (the trimmer may
    cost bandwidth, never correctness);
-3. send every target concurrently (:mod:`root_worker.fanout`), lz4-compressed if enabled,
+3. send every target concurrently (:mod:`root_worker.service.fanout`), lz4-compressed if enabled,
    and wait until ``FT_LEAF_TIMEOUT``; a failed target carries its own error.
 """
 
@@ -30,14 +30,14 @@ from urllib.parse import urlencode
 
 import lz4.frame
 
-from root_worker.fanout import Fanout, LeafError, LeafPool, post_to_replicas
+from root_worker.service.fanout import Fanout, LeafError, LeafPool, post_to_replicas
 from root_worker.frame import FrameError, Trimmer, peek_metadata
-from root_worker.leaf import TRIMMED_FOR_HEADER
-from root_worker.live_map import LiveMap
-from root_worker.metrics import ModelMetrics, RootMetrics
-from root_worker.routing import Routing
-from root_worker.settings import Settings
-from root_worker.targets import BadTargets, Target, parse_targets
+from root_worker.leaf.server import TRIMMED_FOR_HEADER
+from root_worker.featuremap.live_map import LiveMap
+from root_worker.service.metrics import ModelMetrics, RootMetrics
+from root_worker.service.routing import Routing
+from root_worker.service.settings import Settings
+from root_worker.service.targets import BadTargets, Target, parse_targets
 
 log = logging.getLogger(__name__)
 FRAME_CONTENT_TYPE = "application/x-ft-frame"

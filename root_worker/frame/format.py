@@ -1,8 +1,8 @@
 """Frame wire format: constants, structs, dtype codes, the error type and layout parsing.
 
 The byte layout is specified in one place, ``docs/frame-format.md``; the constants below are
-its names.  This module holds what both the codec (:mod:`root_worker.frame_codec`) and the
-trim engine (:mod:`root_worker.frame_trim`) need to read a frame safely: the preamble
+its names.  This module holds what both the codec (:mod:`root_worker.frame.codec`) and the
+trim engine (:mod:`root_worker.frame.trim`) need to read a frame safely: the preamble
 checks, the parser of the *layout* section (column names, dtypes, shapes) and the vectorised
 validation of the per-request *block table*.  Every check raises :class:`FrameError` with a
 message naming what is wrong and where; nothing here reads outside the buffer or allocates

@@ -29,7 +29,7 @@ archive, or the same model+version found twice with different signatures is an e
 Pending versions (``--pending``) are merged with the current ones so that roots receive the
 allowlists before the new leaf version rolls out; the output holds both. Output is
 deterministic (models sorted, versions in natural order, ``json.dumps(sort_keys=True,
-indent=2)`` plus a newline), re-validated with :func:`~trimmer_daemon.bundle.parse_bundle`,
+indent=2)`` plus a newline), re-validated with :func:`~trimmer_daemon.bundle.parse.parse_bundle`,
 and written atomically (temp file in the same directory, fsync, ``os.replace``, fsync of the
 directory).
 """
@@ -48,7 +48,7 @@ import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from trimmer_daemon.bundle import (
+from trimmer_daemon.bundle.parse import (
     DEFAULT_LIMITS,
     BundleError,
     Limits,
@@ -302,7 +302,7 @@ def build_bundle(sources: Iterable[Source], *, limits: Limits = DEFAULT_LIMITS,
 
     Warnings go to ``warn`` as they happen (so they are seen even if the build then fails)
     and are also returned in the result. Raises :class:`BuildError` when nothing usable was
-    found or an input is broken, and :class:`~trimmer_daemon.bundle.BundleError` when a
+    found or an input is broken, and :class:`~trimmer_daemon.bundle.parse.BundleError` when a
     signature file is invalid (it names that file) or the result breaks a limit.
     """
     warnings: list[str] = []

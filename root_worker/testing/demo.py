@@ -1,7 +1,7 @@
 """``make demo`` and ``make run``: the whole stack on loopback.
 
-``python -m root_worker.demo`` (``make demo``) starts, in a temporary directory
-(:mod:`root_worker.stack`):
+``python -m root_worker.testing.demo`` (``make demo``) starts, in a temporary directory
+(:mod:`root_worker.testing.stack`):
 
 * ``trimmer-daemon`` with a unique shm prefix (``ftdemo_<random>``) and ``--cleanup``,
   publishing copies of ``examples/bundles/{ads,homefeed}``;
@@ -21,7 +21,7 @@ outcomes, generations per worker, the checks), stops everything and removes its 
 segments and temp directory -- also on Ctrl-C, SIGTERM and failure. Exit status 0 only if
 every check passed.
 
-``python -m root_worker.demo run`` (``make run``) starts the same stack and keeps it up
+``python -m root_worker.testing.demo run`` (``make run``) starts the same stack and keeps it up
 until Ctrl-C, printing the URLs and sample commands.
 """
 
@@ -39,9 +39,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from root_worker.client import Client, metric_samples
-from root_worker.stack import PROJECT_DIR, CloseReport, Stack, StackError, shm_segments
-from root_worker.workload import load_universe, make_frame
+from root_worker.testing.client import Client, metric_samples
+from root_worker.testing.stack import PROJECT_DIR, CloseReport, Stack, StackError, shm_segments
+from root_worker.testing.workload import load_universe, make_frame
 
 MODELS = ("ads_ctr", "ads_cvr", "homefeed_rank")
 TARGET_SETS: tuple[list[Any], ...] = (  # what the demo's frames ask for (in their metadata)
@@ -457,7 +457,7 @@ def run(args: argparse.Namespace, examples: Path) -> int:
                     there; the daemon publishes it and the workers attach it)
 
 try:
-  {py} -m root_worker.client {trim.url} --features {examples / 'features.json'}
+  {py} -m root_worker.testing.client {trim.url} --features {examples / 'features.json'}
   curl -s --data-binary @{sample} -H 'Content-Type: application/x-ft-frame' \\
        '{trim.url}/score?target=ads_ctr&target=homefeed_rank'
   curl -s {trim.url}/healthz
@@ -484,7 +484,7 @@ Ctrl-C stops everything and removes the shm segments.""", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m root_worker.demo", description=__doc__.split(
+    p = argparse.ArgumentParser(prog="python -m root_worker.testing.demo", description=__doc__.split(
         "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", nargs="?", choices=("demo", "run"), default="demo",
                    help="demo: traffic, hot swap, table, checks (default); run: keep the "

@@ -2,7 +2,7 @@
 
 It plays a leaf partition: it decodes each frame the root sends (lz4 if the request says
 ``Content-Encoding: lz4``), converts the features its model signature names into arrays and
-returns deterministic scores (:mod:`root_worker.leaf_model`), so the system can show that
+returns deterministic scores (:mod:`root_worker.leaf.model`), so the system can show that
 trimming changes the bytes on the wire, never the scores. It counts what it receives.
 
 HTTP/1.1 with keep-alive, one thread per connection (``ThreadingHTTPServer``):
@@ -45,8 +45,8 @@ from urllib.parse import parse_qs, urlsplit
 import lz4.frame
 
 from root_worker.frame import FrameError, decode
-from root_worker.leaf_model import ModelStore
-from trimmer_daemon.bundle import BundleError
+from root_worker.leaf.model import ModelStore
+from trimmer_daemon.bundle.parse import BundleError
 
 log = logging.getLogger("trimmer_leaf")
 DEFAULT_MAX_BODY = 256 << 20

@@ -2,7 +2,7 @@
 
 As a command, it sends one synthetic request and prints what each target got::
 
-    python -m root_worker.client http://127.0.0.1:8100 --target ads_ctr --target ads_cvr@1
+    python -m root_worker.testing.client http://127.0.0.1:8100 --target ads_ctr --target ads_cvr@1
 
 Not used by the service itself. One :class:`Client` holds one HTTP/1.1 connection and
 re-opens it when the server closed it; it is not thread-safe (use one per thread).
@@ -121,9 +121,9 @@ def metric_value(text: str, name: str, **labels: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from root_worker.workload import load_universe, make_frame
+    from root_worker.testing.workload import load_universe, make_frame
 
-    p = argparse.ArgumentParser(prog="python -m root_worker.client",
+    p = argparse.ArgumentParser(prog="python -m root_worker.testing.client",
                                 description="Send one synthetic score request to a root.")
     p.add_argument("url", nargs="?", default="http://127.0.0.1:8100")
     p.add_argument("--target", action="append", metavar="MODEL[@VERSION]",
