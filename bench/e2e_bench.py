@@ -74,9 +74,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from flatbuffers_schema.keys import Allowlist  # noqa: E402
-from root_worker.testing.client import Client  # noqa: E402
 from root_worker.frame import Trimmer, decode  # noqa: E402
 from root_worker.leaf.model import LeafModel  # noqa: E402
+from root_worker.testing.client import Client  # noqa: E402
 from root_worker.testing.stack import Pool, Stack, StackError, shm_segments  # noqa: E402
 from root_worker.testing.workload import load_universe, make_frame  # noqa: E402
 

@@ -11,9 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from root_worker.testing import stack
 from root_worker.featuremap.live_map import LiveMap
 from root_worker.featuremap.map_reader import FeatureMapView
+from root_worker.testing import stack
 from trimmer_daemon.publisher import Publisher
 
 T = TypeVar("T")

@@ -21,9 +21,9 @@ from typing import Any
 from daemon_helpers import ROOT, wait_for
 
 from flatbuffers_schema.keys import Allowlist
-from root_worker.testing.client import Client
 from root_worker.frame import Trimmer, decode
 from root_worker.leaf.model import LeafModel
+from root_worker.testing.client import Client
 from root_worker.testing.workload import FeatureSpec, assign_models, bundle_doc, make_universe
 
 STOP_TIMEOUT = 10.0

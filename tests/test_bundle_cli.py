@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from trimmer_daemon.bundle.parse import load_bundle_file
 from trimmer_daemon.bundle.build import (
     BuildError,
     Source,
@@ -20,6 +19,7 @@ from trimmer_daemon.bundle.build import (
     write_atomic,
 )
 from trimmer_daemon.bundle.cli import EXIT_ERROR, EXIT_OK, EXIT_USAGE, main
+from trimmer_daemon.bundle.parse import load_bundle_file
 
 DATA = Path(__file__).parent / "data"
 

@@ -1,4 +1,4 @@
-"""``make demo`` / ``make run`` (``python -m root_worker.testing.demo``) end to end, as a subprocess.
+"""``make demo`` / ``make run`` (``python -m root_worker.testing.demo``) end to end.
 
 Each test runs the real entry point (daemon, 3 leaves, two gunicorn pools) with a small
 request count, then checks the exit status, the printed table and that nothing is left

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from flatbuffers_schema.keys import Allowlist
-from root_worker.frame import backends as frame_copy
 from root_worker.frame import FrameError, Ragged, Trimmer, TrimResult, decode, encode
+from root_worker.frame import backends as frame_copy
 from root_worker.frame.format import PREAMBLE, PREAMBLE_SIZE, align
 
 pytestmark = pytest.mark.skipif(not frame_copy.HAVE_C, reason="C extension not built")

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from flatbuffers_schema.keys import Allowlist, keyset_digest, name_keys
-from root_worker.frame import backends as frame_copy
 from root_worker.frame import (
     BACKENDS,
     Column,
@@ -26,6 +25,7 @@ from root_worker.frame import (
     peek_metadata,
     trim,
 )
+from root_worker.frame import backends as frame_copy
 from root_worker.frame.format import PREAMBLE, PREAMBLE_SIZE
 
 RNG = np.random.default_rng(7)

@@ -15,10 +15,10 @@ from daemon_helpers import replace_bundle, wait_for, write_bundle
 from root_helpers import LeafThread, Workload, raw_post
 
 from flatbuffers_schema.keys import Allowlist
-from root_worker.testing.client import Client
 from root_worker.frame import Ragged, Trimmer, decode, encode
-from root_worker.leaf.server import main as leaf_main
 from root_worker.leaf.model import LeafModel, ModelStore, feature_weight
+from root_worker.leaf.server import main as leaf_main
+from root_worker.testing.client import Client
 from root_worker.testing.workload import FeatureSpec, make_columns, make_frame
 
 ROOT = Path(__file__).resolve().parent.parent

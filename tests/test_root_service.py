@@ -30,8 +30,8 @@ from root_helpers import (
 )
 
 from flatbuffers_schema.keys import Allowlist
-from root_worker.testing.client import Client, metric_samples, metric_value
 from root_worker.frame import Trimmer, decode, encode
+from root_worker.testing.client import Client, metric_samples, metric_value
 from root_worker.testing.workload import make_columns, make_frame
 
 MODELS = ("ads_ctr", "ads_cvr", "homefeed_rank")

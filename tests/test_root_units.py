@@ -19,16 +19,16 @@ from typing import Any
 import pytest
 from root_helpers import LeafThread, MapPublisher, Workload, reference_scores, trimmed_size
 
-from root_worker.testing.client import metric_value
-from root_worker.service.fanout import Fanout, LeafError, LeafPool
+from root_worker.featuremap.live_map import LiveMap
 from root_worker.frame import Trimmer
 from root_worker.leaf.model import ModelStore
-from root_worker.featuremap.live_map import LiveMap
+from root_worker.service.fanout import Fanout, LeafError, LeafPool
 from root_worker.service.metrics import RootMetrics
 from root_worker.service.routing import Endpoint, Routing, RoutingError
 from root_worker.service.score import BadRequest, Scorer
 from root_worker.service.settings import SETTINGS, SettingsError, load_settings, markdown_table
 from root_worker.service.targets import BadTargets, Target, parse_targets
+from root_worker.testing.client import metric_value
 from root_worker.testing.workload import make_frame
 
 ROOT = Path(__file__).resolve().parent.parent

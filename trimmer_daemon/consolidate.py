@@ -5,8 +5,8 @@ Runs in the daemon (the single writer). Each bundle is indexed once when its fil
 merges arrays, so a reload of one bundle costs O(that bundle) + a cheap merge of the others.
 
 Rules (SPEC §4):
-- a model's versions are kept in natural order (:func:`trimmer_daemon.bundle.parse.version_sort_key`);
-  the last one is "latest";
+- a model's versions are kept in natural order
+  (:func:`trimmer_daemon.bundle.parse.version_sort_key`); the last one is "latest";
 - the same model+version defined by several bundles with *different* inputs gets the union of
   the allowlists (never under-send) and a conflict report naming the bundles;
 - two different feature names with the same 64-bit key are reported as a key collision (both

@@ -21,8 +21,8 @@ Example::
 
 from __future__ import annotations
 
-from root_worker.frame.codec import Column, Frame, Ragged, decode, encode, peek_metadata
 from root_worker.frame.backends import BACKENDS
+from root_worker.frame.codec import Column, Frame, Ragged, decode, encode, peek_metadata
 from root_worker.frame.format import DTYPE_BY_CODE, FrameError
 from root_worker.frame.trim import Trimmer, TrimResult, trim
 

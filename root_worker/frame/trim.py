@@ -42,7 +42,6 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from flatbuffers_schema.keys import Allowlist
-from root_worker.frame.codec import as_bytes_view
 from root_worker.frame.backends import (
     BACKENDS,
     UniformRows,
@@ -54,6 +53,7 @@ from root_worker.frame.backends import (
     uniform_rows,
     write_frame_c,
 )
+from root_worker.frame.codec import as_bytes_view
 from root_worker.frame.format import (
     BLOCK_ALIGN,
     MAGIC,

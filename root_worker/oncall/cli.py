@@ -19,11 +19,11 @@ from typing import Any, NoReturn
 import posix_ipc
 
 from flatbuffers_schema.shm_layout import validate_prefix
+from root_worker.featuremap.map_reader import FeatureMapView, MapError
 from root_worker.oncall import format as fmt
 from root_worker.oncall import render as render
 from root_worker.oncall.diff import IN_SYNC, diff_bundles
 from root_worker.oncall.state import Level, MapState, Thresholds, evaluate, read_state
-from root_worker.featuremap.map_reader import FeatureMapView, MapError
 from trimmer_daemon.bundle.parse import DEFAULT_LIMITS, Limits
 from trimmer_daemon.config import ConfigError, load_config
 

@@ -11,10 +11,10 @@ import json
 import sys
 from typing import Any
 
+from root_worker.featuremap.map_reader import FeatureMapView
 from root_worker.oncall import format as fmt
 from root_worker.oncall.diff import BundleDiff, describe_change
 from root_worker.oncall.state import Level, MapState
-from root_worker.featuremap.map_reader import FeatureMapView
 
 
 def envelope(state: MapState) -> dict[str, Any]:

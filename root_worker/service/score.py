@@ -30,10 +30,10 @@ from urllib.parse import urlencode
 
 import lz4.frame
 
-from root_worker.service.fanout import Fanout, LeafError, LeafPool, post_to_replicas
+from root_worker.featuremap.live_map import LiveMap
 from root_worker.frame import FrameError, Trimmer, peek_metadata
 from root_worker.leaf.server import TRIMMED_FOR_HEADER
-from root_worker.featuremap.live_map import LiveMap
+from root_worker.service.fanout import Fanout, LeafError, LeafPool, post_to_replicas
 from root_worker.service.metrics import ModelMetrics, RootMetrics
 from root_worker.service.routing import Routing
 from root_worker.service.settings import Settings

@@ -484,8 +484,9 @@ Ctrl-C stops everything and removes the shm segments.""", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m root_worker.testing.demo", description=__doc__.split(
-        "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m root_worker.testing.demo",
+                                description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", nargs="?", choices=("demo", "run"), default="demo",
                    help="demo: traffic, hot swap, table, checks (default); run: keep the "
                         "stack up until Ctrl-C")

@@ -46,8 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from root_worker.testing.client import Client, metric_samples
 from root_worker.featuremap.shm_reader import ShmReader
+from root_worker.testing.client import Client, metric_samples
 
 T = TypeVar("T")
 SHM_DIR = Path("/dev/shm")

@@ -12,13 +12,6 @@ import json
 import sys
 from collections.abc import Sequence
 
-from trimmer_daemon.bundle.parse import (
-    DEFAULT_LIMITS,
-    BundleError,
-    Limits,
-    ParsedBundle,
-    load_bundle_file,
-)
 from trimmer_daemon.bundle.build import (
     ARCHIVE_SUFFIX,
     SIGNATURE_FILE,
@@ -26,6 +19,13 @@ from trimmer_daemon.bundle.build import (
     Source,
     build_bundle,
     write_atomic,
+)
+from trimmer_daemon.bundle.parse import (
+    DEFAULT_LIMITS,
+    BundleError,
+    Limits,
+    ParsedBundle,
+    load_bundle_file,
 )
 
 __all__ = ["EXIT_ERROR", "EXIT_OK", "EXIT_USAGE", "main"]
