@@ -59,6 +59,7 @@ stronger error detector.
 from __future__ import annotations
 
 import mmap
+import os
 import re
 import struct
 import zlib
@@ -92,6 +93,12 @@ SLOT_SIZE = 64
 OFF_SLOTS = 64
 SLOT_COUNT = 2
 _SLOT_BODY_SIZE = SLOT_SIZE - 4  # everything before slot_crc
+
+DEFAULT_SHM_NAME = "feature_trimmer"
+"""The prefix daemon, root workers and ``trimmer-inspect`` use unless told otherwise."""
+
+SHM_DIR = "/dev/shm"
+"""Where Linux exposes POSIX shared memory as files (glibc's ``shm_open`` directory)."""
 
 PREFIX_MAX_LEN = 200
 """NAME_MAX is 255; leaves room for ``.g`` + a 20-digit generation."""
@@ -213,3 +220,11 @@ def decode_heartbeat(raw: bytes) -> Heartbeat | None:
     if crc != zlib.crc32(raw[: _HEARTBEAT_BODY.size]) or heartbeat_ns == 0:
         return None
     return Heartbeat(heartbeat_ns, pid)
+
+
+def segment_files(prefix: str, shm_dir: str = SHM_DIR) -> list[str]:
+    """File names in ``shm_dir`` that belong to ``prefix`` (``<prefix>.ctl``, ``.g<N>``)."""
+    try:
+        return sorted(n for n in os.listdir(shm_dir) if n.startswith(prefix + "."))
+    except FileNotFoundError:
+        return []

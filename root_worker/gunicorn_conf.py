@@ -27,6 +27,7 @@ import os
 import shutil
 from typing import Any
 
+from flatbuffers_schema.atomic_file import write_atomic
 from root_worker.service.settings import load_settings as _load_settings
 
 _settings = _load_settings()
@@ -71,10 +72,7 @@ def on_starting(server: Any) -> None:
 def when_ready(server: Any) -> None:
     doc = {"pid": os.getpid(), "addresses": [str(lnr) for lnr in server.LISTENERS]}
     path = _settings.address_file
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(doc, f)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(doc), durable=False)
 
 
 def post_worker_init(worker: Any) -> None:

@@ -8,11 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-SHM_DIR = "/dev/shm"
-
-
-def shm_leftovers(prefix: str) -> list[str]:
-    return sorted(n for n in os.listdir(SHM_DIR) if n.startswith(prefix + "."))
+from flatbuffers_schema.shm_layout import SHM_DIR
+from flatbuffers_schema.shm_layout import segment_files as shm_leftovers
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from flatbuffers_schema.atomic_file import write_atomic
 from root_worker.featuremap.live_map import LiveMap
 from root_worker.featuremap.map_reader import FeatureMapView
 from root_worker.testing import stack
@@ -38,9 +39,7 @@ def write_bundle(path: Path, doc: dict) -> None:
 def replace_bundle(path: Path, doc: dict) -> None:
     """Write a temp file beside ``path`` and rename it over ``path`` (mv / rsync style)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(doc))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(doc), durable=False)
 
 
 def model_doc(model: str, version: str, features: list[str]) -> dict:

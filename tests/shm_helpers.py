@@ -30,10 +30,10 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:  # when run as a script from a child process
     sys.path.insert(0, _ROOT)
 
+from flatbuffers_schema import shm_layout as L  # noqa: E402
 from root_worker.featuremap.shm_reader import ShmReader  # noqa: E402
 from trimmer_daemon.publisher import Publisher, PublishError  # noqa: E402
 
-SHM_DIR = "/dev/shm"
 T = TypeVar("T")
 _BLOB_HEADER = struct.Struct("<QQ")  # generation, size
 
@@ -73,9 +73,7 @@ def check_blob(buffer: memoryview | bytes, generation: int, max_size: int) -> st
     return None
 
 
-def shm_names(prefix: str) -> list[str]:
-    """Files in /dev/shm belonging to ``prefix``."""
-    return sorted(n for n in os.listdir(SHM_DIR) if n.startswith(prefix + "."))
+shm_names = L.segment_files
 
 
 # -- driving child processes from the tests ---------------------------------------------

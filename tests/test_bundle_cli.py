@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from flatbuffers_schema.atomic_file import write_atomic
 from trimmer_daemon.bundle.build import (
     BuildError,
     Source,
     build_bundle,
     read_archive_signature,
-    write_atomic,
 )
 from trimmer_daemon.bundle.cli import EXIT_ERROR, EXIT_OK, EXIT_USAGE, main
 from trimmer_daemon.bundle.parse import load_bundle_file

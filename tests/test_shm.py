@@ -20,6 +20,7 @@ import posix_ipc
 import pytest
 
 from flatbuffers_schema import shm_layout as L
+from flatbuffers_schema.shm_layout import SHM_DIR
 from root_worker.featuremap.shm_reader import ShmReader
 from trimmer_daemon.publisher import Publisher, PublisherError, PublisherLockedError
 
@@ -46,7 +47,7 @@ def publishers() -> Iterator[list[Publisher]]:
 
 
 def _path(name: str) -> str:
-    return os.path.join(H.SHM_DIR, name.lstrip("/"))
+    return os.path.join(SHM_DIR, name.lstrip("/"))
 
 
 def _rw_control(prefix: str) -> mmap.mmap:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import flatbuffers
 import numpy as np
 
+from flatbuffers_schema.feature_map import FILE_IDENTIFIER
 from flatbuffers_schema.fmap import BundleStatus as FbBundle
 from flatbuffers_schema.fmap import FeatureMap as FbMap
 from flatbuffers_schema.fmap import Model as FbModel
@@ -24,7 +25,6 @@ from flatbuffers_schema.fmap.BundleState import BundleState
 from flatbuffers_schema.keys import KEY_DTYPE, name_key
 from trimmer_daemon.consolidate import ConsolidatedMap, KeyCache, VersionEntry
 
-FILE_IDENTIFIER = b"FTMP"
 _U32 = np.dtype("<u4")
 _U16 = np.dtype("<u2")
 

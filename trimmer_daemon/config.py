@@ -26,9 +26,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from flatbuffers_schema.shm_layout import DEFAULT_SHM_NAME
 from trimmer_daemon.bundle.parse import Limits
 
-DEFAULT_SHM_NAME = "feature_trimmer"
 BUNDLE_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 
 

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from flatbuffers_schema.feature_map import STATE_NAMES
 from flatbuffers_schema.fmap.BundleState import BundleState
 from trimmer_daemon.compiler import compile_map
 from trimmer_daemon.config import DaemonConfig
@@ -30,7 +31,7 @@ from trimmer_daemon.consolidate import KeyCache, consolidate
 from trimmer_daemon.metrics import DaemonMetrics
 from trimmer_daemon.publisher import Publisher, PublishError
 from trimmer_daemon.sdnotify import Notifier
-from trimmer_daemon.state import STATE_NAMES, BundleTracker, RefreshResult
+from trimmer_daemon.state import BundleTracker, RefreshResult
 from trimmer_daemon.watcher import BundleWatcher
 
 log = logging.getLogger(__name__)

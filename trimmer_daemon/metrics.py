@@ -29,7 +29,7 @@ import logging
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from trimmer_daemon.state import STATE_NAMES
+from flatbuffers_schema.feature_map import STATE_NAMES
 
 log = logging.getLogger(__name__)
 P = "feature_trimmer_daemon_"

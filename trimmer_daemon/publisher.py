@@ -45,7 +45,6 @@ DEFAULT_MODE = 0o640
 """Owner read-write, group (the worker user's) read-only, others nothing."""
 DEFAULT_GRACE_S = 10.0
 """How long a superseded generation stays linked so a slow worker can still attach it."""
-SHM_DIR = "/dev/shm"
 """Where Linux exposes POSIX shm names as files; used to find leftovers of a crashed run."""
 
 
@@ -117,7 +116,7 @@ class Publisher:
         grace_s: float = DEFAULT_GRACE_S,
         clock: Callable[[], float] = time.time,
         pid: int | None = None,
-        shm_dir: str = SHM_DIR,
+        shm_dir: str = L.SHM_DIR,
     ) -> None:
         """Open the prefix and take its single-instance lock.
 

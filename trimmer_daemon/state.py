@@ -28,8 +28,6 @@ from trimmer_daemon.consolidate import IndexedBundle, KeyCache, index_bundle
 
 log = logging.getLogger(__name__)
 
-STATE_NAMES = {BundleState.NeverLoaded: "never_loaded", BundleState.Ok: "ok",
-               BundleState.Stale: "stale", BundleState.Missing: "missing"}
 
 
 @dataclass(frozen=True)

@@ -35,20 +35,17 @@ from typing import Any
 import flatbuffers
 import numpy as np
 
-from flatbuffers_schema.fmap.BundleState import BundleState
+from flatbuffers_schema.feature_map import FILE_IDENTIFIER, state_name
 from flatbuffers_schema.fmap.FeatureMap import FeatureMap as FbMap
 from flatbuffers_schema.fmap.Model import Model as FbModel
 from flatbuffers_schema.fmap.Version import Version as FbVersion
 from flatbuffers_schema.keys import KEY_DTYPE, Allowlist, name_key
 
-FILE_IDENTIFIER = b"FTMP"
 #: Resolutions memoised per generation; bounded because clients choose the model names.
 MEMO_MAX = 8192
 _MIN_BLOB = 12  # root offset (4) + identifier (4) + at least a vtable offset (4)
 #: What the generated accessors raise on a blob whose offsets point outside it.
 _CORRUPT = (struct.error, IndexError, ValueError, TypeError, OverflowError, UnicodeDecodeError)
-_STATE_NAMES = {v: k.lower() if k != "NeverLoaded" else "never_loaded"
-                for k, v in vars(BundleState).items() if not k.startswith("_")}
 
 
 class MapError(ValueError):
@@ -185,7 +182,7 @@ class FeatureMapView:
             b = self._root.Bundles(i)
             out.append({
                 "name": _text(b.Name()), "path": _text(b.Path()),
-                "state": _STATE_NAMES.get(b.State(), f"unknown({b.State()})"),
+                "state": state_name(b.State()),
                 "sha256": _text(b.Sha256()), "loaded_at_ns": b.LoadedAtNs(),
                 "checked_at_ns": b.CheckedAtNs(), "error": _text(b.Error()),
                 "current_sha256": _text(b.CurrentSha256()),

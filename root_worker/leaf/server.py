@@ -44,6 +44,14 @@ from urllib.parse import parse_qs, urlsplit
 
 import lz4.frame
 
+from flatbuffers_schema.atomic_file import write_atomic
+from flatbuffers_schema.wire import (
+    ENCODING_HEADER,
+    ENCODING_IDENTITY,
+    ENCODING_LZ4,
+    STATUS_SKEW,
+    TRIMMED_FOR_HEADER,
+)
 from root_worker.frame import FrameError, decode
 from root_worker.leaf.model import ModelStore
 from trimmer_daemon.bundle.parse import BundleError
@@ -51,7 +59,6 @@ from trimmer_daemon.bundle.parse import BundleError
 log = logging.getLogger("trimmer_leaf")
 DEFAULT_MAX_BODY = 256 << 20
 #: The root marks a trimmed frame with the version whose allowlist it applied.
-TRIMMED_FOR_HEADER = "X-FT-Trimmed-For"
 EXIT_OK, EXIT_USAGE = 0, 2
 _DATE: tuple[int, str] = (0, "")  # (second, its HTTP Date header value), for all threads
 
@@ -211,7 +218,7 @@ class LeafHandler(BaseHTTPRequestHandler):
         scores, missing = lm.score(frame)
         trimmed_for = self.headers.get(TRIMMED_FOR_HEADER)
         if trimmed_for is not None and trimmed_for != lm.version and missing:
-            raise LeafError(409, f"frame trimmed for version {trimmed_for!r} of {model!r}, "
+            raise LeafError(STATUS_SKEW, f"frame trimmed for version {trimmed_for!r} of {model!r}, "
                                  f"this leaf serves version {lm.version!r} and lacks "
                                  f"{len(missing)} of its features (e.g. {missing[0]!r})")
         doc = {"model": model, "version": lm.version, "requested_version": version,
@@ -221,10 +228,10 @@ class LeafHandler(BaseHTTPRequestHandler):
         return doc, len(frame_bytes), len(frame.columns)
 
     def _decompress(self, body: bytes) -> bytes:
-        encoding = (self.headers.get("Content-Encoding") or "identity").strip().lower()
-        if encoding == "identity":
+        encoding = (self.headers.get(ENCODING_HEADER) or ENCODING_IDENTITY).strip().lower()
+        if encoding == ENCODING_IDENTITY:
             return body
-        if encoding != "lz4":
+        if encoding != ENCODING_LZ4:
             raise LeafError(415, f"unsupported Content-Encoding {encoding!r}")
         try:
             dec = lz4.frame.LZ4FrameDecompressor()
@@ -271,9 +278,7 @@ def _signatures(specs: list[str]) -> list[tuple[str, str, str]]:
 
 
 def _write_port(path: Path, port: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(f"{port}\n")
-    os.replace(tmp, path)
+    write_atomic(path, f"{port}\n", durable=False)
 
 
 def main(argv: list[str] | None = None) -> int:

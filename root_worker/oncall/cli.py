@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 import posix_ipc
 
-from flatbuffers_schema.shm_layout import validate_prefix
+from flatbuffers_schema.shm_layout import DEFAULT_SHM_NAME, validate_prefix
 from root_worker.featuremap.map_reader import FeatureMapView, MapError
 from root_worker.oncall import format as fmt
 from root_worker.oncall import render as render
@@ -35,7 +35,6 @@ EXIT_CRITICAL = 2
 EXIT_UNKNOWN = 3  # bad command line or configuration: the check itself could not run
 
 PROG = "trimmer-inspect"
-DEFAULT_SHM_NAME = "feature_trimmer"
 SHM_ENV = "FT_SHM_NAME"
 
 _EPILOG = """\

@@ -20,11 +20,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from flatbuffers_schema.shm_layout import SHM_DIR
 from root_worker.featuremap.map_reader import FeatureMapView, MapError
 from root_worker.featuremap.shm_reader import ControlInfo, ShmReader, Snapshot
 
-SHM_DIR = "/dev/shm"
-"""Where Linux exposes POSIX shm names as files (only ``stat``-ed here, never opened)."""
 PROC_LOCKS = "/proc/locks"
 
 

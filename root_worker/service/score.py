@@ -30,9 +30,16 @@ from urllib.parse import urlencode
 
 import lz4.frame
 
+from flatbuffers_schema.wire import (
+    ENCODING_HEADER,
+    ENCODING_LZ4,
+    FRAME_CONTENT_TYPE,
+    REQUEST_ID_HEADER,
+    STATUS_SKEW,
+    TRIMMED_FOR_HEADER,
+)
 from root_worker.featuremap.live_map import LiveMap
 from root_worker.frame import FrameError, Trimmer, peek_metadata
-from root_worker.leaf.server import TRIMMED_FOR_HEADER
 from root_worker.service.fanout import Fanout, LeafError, LeafPool, post_to_replicas
 from root_worker.service.metrics import ModelMetrics, RootMetrics
 from root_worker.service.routing import Routing
@@ -40,7 +47,6 @@ from root_worker.service.settings import Settings
 from root_worker.service.targets import BadTargets, Target, parse_targets
 
 log = logging.getLogger(__name__)
-FRAME_CONTENT_TYPE = "application/x-ft-frame"
 DEADLINE_SLACK_S = 0.05  # let socket timeouts fire first: their errors are more precise
 OUTCOME_OFF = "off"
 _SAFE_ID = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, no spaces or controls
@@ -105,7 +111,7 @@ class Scorer:
         deadline = time.monotonic() + self.settings.leaf_timeout
         headers = {"Content-Type": FRAME_CONTENT_TYPE}
         if request_id is not None and _SAFE_ID.fullmatch(str(request_id)):
-            headers["X-Request-Id"] = str(request_id)  # only a header-safe id is forwarded
+            headers[REQUEST_ID_HEADER] = str(request_id)  # only a header-safe id is forwarded
         jobs: list[Callable[[], dict[str, Any]]] = [
             _bind(self._send, p, headers, deadline) for p in prepared]
         results = self.fanout.run(jobs, self.settings.leaf_timeout + DEADLINE_SLACK_S)
@@ -172,7 +178,7 @@ class Scorer:
             return self._post(p, p.payload, {**headers, TRIMMED_FOR_HEADER: p.version},
                               deadline)
         except LeafError as exc:
-            if exc.status != 409:
+            if exc.status != STATUS_SKEW:
                 raise
         # The leaf serves another version than the root trimmed for (a rollout skew) and
         # the trimmed frame lacks features it needs: trimming costs bandwidth, never scores.
@@ -186,7 +192,7 @@ class Scorer:
               deadline: float) -> dict[str, Any]:
         if self.settings.lz4:
             body = lz4.frame.compress(body)
-            headers = {**headers, "Content-Encoding": "lz4"}
+            headers = {**headers, ENCODING_HEADER: ENCODING_LZ4}
         query = {"model": p.target.model}
         if p.version is not None:
             query["version"] = p.version

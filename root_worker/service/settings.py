@@ -16,7 +16,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-DEFAULT_SHM_NAME = "feature_trimmer"  # trimmer-daemon's --shm-name default
+from flatbuffers_schema.shm_layout import DEFAULT_SHM_NAME
+
 MODES = ("trim", "shadow", "off")
 
 

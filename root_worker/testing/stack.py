@@ -46,11 +46,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from flatbuffers_schema.atomic_file import write_atomic
+from flatbuffers_schema.shm_layout import SHM_DIR, segment_files
 from root_worker.featuremap.shm_reader import ShmReader
 from root_worker.testing.client import Client, metric_samples
 
 T = TypeVar("T")
-SHM_DIR = Path("/dev/shm")
 STOP_TIMEOUT = 10.0
 """Seconds a process gets to exit after SIGTERM before its process group is SIGKILLed."""
 START_TIMEOUT = 30.0
@@ -286,20 +287,13 @@ class Pool(Proc):
                 if n == GENERATION_METRIC}
 
 
-def shm_segments(prefix: str) -> list[str]:
-    """Names in /dev/shm that belong to ``prefix`` (``<prefix>.ctl``, ``<prefix>.g<N>``)."""
-    try:
-        return sorted(n for n in os.listdir(SHM_DIR) if n.startswith(prefix + "."))
-    except FileNotFoundError:
-        return []
+shm_segments = segment_files  # the demo and tests list what a stack left in /dev/shm
 
 
 def copy_bundle_atomically(src: Path, dst: Path) -> None:
     """Replace ``dst`` with ``src``'s content the way a deploy tool does: write a temp file
     beside it, then rename it over the old one."""
-    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
-    tmp.write_bytes(src.read_bytes())
-    os.replace(tmp, dst)
+    write_atomic(dst, src.read_bytes(), durable=False)
 
 
 @dataclass
@@ -408,7 +402,7 @@ class Stack:
             Publisher(self.prefix).cleanup()
             for name in shm_segments(self.prefix):  # anything the owner did not know about
                 with contextlib.suppress(FileNotFoundError):
-                    (SHM_DIR / name).unlink()
+                    os.unlink(os.path.join(SHM_DIR, name))
         report.remaining_segments = shm_segments(self.prefix)
         if not self.keep_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)

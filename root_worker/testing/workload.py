@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from flatbuffers_schema.atomic_file import write_atomic
 from root_worker.frame import Column, Ragged, encode
 
 KINDS = (  # kind, dtype, per-candidate shape, ragged, share of the universe
@@ -180,9 +181,7 @@ def bundle_doc(models: Mapping[str, Mapping[str, Sequence[str]]]) -> dict[str, A
 
 def write_json(path: Path, doc: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(doc, indent=1) + "\n", durable=False)
 
 
 def write_examples(out: Path, n_features: int = 2000) -> dict[str, Path]:

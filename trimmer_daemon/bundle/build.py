@@ -36,13 +36,10 @@ directory).
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import os
 import re
-import stat
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable
@@ -69,13 +66,11 @@ __all__ = [
     "build_bundle",
     "collect_source",
     "read_archive_signature",
-    "write_atomic",
 ]
 
 SIGNATURE_FILE = "module_info.json"
 ARCHIVE_SUFFIX = ".pt"
 _ARCHIVE_SIGNATURE = re.compile(r"[^/]+/extra/module_info\.json\Z")
-_DEFAULT_MODE = 0o644  # a new bundle file is read by the daemon, possibly as another user
 # What a damaged or unsupported zip can raise from zipfile (beyond OSError).
 _ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, RuntimeError,
                NotImplementedError, ValueError, zlib.error)
@@ -331,37 +326,3 @@ def build_bundle(sources: Iterable[Source], *, limits: Limits = DEFAULT_LIMITS,
     return BuildResult(data=data, models=len(models), versions=len(versions),
                        pending_versions=sum(fv.pending for fv in versions),
                        warnings=tuple(warnings))
-
-
-def write_atomic(path: str | os.PathLike[str], data: bytes, *, mode: int | None = None) -> None:
-    """Replace ``path`` with ``data`` atomically: readers see the old or the new file, whole.
-
-    Writes a temp file in the same directory (``.<name>.*.tmp``), fsyncs it, renames it over
-    ``path`` and fsyncs the directory. The temp file is removed on any failure. ``mode``
-    defaults to the mode of the file being replaced, else 0644.
-    """
-    target = os.path.abspath(os.fspath(path))
-    directory, name = os.path.split(target)
-    if mode is None:
-        try:
-            mode = stat.S_IMODE(os.stat(target).st_mode)
-        except FileNotFoundError:
-            mode = _DEFAULT_MODE
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fchmod(fh.fileno(), mode)
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
-

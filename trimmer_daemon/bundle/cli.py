@@ -12,13 +12,13 @@ import json
 import sys
 from collections.abc import Sequence
 
+from flatbuffers_schema.atomic_file import write_atomic
 from trimmer_daemon.bundle.build import (
     ARCHIVE_SUFFIX,
     SIGNATURE_FILE,
     BuildError,
     Source,
     build_bundle,
-    write_atomic,
 )
 from trimmer_daemon.bundle.parse import (
     DEFAULT_LIMITS,
