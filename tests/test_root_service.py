@@ -414,8 +414,8 @@ def test_modes_and_lz4(backend: Backend, mode: str, lz4: str) -> None:
                 assert decoded == len(frame) == r["bytes_sent"]
             else:
                 assert decoded == trimmed and r["bytes_sent"] < trimmed
-            assert metric_value(text, M + "bytes_sent_total", model=m) == r["bytes_sent"]
-            assert metric_value(text, M + "bytes_trimmed_total", model=m) == r["bytes_trimmed"]
+            assert metric_value(text, M + "sent_bytes_total", model=m) == r["bytes_sent"]
+            assert metric_value(text, M + "trimmed_bytes_total", model=m) == r["bytes_trimmed"]
             assert metric_value(text, M + "targets_total", model=m,
                                 outcome=r["outcome"]) == 1
         assert metric_value(text, M + "info", mode=mode, lz4=lz4) == 2

@@ -14,10 +14,10 @@ metric                                              type     meaning
 ==================================================  =======  =================================
 feature_trimmer_root_targets_total{model,outcome}   counter  targets by SPEC §4 outcome
                                                              (``off`` in mode off)
-feature_trimmer_root_bytes_untrimmed_total{model}   counter  frame bytes before trimming
-feature_trimmer_root_bytes_trimmed_total{model}     counter  frame bytes after trimming (in
+feature_trimmer_root_untrimmed_bytes_total{model}   counter  frame bytes before trimming
+feature_trimmer_root_trimmed_bytes_total{model}     counter  frame bytes after trimming (in
                                                              shadow mode: what would be sent)
-feature_trimmer_root_bytes_sent_total{model}        counter  body bytes sent to leaves (after
+feature_trimmer_root_sent_bytes_total{model}        counter  body bytes sent to leaves (after
                                                              lz4 when on)
 feature_trimmer_root_missing_required_total{model}  counter  allowlisted features absent from
                                                              the frame
@@ -102,12 +102,12 @@ class RootMetrics:
         by_model = ["model"]
         self.targets = Counter(P + "targets", "Targets by lookup outcome",
                                ["model", "outcome"], registry=r)
-        self.bytes_untrimmed = Counter(P + "bytes_untrimmed", "Frame bytes before trimming",
+        self.bytes_untrimmed = Counter(P + "untrimmed_bytes", "Frame bytes before trimming",
                                        by_model, registry=r)
-        self.bytes_trimmed = Counter(P + "bytes_trimmed",
+        self.bytes_trimmed = Counter(P + "trimmed_bytes",
                                      "Frame bytes after trimming (shadow: would-be)",
                                      by_model, registry=r)
-        self.bytes_sent = Counter(P + "bytes_sent", "Body bytes sent to leaves", by_model,
+        self.bytes_sent = Counter(P + "sent_bytes", "Body bytes sent to leaves", by_model,
                                   registry=r)
         self.missing = Counter(P + "missing_required",
                                "Allowlisted features absent from the frame", by_model,

@@ -208,7 +208,7 @@ def per_model_from_metrics(text: str) -> dict[str, dict[str, Any]]:
         if name == M + "targets_total":
             out[model]["outcomes"][lbl["outcome"]] += int(value)
         for key in ("untrimmed", "trimmed", "sent"):
-            if name == f"{M}bytes_{key}_total":
+            if name == f"{M}{key}_bytes_total":
                 out[model][key] += int(value)
     return dict(out)
 
