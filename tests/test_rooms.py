@@ -127,3 +127,14 @@ def test_every_package_says_which_process_runs_it() -> None:
     for init in inits:
         doc = ast.get_docstring(ast.parse(init.read_text())) or ""
         assert "Runs in" in doc and "May import" in doc, f"{init.relative_to(ROOT)}: {doc[:80]!r}"
+
+
+def test_packaging_habits() -> None:
+    cfg = (ROOT / "setup.cfg").read_text()
+    assert "license = Apache-2.0" in cfg
+    text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    for pkg in ("flatbuffers_schema", "root_worker", "trimmer_daemon"):
+        assert (ROOT / pkg / "py.typed").exists(), pkg
+    assert "ruff==" in cfg and "mypy==" in cfg, "lint tools are pinned in the lint extra"
+    assert "make lint" in (ROOT / ".ci" / "run").read_text()
