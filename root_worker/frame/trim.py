@@ -47,6 +47,7 @@ from numpy.typing import NDArray
 from flatbuffers_schema.keys import Allowlist
 from root_worker.frame.backends import (
     BACKENDS,
+    MEMO_HEAD_SIZE,
     UniformRows,
     copy_runs_loop,
     pack_columns_c,
@@ -185,7 +186,8 @@ class _Plan:
         prefix[PREAMBLE_SIZE:PREAMBLE_SIZE + len(self.out_layout)] = self.out_layout
         self.out_prefix = bytes(prefix)
         self.sizes: LruCache[tuple[int, int], _SizePlan] = LruCache(max_sizes)
-        self.c_entry: tuple[bytes, bytes] | None = None  # (layout, pack_columns blob)
+        # (layout, pack_columns blob, memo), what the C calls read from Trimmer._fast
+        self.c_entry: tuple[bytes, bytes, bytearray] | None = None
 
     def size_plan(self, src: memoryview, pre: Preamble, for_python: bool) -> _SizePlan:
         """Validate this request's block table and build its output header and runs."""
@@ -270,7 +272,7 @@ class Trimmer:
         self._layouts = LayoutCache(max_plans)
         # C backend: _PLAN_KEY bytes -> (layout bytes, pack_columns blob), read by
         # _copyruns.plan_trim / plan_parts, which serve any valid block table in one call.
-        self._fast: LruCache[bytes, tuple[bytes, bytes]] = LruCache(max_plans)
+        self._fast: LruCache[bytes, tuple[bytes, bytes, bytearray]] = LruCache(max_plans)
 
     def trim(self, buf: Buffer, allowlist: Allowlist, out: Buffer | None = None,
              check_ragged: bool = False) -> TrimResult:
@@ -413,7 +415,8 @@ class Trimmer:
             blob = pack_columns_c(plan.n_columns, plan.layout_len, plan.layout.elem_size,
                                   plan.layout.ragged.astype(np.uint8),
                                   plan.kept.astype(np.int64), plan.out_prefix, plan.n_missing)
-            entry = plan.c_entry = (plan.layout_raw, blob)
+            memo = bytearray(MEMO_HEAD_SIZE + TABLE_ENTRY_SIZE * plan.n_columns)
+            entry = plan.c_entry = (plan.layout_raw, blob, memo)
         if self._fast.get(key) is not entry:
             self._fast.put(key, entry)
 
