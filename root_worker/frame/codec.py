@@ -27,6 +27,7 @@ from root_worker.frame.format import (
     MAX_ELEM_BYTES,
     MAX_NAME_BYTES,
     MAX_NDIM,
+    OFFSETS_DTYPE,
     PREAMBLE,
     PREAMBLE_SIZE,
     RECORD_DTYPE,
@@ -39,13 +40,17 @@ from root_worker.frame.format import (
     LayoutCache,
     align,
     check_table,
+    explain_ragged,
     layout_hint,
     ragged_head,
     read_preamble,
 )
 
-OFFSETS_DTYPE = np.dtype("<i8")
 _LAYOUTS = LayoutCache()
+
+#: What the codec and the trimmer accept as a frame or an output buffer: any C-contiguous
+#: object with the buffer protocol (the usual ones are named for the type checker).
+Buffer = bytes | bytearray | memoryview | np.ndarray
 
 
 class Ragged:
@@ -250,7 +255,7 @@ def encode(columns: Mapping[str, Column], metadata: Mapping[str, Any] | None = N
 
 
 # --- decode -------------------------------------------------------------------------------
-def as_bytes_view(buf: Any) -> memoryview:
+def as_bytes_view(buf: Buffer) -> memoryview:
     """A flat unsigned-byte memoryview of any C-contiguous buffer (raises FrameError)."""
     try:
         mv = buf if type(buf) is memoryview else memoryview(buf)
@@ -312,15 +317,5 @@ def _ragged_view(mv: memoryview, layout: Layout, i: int, n_cand: int, o: int,
     dt, shape = layout.dtypes[i], layout.shapes[i]
     n_values = (n - head) // int(layout.elem_size[i])
     offsets = np.ndarray((n_cand + 1,), OFFSETS_DTYPE, mv, o)
-    label = layout.label(i)
-    if offsets[0] != 0:
-        raise FrameError(f"{label}: ragged offsets[0] is {int(offsets[0])}, expected 0")
-    down = offsets[1:] < offsets[:-1]
-    if down.any():
-        k = int(np.argmax(down))
-        raise FrameError(f"{label}: ragged offsets decrease at candidate {k + 1} "
-                         f"({int(offsets[k])} -> {int(offsets[k + 1])})")
-    if offsets[-1] != n_values:
-        raise FrameError(f"{label}: ragged offsets end at {int(offsets[-1])} but the block "
-                         f"holds {n_values} values")
+    explain_ragged(layout.label(i), offsets, n_values)
     return Ragged._trusted(np.ndarray((n_values, *shape), dt, mv, o + head), offsets)
