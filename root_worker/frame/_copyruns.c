@@ -126,6 +126,13 @@ copy_avx2(char *d, const char *s, size_t n)
     __m256i f1 = _mm256_loadu_si256((const __m256i *)(s + 32));
     __m256i l0 = _mm256_loadu_si256((const __m256i *)(s + n - 64));
     __m256i l1 = _mm256_loadu_si256((const __m256i *)(s + n - 32));
+    if (n <= 128) { /* small blocks (a few candidates): four overlapping stores */
+        _mm256_storeu_si256((__m256i *)d, f0);
+        _mm256_storeu_si256((__m256i *)(d + 32), f1);
+        _mm256_storeu_si256((__m256i *)(d + n - 64), l0);
+        _mm256_storeu_si256((__m256i *)(d + n - 32), l1);
+        return;
+    }
     size_t skip = 32 - ((uintptr_t)d & 31);
     char *dd = d + skip, *dend = d + n - 64;
     const char *ss = s + skip;
@@ -141,11 +148,17 @@ copy_avx2(char *d, const char *s, size_t n)
         dd += 128;
         ss += 128;
     }
-    while (dd < dend) {
-        _mm256_store_si256((__m256i *)dd, _mm256_loadu_si256((const __m256i *)ss));
-        dd += 32;
-        ss += 32;
+    /* The rest of the body, [dd, dend), is under 128 bytes: four stores at dd + 32k, each
+     * clamped into [d, d + n - 32] (a duplicate store of the same bytes past the end),
+     * instead of a loop of 0..3 rounds whose exit the branch predictor cannot know when run
+     * lengths vary from request to request. */
+    const size_t last_at = n - 32;
+    for (int k = 0; k < 4; k++) {
+        size_t at = (size_t)(dd - d) + 32 * (size_t)k;
+        at = at < last_at ? at : last_at;
+        _mm256_storeu_si256((__m256i *)(d + at), _mm256_loadu_si256((const __m256i *)(s + at)));
     }
+    (void)ss;
     _mm256_storeu_si256((__m256i *)d, f0);
     _mm256_storeu_si256((__m256i *)(d + 32), f1);
     _mm256_storeu_si256((__m256i *)(d + n - 64), l0);
@@ -673,6 +686,7 @@ preamble_ok(const char *s, Py_ssize_t n)
 typedef struct {
     PyObject *entry; /* the cache entry (a new reference), kept alive for the call */
     const char *blob, *s, *table;
+    const char *memo; /* the plan's memo, when it holds this request's header and runs */
     const plan_head *h;
     Py_ssize_t n;
     uint64_t n_cand, meta_off, meta_len, out_meta;
@@ -866,29 +880,42 @@ ragged_bad(const request *rq, const col_desc *cols, const uint32_t *kept)
     return 0;
 }
 
-/* A plan's memo (a bytearray the Python side allocates, MEMO_HEAD_SIZE + 16 * n_columns
- * bytes): the last block table that passed check_blocks for it, with its n_candidates,
- * meta_offset and output metadata offset.  A request whose table is byte for byte that one
- * (dense frames with a repeated candidate count: every request) skips the per-column
- * checks for one compare, which exits at the first differing chunk (so a new table costs
- * little more than its check and the memo's update).  Read and written with the GIL
- * held. */
+/* A plan's memo (a bytearray of memo_size(blob) bytes the Python side allocates): the last
+ * block table that passed check_blocks for the plan, with its n_candidates, meta_offset,
+ * output metadata offset, output header and coalesced runs -- kept only for plans without
+ * ragged columns, whose tables repeat from request to request (dense frames with a
+ * repeated candidate count: every request).  A request whose table is byte for byte the
+ * memo's skips the per-column checks, the output table and the run computation for one
+ * compare, which exits at the first differing chunk.  Read and written with the GIL held.
+ *
+ *   memo_head | table [16 * n_columns] | header [header_len, 8-aligned] | runs [n_kept][2]
+ */
 typedef struct {
-    uint64_t valid, n_cand, meta_off, out_meta;
+    uint64_t valid, n_cand, meta_off, out_meta, n_runs;
 } memo_head;
 #define MEMO_HEAD_SIZE ((uint64_t)sizeof(memo_head))
 #define MEMO_CHUNK 2048
+#define MEMO_TABLE(m) ((m) + MEMO_HEAD_SIZE)
+#define MEMO_HEADER(m, h) (MEMO_TABLE(m) + FRAME_TABLE_ENTRY_SIZE * (h)->n_columns)
+#define MEMO_RUNS(m, h) ((uint64_t *)(MEMO_HEADER(m, h) + align_up((h)->header_len, 8)))
 
 static uint64_t
-memo_lookup(const char *memo, const char *table, uint64_t n_columns, const request *rq)
+memo_bytes(const plan_head *h)
+{
+    return MEMO_HEAD_SIZE + FRAME_TABLE_ENTRY_SIZE * h->n_columns + align_up(h->header_len, 8)
+           + 16 * h->n_kept;
+}
+
+static uint64_t
+memo_lookup(const char *memo, const char *table, const request *rq)
 {
     memo_head m;
     memcpy(&m, memo, sizeof m);
     if (!m.valid || m.n_cand != rq->n_cand || m.meta_off != rq->meta_off) {
         return 0;
     }
-    const char *want = memo + MEMO_HEAD_SIZE;
-    const size_t len = (size_t)(FRAME_TABLE_ENTRY_SIZE * n_columns);
+    const char *want = MEMO_TABLE(memo);
+    const size_t len = (size_t)(FRAME_TABLE_ENTRY_SIZE * rq->h->n_columns);
     for (size_t at = 0; at < len; at += MEMO_CHUNK) {
         const size_t n = len - at < MEMO_CHUNK ? len - at : MEMO_CHUNK;
         if (bytes_differ(table + at, want + at, n)) {
@@ -898,13 +925,7 @@ memo_lookup(const char *memo, const char *table, uint64_t n_columns, const reque
     return m.out_meta;
 }
 
-static void
-memo_store(char *memo, const char *table, uint64_t n_columns, const request *rq)
-{
-    memo_head m = {1, rq->n_cand, rq->meta_off, rq->out_meta};
-    memcpy(memo + MEMO_HEAD_SIZE, table, (size_t)(FRAME_TABLE_ENTRY_SIZE * n_columns));
-    memcpy(memo, &m, sizeof m);
-}
+static void memo_store(char *memo, const request *rq);
 
 /* The cache key for keybuf, as a bytes object.  The last one is kept and reused while
  * requests repeat it (a bytes object caches its hash, so the dict lookup then hashes
@@ -974,8 +995,7 @@ read_request(PyObject *cache, const Py_buffer *src, PyObject *digest_obj, int ch
     const plan_head *h = (const plan_head *)blob;
     if (h->magic != PLAN_MAGIC
         || (uint64_t)PyBytes_GET_SIZE(PyTuple_GET_ITEM(entry, 1)) != h->blob_len
-        || (uint64_t)PyByteArray_GET_SIZE(memo_obj)
-               != MEMO_HEAD_SIZE + FRAME_TABLE_ENTRY_SIZE * h->n_columns) {
+        || (uint64_t)PyByteArray_GET_SIZE(memo_obj) != memo_bytes(h)) {
         PyErr_SetString(PyExc_TypeError, "trimmer plan cache entry holds no pack_columns blob");
         return -1;
     }
@@ -988,24 +1008,29 @@ read_request(PyObject *cache, const Py_buffer *src, PyObject *digest_obj, int ch
         return 0;
     }
     const char *table = s + h->table_offset;
-    rq->out_meta = memo_lookup(PyByteArray_AS_STRING(memo_obj), table, n_columns, rq);
-    if (rq->out_meta == 0) {
-        rq->out_meta = check_blocks(table, blob, rq->n_cand, table_end, rq->meta_off);
-        if (rq->out_meta == 0) {
-            return 0;
-        }
-        if (h->n_ragged == 0) { /* ragged lengths change the table per request: no memo */
-            memo_store(PyByteArray_AS_STRING(memo_obj), table, n_columns, rq);
-        }
-    }
+    char *memo = PyByteArray_AS_STRING(memo_obj);
     rq->blob = blob;
     rq->h = h;
     rq->s = s;
     rq->n = n;
     rq->table = table;
+    rq->out_meta = memo_lookup(memo, table, rq);
+    if (rq->out_meta != 0) {
+        rq->memo = memo;
+    }
+    else {
+        rq->out_meta = check_blocks(table, blob, rq->n_cand, table_end, rq->meta_off);
+        if (rq->out_meta == 0) {
+            return 0;
+        }
+    }
     if (check_ragged && ragged_bad(rq, (const col_desc *)(blob + h->cols_at),
                                    (const uint32_t *)(blob + h->kept_at))) {
         return 0;
+    }
+    if (rq->memo == NULL && h->n_ragged == 0) { /* ragged lengths change tables: no memo */
+        memo_store(memo, rq);
+        rq->memo = memo;
     }
     Py_INCREF(entry); /* the cache may drop it while the GIL is released */
     rq->entry = entry;
@@ -1117,6 +1142,83 @@ copy_kept(char *d, const request *rq, int backwards)
     }
 }
 
+/* Record this request's (validated) table, header and runs as the plan's memo. */
+static void
+memo_store(char *memo, const request *rq)
+{
+    const plan_head *h = rq->h;
+    const uint32_t *kept = (const uint32_t *)(rq->blob + h->kept_at);
+    char *header = MEMO_HEADER(memo, h);
+    uint64_t *runs = MEMO_RUNS(memo, h);
+    memo_head m = {0, rq->n_cand, rq->meta_off, rq->out_meta, 0};
+    memcpy(memo, &m, sizeof m); /* invalid while it changes */
+    memcpy(MEMO_TABLE(memo), rq->table, (size_t)(FRAME_TABLE_ENTRY_SIZE * h->n_columns));
+    write_header(header, rq);
+    uint64_t so, dof, len;
+    for (uint64_t j = 0; j < h->n_kept; m.n_runs++) {
+        j = run_from(rq, kept, header + h->out_table_offset, j, &so, &dof, &len);
+        runs[2 * m.n_runs] = so;
+        runs[2 * m.n_runs + 1] = len;
+    }
+    m.valid = 1;
+    memcpy(memo, &m, sizeof m);
+}
+
+/* copy_kept from the memo's run list: the runs tile the output from header_len. */
+static void
+copy_memo_runs(char *d, const request *rq, int backwards)
+{
+    const uint64_t *runs = MEMO_RUNS(rq->memo, rq->h);
+    const uint64_t n_runs = ((const memo_head *)rq->memo)->n_runs;
+    if (!backwards) {
+        char *at = d + rq->h->header_len;
+        for (uint64_t i = 0; i < n_runs; i++) {
+            if (i + PREFETCH_AHEAD < n_runs) {
+                for (int k = 0; k < PREFETCH_LINES; k++) {
+                    PREFETCH(rq->s + runs[2 * (i + PREFETCH_AHEAD)] + 64 * k);
+                }
+            }
+            copy_run(at, rq->s + runs[2 * i], (size_t)runs[2 * i + 1]);
+            at += runs[2 * i + 1];
+        }
+        return;
+    }
+    char *end = d + rq->out_meta;
+    for (uint64_t i = n_runs; i-- > 0;) {
+        if (i >= PREFETCH_AHEAD) {
+            for (int k = 0; k < PREFETCH_LINES; k++) {
+                PREFETCH(rq->s + runs[2 * (i - PREFETCH_AHEAD)] + 64 * k);
+            }
+        }
+        end -= runs[2 * i + 1];
+        copy_run(end, rq->s + runs[2 * i], (size_t)runs[2 * i + 1]);
+    }
+}
+
+/* The output header of this request into d: from the memo, or built. */
+static void
+put_header(char *d, const request *rq)
+{
+    if (rq->memo != NULL) { /* same n_candidates and table: only the tail can differ */
+        memcpy(d, MEMO_HEADER(rq->memo, rq->h), (size_t)rq->h->header_len);
+        store_tail(d, rq->out_meta + rq->meta_len, rq->out_meta, rq->meta_len);
+    }
+    else {
+        write_header(d, rq);
+    }
+}
+
+static void
+copy_all_kept(char *d, const request *rq, int backwards)
+{
+    if (rq->memo != NULL) {
+        copy_memo_runs(d, rq, backwards);
+    }
+    else {
+        copy_kept(d, rq, backwards);
+    }
+}
+
 /* Which order the next plan_trim copies in; read and flipped only while holding the GIL. */
 static int copy_backwards = 0;
 
@@ -1124,19 +1226,31 @@ static int copy_backwards = 0;
 static void
 write_trimmed(char *d, const request *rq)
 {
-    write_header(d, rq);
+    put_header(d, rq);
     int backwards = copy_backwards;
     copy_backwards = !backwards;
     if (rq->out_meta - rq->h->header_len >= RELEASE_GIL_MIN_BYTES) {
-        /* src, out and the plan entry are all held: nothing moves or goes away. */
+        /* src, out and the plan entry are all held: nothing moves or goes away (the memo
+         * is only written with the GIL held, in read_request). */
         Py_BEGIN_ALLOW_THREADS
-        copy_kept(d, rq, backwards);
+        copy_all_kept(d, rq, backwards);
         Py_END_ALLOW_THREADS
     }
     else {
-        copy_kept(d, rq, backwards);
+        copy_all_kept(d, rq, backwards);
     }
     memcpy(d + rq->out_meta, rq->s + rq->meta_off, (size_t)rq->meta_len);
+}
+
+static PyObject *
+memo_size(PyObject *self, PyObject *blob)
+{
+    if (!PyBytes_Check(blob) || PyBytes_GET_SIZE(blob) < (Py_ssize_t)sizeof(plan_head)
+        || ((const plan_head *)PyBytes_AS_STRING(blob))->magic != PLAN_MAGIC) {
+        PyErr_SetString(PyExc_TypeError, "memo_size(blob): not a pack_columns blob");
+        return NULL;
+    }
+    return PyLong_FromUnsignedLongLong(memo_bytes((const plan_head *)PyBytes_AS_STRING(blob)));
 }
 
 static int
@@ -1177,7 +1291,10 @@ output_view(PyObject *out_obj, uint64_t len)
         return NULL;
     }
     if ((uint64_t)view->len != len) {
-        Py_SETREF(data, PySequence_GetSlice(data, 0, (Py_ssize_t)len));
+        /* Shorten this new, not yet shared 1-D byte view in place (what slicing it would
+         * set up in a second memoryview; its managed buffer keeps the full export). */
+        view->len = (Py_ssize_t)len;
+        view->shape[0] = (Py_ssize_t)len;
     }
     return data;
 }
@@ -1220,49 +1337,163 @@ done:
     return result;
 }
 
-/* The scatter-gather list: [header bytes, views of src for each run..., metadata view]. */
+/* ---- scatter-gather parts ---------------------------------------------------------------- */
+
+/* Pin: one export of a plan_parts source buffer, shared by that result's spans (so the
+ * source cannot be resized or freed while any span lives). */
+typedef struct {
+    PyObject_HEAD
+    Py_buffer view;
+} Pin;
+
+static void
+pin_dealloc(Pin *self)
+{
+    PyBuffer_Release(&self->view);
+    PyObject_Free(self);
+}
+
+static PyTypeObject PinType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "root_worker.frame._copyruns.Pin",
+    .tp_basicsize = sizeof(Pin),
+    .tp_dealloc = (destructor)pin_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "An export of a trim_parts source buffer, held by its spans.",
+};
+
+/* Span: a read-only bytes-like view of len bytes of a pinned source (buffer protocol and
+ * len()); a tenth of the cost of a memoryview slice, which needs a slice object, two ints
+ * and a managed buffer per part. */
+typedef struct {
+    PyObject_HEAD
+    Pin *pin;
+    const char *buf;
+    Py_ssize_t len;
+} Span;
+
+static void
+span_dealloc(Span *self)
+{
+    Py_DECREF(self->pin);
+    PyObject_Free(self);
+}
+
+static int
+span_getbuffer(Span *self, Py_buffer *view, int flags)
+{
+    return PyBuffer_FillInfo(view, (PyObject *)self, (void *)self->buf, self->len, 1, flags);
+}
+
+static Py_ssize_t
+span_length(Span *self)
+{
+    return self->len;
+}
+
+static PyObject *
+span_repr(Span *self)
+{
+    return PyUnicode_FromFormat("<Span of %zd bytes at offset %zd>", self->len,
+                                (Py_ssize_t)(self->buf - (const char *)self->pin->view.buf));
+}
+
+static PyBufferProcs span_as_buffer = {(getbufferproc)span_getbuffer, NULL};
+static PySequenceMethods span_as_sequence = {.sq_length = (lenfunc)span_length};
+
+static PyTypeObject SpanType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "root_worker.frame._copyruns.Span",
+    .tp_basicsize = sizeof(Span),
+    .tp_dealloc = (destructor)span_dealloc,
+    .tp_repr = (reprfunc)span_repr,
+    .tp_as_sequence = &span_as_sequence,
+    .tp_as_buffer = &span_as_buffer,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A read-only bytes-like part of a trimmed frame: a range of the input buffer, "
+              "valid (and keeping the input exported) while it lives.",
+};
+
+static PyObject *
+new_span(Pin *pin, uint64_t offset, uint64_t len)
+{
+    Span *span = PyObject_New(Span, &SpanType);
+    if (span != NULL) {
+        Py_INCREF(pin);
+        span->pin = pin;
+        span->buf = (const char *)pin->view.buf + offset;
+        span->len = (Py_ssize_t)len;
+    }
+    return (PyObject *)span;
+}
+
+/* The scatter-gather list: [header bytes, a span of src per run..., the metadata span]. */
 static PyObject *
 gather_list(PyObject *src_obj, const request *rq, uint64_t n_runs)
 {
     const plan_head *h = rq->h;
-    PyObject *base = NULL, *header = NULL;
+    PyObject *header = NULL;
+    Pin *pin = NULL;
     PyObject *parts = PyList_New((Py_ssize_t)(n_runs + 2));
     if (parts == NULL || (header = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)h->header_len))
-        == NULL || (base = PyMemoryView_FromObject(src_obj)) == NULL) {
+        == NULL || (pin = PyObject_New(Pin, &PinType)) == NULL) {
+        goto fail;
+    }
+    if (PyObject_GetBuffer(src_obj, &pin->view, PyBUF_SIMPLE) < 0) {
+        PyObject_Free(pin); /* not initialised: no buffer to release */
+        pin = NULL;
+        goto fail;
+    }
+    if (pin->view.buf != rq->s || pin->view.len != rq->n) {
+        PyErr_SetString(PyExc_BufferError, "plan_parts: the source moved during the call");
         goto fail;
     }
     char *hd = PyBytes_AS_STRING(header);
-    write_header(hd, rq);
+    put_header(hd, rq);
     PyList_SET_ITEM(parts, 0, header);
     header = NULL;
-    const uint32_t *kept = (const uint32_t *)(rq->blob + h->kept_at);
-    const char *ot = hd + h->out_table_offset;
-    uint64_t so, dof, len, i = 1;
-    for (uint64_t j = 0; j < h->n_kept; i++) {
-        j = run_from(rq, kept, ot, j, &so, &dof, &len);
-        PyObject *view = PySequence_GetSlice(base, (Py_ssize_t)so, (Py_ssize_t)(so + len));
-        if (view == NULL) {
-            goto fail;
+    uint64_t i = 1;
+    if (rq->memo != NULL) {
+        const uint64_t *runs = MEMO_RUNS(rq->memo, h);
+        for (; i <= n_runs; i++) {
+            PyObject *span = new_span(pin, runs[2 * (i - 1)], runs[2 * (i - 1) + 1]);
+            if (span == NULL) {
+                goto fail;
+            }
+            PyList_SET_ITEM(parts, (Py_ssize_t)i, span);
         }
-        PyList_SET_ITEM(parts, (Py_ssize_t)i, view);
     }
-    PyObject *meta = PySequence_GetSlice(base, (Py_ssize_t)rq->meta_off, rq->n);
+    else {
+        const uint32_t *kept = (const uint32_t *)(rq->blob + h->kept_at);
+        const char *ot = hd + h->out_table_offset;
+        uint64_t so, dof, len;
+        for (uint64_t j = 0; j < h->n_kept; i++) {
+            j = run_from(rq, kept, ot, j, &so, &dof, &len);
+            PyObject *span = new_span(pin, so, len);
+            if (span == NULL) {
+                goto fail;
+            }
+            PyList_SET_ITEM(parts, (Py_ssize_t)i, span);
+        }
+    }
+    PyObject *meta = new_span(pin, rq->meta_off, rq->meta_len);
     if (meta == NULL) {
         goto fail;
     }
     PyList_SET_ITEM(parts, (Py_ssize_t)i, meta);
-    Py_DECREF(base);
+    Py_DECREF(pin);
     return parts;
 fail:
     Py_XDECREF(header);
-    Py_XDECREF(base);
-    Py_XDECREF(parts);
+    Py_XDECREF(pin);
+    Py_XDECREF(parts); /* unfilled slots are NULL: list_dealloc skips them */
     return NULL;
 }
 
 static uint64_t
 count_runs(const request *rq)
 {
+    if (rq->memo != NULL) {
+        return ((const memo_head *)rq->memo)->n_runs;
+    }
     const uint32_t *kept = (const uint32_t *)(rq->blob + rq->h->kept_at);
     uint64_t n_runs = 0;
     for (uint64_t j = 1; j <= rq->h->n_kept; j++) {
@@ -1300,19 +1531,6 @@ plan_parts(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     const uint64_t out_len = rq.out_meta + rq.meta_len;
     const uint64_t n_runs = count_runs(&rq);
     if (n_runs + 2 <= (uint64_t)(max_parts < 1 ? 1 : max_parts)) {
-        /* only 1-D unsigned-byte sources slice by byte offsets */
-        Py_buffer probe;
-        if (PyObject_GetBuffer(args[1], &probe, PyBUF_FORMAT | PyBUF_ND) < 0) {
-            PyErr_Clear();
-            result = Py_NewRef(Py_None);
-            goto done;
-        }
-        int bytewise = probe.ndim == 1 && (probe.format == NULL || strcmp(probe.format, "B") == 0);
-        PyBuffer_Release(&probe);
-        if (!bytewise) {
-            result = Py_NewRef(Py_None);
-            goto done;
-        }
         parts = gather_list(args[1], &rq, n_runs);
     }
     else { /* too many parts for one sendmsg: one contiguous copy */
@@ -1349,6 +1567,8 @@ static PyMethodDef methods[] = {
     {"pack_columns", pack_columns, METH_VARARGS,
      "pack_columns(n_columns, layout_len, elem, ragged, kept, prefix, n_missing) -> bytes: "
      "a checked plan blob for plan_trim / plan_parts."},
+    {"memo_size", memo_size, METH_O,
+     "memo_size(blob) -> int: bytes of the memo bytearray a plan cache entry carries."},
     {"plan_trim", (PyCFunction)(void (*)(void))plan_trim, METH_FASTCALL,
      "plan_trim(cache, src, out, digest, check_ragged, result_type) -> result or None."},
     {"plan_parts", (PyCFunction)(void (*)(void))plan_parts, METH_FASTCALL,
@@ -1366,9 +1586,12 @@ PyMODINIT_FUNC
 PyInit__copyruns(void)
 {
     detect_cpu();
+    if (PyType_Ready(&PinType) < 0 || PyType_Ready(&SpanType) < 0) {
+        return NULL;
+    }
     PyObject *m = PyModule_Create(&module);
     if (m != NULL && (PyModule_AddStringConstant(m, "KERNEL", kernel_names[kernel]) < 0
-                      || PyModule_AddIntConstant(m, "MEMO_HEAD_SIZE", (long)MEMO_HEAD_SIZE) < 0)) {
+                      || PyModule_AddObjectRef(m, "Span", (PyObject *)&SpanType) < 0)) {
         Py_DECREF(m);
         return NULL;
     }
