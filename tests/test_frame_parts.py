@@ -13,6 +13,7 @@ import re
 import struct
 import subprocess
 import sys
+import threading
 from typing import Any
 
 import numpy as np
@@ -331,3 +332,34 @@ def test_c_and_numpy_agree_on_mutated_block_tables(n_cand: int, seed: int,
             assert (direct is None) == (want is FrameError), kernel
     finally:
         _copyruns.set_kernel(frame_copy.KERNEL)
+
+
+@needs_c
+def test_threads_sharing_a_plan_get_their_own_tables() -> None:
+    """Large trims release the GIL while copying; threads trimming frames of one layout
+    with different block tables (so the plan's memo changes under them) stay exact."""
+    names = [f"c{i:04d}" for i in range(400)]
+    rng = np.random.default_rng(11)
+    frames = [encode({n: rng.standard_normal(n_cand).astype(np.float32) for n in names})
+              for n_cand in (700, 900, 1100)]
+    allow = Allowlist.from_names(names[::2])
+    wants = [bytes(Trimmer(backend="numpy").trim(f, allow).data) for f in frames]
+    trimmer = Trimmer(backend="c")
+    trimmer.trim(frames[0], allow)
+    assert max(len(w) for w in wants) > 512 * 1024  # above the GIL-release threshold
+    errors: list[str] = []
+
+    def work(k: int) -> None:
+        out = np.zeros(max(map(len, frames)), np.uint8)
+        for i in range(60):
+            j = (k + i) % len(frames)
+            if bytes(trimmer.trim(frames[j], allow, out=out).data) != wants[j]:
+                errors.append(f"thread {k} frame {j} call {i}")
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    assert not errors, errors[:5]

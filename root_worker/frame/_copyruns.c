@@ -1230,10 +1230,11 @@ write_trimmed(char *d, const request *rq)
     int backwards = copy_backwards;
     copy_backwards = !backwards;
     if (rq->out_meta - rq->h->header_len >= RELEASE_GIL_MIN_BYTES) {
-        /* src, out and the plan entry are all held: nothing moves or goes away (the memo
-         * is only written with the GIL held, in read_request). */
+        /* src, out and the plan entry are all held: nothing moves or goes away.  The runs
+         * come from the tables (src's and the header just written to d), not the memo:
+         * another thread may rewrite the memo while the GIL is released. */
         Py_BEGIN_ALLOW_THREADS
-        copy_all_kept(d, rq, backwards);
+        copy_kept(d, rq, backwards);
         Py_END_ALLOW_THREADS
     }
     else {

@@ -327,7 +327,7 @@ class Trimmer:
         if out is None:
             dst = memoryview(bytearray(out_len))
         else:
-            dst = memoryview(out)
+            dst = memoryview(out)  # type: ignore[arg-type]  # (ndarray: see as_bytes_view)
             if dst.readonly or dst.nbytes < out_len or dst.format != "B" or dst.ndim != 1:
                 dst = _output_view(dst, out_len)
         if self._use_c:
