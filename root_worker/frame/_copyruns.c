@@ -1046,10 +1046,16 @@ read_request(PyObject *cache, const Py_buffer *src, PyObject *digest_obj, int ch
     return 1;
 }
 
-/* The output header (header_len bytes at d): the plan's prefix, this request's
- * n_candidates and tail fields, the canonical block table of the kept blocks, padding. */
-static void
-write_header(char *d, const request *rq)
+/* Write the output header (header_len bytes at d: the plan's prefix, this request's
+ * n_candidates and tail fields, the canonical block table of the kept blocks, padding) and
+ * the coalesced runs into runs[] as (source offset, length) pairs, in output order (they
+ * tile the output from header_len); return how many.  Consecutive kept blocks that are
+ * contiguous in the input (each with its padding to BLOCK_ALIGN) are one run, and no
+ * padding follows the last kept block.  Branch-free per block: which blocks coalesce
+ * follows the allowlist's random pattern, and a mispredicted branch per block would cost
+ * more than the arithmetic. */
+static uint64_t
+build_output(char *d, const request *rq, uint64_t *runs)
 {
     const plan_head *h = rq->h;
     const uint32_t *kept = (const uint32_t *)(rq->blob + h->kept_at);
@@ -1057,69 +1063,65 @@ write_header(char *d, const request *rq)
     store_le(d + FRAME_N_CANDIDATES_AT, rq->n_cand, FRAME_N_CANDIDATES_SIZE);
     store_tail(d, rq->out_meta + rq->meta_len, rq->out_meta, rq->meta_len);
     char *ot = d + h->out_table_offset;
-    uint64_t cur = h->header_len;
+    uint64_t cur = h->header_len, expect = UINT64_MAX, r = (uint64_t)-1;
+    uint64_t run_src = 0, run_dst = 0;
     for (uint64_t j = 0; j < h->n_kept; j++) {
-        const uint64_t nb = TABLE_NB(rq->table, kept[j]);
+        const uint64_t off = TABLE_OFF(rq->table, kept[j]), nb = TABLE_NB(rq->table, kept[j]);
+        const uint64_t padded = align_up(nb, FRAME_BLOCK_ALIGN);
         char *entry = ot + FRAME_TABLE_ENTRY_SIZE * j;
         store_le(entry + FRAME_TABLE_OFFSET_AT, cur, FRAME_TABLE_OFFSET_SIZE);
         store_le(entry + FRAME_TABLE_NBYTES_AT, nb, FRAME_TABLE_NBYTES_SIZE);
-        cur = align_up(cur + nb, FRAME_BLOCK_ALIGN);
+        const uint64_t fresh = off != expect; /* blocks are aligned: never UINT64_MAX */
+        r += fresh;
+        run_src = fresh ? off : run_src;
+        run_dst = fresh ? cur : run_dst;
+        runs[2 * r] = run_src;
+        runs[2 * r + 1] = cur + padded - run_dst;
+        expect = off + padded;
+        cur += padded;
     }
     char *pad = ot + FRAME_TABLE_ENTRY_SIZE * h->n_kept;
     memset(pad, 0, (size_t)(d + h->header_len - pad));
-}
-
-/* The coalesced run that starts at kept block j: consecutive kept blocks that are
- * contiguous in the input (each with its padding to BLOCK_ALIGN, none after the last kept
- * block) are one run.  Sets *src_off and *len (the output side follows by tiling from the
- * output table ot) and returns the kept index of the next run. */
-static uint64_t
-run_from(const request *rq, const uint32_t *kept, const char *ot, uint64_t j,
-         uint64_t *src_off, uint64_t *dst_off, uint64_t *len)
-{
-    const uint64_t n_kept = rq->h->n_kept;
-    const uint64_t start = TABLE_OFF(rq->table, kept[j]);
-    uint64_t end = start, next = j;
-    while (next < n_kept && TABLE_OFF(rq->table, kept[next]) == end) {
-        end = align_up(end + TABLE_NB(rq->table, kept[next]), FRAME_BLOCK_ALIGN);
-        next++;
+    if (h->n_kept == 0) {
+        return 0;
     }
-    *src_off = start;
-    *dst_off = TABLE_OFF(ot, j);
-    *len = (next < n_kept ? TABLE_OFF(ot, next) : rq->out_meta) - *dst_off;
-    return next;
+    runs[2 * r + 1] = rq->out_meta - run_dst; /* the last run: no padding after it */
+    return r + 1;
 }
 
-/* The run that ends at kept block j (inclusive); returns its first kept index. */
-static uint64_t
-run_to(const request *rq, const uint32_t *kept, const char *ot, uint64_t j,
-       uint64_t *src_off, uint64_t *dst_off, uint64_t *len)
+/* Record this request's (validated) table, header and runs as the plan's memo. */
+static void
+memo_store(char *memo, const request *rq)
 {
-    uint64_t first = j;
-    while (first > 0 && align_up(TABLE_OFF(rq->table, kept[first - 1])
-                                     + TABLE_NB(rq->table, kept[first - 1]), FRAME_BLOCK_ALIGN)
-                            == TABLE_OFF(rq->table, kept[first])) {
-        first--;
-    }
-    *src_off = TABLE_OFF(rq->table, kept[first]);
-    *dst_off = TABLE_OFF(ot, first);
-    *len = (j + 1 < rq->h->n_kept ? TABLE_OFF(ot, j + 1) : rq->out_meta) - *dst_off;
-    return first;
+    memo_head m = {0, rq->n_cand, rq->meta_off, rq->out_meta, 0};
+    memcpy(memo, &m, sizeof m); /* invalid while it changes */
+    memcpy(MEMO_TABLE(memo), rq->table, (size_t)(FRAME_TABLE_ENTRY_SIZE * rq->h->n_columns));
+    m.n_runs = build_output(MEMO_HEADER(memo, rq->h), rq, MEMO_RUNS(memo, rq->h));
+    m.valid = 1;
+    memcpy(memo, &m, sizeof m);
 }
 
-static inline void
-prefetch_block(const request *rq, const uint32_t *kept, uint64_t j)
+/* The output header and runs of one request: from the plan's memo (a hit) or built into
+ * the caller's scratch. */
+typedef struct {
+    const uint64_t *runs;
+    uint64_t n_runs;
+} run_list;
+
+static run_list
+output_runs(char *d, const request *rq, uint64_t *scratch)
 {
-    if (j < rq->h->n_kept) {
-        const char *p = rq->s + TABLE_OFF(rq->table, kept[j]);
-        for (int k = 0; k < PREFETCH_LINES; k++) {
-            PREFETCH(p + 64 * k);
-        }
+    if (rq->memo != NULL) { /* same n_candidates and table: only the tail can differ */
+        memcpy(d, MEMO_HEADER(rq->memo, rq->h), (size_t)rq->h->header_len);
+        store_tail(d, rq->out_meta + rq->meta_len, rq->out_meta, rq->meta_len);
+        return (run_list){MEMO_RUNS(rq->memo, rq->h), ((const memo_head *)rq->memo)->n_runs};
     }
+    return (run_list){scratch, build_output(d, rq, scratch)};
 }
 
-/* Copy every kept run from the input to d (whose header is written), first run first or
- * last run first.
+/* Copy the runs from the input to d, first run first or last run first, prefetching the
+ * first lines of the run PREFETCH_AHEAD runs ahead (each run starts a new source stream,
+ * which the hardware prefetchers pick up only after a few misses).
  *
  * plan_trim alternates the two orders from call to call.  When consecutive trims read the
  * same frame (a fan-out to several targets, or a benchmark's steady state) and the frame
@@ -1127,67 +1129,18 @@ prefetch_block(const request *rq, const uint32_t *kept, uint64_t j)
  * bytes evicted (the access pattern is cyclic); alternating the order starts each copy
  * where the previous one ended, in what is still cached (~10% on the dev VM, 2 MB L2). */
 static void
-copy_kept(char *d, const request *rq, int backwards)
+copy_list(char *d, const request *rq, const uint64_t *runs, uint64_t n_runs, int backwards)
 {
-    const uint32_t *kept = (const uint32_t *)(rq->blob + rq->h->kept_at);
-    const char *ot = d + rq->h->out_table_offset;
-    const uint64_t n_kept = rq->h->n_kept;
-    uint64_t so, dof, len;
-    if (!backwards) {
-        for (uint64_t j = 0; j < n_kept;) {
-            prefetch_block(rq, kept, j + PREFETCH_AHEAD);
-            uint64_t next = run_from(rq, kept, ot, j, &so, &dof, &len);
-            copy_run(d + dof, rq->s + so, (size_t)len);
-            j = next;
-        }
-        return;
-    }
-    for (uint64_t j = n_kept; j-- > 0;) {
-        if (j >= PREFETCH_AHEAD) {
-            prefetch_block(rq, kept, j - PREFETCH_AHEAD);
-        }
-        j = run_to(rq, kept, ot, j, &so, &dof, &len);
-        copy_run(d + dof, rq->s + so, (size_t)len);
-    }
-}
-
-/* Record this request's (validated) table, header and runs as the plan's memo. */
-static void
-memo_store(char *memo, const request *rq)
-{
-    const plan_head *h = rq->h;
-    const uint32_t *kept = (const uint32_t *)(rq->blob + h->kept_at);
-    char *header = MEMO_HEADER(memo, h);
-    uint64_t *runs = MEMO_RUNS(memo, h);
-    memo_head m = {0, rq->n_cand, rq->meta_off, rq->out_meta, 0};
-    memcpy(memo, &m, sizeof m); /* invalid while it changes */
-    memcpy(MEMO_TABLE(memo), rq->table, (size_t)(FRAME_TABLE_ENTRY_SIZE * h->n_columns));
-    write_header(header, rq);
-    uint64_t so, dof, len;
-    for (uint64_t j = 0; j < h->n_kept; m.n_runs++) {
-        j = run_from(rq, kept, header + h->out_table_offset, j, &so, &dof, &len);
-        runs[2 * m.n_runs] = so;
-        runs[2 * m.n_runs + 1] = len;
-    }
-    m.valid = 1;
-    memcpy(memo, &m, sizeof m);
-}
-
-/* copy_kept from the memo's run list: the runs tile the output from header_len. */
-static void
-copy_memo_runs(char *d, const request *rq, int backwards)
-{
-    const uint64_t *runs = MEMO_RUNS(rq->memo, rq->h);
-    const uint64_t n_runs = ((const memo_head *)rq->memo)->n_runs;
+    const char *s = rq->s;
     if (!backwards) {
         char *at = d + rq->h->header_len;
         for (uint64_t i = 0; i < n_runs; i++) {
             if (i + PREFETCH_AHEAD < n_runs) {
                 for (int k = 0; k < PREFETCH_LINES; k++) {
-                    PREFETCH(rq->s + runs[2 * (i + PREFETCH_AHEAD)] + 64 * k);
+                    PREFETCH(s + runs[2 * (i + PREFETCH_AHEAD)] + 64 * k);
                 }
             }
-            copy_run(at, rq->s + runs[2 * i], (size_t)runs[2 * i + 1]);
+            copy_run(at, s + runs[2 * i], (size_t)runs[2 * i + 1]);
             at += runs[2 * i + 1];
         }
         return;
@@ -1196,60 +1149,81 @@ copy_memo_runs(char *d, const request *rq, int backwards)
     for (uint64_t i = n_runs; i-- > 0;) {
         if (i >= PREFETCH_AHEAD) {
             for (int k = 0; k < PREFETCH_LINES; k++) {
-                PREFETCH(rq->s + runs[2 * (i - PREFETCH_AHEAD)] + 64 * k);
+                PREFETCH(s + runs[2 * (i - PREFETCH_AHEAD)] + 64 * k);
             }
         }
         end -= runs[2 * i + 1];
-        copy_run(end, rq->s + runs[2 * i], (size_t)runs[2 * i + 1]);
-    }
-}
-
-/* The output header of this request into d: from the memo, or built. */
-static void
-put_header(char *d, const request *rq)
-{
-    if (rq->memo != NULL) { /* same n_candidates and table: only the tail can differ */
-        memcpy(d, MEMO_HEADER(rq->memo, rq->h), (size_t)rq->h->header_len);
-        store_tail(d, rq->out_meta + rq->meta_len, rq->out_meta, rq->meta_len);
-    }
-    else {
-        write_header(d, rq);
-    }
-}
-
-static void
-copy_all_kept(char *d, const request *rq, int backwards)
-{
-    if (rq->memo != NULL) {
-        copy_memo_runs(d, rq, backwards);
-    }
-    else {
-        copy_kept(d, rq, backwards);
+        copy_run(end, s + runs[2 * i], (size_t)runs[2 * i + 1]);
     }
 }
 
 /* Which order the next plan_trim copies in; read and flipped only while holding the GIL. */
 static int copy_backwards = 0;
 
-/* Write the whole trimmed frame (out_meta + meta_len bytes) to d. */
+/* Scratch for the runs of one request: on the stack for up to SCRATCH_RUNS runs. */
+#define SCRATCH_RUNS 512
+typedef struct {
+    uint64_t local[2 * SCRATCH_RUNS];
+    uint64_t *runs;
+} scratch;
+
+static int
+scratch_init(scratch *sc, const request *rq)
+{
+    sc->runs = sc->local;
+    if (rq->memo == NULL && rq->h->n_kept > SCRATCH_RUNS) {
+        sc->runs = PyMem_Malloc((size_t)(16 * rq->h->n_kept));
+        if (sc->runs == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+    }
+    return 0;
+}
+
 static void
+scratch_free(scratch *sc)
+{
+    if (sc->runs != sc->local) {
+        PyMem_Free(sc->runs);
+    }
+}
+
+/* Write the whole trimmed frame (out_meta + meta_len bytes) to d; -1 on MemoryError. */
+static int
 write_trimmed(char *d, const request *rq)
 {
-    put_header(d, rq);
+    scratch sc;
+    if (scratch_init(&sc, rq) < 0) {
+        return -1;
+    }
+    run_list rl = output_runs(d, rq, sc.runs);
     int backwards = copy_backwards;
     copy_backwards = !backwards;
     if (rq->out_meta - rq->h->header_len >= RELEASE_GIL_MIN_BYTES) {
-        /* src, out and the plan entry are all held: nothing moves or goes away.  The runs
-         * come from the tables (src's and the header just written to d), not the memo:
-         * another thread may rewrite the memo while the GIL is released. */
+        /* src, out and the plan entry are all held: nothing moves or goes away.  Another
+         * thread may rewrite the memo meanwhile, so its runs are copied out first. */
+        if (rl.runs != sc.runs) {
+            uint64_t *own = rl.n_runs > SCRATCH_RUNS ? PyMem_Malloc((size_t)(16 * rl.n_runs))
+                                                     : sc.local;
+            if (own == NULL) {
+                scratch_free(&sc);
+                PyErr_NoMemory();
+                return -1;
+            }
+            memcpy(own, rl.runs, (size_t)(16 * rl.n_runs));
+            rl.runs = sc.runs = own;
+        }
         Py_BEGIN_ALLOW_THREADS
-        copy_kept(d, rq, backwards);
+        copy_list(d, rq, rl.runs, rl.n_runs, backwards);
         Py_END_ALLOW_THREADS
     }
     else {
-        copy_all_kept(d, rq, backwards);
+        copy_list(d, rq, rl.runs, rl.n_runs, backwards);
     }
     memcpy(d + rq->out_meta, rq->s + rq->meta_off, (size_t)rq->meta_len);
+    scratch_free(&sc);
+    return 0;
 }
 
 static PyObject *
@@ -1337,9 +1311,10 @@ plan_trim(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         result = PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
         goto done;
     }
-    write_trimmed((char *)PyMemoryView_GET_BUFFER(data)->buf, &rq);
-    result = make_result((PyTypeObject *)args[5], data, src.len, (Py_ssize_t)out_len,
-                         rq.h->n_kept, rq.h->n_missing);
+    if (write_trimmed((char *)PyMemoryView_GET_BUFFER(data)->buf, &rq) == 0) {
+        result = make_result((PyTypeObject *)args[5], data, src.len, (Py_ssize_t)out_len,
+                             rq.h->n_kept, rq.h->n_missing);
+    }
 done:
     Py_XDECREF(data);
     Py_XDECREF(rq.entry);
@@ -1435,16 +1410,14 @@ new_span(Pin *pin, uint64_t offset, uint64_t len)
     return (PyObject *)span;
 }
 
-/* The scatter-gather list: [header bytes, a span of src per run..., the metadata span]. */
+/* The scatter-gather list: [header bytes, a span of src per run..., the metadata span];
+ * the header (header_len bytes) and runs are already built. */
 static PyObject *
-gather_list(PyObject *src_obj, const request *rq, uint64_t n_runs)
+gather_list(PyObject *src_obj, const request *rq, PyObject *header, run_list rl)
 {
-    const plan_head *h = rq->h;
-    PyObject *header = NULL;
     Pin *pin = NULL;
-    PyObject *parts = PyList_New((Py_ssize_t)(n_runs + 2));
-    if (parts == NULL || (header = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)h->header_len))
-        == NULL || (pin = PyObject_New(Pin, &PinType)) == NULL) {
+    PyObject *parts = PyList_New((Py_ssize_t)(rl.n_runs + 2));
+    if (parts == NULL || (pin = PyObject_New(Pin, &PinType)) == NULL) {
         goto fail;
     }
     if (PyObject_GetBuffer(src_obj, &pin->view, PyBUF_SIMPLE) < 0) {
@@ -1456,63 +1429,36 @@ gather_list(PyObject *src_obj, const request *rq, uint64_t n_runs)
         PyErr_SetString(PyExc_BufferError, "plan_parts: the source moved during the call");
         goto fail;
     }
-    char *hd = PyBytes_AS_STRING(header);
-    put_header(hd, rq);
-    PyList_SET_ITEM(parts, 0, header);
-    header = NULL;
-    uint64_t i = 1;
-    if (rq->memo != NULL) {
-        const uint64_t *runs = MEMO_RUNS(rq->memo, h);
-        for (; i <= n_runs; i++) {
-            PyObject *span = new_span(pin, runs[2 * (i - 1)], runs[2 * (i - 1) + 1]);
-            if (span == NULL) {
-                goto fail;
-            }
-            PyList_SET_ITEM(parts, (Py_ssize_t)i, span);
+    PyList_SET_ITEM(parts, 0, Py_NewRef(header));
+    for (uint64_t i = 0; i <= rl.n_runs; i++) {
+        PyObject *span = i < rl.n_runs ? new_span(pin, rl.runs[2 * i], rl.runs[2 * i + 1])
+                                       : new_span(pin, rq->meta_off, rq->meta_len);
+        if (span == NULL) {
+            goto fail;
         }
+        PyList_SET_ITEM(parts, (Py_ssize_t)(i + 1), span);
     }
-    else {
-        const uint32_t *kept = (const uint32_t *)(rq->blob + h->kept_at);
-        const char *ot = hd + h->out_table_offset;
-        uint64_t so, dof, len;
-        for (uint64_t j = 0; j < h->n_kept; i++) {
-            j = run_from(rq, kept, ot, j, &so, &dof, &len);
-            PyObject *span = new_span(pin, so, len);
-            if (span == NULL) {
-                goto fail;
-            }
-            PyList_SET_ITEM(parts, (Py_ssize_t)i, span);
-        }
-    }
-    PyObject *meta = new_span(pin, rq->meta_off, rq->meta_len);
-    if (meta == NULL) {
-        goto fail;
-    }
-    PyList_SET_ITEM(parts, (Py_ssize_t)i, meta);
     Py_DECREF(pin);
     return parts;
 fail:
-    Py_XDECREF(header);
     Py_XDECREF(pin);
     Py_XDECREF(parts); /* unfilled slots are NULL: list_dealloc skips them */
     return NULL;
 }
 
-static uint64_t
-count_runs(const request *rq)
+/* [memoryview of one new contiguous copy of the trimmed frame], or NULL. */
+static PyObject *
+one_copy(const request *rq)
 {
-    if (rq->memo != NULL) {
-        return ((const memo_head *)rq->memo)->n_runs;
+    PyObject *parts = NULL, *data = output_view(Py_None, rq->out_meta + rq->meta_len);
+    if (data != NULL && write_trimmed((char *)PyMemoryView_GET_BUFFER(data)->buf, rq) == 0) {
+        parts = PyList_New(1);
+        if (parts != NULL) {
+            PyList_SET_ITEM(parts, 0, Py_NewRef(data));
+        }
     }
-    const uint32_t *kept = (const uint32_t *)(rq->blob + rq->h->kept_at);
-    uint64_t n_runs = 0;
-    for (uint64_t j = 1; j <= rq->h->n_kept; j++) {
-        n_runs += j == rq->h->n_kept
-                  || TABLE_OFF(rq->table, kept[j])
-                         != align_up(TABLE_OFF(rq->table, kept[j - 1])
-                                         + TABLE_NB(rq->table, kept[j - 1]), FRAME_BLOCK_ALIGN);
-    }
-    return n_runs;
+    Py_XDECREF(data);
+    return parts;
 }
 
 static PyObject *
@@ -1532,34 +1478,36 @@ plan_parts(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         Py_RETURN_NONE;
     }
     request rq = {0};
-    PyObject *result = NULL, *parts = NULL, *data = NULL;
+    scratch sc; /* (not zeroed: 8 KB) */
+    sc.runs = NULL;
+    PyObject *result = NULL, *parts = NULL, *header = NULL;
     int ok = read_request(args[0], &src, args[2], check_ragged, &rq);
     if (ok <= 0) {
         result = ok < 0 ? NULL : Py_NewRef(Py_None);
         goto done;
     }
-    const uint64_t out_len = rq.out_meta + rq.meta_len;
-    const uint64_t n_runs = count_runs(&rq);
-    if (n_runs + 2 <= (uint64_t)(max_parts < 1 ? 1 : max_parts)) {
-        parts = gather_list(args[1], &rq, n_runs);
+    if (scratch_init(&sc, &rq) < 0
+        || (header = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)rq.h->header_len)) == NULL) {
+        goto done;
+    }
+    run_list rl = output_runs(PyBytes_AS_STRING(header), &rq, sc.runs);
+    if (rl.n_runs + 2 <= (uint64_t)(max_parts < 1 ? 1 : max_parts)) {
+        parts = gather_list(args[1], &rq, header, rl);
     }
     else { /* too many parts for one sendmsg: one contiguous copy */
-        data = output_view(Py_None, out_len);
-        if (data != NULL) {
-            write_trimmed((char *)PyMemoryView_GET_BUFFER(data)->buf, &rq);
-            parts = PyList_New(1);
-            if (parts != NULL) {
-                PyList_SET_ITEM(parts, 0, Py_NewRef(data));
-            }
-        }
+        parts = one_copy(&rq);
     }
     if (parts != NULL) {
-        result = make_result((PyTypeObject *)args[5], parts, src.len, (Py_ssize_t)out_len,
-                             rq.h->n_kept, rq.h->n_missing);
+        result = make_result((PyTypeObject *)args[5], parts, src.len,
+                             (Py_ssize_t)(rq.out_meta + rq.meta_len), rq.h->n_kept,
+                             rq.h->n_missing);
     }
 done:
+    if (sc.runs != NULL) {
+        scratch_free(&sc);
+    }
+    Py_XDECREF(header);
     Py_XDECREF(parts);
-    Py_XDECREF(data);
     Py_XDECREF(rq.entry);
     PyBuffer_Release(&src);
     return result;
