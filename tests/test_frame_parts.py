@@ -363,3 +363,23 @@ def test_threads_sharing_a_plan_get_their_own_tables() -> None:
         t.join(timeout=120)
     assert not any(t.is_alive() for t in threads)
     assert not errors, errors[:5]
+
+
+@pytest.mark.parametrize("n_cand", [16, 256])  # small, and above the GIL-release threshold
+@pytest.mark.parametrize("ragged", [False, True])  # memo (tables repeat) or built per call
+def test_many_runs_outgrow_the_stack_scratch(n_cand: int, ragged: bool) -> None:
+    names = [f"c{i:04d}" for i in range(1300)]
+    rng = np.random.default_rng(12)
+    cols: dict[str, Any] = {n: rng.standard_normal(n_cand).astype(np.float32) for n in names}
+    if ragged:
+        cols["ids"] = Ragged.from_lengths(np.arange(3 * n_cand), np.full(n_cand, 3))
+    frame = encode(cols, {"request_id": "many"})
+    allow = Allowlist.from_names(names[::2] + ["ids"])  # 650 runs (+1): above 512
+    want = bytes(Trimmer(backend="numpy").trim(frame, allow).data)
+    for t in (Trimmer(backend=b) for b in BACKENDS):
+        out = np.zeros(len(frame), np.uint8)
+        for _ in range(3):  # cold, plan (and memo) built, served from the plan
+            assert bytes(t.trim(frame, allow, out=out).data) == want
+            parts = t.trim_parts(frame, allow, check_ragged=True)
+            assert len(parts.parts) == 650 + ragged + 2
+            assert b"".join(parts.parts) == want
