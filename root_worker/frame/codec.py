@@ -261,7 +261,8 @@ def encode(columns: Mapping[str, Column], metadata: Mapping[str, Any] | None = N
 def as_bytes_view(buf: Buffer) -> memoryview:
     """A flat unsigned-byte memoryview of any C-contiguous buffer (raises FrameError)."""
     try:
-        mv = buf if type(buf) is memoryview else memoryview(buf)
+        # (numpy's stubs do not declare ndarray a Buffer before Python 3.12)
+        mv = buf if type(buf) is memoryview else memoryview(buf)  # type: ignore[arg-type]
         if mv.format != "B" or mv.ndim != 1 or not mv.c_contiguous:
             mv = mv.cast("B")
     except (TypeError, BufferError) as exc:
