@@ -233,8 +233,12 @@ def encode(columns: Mapping[str, Column], metadata: Mapping[str, Any] | None = N
     n_cand = counts.pop() if counts else 0
     if not 0 <= n_cand <= MAX_CANDIDATES:
         raise ValueError(f"n_candidates {n_cand} is outside [0, {MAX_CANDIDATES}]")
-    meta = json.dumps(dict(metadata or {}), separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False).encode("utf-8")
+    meta_text = json.dumps(dict(metadata or {}), separators=(",", ":"), ensure_ascii=False,
+                           allow_nan=False)
+    if meta_text.count("[") + meta_text.count("{") > MAX_META_DEPTH and \
+            _nesting_depth(meta_text) > MAX_META_DEPTH:
+        raise ValueError(f"metadata nests deeper than {MAX_META_DEPTH}")
+    meta = meta_text.encode("utf-8")
     layout = _layout_bytes(cols)
     table_off = align(PREAMBLE_SIZE + len(layout), TABLE_ALIGN)
     cursor = table_off + TABLE_ENTRY_SIZE * len(cols)
