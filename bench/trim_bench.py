@@ -171,21 +171,26 @@ def section_vs_compression() -> dict[str, Any]:
 
 def section_small_per_target() -> dict[str, Any]:
     """16 x 300: whole per-target cost (fingerprint + plan hit + write into reused buffer);
-    the overhead is the per-call cost above a memcpy of the trimmed bytes."""
+    the overhead is the per-call cost above the raw copy time of the trimmed bytes."""
     frame, names = dense_frame(16, 300, seed=2)
     allow = random_allowlist(names, 0.4, seed=3)
     out = np.zeros(len(frame), dtype=np.uint8)
     kept = Trimmer().trim(frame, allow).bytes_out
-    src = np.frombuffer(frame, dtype=np.uint8)
-    dst = np.zeros(kept, dtype=np.uint8)
-    fns: dict[str, Callable[[], Any]] = {"memcpy": lambda: dst.__setitem__(slice(None),
-                                                                          src[:kept])}
+    # The raw copy time of the trimmed bytes, without numpy's per-call cost (~0.8 us, more
+    # than the copy): rows copies of them in one call, divided by rows.
+    rows = 16  # 16 x 11 KB: stays in L2, as one trimmed frame does
+    src = np.tile(np.frombuffer(frame, dtype=np.uint8)[:kept], (rows, 1))
+    dst = np.zeros_like(src)
+    fns: dict[str, Callable[[], Any]] = {"memcpy_rows": lambda: np.copyto(dst, src)}
     for backend in BACKENDS:
         t = Trimmer(backend=backend)
         fns[backend] = partial(t.trim, frame, allow, out=out)
-    med = timed_batches(fns, batch=200, rounds=reps(200))
+    med = timed_batches(fns, batch={"memcpy_rows": 16, **{b: 200 for b in BACKENDS}},
+                        rounds=reps(200))
+    copy_s = [x / rows for x in med["memcpy_rows"]["samples"]]
     row: dict[str, Any] = {"frame_bytes": len(frame), "trimmed_bytes": kept,
-                           "memcpy_trimmed_bytes_us": round(med["memcpy"]["median"] * 1e6, 3)}
+                           "raw_copy_trimmed_bytes_us": round(statistics.median(copy_s) * 1e6,
+                                                              3)}
     for backend in BACKENDS:
         row[f"per_target_{backend}_us"] = round(med[backend]["median"] * 1e6, 2)
         row[f"per_target_{backend}_best_us"] = round(med[backend]["best"] * 1e6, 2)
@@ -193,12 +198,11 @@ def section_small_per_target() -> dict[str, Any]:
         samples = [x * 1e6 for x in med["c"]["samples"]]
         row["per_target_c_us_rounds"] = (f"{statistics.median(samples):.3f} "
                                          f"[{min(samples):.3f}..{max(samples):.3f}]")
-        over = [(c - m) * 1e6 for c, m in zip(med["c"]["samples"], med["memcpy"]["samples"],
-                                              strict=True)]
+        over = [(c - m) * 1e6 for c, m in zip(med["c"]["samples"], copy_s, strict=True)]
         row["overhead_c_us"] = round(statistics.median(over), 3)
         row["overhead_c_us_rounds"] = (f"{statistics.median(over):.3f} "
                                        f"[{min(over):.3f}..{max(over):.3f}]")
-    row["target"] = ("overhead_c_us <= 1 (per call above the memcpy; map lookup in "
+    row["target"] = ("overhead_c_us <= 1 (per call above the raw copy; map lookup in "
                      "per_target_with_map)")
     return row
 
@@ -442,7 +446,7 @@ TARGETS = (  # (label, section, key with "median [min..max]", comparison, limit)
      "unique_over_repeated_rounds", 1.15),
     ("mixed ragged check on / off", "mixed_unique_tables",
      "ragged_check_on_over_off_rounds", 1.1),
-    ("16x300 per-call overhead above memcpy (us)", "small_per_target",
+    ("16x300 per-call overhead above the copy (us)", "small_per_target",
      "overhead_c_us_rounds", 1.0),
 )
 

@@ -56,7 +56,7 @@ copy_avx512(char *d, const char *s, size_t n)
 }
 
 /* n >= 64; as copy_avx512 with pairs of 32-byte vectors. */
-__attribute__((target("avx2"))) static void
+__attribute__((target("avx2"))) static inline void
 copy_avx2(char *d, const char *s, size_t n)
 {
     __m256i f0 = _mm256_loadu_si256((const __m256i *)s);
