@@ -8,15 +8,18 @@ whole blocks verbatim.  The binary layout, for readers in any language, is speci
 ``docs/frame-format.md``.
 
 Which process runs what: the root workers encode (or receive) frames and call
-:meth:`Trimmer.trim` once per fan-out target; leaves call :func:`decode`.  A
+:meth:`Trimmer.trim` (or :meth:`Trimmer.trim_parts`, for ``sendmsg``) once per fan-out
+target; leaves call :func:`decode`.  The package imports with numpy alone (and
+``flatbuffers_schema.keys``); a test runs it with every other dependency unimportable.  A
 :class:`Trimmer` holds only in-process caches, so creating one before fork is harmless and
 each worker warms its own.
 
 Example::
 
     frame = encode({"ctr": np.zeros(16, np.float32)}, {"request_id": "r1"})
-    res = trim(frame, Allowlist.from_names(["ctr"]), out=buffer)
+    res = trim(frame, Allowlist.from_names(["ctr"]), out=buffer, check_ragged=True)
     decode(res.data).columns["ctr"]
+    sock.sendmsg(Trimmer().trim_parts(frame, allowlist).parts)  # no copy of kept blocks
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from __future__ import annotations
 from root_worker.frame.backends import BACKENDS
 from root_worker.frame.codec import Column, Frame, Ragged, decode, encode, peek_metadata
 from root_worker.frame.format import DTYPE_BY_CODE, FrameError
-from root_worker.frame.trim import Trimmer, TrimResult, trim
+from root_worker.frame.trim import IOV_MAX, Trimmer, TrimParts, TrimResult, trim
 
 __all__ = [
     "BACKENDS",
@@ -32,7 +35,9 @@ __all__ = [
     "DTYPE_BY_CODE",
     "Frame",
     "FrameError",
+    "IOV_MAX",
     "Ragged",
+    "TrimParts",
     "TrimResult",
     "Trimmer",
     "decode",
