@@ -358,7 +358,7 @@ def section_mixed_unique_tables() -> dict[str, Any]:
     }
     receive_fns = {name: receive for name in fns}
     receive_fns["trim_repeated"] = receive_repeat
-    med = timed_requests(fns, receive_fns, n_frames, reps(40))
+    med = timed_requests(fns, receive_fns, n_frames, reps(150))
     parts = trimmer.trim_parts(frames[0], allow)
     row: dict[str, Any] = {
         "frames": n_frames, "distinct_block_tables": len(tables),
