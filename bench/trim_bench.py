@@ -83,11 +83,14 @@ def ratio(med: dict[str, dict[str, Any]], num: str, den: str) -> dict[str, float
     and the [min..max] range across rounds."""
     per_round = [a / b for a, b in zip(med[num]["samples"], med[den]["samples"], strict=True)]
     return {"median": round(statistics.median(per_round), 3),
-            "min": round(min(per_round), 3), "max": round(max(per_round), 3)}
+            "min": round(min(per_round), 3), "max": round(max(per_round), 3),
+            "quiet": round(min(med[num]["samples"]) / min(med[den]["samples"]), 3)}
 
 
 def fmt_ratio(r: dict[str, float]) -> str:
-    return f"{r['median']:.3f} [{r['min']:.3f}..{r['max']:.3f}]"
+    """``median [min..max] quiet q``: q is the best round of each over the best round of the
+    other -- what a quiet machine shows (the shared VM is rarely quiet)."""
+    return f"{r['median']:.3f} [{r['min']:.3f}..{r['max']:.3f}] quiet {r['quiet']:.3f}"
 
 
 def dense_frame(n_cand: int, n_feat: int, seed: int = 0) -> tuple[bytes, list[str]]:
@@ -200,8 +203,9 @@ def section_small_per_target() -> dict[str, Any]:
                                          f"[{min(samples):.3f}..{max(samples):.3f}]")
         over = [(c - m) * 1e6 for c, m in zip(med["c"]["samples"], copy_s, strict=True)]
         row["overhead_c_us"] = round(statistics.median(over), 3)
+        quiet = (min(med["c"]["samples"]) - min(copy_s)) * 1e6
         row["overhead_c_us_rounds"] = (f"{statistics.median(over):.3f} "
-                                       f"[{min(over):.3f}..{max(over):.3f}]")
+                                       f"[{min(over):.3f}..{max(over):.3f}] quiet {quiet:.3f}")
     row["target"] = ("overhead_c_us <= 1 (per call above the raw copy; map lookup in "
                      "per_target_with_map)")
     return row
@@ -481,10 +485,11 @@ def main() -> int:
         for key, value in row.items():
             print(f"   {key:32s} {value}")
     results["targets"] = summary(results["sections"])
-    print("\n== targets (issue #10): value [min..max across rounds] vs target")
+    print("\n== targets (issue #10): median [min..max] across rounds, quiet = best/best; "
+          "verdict on the median")
     for name, t in results["targets"].items():
         verdict = "ok" if t["met"] else "MISSED"
-        print(f"   {name:44s} {t['value']:28s} {t['target']:>8s}  {verdict}")
+        print(f"   {name:44s} {t['value']:40s} {t['target']:>8s}  {verdict}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwrote {RESULTS.relative_to(ROOT)}")
