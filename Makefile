@@ -34,6 +34,7 @@ run: $(STAMP)            ## the demo stack, kept up until Ctrl-C
 
 schema: $(STAMP)         ## regenerate flatbuffers_schema Python code with flatc
 	$(PY) -m flatbuffers_schema.regen
+	$(PY) -m root_worker.frame.cheader
 
 # mypy --strict covers the public API: frame codec + trim engine, name keys, the contracts,
 # the map reader and the bundle parser (config: [mypy] in setup.cfg).

@@ -5,6 +5,9 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension("root_worker.frame._copyruns", ["root_worker/frame/_copyruns.c"],
-                  depends=["root_worker/frame/_frame_layout.h"], optional=True),
+                  depends=[f"root_worker/frame/{h}.h" for h in (
+                      "_frame_layout", "_copyruns_kernels", "_copyruns_plan",
+                      "_copyruns_request", "_copyruns_parts")],
+                  optional=True),
     ],
 )

@@ -83,11 +83,14 @@ def ratio(med: dict[str, dict[str, Any]], num: str, den: str) -> dict[str, float
     and the [min..max] range across rounds."""
     per_round = [a / b for a, b in zip(med[num]["samples"], med[den]["samples"], strict=True)]
     return {"median": round(statistics.median(per_round), 3),
-            "min": round(min(per_round), 3), "max": round(max(per_round), 3)}
+            "min": round(min(per_round), 3), "max": round(max(per_round), 3),
+            "quiet": round(min(med[num]["samples"]) / min(med[den]["samples"]), 3)}
 
 
 def fmt_ratio(r: dict[str, float]) -> str:
-    return f"{r['median']:.3f} [{r['min']:.3f}..{r['max']:.3f}]"
+    """``median [min..max] quiet q``: q is the best round of each over the best round of the
+    other -- what a quiet machine shows (the shared VM is rarely quiet)."""
+    return f"{r['median']:.3f} [{r['min']:.3f}..{r['max']:.3f}] quiet {r['quiet']:.3f}"
 
 
 def dense_frame(n_cand: int, n_feat: int, seed: int = 0) -> tuple[bytes, list[str]]:
@@ -171,21 +174,26 @@ def section_vs_compression() -> dict[str, Any]:
 
 def section_small_per_target() -> dict[str, Any]:
     """16 x 300: whole per-target cost (fingerprint + plan hit + write into reused buffer);
-    the overhead is the per-call cost above a memcpy of the trimmed bytes."""
+    the overhead is the per-call cost above the raw copy time of the trimmed bytes."""
     frame, names = dense_frame(16, 300, seed=2)
     allow = random_allowlist(names, 0.4, seed=3)
     out = np.zeros(len(frame), dtype=np.uint8)
     kept = Trimmer().trim(frame, allow).bytes_out
-    src = np.frombuffer(frame, dtype=np.uint8)
-    dst = np.zeros(kept, dtype=np.uint8)
-    fns: dict[str, Callable[[], Any]] = {"memcpy": lambda: dst.__setitem__(slice(None),
-                                                                          src[:kept])}
+    # The raw copy time of the trimmed bytes, without numpy's per-call cost (~0.8 us, more
+    # than the copy): rows copies of them in one call, divided by rows.
+    rows = 16  # 16 x 11 KB: stays in L2, as one trimmed frame does
+    src = np.tile(np.frombuffer(frame, dtype=np.uint8)[:kept], (rows, 1))
+    dst = np.zeros_like(src)
+    fns: dict[str, Callable[[], Any]] = {"memcpy_rows": lambda: np.copyto(dst, src)}
     for backend in BACKENDS:
         t = Trimmer(backend=backend)
         fns[backend] = partial(t.trim, frame, allow, out=out)
-    med = timed_batches(fns, batch=200, rounds=reps(200))
+    med = timed_batches(fns, batch={"memcpy_rows": 16, **{b: 200 for b in BACKENDS}},
+                        rounds=reps(200))
+    copy_s = [x / rows for x in med["memcpy_rows"]["samples"]]
     row: dict[str, Any] = {"frame_bytes": len(frame), "trimmed_bytes": kept,
-                           "memcpy_trimmed_bytes_us": round(med["memcpy"]["median"] * 1e6, 3)}
+                           "raw_copy_trimmed_bytes_us": round(statistics.median(copy_s) * 1e6,
+                                                              3)}
     for backend in BACKENDS:
         row[f"per_target_{backend}_us"] = round(med[backend]["median"] * 1e6, 2)
         row[f"per_target_{backend}_best_us"] = round(med[backend]["best"] * 1e6, 2)
@@ -193,12 +201,12 @@ def section_small_per_target() -> dict[str, Any]:
         samples = [x * 1e6 for x in med["c"]["samples"]]
         row["per_target_c_us_rounds"] = (f"{statistics.median(samples):.3f} "
                                          f"[{min(samples):.3f}..{max(samples):.3f}]")
-        over = [(c - m) * 1e6 for c, m in zip(med["c"]["samples"], med["memcpy"]["samples"],
-                                              strict=True)]
+        over = [(c - m) * 1e6 for c, m in zip(med["c"]["samples"], copy_s, strict=True)]
         row["overhead_c_us"] = round(statistics.median(over), 3)
+        quiet = (min(med["c"]["samples"]) - min(copy_s)) * 1e6
         row["overhead_c_us_rounds"] = (f"{statistics.median(over):.3f} "
-                                       f"[{min(over):.3f}..{max(over):.3f}]")
-    row["target"] = ("overhead_c_us <= 1 (per call above the memcpy; map lookup in "
+                                       f"[{min(over):.3f}..{max(over):.3f}] quiet {quiet:.3f}")
+    row["target"] = ("overhead_c_us <= 1 (per call above the raw copy; map lookup in "
                      "per_target_with_map)")
     return row
 
@@ -354,7 +362,7 @@ def section_mixed_unique_tables() -> dict[str, Any]:
     }
     receive_fns = {name: receive for name in fns}
     receive_fns["trim_repeated"] = receive_repeat
-    med = timed_requests(fns, receive_fns, n_frames, reps(40))
+    med = timed_requests(fns, receive_fns, n_frames, reps(150))
     parts = trimmer.trim_parts(frames[0], allow)
     row: dict[str, Any] = {
         "frames": n_frames, "distinct_block_tables": len(tables),
@@ -442,7 +450,7 @@ TARGETS = (  # (label, section, key with "median [min..max]", comparison, limit)
      "unique_over_repeated_rounds", 1.15),
     ("mixed ragged check on / off", "mixed_unique_tables",
      "ragged_check_on_over_off_rounds", 1.1),
-    ("16x300 per-call overhead above memcpy (us)", "small_per_target",
+    ("16x300 per-call overhead above the copy (us)", "small_per_target",
      "overhead_c_us_rounds", 1.0),
 )
 
@@ -477,10 +485,11 @@ def main() -> int:
         for key, value in row.items():
             print(f"   {key:32s} {value}")
     results["targets"] = summary(results["sections"])
-    print("\n== targets (issue #10): value [min..max across rounds] vs target")
+    print("\n== targets (issue #10): median [min..max] across rounds, quiet = best/best; "
+          "verdict on the median")
     for name, t in results["targets"].items():
         verdict = "ok" if t["met"] else "MISSED"
-        print(f"   {name:44s} {t['value']:28s} {t['target']:>8s}  {verdict}")
+        print(f"   {name:44s} {t['value']:40s} {t['target']:>8s}  {verdict}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwrote {RESULTS.relative_to(ROOT)}")

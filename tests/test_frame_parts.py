@@ -261,7 +261,9 @@ def test_c_header_is_generated_from_format_py() -> None:
 
 
 def test_c_source_spells_no_preamble_offsets() -> None:
-    source = (cheader.HEADER_PATH.parent / "_copyruns.c").read_text()
+    parts = sorted(cheader.HEADER_PATH.parent.glob("_copyruns*.[ch]"))
+    assert len(parts) == 5, parts
+    source = "\n".join(p.read_text() for p in parts)
     assert '#include "_frame_layout.h"' in source
     for name in PREAMBLE_SPANS:
         assert f"FRAME_{name.upper()}_AT" in source, name

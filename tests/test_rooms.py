@@ -38,19 +38,7 @@ def test_the_blocker_really_blocks() -> None:
     assert r.returncode != 0 and "blocked in this test" in r.stderr
 
 
-@pytest.mark.parametrize("module", ["root_worker.frame", "flatbuffers_schema.keys"])
-def test_frame_package_needs_numpy_only(module: str) -> None:
-    code = f"""
-import {module}
-from root_worker.frame import encode, decode, trim, Ragged
-import numpy as np
-cols = {{"a": np.arange(4, dtype=np.float32),
-        "b": Ragged.from_lists([[1], [2, 3], [], [4]], np.int64)}}
-buf = encode(cols, {{}})
-assert decode(buf).n_candidates == 4
-"""
-    r = _run(code, ROOT_SIDE)
-    assert r.returncode == 0, r.stderr
+# The frame package with numpy alone: tests/test_frame_imports.py (it also trims there).
 
 
 def test_wire_and_layout_contracts_need_the_standard_library_only() -> None:

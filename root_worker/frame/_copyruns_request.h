@@ -1,0 +1,419 @@
+/* _copyruns_request.h: part of _copyruns.c, which includes its parts once, in this order:
+ * kernels, plan, request, parts (see its docstring).  This part: one request: read_request,
+ * the output header and runs, the copy, plan_trim. */
+/* The cache key for keybuf, as a bytes object.  The last one is kept and reused while
+ * requests repeat it (a bytes object caches its hash, so the dict lookup then hashes
+ * nothing); a borrowed reference, valid while the GIL is held. */
+static PyObject *last_key = NULL;
+
+static PyObject *
+plan_key(const char *keybuf)
+{
+    if (last_key == NULL || memcmp(PyBytes_AS_STRING(last_key), keybuf, PLAN_KEY_SIZE) != 0) {
+        PyObject *key = PyBytes_FromStringAndSize(keybuf, PLAN_KEY_SIZE);
+        if (key == NULL) {
+            return NULL;
+        }
+        Py_XSETREF(last_key, key);
+    }
+    return last_key;
+}
+
+/* Read and validate one request against its cached plan: 1 if it can be served (rq filled,
+ * rq->entry a new reference), 0 if not (no entry, anything differs or is invalid: the
+ * general path then serves it or words the error), -1 with an exception set. */
+static int
+read_request(PyObject *cache, const Py_buffer *src, PyObject *digest_obj, int check_ragged,
+             request *rq)
+{
+    const char *s = (const char *)src->buf;
+    const Py_ssize_t n = src->len;
+    unsigned long long digest = PyLong_AsUnsignedLongLong(digest_obj);
+    if (digest == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear(); /* not a u64 digest: never cached */
+        return 0;
+    }
+    if (!preamble_ok(s, n)) {
+        return 0;
+    }
+    uint64_t n_columns = load_le(s + FRAME_N_COLUMNS_AT, FRAME_N_COLUMNS_SIZE);
+    uint64_t layout_len = load_le(s + FRAME_LAYOUT_LEN_AT, FRAME_LAYOUT_LEN_SIZE);
+    rq->n_cand = load_le(s + FRAME_N_CANDIDATES_AT, FRAME_N_CANDIDATES_SIZE);
+    rq->meta_off = load_le(s + FRAME_META_OFFSET_AT, FRAME_META_OFFSET_SIZE);
+    rq->meta_len = load_le(s + FRAME_META_LEN_AT, FRAME_META_LEN_SIZE);
+    if (rq->meta_off > (uint64_t)n || rq->meta_len != (uint64_t)n - rq->meta_off) {
+        return 0;
+    }
+    char keybuf[PLAN_KEY_SIZE];
+    memcpy(keybuf, s + FRAME_LAYOUT_HINT_AT, 8); /* the layout hint, as on the wire (LE) */
+    store_le(keybuf + 8, digest, 8);
+    PyObject *key = plan_key(keybuf);
+    if (key == NULL) {
+        return -1;
+    }
+    PyObject *entry = PyDict_GetItemWithError(cache, key);
+    if (entry == NULL) {
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    if (!PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 3
+        || !PyBytes_CheckExact(PyTuple_GET_ITEM(entry, 0))
+        || !PyBytes_CheckExact(PyTuple_GET_ITEM(entry, 1))
+        || !PyByteArray_CheckExact(PyTuple_GET_ITEM(entry, 2))
+        || PyBytes_GET_SIZE(PyTuple_GET_ITEM(entry, 1)) < (Py_ssize_t)sizeof(plan_head)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "trimmer plan cache entries must be (bytes, plan blob, memo bytearray)");
+        return -1;
+    }
+    PyObject *layout = PyTuple_GET_ITEM(entry, 0), *memo_obj = PyTuple_GET_ITEM(entry, 2);
+    const char *blob = PyBytes_AS_STRING(PyTuple_GET_ITEM(entry, 1));
+    const plan_head *h = (const plan_head *)blob;
+    if (h->magic != PLAN_MAGIC
+        || (uint64_t)PyBytes_GET_SIZE(PyTuple_GET_ITEM(entry, 1)) != h->blob_len
+        || (uint64_t)PyByteArray_GET_SIZE(memo_obj) != memo_bytes(h)) {
+        PyErr_SetString(PyExc_TypeError, "trimmer plan cache entry holds no pack_columns blob");
+        return -1;
+    }
+    /* The layout must be the plan's, byte for byte; then the table must fit before the
+     * metadata, and every block must be valid. */
+    const uint64_t table_end = h->table_offset + FRAME_TABLE_ENTRY_SIZE * n_columns;
+    if (h->n_columns != n_columns || h->layout_len != layout_len
+        || (uint64_t)PyBytes_GET_SIZE(layout) != layout_len || table_end > rq->meta_off
+        || bytes_differ(s + FRAME_PREAMBLE_SIZE, PyBytes_AS_STRING(layout), (size_t)layout_len)) {
+        return 0;
+    }
+    const char *table = s + h->table_offset;
+    char *memo = PyByteArray_AS_STRING(memo_obj);
+    rq->blob = blob;
+    rq->h = h;
+    rq->s = s;
+    rq->n = n;
+    rq->table = table;
+    rq->out_meta = memo_lookup(memo, table, rq);
+    if (rq->out_meta != 0) {
+        rq->memo = memo;
+    }
+    else {
+        rq->out_meta = check_blocks(table, blob, rq->n_cand, table_end, rq->meta_off);
+        if (rq->out_meta == 0) {
+            return 0;
+        }
+    }
+    if (check_ragged && ragged_bad(rq, (const col_desc *)(blob + h->cols_at),
+                                   (const uint32_t *)(blob + h->kept_at))) {
+        return 0;
+    }
+    if (rq->memo == NULL && h->n_ragged == 0) { /* ragged lengths change tables: no memo */
+        memo_store(memo, rq);
+        rq->memo = memo;
+    }
+    Py_INCREF(entry); /* the cache may drop it while the GIL is released */
+    rq->entry = entry;
+    return 1;
+}
+
+/* Write the output header (header_len bytes at d: the plan's prefix, this request's
+ * n_candidates and tail fields, the canonical block table of the kept blocks, padding) and
+ * the coalesced runs into runs[] as (source offset, length) pairs, in output order (they
+ * tile the output from header_len); return how many.  Consecutive kept blocks that are
+ * contiguous in the input (each with its padding to BLOCK_ALIGN) are one run, and no
+ * padding follows the last kept block.  Branch-free per block: which blocks coalesce
+ * follows the allowlist's random pattern, and a mispredicted branch per block would cost
+ * more than the arithmetic. */
+static uint64_t
+build_output(char *d, const request *rq, uint64_t *runs)
+{
+    const plan_head *h = rq->h;
+    const uint32_t *kept = (const uint32_t *)(rq->blob + h->kept_at);
+    memcpy(d, rq->blob + h->prefix_at, (size_t)h->out_table_offset);
+    store_le(d + FRAME_N_CANDIDATES_AT, rq->n_cand, FRAME_N_CANDIDATES_SIZE);
+    store_tail(d, rq->out_meta + rq->meta_len, rq->out_meta, rq->meta_len);
+    char *ot = d + h->out_table_offset;
+    uint64_t cur = h->header_len, expect = UINT64_MAX, r = (uint64_t)-1;
+    uint64_t run_src = 0, run_dst = 0;
+    for (uint64_t j = 0; j < h->n_kept; j++) {
+        const uint64_t off = TABLE_OFF(rq->table, kept[j]), nb = TABLE_NB(rq->table, kept[j]);
+        const uint64_t padded = align_up(nb, FRAME_BLOCK_ALIGN);
+        char *entry = ot + FRAME_TABLE_ENTRY_SIZE * j;
+        store_le(entry + FRAME_TABLE_OFFSET_AT, cur, FRAME_TABLE_OFFSET_SIZE);
+        store_le(entry + FRAME_TABLE_NBYTES_AT, nb, FRAME_TABLE_NBYTES_SIZE);
+        const uint64_t fresh = off != expect; /* blocks are aligned: never UINT64_MAX */
+        r += fresh;
+        run_src = fresh ? off : run_src;
+        run_dst = fresh ? cur : run_dst;
+        runs[2 * r] = run_src;
+        runs[2 * r + 1] = cur + padded - run_dst;
+        expect = off + padded;
+        cur += padded;
+    }
+    char *pad = ot + FRAME_TABLE_ENTRY_SIZE * h->n_kept;
+    memset(pad, 0, (size_t)(d + h->header_len - pad));
+    if (h->n_kept == 0) {
+        return 0;
+    }
+    runs[2 * r + 1] = rq->out_meta - run_dst; /* the last run: no padding after it */
+    return r + 1;
+}
+
+/* Record this request's (validated) table, header and runs as the plan's memo. */
+static void
+memo_store(char *memo, const request *rq)
+{
+    memo_head m = {0, rq->n_cand, rq->meta_off, rq->out_meta, 0};
+    memcpy(memo, &m, sizeof m); /* invalid while it changes */
+    memcpy(MEMO_TABLE(memo), rq->table, (size_t)(FRAME_TABLE_ENTRY_SIZE * rq->h->n_columns));
+    m.n_runs = build_output(MEMO_HEADER(memo, rq->h), rq, MEMO_RUNS(memo, rq->h));
+    m.valid = 1;
+    memcpy(memo, &m, sizeof m);
+}
+
+/* The output header and runs of one request: from the plan's memo (a hit) or built into
+ * the caller's scratch. */
+typedef struct {
+    const uint64_t *runs;
+    uint64_t n_runs;
+} run_list;
+
+static run_list
+output_runs(char *d, const request *rq, uint64_t *scratch)
+{
+    if (rq->memo != NULL) { /* same n_candidates and table: only the tail can differ */
+        memcpy(d, MEMO_HEADER(rq->memo, rq->h), (size_t)rq->h->header_len);
+        store_tail(d, rq->out_meta + rq->meta_len, rq->out_meta, rq->meta_len);
+        return (run_list){MEMO_RUNS(rq->memo, rq->h), ((const memo_head *)rq->memo)->n_runs};
+    }
+    return (run_list){scratch, build_output(d, rq, scratch)};
+}
+
+/* Copy the runs from the input to d, first run first or last run first, prefetching the
+ * first lines of the run PREFETCH_AHEAD runs ahead (each run starts a new source stream,
+ * which the hardware prefetchers pick up only after a few misses).
+ *
+ * plan_trim alternates the two orders from call to call.  When consecutive trims read the
+ * same frame (a fan-out to several targets, or a benchmark's steady state) and the frame
+ * plus the output outgrow the L2 cache, a copy in one fixed order always finds its next
+ * bytes evicted (the access pattern is cyclic); alternating the order starts each copy
+ * where the previous one ended, in what is still cached (~10% on the dev VM, 2 MB L2). */
+#define COPY_LIST_BODY(COPY)                                                               \
+    const char *s = rq->s;                                                                 \
+    if (!backwards) {                                                                      \
+        char *at = d + rq->h->header_len;                                                  \
+        for (uint64_t i = 0; i < n_runs; i++) {                                            \
+            if (i + PREFETCH_AHEAD < n_runs) {                                             \
+                for (int k = 0; k < PREFETCH_LINES; k++) {                                 \
+                    PREFETCH(s + runs[2 * (i + PREFETCH_AHEAD)] + 64 * k);                 \
+                }                                                                          \
+            }                                                                              \
+            COPY(at, s + runs[2 * i], (size_t)runs[2 * i + 1]);                            \
+            at += runs[2 * i + 1];                                                         \
+        }                                                                                  \
+        return;                                                                            \
+    }                                                                                      \
+    char *end = d + rq->out_meta;                                                          \
+    for (uint64_t i = n_runs; i-- > 0;) {                                                  \
+        if (i >= PREFETCH_AHEAD) {                                                         \
+            for (int k = 0; k < PREFETCH_LINES; k++) {                                     \
+                PREFETCH(s + runs[2 * (i - PREFETCH_AHEAD)] + 64 * k);                     \
+            }                                                                              \
+        }                                                                                  \
+        end -= runs[2 * i + 1];                                                            \
+        COPY(end, s + runs[2 * i], (size_t)runs[2 * i + 1]);                               \
+    }
+
+static void
+copy_list_any(char *d, const request *rq, const uint64_t *runs, uint64_t n_runs,
+              int backwards)
+{
+    COPY_LIST_BODY(copy_run)
+}
+
+#ifdef HAVE_X86_KERNELS
+#define COPY_AVX2(dst, src, n) \
+    ((n) >= 64 ? copy_avx2((dst), (src), (n)) : (void)memcpy((dst), (src), (n)))
+
+/* The same with the AVX2 kernel inlined: a few-candidate frame's runs are 64-byte
+ * blocks, where a call per run costs as much as its copy. */
+__attribute__((target("avx2"))) static void
+copy_list_avx2(char *d, const request *rq, const uint64_t *runs, uint64_t n_runs,
+               int backwards)
+{
+    COPY_LIST_BODY(COPY_AVX2)
+}
+#endif
+
+static void
+copy_list(char *d, const request *rq, const uint64_t *runs, uint64_t n_runs, int backwards)
+{
+#ifdef HAVE_X86_KERNELS
+    if (kernel == KERNEL_AVX2) {
+        copy_list_avx2(d, rq, runs, n_runs, backwards);
+        return;
+    }
+#endif
+    copy_list_any(d, rq, runs, n_runs, backwards);
+}
+
+/* Which order the next plan_trim copies in; read and flipped only while holding the GIL. */
+static int copy_backwards = 0;
+
+/* Scratch for the runs of one request: on the stack for up to SCRATCH_RUNS runs. */
+#define SCRATCH_RUNS 512
+typedef struct {
+    uint64_t local[2 * SCRATCH_RUNS];
+    uint64_t *runs;
+} scratch;
+
+static int
+scratch_init(scratch *sc, const request *rq)
+{
+    sc->runs = sc->local;
+    if (rq->memo == NULL && rq->h->n_kept > SCRATCH_RUNS) {
+        sc->runs = PyMem_Malloc((size_t)(16 * rq->h->n_kept));
+        if (sc->runs == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static void
+scratch_free(scratch *sc)
+{
+    if (sc->runs != sc->local) {
+        PyMem_Free(sc->runs);
+    }
+}
+
+/* Write the whole trimmed frame (out_meta + meta_len bytes) to d; -1 on MemoryError. */
+static int
+write_trimmed(char *d, const request *rq)
+{
+    scratch sc;
+    if (scratch_init(&sc, rq) < 0) {
+        return -1;
+    }
+    run_list rl = output_runs(d, rq, sc.runs);
+    int backwards = copy_backwards;
+    copy_backwards = !backwards;
+    if (rq->out_meta - rq->h->header_len >= RELEASE_GIL_MIN_BYTES) {
+        /* src, out and the plan entry are all held: nothing moves or goes away.  Another
+         * thread may rewrite the memo meanwhile, so its runs are copied out first. */
+        if (rl.runs != sc.runs) {
+            uint64_t *own = rl.n_runs > SCRATCH_RUNS ? PyMem_Malloc((size_t)(16 * rl.n_runs))
+                                                     : sc.local;
+            if (own == NULL) {
+                scratch_free(&sc);
+                PyErr_NoMemory();
+                return -1;
+            }
+            memcpy(own, rl.runs, (size_t)(16 * rl.n_runs));
+            rl.runs = sc.runs = own;
+        }
+        Py_BEGIN_ALLOW_THREADS
+        copy_list(d, rq, rl.runs, rl.n_runs, backwards);
+        Py_END_ALLOW_THREADS
+    }
+    else {
+        copy_list(d, rq, rl.runs, rl.n_runs, backwards);
+    }
+    memcpy(d + rq->out_meta, rq->s + rq->meta_off, (size_t)rq->meta_len);
+    scratch_free(&sc);
+    return 0;
+}
+
+static PyObject *
+memo_size(PyObject *self, PyObject *blob)
+{
+    if (!PyBytes_Check(blob) || PyBytes_GET_SIZE(blob) < (Py_ssize_t)sizeof(plan_head)
+        || ((const plan_head *)PyBytes_AS_STRING(blob))->magic != PLAN_MAGIC) {
+        PyErr_SetString(PyExc_TypeError, "memo_size(blob): not a pack_columns blob");
+        return NULL;
+    }
+    return PyLong_FromUnsignedLongLong(memo_bytes((const plan_head *)PyBytes_AS_STRING(blob)));
+}
+
+static int
+check_call(const char *name, PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want,
+           Py_ssize_t type_at)
+{
+    if (nargs != want || !PyDict_Check(args[0]) || !PyType_Check(args[type_at])
+        || !PyType_IsSubtype((PyTypeObject *)args[type_at], &PyTuple_Type)) {
+        PyErr_Format(PyExc_TypeError, "%s: bad arguments (see the module docstring)", name);
+        return -1;
+    }
+    return 0;
+}
+
+/* A writable, 1-D, C-contiguous unsigned-byte memoryview of out with exactly len bytes
+ * (a new bytearray for None); NULL without an exception when out does not qualify. */
+static PyObject *
+output_view(PyObject *out_obj, uint64_t len)
+{
+    PyObject *data;
+    if (out_obj == Py_None) {
+        PyObject *fresh = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)len);
+        if (fresh == NULL) {
+            return NULL;
+        }
+        data = PyMemoryView_FromObject(fresh);
+        Py_DECREF(fresh);
+        return data;
+    }
+    if (!PyObject_CheckBuffer(out_obj) || (data = PyMemoryView_FromObject(out_obj)) == NULL) {
+        PyErr_Clear();
+        return NULL;
+    }
+    Py_buffer *view = PyMemoryView_GET_BUFFER(data);
+    if (view->readonly || view->ndim != 1
+        || (view->format != NULL && strcmp(view->format, "B") != 0)
+        || !PyBuffer_IsContiguous(view, 'C') || (uint64_t)view->len < len) {
+        Py_DECREF(data);
+        return NULL;
+    }
+    if ((uint64_t)view->len != len) {
+        /* Shorten this new, not yet shared 1-D byte view in place (what slicing it would
+         * set up in a second memoryview; its managed buffer keeps the full export). */
+        view->len = (Py_ssize_t)len;
+        view->shape[0] = (Py_ssize_t)len;
+    }
+    return data;
+}
+
+static PyObject *
+plan_trim(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (check_call("plan_trim", args, nargs, 6, 5) < 0) {
+        return NULL;
+    }
+    int check_ragged = PyObject_IsTrue(args[4]);
+    if (check_ragged < 0) {
+        return NULL;
+    }
+    Py_buffer src;
+    if (PyObject_GetBuffer(args[1], &src, PyBUF_SIMPLE) < 0) {
+        PyErr_Clear(); /* the general path words the error */
+        Py_RETURN_NONE;
+    }
+    request rq = {0};
+    PyObject *result = NULL, *data = NULL;
+    int ok = read_request(args[0], &src, args[3], check_ragged, &rq);
+    if (ok <= 0) {
+        result = ok < 0 ? NULL : Py_NewRef(Py_None);
+        goto done;
+    }
+    const uint64_t out_len = rq.out_meta + rq.meta_len;
+    data = output_view(args[2], out_len);
+    if (data == NULL) {
+        result = PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
+        goto done;
+    }
+    if (write_trimmed((char *)PyMemoryView_GET_BUFFER(data)->buf, &rq) == 0) {
+        result = make_result((PyTypeObject *)args[5], data, src.len, (Py_ssize_t)out_len,
+                             rq.h->n_kept, rq.h->n_missing);
+    }
+done:
+    Py_XDECREF(data);
+    Py_XDECREF(rq.entry);
+    PyBuffer_Release(&src);
+    return result;
+}
