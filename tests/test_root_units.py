@@ -22,7 +22,8 @@ from root_helpers import LeafThread, MapPublisher, Workload, reference_scores, t
 from root_worker.featuremap.live_map import LiveMap
 from root_worker.frame import Trimmer
 from root_worker.leaf.model import ModelStore
-from root_worker.service.fanout import Fanout, LeafError, LeafPool
+from root_worker.service.fanout import LeafCall, LeafError, LeafPool, post_blocking
+from root_worker.service.loop import Loop, run_until
 from root_worker.service.metrics import RootMetrics
 from root_worker.service.routing import Endpoint, Routing, RoutingError
 from root_worker.service.score import BadRequest, Scorer
@@ -140,7 +141,7 @@ def test_pool_keeps_connections_alive_and_retries_a_stale_one() -> None:
     ep = Endpoint.parse(leaf.url)
     try:
         for _ in range(5):
-            status, _ = pool.post(ep, "/nowhere", b"x", {}, deadline=_far())
+            _, status, _ = post_blocking(pool, [ep], "/nowhere", b"x", {}, deadline=_far())
             assert status == 404
         assert pool.connects == 1
     finally:
@@ -151,7 +152,7 @@ def test_pool_keeps_connections_alive_and_retries_a_stale_one() -> None:
     pool = LeafPool()
     try:
         for _ in range(3):
-            assert pool.post(ep, "/", b"abc", {}, deadline=_far()) == (200, b"ok")
+            assert post_blocking(pool, [ep], "/", b"abc", {}, deadline=_far())[1:] == (200, b"ok")
         assert srv.accepted == 3 and pool.connects == 3  # each stale reuse retried fresh
     finally:
         pool.close()
@@ -162,22 +163,29 @@ def _far() -> float:
     return time.monotonic() + 30
 
 
-def test_fanout_keeps_order_returns_errors_and_abandons_late_jobs() -> None:
-    fan = Fanout(4)
-    gate = threading.Event()
-
-    def boom() -> int:
-        raise LeafError("io", "broken")
-
+def test_calls_on_one_loop_keep_their_own_results_and_deadlines() -> None:
+    store = ModelStore.from_inputs({})
+    leaf = LeafThread(store)
+    hung = socket.socket()  # accepts (backlog) but never answers
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(8)
+    pool, loop, results = LeafPool(), Loop(), {}
+    ok, silent = Endpoint.parse(leaf.url), Endpoint.parse(f"http://127.0.0.1:"
+                                                          f"{hung.getsockname()[1]}")
+    deadline = time.monotonic() + 1.0
     try:
-        out = fan.run([lambda: 1, boom, lambda: gate.wait(30) and 3], timeout=0.2)
-        assert out[0] == 1
-        assert isinstance(out[1], LeafError) and out[1].kind == "io"
-        assert isinstance(out[2], LeafError) and out[2].kind == "timeout" and out[2].abandoned
-        assert fan.run([boom], timeout=1)[0].kind == "io"  # type: ignore[union-attr]
+        for name, eps in (("ok", [ok]), ("hung", [silent]), ("none", [])):
+            LeafCall(loop, pool, eps, "/nowhere", {}, [b"x"], deadline, 1 << 20,
+                     lambda r, name=name: results.__setitem__(name, r)).start()
+        run_until(loop, lambda: len(results) == 3, time.monotonic() + 30)
+        assert results["ok"][0] == 404
+        assert isinstance(results["hung"], LeafError) and results["hung"].kind == "timeout"
+        assert isinstance(results["none"], LeafError) and results["none"].kind == "no_route"
     finally:
-        gate.set()
-        fan.close()
+        loop.close()
+        pool.close()
+        hung.close()
+        leaf.close()
 
 
 # -- the scorer over a real map and real leaves ------------------------------------------------

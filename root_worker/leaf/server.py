@@ -92,7 +92,7 @@ class LeafStats:
             return {**self.totals, "by_model": {k: dict(v) for k, v in self.by_model.items()}}
 
 
-class LeafError(Exception):
+class LeafReplyError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
@@ -168,7 +168,7 @@ class LeafHandler(BaseHTTPRequestHandler):
             wire = len(body)
             doc, frame_len, columns = self._score(model, (query.get("version") or [None])[0],
                                                   body)
-        except LeafError as exc:
+        except LeafReplyError as exc:
             self.server.stats.record(model, wire, frame_len, columns, ok=False)
             self._send_json(exc.status, {"error": str(exc)})
             return
@@ -185,41 +185,41 @@ class LeafHandler(BaseHTTPRequestHandler):
     def _discard_body(self) -> None:
         try:
             self._read_body()
-        except LeafError:
+        except LeafReplyError:
             pass
 
     def _read_body(self) -> bytes:
         raw = self.headers.get("Content-Length")
         if raw is None or not raw.isdigit():
             self.close_connection = True
-            raise LeafError(411, "a Content-Length header is required")
+            raise LeafReplyError(411, "a Content-Length header is required")
         length = int(raw)
         if length > self.server.max_body:
             self.close_connection = True
-            raise LeafError(413, f"body of {length} bytes exceeds {self.server.max_body}")
+            raise LeafReplyError(413, f"body of {length} bytes exceeds {self.server.max_body}")
         body = self.rfile.read(length)
         if len(body) != length:
             self.close_connection = True
-            raise LeafError(400, f"body truncated: {len(body)} of {length} bytes")
+            raise LeafReplyError(400, f"body truncated: {len(body)} of {length} bytes")
         return body
 
     def _score(self, model: str | None, version: str | None,
                body: bytes) -> tuple[dict[str, Any], int, int]:
         if not model:
-            raise LeafError(400, "query parameter 'model' is required")
+            raise LeafReplyError(400, "query parameter 'model' is required")
         lm = self.server.store.get(model, version)
         if lm is None:
-            raise LeafError(404, f"model {model!r} is not served here")
+            raise LeafReplyError(404, f"model {model!r} is not served here")
         frame_bytes = self._decompress(body)
         try:
             frame = decode(frame_bytes)
         except FrameError as exc:
-            raise LeafError(400, f"malformed frame: {exc}") from None
+            raise LeafReplyError(400, f"malformed frame: {exc}") from None
         scores, missing = lm.score(frame)
         trimmed_for = self.headers.get(TRIMMED_FOR_HEADER)
         if trimmed_for is not None and trimmed_for != lm.version and missing:
-            raise LeafError(STATUS_SKEW, f"frame trimmed for version {trimmed_for!r} of {model!r}, "
-                                 f"this leaf serves version {lm.version!r} and lacks "
+            raise LeafReplyError(STATUS_SKEW, f"frame trimmed for version {trimmed_for!r} "
+                                 f"of {model!r}, this leaf serves version {lm.version!r} and lacks "
                                  f"{len(missing)} of its features (e.g. {missing[0]!r})")
         doc = {"model": model, "version": lm.version, "requested_version": version,
                "scores": scores, "n_candidates": frame.n_candidates,
@@ -232,15 +232,15 @@ class LeafHandler(BaseHTTPRequestHandler):
         if encoding == ENCODING_IDENTITY:
             return body
         if encoding != ENCODING_LZ4:
-            raise LeafError(415, f"unsupported Content-Encoding {encoding!r}")
+            raise LeafReplyError(415, f"unsupported Content-Encoding {encoding!r}")
         try:
             dec = lz4.frame.LZ4FrameDecompressor()
             out = dec.decompress(body, max_length=self.server.max_body)
             if not dec.eof:
-                raise LeafError(400, "lz4 body is truncated or decompresses beyond "
+                raise LeafReplyError(400, "lz4 body is truncated or decompresses beyond "
                                      f"{self.server.max_body} bytes")
         except RuntimeError as exc:
-            raise LeafError(400, f"malformed lz4 body: {exc}") from None
+            raise LeafReplyError(400, f"malformed lz4 body: {exc}") from None
         return out
 
 

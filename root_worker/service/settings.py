@@ -16,9 +16,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from flatbuffers_schema.shm_layout import DEFAULT_SHM_NAME
+from flatbuffers_schema.shm_layout import DEFAULT_SHM_NAME, validate_prefix
 
 MODES = ("trim", "shadow", "off")
+WORKER_CLASSES = {  # FT_WORKER_CLASS -> gunicorn worker class
+    "event": "root_worker.service.worker.RootWorker",
+    "gthread": "gthread",
+    "sync": "sync",
+}
 
 
 class SettingsError(ValueError):
@@ -67,6 +72,17 @@ def _mode(text: str) -> str:
     return low
 
 
+def _worker_class(text: str) -> str:
+    low = text.strip().lower()
+    if low not in WORKER_CLASSES:
+        raise ValueError(f"expected one of {', '.join(WORKER_CLASSES)}")
+    return low
+
+
+def _shm_name(text: str) -> str:
+    return validate_prefix(text)
+
+
 def _log_level(text: str) -> str:
     low = text.strip().lower()
     if low not in ("debug", "info", "warning", "error", "critical"):
@@ -90,7 +106,7 @@ def _default_run_dir() -> str:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("FT_SHM_NAME", "shm_name", DEFAULT_SHM_NAME, str,
+    Setting("FT_SHM_NAME", "shm_name", DEFAULT_SHM_NAME, _shm_name,
             "shared-memory prefix of the map; the same as trimmer-daemon's --shm-name"),
     Setting("FT_ROUTING", "routing", "", str,
             "routing file: JSON object model -> leaf URL or list of URLs (`\"*\"`: default "
@@ -112,10 +128,34 @@ SETTINGS: tuple[Setting, ...] = (
             "listen address (`HOST:0` picks a free port; the bound address is written to "
             "`$FT_RUN_DIR/root.json`)"),
     Setting("FT_WORKERS", "workers", 2, _positive(int), "gunicorn worker processes"),
+    Setting("FT_WORKER_CLASS", "worker_class", "event", _worker_class,
+            "`event` (default: one event loop per worker multiplexes clients and leaf "
+            "calls), `gthread` or `sync` (the WSGI path; slow clients then hold threads)"),
     Setting("FT_THREADS", "threads", 4, _positive(int),
-            "request threads per worker (gthread worker; 1 selects the sync worker)"),
+            "request threads per worker (`gthread` worker only)"),
     Setting("FT_FANOUT_THREADS", "fanout_threads", 8, _positive(int),
-            "threads per worker sending to leaves concurrently"),
+            "unused since the event-loop fan-out (kept so old environments still start)"),
+    Setting("FT_MAX_CONNECTIONS", "max_connections", 1000, _positive(int),
+            "client connections per worker (`event` worker); beyond it the worker stops "
+            "accepting until one closes"),
+    Setting("FT_KEEPALIVE", "keepalive", 75.0, _positive(float),
+            "seconds an idle client keep-alive connection is kept (`event` worker: an idle "
+            "connection costs a few KB, no thread)"),
+    Setting("FT_HEADER_TIMEOUT", "header_timeout", 10.0, _positive(float),
+            "seconds a client may take to send a request's head once its first byte came; "
+            "then 408 and close"),
+    Setting("FT_BODY_TIMEOUT", "body_timeout", 30.0, _positive(float),
+            "seconds a client may take to send a request's body (and to take the answer); "
+            "then 408 and close"),
+    Setting("FT_MAX_HEADER_BYTES", "max_header_bytes", 32 << 10, _positive(int),
+            "a larger request head is refused with 431 (a longer request line: 414)"),
+    Setting("FT_MAX_BUFFER_BYTES", "max_buffer_bytes", 512 << 20, _positive(int),
+            "per-worker cap on request-body and trimmed-output buffers; a body that does not "
+            "fit is refused with 503, a trimmed output that does not fit is sent untrimmed "
+            "(counted as a trim error)"),
+    Setting("FT_MAX_LEAF_REPLY_BYTES", "max_leaf_reply_bytes", 4 << 20, _positive(int),
+            "a leaf answer larger than this fails its target with `bad_reply`, read no "
+            "further"),
     Setting("FT_RUN_DIR", "run_dir", None, str,
             "the only directory the service writes: `root.json`, `prometheus/` (wiped at "
             "start), `tmp/`; default `$RUNTIME_DIRECTORY` or `/tmp/feature-trimmer-$UID`"),
@@ -145,8 +185,16 @@ class Settings:
     max_targets: int
     bind: str
     workers: int
+    worker_class: str
     threads: int
     fanout_threads: int
+    max_connections: int
+    keepalive: float
+    header_timeout: float
+    body_timeout: float
+    max_header_bytes: int
+    max_buffer_bytes: int
+    max_leaf_reply_bytes: int
     run_dir: str
     ready_max_wait: float
     heartbeat_stale: float
