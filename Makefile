@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): setup.cfg pyproject.toml $(wildcard setup.py)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m pip install -q -e '.[test,bench,lint]'
 	touch $(STAMP)
 
 test: $(STAMP)           ## run the whole test suite
@@ -35,9 +35,16 @@ run: $(STAMP)            ## the demo stack, kept up until Ctrl-C
 schema: $(STAMP)         ## regenerate flatbuffers_schema Python code with flatc
 	$(PY) -m flatbuffers_schema.regen
 
-lint: $(STAMP)
-	$(PY) -m pip install -q ruff
+# mypy --strict covers the public API: frame codec + trim engine, name keys, the contracts,
+# the map reader and the bundle parser (config: [mypy] in setup.cfg).
+STRICT := root_worker/frame flatbuffers_schema/keys.py flatbuffers_schema/settings.py \
+          flatbuffers_schema/wire.py flatbuffers_schema/shm_layout.py \
+          flatbuffers_schema/atomic_file.py flatbuffers_schema/feature_map.py \
+          root_worker/featuremap/map_reader.py trimmer_daemon/bundle/parse.py
+
+lint: $(STAMP)           ## ruff (pinned) + mypy --strict on the public API
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy --strict $(STRICT)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

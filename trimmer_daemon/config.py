@@ -1,4 +1,9 @@
-"""trimmer-daemon settings: one declarative registry feeds --help, the TOML file and docs.
+"""trimmer-daemon settings: typed fields of the one registry (:mod:`flatbuffers_schema.settings`).
+
+Each setting is declared once below (or, for the bundle limits, in
+:class:`trimmer_daemon.bundle.parse.Limits`) and is at once an attribute of
+:class:`DaemonConfig`, a ``--flag``, a TOML key and a row of the table in
+``docs/operations.md`` (``python -m trimmer_daemon.config``; a test keeps it in sync).
 
 Runs in the daemon at start-up and on SIGHUP. Precedence: command-line flags, then the TOML
 file given with ``--config``, then the defaults below. Bundles are the union of every
@@ -21,97 +26,83 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 import tomllib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from flatbuffers_schema.shm_layout import DEFAULT_SHM_NAME
+from flatbuffers_schema import settings as S
+from flatbuffers_schema.settings import SettingsError, in_range, positive, setting
+from flatbuffers_schema.shm_layout import DEFAULT_SHM_NAME, validate_prefix
 from trimmer_daemon.bundle.parse import Limits
 
 BUNDLE_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
-class ConfigError(ValueError):
+class ConfigError(SettingsError):
     """The configuration is unusable; the message names the option or file and why."""
 
 
-@dataclass(frozen=True)
-class Setting:
-    name: str                 # attribute and TOML key
-    flag: str                 # command-line flag
-    default: Any
-    parse: Callable[[str], Any]
-    help: str
-    metavar: str | None = None
+def _prefix(raw: Any) -> str:
+    return validate_prefix(S.text(raw))
 
 
-def _octal(text: str) -> int:
-    return int(str(text), 8)
+def _listen(raw: Any) -> str:
+    return S.host_port(raw, allow_empty=True)
 
 
-def _listen(text: str) -> str:
-    text = str(text)
-    if text and not re.match(r"^[^\s:]*:\d{1,5}$", text):
-        raise ValueError("expected HOST:PORT, or '' to disable")
-    return text
-
-
-SETTINGS: tuple[Setting, ...] = (
-    Setting("shm_name", "--shm-name", DEFAULT_SHM_NAME, str,
-            "prefix of every shared-memory segment (/dev/shm/NAME.ctl, NAME.g<generation>); "
-            "the root workers must use the same name"),
-    Setting("shm_mode", "--shm-mode", 0o640, _octal,
-            "octal mode of the segments (workers need read access only)", "OCTAL"),
-    Setting("shm_group", "--shm-group", "", str,
-            "group owning the segments, usually the root workers' group (default: ours)"),
-    Setting("grace_seconds", "--grace-seconds", 10.0, float,
-            "keep a superseded generation this long before unlinking it (a worker that still "
-            "maps it keeps reading it after the unlink)"),
-    Setting("heartbeat_interval", "--heartbeat-interval", 1.0, float,
-            "seconds between heartbeats in the control segment"),
-    Setting("debounce_ms", "--debounce-ms", 5.0, float,
-            "after a file event, wait until the directory is quiet this long before reloading"),
-    Setting("max_delay_ms", "--max-delay-ms", 50.0, float,
-            "never delay a reload longer than this after the first event of a burst"),
-    Setting("rescan_interval", "--rescan-interval", 30.0, float,
-            "re-read every bundle this often even without events (safety net)"),
-    Setting("retry_interval", "--retry-interval", 1.0, float,
-            "after a failed publication (e.g. /dev/shm full), retry this often"),
-    Setting("max_file_bytes", "--max-file-bytes", Limits().max_file_bytes, int,
-            "reject bundle files larger than this"),
-    Setting("max_models", "--max-models", Limits().max_models, int,
-            "reject bundle files with more models than this"),
-    Setting("max_versions_per_model", "--max-versions", Limits().max_versions_per_model, int,
-            "reject bundle files with more versions of one model than this"),
-    Setting("max_features_per_version", "--max-features",
-            Limits().max_features_per_version, int,
-            "reject bundle files with more input features in one version than this"),
-    Setting("metrics_listen", "--metrics-listen", "127.0.0.1:9469", _listen,
-            "serve Prometheus metrics on HOST:PORT ('' disables)", "HOST:PORT"),
-    Setting("log_level", "--log-level", "INFO", str.upper, "DEBUG, INFO, WARNING or ERROR"),
-)
+def _octal_show(value: int) -> str:
+    return f"{value:o}"
 
 
 @dataclass(frozen=True)
 class DaemonConfig:
+    """What the daemon runs with: every setting typed, plus bundles and the limits."""
+
+    shm_name: str = setting(
+        DEFAULT_SHM_NAME, _prefix,
+        "prefix of every shared-memory segment (/dev/shm/NAME.ctl, NAME.g<generation>); "
+        "the root workers must use the same name", flag="--shm-name")
+    shm_mode: int = setting(0o640, S.octal,
+                            "octal mode of the segments (workers need read access only)",
+                            flag="--shm-mode", metavar="OCTAL", show=_octal_show)
+    shm_group: str = setting("", S.text, "group owning the segments, usually the root "
+                             "workers' group (default: ours)", flag="--shm-group")
+    grace_seconds: float = setting(
+        10.0, in_range(float, 0, 86400),
+        "keep a superseded generation this long before unlinking it (a worker that still maps "
+        "it keeps reading it after the unlink)", flag="--grace-seconds")
+    heartbeat_interval: float = setting(1.0, positive(float, 3600),
+                                        "seconds between heartbeats in the control segment",
+                                        flag="--heartbeat-interval")
+    debounce_ms: float = setting(
+        5.0, in_range(float, 0, 60_000),
+        "after a file event, wait until the directory is quiet this long before reloading",
+        flag="--debounce-ms")
+    max_delay_ms: float = setting(
+        50.0, in_range(float, 0, 600_000),
+        "never delay a reload longer than this after the first event of a burst",
+        flag="--max-delay-ms")
+    rescan_interval: float = setting(30.0, positive(float, 86400),
+                                     "re-read every bundle this often even without events "
+                                     "(safety net)", flag="--rescan-interval")
+    retry_interval: float = setting(1.0, positive(float, 3600),
+                                    "after a failed publication (e.g. /dev/shm full), retry "
+                                    "this often", flag="--retry-interval")
+    metrics_listen: str = setting("127.0.0.1:9469", _listen,
+                                  "serve Prometheus metrics on HOST:PORT ('' disables)",
+                                  flag="--metrics-listen", metavar="HOST:PORT")
+    log_level: str = setting("INFO", S.choice(*LOG_LEVELS), ", ".join(LOG_LEVELS),
+                             flag="--log-level")
+
+    limits: Limits = field(default_factory=Limits)
     bundles: dict[str, str] = field(default_factory=dict)
     config_file: str | None = None
     cleanup: bool = False
-    values: dict[str, Any] = field(default_factory=dict)
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self.__dict__["values"][name]
-        except KeyError:
-            raise AttributeError(name) from None
 
-    @property
-    def limits(self) -> Limits:
-        v = self.values
-        return Limits(max_file_bytes=v["max_file_bytes"], max_models=v["max_models"],
-                      max_versions_per_model=v["max_versions_per_model"],
-                      max_features_per_version=v["max_features_per_version"])
+SETTING_CLASSES = (DaemonConfig, Limits)  # every flag and TOML key of the daemon
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,10 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Watch each bundle's module_info.json, keep every bundle's last-known-good "
                     "allowlists, and publish the consolidated model -> version -> allowlist "
                     "map to POSIX shared memory for the root workers (one daemon per host).",
-        epilog="Signals: SIGHUP re-reads the configuration and rescans every bundle; "
+        epilog="Every setting is also a key of the --config TOML file (the flag's name with "
+               "'_' for '-', e.g. grace_seconds = 5.0; the limits: max_file_bytes, "
+               "max_models, max_versions_per_model, max_features_per_version, "
+               "max_name_length), next to a [bundles] table of NAME = PATH. "
+               "Signals: SIGHUP re-reads the configuration and rescans every bundle; "
                "SIGTERM/SIGINT stop, leaving the current map in place for the workers. "
                "Exit codes: 0 stopped, 2 bad configuration, 3 another daemon holds the "
                "shared-memory name.")
+    S.add_version_flag(parser)
     parser.add_argument("--bundle", action="append", default=[], metavar="NAME=PATH",
                         help="a bundle and its module_info.json (repeatable)")
     parser.add_argument("--config", metavar="FILE",
@@ -131,16 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cleanup", action="store_true",
                         help="on exit, remove every shared-memory segment of --shm-name "
                              "(default: leave the current map for the workers)")
-    for s in SETTINGS:
-        parser.add_argument(s.flag, dest=s.name, default=None, metavar=s.metavar,
-                            help=f"{s.help} (default: {_show(s)})")
+    for cls in SETTING_CLASSES:
+        S.add_arguments(parser, cls)
     return parser
-
-
-def _show(s: Setting) -> str:
-    if s.parse is _octal:
-        return f"{s.default:o}"
-    return repr(s.default) if s.default == "" else str(s.default)
 
 
 def load_config(argv: list[str]) -> DaemonConfig:
@@ -152,30 +141,21 @@ def load_config(argv: list[str]) -> DaemonConfig:
 def resolve(args: argparse.Namespace) -> DaemonConfig:
     """Combine parsed flags with the TOML file (re-run on SIGHUP to pick up file edits)."""
     file_values, file_bundles = _read_toml(args.config) if args.config else ({}, {})
-    values: dict[str, Any] = {}
-    for s in SETTINGS:
-        raw = getattr(args, s.name)
-        source = s.flag
-        if raw is None and s.name in file_values:
-            raw, source = file_values.pop(s.name), f"{args.config}: {s.name}"
-        try:
-            values[s.name] = s.default if raw is None else s.parse(raw)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{source}: invalid value {raw!r}: {exc}") from None
-    if file_values:
-        raise ConfigError(f"{args.config}: unknown settings: {', '.join(sorted(file_values))}")
+    known = {spec.name for cls in SETTING_CLASSES for spec in S.specs(cls)}
+    unknown = set(file_values) - known
+    if unknown:
+        raise ConfigError(f"{args.config}: unknown settings: {', '.join(sorted(unknown))}")
+    flags = vars(args)
+    sources: list[S.Source] = [(flags, S.flag_spelling),
+                               (file_values, S.toml_spelling(args.config))]
     bundles = dict(file_bundles)
     bundles.update(_parse_bundle_flags(args.bundle))
-    if values["log_level"] not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-        raise ConfigError(f"--log-level: unknown level {values['log_level']!r}")
     try:
-        Limits(max_file_bytes=values["max_file_bytes"], max_models=values["max_models"],
-               max_versions_per_model=values["max_versions_per_model"],
-               max_features_per_version=values["max_features_per_version"])
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"limits: {exc}") from None
-    return DaemonConfig(bundles=bundles, config_file=args.config, cleanup=args.cleanup,
-                        values=values)
+        limits = S.load(Limits, sources)
+        return S.load(DaemonConfig, sources, limits=limits, bundles=bundles,
+                      config_file=args.config, cleanup=args.cleanup)
+    except SettingsError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _parse_bundle_flags(flags: list[str]) -> dict[str, str]:
@@ -212,3 +192,17 @@ def _read_toml(path: str) -> tuple[dict[str, Any], dict[str, str]]:
             raise ConfigError(f"{path}: bundles.{name}: expected a path string")
         bundles[_check_name(name, f"{path}: bundles")] = os.path.join(base, bpath)
     return doc, bundles
+
+
+def markdown_table() -> str:
+    """The daemon's settings as the table in ``docs/operations.md``."""
+    rows = ["| flag | TOML key | default | meaning |", "|---|---|---|---|"]
+    for cls in SETTING_CLASSES:
+        for spec in S.specs(cls):
+            rows.append(f"| `{spec.flag}` | `{spec.name}` | `{spec.shown_default()}` | "
+                        f"{spec.help} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(markdown_table())

@@ -7,10 +7,14 @@ views, and :func:`trim` keeps exactly the columns a model's allowlist names by c
 whole blocks verbatim.  The binary layout, for readers in any language, is specified in
 ``docs/frame-format.md``.
 
-Which process runs what: the root workers encode (or receive) frames and call
-:meth:`Trimmer.trim` once per fan-out target; leaves call :func:`decode`.  A
+Runs in: the root workers (they receive frames and call :meth:`Trimmer.trim` once per
+fan-out target), leaves (they call :func:`decode`), the test harness and benchmarks.  A
 :class:`Trimmer` holds only in-process caches, so creating one before fork is harmless and
 each worker warms its own.
+
+May import: numpy, the standard library, :mod:`flatbuffers_schema.keys` and its own modules —
+nothing else (``tests/test_rooms.py`` imports it with gunicorn, posix_ipc, inotify_simple,
+prometheus_client, lz4 and flatbuffers made unimportable), so a leaf needs numpy alone.
 
 Example::
 

@@ -45,6 +45,7 @@ from urllib.parse import parse_qs, urlsplit
 import lz4.frame
 
 from flatbuffers_schema.atomic_file import write_atomic
+from flatbuffers_schema.settings import add_version_flag
 from flatbuffers_schema.wire import (
     ENCODING_HEADER,
     ENCODING_IDENTITY,
@@ -249,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="trimmer-leaf",
         description="Reference leaf: decode frames, score the features a model's signature "
                     "names, count received bytes.")
+    add_version_flag(p)
     p.add_argument("--bundle", action="append", default=[], metavar="PATH",
                    help="bundle-level module_info.json; serves its models (re-read on change)")
     p.add_argument("--model", action="append", default=[], metavar="NAME",

@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 
 import posix_ipc
 
+from flatbuffers_schema.settings import add_version_flag
 from flatbuffers_schema.shm_layout import DEFAULT_SHM_NAME, validate_prefix
 from root_worker.featuremap.map_reader import FeatureMapView, MapError
 from root_worker.oncall import format as fmt
@@ -95,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                      description="Inspect the feature-trimmer map in shared memory "
                                  "(read-only; usable as a monitoring check).")
     _common(parser, top=True)
+    add_version_flag(parser)
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True,
                                   parser_class=_Parser)
     p = verbs.add_parser("status", help="health check: generation, ages, daemon, bundles",

@@ -1,0 +1,10 @@
+"""The root service's request path: ``POST /score`` from body to fan-out to answer.
+
+Runs in: the gunicorn root workers (``root_worker.app`` builds it after fork; settings are
+validated in the gunicorn master first). ``score`` drives a request; ``targets`` parses what
+it asks for; ``routing`` maps models to leaves; ``fanout`` talks to leaves; ``settings`` holds
+every ``FT_*`` setting; ``metrics`` the Prometheus counters.
+
+May import: ``frame``, ``featuremap``, ``flatbuffers_schema`` (the wire contract), gunicorn,
+prometheus_client, lz4. Never ``leaf``, ``testing``, ``oncall`` or ``trimmer_daemon``.
+"""

@@ -12,6 +12,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from flatbuffers_schema import settings as S
 from flatbuffers_schema.atomic_file import write_atomic
 from trimmer_daemon.bundle.build import (
     ARCHIVE_SUFFIX,
@@ -71,35 +72,13 @@ exit codes: 0 all valid, 1 at least one invalid, 2 usage error
 """
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
-    return value
-
-
-# option -> Limits field; the flag names are the daemon's (trimmer-daemon --help)
-_LIMIT_FLAGS = (
-    ("--max-file-bytes", "max_file_bytes", "largest accepted file"),
-    ("--max-models", "max_models", "most models per bundle"),
-    ("--max-versions", "max_versions_per_model", "most versions per model"),
-    ("--max-features", "max_features_per_version", "most input (or output) names per version"),
-    ("--max-name-length", "max_name_length", "longest name, in UTF-8 bytes"),
-)
-
-
 def _limits_parent() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group(
         "limits", "The daemon's defaults unless --config names a daemon config file (its\n"
                   "limits then apply, as on that host); single flags override either.")
     group.add_argument("--config", metavar="FILE", help="trimmer-daemon config file (TOML)")
-    for flag, name, text in _LIMIT_FLAGS:
-        group.add_argument(flag, dest=name, type=_positive_int, metavar="N",
-                           help=f"{text} (default {getattr(DEFAULT_LIMITS, name)})")
+    S.add_arguments(group, Limits)  # the daemon's own flags, from the one declaration
     return parent
 
 
@@ -109,15 +88,14 @@ def _limits(args: argparse.Namespace) -> Limits:
     if args.config is not None:
         from trimmer_daemon.config import load_config  # only needed with --config
         limits = load_config(["--config", args.config]).limits
-    overrides = {name: getattr(args, name) for _, name, _ in _LIMIT_FLAGS
-                 if getattr(args, name) is not None}
-    return dataclasses.replace(limits, **overrides)
+    return dataclasses.replace(limits, **S.present(Limits, [(vars(args), S.flag_spelling)]))
 
 
 def _make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Build and validate feature-trimmer bundle signature files.",
         epilog="Run 'trimmer-bundle COMMAND --help' for details.")
+    S.add_version_flag(parser)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     limits = _limits_parent()
 
@@ -164,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.limits = _limits(args)
     except ValueError as exc:  # ConfigError, or limits the daemon would refuse too
-        print(f"{PROG}: error: --config: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     code: int = args.func(args)
     return code

@@ -54,6 +54,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import cast
 
+from flatbuffers_schema.settings import positive, setting
 from flatbuffers_schema.wire import NAME_ALPHABET, NAME_PATTERN
 
 __all__ = [
@@ -100,13 +101,30 @@ class BundleError(ValueError):
 
 @dataclass(frozen=True)
 class Limits:
-    """Configurable bounds; exceeding any of them is an error for the whole file."""
+    """Configurable bounds; exceeding any of them is an error for the whole file.
 
-    max_file_bytes: int = 64 * 1024 * 1024
-    max_models: int = 100_000
-    max_versions_per_model: int = 1_000
-    max_features_per_version: int = 100_000  # also bounds output_names
-    max_name_length: int = 1_024  # in UTF-8 bytes
+    Each field is a setting (:mod:`flatbuffers_schema.settings`): the same flag of
+    ``trimmer-daemon`` and ``trimmer-bundle``, and the same key of the daemon's TOML file, so
+    ``trimmer-bundle validate`` can apply exactly the limits the daemon applies.
+    """
+
+    max_file_bytes: int = setting(64 * 1024 * 1024, positive(int),
+                                  "reject bundle files larger than this many bytes",
+                                  flag="--max-file-bytes", metavar="N")
+    max_models: int = setting(100_000, positive(int),
+                              "reject bundle files with more models than this",
+                              flag="--max-models", metavar="N")
+    max_versions_per_model: int = setting(1_000, positive(int),
+                                          "reject bundle files with more versions of one model "
+                                          "than this", flag="--max-versions", metavar="N")
+    max_features_per_version: int = setting(100_000, positive(int),
+                                            "reject bundle files with more input (or output) "
+                                            "names in one version than this",
+                                            flag="--max-features", metavar="N")
+    max_name_length: int = setting(1_024, positive(int),
+                                   "reject names (models, versions, features) longer than "
+                                   "this many UTF-8 bytes", flag="--max-name-length",
+                                   metavar="N")
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
