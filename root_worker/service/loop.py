@@ -44,6 +44,9 @@ class Loop:
         self._sel = selectors.DefaultSelector()
         self._timers: list[tuple[float, int, Timer]] = []
         self._seq = itertools.count()
+        # what is registered, by object: selectors' own KeyError paths format repr(sock),
+        # which costs more than the whole modify
+        self._watched: set[Any] = set()
 
     def call_at(self, when: float, fn: Callable[[], None]) -> Timer:
         t = Timer(when, fn)
@@ -52,19 +55,23 @@ class Loop:
 
     def watch(self, sock: Any, events: int, handler: Handler) -> None:
         """Call ``handler(mask)`` when ``sock`` is ready for ``events`` (replaces a watch)."""
-        try:
+        if sock in self._watched:
             self._sel.modify(sock, events, handler)
-        except KeyError:
+        else:
             self._sel.register(sock, events, handler)
+            self._watched.add(sock)
 
     def unwatch(self, sock: Any) -> None:
-        try:
-            self._sel.unregister(sock)
-        except (KeyError, ValueError):  # not watched, or already closed (fd -1)
-            pass
+        """Stop watching ``sock`` (call before closing it)."""
+        if sock in self._watched:
+            self._watched.discard(sock)
+            try:
+                self._sel.unregister(sock)
+            except (KeyError, ValueError):  # closed behind our back (fd -1)
+                pass
 
     def watched(self) -> int:
-        return len(self._sel.get_map())
+        return len(self._watched)
 
     def run_once(self, max_wait: float) -> None:
         """Wait for I/O up to the next timer (at most ``max_wait`` s) and dispatch."""
@@ -87,6 +94,7 @@ class Loop:
 
     def close(self) -> None:
         self._sel.close()
+        self._watched.clear()
         self._timers.clear()
 
 

@@ -13,9 +13,10 @@ Runs in each root worker (one :class:`Scorer` per process, built after fork). Pe
    counted). Mode ``off`` and unknown models pass the frame through, ``shadow`` trims only
    to count what it would save. Each distinct payload is checked before any leaf sees it
    (:mod:`root_worker.service.framecheck`: block table, ragged offsets): a malformed frame
-   is a 400. Any *other* trimmer-side failure -- a trimmer bug, a version that could not
-   travel in a header -- sends that target untrimmed and is counted (the trimmer may cost
-   bandwidth, never correctness);
+   is a 400 -- except in mode ``off``, the kill switch, where the root parses nothing but
+   the metadata and the bytes pass as they came. Any *other* trimmer-side failure -- a
+   trimmer bug, a version that could not travel in a header -- sends that target untrimmed
+   and is counted (the trimmer may cost bandwidth, never correctness);
 4. start one :class:`~root_worker.service.fanout.LeafCall` per target on the worker's event
    loop (lz4-compressed once per payload if enabled); each ends by ``FT_LEAF_TIMEOUT``. A leaf
    on another version that refuses a trimmed frame (409) gets it again untrimmed, within
@@ -265,8 +266,8 @@ class Scorer:
 
     def _check(self, payload: Payload) -> None:
         """No leaf gets a frame the root could have rejected (400 naming the column)."""
-        if payload.checked:
-            return
+        if payload.checked or self.settings.mode == "off":
+            return  # mode off is the trimmer's kill switch: bytes pass as they came
         try:
             check_frame(payload.data, table_checked=payload.buffer is not None)
         except FrameError as exc:
