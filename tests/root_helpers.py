@@ -236,17 +236,23 @@ class MapPublisher:
         self.publisher = Publisher(prefix, grace_s=0.0)
 
     def publish(self, docs: Mapping[str, dict[str, Any]]) -> int:
-        from flatbuffers_schema.fmap.BundleState import BundleState
         from trimmer_daemon.bundle.parse import parse_bundle
+
+        return self.publish_parsed({name: parse_bundle(json.dumps(doc).encode(),
+                                                       path=f"/b/{name}")
+                                    for name, doc in docs.items()})
+
+    def publish_parsed(self, parsed: Mapping[str, Any]) -> int:
+        """Publish already parsed bundles (a test may hand-build one the validator refuses,
+        as a map compiled by an older daemon could hold)."""
+        from flatbuffers_schema.fmap.BundleState import BundleState
         from trimmer_daemon.compiler import BundleStatusRecord, compile_map
         from trimmer_daemon.consolidate import KeyCache, consolidate, index_bundle
 
         cache = KeyCache()
-        indexed = [(name, index_bundle(parse_bundle(json.dumps(doc).encode(),
-                                                    path=f"/b/{name}"), cache))
-                   for name, doc in docs.items()]
+        indexed = [(name, index_bundle(p, cache)) for name, p in parsed.items()]
         statuses = [BundleStatusRecord(name=n, path=f"/b/{n}", state=BundleState.Ok)
-                    for n in docs]
+                    for n in parsed]
         blob = compile_map(consolidate(indexed, cache), statuses,
                            generation=self.publisher.next_generation,
                            built_at_ns=time.time_ns(), daemon_pid=os.getpid(), cache=cache)

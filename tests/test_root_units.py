@@ -319,3 +319,49 @@ def test_leaf_replies_must_be_json_objects_with_finite_scores() -> None:
         _leaf_reply("u", 404, b'{"error": "model m is not served here"}')
     assert err.value.kind == "status" and err.value.status == 404
     assert "not served here" in err.value.message
+
+
+def test_one_map_view_per_request_reports_the_generation_that_served_it(stack: dict) -> None:
+    wl, pub = stack["wl"], stack["pub"]
+    sc = stack["scorer"]()
+    first = sc.live_map.current().generation  # type: ignore[union-attr]
+    frame = make_frame(wl.universe, 2, targets=["ads_ctr", "ads_cvr", "homefeed_rank"])
+    done: list[dict] = []
+    loop = Loop()
+    try:
+        sc.begin(memoryview(frame), "", loop, lambda status, doc: done.append(doc))
+        # a new generation lands while the request's leaf calls are in flight
+        second = pub.publish({"ads": wl.ads_doc()})  # homefeed_rank now unknown
+        run_until(loop, lambda: bool(done), time.monotonic() + 30)
+    finally:
+        loop.close()
+    doc = done[0]
+    assert second > first and doc["generation"] == first
+    assert [t["outcome"] for t in doc["targets"]] == ["trimmed"] * 3  # all from `first`
+    doc2 = sc.score(frame, "")[1]
+    assert doc2["generation"] == second
+    assert doc2["targets"][2]["outcome"] == "passthrough_unknown_model"
+
+
+def test_a_version_that_cannot_travel_in_a_header_is_sent_untrimmed(stack: dict) -> None:
+    """A map compiled before the validator's alphabet (or by a buggy daemon) must never
+    produce a broken header or lose a target: it sends untrimmed and counts it."""
+    import dataclasses
+
+    from trimmer_daemon.bundle.parse import parse_bundle
+
+    wl, pub = stack["wl"], stack["pub"]
+    parsed = parse_bundle(json.dumps(wl.ads_doc()).encode(), path="/b/ads")
+    evil = "1\r\nX-Injected: yes"
+    models = {m: tuple(dataclasses.replace(v, version=evil) for v in vs)
+              for m, vs in parsed.models.items()}
+    pub.publish_parsed({"ads": dataclasses.replace(parsed, models=models)})
+    sc = stack["scorer"]()
+    frame = make_frame(wl.universe, 2, targets=["ads_ctr"])
+    status, doc = sc.score(frame, "")
+    t = doc["targets"][0]
+    assert status == 200 and t["status"] == "ok", t
+    assert t["version"] == evil and t["fallback"] == "unsafe_version_sent_untrimmed"
+    assert t["bytes_sent"] == len(frame) and t["bytes_trimmed"] < len(frame)
+    text = sc.metrics.render()[0].decode()
+    assert metric_value(text, "feature_trimmer_root_trim_errors_total", model="_other") >= 1
