@@ -1,52 +1,63 @@
-"""End-to-end benchmark on the demo stack: off / lz4 / trim / trim+lz4 (issue #4).
+"""End-to-end benchmark: the real pool vs a minimal root, off / lz4 / trim / trim+lz4, and a
+shaped 1 Gbit/s link (issues #4, #9).
 
-    python bench/e2e_bench.py [--candidates 64] [--clients 4] [--duration 6] [--rounds 3]
+    python bench/e2e_bench.py [--candidates 64] [--clients 4] [--duration 4] [--rounds 3]
+                              [--frames 32] [--configs off,lz4,...] [--shaped auto|off]
     make bench-e2e                                # the same, with BENCH_ARGS="..." if wanted
 
-The stack of ``make demo`` (:mod:`root_worker.testing.stack`): one ``trimmer-daemon`` publishing the
-example bundles, three ``trimmer-leaf`` processes (ads_ctr, ads_cvr, homefeed_rank) and a
-gunicorn root pool (2 workers, 4 threads each). The daemon and the leaves stay up for the
-whole run; the pool is restarted for every configuration with ``FT_MODE`` / ``FT_LZ4``:
+The stack of ``make demo`` (:mod:`root_worker.testing.stack`): one ``trimmer-daemon``
+publishing the example bundles, three ``trimmer-leaf`` processes (ads_ctr, ads_cvr,
+homefeed_rank). The daemon and the leaves stay up for the whole run; the root is restarted
+for every configuration:
 
-    off       FT_MODE=off  FT_LZ4=0    untrimmed frame to every leaf (the baseline)
-    lz4       FT_MODE=off  FT_LZ4=1    untrimmed, lz4-compressed (the article's first lever)
-    trim      FT_MODE=trim FT_LZ4=0    each leaf gets its model's features only
-    trim+lz4  FT_MODE=trim FT_LZ4=1    both
+    off       pool   FT_MODE=off  FT_LZ4=0  untrimmed frame to every leaf (the baseline)
+    lz4       pool   FT_MODE=off  FT_LZ4=1  untrimmed, lz4-compressed (the article's lever)
+    trim      pool   FT_MODE=trim FT_LZ4=0  each leaf gets its model's features only
+    trim+lz4  pool   FT_MODE=trim FT_LZ4=1  both
+    min-off   bench/minimal_root.py --mode off    the yardstick: a pre-forked raw-socket
+    min-trim  bench/minimal_root.py --mode trim   root doing only the unavoidable work
+
+"pool" is the real gunicorn pool (2 workers, ``--worker-class``, default the event worker).
+The minimal root (2 forked workers) reads the body with ``recv_into`` into a reused buffer,
+uses the project's own peek / map view / trim, sends with ``sendmsg`` on kept-alive sockets
+and parses the leaves' JSON -- no deadlines, limits or metrics. The ratio of root CPU per
+request, pool / minimal, is the HTTP-layer overhead the pool adds (target <= 1.3); trim / off
+of the pool is what trimming saves the root (target <= 0.7).
 
 Workload (production-shaped, ``examples/``): a 2000-feature union (55% float32 scalars, 15%
 int64 ids, 15% float16 embeddings of 16 values, 15% ragged id lists); each of the three
 models uses ~31% of it. Every request is one frame of ``--candidates`` candidates carrying
-the whole union and naming all three models as targets (one fan-out of 3). Values are
-calibrated so that lz4 saves about a fifth of a frame, as the Pinterest article reports; the
-script measures and prints the saving on the frames it sends.
+the whole union and naming all three models (one fan-out of 3). **Frames are distinct**:
+``--frames`` (default 32) frames of different seeds, so the ragged columns' sizes -- and so
+the block tables -- differ from request to request, more than the trimmer's size plans per
+layout: every trim takes the per-request table path, as production traffic does (a bench
+that cycles a handful of frames measures a cache hit).
 
 Method: ``--clients`` closed-loop client threads (one kept-alive connection each) send
-requests for ``--duration`` seconds after ``--warmup`` seconds, per configuration; the four
+requests for ``--duration`` seconds after ``--warmup`` seconds, per configuration; the
 configurations run ``--rounds`` times in rotated order (the machine is shared, so drift hits
 all of them alike) and the rounds are pooled: throughput = requests / seconds measured,
-p50/p99 over all measured latencies (client-side, whole request: upload to the root, trim,
-fan-out of 3, leaf decode + score, answer). Wire bytes per request are root->leaf body bytes
-(``bytes_sent`` of the responses, after lz4), checked against the leaves' ``/stats``.
-Per-process CPU time (``/proc/<pid>/stat``) over the measured windows shows where the time
-goes.
+p50/p99 over all measured latencies (client-side, whole request). Wire bytes per request are
+root->leaf body bytes (``bytes_sent``), checked against the leaves' ``/stats``. Per-process
+CPU time (``/proc/<pid>/stat``: utime + stime of the root's master and workers, of the
+leaves, of the daemon, of this process for the client) over the measured windows gives CPU
+per request.
 
-Honest shape of this machine: client, root pool, leaves and daemon all share the same cores
-(2 on the reference machine), so a configuration's throughput is bounded by the *total* CPU
-all of them need per request, not by a network: on loopback the wire costs only memory
-copies, and lz4 (CPU spent to save wire bytes) can only lose here. The reference leaves are
-Python and take most of that CPU: decoding a frame costs per column received (trimming cuts
-it by ~3x), but scoring the model's own features costs the same trimmed or not, so it is a
-floor that trimming cannot remove; the root receives the whole frame from the client in
-every configuration. The script prints the split (CPU ms per request per component, from
-``/proc/<pid>/stat``), the in-process cost of one leaf request untrimmed vs trimmed, and the
-CPU share taken by processes outside the benchmark (the machine is shared): the ratio of
-CPU per request off / trim is what throughput tends to on an otherwise idle CPU-bound box.
-Candidates: 64 per request by default (``--candidates``); fewer candidates make the
-per-column decode a larger share of the leaf's work and trimming gains more, more
-candidates make the per-value scoring larger and it gains less.
+Shaped link (``--shaped auto``, the default, when network namespaces work; root only): two
+network namespaces with unique names and a veth pair between them, each end shaped with
+``tc qdisc ... tbf rate 1gbit``; root pool, client and daemon in one, the leaves (bound to
+the veth address) in the other; off and trim run again. Targets: trim/off throughput >= 0.95
+of the byte bound (untrimmed / trimmed bytes per request), p99 trim/off <= 0.45. Both
+namespaces (and so the veth pair and its qdiscs) are deleted at the end, also on Ctrl-C and
+on failure; without namespaces the mode is skipped with a message.
 
-Writes bench/results/e2e_bench.json. Every process and shm segment is removed at exit
-(also on Ctrl-C and on failure).
+Honest shape of this machine: client, root, leaves and daemon share the same cores (2 on
+the reference machine), so on loopback throughput is bounded by the *total* CPU all of them
+need per request, and the Python reference leaves take most of it; root CPU per request is
+the figure the root controls. The shaped link makes the wire the bound, as in production.
+
+Writes bench/results/e2e_bench.json. Every process, shm segment and namespace is removed at
+exit (also on Ctrl-C and on failure).
 """
 
 from __future__ import annotations
