@@ -4,6 +4,7 @@ from setuptools import Extension, setup
 
 setup(
     ext_modules=[
-        Extension("root_worker.frame._copyruns", ["root_worker/frame/_copyruns.c"], optional=True),
+        Extension("root_worker.frame._copyruns", ["root_worker/frame/_copyruns.c"],
+                  depends=["root_worker/frame/_frame_layout.h"], optional=True),
     ],
 )

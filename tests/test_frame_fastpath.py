@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -65,14 +66,15 @@ def mixed(n_cand: int, seed: int = 0) -> dict[str, object]:
 
 
 def warm(trimmer: Trimmer, frame: bytes, allow: Allowlist, out: object = None) -> None:
-    for _ in range(3):
-        trimmer.trim(frame, allow, out=out)
-    assert trimmer._fast, "fast path not installed"
+    trimmer.trim(frame, allow, out=out)
+    assert trimmer._fast, "C plan not installed"
 
 
-def fast(trimmer: Trimmer, frame: object, allow: Allowlist, out: object = None) -> object:
-    """Call the C fast path directly: a TrimResult, or None when it declines."""
-    return _copyruns.fast_trim(trimmer._fast, frame, out, allow.digest, TrimResult)
+def fast(trimmer: Trimmer, frame: object, allow: Allowlist, out: object = None,
+         check_ragged: bool = False) -> Any:
+    """Call the C path directly: a TrimResult, or None when it declines."""
+    return _copyruns.plan_trim(trimmer._fast, frame, out, allow.digest, check_ragged,
+                               TrimResult)
 
 
 def reference(frame: bytes, allow: Allowlist) -> bytes:
@@ -234,24 +236,24 @@ def test_changed_layout_or_table_is_never_served_from_the_plan(shape: str) -> No
     assert bytes(fast(trimmer, frame, allow).data) == reference(frame, allow)
 
 
-def test_same_key_other_block_table_takes_the_general_path() -> None:
+def test_any_valid_block_table_is_served_from_the_plan() -> None:
+    """New ragged lengths, new n_candidates, same or other meta_offset: one C call each."""
     allow = Allowlist.from_names(["r", "d"])
     trimmer = Trimmer(backend="c")
 
     def frame(values: int, lengths: list[int]) -> bytes:
         return encode({"r": Ragged.from_lengths(np.arange(values), lengths),
-                       "d": np.arange(4.0)})
+                       "x": np.arange(len(lengths), dtype=np.int8),
+                       "d": np.arange(float(len(lengths)))})
 
-    frame_a = frame(6, [1, 2, 3, 0])
-    warm(trimmer, frame_a, allow)
-    # Same block table (ragged offsets live inside the block, copied verbatim): served.
-    frame_b = frame(6, [3, 3, 0, 0])
-    assert bytes(fast(trimmer, frame_b, allow).data) == reference(frame_b, allow)
-    # Same n_candidates and meta_offset (the fast key), another ragged block size: declined.
-    frame_c = frame(7, [3, 4, 0, 0])
-    assert PREAMBLE.unpack_from(frame_c)[9] == PREAMBLE.unpack_from(frame_a)[9]
-    assert fast(trimmer, frame_c, allow) is None
-    assert bytes(trimmer.trim(frame_c, allow).data) == reference(frame_c, allow)
+    warm(trimmer, frame(6, [1, 2, 3, 0]), allow)
+    for values, lengths in ((6, [3, 3, 0, 0]), (7, [3, 4, 0, 0]), (0, [0]), (40, [10] * 4),
+                            (9, [1] * 9), (0, [])):
+        f = frame(values, lengths)
+        res = fast(trimmer, f, allow)
+        assert res is not None, (values, lengths)
+        assert bytes(res.data) == reference(f, allow)
+    assert len(trimmer._fast) == 1
 
 
 def test_wrong_hints_and_odd_digests_never_get_fast_slots() -> None:
@@ -291,66 +293,61 @@ def test_out_problems_fall_back_to_the_worded_errors() -> None:
 def test_fast_cache_is_bounded_and_cleared() -> None:
     trimmer = Trimmer(max_plans=2, max_sizes_per_plan=2, backend="c")
     allow = Allowlist.from_names(["col_0000"])
-    for n_cand in range(1, 9):
-        frame = encode(dense(n_cand, 3))
+    for n_feat in range(1, 9):
+        frame = encode(dense(3, n_feat))
         for _ in range(2):
             trimmer.trim(frame, allow)
-    assert 0 < len(trimmer._fast) <= 4
+    assert len(trimmer._fast) == 2
     trimmer.clear()
     assert not trimmer._fast
 
 
-# --- pack_plan and fast_trim argument checks ------------------------------------------------
-def test_pack_plan_rejects_inconsistent_plans() -> None:
-    header = bytes(128)
-    table = struct.pack("<QQ", 192, 100)
-    ok = dict(n_columns=1, layout_len=20, n_candidates=1, meta_offset=300, table_offset=88,
-              table=table, header=header, out_table_offset=64,
-              runs=np.array([[192, 128, 100]], np.int64),
-              out_meta_offset=228, n_kept=1, n_missing=0)
-    assert isinstance(_copyruns.pack_plan(*ok.values()), bytes)
-    bad_cases = [
-        dict(runs=np.array([[192, 129, 100]], np.int64)),  # gap after the header
-        dict(runs=np.array([[250, 128, 100]], np.int64)),  # reads past the metadata start
-        dict(runs=np.array([[-1, 128, 100]], np.int64)),
-        dict(out_meta_offset=229),  # runs do not reach the metadata
-        dict(runs=np.array([[192, 128, 60], [192, 180, 40]], np.int64)),  # overlap
-        dict(table_offset=60),  # table inside the layout
-        dict(table=table + bytes(16)),  # table size != 16 * n_columns
-        dict(meta_offset=90),  # table past the metadata
-        dict(header=bytes(40)),  # shorter than the preamble fields
-        dict(out_table_offset=40),  # output table inside the preamble
-        dict(out_table_offset=120),  # output table past the header
-        dict(out_table_offset=(1 << 64) - 8),  # would wrap around
-        dict(table_offset=(1 << 64) - 8),
-        dict(runs=np.zeros(4, np.int64)),
-        dict(runs=np.array([[193, 128, 100]], np.int64)),  # unaligned source: not packable
+# --- pack_columns and plan_trim argument checks ---------------------------------------------
+def test_pack_columns_rejects_inconsistent_plans() -> None:
+    ok: dict[str, Any] = dict(n_columns=2, layout_len=30, elem=np.array([4, 8], np.uint64),
+                              ragged=np.array([0, 1], np.uint8), kept=np.array([1], np.int64),
+                              prefix=bytes(96), n_missing=0)
+    assert isinstance(_copyruns.pack_columns(*ok.values()), bytes)
+    bad_cases: list[dict[str, Any]] = [
+        dict(elem=np.array([4], np.uint64)),  # one element size for two columns
+        dict(elem=np.array([0, 8], np.uint64)),  # zero-size elements
+        dict(elem=np.array([4, 1 << 32], np.uint64)),  # above MAX_ELEM_BYTES
+        dict(ragged=np.array([0, 2], np.uint8)),
+        dict(ragged=np.array([0], np.uint8)),
+        dict(kept=np.array([2], np.int64)),  # no such column
+        dict(kept=np.array([-1], np.int64)),
+        dict(kept=np.array([1, 1], np.int64)),  # not increasing
+        dict(kept=np.array([1, 0], np.int64)),
+        dict(prefix=bytes(40)),  # shorter than a preamble
+        dict(prefix=bytes(97)),  # the output table would be unaligned
+        dict(n_columns=1 << 32),
     ]
     for change in bad_cases:
-        args = {**ok, **change}
-        with pytest.raises(ValueError, match="pack_plan"):
-            _copyruns.pack_plan(*args.values())
+        with pytest.raises(ValueError, match="pack_columns"):
+            _copyruns.pack_columns(*{**ok, **change}.values())
 
 
-def test_fast_trim_checks_its_arguments() -> None:
+def test_plan_trim_checks_its_arguments() -> None:
     frame = encode(dense(3, 3))
     with pytest.raises(TypeError):
-        _copyruns.fast_trim({}, frame, None, 1)
+        _copyruns.plan_trim({}, frame, None, 1, False)
     with pytest.raises(TypeError):
-        _copyruns.fast_trim([], frame, None, 1, TrimResult)
+        _copyruns.plan_trim([], frame, None, 1, False, TrimResult)
     with pytest.raises(TypeError):
-        _copyruns.fast_trim({}, frame, None, 1, dict)
-    assert _copyruns.fast_trim({}, frame, None, 1, TrimResult) is None
-    assert _copyruns.fast_trim({}, object(), None, 1, TrimResult) is None
-    assert _copyruns.fast_trim({}, frame, None, "x", TrimResult) is None
+        _copyruns.plan_trim({}, frame, None, 1, False, dict)
+    with pytest.raises(TypeError):
+        _copyruns.plan_parts({}, frame, 1, False, 10, dict)
+    assert _copyruns.plan_trim({}, frame, None, 1, False, TrimResult) is None
+    assert _copyruns.plan_trim({}, object(), None, 1, False, TrimResult) is None
+    assert _copyruns.plan_trim({}, frame, None, "x", False, TrimResult) is None
     trimmer = Trimmer(backend="c")
     allow = Allowlist.from_names(["col_0000"])
     warm(trimmer, frame, allow)
     key = next(iter(trimmer._fast))
     for entry in (b"x", (b"x",), (trimmer._fast[key][0], b"short"),
                   (trimmer._fast[key][0], bytes(400))):
-        with pytest.raises(TypeError, match="fast_trim"):
-            _copyruns.fast_trim({key: entry}, frame, None, allow.digest, TrimResult)
+        with pytest.raises(TypeError, match="plan"):
+            _copyruns.plan_trim({key: entry}, frame, None, allow.digest, False, TrimResult)
 
 
 def test_fast_path_on_a_large_frame_releasing_the_gil() -> None:
@@ -372,8 +369,8 @@ def test_fast_path_on_a_large_frame_releasing_the_gil() -> None:
 
 @pytest.mark.parametrize("shape", ["uniform", "mixed"])
 def test_a_change_anywhere_in_layout_or_table_is_caught(each_kernel: str, shape: str) -> None:
-    """Every byte of the layout section and of a non-arithmetic block table is compared
-    (vector loops plus their tails)."""
+    """Every byte of the layout section is compared (vector loops plus their tails), and
+    every block table entry is validated (these changes all make the table invalid)."""
     _copyruns.set_kernel(each_kernel)
     cols = dense(3, 300) if shape == "uniform" else {**mixed(3), **dense(3, 40)}
     frame = encode(cols)
@@ -389,4 +386,7 @@ def test_a_change_anywhere_in_layout_or_table_is_caught(each_kernel: str, shape:
         bad = bytearray(frame)
         bad[at] ^= 0x10
         assert fast(trimmer, bad, allow) is None, at
+        if at >= t_off:
+            with pytest.raises(FrameError):
+                trimmer.trim(bad, allow)
     assert fast(trimmer, frame, allow) is not None

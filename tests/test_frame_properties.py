@@ -27,6 +27,7 @@ from root_worker.frame import (
     encode,
 )
 from root_worker.frame.format import PREAMBLE, PREAMBLE_SIZE, TABLE_ENTRY_SIZE, align
+from root_worker.frame.trim import IOV_MAX
 
 PROFILE = settings(deadline=None, max_examples=120,
                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -113,6 +114,12 @@ def test_trim_keeps_exactly_the_allowlisted_columns(cols_n: tuple[dict[str, Any]
         assert wire_bytes(col) == wire_bytes(cols[name])
     for t in TRIMMERS.values():
         assert bytes(t.trim(trimmed, allow).data) == trimmed  # idempotent
+        assert bytes(t.trim(frame, allow, check_ragged=True).data) == trimmed
+        for limit in (IOV_MAX, 1):  # scatter-gather views, and the one-copy fallback
+            parts = t.trim_parts(frame, allow, check_ragged=data.draw(st.booleans()))
+            t.max_parts = limit
+            assert b"".join(parts.parts) == trimmed
+        t.max_parts = IOV_MAX
     kept = {n: c for n, c in cols.items() if n in set(chosen)}
     assert trimmed == encode(kept, meta, n_candidates=n_cand)
 
@@ -183,14 +190,25 @@ def expect_only_frame_errors(frame: bytes) -> None:
         pass
     names = list(decoded.columns)[::2] if decoded is not None else ["x"]
     allow = Allowlist.from_names(names)
-    for t in TRIMMERS.values():
-        try:
-            res = t.trim(frame, allow)
-        except FrameError:
-            assert decoded is None, "trim rejected a frame that decode accepts"
-            continue
-        if decoded is not None:
-            assert list(decode(res.data).columns) == names
+    for check_ragged in (False, True):
+        verdicts: dict[str, bytes | None] = {}
+        for backend, t in TRIMMERS.items():
+            for _ in range(2):  # cold, then from the cached plan
+                try:
+                    res = t.trim(frame, allow, check_ragged=check_ragged)
+                except FrameError:
+                    assert decoded is None, "trim rejected a frame that decode accepts"
+                    verdicts[backend] = None
+                    continue
+                verdicts[backend] = bytes(res.data)
+                if decoded is not None:
+                    assert list(decode(res.data).columns) == names
+                elif check_ragged:  # every kept column was checked: only metadata can be bad
+                    try:
+                        decode(res.data)
+                    except FrameError as exc:
+                        assert str(exc).startswith("metadata"), exc
+        assert len(set(verdicts.values())) == 1, f"backends disagree: {verdicts}"
 
 
 @settings(PROFILE, max_examples=400)

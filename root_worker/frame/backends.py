@@ -1,15 +1,16 @@
 """Byte-run copy and region compare for the trim engine: C accelerator or numpy fallback.
 
-The optional extension ``root_worker.frame._copyruns`` (built by ``setup.py`` when a compiler is
-present) copies an int64 ``(n, 3)`` array of ``(src_offset, dst_offset, length)`` runs with
-bounds-checked copies (an AVX-512/AVX2 kernel where the CPU has one), releasing the GIL for
-large copies, and runs the trimmer's whole steady-state request in one call
-(``fast_trim`` over ``pack_plan`` blobs, see :mod:`root_worker.frame.trim`).  Without it,
-the fallback copies uniform dense frames with one ``np.take`` over a 2-D row view (one row = one
-block plus its padding) and anything else with a slice loop.  Measured on a 2-core VM:
-a Python slice assignment costs ~0.3 us, so ~800 runs take ~300 us in the loop, ~36 us
-with ``np.take`` on contiguous rows, and ~385 us with ``np.take`` into a *strided* ``out``
-(numpy then copies byte by byte) -- hence rows that include the padding.
+The optional extension ``root_worker.frame._copyruns`` (built by ``setup.py`` when a
+compiler is present) copies an int64 ``(n, 3)`` array of ``(src_offset, dst_offset,
+length)`` runs with bounds-checked copies (an AVX-512/AVX2 kernel where the CPU has one),
+releasing the GIL for large copies, and runs the trimmer's whole request for any block table
+in one call (``plan_trim`` / ``plan_parts`` over ``pack_columns`` blobs, see
+:mod:`root_worker.frame.trim`). Without it, the fallback copies uniform dense frames with
+one ``np.take`` over a 2-D row view (one row = one block plus its padding) and anything else
+with a slice loop. Measured on a 2-core VM: a Python slice assignment costs ~0.3 us, so ~800
+runs take ~300 us in the loop, ~36 us with ``np.take`` on contiguous rows, and ~385 us with
+``np.take`` into a *strided* ``out`` (numpy then copies byte by byte) -- hence rows that
+include the padding.
 """
 
 from __future__ import annotations
@@ -91,7 +92,10 @@ def same_bytes_py(buf: Any, offset: int, expected: bytes) -> bool:
 
 write_frame_c: Any = _copyruns.write_frame if HAVE_C else None
 same_bytes_c: Any = _copyruns.same_bytes if HAVE_C else None
-fast_trim_c: Any = _copyruns.fast_trim if HAVE_C else None
-pack_plan_c: Any = _copyruns.pack_plan if HAVE_C else None
+pack_columns_c: Any = _copyruns.pack_columns if HAVE_C else None
+plan_trim_c: Any = _copyruns.plan_trim if HAVE_C else None
+plan_parts_c: Any = _copyruns.plan_parts if HAVE_C else None
+#: Bytes before the block table copy in a C plan's memo (see _copyruns.c, memo_head).
+MEMO_HEAD_SIZE: int = _copyruns.MEMO_HEAD_SIZE if HAVE_C else 0
 #: The C copy kernel in use ("avx512", "avx2", "movsb" or "memcpy"), or None without C.
 KERNEL: str | None = _copyruns.KERNEL if HAVE_C else None

@@ -9,6 +9,8 @@ reads only the preamble and the metadata.
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +29,7 @@ from root_worker.frame.format import (
     MAX_ELEM_BYTES,
     MAX_NAME_BYTES,
     MAX_NDIM,
+    OFFSETS_DTYPE,
     PREAMBLE,
     PREAMBLE_SIZE,
     RECORD_DTYPE,
@@ -39,13 +42,18 @@ from root_worker.frame.format import (
     LayoutCache,
     align,
     check_table,
+    explain_ragged,
     layout_hint,
     ragged_head,
     read_preamble,
 )
 
-OFFSETS_DTYPE = np.dtype("<i8")
+BOOL_CODE = CODE_BY_DTYPE[np.dtype("?")]
 _LAYOUTS = LayoutCache()
+
+#: What the codec and the trimmer accept as a frame or an output buffer: any C-contiguous
+#: object with the buffer protocol (the usual ones are named for the type checker).
+Buffer = bytes | bytearray | memoryview | np.ndarray
 
 
 class Ragged:
@@ -250,7 +258,7 @@ def encode(columns: Mapping[str, Column], metadata: Mapping[str, Any] | None = N
 
 
 # --- decode -------------------------------------------------------------------------------
-def as_bytes_view(buf: Any) -> memoryview:
+def as_bytes_view(buf: Buffer) -> memoryview:
     """A flat unsigned-byte memoryview of any C-contiguous buffer (raises FrameError)."""
     try:
         mv = buf if type(buf) is memoryview else memoryview(buf)
@@ -268,10 +276,76 @@ def peek_metadata(buf: Any) -> dict[str, Any]:
     return _parse_metadata(mv, pre.meta_offset, pre.meta_len)
 
 
+# --- metadata: strict RFC 8259 JSON ----------------------------------------------------------
+# Python's json module accepts more than RFC 8259; a leaf in another language would not.
+# The metadata dialect is the RFC's (docs/frame-format.md, section 5): these hooks reject the
+# extensions -- NaN/Infinity literals, numbers that overflow to infinity (1e400), duplicate
+# object keys -- and a \u escape of a lone UTF-16 surrogate (the only way one can appear:
+# the bytes were already decoded as strict UTF-8, which refuses encoded surrogates).
+# Nesting is capped (arrays and objects; the top-level object is depth 1) so that every
+# reader, recursive or not, agrees on what is valid instead of each hitting its own limit.
+MAX_META_DEPTH = 128
+MAX_META_INT_DIGITS = 4300  # CPython's default int() limit, fixed here for every reader
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')  # linear: the alternatives are disjoint
+_OPEN, _CLOSE = np.frombuffer(b"[{", np.uint8), np.frombuffer(b"]}", np.uint8)
+
+
+def _nesting_depth(text: str) -> int:
+    """The deepest nesting of ``[``/``{`` outside strings (numpy, no recursion)."""
+    raw = np.frombuffer(_JSON_STRING.sub("", text).encode("utf-8"), np.uint8)
+    step = np.isin(raw, _OPEN).astype(np.int64) - np.isin(raw, _CLOSE)
+    return int(np.cumsum(step).max(initial=0))
+
+
+def _strict_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"duplicate key {key!r}")
+            seen.add(key)
+    return obj
+
+
+def _strict_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _strict_int(text: str) -> int:
+    digits = len(text) - text.startswith("-")
+    if digits > MAX_META_INT_DIGITS:
+        raise ValueError(f"integer of {digits} digits, more than {MAX_META_INT_DIGITS}")
+    return int(text)
+
+
+def _strict_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text[:40]} overflows a 64-bit float")
+    return value
+
+
+_STRICT_JSON = json.JSONDecoder(object_pairs_hook=_strict_object,
+                                parse_constant=_strict_constant, parse_float=_strict_float,
+                                parse_int=_strict_int)
+
+
 def _parse_metadata(mv: memoryview, offset: int, length: int) -> dict[str, Any]:
     where = f"metadata [offset {offset}, {offset + length})"
     try:
-        meta = json.loads(mv[offset:offset + length].tobytes().decode("utf-8"))
+        text = mv[offset:offset + length].tobytes().decode("utf-8")
+        if text.count("[") + text.count("{") > MAX_META_DEPTH:  # only then can it be deep
+            depth = _nesting_depth(text)
+            if depth > MAX_META_DEPTH:
+                raise ValueError(f"nested {depth} deep, more than {MAX_META_DEPTH}")
+        meta = _STRICT_JSON.decode(text)
+        if _SURROGATE_ESCAPE.search(text):  # rare: prove every string is valid Unicode
+            json.dumps(meta, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise FrameError(f"{where} is not valid JSON (a \\u escape encodes a lone UTF-16 "
+                         f"surrogate)") from None
     except UnicodeDecodeError as exc:
         raise FrameError(f"{where} is not valid UTF-8 ({exc.reason} at byte {exc.start})"
                          ) from None
@@ -302,8 +376,21 @@ def decode(buf: Any) -> Frame:
         else:  # np.ndarray over the buffer: a zero-copy view, ~2x cheaper than frombuffer
             columns[layout.names[i]] = np.ndarray((n_cand, *layout.shapes[i]),
                                                   layout.dtypes[i], mv, o)
+    _check_bools(layout, columns)
     metadata = _parse_metadata(mv, pre.meta_offset, pre.meta_len)
     return Frame(n_cand, metadata, columns)
+
+
+def _check_bools(layout: Layout, columns: dict[str, Column]) -> None:
+    """A bool byte is 0 or 1 (numpy, C and torch treat other bytes inconsistently)."""
+    for i in np.flatnonzero(layout.records["code"] == BOOL_CODE).tolist():
+        col = columns[layout.names[i]]
+        values = col.values if isinstance(col, Ragged) else col
+        raw = values.view(np.uint8)
+        if raw.size and int(raw.max()) > 1:
+            at = int(np.argmax(raw.reshape(-1) > 1))
+            raise FrameError(f"{layout.label(i)}: bool value byte {at} is "
+                             f"{int(raw.reshape(-1)[at])}, expected 0 or 1")
 
 
 def _ragged_view(mv: memoryview, layout: Layout, i: int, n_cand: int, o: int,
@@ -312,15 +399,5 @@ def _ragged_view(mv: memoryview, layout: Layout, i: int, n_cand: int, o: int,
     dt, shape = layout.dtypes[i], layout.shapes[i]
     n_values = (n - head) // int(layout.elem_size[i])
     offsets = np.ndarray((n_cand + 1,), OFFSETS_DTYPE, mv, o)
-    label = layout.label(i)
-    if offsets[0] != 0:
-        raise FrameError(f"{label}: ragged offsets[0] is {int(offsets[0])}, expected 0")
-    down = offsets[1:] < offsets[:-1]
-    if down.any():
-        k = int(np.argmax(down))
-        raise FrameError(f"{label}: ragged offsets decrease at candidate {k + 1} "
-                         f"({int(offsets[k])} -> {int(offsets[k + 1])})")
-    if offsets[-1] != n_values:
-        raise FrameError(f"{label}: ragged offsets end at {int(offsets[-1])} but the block "
-                         f"holds {n_values} values")
+    explain_ragged(layout.label(i), offsets, n_values)
     return Ragged._trusted(np.ndarray((n_values, *shape), dt, mv, o + head), offsets)

@@ -1,59 +1,64 @@
 """The trim engine: keep exactly the allowlisted columns of a frame, bytes unchanged.
 
-Per request the work is: unpack the 64-byte preamble, look the plan up by
-``(layout_hint, allowlist.digest)``, verify the layout bytes equal the plan's (memcmp), look
-the size plan up by ``(n_candidates, meta_offset)`` and verify the block table bytes
-(memcmp), then write the prebuilt output header, copy the kept byte runs and the metadata.
+Runs in the root workers (one :class:`Trimmer` per process; creating it before fork is
+harmless, each worker warms its own caches).
 
-The hint is never trusted: a plan is always applied to exactly the layout and block table
-bytes it was validated against.  Plans and parsed layouts are stored under the *true* layout
-hash, so a frame with a forged, stale or zero hint costs one BLAKE2b of its layout per
-request and can neither get a wrong trim nor evict a correctly hinted plan.  Plans hold no
-reference to the allowlist's key array (it is usually a view on a shared-memory map that
-must be free to go away).
+Per request on the C backend the work is one call, ``_copyruns.plan_trim`` (or
+``plan_parts`` for :meth:`Trimmer.trim_parts`), over the cached plan of the frame's
+``(layout_hint, allowlist.digest)``: check the preamble, ``memcmp`` the layout section
+against the plan's, validate *this request's* block table for every column (alignment,
+order, overlap, bounds, exact sizes -- block tables change with every request's ragged
+lengths and ``n_candidates``, so they are never cached), optionally the offsets head of
+every kept ragged column, then write the canonical output header and copy the coalesced
+kept runs and the metadata.  It returns ``None`` -- having written nothing -- whenever
+there is no plan yet or anything is invalid or odd, and the general path below takes
+over: it re-validates in numpy, words the error, and builds and installs the plan.
 
-Two cache levels, both bounded LRU:
+The hint is never trusted: a plan is applied only to exactly the layout bytes it was
+built from.  Plans and parsed layouts are stored under the *true* layout hash, so a frame
+with a forged, stale or zero hint costs one BLAKE2b of its layout per request (on the
+general path) and can neither get a wrong trim nor evict a correctly hinted plan.  Plans
+hold no reference to the allowlist's key array (it is usually a view on a shared-memory
+map that must be free to go away).
+
+Cache levels, all bounded LRU (:class:`~root_worker.frame.lru.LruCache`):
 
 * ``_Plan`` per (layout, allowlist): kept column indices, the output layout section and its
-  hint, the missing-feature count.  Built once per layout and model version.
-* ``_SizePlan`` per plan and block table: the full output header (preamble with the three
-  per-request fields patched at write time, layout, block table, padding) and the coalesced
-  copy runs.  Dense frames with a repeated candidate count always hit; ragged frames take
-  the vectorised build (tens of microseconds for thousands of columns).
+  hint, the missing-feature count; on the C backend also packed (``pack_columns``) into
+  ``Trimmer._fast``, which the C calls read.
+* ``_SizePlan`` per plan and block table, for the general path and the numpy backend: the
+  full output header and the coalesced copy runs (dense frames with a repeated candidate
+  count always hit; ragged frames take the vectorised build).
 
-On the C backend a size plan hit a second time is also packed (``_copyruns.pack_plan``) into
-``Trimmer._fast``, keyed by ``(layout_hint, allowlist digest, n_candidates, meta_offset)``;
-from then on ``_copyruns.fast_trim`` serves the request in one C call: the preamble checks,
-a ``memcmp`` of the layout section, the block table check (an arithmetic check when the
-table is ``offset = base + i * stride, nbytes = constant``, as in a canonical frame whose
-columns all have one size; a ``memcmp`` otherwise), the header, the runs and the metadata.
-It returns ``None`` -- having written nothing -- whenever anything differs, and the general
-path below takes over (and words the errors).  Consecutive fast calls copy the runs in
-alternating order (first run first, then last run first), so that repeated trims of one
-frame -- a fan-out to several targets -- start where the previous copy ended, in cache.
+Consecutive C calls copy the runs in alternating order (first run first, then last run
+first), so that repeated trims of one frame -- a fan-out to several targets -- start where
+the previous copy ended, in cache.
 """
 
 from __future__ import annotations
 
+import os
 import struct
-from collections import OrderedDict
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
+from numpy.typing import NDArray
 
 from flatbuffers_schema.keys import Allowlist
 from root_worker.frame.backends import (
     BACKENDS,
+    MEMO_HEAD_SIZE,
     UniformRows,
     copy_runs_loop,
-    fast_trim_c,
-    pack_plan_c,
+    pack_columns_c,
+    plan_parts_c,
+    plan_trim_c,
     same_bytes_c,
     same_bytes_py,
     uniform_rows,
     write_frame_c,
 )
-from root_worker.frame.codec import as_bytes_view
+from root_worker.frame.codec import Buffer, as_bytes_view
 from root_worker.frame.format import (
     BLOCK_ALIGN,
     MAGIC,
@@ -70,19 +75,33 @@ from root_worker.frame.format import (
     LayoutCache,
     Preamble,
     align,
+    check_ragged_offsets,
     check_table,
     layout_hint,
-    lru_put,
-    lru_touch,
     read_preamble,
 )
+from root_worker.frame.lru import LruCache
 
 _new_tuple = tuple.__new__  # builds a TrimResult without the Python-level __new__ frame
-# Key of the C fast-path cache: layout hint, allowlist digest, n_candidates, meta_offset
-# (the byte string _copyruns.fast_trim builds from a frame's preamble).
-_FAST_KEY = struct.Struct("<QQQQ")
+# Key of the C plan cache: layout hint, allowlist digest (the byte string
+# _copyruns.plan_trim builds from a frame's preamble and the digest).
+_PLAN_KEY = struct.Struct("<QQ")
 _U64_MAX = (1 << 64) - 1
 _U64_ALIGN_MASK = np.uint64(~(BLOCK_ALIGN - 1) & 0xFFFF_FFFF_FFFF_FFFF)
+_IOV_MAX_FALLBACK = 1024  # Linux's UIO_MAXIOV, where sysconf cannot say
+
+
+def _iov_max() -> int:
+    try:
+        value = os.sysconf("SC_IOV_MAX")
+    except (AttributeError, ValueError, OSError):
+        return _IOV_MAX_FALLBACK
+    return value if value > 0 else _IOV_MAX_FALLBACK
+
+
+#: The most buffers one ``sendmsg`` accepts on this host: the default bound of
+#: :meth:`Trimmer.trim_parts` lists.
+IOV_MAX = _iov_max()
 
 
 class TrimResult(NamedTuple):
@@ -95,23 +114,43 @@ class TrimResult(NamedTuple):
     n_missing: int
 
 
+class TrimParts(NamedTuple):
+    """Outcome of :meth:`Trimmer.trim_parts`: the trimmed frame as ``parts`` (header bytes,
+    views of the input's kept runs, a view of its metadata; or one contiguous copy), whose
+    concatenation is ``bytes_out`` bytes.  The views are valid while the input buffer is."""
+
+    parts: list[Buffer]
+    bytes_in: int
+    bytes_out: int
+    n_kept: int
+    n_missing: int
+
+
 class _SizePlan:
-    """Output of one (plan, block table): prebuilt header and copy runs.  ``runs_list`` and
-    ``uniform`` serve only the numpy backend and are left empty for the C one."""
+    """Output of one (plan, block table): prebuilt header and copy runs.  ``uniform`` serves
+    only the numpy backend and is left empty for the C one."""
 
-    __slots__ = ("table", "header", "out_meta_offset", "runs", "runs_list", "uniform",
-                 "fast_entry")
+    __slots__ = ("table", "header", "out_meta_offset", "runs", "runs_list", "uniform")
 
-    def __init__(self, table: bytes, header: bytes, out_meta_offset: int, runs: np.ndarray,
-                 uniform: UniformRows | None, for_python: bool) -> None:
+    def __init__(self, table: bytes, header: bytes, out_meta_offset: int,
+                 runs: NDArray[np.int64], uniform: UniformRows | None) -> None:
         self.table = table
         self.header = header
         self.out_meta_offset = out_meta_offset
         self.runs = runs
-        self.runs_list: list[tuple[int, int, int]] = (
-            [(s, d, n) for s, d, n in runs.tolist()] if for_python else [])
+        self.runs_list: list[tuple[int, int, int]] = [(s, d, n) for s, d, n in runs.tolist()]
         self.uniform = uniform
-        self.fast_entry: tuple[bytes, bytes] | None = None  # (layout, pack_plan blob)
+
+
+class _Request(NamedTuple):
+    """One validated request on the general path."""
+
+    src: Buffer
+    bytes_in: int
+    plan: _Plan
+    sizes: _SizePlan
+    meta_offset: int
+    meta_len: int
 
 
 class _Plan:
@@ -119,9 +158,9 @@ class _Plan:
 
     __slots__ = ("layout", "layout_raw", "n_columns", "layout_len", "table_offset", "kept",
                  "n_kept", "n_missing", "out_layout", "out_hint", "out_table_offset",
-                 "out_table_end", "sizes")
+                 "out_table_end", "out_prefix", "sizes", "c_entry")
 
-    def __init__(self, layout: Layout, allowlist: Allowlist) -> None:
+    def __init__(self, layout: Layout, allowlist: Allowlist, max_sizes: int) -> None:
         self.layout = layout
         self.layout_raw = layout.raw
         self.n_columns = layout.n_columns
@@ -140,7 +179,15 @@ class _Plan:
         self.out_hint = layout_hint(self.out_layout)
         self.out_table_offset = align(PREAMBLE_SIZE + len(self.out_layout), TABLE_ALIGN)
         self.out_table_end = self.out_table_offset + TABLE_ENTRY_SIZE * self.n_kept
-        self.sizes: OrderedDict[tuple[int, int], _SizePlan] = OrderedDict()
+        # The output header up to its block table; n_candidates and the tail are per request.
+        prefix = bytearray(self.out_table_offset)
+        PREAMBLE.pack_into(prefix, 0, MAGIC, VERSION, 0, self.n_kept, len(self.out_layout),
+                           self.out_hint, 0, 0, 0, 0, 0, ZERO_RESERVED)
+        prefix[PREAMBLE_SIZE:PREAMBLE_SIZE + len(self.out_layout)] = self.out_layout
+        self.out_prefix = bytes(prefix)
+        self.sizes: LruCache[tuple[int, int], _SizePlan] = LruCache(max_sizes)
+        # (layout, pack_columns blob, memo), what the C calls read from Trimmer._fast
+        self.c_entry: tuple[bytes, bytes, bytearray] | None = None
 
     def size_plan(self, src: memoryview, pre: Preamble, for_python: bool) -> _SizePlan:
         """Validate this request's block table and build its output header and runs."""
@@ -168,13 +215,13 @@ class _Plan:
                                  self.out_hint, pre.n_candidates, 0, 0, out_meta, 0,
                                  ZERO_RESERVED)
         header = bytearray(header_len)
+        header[:self.out_table_offset] = self.out_prefix
         header[:PREAMBLE_SIZE] = preamble
-        header[PREAMBLE_SIZE:PREAMBLE_SIZE + len(self.out_layout)] = self.out_layout
         header[self.out_table_offset:self.out_table_end] = out_table
         runs = _coalesced_runs(k_off, k_nb, padded, out_off)
         uniform = (uniform_rows(self.kept, k_off, k_nb, data_start, BLOCK_ALIGN)
                    if for_python else None)
-        return _SizePlan(table_raw, bytes(header), out_meta, runs, uniform, for_python)
+        return _SizePlan(table_raw, bytes(header), out_meta, runs, uniform)
 
 
 def _coalesced_runs(k_off: np.ndarray, k_nb: np.ndarray, padded: np.ndarray,
@@ -202,46 +249,113 @@ class Trimmer:
     """Trims frames to allowlists with cached plans (one instance per worker process).
 
     ``backend`` is ``"c"`` (the ``_copyruns`` extension, default when built) or ``"numpy"``
-    (pure fallback).  Thread-safe in the sense that concurrent calls never produce a wrong
-    result; they may occasionally build the same plan twice.
+    (pure fallback).  ``max_parts`` bounds the list :meth:`trim_parts` returns (default: the
+    host's ``IOV_MAX``, the most buffers one ``sendmsg`` takes).  Thread-safe in the sense
+    that concurrent calls never produce a wrong result; they may occasionally build the
+    same plan twice.
     """
 
     def __init__(self, max_plans: int = 256, max_sizes_per_plan: int = 16,
-                 backend: str | None = None) -> None:
+                 backend: str | None = None, max_parts: int = IOV_MAX) -> None:
         backend = backend or BACKENDS[0]
         if backend not in BACKENDS:
             raise ValueError(f"backend {backend!r} is not available (have {BACKENDS})")
+        if max_parts < 1:
+            raise ValueError(f"max_parts must be at least 1, got {max_parts}")
         self.backend = backend
+        self.max_parts = max_parts
         self._use_c = backend == "c"
         self._same = same_bytes_c if self._use_c else same_bytes_py
         self._max_plans = max_plans
         self._max_sizes = max_sizes_per_plan
-        self._plans: OrderedDict[tuple[int, int], _Plan] = OrderedDict()
+        self._plans: LruCache[tuple[int, int], _Plan] = LruCache(max_plans)
         self._layouts = LayoutCache(max_plans)
-        # C backend: _FAST_KEY bytes -> (layout bytes, pack_plan blob) for size plans seen
-        # at least twice, served by _copyruns.fast_trim in one call.  Bounded, oldest out.
-        self._fast: OrderedDict[bytes, tuple[bytes, bytes]] = OrderedDict()
-        self._max_fast = max(1, max_plans * max_sizes_per_plan)
+        # C backend: _PLAN_KEY bytes -> (layout bytes, pack_columns blob), read by
+        # _copyruns.plan_trim / plan_parts, which serve any valid block table in one call.
+        self._fast: LruCache[bytes, tuple[bytes, bytes, bytearray]] = LruCache(max_plans)
 
-    def trim(self, buf: Any, allowlist: Allowlist, out: Any = None) -> TrimResult:
+    def trim(self, buf: Buffer, allowlist: Allowlist, out: Buffer | None = None,
+             check_ragged: bool = False) -> TrimResult:
         """Return a frame with exactly the columns of ``buf`` whose name keys are in
         ``allowlist``, in their original order, block bytes and metadata unchanged.
 
         ``out``: a writable byte buffer (``bytearray``, ``np.uint8`` array, ...) to write
         into; the output is never longer than the input, so ``len(buf)`` bytes always
-        suffice.  Without it a new buffer is allocated.  Raises :class:`FrameError` for a
+        suffice.  Without it a new buffer is allocated.  ``check_ragged``: also check the
+        offsets head of every *kept* ragged column (``offsets[0] == 0``, non-decreasing,
+        ``offsets[C] == n_values``), so a malformed list is refused here rather than by the
+        receiver's :func:`~root_worker.frame.decode`.  Raises :class:`FrameError` for a
         malformed frame, ``ValueError`` if ``out`` is too small.
         """
         if self._use_c:
-            # Steady state: one C call verifies the preamble, the layout and the block table
-            # against the cached plan and writes the output; None means "not that simple".
-            res = fast_trim_c(self._fast, buf, out, allowlist.digest, TrimResult)
+            # One C call validates the preamble, the layout and this request's block table
+            # against the cached (layout, allowlist) plan and writes the output; None means
+            # "no plan yet, or something to word".
+            res = plan_trim_c(self._fast, buf, out, allowlist.digest, check_ragged,
+                              TrimResult)
             if res is not None:
                 return res  # type: ignore[no-any-return]
-        return self._trim(buf, allowlist, out)
+        return self._trim(buf, allowlist, out, check_ragged)
 
-    def _trim(self, buf: Any, allowlist: Allowlist, out: Any) -> TrimResult:
+    def trim_parts(self, buf: Buffer, allowlist: Allowlist,
+                   check_ragged: bool = False) -> TrimParts:
+        """The trimmed frame of :meth:`trim` as a short list of buffers, for
+        ``socket.sendmsg``: ``b"".join(res.parts)`` is byte for byte the output of
+        :meth:`trim`, without copying the kept blocks.
+
+        ``parts`` is ``[header, run, ..., run, metadata]``: the new output header
+        (``bytes``), one ``memoryview`` of ``buf`` per coalesced run of kept blocks (each
+        block with its input padding to 64 bytes, none after the last), and a
+        ``memoryview`` of ``buf``'s metadata.  **Lifetime**: the views are valid while
+        ``buf`` is alive and unchanged -- send them before reusing or mutating the input
+        (a ``bytearray`` cannot be resized while they exist).  If the list would be longer
+        than ``max_parts``, ``parts`` is instead ``[memoryview of one new contiguous
+        copy]``.  Errors as :meth:`trim`.
+        """
+        if self._use_c:
+            res = plan_parts_c(self._fast, buf, allowlist.digest, check_ragged,
+                               self.max_parts, TrimParts)
+            if res is not None:
+                return res  # type: ignore[no-any-return]
+        return self._trim_parts(buf, allowlist, check_ragged)
+
+    def _trim(self, buf: Buffer, allowlist: Allowlist, out: Buffer | None,
+              check_ragged: bool) -> TrimResult:
         """The general path: every check with its worded error, plan (re)building."""
+        req = self._prepare(buf, allowlist, check_ragged)
+        sizes, meta_off, meta_len = req.sizes, req.meta_offset, req.meta_len
+        out_len = sizes.out_meta_offset + meta_len
+        if out is None:
+            dst = memoryview(bytearray(out_len))
+        else:
+            dst = memoryview(out)
+            if dst.readonly or dst.nbytes < out_len or dst.format != "B" or dst.ndim != 1:
+                dst = _output_view(dst, out_len)
+        if self._use_c:
+            write_frame_c(dst, req.src, sizes.header, sizes.runs, meta_off, meta_len,
+                          sizes.out_meta_offset)
+        else:
+            _write_frame_py(dst, as_bytes_view(req.src), sizes, meta_off, meta_len)
+        return _new_tuple(TrimResult, (dst[:out_len], req.bytes_in, out_len,
+                                       req.plan.n_kept, req.plan.n_missing))
+
+    def _trim_parts(self, buf: Buffer, allowlist: Allowlist, check_ragged: bool) -> TrimParts:
+        req = self._prepare(buf, allowlist, check_ragged)
+        sizes, plan = req.sizes, req.plan
+        out_len = sizes.out_meta_offset + req.meta_len
+        if len(sizes.runs_list) + 2 > self.max_parts:
+            data = self._trim(buf, allowlist, None, False).data
+            return TrimParts([data], req.bytes_in, out_len, plan.n_kept, plan.n_missing)
+        src = as_bytes_view(req.src)
+        header = bytearray(sizes.header)
+        TAIL.pack_into(header, TAIL_OFFSET, out_len, sizes.out_meta_offset, req.meta_len)
+        parts: list[Buffer] = [bytes(header)]
+        parts += [src[s:s + n] for s, _, n in sizes.runs_list]
+        parts.append(src[req.meta_offset:req.meta_offset + req.meta_len])
+        return TrimParts(parts, req.bytes_in, out_len, plan.n_kept, plan.n_missing)
+
+    def _prepare(self, buf: Buffer, allowlist: Allowlist, check_ragged: bool) -> _Request:
+        """Validate one request completely (worded errors) and find or build its plans."""
         src = buf if type(buf) is bytes else as_bytes_view(buf)
         n = len(src)
         if n < PREAMBLE_SIZE:
@@ -255,35 +369,25 @@ class Trimmer:
         plan = self._plans.get(key)
         if (plan is not None and plan.n_columns == n_columns and plan.layout_len == layout_len
                 and self._same(src, PREAMBLE_SIZE, plan.layout_raw)):
-            lru_touch(self._plans, key)
+            self._plans.touch(key)
         else:
             plan = self._new_plan(src, allowlist)
+        if self._use_c and hint == plan.layout.hint and 0 <= allowlist.digest <= _U64_MAX:
+            # From now on the C path serves this (layout, allowlist), whatever the block
+            # table.  Only under the true layout hint: wrong hints never occupy C slots.
+            self._install_c(_PLAN_KEY.pack(hint, allowlist.digest), plan)
         sizes = plan.sizes.get((n_cand, meta_off))
         if sizes is None or not self._same(src, plan.table_offset, sizes.table):
             sizes = self._new_size_plan(plan, src)
-        else:
-            if len(plan.sizes) > 1:
-                lru_touch(plan.sizes, (n_cand, meta_off))
-            if self._use_c and hint == plan.layout.hint and 0 <= allowlist.digest <= _U64_MAX:
-                # A repeated block table (dense frames): serve it from C from now on.  Only
-                # under the true layout hint, so wrong hints never occupy fast slots.
-                self._install_fast(_FAST_KEY.pack(hint, allowlist.digest, n_cand, meta_off),
-                                   plan, sizes, n_cand, meta_off)
-        out_meta = sizes.out_meta_offset
-        out_len = out_meta + meta_len
-        if out is None:
-            dst = memoryview(bytearray(out_len))
-        else:
-            dst = memoryview(out)
-            if dst.readonly or dst.nbytes < out_len or dst.format != "B" or dst.ndim != 1:
-                dst = _output_view(dst, out_len)
-        if self._use_c:
-            write_frame_c(dst, src, sizes.header, sizes.runs, meta_off, meta_len, out_meta)
-        else:
-            _write_frame_py(dst, as_bytes_view(src), sizes, meta_off, meta_len)
-        return _new_tuple(TrimResult, (dst[:out_len], n, out_len, plan.n_kept, plan.n_missing))
+        elif len(plan.sizes) > 1:
+            plan.sizes.touch((n_cand, meta_off))
+        if check_ragged:
+            table = np.frombuffer(sizes.table, dtype="<u8").reshape(-1, 2)
+            check_ragged_offsets(plan.layout, as_bytes_view(src), table[:, 0], table[:, 1],
+                                 n_cand, plan.kept)
+        return _Request(src, n, plan, sizes, meta_off, meta_len)
 
-    def _new_plan(self, src: Any, allowlist: Allowlist) -> _Plan:
+    def _new_plan(self, src: Buffer, allowlist: Allowlist) -> _Plan:
         """Plan for a frame whose preamble hint missed: find it under the true layout hint
         (a wrong hint costs one hash, and never evicts a correctly hinted plan), else build
         it."""
@@ -294,40 +398,27 @@ class Trimmer:
         key = (layout.hint, allowlist.digest)
         plan = self._plans.get(key)
         if plan is None or plan.layout is not layout:
-            plan = _Plan(layout, allowlist)
-            lru_put(self._plans, key, plan, self._max_plans)
+            plan = _Plan(layout, allowlist, self._max_sizes)
+            self._plans.put(key, plan)
         return plan
 
-    def _new_size_plan(self, plan: _Plan, src: Any) -> _SizePlan:
+    def _new_size_plan(self, plan: _Plan, src: Buffer) -> _SizePlan:
         src = as_bytes_view(src)
         pre = read_preamble(src)
         sizes = plan.size_plan(src, pre, for_python=not self._use_c)
-        lru_put(plan.sizes, (pre.n_candidates, pre.meta_offset), sizes, self._max_sizes)
+        plan.sizes.put((pre.n_candidates, pre.meta_offset), sizes)
         return sizes
 
-    def _install_fast(self, key: bytes, plan: _Plan, sizes: _SizePlan, n_cand: int,
-                      meta_off: int) -> None:
-        entry = sizes.fast_entry
+    def _install_c(self, key: bytes, plan: _Plan) -> None:
+        entry = plan.c_entry
         if entry is None:
-            try:
-                blob = pack_plan_c(plan.n_columns, plan.layout_len, n_cand, meta_off,
-                                   plan.table_offset, sizes.table, sizes.header,
-                                   plan.out_table_offset, sizes.runs, sizes.out_meta_offset,
-                                   plan.n_kept, plan.n_missing)
-            except ValueError:  # e.g. a run of 4 GiB or more: stays on the general path
-                blob = b""
-            entry = sizes.fast_entry = (plan.layout_raw, blob)
-        if not entry[1]:
-            return
-        fast = self._fast
-        if fast.get(key) is entry:
-            return
-        fast[key] = entry
-        while len(fast) > self._max_fast:
-            try:
-                fast.popitem(last=False)
-            except KeyError:  # emptied concurrently
-                break
+            blob = pack_columns_c(plan.n_columns, plan.layout_len, plan.layout.elem_size,
+                                  plan.layout.ragged.astype(np.uint8),
+                                  plan.kept.astype(np.int64), plan.out_prefix, plan.n_missing)
+            memo = bytearray(MEMO_HEAD_SIZE + TABLE_ENTRY_SIZE * plan.n_columns)
+            entry = plan.c_entry = (plan.layout_raw, blob, memo)
+        if self._fast.get(key) is not entry:
+            self._fast.put(key, entry)
 
     def clear(self) -> None:
         """Drop every cached plan and layout."""
@@ -365,9 +456,10 @@ def _output_view(out: memoryview, out_len: int) -> memoryview:
 _DEFAULT = Trimmer()
 
 
-def trim(buf: Any, allowlist: Allowlist, out: Any = None) -> TrimResult:
+def trim(buf: Buffer, allowlist: Allowlist, out: Buffer | None = None,
+         check_ragged: bool = False) -> TrimResult:
     """Trim with the module's default :class:`Trimmer` (see :meth:`Trimmer.trim`)."""
-    return _DEFAULT.trim(buf, allowlist, out)
+    return _DEFAULT.trim(buf, allowlist, out, check_ragged)
 
 
-__all__ = ["FrameError", "TrimResult", "Trimmer", "trim"]
+__all__ = ["IOV_MAX", "FrameError", "TrimParts", "TrimResult", "Trimmer", "trim"]

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from root_worker.frame import Column, Frame, Ragged
+from root_worker.leaf.sdk import InputConverter, Inputs
 from trimmer_daemon.bundle.parse import (
     BundleError,
     latest_version,
@@ -76,12 +77,12 @@ def _width(shape: tuple[int, ...]) -> int:
     return math.prod(shape)
 
 
-def _getter(names: Sequence[str]) -> Callable[[Mapping[str, Any]], tuple[Any, ...]]:
-    """``columns -> tuple of columns[name]`` in one C call (``itemgetter``)."""
-    if len(names) == 1:
-        name = names[0]
-        return lambda columns: (columns[name],)
-    return operator.itemgetter(*names)
+def _getter(positions: Sequence[int]) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
+    """``inputs -> tuple of inputs[i]`` in one C call (``itemgetter``)."""
+    if len(positions) == 1:
+        i = positions[0]
+        return lambda arrays: (arrays[i],)
+    return operator.itemgetter(*positions)
 
 
 _KIND = {"f": "f", "b": "b", "i": "i", "u": "i"}
@@ -100,7 +101,7 @@ class _Group:
 
     kind: str
     width: int                # elements per candidate (dense) or per list item (ragged)
-    get: Callable[[Mapping[str, Any]], tuple[Any, ...]]
+    get: Callable[[Sequence[Any]], tuple[Any, ...]]
     shape: tuple[int, ...]    # inner shape of every column (dense) or list item (ragged)
     dtypes: tuple[np.dtype, ...]  # the layout the plan was made for (checked on use) ...
     ndims: tuple[int, ...]        # ... with the arrays' ndim (dense, or ragged values)
@@ -123,35 +124,32 @@ class _Group:
 
 
 class _Plan:
-    """How a model scores one frame layout (which columns it names, where, of what kind),
-    computed once per (layout, model version) so :meth:`LeafModel.score` does a few
-    vectorised operations per group instead of Python work per column."""
+    """How a model scores one frame layout (which of its inputs the frame has, of what
+    kind), computed once per (layout, model version) so :meth:`LeafModel.score` does a few
+    vectorised operations per group instead of Python work per column. It works on the
+    leaf SDK's :class:`~root_worker.leaf.sdk.Inputs` (signature order, ``None`` missing)."""
 
-    def __init__(self, input_names: Sequence[str], weights: Sequence[float],
-                 columns: Mapping[str, Column]) -> None:
-        self.missing: list[str] = []
-        dense: dict[tuple[str, tuple[int, ...]], tuple[list[str], list[float]]] = {}
-        ragged: dict[tuple[str, tuple[int, ...]], tuple[list[str], list[float]]] = {}
-        for name, w in zip(input_names, weights, strict=True):
-            col = columns.get(name)
+    def __init__(self, weights: Sequence[float], arrays: Sequence[Column | None]) -> None:
+        dense: dict[tuple[str, tuple[int, ...]], tuple[list[int], list[float]]] = {}
+        ragged: dict[tuple[str, tuple[int, ...]], tuple[list[int], list[float]]] = {}
+        for i, (col, w) in enumerate(zip(arrays, weights, strict=True)):
             if col is None:
-                self.missing.append(name)
                 continue
             arr, into = (col.values, ragged) if isinstance(col, Ragged) else (col, dense)
-            names, ws = into.setdefault((_KIND[arr.dtype.kind], arr.shape[1:]), ([], []))
-            names.append(name)
+            positions, ws = into.setdefault((_KIND[arr.dtype.kind], arr.shape[1:]), ([], []))
+            positions.append(i)
             ws.append(w)
-        self.dense = [self._group(kind, shape, names, ws, columns, repeat=True)
-                      for (kind, shape), (names, ws) in sorted(dense.items())]
-        self.ragged = [self._group(kind, shape, names, ws, columns, repeat=False)
-                       for (kind, shape), (names, ws) in sorted(ragged.items())]
+        self.dense = [self._group(kind, shape, pos, ws, arrays, repeat=True)
+                      for (kind, shape), (pos, ws) in sorted(dense.items())]
+        self.ragged = [self._group(kind, shape, pos, ws, arrays, repeat=False)
+                       for (kind, shape), (pos, ws) in sorted(ragged.items())]
 
     @staticmethod
-    def _group(kind: str, shape: tuple[int, ...], names: list[str], ws: list[float],
-               columns: Mapping[str, Column], repeat: bool) -> _Group:
+    def _group(kind: str, shape: tuple[int, ...], positions: list[int], ws: list[float],
+               arrays: Sequence[Column | None], repeat: bool) -> _Group:
         width = _width(shape)
-        get = _getter(names)
-        cols = get(columns)
+        get = _getter(positions)
+        cols = get(arrays)
         arrays = cols if repeat else tuple(map(_VALUES, cols))
         weights = np.asarray(ws, dtype=np.float64)
         scalar = repeat and not shape
@@ -160,24 +158,24 @@ class _Plan:
                       np.repeat(weights, width) if repeat and not scalar else weights,
                       scalar)
 
-    def matches(self, columns: Mapping[str, Column]) -> bool:
-        """Whether ``columns`` (same names) are still of the dense/ragged kind, dtypes and
+    def matches(self, arrays: Sequence[Column | None]) -> bool:
+        """Whether ``arrays`` (same layout) are still of the dense/ragged kind, dtypes and
         inner shapes this plan was made for."""
         try:
             for g in self.dense:
-                if not g.matches(g.get(columns)):
+                if not g.matches(g.get(arrays)):
                     return False
             for g in self.ragged:
-                if not g.matches(tuple(map(_VALUES, g.get(columns)))):
+                if not g.matches(tuple(map(_VALUES, g.get(arrays)))):
                     return False
-        except (AttributeError, KeyError):  # a dense column became ragged or vice versa
+        except AttributeError:  # a dense column became ragged or vice versa
             return False
         return True
 
-    def scores(self, columns: Mapping[str, Column], n: int) -> np.ndarray:
+    def scores(self, arrays: Sequence[Column | None], n: int) -> np.ndarray:
         total = np.zeros(n, dtype=np.float64)
         for g in self.dense:
-            cols = g.get(columns)
+            cols = g.get(arrays)
             dtype = _CONCAT[g.kind]
             if g.scalar:  # (n,) columns, concatenated column-major: (columns, n)
                 values = _transform(np.concatenate(cols, dtype=dtype, casting="unsafe")
@@ -191,7 +189,7 @@ class _Plan:
                 values *= g.weights
                 total += values.sum(axis=1)
         for g in self.ragged:
-            total += self._ragged_scores(g, g.get(columns), n)
+            total += self._ragged_scores(g, g.get(arrays), n)
         return total
 
     @staticmethod
@@ -223,6 +221,8 @@ class LeafModel:
     version: str
     input_names: tuple[str, ...]
     weights: np.ndarray = field(repr=False, compare=False)
+    #: the leaf SDK's converter: frame -> this version's inputs in signature order
+    converter: InputConverter = field(repr=False, compare=False)
     #: frame layout (its column names) -> :class:`_Plan`, shared by the request threads
     _plans: dict[tuple[str, ...], _Plan] = field(default_factory=dict, init=False,
                                                  repr=False, compare=False)
@@ -231,19 +231,23 @@ class LeafModel:
     def build(cls, model: str, version: str, input_names: Iterable[str]) -> LeafModel:
         names = tuple(input_names)
         weights = np.array([feature_weight(model, f) for f in names], dtype=np.float64)
-        return cls(model, version, names, weights)
+        return cls(model, version, names, weights, InputConverter(names))
 
     def score(self, frame: Frame) -> tuple[list[float], list[str]]:
         """``(scores, missing input names)`` for a decoded frame."""
-        columns = frame.columns
-        key = tuple(columns)
-        plan = self._plans.get(key)
-        if plan is None or not plan.matches(columns):
-            plan = _Plan(self.input_names, self.weights.tolist(), columns)
+        inputs = self.converter(frame)
+        return self.score_inputs(inputs).tolist(), list(inputs.missing)
+
+    def score_inputs(self, inputs: Inputs) -> np.ndarray:
+        """Per-candidate scores of this version's inputs (from :attr:`converter`)."""
+        arrays = inputs.arrays
+        plan = self._plans.get(inputs.layout)
+        if plan is None or not plan.matches(arrays):
+            plan = _Plan(self.weights.tolist(), arrays)
             if len(self._plans) >= MAX_PLANS:
                 self._plans.clear()
-            self._plans[key] = plan
-        return plan.scores(columns, frame.n_candidates).tolist(), list(plan.missing)
+            self._plans[inputs.layout] = plan
+        return plan.scores(arrays, inputs.n_candidates)
 
 
 class ModelStore:

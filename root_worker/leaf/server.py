@@ -37,28 +37,31 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import parse_qs, urlsplit
-
-import lz4.frame
 
 from flatbuffers_schema.atomic_file import write_atomic
 from flatbuffers_schema.settings import add_version_flag
-from flatbuffers_schema.wire import (
-    ENCODING_HEADER,
-    ENCODING_IDENTITY,
-    ENCODING_LZ4,
-    STATUS_SKEW,
-    TRIMMED_FOR_HEADER,
-)
-from root_worker.frame import FrameError, decode
+from flatbuffers_schema.wire import ENCODING_HEADER, REPLY_ERROR, TRIMMED_FOR_HEADER
+from root_worker.frame import FrameError
 from root_worker.leaf.model import ModelStore
+from root_worker.leaf.sdk import (
+    DEFAULT_MAX_FRAME_BYTES,
+    UnsupportedEncoding,
+    check_skew,
+    decompress,
+    read_frame,
+    score_reply,
+)
 from trimmer_daemon.bundle.parse import BundleError
 
 log = logging.getLogger("trimmer_leaf")
-DEFAULT_MAX_BODY = 256 << 20
+DEFAULT_MAX_BODY = DEFAULT_MAX_FRAME_BYTES
+MAX_PORT = 65535
+MAX_DELAY_MS = 3_600_000.0
 #: The root marks a trimmed frame with the version whose allowlist it applied.
 EXIT_OK, EXIT_USAGE = 0, 2
 _DATE: tuple[int, str] = (0, "")  # (second, its HTTP Date header value), for all threads
@@ -211,42 +214,53 @@ class LeafHandler(BaseHTTPRequestHandler):
         lm = self.server.store.get(model, version)
         if lm is None:
             raise LeafReplyError(404, f"model {model!r} is not served here")
-        frame_bytes = self._decompress(body)
+        # the leaf SDK (root_worker.leaf.sdk) end to end: body -> frame -> inputs -> skew
+        # rule -> scores -> reply
         try:
-            frame = decode(frame_bytes)
+            frame_bytes = decompress(body, self.headers.get(ENCODING_HEADER),
+                                     max_bytes=self.server.max_body)
+            frame = read_frame(frame_bytes)
+        except UnsupportedEncoding as exc:
+            raise LeafReplyError(415, str(exc)) from None
         except FrameError as exc:
             raise LeafReplyError(400, f"malformed frame: {exc}") from None
-        scores, missing = lm.score(frame)
-        trimmed_for = self.headers.get(TRIMMED_FOR_HEADER)
-        if trimmed_for is not None and trimmed_for != lm.version and missing:
-            raise LeafReplyError(STATUS_SKEW, f"frame trimmed for version {trimmed_for!r} "
-                                 f"of {model!r}, this leaf serves version {lm.version!r} and lacks "
-                                 f"{len(missing)} of its features (e.g. {missing[0]!r})")
-        doc = {"model": model, "version": lm.version, "requested_version": version,
-               "scores": scores, "n_candidates": frame.n_candidates,
-               "n_columns": len(frame.columns), "missing": missing,
-               "bytes_received": len(body), "frame_bytes": len(frame_bytes)}
+        inputs = lm.converter(frame)
+        refusal = check_skew(self.headers.get(TRIMMED_FOR_HEADER), lm.version, inputs,
+                             model=model)
+        if refusal is not None:
+            raise LeafReplyError(refusal.status, refusal.body[REPLY_ERROR])
+        doc = score_reply(lm.score_inputs(inputs), lm.version, model=model,
+                          requested_version=version, n_candidates=frame.n_candidates,
+                          n_columns=len(frame.columns), missing=list(inputs.missing),
+                          bytes_received=len(body), frame_bytes=len(frame_bytes))
         return doc, len(frame_bytes), len(frame.columns)
 
-    def _decompress(self, body: bytes) -> bytes:
-        encoding = (self.headers.get(ENCODING_HEADER) or ENCODING_IDENTITY).strip().lower()
-        if encoding == ENCODING_IDENTITY:
-            return body
-        if encoding != ENCODING_LZ4:
-            raise LeafReplyError(415, f"unsupported Content-Encoding {encoding!r}")
+
+class _Parser(argparse.ArgumentParser):
+    """One line on stderr for a bad command line (argparse adds the whole usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _ranged(kind: Callable[[str], Any], lo: float, hi: float | None = None
+            ) -> Callable[[str], Any]:
+    """An argparse type: ``kind(text)`` within ``[lo, hi]`` (``hi`` None: unbounded)."""
+    def parse(text: str) -> Any:
         try:
-            dec = lz4.frame.LZ4FrameDecompressor()
-            out = dec.decompress(body, max_length=self.server.max_body)
-            if not dec.eof:
-                raise LeafReplyError(400, "lz4 body is truncated or decompresses beyond "
-                                     f"{self.server.max_body} bytes")
-        except RuntimeError as exc:
-            raise LeafReplyError(400, f"malformed lz4 body: {exc}") from None
-        return out
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
+        if not (value >= lo and (hi is None or value <= hi)):
+            bound = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range {bound}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="trimmer-leaf",
         description="Reference leaf: decode frames, score the features a model's signature "
                     "names, count received bytes.")
@@ -258,13 +272,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--signature", action="append", default=[], metavar="MODEL[@VERSION]=PATH",
                    help="a per-model module_info.json (version defaults to 1)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8101, help="0 picks a free port")
+    p.add_argument("--port", type=_ranged(int, 0, MAX_PORT), default=8101,
+                   help="0 picks a free port")
     p.add_argument("--port-file", type=Path,
                    help="write the bound port here (atomically) once listening")
-    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY)
-    p.add_argument("--delay-ms", type=float, default=0.0,
+    p.add_argument("--max-body-bytes", type=_ranged(int, 1), default=DEFAULT_MAX_BODY)
+    p.add_argument("--delay-ms", type=_ranged(float, 0.0, MAX_DELAY_MS), default=0.0,
                    help="answer every score request this much later (to simulate a slow leaf)")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", type=str.upper,
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
     return p
 
 
@@ -295,8 +311,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, BundleError) as exc:
         print(f"trimmer-leaf: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    server = LeafServer((args.host, args.port), store, args.max_body_bytes,
-                        args.delay_ms / 1000.0)
+    try:
+        server = LeafServer((args.host, args.port), store, args.max_body_bytes,
+                            args.delay_ms / 1000.0)
+    except OSError as exc:  # address in use, no permission, unknown host
+        print(f"trimmer-leaf: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return EXIT_USAGE
     port = server.server_address[1]
     # Block the stop signals in every thread (threads inherit the mask) and take them with
     # sigwait in the main thread: no Python-level handler, so no lock a handler could

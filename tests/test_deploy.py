@@ -1,0 +1,446 @@
+"""The Kubernetes manifests (deploy/kubernetes/), the image recipe (Containerfile) and
+examples/daemon.toml, checked without a cluster: every manifest parses, commands and flags
+exist, every FT_* variable is a real setting, ports and paths agree between containers, and
+the daemon and the root run together as two processes sharing a private /dev/shm exactly
+as the pod wires them (each in its own mount namespace with the same directory mounted at
+/dev/shm, read-only for the root; the manifest's users; bundles in kubelet-style ConfigMap
+directories, swapped through ``..data``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import tomllib
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from test_watcher import AtomicWriterLike
+
+from flatbuffers_schema.shm_layout import SHM_DIR, segment_files
+from root_worker.service.settings import SETTINGS as ROOT_SETTINGS
+from root_worker.testing.stack import Proc, child_env, wait_for
+from trimmer_daemon.config import SETTINGS as DAEMON_SETTINGS
+from trimmer_daemon.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+K8S = ROOT / "deploy" / "kubernetes"
+BIN = Path(sys.executable).parent
+CONTAINERFILE = ROOT / "Containerfile"
+PROJECT_SCRIPTS = {"trimmer-daemon", "trimmer-inspect", "trimmer-bundle", "trimmer-leaf",
+                   "gunicorn"}
+START_S = 60.0
+
+
+# --- loading --------------------------------------------------------------------------------
+def _docs() -> list[dict[str, Any]]:
+    docs = []
+    for path in sorted(K8S.rglob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            assert isinstance(doc, dict), path
+            docs.append(doc)
+    return docs
+
+
+def _kustomization() -> dict[str, Any]:
+    return yaml.safe_load((K8S / "kustomization.yaml").read_text())
+
+
+def _deployment() -> dict[str, Any]:
+    (dep,) = [d for d in _docs() if d["kind"] == "Deployment"]
+    return dep
+
+
+def _containers() -> dict[str, dict[str, Any]]:
+    return {c["name"]: c for c in _deployment()["spec"]["template"]["spec"]["containers"]}
+
+
+def _env(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container.get("env", [])}
+
+
+def _expand(args: list[str], env: dict[str, str]) -> list[str]:
+    """Kubernetes' $(VAR) expansion of command/args from the container's env."""
+    return [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in args]
+
+
+def _generated(name: str) -> dict[str, str]:
+    """The files of a configMapGenerator entry: key -> content."""
+    (gen,) = [g for g in _kustomization()["configMapGenerator"] if g["name"] == name]
+    out = {}
+    for spec in gen["files"]:
+        key, _, path = spec.rpartition("=")
+        out[key or Path(path).name] = (K8S / path).read_text()
+    return out
+
+
+def _volumes() -> dict[str, dict[str, Any]]:
+    return {v["name"]: v for v in _deployment()["spec"]["template"]["spec"]["volumes"]}
+
+
+def _mounts(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {m["mountPath"]: m for m in container["volumeMounts"]}
+
+
+def _daemon_toml() -> dict[str, Any]:
+    return tomllib.loads(_generated("feature-trimmer-daemon")["daemon.toml"])
+
+
+def _daemon_args() -> list[str]:
+    d = _containers()["trimmer-daemon"]
+    return _expand(d["command"] + d["args"], _env(d))
+
+
+def _flag(args: list[str], flag: str) -> str:
+    return args[args.index(flag) + 1]
+
+
+# --- static checks ----------------------------------------------------------------------------
+def test_every_manifest_parses_and_kustomize_lists_existing_files() -> None:
+    docs = _docs()
+    kinds = {d.get("kind") for d in docs}
+    assert {"Deployment", "Service", "PodDisruptionBudget", "Kustomization"} <= kinds
+    for d in docs:
+        assert d.get("apiVersion") and d.get("kind"), d
+        if d["kind"] != "Kustomization":
+            assert d["metadata"]["name"]
+    k = _kustomization()
+    for res in k["resources"]:
+        assert (K8S / res).is_file(), res
+    for gen in k["configMapGenerator"]:
+        for spec in gen["files"]:
+            assert (K8S / spec.rpartition("=")[2]).is_file(), spec
+    for name in ("feature-trimmer-bundle-ads", "feature-trimmer-bundle-homefeed"):
+        (gen,) = [g for g in k["configMapGenerator"] if g["name"] == name]
+        assert gen["options"]["disableNameSuffixHash"] is True  # updated in place: ..data swap
+
+
+def test_the_pod_shares_a_memory_backed_dev_shm_between_its_two_containers() -> None:
+    c = _containers()
+    assert set(c) == {"trimmer-daemon", "root"}
+    (shm,) = [v for v in _volumes().values() if v.get("emptyDir", {}).get("medium") == "Memory"
+              and all(_mounts(x).get("/dev/shm", {}).get("name") == v["name"]
+                      for x in c.values())]
+    assert shm["emptyDir"]["sizeLimit"]
+    assert _mounts(c["root"])["/dev/shm"].get("readOnly") is True  # readers map read-only
+    assert not _mounts(c["trimmer-daemon"])["/dev/shm"].get("readOnly")
+    assert _env(c["root"])["FT_SHM_NAME"] == _flag(_daemon_args(), "--shm-name")
+
+
+def test_commands_and_flags_exist() -> None:
+    for container in _containers().values():
+        cmd = container["command"]
+        assert cmd[0] in PROJECT_SCRIPTS, cmd
+        helptext = _help(cmd[0])
+        for arg in container.get("args", []) + cmd[1:]:
+            if arg.startswith("-"):
+                assert re.search(rf"(^|\s){re.escape(arg)}[\s,=]", helptext), (cmd[0], arg)
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            exec_cmd = container.get(probe, {}).get("exec", {}).get("command")
+            if exec_cmd:
+                words = shlex.split(exec_cmd[-1]) if exec_cmd[0] == "sh" else exec_cmd
+                assert words[0] in PROJECT_SCRIPTS and words[1] in _help(words[0])
+    root_cmd = _containers()["root"]["command"]
+    assert root_cmd[1:3] == ["-c", "python:root_worker.gunicorn_conf"]
+    assert root_cmd[3] == "root_worker.app:app"
+
+
+def _help(script: str) -> str:
+    out = subprocess.run([str(BIN / script), "--help"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, (script, out.stderr)
+    return out.stdout
+
+
+def test_every_ft_variable_is_a_real_setting() -> None:
+    known = {s.env for s in ROOT_SETTINGS}
+    for container in _containers().values():
+        for name in _env(container):
+            if name.startswith("FT_"):
+                assert name in known, (container["name"], name)
+    from root_worker.service.settings import load_settings
+
+    load_settings(_env(_containers()["root"]))  # every value parses
+
+
+def test_ports_and_paths_agree() -> None:
+    c = _containers()
+    root, daemon = c["root"], c["trimmer-daemon"]
+    env = _env(root)
+    ports = {p["name"]: p["containerPort"] for x in c.values() for p in x["ports"]}
+    assert int(env["FT_BIND"].rpartition(":")[2]) == ports["http"]
+    assert root["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert root["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert int(_daemon_toml()["metrics_listen"].rpartition(":")[2]) == ports["daemon-metrics"]
+    (svc,) = [d for d in _docs() if d["kind"] == "Service"]
+    assert {p["targetPort"] for p in svc["spec"]["ports"]} <= set(ports)
+    # files the processes are told to read are in volumes mounted into that container
+    root_mounts, daemon_mounts = _mounts(root), _mounts(daemon)
+    routing = Path(env["FT_ROUTING"])
+    assert _volumes()[root_mounts[str(routing.parent)]["name"]]["configMap"]["name"] == \
+        "feature-trimmer-routing"
+    assert routing.name in _generated("feature-trimmer-routing")
+    assert env["FT_RUN_DIR"] in root_mounts
+    config = Path(_flag(_daemon_args(), "--config"))
+    assert config.name in _generated(_volumes()[daemon_mounts[str(config.parent)]["name"]]
+                                     ["configMap"]["name"])
+    for bundle, path in _daemon_toml()["bundles"].items():
+        p = Path(path)
+        vol = _volumes()[daemon_mounts[str(p.parent)]["name"]]
+        assert p.name in _generated(vol["configMap"]["name"]), bundle
+        # one ConfigMap per bundle directory: the kubelet swaps it atomically
+    for x in c.values():
+        assert "/tmp" in _mounts(x)  # readOnlyRootFilesystem: the only writable places
+
+
+def test_pods_run_unprivileged_with_requests_and_a_disruption_budget() -> None:
+    dep = _deployment()
+    spec = dep["spec"]["template"]["spec"]
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    gid = spec["securityContext"]["runAsGroup"]
+    uids = set()
+    for x in spec["containers"]:
+        sc = x["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+        assert sc["capabilities"]["drop"] == ["ALL"] and sc["runAsUser"] > 0
+        uids.add(sc["runAsUser"])
+        assert x["resources"]["requests"]["cpu"] and x["resources"]["requests"]["memory"]
+    assert len(uids) == 2  # the root cannot write the daemon's segments
+    (pdb,) = [d for d in _docs() if d["kind"] == "PodDisruptionBudget"]
+    assert pdb["spec"]["selector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    (svc,) = [d for d in _docs() if d["kind"] == "Service"]
+    assert svc["spec"]["selector"].items() <= labels.items()
+    # the image's users are the manifest's
+    text = CONTAINERFILE.read_text()
+    assert f"--gid {gid} " in text
+    for uid in uids:
+        assert f"--uid {uid} " in text
+
+
+def test_containerfile_installs_the_package_and_puts_the_scripts_on_path() -> None:
+    text = CONTAINERFILE.read_text()
+    for src in re.findall(r"^COPY (?!--from)(.+) \S+$", text, re.M):
+        for part in src.split():
+            assert (ROOT / part).exists(), part
+    assert "pip install --no-cache-dir /src" in text
+    assert re.search(r"^ENV PATH=/opt/feature-trimmer/venv/bin:\$PATH", text, re.M)
+    assert re.search(r"^USER 10002:10001$", text, re.M)
+    ports = {p["containerPort"] for x in _containers().values() for p in x["ports"]}
+    assert set(map(int, re.findall(r"^EXPOSE (.+)$", text, re.M)[0].split())) == ports
+
+
+def test_example_daemon_toml_lists_every_setting_and_the_daemon_accepts_it() -> None:
+    path = ROOT / "examples" / "daemon.toml"
+    doc = tomllib.loads(path.read_text())
+    assert set(doc) - {"bundles"} == {s.name for s in DAEMON_SETTINGS}
+    cfg = load_config(["--config", str(path)])
+    assert cfg.bundles == doc["bundles"]
+    for s in DAEMON_SETTINGS:  # the file says "the values below are the defaults"
+        assert cfg.values[s.name] == s.default, s.name
+    assert "examples/daemon.toml" in (ROOT / "systemd" / "feature-trimmer.service").read_text()
+    assert load_config(["--config", "/dev/null"]).values == cfg.values
+    k8s = load_config(["--config", str(K8S / "config" / "daemon.toml")])
+    assert set(k8s.bundles) == {"ads", "homefeed"}
+
+
+# --- the pod, as two processes ----------------------------------------------------------------
+def _can_unshare() -> bool:
+    if shutil.which("unshare") is None or shutil.which("nsenter") is None:
+        return False
+    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "true"],
+                           capture_output=True, timeout=30)
+    return probe.returncode == 0
+
+
+needs_mount_ns = pytest.mark.skipif(
+    not _can_unshare(), reason="needs unshare -m (CAP_SYS_ADMIN) to give each process a "
+                               "private /dev/shm as the pod does")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Pod:
+    """The manifest's two containers as two processes: each volume a host directory, the
+    memory emptyDir bind-mounted at /dev/shm in each process's own mount namespace."""
+
+    def __init__(self, base: Path, prefix: str) -> None:
+        self.base = base
+        self.containers = _containers()
+        self.prefix = prefix
+        self.metrics_port = _free_port()
+        self.procs: list[Proc] = []
+        for name, vol in _volumes().items():
+            d = base / "volumes" / name
+            d.mkdir(parents=True)
+            if "configMap" in vol:  # kubelet's layout: ..<stamp>/, ..data, key -> ..data/key
+                AtomicWriterLike(d).write(self.config_map(vol["configMap"]["name"]))
+            os.chown(d, 0, int(_deployment()["spec"]["template"]["spec"]["securityContext"]
+                               ["fsGroup"]))
+            d.chmod(0o2777 if "emptyDir" in vol else 0o2755)  # emptyDir: writable for all
+
+    def host_path(self, container: dict[str, Any], path: str) -> str:
+        """Where ``path`` of a container lives on this host (its volume's directory)."""
+        for mount_path, m in sorted(_mounts(container).items(), key=lambda kv: -len(kv[0])):
+            if mount_path != "/dev/shm" and (path == mount_path or
+                                             path.startswith(mount_path + "/")):
+                return str(self.dirs_of(m["name"])) + path[len(mount_path):]
+        return path
+
+    def dirs_of(self, volume: str) -> Path:
+        return self.base / "volumes" / volume
+
+    def config_map(self, name: str) -> dict[str, str]:
+        files = _generated(name)
+        if name == "feature-trimmer-daemon":  # its paths point into the daemon's volumes
+            text = files["daemon.toml"]
+            for path in re.findall(r'"(/[^"]+)"', text):
+                text = text.replace(f'"{path}"', json.dumps(
+                    self.host_path(self.containers["trimmer-daemon"], path)))
+            files["daemon.toml"] = text.replace(
+                '"0.0.0.0:9469"', f'"127.0.0.1:{self.metrics_port}"')
+        return files
+
+    def env(self, container: dict[str, Any]) -> dict[str, str]:
+        env = {k: self.host_path(container, v) for k, v in _env(container).items()}
+        env["FT_SHM_NAME"] = self.prefix  # unique per test; the same in both containers
+        if "FT_BIND" in env:
+            env["FT_BIND"] = "127.0.0.1:0"  # tests share the host's network namespace
+        tmp = self.host_path(container, "/tmp")
+        return child_env({**env, "PATH": f"{BIN}:{os.environ['PATH']}", "HOME": tmp,
+                          "TMPDIR": tmp})
+
+    def command(self, container: dict[str, Any]) -> list[str]:
+        """The container's command, in a private mount namespace with the shm volume at
+        /dev/shm (read-only if the manifest says so), as the container's user and group."""
+        env = self.env(container)
+        args = [self.host_path(container, a)
+                for a in _expand(container["command"] + container.get("args", []), env)]
+        mount = _mounts(container)["/dev/shm"]
+        shm = self.dirs_of(mount["name"])
+        setup = f"mount --bind {shlex.quote(str(shm))} /dev/shm"
+        if mount.get("readOnly"):
+            setup += " && mount -o remount,bind,ro /dev/shm"
+        pod_sc = _deployment()["spec"]["template"]["spec"]["securityContext"]
+        user = ["setpriv", f"--reuid={container['securityContext']['runAsUser']}",
+                f"--regid={pod_sc['runAsGroup']}", "--clear-groups", "--"]
+        return ["unshare", "-m", "--propagation", "private", "sh", "-c",
+                f'{setup} && exec "$@"', "sh", *user, *args]
+
+    def start(self, name: str) -> Proc:
+        c = self.containers[name]
+        proc = Proc(name, self.command(c), self.base / f"{name}.log", self.env(c))
+        self.procs.append(proc)
+        return proc
+
+    def exec_probe(self, daemon: Proc, probe: str) -> list[subprocess.CompletedProcess[str]]:
+        """``kubectl exec`` of a probe in the daemon's mount namespace: the probe's shell
+        command as written (as root: this host's interpreter lives under a 0700 /root that
+        a shell of another user cannot exec from), and its trimmer-inspect call as the
+        container's user (setpriv execs it directly)."""
+        c = self.containers["trimmer-daemon"]
+        cmd = c[probe]["exec"]["command"]
+        gid = _deployment()["spec"]["template"]["spec"]["securityContext"]["runAsGroup"]
+        enter = ["nsenter", "-t", str(daemon.pid), "-m", "--"]
+        inspect = [w for w in shlex.split(cmd[-1]) if not w.startswith((">", ";"))][:2]
+        as_user = ["setpriv", f"--reuid={c['securityContext']['runAsUser']}",
+                   f"--regid={gid}", "--clear-groups", "--", *inspect]
+        return [subprocess.run([*enter, *argv], env=self.env(c), capture_output=True,
+                               text=True, timeout=60) for argv in (cmd, as_user)]
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+
+
+@pytest.fixture
+def pod(shm_prefix: str) -> Iterator[Pod]:
+    base = Path(tempfile.mkdtemp(prefix="ftpod_"))
+    base.chmod(0o755)  # the containers' users must reach their volumes
+    p = Pod(base, shm_prefix)
+    try:
+        yield p
+    finally:
+        p.close()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _get(url: str) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+@needs_mount_ns
+@pytest.mark.slow
+def test_daemon_and_root_run_together_on_a_private_dev_shm(pod: Pod) -> None:
+    daemon = pod.start("trimmer-daemon")
+    root = pod.start("root")
+    run_dir = Path(pod.env(pod.containers["root"])["FT_RUN_DIR"])
+    shm_dir = pod.dirs_of(_mounts(pod.containers["root"])["/dev/shm"]["name"])
+
+    def address() -> str | None:
+        daemon.check_alive()
+        root.check_alive()
+        f = run_dir / "root.json"
+        return json.loads(f.read_text())["addresses"][0] if f.exists() else None
+    url = wait_for(address, START_S, "the root to listen")
+
+    def ready() -> dict[str, Any] | None:
+        status, doc = _get(url + "/readyz")  # the readiness probe
+        return doc if status == 200 and doc["generation"] > 0 else None
+    first = wait_for(ready, START_S, "the root to attach the daemon's map")["generation"]
+    status, health = _get(url + "/healthz")  # the liveness probe
+    assert status == 200 and health["shm_name"] == pod.prefix
+    assert wait_for(lambda: _get(url + "/healthz")[1]["status"] == "ok" or None, START_S,
+                    "a fresh heartbeat")
+    # the map lives only in the pod's /dev/shm: the host's has no segment of it
+    assert f"{pod.prefix}.ctl" in os.listdir(shm_dir)
+    assert segment_files(pod.prefix) == [] and not os.path.exists(
+        os.path.join(SHM_DIR, f"{pod.prefix}.ctl"))
+    # the daemon's exec probes pass inside its container; outside it there is no map
+    for probe in ("startupProbe", "livenessProbe"):
+        for out in pod.exec_probe(daemon, probe):
+            assert out.returncode == 0, (out.args, out.stdout + out.stderr)
+    outside = subprocess.run([str(BIN / "trimmer-inspect"), "--shm-name", pod.prefix, "status"],
+                             capture_output=True, text=True, timeout=60)
+    assert outside.returncode == 2
+    # the root container cannot write the segments (read-only mount, another user)
+    probe = subprocess.run(["nsenter", "-t", str(root.pid), "-m", "--", "sh", "-c",
+                            f"touch /dev/shm/{pod.prefix}.intruder"],
+                           capture_output=True, text=True, timeout=30)
+    assert probe.returncode != 0 and not (shm_dir / f"{pod.prefix}.intruder").exists()
+    # a ConfigMap update (the kubelet's ..data swap) reaches the root without a restart
+    bundle_dir = pod.dirs_of("bundle-homefeed")
+    doc = json.loads(_generated("feature-trimmer-bundle-homefeed")["module_info.json"])
+    doc["homefeed_rank"].append({"version": "43", "input_names": ["pin_emb"]})
+    AtomicWriterLike(bundle_dir).write({"module_info.json": json.dumps(doc)})
+    wait_for(lambda: _get(url + "/healthz")[1]["generation"] > first or None, START_S,
+             "the root to serve the generation of the swapped ConfigMap")
+    lookup = subprocess.run(["nsenter", "-t", str(daemon.pid), "-m", "--",
+                             "trimmer-inspect", "--json", "lookup", "homefeed_rank", "43"],
+                            env=pod.env(pod.containers["trimmer-daemon"]), capture_output=True,
+                            text=True, timeout=60)
+    assert lookup.returncode == 0, lookup.stderr
+    assert json.loads(lookup.stdout)["version"] == "43"
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{pod.metrics_port}/metrics",
+                                     timeout=5).read().decode()
+    assert "feature_trimmer_daemon_generation" in metrics
+    assert daemon.alive() and root.alive()
