@@ -192,7 +192,11 @@ def test_calls_on_one_loop_keep_their_own_results_and_deadlines() -> None:
 class FailingTrimmer(Trimmer):
     """The fault the fallback exists for: a trimmer bug (not a malformed frame)."""
 
-    def trim(self, buf: Any, allowlist: Any, out: Any = None) -> Any:
+    def trim(self, buf: Any, allowlist: Any, out: Any = None, check_ragged: bool = False
+             ) -> Any:
+        raise RuntimeError("simulated trimmer bug")
+
+    def trim_parts(self, buf: Any, allowlist: Any, check_ragged: bool = False) -> Any:
         raise RuntimeError("simulated trimmer bug")
 
 

@@ -1,15 +1,15 @@
 """The root's last check of a frame before a leaf gets it: block table and ragged offsets.
 
 Runs in each root worker, once per distinct payload of a request (a trimmed output shared by
-targets, or the untrimmed frame). The trim engine validates the preamble, layout and block
-table of what it trims, but not the *contents* of ragged offsets, and an untrimmed
-pass-through is only peeked; a leaf would then refuse a frame the root could have rejected
+targets, or the untrimmed frame). An untrimmed pass-through is otherwise only peeked (preamble
+and metadata); a leaf would then refuse a frame the root could have rejected
 (``offsets[0] != 0``, decreasing offsets, an end beyond the block). This check is
 vectorised: one gather of every ragged column's ``C + 1`` offsets (blocks are 64-byte
 aligned, so the offsets are aligned int64s) and three comparisons.
 
-Interim home: the trim engine is gaining the same check (``check_ragged=True``); when it
-lands, trimmed outputs use the engine's flag and this module serves pass-through frames only.
+Trimmed outputs are checked by the trim engine itself (``check_ragged=True``, on the kept
+columns, in C); this module serves the frames a root passes through untrimmed (unknown model,
+no map, shadow mode, a skew re-send), which the engine never walks.
 """
 
 from __future__ import annotations
@@ -32,12 +32,9 @@ from root_worker.frame.format import (
 _LAYOUTS = LayoutCache(256)
 
 
-def check_frame(buf: Any, table_checked: bool = False) -> None:
+def check_frame(buf: Any) -> None:
     """Raise :class:`FrameError` naming the column unless every block and every ragged
-    column's offsets of ``buf`` are well formed (``0 = o[0] <= o[1] <= ... = n_values``).
-
-    ``table_checked``: the block table is known good (the trim engine wrote it from a
-    validated input), only the ragged offsets are checked."""
+    column's offsets of ``buf`` are well formed (``0 = o[0] <= o[1] <= ... = n_values``)."""
     mv = as_bytes_view(buf)
     pre = read_preamble(mv)
     layout = _LAYOUTS.get(pre.hint, pre.n_columns, mv[PREAMBLE_SIZE:pre.layout_end].tobytes())
@@ -45,15 +42,10 @@ def check_frame(buf: Any, table_checked: bool = False) -> None:
         return
     table = np.frombuffer(mv, dtype="<u8", count=2 * pre.n_columns,
                           offset=pre.table_offset).reshape(pre.n_columns, 2)
+    off, nb = check_table(layout, table, pre.n_candidates, pre.table_end, pre.meta_offset)
     idx = layout.ragged_idx
-    if table_checked:
-        if not idx.size:
-            return
-        off, nb = table[:, 0], table[:, 1]
-    else:
-        off, nb = check_table(layout, table, pre.n_candidates, pre.table_end, pre.meta_offset)
-        if not idx.size:
-            return
+    if not idx.size:
+        return
     n_cand = pre.n_candidates
     words = np.frombuffer(mv, dtype="<i8", count=len(mv) // RAGGED_OFFSET_SIZE)
     starts = (off[idx] // RAGGED_OFFSET_SIZE).astype(np.int64)

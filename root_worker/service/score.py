@@ -8,15 +8,19 @@ Runs in each root worker (one :class:`Scorer` per process, built after fork). Pe
 2. take **one** map view (one shared-memory poll) and resolve every target in it (SPEC §4);
    the answer reports that view's generation;
 3. trim once per distinct allowlist: targets that resolve to the same allowlist share one
-   output, written into a buffer of the worker's :class:`BufferPool` (capped by
+   output. Without lz4 the output is scatter-gather (``Trimmer.trim_parts``: a new header
+   and views of the kept runs of the request buffer, sent with ``sendmsg``, no copy); with
+   lz4 it is written into a buffer of the worker's :class:`BufferPool` (capped by
    ``FT_MAX_BUFFER_BYTES``; when the cap is reached the target is sent untrimmed and
-   counted). Mode ``off`` and unknown models pass the frame through, ``shadow`` trims only
-   to count what it would save. Each distinct payload is checked before any leaf sees it
-   (:mod:`root_worker.service.framecheck`: block table, ragged offsets): a malformed frame
-   is a 400 -- except in mode ``off``, the kill switch, where the root parses nothing but
-   the metadata and the bytes pass as they came. Any *other* trimmer-side failure -- a
-   trimmer bug, a version that could not travel in a header -- sends that target untrimmed
-   and is counted (the trimmer may cost bandwidth, never correctness);
+   counted). The engine checks the kept ragged offsets (``check_ragged``). Mode ``off``
+   and unknown models pass the frame through, ``shadow`` trims only to count what it would
+   save. A frame passed through untrimmed is checked by
+   :mod:`root_worker.service.framecheck` (block table, ragged offsets): a leaf never gets a
+   frame the root could have rejected; a malformed frame is a 400 -- except in mode
+   ``off``, the kill switch, where the root parses nothing but the metadata and the bytes
+   pass as they came. Any *other* trimmer-side failure -- a trimmer bug, a version that
+   could not travel in a header -- sends that target untrimmed and is counted (the trimmer
+   may cost bandwidth, never correctness);
 4. start one :class:`~root_worker.service.fanout.LeafCall` per target on the worker's event
    loop (lz4-compressed once per payload if enabled); each ends by ``FT_LEAF_TIMEOUT``. A leaf
    on another version that refuses a trimmed frame (409) gets it again untrimmed, within
@@ -83,9 +87,10 @@ BadRequest = HttpError  # the client's request is unusable: answer ``status`` (4
 class Payload:
     """One distinct body a request sends (the frame, or one trimmed output)."""
 
-    data: Any                     # memoryview on the request body or on a pooled buffer
-    buffer: Any = None            # the pooled buffer to give back (None: the request body)
-    wire: Any = None              # what goes on the wire (data, or its lz4 compression)
+    parts: list[Any]              # buffers whose concatenation is the frame: [body], the
+    #                               trim engine's scatter-gather parts, or [pooled view]
+    buffer: Any = None            # the pooled buffer to give back (None: nothing pooled)
+    wire: Any = None              # the lz4 compression of the parts, when lz4 is on
     checked: bool = False
 
 
@@ -127,8 +132,10 @@ class Request:
     def release(self) -> None:
         """Give every pooled buffer back (no leaf call reads them any more)."""
         for p in self.payloads:
+            for part in p.parts:
+                if isinstance(part, memoryview):
+                    part.release()
             if p.buffer is not None:
-                p.data.release()
                 self.scorer.buffers.give(p.buffer)
                 p.buffer = None
         self.payloads.clear()
@@ -187,7 +194,7 @@ class Scorer:
             headers[REQUEST_ID_HEADER] = str(request_id)  # only a header-safe id is forwarded
         req = Request(self, loop, body, request_id, view.generation if view else 0,
                       loop.clock() + self.settings.leaf_timeout, headers, on_done,
-                      Payload(body))
+                      Payload([body]))
         try:
             self._prepare_all(req, view, targets)
             for p in {id(p.payload): p.payload for p in req.targets}.values():
@@ -241,26 +248,40 @@ class Scorer:
 
     def _trim_once(self, req: Request, p: Prepared, allowlist: Any
                    ) -> tuple[Payload, Any] | None:
-        buf = self.buffers.take(len(req.body))
-        if buf is None:
+        """Trim ``req.body`` for one allowlist, checking the kept ragged offsets.
+
+        Without lz4 the output is scatter-gather (:meth:`Trimmer.trim_parts`: the new
+        header plus views of the kept runs of the request buffer, sent as they are with
+        ``sendmsg``; no buffer, no copy). lz4 needs contiguous bytes: a pooled buffer.
+        """
+        contiguous = self.settings.lz4
+        buf = self.buffers.take(len(req.body)) if contiguous else None
+        if contiguous and buf is None:
             p.metrics.trim_errors.inc()
             p.fallback = FALLBACK_BUFFER_CAP
             return None
         t0 = time.perf_counter()
         try:
-            res = self.trimmer.trim(req.body, allowlist, out=buf)
+            if contiguous:
+                res = self.trimmer.trim(req.body, allowlist, out=buf, check_ragged=True)
+                parts = [res.data]
+            else:
+                res = self.trimmer.trim_parts(req.body, allowlist, check_ragged=True)
+                parts = res.parts
         except FrameError as exc:
-            self.buffers.give(buf)
+            if buf is not None:
+                self.buffers.give(buf)
             raise BadRequest(400, "bad_frame", f"malformed frame: {exc}") from None
         except Exception as exc:  # a trimmer bug must cost bandwidth, never the request
-            self.buffers.give(buf)
+            if buf is not None:
+                self.buffers.give(buf)
             log.exception("trim failed model=%s version=%s; sending untrimmed",
                           p.target.model, p.version)
             p.metrics.trim_errors.inc()
             p.fallback = f"trim_error: {type(exc).__name__}"
             return None
         self.metrics.trim_seconds.observe(time.perf_counter() - t0)
-        payload = Payload(res.data, buf)
+        payload = Payload(parts, buf, checked=True)  # the engine checked what it kept
         req.payloads.append(payload)
         return payload, res
 
@@ -269,7 +290,7 @@ class Scorer:
         if payload.checked or self.settings.mode == "off":
             return  # mode off is the trimmer's kill switch: bytes pass as they came
         try:
-            check_frame(payload.data, table_checked=payload.buffer is not None)
+            check_frame(payload.parts[0])  # only pass-through payloads get here: [body]
         except FrameError as exc:
             raise BadRequest(400, "bad_frame", f"malformed frame: {exc}") from None
         payload.checked = True
@@ -289,17 +310,18 @@ class Scorer:
         headers = req.headers
         if trimmed_for is not None:
             headers = {**headers, TRIMMED_FOR_HEADER: trimmed_for}
+        wire = payload.parts
         if self.settings.lz4:
             if payload.wire is None:
-                payload.wire = lz4.frame.compress(payload.data)
+                payload.wire = [lz4.frame.compress(payload.parts[0])]
+            wire = payload.wire
             headers = {**headers, ENCODING_HEADER: ENCODING_LZ4}
-        wire = payload.wire if payload.wire is not None else payload.data
         query = {QUERY_MODEL: p.target.model}
         if p.version is not None:
             query[QUERY_VERSION] = p.version
         p.t0 = time.perf_counter()
         call = LeafCall(req.loop, self.pool, self.routing.pick(p.target.model),
-                        SCORE_PATH + "?" + urlencode(query), headers, [wire], req.deadline,
+                        SCORE_PATH + "?" + urlencode(query), headers, wire, req.deadline,
                         self.settings.max_leaf_reply_bytes,
                         lambda result: self._ended(req, i, call, trimmed_for, result))
         call.start()
