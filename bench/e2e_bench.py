@@ -424,7 +424,7 @@ class MinimalRoot(Proc):
     """``bench/minimal_root.py`` on a free port, with the interface measure() uses."""
 
     def __init__(self, name: str, stack: Stack, mode: str, routing: Path) -> None:
-        self.address_file = stack.workdir / f"minimal-{name}.json"
+        self.address_file = stack.workdir / f"minimal-{name}-{secrets.token_hex(4)}.json"
         cmd = [sys.executable, str(ROOT / "bench" / "minimal_root.py"), "--shm-name",
                stack.prefix, "--routing", str(routing), "--mode", mode, "--address-file",
                str(self.address_file), "--workers", "2"]

@@ -8,8 +8,8 @@ connection". What it keeps is the work a root cannot avoid, done the cheapest pl
 a master binds, forks ``--workers`` workers and waits; each worker multiplexes its client
 connections with a selector and, per request, reads the head, reads the body with
 ``recv_into`` into one reused buffer, peeks the metadata, takes one map view, resolves and
-trims each target with the project's own :class:`~root_worker.frame.Trimmer` into a reused
-buffer per target (mode ``off``: the body), sends every target with ``sendmsg`` on a
+trims each target with the project's own :meth:`~root_worker.frame.Trimmer.trim_parts`
+(scatter-gather views of the body; mode ``off``: the body), sends every target with ``sendmsg`` on a
 kept-alive blocking socket per leaf, then reads every answer (``Content-Length``) and parses
 its JSON, and answers the client. The bench (``bench/e2e_bench.py``) runs it side by side
 with the real pool and reports the CPU ratio.
@@ -87,15 +87,12 @@ def recv_exact_into(sock: socket.socket, view: memoryview, rx: bytearray) -> boo
 
 
 def send_all(sock: socket.socket, parts: list[Any]) -> None:
-    views = [memoryview(p).cast("B") for p in parts]
-    while views:
-        n = sock.sendmsg(views)
-        while n:
-            if n >= len(views[0]):
-                n -= len(views.pop(0))
-            else:
-                views[0] = views[0][n:]
-                n = 0
+    """Blocking ``sendmsg`` of byte buffers (usually one call; a partial send resumes)."""
+    total = sum(map(len, parts))
+    sent = sock.sendmsg(parts[:1024])  # IOV_MAX
+    while sent < total:
+        rest = memoryview(b"".join(parts))[sent:]  # rare: the kernel took part of it
+        sent += sock.send(rest)
 
 
 class Worker:
@@ -105,7 +102,6 @@ class Worker:
         self.trimmer = Trimmer()
         self.leaves = Leaves(json.loads(Path(args.routing).read_text()))
         self.body = bytearray()
-        self.bufs: list[bytearray] = []
         self.lsock = lsock
         self.sel = selectors.DefaultSelector()
         self.pid = os.getpid()
@@ -150,20 +146,20 @@ class Worker:
         targets = peek_metadata(body)["targets"]
         view = self.live.current() if self.mode != "off" else None
         sends = []
-        for i, model in enumerate(targets):
-            payload, outcome = body, "off"
+        for model in targets:
+            parts, outcome = [body], "off"
             if self.mode != "off":
                 res = self.live.resolve_in(view, model)
                 outcome = res.outcome.value
                 if res.allowlist is not None:
-                    out = self.buf(i, len(body))
-                    payload = self.trimmer.trim(body, res.allowlist, out=out).data
+                    parts = self.trimmer.trim_parts(body, res.allowlist).parts
             url = self.leaves.urls[model]
             sock = self.leaves.sock(url)
+            n = sum(len(memoryview(p).cast("B")) for p in parts)
             head = (f"POST /score?model={model} HTTP/1.1\r\nHost: leaf\r\nContent-Type: "
-                    f"application/x-ft-frame\r\nContent-Length: {len(payload)}\r\n\r\n")
-            send_all(sock, [head.encode(), payload])
-            sends.append((model, outcome, len(payload), sock))
+                    f"application/x-ft-frame\r\nContent-Length: {n}\r\n\r\n")
+            send_all(sock, [head.encode(), *parts])
+            sends.append((model, outcome, n, sock))
         out = []
         for model, outcome, n, sock in sends:
             rx = bytearray()
@@ -175,14 +171,6 @@ class Worker:
                         "scores": doc["scores"]})
         return {"pid": self.pid, "generation": view.generation if view else 0,
                 "targets": out}
-
-    def buf(self, i: int, size: int) -> bytearray:
-        """The reused output buffer of target position ``i`` (grown, never shrunk)."""
-        while len(self.bufs) <= i:
-            self.bufs.append(bytearray())
-        if len(self.bufs[i]) < size:
-            self.bufs[i] = bytearray(max(size, 2 * len(self.bufs[i])))
-        return self.bufs[i]
 
 
 def main() -> int:

@@ -26,7 +26,9 @@ kind            meaning
 
 from __future__ import annotations
 
+import bisect
 import errno
+import itertools
 import socket
 import threading
 import time
@@ -115,7 +117,10 @@ class LeafCall:
 
     def __init__(self, loop: Loop, pool: LeafPool, endpoints: Sequence[Endpoint],
                  path: str, headers: Mapping[str, str], body: Sequence[Any], deadline: float,
-                 max_reply: int, on_done: Done) -> None:
+                 max_reply: int, on_done: Done, body_bytes: int | None = None) -> None:
+        """``body``: byte buffers sent back to back (``sendmsg``, no copy; a trimmed frame
+        is hundreds of views); ``body_bytes``: their total length, when the caller knows
+        it."""
         self._loop, self._pool, self._eps = loop, pool, list(endpoints)
         self._path, self._headers, self._body = path, headers, body
         self._deadline, self._max_reply, self._on_done = deadline, max_reply, on_done
@@ -123,7 +128,10 @@ class LeafCall:
         self._attempt = 0
         self._sock: socket.socket | None = None
         self._reused = False
-        self._out: list[memoryview] = []
+        self._out: list[Any] = []
+        self._ends: list[int] = []
+        self._sent = 0
+        self._first = 0
         self._rx = bytearray()
         self._head: Head | None = None
         self._body_start = 0
@@ -131,7 +139,8 @@ class LeafCall:
         self._data = bytearray()
         self._timer: Timer | None = None
         self.endpoint: Endpoint | None = None
-        self.body_bytes = sum(len(memoryview(b).cast("B")) for b in body)
+        self.body_bytes = body_bytes if body_bytes is not None else \
+            sum(memoryview(b).nbytes for b in body)
         self.done = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -148,8 +157,8 @@ class LeafCall:
 
     def _on_deadline(self) -> None:
         ep = self.endpoint.url if self.endpoint else "leaf"
-        stage = "connecting" if not self._out and self._head is None and not self._rx \
-            else "sending" if self._out else "reading the answer"
+        stage = "connecting" if not self._ends else "sending" if self._out else \
+            "reading the answer"
         self._fail(LeafError("timeout", f"{ep}: no complete answer by the deadline "
                              f"(FT_LEAF_TIMEOUT) while {stage}"))
 
@@ -179,6 +188,7 @@ class LeafCall:
         self._reused = sock is not None
         self._rx.clear()
         self._head = None
+        self._ends = []
         if sock is not None:
             self._sock = sock
             self._start_send()
@@ -233,29 +243,33 @@ class LeafCall:
                 f"Content-Length: {self.body_bytes}"]
         head += [f"{k}: {v}" for k, v in self._headers.items()]
         raw = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
-        self._out = [memoryview(raw)] + [memoryview(b).cast("B") for b in self._body]
+        self._out = [raw, *self._body]  # flat byte buffers (the caller's contract)
+        # cumulative ends, computed at C speed: a partial send finds its place by bisection
+        self._ends = list(itertools.accumulate(map(len, self._out)))
+        self._sent = self._first = 0
         self._send(WRITE)
 
     def _send(self, mask: int) -> None:
-        sock, out = self._sock, self._out
+        sock, out, ends = self._sock, self._out, self._ends
         assert sock is not None
-        while out:
+        total = ends[-1]
+        while self._sent < total:
+            k = self._first
+            start = ends[k - 1] if k else 0
+            batch = out[k:k + IOV_MAX]
+            if self._sent > start:  # the first buffer went out in part
+                batch[0] = memoryview(batch[0])[self._sent - start:]
             try:
-                n = sock.sendmsg(out[:IOV_MAX])
+                n = sock.sendmsg(batch)
             except (BlockingIOError, InterruptedError):
                 self._loop.watch(sock, WRITE, self._send)
                 return
             except OSError as exc:
                 self._io_error(exc, "sending")
                 return
-            while n and out:
-                first = out[0]
-                if n >= len(first):
-                    n -= len(first)
-                    out.pop(0)
-                else:
-                    out[0] = first[n:]
-                    n = 0
+            self._sent += n
+            self._first = bisect.bisect_right(ends, self._sent, lo=k)
+        self._out = []
         self._loop.watch(sock, READ, self._read)
 
     # -- receive ---------------------------------------------------------------------------

@@ -89,6 +89,7 @@ class Payload:
 
     parts: list[Any]              # buffers whose concatenation is the frame: [body], the
     #                               trim engine's scatter-gather parts, or [pooled view]
+    nbytes: int = 0               # their total length
     buffer: Any = None            # the pooled buffer to give back (None: nothing pooled)
     wire: Any = None              # the lz4 compression of the parts, when lz4 is on
     checked: bool = False
@@ -131,11 +132,9 @@ class Request:
 
     def release(self) -> None:
         """Give every pooled buffer back (no leaf call reads them any more)."""
-        for p in self.payloads:
-            for part in p.parts:
-                if isinstance(part, memoryview):
-                    part.release()
+        for p in self.payloads:  # (views of the request body die with the request)
             if p.buffer is not None:
+                p.parts[0].release()  # the one view of a pooled contiguous output
                 self.scorer.buffers.give(p.buffer)
                 p.buffer = None
         self.payloads.clear()
@@ -194,7 +193,7 @@ class Scorer:
             headers[REQUEST_ID_HEADER] = str(request_id)  # only a header-safe id is forwarded
         req = Request(self, loop, body, request_id, view.generation if view else 0,
                       loop.clock() + self.settings.leaf_timeout, headers, on_done,
-                      Payload([body]))
+                      Payload([body], len(body)))
         try:
             self._prepare_all(req, view, targets)
             for p in {id(p.payload): p.payload for p in req.targets}.values():
@@ -281,7 +280,7 @@ class Scorer:
             p.fallback = f"trim_error: {type(exc).__name__}"
             return None
         self.metrics.trim_seconds.observe(time.perf_counter() - t0)
-        payload = Payload(parts, buf, checked=True)  # the engine checked what it kept
+        payload = Payload(parts, res.bytes_out, buf, checked=True)  # the engine checked it
         req.payloads.append(payload)
         return payload, res
 
@@ -310,11 +309,11 @@ class Scorer:
         headers = req.headers
         if trimmed_for is not None:
             headers = {**headers, TRIMMED_FOR_HEADER: trimmed_for}
-        wire = payload.parts
+        wire, nbytes = payload.parts, payload.nbytes
         if self.settings.lz4:
             if payload.wire is None:
                 payload.wire = [lz4.frame.compress(payload.parts[0])]
-            wire = payload.wire
+            wire, nbytes = payload.wire, len(payload.wire[0])
             headers = {**headers, ENCODING_HEADER: ENCODING_LZ4}
         query = {QUERY_MODEL: p.target.model}
         if p.version is not None:
@@ -323,7 +322,7 @@ class Scorer:
         call = LeafCall(req.loop, self.pool, self.routing.pick(p.target.model),
                         SCORE_PATH + "?" + urlencode(query), headers, wire, req.deadline,
                         self.settings.max_leaf_reply_bytes,
-                        lambda result: self._ended(req, i, call, trimmed_for, result))
+                        lambda result: self._ended(req, i, call, trimmed_for, result), nbytes)
         call.start()
 
     def _ended(self, req: Request, i: int, call: LeafCall, trimmed_for: str | None,
