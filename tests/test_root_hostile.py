@@ -380,3 +380,21 @@ def test_a_bad_setting_stops_the_master_with_exit_2(tmp_path: Path, var: str, va
     assert proc.returncode == 2, proc.stderr
     assert words in proc.stderr
     assert not (tmp_path / "run").exists()  # nothing started, nothing written
+
+
+def test_the_gthread_worker_class_still_serves_and_answers_bad_chunks_with_json_400(
+        env: Env) -> None:
+    """FT_WORKER_CLASS=gthread keeps the WSGI path: same scorer, leaf calls and deadlines;
+    a malformed chunked body is the client's 400, never a 500 with a traceback."""
+    proc = env.root("root-gthread", FT_WORKER_CLASS="gthread", FT_WORKERS="1")
+    try:
+        proc.wait_ready()
+        status, doc = proc.client().score(_frame(env), ["healthy", "ads_ctr", "hang"])
+        assert status == 200 and doc["ok"] == 2, doc
+        assert doc["targets"][2]["error"]["kind"] == "timeout"
+        answer = _raw(proc.url, (CHUNKED + "\r\n").encode() + b"zz\r\nabc\r\n0\r\n\r\n", True)
+        assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+        assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"] == "bad_body"
+        assert "Traceback" not in proc.log()
+    finally:
+        proc.stop()

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import time
@@ -392,8 +391,8 @@ class Scorer:
 
 def _leaf_reply(url: str, status: int, data: bytes) -> dict[str, Any]:
     """The fields of a leaf's answer the client gets; raises LeafError if unusable."""
-    try:
-        doc = json.loads(data, parse_constant=_reject_constant, parse_float=_finite_float)
+    try:  # C-speed parse; NaN/Infinity literals refused here, overflowed floats below
+        doc = json.loads(data, parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError, RecursionError):
         doc = None
     if status != 200:
@@ -402,6 +401,11 @@ def _leaf_reply(url: str, status: int, data: bytes) -> dict[str, Any]:
         raise LeafError("status", f"{url} answered {status}: {detail}", status)
     if not isinstance(doc, dict) or not isinstance(doc.get("scores"), list):
         raise LeafError("bad_reply", f"{url} answered 200 without a JSON object with scores")
+    try:  # 1e999 parses as inf: the answer could not be re-encoded as strict JSON
+        json.dumps(doc["scores"], allow_nan=False)
+    except (ValueError, RecursionError):
+        raise LeafError("bad_reply", f"{url} answered scores that are not finite "
+                        "numbers") from None
     reply = {"scores": doc["scores"]}
     if "version" in doc:
         reply["leaf_version"] = doc["version"]
@@ -410,10 +414,3 @@ def _leaf_reply(url: str, status: int, data: bytes) -> dict[str, Any]:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a score")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):  # 1e999: the answer could not be re-encoded as JSON
-        raise ValueError(f"{text} is not a finite number")
-    return value
