@@ -103,6 +103,14 @@ class DaemonConfig:
 
 
 SETTING_CLASSES = (DaemonConfig, Limits)  # every flag and TOML key of the daemon
+SETTINGS: tuple[S.Spec, ...] = tuple(spec for cls in SETTING_CLASSES for spec in S.specs(cls))
+
+
+def setting_values(config: DaemonConfig) -> dict[str, Any]:
+    """Every setting of ``config`` by TOML key (the limits included), e.g. for logs."""
+    out = {spec.name: getattr(config, spec.name) for spec in S.specs(DaemonConfig)}
+    out.update((spec.name, getattr(config.limits, spec.name)) for spec in S.specs(Limits))
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,7 +149,7 @@ def load_config(argv: list[str]) -> DaemonConfig:
 def resolve(args: argparse.Namespace) -> DaemonConfig:
     """Combine parsed flags with the TOML file (re-run on SIGHUP to pick up file edits)."""
     file_values, file_bundles = _read_toml(args.config) if args.config else ({}, {})
-    known = {spec.name for cls in SETTING_CLASSES for spec in S.specs(cls)}
+    known = {spec.name for spec in SETTINGS}
     unknown = set(file_values) - known
     if unknown:
         raise ConfigError(f"{args.config}: unknown settings: {', '.join(sorted(unknown))}")
@@ -197,10 +205,9 @@ def _read_toml(path: str) -> tuple[dict[str, Any], dict[str, str]]:
 def markdown_table() -> str:
     """The daemon's settings as the table in ``docs/operations.md``."""
     rows = ["| flag | TOML key | default | meaning |", "|---|---|---|---|"]
-    for cls in SETTING_CLASSES:
-        for spec in S.specs(cls):
-            rows.append(f"| `{spec.flag}` | `{spec.name}` | `{spec.shown_default()}` | "
-                        f"{spec.help} |")
+    for spec in SETTINGS:
+        rows.append(f"| `{spec.flag}` | `{spec.name}` | `{spec.shown_default()}` | "
+                    f"{spec.help} |")
     return "\n".join(rows) + "\n"
 
 

@@ -62,7 +62,6 @@ log = logging.getLogger("trimmer_leaf")
 DEFAULT_MAX_BODY = DEFAULT_MAX_FRAME_BYTES
 MAX_PORT = 65535
 MAX_DELAY_MS = 3_600_000.0
-#: The root marks a trimmed frame with the version whose allowlist it applied.
 EXIT_OK, EXIT_USAGE = 0, 2
 _DATE: tuple[int, str] = (0, "")  # (second, its HTTP Date header value), for all threads
 
