@@ -152,7 +152,8 @@ def valid_frames() -> dict[str, bytes]:
             _base(), '{"request_id":"edges","pair":"\\ud83d\\ude00","escaped":"\\\\ud800",'
                      '"nul":"\\u0000","tiny":1e-400,"neg":-0.0,"exp":1E+308,'
                      '"big":' + "9" * 4300 + ',"deep":' + "[" * 126 + "]" * 126
-                     + ',"esc":"\\"\\\\\\/\\b\\f\\n\\r\\t","ws":[ 1 ,\t2\r\n]}'),
+                     + ',"esc":"\\"\\\\\\/\\b\\f\\n\\r\\t","ws":[ 1 ,\t2\r\n],'
+                       '"café":1,"cafe":2,"caf\\u00e8":3,"😀":4,"\\ud83d\\ude01":5,"日本":6}'),
     }
 
 
@@ -295,6 +296,8 @@ METADATA_CASES: dict[str, str | bytes] = {
     "duplicate_key": '{"a":1,"b":2,"a":3}',
     "duplicate_key_escaped": '{"a":1,"\\u0061":2}',
     "duplicate_key_nested": '{"x":{"k":1,"k":2}}',
+    "duplicate_key_non_ascii": '{"caf\\u00e9":1,"café":2}',
+    "duplicate_key_pair": '{"😀":1,"z":0,"\\ud83d\\ude00":2}',
     "lone_high_surrogate": '{"a":"\\ud800"}',
     "lone_low_surrogate": '{"a":"\\udc00x"}',
     "reversed_pair": '{"a":"\\ude00\\ud83d"}',

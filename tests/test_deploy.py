@@ -444,3 +444,23 @@ def test_daemon_and_root_run_together_on_a_private_dev_shm(pod: Pod) -> None:
                                      timeout=5).read().decode()
     assert "feature_trimmer_daemon_generation" in metrics
     assert daemon.alive() and root.alive()
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_kustomize_builds_and_every_reference_resolves() -> None:
+    out = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    config_maps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
+    (dep,) = [d for d in docs if d["kind"] == "Deployment"]
+    spec = dep["spec"]["template"]["spec"]
+    for vol in spec["volumes"]:
+        if "configMap" in vol:  # generated names (with their hash) are wired in
+            assert vol["configMap"]["name"] in config_maps, vol
+    assert "feature-trimmer-bundle-ads" in config_maps  # in place: no hash suffix
+    assert any(n.startswith("feature-trimmer-daemon-") for n in config_maps)  # rolls pods
+    images = {c["image"] for c in spec["containers"]}
+    assert images == {"registry.example.com/feature-trimmer:0.1.0"}
+    for d in docs:
+        assert d["metadata"]["labels"]["app.kubernetes.io/part-of"] == "feature-trimmer"

@@ -117,3 +117,18 @@ def test_name_key_is_not_truncated_blake2b_512() -> None:
 def test_golden_files_are_small() -> None:
     total = sum(p.stat().st_size for p in Path(GOLDEN).rglob("*") if p.is_file())
     assert total < 1 << 20
+
+
+def test_encode_refuses_metadata_outside_the_strict_dialect() -> None:
+    from root_worker.frame import encode
+
+    deep: dict = {}
+    inner = deep
+    for _ in range(127):  # the top-level object is depth 1: 128 in all is the limit
+        inner["a"] = {}
+        inner = inner["a"]
+    assert decode(encode({}, deep)).metadata == deep
+    inner["a"] = {}
+    for bad in ({"x": float("nan")}, {"x": float("inf")}, {"x": "\ud800"}, deep):
+        with pytest.raises(ValueError):
+            encode({}, bad)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -257,3 +258,17 @@ def test_trimmer_leaf_rejects_out_of_range_values_in_one_line() -> None:
         assert out.returncode == 2, out
         assert out.stderr.count("\n") == 1 and what in out.stderr, out.stderr
         assert "Traceback" not in out.stderr
+
+
+def test_trimmer_leaf_says_in_one_line_when_it_cannot_listen() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = subprocess.run([str(Path(sys.executable).parent / "trimmer-leaf"), "--bundle",
+                              str(ROOT / "examples/bundles/ads/module_info.json"),
+                              "--port", str(port), "--log-level", "error"],
+                             capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert out.stderr == f"trimmer-leaf: cannot listen on 127.0.0.1:{port}: Address already " \
+                         "in use\n"

@@ -126,6 +126,13 @@ copy_avx2(char *d, const char *s, size_t n)
     __m256i f1 = _mm256_loadu_si256((const __m256i *)(s + 32));
     __m256i l0 = _mm256_loadu_si256((const __m256i *)(s + n - 64));
     __m256i l1 = _mm256_loadu_si256((const __m256i *)(s + n - 32));
+    if (n <= 128) { /* small blocks (a few candidates): four overlapping stores */
+        _mm256_storeu_si256((__m256i *)d, f0);
+        _mm256_storeu_si256((__m256i *)(d + 32), f1);
+        _mm256_storeu_si256((__m256i *)(d + n - 64), l0);
+        _mm256_storeu_si256((__m256i *)(d + n - 32), l1);
+        return;
+    }
     size_t skip = 32 - ((uintptr_t)d & 31);
     char *dd = d + skip, *dend = d + n - 64;
     const char *ss = s + skip;
@@ -141,11 +148,17 @@ copy_avx2(char *d, const char *s, size_t n)
         dd += 128;
         ss += 128;
     }
-    while (dd < dend) {
-        _mm256_store_si256((__m256i *)dd, _mm256_loadu_si256((const __m256i *)ss));
-        dd += 32;
-        ss += 32;
+    /* The rest of the body, [dd, dend), is under 128 bytes: four stores at dd + 32k, each
+     * clamped into [d, d + n - 32] (a duplicate store of the same bytes past the end),
+     * instead of a loop of 0..3 rounds whose exit the branch predictor cannot know when run
+     * lengths vary from request to request. */
+    const size_t last_at = n - 32;
+    for (int k = 0; k < 4; k++) {
+        size_t at = (size_t)(dd - d) + 32 * (size_t)k;
+        at = at < last_at ? at : last_at;
+        _mm256_storeu_si256((__m256i *)(d + at), _mm256_loadu_si256((const __m256i *)(s + at)));
     }
+    (void)ss;
     _mm256_storeu_si256((__m256i *)d, f0);
     _mm256_storeu_si256((__m256i *)(d + 32), f1);
     _mm256_storeu_si256((__m256i *)(d + n - 64), l0);
@@ -551,14 +564,14 @@ typedef struct {
     uint64_t cols_at, kept_at, prefix_at, vec_at, slow_at, blob_len;
 } plan_head;
 
-/* The vector check's view of the columns (four uint64 arrays of n_columns at vec_at):
- * elem; emask (elem - 1 for a ragged column with a power-of-two elem, else 0); rmask and
- * kmask (all ones for a ragged, resp. kept, column, else 0).  slow_at: uint32 indices of
- * the n_slow ragged columns whose elem is not a power of two (checked by division). */
-#define VEC_ELEM 0
-#define VEC_EMASK 1
-#define VEC_RMASK 2
-#define VEC_KMASK 3
+/* The table check's view of the columns: one uint64 per column at vec_at, elem in the low
+ * 32 bits plus the flag bits below (8 bytes a column, so a 2000-column plan's descriptors
+ * and the table it checks stay in L1).  slow_at: uint32 indices of the n_slow ragged
+ * columns whose elem is not a power of two (their value bytes are checked by division). */
+#define DESC_RAGGED (1ULL << 32) /* a ragged column */
+#define DESC_KEPT (1ULL << 33)   /* the allowlist keeps it */
+#define DESC_POW2 (1ULL << 34)   /* ragged with a power-of-two elem: a mask checks it */
+#define DESC_ELEM 0xFFFFFFFFULL
 
 static PyObject *
 pack_columns(PyObject *self, PyObject *args)
@@ -605,7 +618,7 @@ pack_columns(PyObject *self, PyObject *args)
     h.kept_at = h.cols_at + sizeof(col_desc) * n_columns;
     h.prefix_at = align_up(h.kept_at + 4 * n_kept, 8);
     h.vec_at = align_up(h.prefix_at + (uint64_t)prefix.len, 8);
-    h.slow_at = h.vec_at + 4 * 8 * n_columns;
+    h.slow_at = h.vec_at + 8 * n_columns;
     for (uint64_t i = 0; i < n_columns; i++) {
         h.n_ragged += rg[i] != 0;
         h.n_slow += rg[i] && (el[i] & (el[i] - 1)) != 0;
@@ -634,9 +647,8 @@ pack_columns(PyObject *self, PyObject *args)
     uint64_t *vec = (uint64_t *)(b + h.vec_at);
     uint32_t *slow = (uint32_t *)(b + h.slow_at);
     for (uint64_t i = 0, k = 0; i < n_columns; i++) {
-        vec[VEC_ELEM * n_columns + i] = el[i];
-        vec[VEC_EMASK * n_columns + i] = cols[i].ragged && !cols[i].slow ? el[i] - 1 : 0;
-        vec[VEC_RMASK * n_columns + i] = cols[i].ragged ? UINT64_MAX : 0;
+        vec[i] = el[i] | (cols[i].ragged ? DESC_RAGGED : 0)
+                 | (cols[i].ragged && !cols[i].slow ? DESC_POW2 : 0);
         if (cols[i].slow) {
             slow[k++] = (uint32_t)i;
         }
@@ -645,7 +657,7 @@ pack_columns(PyObject *self, PyObject *args)
     for (uint64_t j = 0; j < n_kept; j++) {
         k32[j] = (uint32_t)kp[j];
         cols[kp[j]].kept = 1;
-        vec[VEC_KMASK * n_columns + (uint64_t)kp[j]] = UINT64_MAX;
+        vec[kp[j]] |= DESC_KEPT;
     }
     memcpy(b + h.prefix_at, prefix.buf, (size_t)prefix.len);
 done:
@@ -673,6 +685,7 @@ preamble_ok(const char *s, Py_ssize_t n)
 typedef struct {
     PyObject *entry; /* the cache entry (a new reference), kept alive for the call */
     const char *blob, *s, *table;
+    const char *memo; /* the plan's memo, when it holds this request's header and runs */
     const plan_head *h;
     Py_ssize_t n;
     uint64_t n_cand, meta_off, meta_len, out_meta;
@@ -691,7 +704,7 @@ typedef struct {
  * four columns per step (~4x faster: ~6 us -> ~1.5 us for 2000 columns on the dev VM). */
 typedef struct {
     const char *t;
-    const uint64_t *vec; /* VEC_* arrays */
+    const uint64_t *vec; /* DESC_* words, one per column */
     uint64_t n, n_cand, head, data_start, data_end;
 } table_check;
 
@@ -699,8 +712,10 @@ static inline uint64_t
 check_one(const table_check *c, uint64_t i, uint64_t *prev, uint64_t *sum)
 {
     const uint64_t off = TABLE_OFF(c->t, i), nb = TABLE_NB(c->t, i);
-    const uint64_t elem = c->vec[VEC_ELEM * c->n + i], emask = c->vec[VEC_EMASK * c->n + i];
-    const uint64_t rmask = c->vec[VEC_RMASK * c->n + i], kmask = c->vec[VEC_KMASK * c->n + i];
+    const uint64_t desc = c->vec[i], elem = desc & DESC_ELEM;
+    const uint64_t rmask = -(uint64_t)((desc & DESC_RAGGED) != 0);
+    const uint64_t kmask = -(uint64_t)((desc & DESC_KEPT) != 0);
+    const uint64_t emask = (desc & DESC_POW2) ? elem - 1 : 0;
     uint64_t bad = (off & (FRAME_BLOCK_ALIGN - 1)) | (uint64_t)(off < *prev)
                    | (uint64_t)(off > c->data_end) | (uint64_t)(nb > c->data_end - off);
     const uint64_t rag = (uint64_t)(nb < c->head) | ((nb - c->head) & emask);
@@ -731,6 +746,11 @@ check_range_avx2(const table_check *c, uint64_t *sum_out)
     const __m256i head = _mm256_set1_epi64x((long long)c->head);
     const __m256i head_s = _mm256_xor_si256(head, sign);
     const __m256i cand = _mm256_set1_epi64x((long long)c->n_cand);
+    const __m256i elem_bits = _mm256_set1_epi64x((long long)DESC_ELEM);
+    const __m256i rag_bit = _mm256_set1_epi64x((long long)DESC_RAGGED);
+    const __m256i kept_bit = _mm256_set1_epi64x((long long)DESC_KEPT);
+    const __m256i pow2_bit = _mm256_set1_epi64x((long long)DESC_POW2);
+    const __m256i one = _mm256_set1_epi64x(1);
     __m256i bad = zero, sum = zero, carry = _mm256_set1_epi64x((long long)c->data_start);
     const uint64_t *vec = c->vec, n = c->n;
     uint64_t i = 0;
@@ -749,10 +769,13 @@ check_range_avx2(const table_check *c, uint64_t *sum_out)
         b = _mm256_or_si256(b, _mm256_cmpgt_epi64(off_s, end_s));
         b = _mm256_or_si256(b, _mm256_cmpgt_epi64(
                                    nb_s, _mm256_xor_si256(_mm256_sub_epi64(end, off), sign)));
-        __m256i elem = _mm256_loadu_si256((const __m256i *)(vec + VEC_ELEM * n + i));
-        __m256i emask = _mm256_loadu_si256((const __m256i *)(vec + VEC_EMASK * n + i));
-        __m256i rmask = _mm256_loadu_si256((const __m256i *)(vec + VEC_RMASK * n + i));
-        __m256i kmask = _mm256_loadu_si256((const __m256i *)(vec + VEC_KMASK * n + i));
+        __m256i desc = _mm256_loadu_si256((const __m256i *)(vec + i));
+        __m256i elem = _mm256_and_si256(desc, elem_bits);
+        __m256i rmask = _mm256_cmpeq_epi64(_mm256_and_si256(desc, rag_bit), rag_bit);
+        __m256i kmask = _mm256_cmpeq_epi64(_mm256_and_si256(desc, kept_bit), kept_bit);
+        __m256i emask = _mm256_and_si256(
+            _mm256_cmpeq_epi64(_mm256_and_si256(desc, pow2_bit), pow2_bit),
+            _mm256_sub_epi64(elem, one));
         __m256i dense = _mm256_xor_si256(nb, _mm256_mul_epu32(cand, elem));
         __m256i rag = _mm256_or_si256(_mm256_cmpgt_epi64(head_s, nb_s),
                                       _mm256_and_si256(_mm256_sub_epi64(nb, head), emask));
@@ -793,7 +816,7 @@ check_blocks(const char *t, const char *blob, uint64_t n_cand, uint64_t data_sta
     const uint32_t *slow = (const uint32_t *)(blob + h->slow_at);
     for (uint64_t k = 0; k < h->n_slow; k++) { /* nb >= head is checked above */
         const uint64_t nb = TABLE_NB(t, slow[k]);
-        bad |= nb >= c.head ? (nb - c.head) % c.vec[VEC_ELEM * c.n + slow[k]] : 0;
+        bad |= nb >= c.head ? (nb - c.head) % (c.vec[slow[k]] & DESC_ELEM) : 0;
     }
     if (bad) {
         return 0;
@@ -866,29 +889,42 @@ ragged_bad(const request *rq, const col_desc *cols, const uint32_t *kept)
     return 0;
 }
 
-/* A plan's memo (a bytearray the Python side allocates, MEMO_HEAD_SIZE + 16 * n_columns
- * bytes): the last block table that passed check_blocks for it, with its n_candidates,
- * meta_offset and output metadata offset.  A request whose table is byte for byte that one
- * (dense frames with a repeated candidate count: every request) skips the per-column
- * checks for one compare, which exits at the first differing chunk (so a new table costs
- * little more than its check and the memo's update).  Read and written with the GIL
- * held. */
+/* A plan's memo (a bytearray of memo_size(blob) bytes the Python side allocates): the last
+ * block table that passed check_blocks for the plan, with its n_candidates, meta_offset,
+ * output metadata offset, output header and coalesced runs -- kept only for plans without
+ * ragged columns, whose tables repeat from request to request (dense frames with a
+ * repeated candidate count: every request).  A request whose table is byte for byte the
+ * memo's skips the per-column checks, the output table and the run computation for one
+ * compare, which exits at the first differing chunk.  Read and written with the GIL held.
+ *
+ *   memo_head | table [16 * n_columns] | header [header_len, 8-aligned] | runs [n_kept][2]
+ */
 typedef struct {
-    uint64_t valid, n_cand, meta_off, out_meta;
+    uint64_t valid, n_cand, meta_off, out_meta, n_runs;
 } memo_head;
 #define MEMO_HEAD_SIZE ((uint64_t)sizeof(memo_head))
 #define MEMO_CHUNK 2048
+#define MEMO_TABLE(m) ((m) + MEMO_HEAD_SIZE)
+#define MEMO_HEADER(m, h) (MEMO_TABLE(m) + FRAME_TABLE_ENTRY_SIZE * (h)->n_columns)
+#define MEMO_RUNS(m, h) ((uint64_t *)(MEMO_HEADER(m, h) + align_up((h)->header_len, 8)))
 
 static uint64_t
-memo_lookup(const char *memo, const char *table, uint64_t n_columns, const request *rq)
+memo_bytes(const plan_head *h)
+{
+    return MEMO_HEAD_SIZE + FRAME_TABLE_ENTRY_SIZE * h->n_columns + align_up(h->header_len, 8)
+           + 16 * h->n_kept;
+}
+
+static uint64_t
+memo_lookup(const char *memo, const char *table, const request *rq)
 {
     memo_head m;
     memcpy(&m, memo, sizeof m);
     if (!m.valid || m.n_cand != rq->n_cand || m.meta_off != rq->meta_off) {
         return 0;
     }
-    const char *want = memo + MEMO_HEAD_SIZE;
-    const size_t len = (size_t)(FRAME_TABLE_ENTRY_SIZE * n_columns);
+    const char *want = MEMO_TABLE(memo);
+    const size_t len = (size_t)(FRAME_TABLE_ENTRY_SIZE * rq->h->n_columns);
     for (size_t at = 0; at < len; at += MEMO_CHUNK) {
         const size_t n = len - at < MEMO_CHUNK ? len - at : MEMO_CHUNK;
         if (bytes_differ(table + at, want + at, n)) {
@@ -898,13 +934,7 @@ memo_lookup(const char *memo, const char *table, uint64_t n_columns, const reque
     return m.out_meta;
 }
 
-static void
-memo_store(char *memo, const char *table, uint64_t n_columns, const request *rq)
-{
-    memo_head m = {1, rq->n_cand, rq->meta_off, rq->out_meta};
-    memcpy(memo + MEMO_HEAD_SIZE, table, (size_t)(FRAME_TABLE_ENTRY_SIZE * n_columns));
-    memcpy(memo, &m, sizeof m);
-}
+static void memo_store(char *memo, const request *rq);
 
 /* The cache key for keybuf, as a bytes object.  The last one is kept and reused while
  * requests repeat it (a bytes object caches its hash, so the dict lookup then hashes
@@ -974,8 +1004,7 @@ read_request(PyObject *cache, const Py_buffer *src, PyObject *digest_obj, int ch
     const plan_head *h = (const plan_head *)blob;
     if (h->magic != PLAN_MAGIC
         || (uint64_t)PyBytes_GET_SIZE(PyTuple_GET_ITEM(entry, 1)) != h->blob_len
-        || (uint64_t)PyByteArray_GET_SIZE(memo_obj)
-               != MEMO_HEAD_SIZE + FRAME_TABLE_ENTRY_SIZE * h->n_columns) {
+        || (uint64_t)PyByteArray_GET_SIZE(memo_obj) != memo_bytes(h)) {
         PyErr_SetString(PyExc_TypeError, "trimmer plan cache entry holds no pack_columns blob");
         return -1;
     }
@@ -988,34 +1017,45 @@ read_request(PyObject *cache, const Py_buffer *src, PyObject *digest_obj, int ch
         return 0;
     }
     const char *table = s + h->table_offset;
-    rq->out_meta = memo_lookup(PyByteArray_AS_STRING(memo_obj), table, n_columns, rq);
-    if (rq->out_meta == 0) {
-        rq->out_meta = check_blocks(table, blob, rq->n_cand, table_end, rq->meta_off);
-        if (rq->out_meta == 0) {
-            return 0;
-        }
-        if (h->n_ragged == 0) { /* ragged lengths change the table per request: no memo */
-            memo_store(PyByteArray_AS_STRING(memo_obj), table, n_columns, rq);
-        }
-    }
+    char *memo = PyByteArray_AS_STRING(memo_obj);
     rq->blob = blob;
     rq->h = h;
     rq->s = s;
     rq->n = n;
     rq->table = table;
+    rq->out_meta = memo_lookup(memo, table, rq);
+    if (rq->out_meta != 0) {
+        rq->memo = memo;
+    }
+    else {
+        rq->out_meta = check_blocks(table, blob, rq->n_cand, table_end, rq->meta_off);
+        if (rq->out_meta == 0) {
+            return 0;
+        }
+    }
     if (check_ragged && ragged_bad(rq, (const col_desc *)(blob + h->cols_at),
                                    (const uint32_t *)(blob + h->kept_at))) {
         return 0;
+    }
+    if (rq->memo == NULL && h->n_ragged == 0) { /* ragged lengths change tables: no memo */
+        memo_store(memo, rq);
+        rq->memo = memo;
     }
     Py_INCREF(entry); /* the cache may drop it while the GIL is released */
     rq->entry = entry;
     return 1;
 }
 
-/* The output header (header_len bytes at d): the plan's prefix, this request's
- * n_candidates and tail fields, the canonical block table of the kept blocks, padding. */
-static void
-write_header(char *d, const request *rq)
+/* Write the output header (header_len bytes at d: the plan's prefix, this request's
+ * n_candidates and tail fields, the canonical block table of the kept blocks, padding) and
+ * the coalesced runs into runs[] as (source offset, length) pairs, in output order (they
+ * tile the output from header_len); return how many.  Consecutive kept blocks that are
+ * contiguous in the input (each with its padding to BLOCK_ALIGN) are one run, and no
+ * padding follows the last kept block.  Branch-free per block: which blocks coalesce
+ * follows the allowlist's random pattern, and a mispredicted branch per block would cost
+ * more than the arithmetic. */
+static uint64_t
+build_output(char *d, const request *rq, uint64_t *runs)
 {
     const plan_head *h = rq->h;
     const uint32_t *kept = (const uint32_t *)(rq->blob + h->kept_at);
@@ -1023,69 +1063,65 @@ write_header(char *d, const request *rq)
     store_le(d + FRAME_N_CANDIDATES_AT, rq->n_cand, FRAME_N_CANDIDATES_SIZE);
     store_tail(d, rq->out_meta + rq->meta_len, rq->out_meta, rq->meta_len);
     char *ot = d + h->out_table_offset;
-    uint64_t cur = h->header_len;
+    uint64_t cur = h->header_len, expect = UINT64_MAX, r = (uint64_t)-1;
+    uint64_t run_src = 0, run_dst = 0;
     for (uint64_t j = 0; j < h->n_kept; j++) {
-        const uint64_t nb = TABLE_NB(rq->table, kept[j]);
+        const uint64_t off = TABLE_OFF(rq->table, kept[j]), nb = TABLE_NB(rq->table, kept[j]);
+        const uint64_t padded = align_up(nb, FRAME_BLOCK_ALIGN);
         char *entry = ot + FRAME_TABLE_ENTRY_SIZE * j;
         store_le(entry + FRAME_TABLE_OFFSET_AT, cur, FRAME_TABLE_OFFSET_SIZE);
         store_le(entry + FRAME_TABLE_NBYTES_AT, nb, FRAME_TABLE_NBYTES_SIZE);
-        cur = align_up(cur + nb, FRAME_BLOCK_ALIGN);
+        const uint64_t fresh = off != expect; /* blocks are aligned: never UINT64_MAX */
+        r += fresh;
+        run_src = fresh ? off : run_src;
+        run_dst = fresh ? cur : run_dst;
+        runs[2 * r] = run_src;
+        runs[2 * r + 1] = cur + padded - run_dst;
+        expect = off + padded;
+        cur += padded;
     }
     char *pad = ot + FRAME_TABLE_ENTRY_SIZE * h->n_kept;
     memset(pad, 0, (size_t)(d + h->header_len - pad));
-}
-
-/* The coalesced run that starts at kept block j: consecutive kept blocks that are
- * contiguous in the input (each with its padding to BLOCK_ALIGN, none after the last kept
- * block) are one run.  Sets *src_off and *len (the output side follows by tiling from the
- * output table ot) and returns the kept index of the next run. */
-static uint64_t
-run_from(const request *rq, const uint32_t *kept, const char *ot, uint64_t j,
-         uint64_t *src_off, uint64_t *dst_off, uint64_t *len)
-{
-    const uint64_t n_kept = rq->h->n_kept;
-    const uint64_t start = TABLE_OFF(rq->table, kept[j]);
-    uint64_t end = start, next = j;
-    while (next < n_kept && TABLE_OFF(rq->table, kept[next]) == end) {
-        end = align_up(end + TABLE_NB(rq->table, kept[next]), FRAME_BLOCK_ALIGN);
-        next++;
+    if (h->n_kept == 0) {
+        return 0;
     }
-    *src_off = start;
-    *dst_off = TABLE_OFF(ot, j);
-    *len = (next < n_kept ? TABLE_OFF(ot, next) : rq->out_meta) - *dst_off;
-    return next;
+    runs[2 * r + 1] = rq->out_meta - run_dst; /* the last run: no padding after it */
+    return r + 1;
 }
 
-/* The run that ends at kept block j (inclusive); returns its first kept index. */
-static uint64_t
-run_to(const request *rq, const uint32_t *kept, const char *ot, uint64_t j,
-       uint64_t *src_off, uint64_t *dst_off, uint64_t *len)
+/* Record this request's (validated) table, header and runs as the plan's memo. */
+static void
+memo_store(char *memo, const request *rq)
 {
-    uint64_t first = j;
-    while (first > 0 && align_up(TABLE_OFF(rq->table, kept[first - 1])
-                                     + TABLE_NB(rq->table, kept[first - 1]), FRAME_BLOCK_ALIGN)
-                            == TABLE_OFF(rq->table, kept[first])) {
-        first--;
-    }
-    *src_off = TABLE_OFF(rq->table, kept[first]);
-    *dst_off = TABLE_OFF(ot, first);
-    *len = (j + 1 < rq->h->n_kept ? TABLE_OFF(ot, j + 1) : rq->out_meta) - *dst_off;
-    return first;
+    memo_head m = {0, rq->n_cand, rq->meta_off, rq->out_meta, 0};
+    memcpy(memo, &m, sizeof m); /* invalid while it changes */
+    memcpy(MEMO_TABLE(memo), rq->table, (size_t)(FRAME_TABLE_ENTRY_SIZE * rq->h->n_columns));
+    m.n_runs = build_output(MEMO_HEADER(memo, rq->h), rq, MEMO_RUNS(memo, rq->h));
+    m.valid = 1;
+    memcpy(memo, &m, sizeof m);
 }
 
-static inline void
-prefetch_block(const request *rq, const uint32_t *kept, uint64_t j)
+/* The output header and runs of one request: from the plan's memo (a hit) or built into
+ * the caller's scratch. */
+typedef struct {
+    const uint64_t *runs;
+    uint64_t n_runs;
+} run_list;
+
+static run_list
+output_runs(char *d, const request *rq, uint64_t *scratch)
 {
-    if (j < rq->h->n_kept) {
-        const char *p = rq->s + TABLE_OFF(rq->table, kept[j]);
-        for (int k = 0; k < PREFETCH_LINES; k++) {
-            PREFETCH(p + 64 * k);
-        }
+    if (rq->memo != NULL) { /* same n_candidates and table: only the tail can differ */
+        memcpy(d, MEMO_HEADER(rq->memo, rq->h), (size_t)rq->h->header_len);
+        store_tail(d, rq->out_meta + rq->meta_len, rq->out_meta, rq->meta_len);
+        return (run_list){MEMO_RUNS(rq->memo, rq->h), ((const memo_head *)rq->memo)->n_runs};
     }
+    return (run_list){scratch, build_output(d, rq, scratch)};
 }
 
-/* Copy every kept run from the input to d (whose header is written), first run first or
- * last run first.
+/* Copy the runs from the input to d, first run first or last run first, prefetching the
+ * first lines of the run PREFETCH_AHEAD runs ahead (each run starts a new source stream,
+ * which the hardware prefetchers pick up only after a few misses).
  *
  * plan_trim alternates the two orders from call to call.  When consecutive trims read the
  * same frame (a fan-out to several targets, or a benchmark's steady state) and the frame
@@ -1093,50 +1129,112 @@ prefetch_block(const request *rq, const uint32_t *kept, uint64_t j)
  * bytes evicted (the access pattern is cyclic); alternating the order starts each copy
  * where the previous one ended, in what is still cached (~10% on the dev VM, 2 MB L2). */
 static void
-copy_kept(char *d, const request *rq, int backwards)
+copy_list(char *d, const request *rq, const uint64_t *runs, uint64_t n_runs, int backwards)
 {
-    const uint32_t *kept = (const uint32_t *)(rq->blob + rq->h->kept_at);
-    const char *ot = d + rq->h->out_table_offset;
-    const uint64_t n_kept = rq->h->n_kept;
-    uint64_t so, dof, len;
+    const char *s = rq->s;
     if (!backwards) {
-        for (uint64_t j = 0; j < n_kept;) {
-            prefetch_block(rq, kept, j + PREFETCH_AHEAD);
-            uint64_t next = run_from(rq, kept, ot, j, &so, &dof, &len);
-            copy_run(d + dof, rq->s + so, (size_t)len);
-            j = next;
+        char *at = d + rq->h->header_len;
+        for (uint64_t i = 0; i < n_runs; i++) {
+            if (i + PREFETCH_AHEAD < n_runs) {
+                for (int k = 0; k < PREFETCH_LINES; k++) {
+                    PREFETCH(s + runs[2 * (i + PREFETCH_AHEAD)] + 64 * k);
+                }
+            }
+            copy_run(at, s + runs[2 * i], (size_t)runs[2 * i + 1]);
+            at += runs[2 * i + 1];
         }
         return;
     }
-    for (uint64_t j = n_kept; j-- > 0;) {
-        if (j >= PREFETCH_AHEAD) {
-            prefetch_block(rq, kept, j - PREFETCH_AHEAD);
+    char *end = d + rq->out_meta;
+    for (uint64_t i = n_runs; i-- > 0;) {
+        if (i >= PREFETCH_AHEAD) {
+            for (int k = 0; k < PREFETCH_LINES; k++) {
+                PREFETCH(s + runs[2 * (i - PREFETCH_AHEAD)] + 64 * k);
+            }
         }
-        j = run_to(rq, kept, ot, j, &so, &dof, &len);
-        copy_run(d + dof, rq->s + so, (size_t)len);
+        end -= runs[2 * i + 1];
+        copy_run(end, s + runs[2 * i], (size_t)runs[2 * i + 1]);
     }
 }
 
 /* Which order the next plan_trim copies in; read and flipped only while holding the GIL. */
 static int copy_backwards = 0;
 
-/* Write the whole trimmed frame (out_meta + meta_len bytes) to d. */
+/* Scratch for the runs of one request: on the stack for up to SCRATCH_RUNS runs. */
+#define SCRATCH_RUNS 512
+typedef struct {
+    uint64_t local[2 * SCRATCH_RUNS];
+    uint64_t *runs;
+} scratch;
+
+static int
+scratch_init(scratch *sc, const request *rq)
+{
+    sc->runs = sc->local;
+    if (rq->memo == NULL && rq->h->n_kept > SCRATCH_RUNS) {
+        sc->runs = PyMem_Malloc((size_t)(16 * rq->h->n_kept));
+        if (sc->runs == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+    }
+    return 0;
+}
+
 static void
+scratch_free(scratch *sc)
+{
+    if (sc->runs != sc->local) {
+        PyMem_Free(sc->runs);
+    }
+}
+
+/* Write the whole trimmed frame (out_meta + meta_len bytes) to d; -1 on MemoryError. */
+static int
 write_trimmed(char *d, const request *rq)
 {
-    write_header(d, rq);
+    scratch sc;
+    if (scratch_init(&sc, rq) < 0) {
+        return -1;
+    }
+    run_list rl = output_runs(d, rq, sc.runs);
     int backwards = copy_backwards;
     copy_backwards = !backwards;
     if (rq->out_meta - rq->h->header_len >= RELEASE_GIL_MIN_BYTES) {
-        /* src, out and the plan entry are all held: nothing moves or goes away. */
+        /* src, out and the plan entry are all held: nothing moves or goes away.  Another
+         * thread may rewrite the memo meanwhile, so its runs are copied out first. */
+        if (rl.runs != sc.runs) {
+            uint64_t *own = rl.n_runs > SCRATCH_RUNS ? PyMem_Malloc((size_t)(16 * rl.n_runs))
+                                                     : sc.local;
+            if (own == NULL) {
+                scratch_free(&sc);
+                PyErr_NoMemory();
+                return -1;
+            }
+            memcpy(own, rl.runs, (size_t)(16 * rl.n_runs));
+            rl.runs = sc.runs = own;
+        }
         Py_BEGIN_ALLOW_THREADS
-        copy_kept(d, rq, backwards);
+        copy_list(d, rq, rl.runs, rl.n_runs, backwards);
         Py_END_ALLOW_THREADS
     }
     else {
-        copy_kept(d, rq, backwards);
+        copy_list(d, rq, rl.runs, rl.n_runs, backwards);
     }
     memcpy(d + rq->out_meta, rq->s + rq->meta_off, (size_t)rq->meta_len);
+    scratch_free(&sc);
+    return 0;
+}
+
+static PyObject *
+memo_size(PyObject *self, PyObject *blob)
+{
+    if (!PyBytes_Check(blob) || PyBytes_GET_SIZE(blob) < (Py_ssize_t)sizeof(plan_head)
+        || ((const plan_head *)PyBytes_AS_STRING(blob))->magic != PLAN_MAGIC) {
+        PyErr_SetString(PyExc_TypeError, "memo_size(blob): not a pack_columns blob");
+        return NULL;
+    }
+    return PyLong_FromUnsignedLongLong(memo_bytes((const plan_head *)PyBytes_AS_STRING(blob)));
 }
 
 static int
@@ -1177,7 +1275,10 @@ output_view(PyObject *out_obj, uint64_t len)
         return NULL;
     }
     if ((uint64_t)view->len != len) {
-        Py_SETREF(data, PySequence_GetSlice(data, 0, (Py_ssize_t)len));
+        /* Shorten this new, not yet shared 1-D byte view in place (what slicing it would
+         * set up in a second memoryview; its managed buffer keeps the full export). */
+        view->len = (Py_ssize_t)len;
+        view->shape[0] = (Py_ssize_t)len;
     }
     return data;
 }
@@ -1210,9 +1311,10 @@ plan_trim(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         result = PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
         goto done;
     }
-    write_trimmed((char *)PyMemoryView_GET_BUFFER(data)->buf, &rq);
-    result = make_result((PyTypeObject *)args[5], data, src.len, (Py_ssize_t)out_len,
-                         rq.h->n_kept, rq.h->n_missing);
+    if (write_trimmed((char *)PyMemoryView_GET_BUFFER(data)->buf, &rq) == 0) {
+        result = make_result((PyTypeObject *)args[5], data, src.len, (Py_ssize_t)out_len,
+                             rq.h->n_kept, rq.h->n_missing);
+    }
 done:
     Py_XDECREF(data);
     Py_XDECREF(rq.entry);
@@ -1220,58 +1322,143 @@ done:
     return result;
 }
 
-/* The scatter-gather list: [header bytes, views of src for each run..., metadata view]. */
-static PyObject *
-gather_list(PyObject *src_obj, const request *rq, uint64_t n_runs)
+/* ---- scatter-gather parts ---------------------------------------------------------------- */
+
+/* Pin: one export of a plan_parts source buffer, shared by that result's spans (so the
+ * source cannot be resized or freed while any span lives). */
+typedef struct {
+    PyObject_HEAD
+    Py_buffer view;
+} Pin;
+
+static void
+pin_dealloc(Pin *self)
 {
-    const plan_head *h = rq->h;
-    PyObject *base = NULL, *header = NULL;
-    PyObject *parts = PyList_New((Py_ssize_t)(n_runs + 2));
-    if (parts == NULL || (header = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)h->header_len))
-        == NULL || (base = PyMemoryView_FromObject(src_obj)) == NULL) {
+    PyBuffer_Release(&self->view);
+    PyObject_Free(self);
+}
+
+static PyTypeObject PinType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "root_worker.frame._copyruns.Pin",
+    .tp_basicsize = sizeof(Pin),
+    .tp_dealloc = (destructor)pin_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "An export of a trim_parts source buffer, held by its spans.",
+};
+
+/* Span: a read-only bytes-like view of len bytes of a pinned source (buffer protocol and
+ * len()); a tenth of the cost of a memoryview slice, which needs a slice object, two ints
+ * and a managed buffer per part. */
+typedef struct {
+    PyObject_HEAD
+    Pin *pin;
+    const char *buf;
+    Py_ssize_t len;
+} Span;
+
+static void
+span_dealloc(Span *self)
+{
+    Py_DECREF(self->pin);
+    PyObject_Free(self);
+}
+
+static int
+span_getbuffer(Span *self, Py_buffer *view, int flags)
+{
+    return PyBuffer_FillInfo(view, (PyObject *)self, (void *)self->buf, self->len, 1, flags);
+}
+
+static Py_ssize_t
+span_length(Span *self)
+{
+    return self->len;
+}
+
+static PyObject *
+span_repr(Span *self)
+{
+    return PyUnicode_FromFormat("<Span of %zd bytes at offset %zd>", self->len,
+                                (Py_ssize_t)(self->buf - (const char *)self->pin->view.buf));
+}
+
+static PyBufferProcs span_as_buffer = {(getbufferproc)span_getbuffer, NULL};
+static PySequenceMethods span_as_sequence = {.sq_length = (lenfunc)span_length};
+
+static PyTypeObject SpanType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "root_worker.frame._copyruns.Span",
+    .tp_basicsize = sizeof(Span),
+    .tp_dealloc = (destructor)span_dealloc,
+    .tp_repr = (reprfunc)span_repr,
+    .tp_as_sequence = &span_as_sequence,
+    .tp_as_buffer = &span_as_buffer,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A read-only bytes-like part of a trimmed frame: a range of the input buffer, "
+              "valid (and keeping the input exported) while it lives.",
+};
+
+static PyObject *
+new_span(Pin *pin, uint64_t offset, uint64_t len)
+{
+    Span *span = PyObject_New(Span, &SpanType);
+    if (span != NULL) {
+        Py_INCREF(pin);
+        span->pin = pin;
+        span->buf = (const char *)pin->view.buf + offset;
+        span->len = (Py_ssize_t)len;
+    }
+    return (PyObject *)span;
+}
+
+/* The scatter-gather list: [header bytes, a span of src per run..., the metadata span];
+ * the header (header_len bytes) and runs are already built. */
+static PyObject *
+gather_list(PyObject *src_obj, const request *rq, PyObject *header, run_list rl)
+{
+    Pin *pin = NULL;
+    PyObject *parts = PyList_New((Py_ssize_t)(rl.n_runs + 2));
+    if (parts == NULL || (pin = PyObject_New(Pin, &PinType)) == NULL) {
         goto fail;
     }
-    char *hd = PyBytes_AS_STRING(header);
-    write_header(hd, rq);
-    PyList_SET_ITEM(parts, 0, header);
-    header = NULL;
-    const uint32_t *kept = (const uint32_t *)(rq->blob + h->kept_at);
-    const char *ot = hd + h->out_table_offset;
-    uint64_t so, dof, len, i = 1;
-    for (uint64_t j = 0; j < h->n_kept; i++) {
-        j = run_from(rq, kept, ot, j, &so, &dof, &len);
-        PyObject *view = PySequence_GetSlice(base, (Py_ssize_t)so, (Py_ssize_t)(so + len));
-        if (view == NULL) {
+    if (PyObject_GetBuffer(src_obj, &pin->view, PyBUF_SIMPLE) < 0) {
+        PyObject_Free(pin); /* not initialised: no buffer to release */
+        pin = NULL;
+        goto fail;
+    }
+    if (pin->view.buf != rq->s || pin->view.len != rq->n) {
+        PyErr_SetString(PyExc_BufferError, "plan_parts: the source moved during the call");
+        goto fail;
+    }
+    PyList_SET_ITEM(parts, 0, Py_NewRef(header));
+    for (uint64_t i = 0; i <= rl.n_runs; i++) {
+        PyObject *span = i < rl.n_runs ? new_span(pin, rl.runs[2 * i], rl.runs[2 * i + 1])
+                                       : new_span(pin, rq->meta_off, rq->meta_len);
+        if (span == NULL) {
             goto fail;
         }
-        PyList_SET_ITEM(parts, (Py_ssize_t)i, view);
+        PyList_SET_ITEM(parts, (Py_ssize_t)(i + 1), span);
     }
-    PyObject *meta = PySequence_GetSlice(base, (Py_ssize_t)rq->meta_off, rq->n);
-    if (meta == NULL) {
-        goto fail;
-    }
-    PyList_SET_ITEM(parts, (Py_ssize_t)i, meta);
-    Py_DECREF(base);
+    Py_DECREF(pin);
     return parts;
 fail:
-    Py_XDECREF(header);
-    Py_XDECREF(base);
-    Py_XDECREF(parts);
+    Py_XDECREF(pin);
+    Py_XDECREF(parts); /* unfilled slots are NULL: list_dealloc skips them */
     return NULL;
 }
 
-static uint64_t
-count_runs(const request *rq)
+/* [memoryview of one new contiguous copy of the trimmed frame], or NULL. */
+static PyObject *
+one_copy(const request *rq)
 {
-    const uint32_t *kept = (const uint32_t *)(rq->blob + rq->h->kept_at);
-    uint64_t n_runs = 0;
-    for (uint64_t j = 1; j <= rq->h->n_kept; j++) {
-        n_runs += j == rq->h->n_kept
-                  || TABLE_OFF(rq->table, kept[j])
-                         != align_up(TABLE_OFF(rq->table, kept[j - 1])
-                                         + TABLE_NB(rq->table, kept[j - 1]), FRAME_BLOCK_ALIGN);
+    PyObject *parts = NULL, *data = output_view(Py_None, rq->out_meta + rq->meta_len);
+    if (data != NULL && write_trimmed((char *)PyMemoryView_GET_BUFFER(data)->buf, rq) == 0) {
+        parts = PyList_New(1);
+        if (parts != NULL) {
+            PyList_SET_ITEM(parts, 0, Py_NewRef(data));
+        }
     }
-    return n_runs;
+    Py_XDECREF(data);
+    return parts;
 }
 
 static PyObject *
@@ -1291,47 +1478,36 @@ plan_parts(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         Py_RETURN_NONE;
     }
     request rq = {0};
-    PyObject *result = NULL, *parts = NULL, *data = NULL;
+    scratch sc; /* (not zeroed: 8 KB) */
+    sc.runs = NULL;
+    PyObject *result = NULL, *parts = NULL, *header = NULL;
     int ok = read_request(args[0], &src, args[2], check_ragged, &rq);
     if (ok <= 0) {
         result = ok < 0 ? NULL : Py_NewRef(Py_None);
         goto done;
     }
-    const uint64_t out_len = rq.out_meta + rq.meta_len;
-    const uint64_t n_runs = count_runs(&rq);
-    if (n_runs + 2 <= (uint64_t)(max_parts < 1 ? 1 : max_parts)) {
-        /* only 1-D unsigned-byte sources slice by byte offsets */
-        Py_buffer probe;
-        if (PyObject_GetBuffer(args[1], &probe, PyBUF_FORMAT | PyBUF_ND) < 0) {
-            PyErr_Clear();
-            result = Py_NewRef(Py_None);
-            goto done;
-        }
-        int bytewise = probe.ndim == 1 && (probe.format == NULL || strcmp(probe.format, "B") == 0);
-        PyBuffer_Release(&probe);
-        if (!bytewise) {
-            result = Py_NewRef(Py_None);
-            goto done;
-        }
-        parts = gather_list(args[1], &rq, n_runs);
+    if (scratch_init(&sc, &rq) < 0
+        || (header = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)rq.h->header_len)) == NULL) {
+        goto done;
+    }
+    run_list rl = output_runs(PyBytes_AS_STRING(header), &rq, sc.runs);
+    if (rl.n_runs + 2 <= (uint64_t)(max_parts < 1 ? 1 : max_parts)) {
+        parts = gather_list(args[1], &rq, header, rl);
     }
     else { /* too many parts for one sendmsg: one contiguous copy */
-        data = output_view(Py_None, out_len);
-        if (data != NULL) {
-            write_trimmed((char *)PyMemoryView_GET_BUFFER(data)->buf, &rq);
-            parts = PyList_New(1);
-            if (parts != NULL) {
-                PyList_SET_ITEM(parts, 0, Py_NewRef(data));
-            }
-        }
+        parts = one_copy(&rq);
     }
     if (parts != NULL) {
-        result = make_result((PyTypeObject *)args[5], parts, src.len, (Py_ssize_t)out_len,
-                             rq.h->n_kept, rq.h->n_missing);
+        result = make_result((PyTypeObject *)args[5], parts, src.len,
+                             (Py_ssize_t)(rq.out_meta + rq.meta_len), rq.h->n_kept,
+                             rq.h->n_missing);
     }
 done:
+    if (sc.runs != NULL) {
+        scratch_free(&sc);
+    }
+    Py_XDECREF(header);
     Py_XDECREF(parts);
-    Py_XDECREF(data);
     Py_XDECREF(rq.entry);
     PyBuffer_Release(&src);
     return result;
@@ -1349,6 +1525,8 @@ static PyMethodDef methods[] = {
     {"pack_columns", pack_columns, METH_VARARGS,
      "pack_columns(n_columns, layout_len, elem, ragged, kept, prefix, n_missing) -> bytes: "
      "a checked plan blob for plan_trim / plan_parts."},
+    {"memo_size", memo_size, METH_O,
+     "memo_size(blob) -> int: bytes of the memo bytearray a plan cache entry carries."},
     {"plan_trim", (PyCFunction)(void (*)(void))plan_trim, METH_FASTCALL,
      "plan_trim(cache, src, out, digest, check_ragged, result_type) -> result or None."},
     {"plan_parts", (PyCFunction)(void (*)(void))plan_parts, METH_FASTCALL,
@@ -1366,9 +1544,12 @@ PyMODINIT_FUNC
 PyInit__copyruns(void)
 {
     detect_cpu();
+    if (PyType_Ready(&PinType) < 0 || PyType_Ready(&SpanType) < 0) {
+        return NULL;
+    }
     PyObject *m = PyModule_Create(&module);
     if (m != NULL && (PyModule_AddStringConstant(m, "KERNEL", kernel_names[kernel]) < 0
-                      || PyModule_AddIntConstant(m, "MEMO_HEAD_SIZE", (long)MEMO_HEAD_SIZE) < 0)) {
+                      || PyModule_AddObjectRef(m, "Span", (PyObject *)&SpanType) < 0)) {
         Py_DECREF(m);
         return NULL;
     }

@@ -95,7 +95,6 @@ same_bytes_c: Any = _copyruns.same_bytes if HAVE_C else None
 pack_columns_c: Any = _copyruns.pack_columns if HAVE_C else None
 plan_trim_c: Any = _copyruns.plan_trim if HAVE_C else None
 plan_parts_c: Any = _copyruns.plan_parts if HAVE_C else None
-#: Bytes before the block table copy in a C plan's memo (see _copyruns.c, memo_head).
-MEMO_HEAD_SIZE: int = _copyruns.MEMO_HEAD_SIZE if HAVE_C else 0
+memo_size_c: Any = _copyruns.memo_size if HAVE_C else None
 #: The C copy kernel in use ("avx512", "avx2", "movsb" or "memcpy"), or None without C.
 KERNEL: str | None = _copyruns.KERNEL if HAVE_C else None

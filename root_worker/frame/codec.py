@@ -238,8 +238,12 @@ def encode(columns: Mapping[str, Column], metadata: Mapping[str, Any] | None = N
     n_cand = counts.pop() if counts else 0
     if not 0 <= n_cand <= MAX_CANDIDATES:
         raise ValueError(f"n_candidates {n_cand} is outside [0, {MAX_CANDIDATES}]")
-    meta = json.dumps(dict(metadata or {}), separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False).encode("utf-8")
+    meta_text = json.dumps(dict(metadata or {}), separators=(",", ":"), ensure_ascii=False,
+                           allow_nan=False)
+    if meta_text.count("[") + meta_text.count("{") > MAX_META_DEPTH and \
+            _nesting_depth(meta_text) > MAX_META_DEPTH:
+        raise ValueError(f"metadata nests deeper than {MAX_META_DEPTH}")
+    meta = meta_text.encode("utf-8")
     layout = _layout_bytes(cols)
     table_off = align(PREAMBLE_SIZE + len(layout), TABLE_ALIGN)
     cursor = table_off + TABLE_ENTRY_SIZE * len(cols)
@@ -261,7 +265,8 @@ def encode(columns: Mapping[str, Column], metadata: Mapping[str, Any] | None = N
 def as_bytes_view(buf: Buffer) -> memoryview:
     """A flat unsigned-byte memoryview of any C-contiguous buffer (raises FrameError)."""
     try:
-        mv = buf if type(buf) is memoryview else memoryview(buf)
+        # (numpy's stubs do not declare ndarray a Buffer before Python 3.12)
+        mv = buf if type(buf) is memoryview else memoryview(buf)  # type: ignore[arg-type]
         if mv.format != "B" or mv.ndim != 1 or not mv.c_contiguous:
             mv = mv.cast("B")
     except (TypeError, BufferError) as exc:
@@ -328,8 +333,12 @@ def _strict_float(text: str) -> float:
 
 
 _STRICT_JSON = json.JSONDecoder(object_pairs_hook=_strict_object,
-                                parse_constant=_strict_constant, parse_float=_strict_float,
-                                parse_int=_strict_int)
+                                parse_constant=_strict_constant, parse_float=_strict_float)
+# An integer can only exceed the digit limit in a longer text: only then pay a Python call
+# per integer (the limit must not depend on sys.set_int_max_str_digits).
+_STRICT_JSON_LONG = json.JSONDecoder(object_pairs_hook=_strict_object,
+                                     parse_constant=_strict_constant, parse_float=_strict_float,
+                                     parse_int=_strict_int)
 
 
 def _parse_metadata(mv: memoryview, offset: int, length: int) -> dict[str, Any]:
@@ -340,7 +349,8 @@ def _parse_metadata(mv: memoryview, offset: int, length: int) -> dict[str, Any]:
             depth = _nesting_depth(text)
             if depth > MAX_META_DEPTH:
                 raise ValueError(f"nested {depth} deep, more than {MAX_META_DEPTH}")
-        meta = _STRICT_JSON.decode(text)
+        decoder = _STRICT_JSON_LONG if len(text) > MAX_META_INT_DIGITS else _STRICT_JSON
+        meta = decoder.decode(text)
         if _SURROGATE_ESCAPE.search(text):  # rare: prove every string is valid Unicode
             json.dumps(meta, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
@@ -376,21 +386,36 @@ def decode(buf: Any) -> Frame:
         else:  # np.ndarray over the buffer: a zero-copy view, ~2x cheaper than frombuffer
             columns[layout.names[i]] = np.ndarray((n_cand, *layout.shapes[i]),
                                                   layout.dtypes[i], mv, o)
-    _check_bools(layout, columns)
+    _check_bools(layout, mv, off, nb, n_cand)
     metadata = _parse_metadata(mv, pre.meta_offset, pre.meta_len)
     return Frame(n_cand, metadata, columns)
 
 
-def _check_bools(layout: Layout, columns: dict[str, Column]) -> None:
-    """A bool byte is 0 or 1 (numpy, C and torch treat other bytes inconsistently)."""
-    for i in np.flatnonzero(layout.records["code"] == BOOL_CODE).tolist():
-        col = columns[layout.names[i]]
-        values = col.values if isinstance(col, Ragged) else col
-        raw = values.view(np.uint8)
-        if raw.size and int(raw.max()) > 1:
-            at = int(np.argmax(raw.reshape(-1) > 1))
-            raise FrameError(f"{layout.label(i)}: bool value byte {at} is "
-                             f"{int(raw.reshape(-1)[at])}, expected 0 or 1")
+def _check_bools(layout: Layout, mv: memoryview, off: np.ndarray, nb: np.ndarray,
+                 n_cand: int) -> None:
+    """A bool byte is 0 or 1 (numpy, C and torch treat other bytes inconsistently). One
+    ``maximum.reduceat`` over the frame covers every bool block, however many."""
+    cols = np.flatnonzero(layout.records["code"] == BOOL_CODE)
+    if not cols.size:
+        return
+    head = np.where(layout.ragged[cols], ragged_head(n_cand), 0).astype(np.int64)
+    starts = off[cols].astype(np.int64) + head
+    ends = off[cols].astype(np.int64) + nb[cols].astype(np.int64)
+    filled = ends > starts
+    if not filled.any():
+        return
+    cols, starts, ends = cols[filled], starts[filled], ends[filled]
+    data = np.frombuffer(mv, np.uint8)
+    bounds = np.stack([starts, ends], axis=1).reshape(-1)
+    if bounds[-1] == data.size:  # the last block ends the buffer: reduceat runs to the end
+        bounds = bounds[:-1]
+    highest = np.maximum.reduceat(data, bounds)[::2]
+    if int(highest.max()) > 1:
+        k = int(np.argmax(highest > 1))
+        block = data[starts[k]:ends[k]]
+        at = int(np.argmax(block > 1))
+        raise FrameError(f"{layout.label(int(cols[k]))}: bool value byte {at} is "
+                         f"{int(block[at])}, expected 0 or 1")
 
 
 def _ragged_view(mv: memoryview, layout: Layout, i: int, n_cand: int, o: int,

@@ -47,9 +47,9 @@ from numpy.typing import NDArray
 from flatbuffers_schema.keys import Allowlist
 from root_worker.frame.backends import (
     BACKENDS,
-    MEMO_HEAD_SIZE,
     UniformRows,
     copy_runs_loop,
+    memo_size_c,
     pack_columns_c,
     plan_parts_c,
     plan_trim_c,
@@ -266,6 +266,7 @@ class Trimmer:
         self.max_parts = max_parts
         self._use_c = backend == "c"
         self._same = same_bytes_c if self._use_c else same_bytes_py
+        self._plan_trim = plan_trim_c if self._use_c else _declined
         self._max_plans = max_plans
         self._max_sizes = max_sizes_per_plan
         self._plans: LruCache[tuple[int, int], _Plan] = LruCache(max_plans)
@@ -287,14 +288,12 @@ class Trimmer:
         receiver's :func:`~root_worker.frame.decode`.  Raises :class:`FrameError` for a
         malformed frame, ``ValueError`` if ``out`` is too small.
         """
-        if self._use_c:
-            # One C call validates the preamble, the layout and this request's block table
-            # against the cached (layout, allowlist) plan and writes the output; None means
-            # "no plan yet, or something to word".
-            res = plan_trim_c(self._fast, buf, out, allowlist.digest, check_ragged,
-                              TrimResult)
-            if res is not None:
-                return res  # type: ignore[no-any-return]
+        # One C call validates the preamble, the layout and this request's block table
+        # against the cached (layout, allowlist) plan and writes the output; None means "no
+        # plan yet, or something to word" (always None on the numpy backend).
+        res = self._plan_trim(self._fast, buf, out, allowlist.digest, check_ragged, TrimResult)
+        if res is not None:
+            return res  # type: ignore[no-any-return]
         return self._trim(buf, allowlist, out, check_ragged)
 
     def trim_parts(self, buf: Buffer, allowlist: Allowlist,
@@ -328,7 +327,7 @@ class Trimmer:
         if out is None:
             dst = memoryview(bytearray(out_len))
         else:
-            dst = memoryview(out)
+            dst = memoryview(out)  # type: ignore[arg-type]  # (ndarray: see as_bytes_view)
             if dst.readonly or dst.nbytes < out_len or dst.format != "B" or dst.ndim != 1:
                 dst = _output_view(dst, out_len)
         if self._use_c:
@@ -346,7 +345,7 @@ class Trimmer:
         if len(sizes.runs_list) + 2 > self.max_parts:
             data = self._trim(buf, allowlist, None, False).data
             return TrimParts([data], req.bytes_in, out_len, plan.n_kept, plan.n_missing)
-        src = as_bytes_view(req.src)
+        src = as_bytes_view(req.src).toreadonly()
         header = bytearray(sizes.header)
         TAIL.pack_into(header, TAIL_OFFSET, out_len, sizes.out_meta_offset, req.meta_len)
         parts: list[Buffer] = [bytes(header)]
@@ -415,7 +414,7 @@ class Trimmer:
             blob = pack_columns_c(plan.n_columns, plan.layout_len, plan.layout.elem_size,
                                   plan.layout.ragged.astype(np.uint8),
                                   plan.kept.astype(np.int64), plan.out_prefix, plan.n_missing)
-            memo = bytearray(MEMO_HEAD_SIZE + TABLE_ENTRY_SIZE * plan.n_columns)
+            memo = bytearray(memo_size_c(blob))
             entry = plan.c_entry = (plan.layout_raw, blob, memo)
         if self._fast.get(key) is not entry:
             self._fast.put(key, entry)
@@ -425,6 +424,11 @@ class Trimmer:
         self._plans.clear()
         self._fast.clear()
         self._layouts = LayoutCache(self._max_plans)
+
+
+def _declined(*_args: object) -> None:
+    """The numpy backend's stand-in for ``plan_trim``: never a fast result."""
+    return None
 
 
 def _write_frame_py(dst: memoryview, src: memoryview, sizes: _SizePlan, meta_off: int,

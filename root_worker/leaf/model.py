@@ -2,8 +2,9 @@
 
 A :class:`LeafModel` is one model version: its ``input_names`` (from a signature or a bundle
 file) and one weight per input, seeded by a stable hash of ``model`` and the feature name.
-:meth:`LeafModel.score` turns exactly those features of a decoded frame into arrays and
-returns, per candidate::
+It gets its inputs from a decoded frame through the leaf SDK's
+:class:`~root_worker.leaf.sdk.InputConverter` (signature order, missing ones reported), as
+any leaf would (docs/leaf-sdk.md), and :meth:`LeafModel.score` returns, per candidate::
 
     score = sum over inputs f of  w_f * sum over the candidate's elements x of g(x)
 

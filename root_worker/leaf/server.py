@@ -3,7 +3,10 @@
 It plays a leaf partition: it decodes each frame the root sends (lz4 if the request says
 ``Content-Encoding: lz4``), converts the features its model signature names into arrays and
 returns deterministic scores (:mod:`root_worker.leaf.model`), so the system can show that
-trimming changes the bytes on the wire, never the scores. It counts what it receives.
+trimming changes the bytes on the wire, never the scores. It counts what it receives. The
+frame side goes through the leaf SDK (:mod:`root_worker.leaf.sdk`: ``decompress``,
+``read_frame``, ``InputConverter``, ``check_skew``, ``score_reply``), exactly as a leaf of
+your own would (docs/leaf-sdk.md).
 
 HTTP/1.1 with keep-alive, one thread per connection (``ThreadingHTTPServer``):
 

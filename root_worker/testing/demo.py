@@ -461,7 +461,9 @@ try:
   curl -s --data-binary @{sample} -H 'Content-Type: application/x-ft-frame' \\
        '{trim.url}/score?target=ads_ctr&target=homefeed_rank'
   curl -s {trim.url}/healthz
-  curl -s {trim.url}/metrics | grep '^feature_trimmer_root_bytes'
+  curl -s {trim.url}/metrics | grep '^feature_trimmer_root_.*_bytes_total'
+  {Path(py).parent / 'trimmer-inspect'} --shm-name {stack.prefix} status
+  {Path(py).parent / 'trimmer-inspect'} --shm-name {stack.prefix} lookup ads_ctr
   cp {examples / SWAP_SOURCE} {stack.bundles['homefeed']}   # hot swap
 
 Ctrl-C stops everything and removes the shm segments.""", flush=True)

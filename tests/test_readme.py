@@ -1,0 +1,134 @@
+"""The README and the adopter docs hold: the "Library API" snippet runs (without a daemon:
+untrimmed; with one on the example bundles: trimmed), "Bring your own leaf" is linked, the
+runbook's commands exist in the documented install, and the docs' relative links and
+anchors resolve."""
+
+from __future__ import annotations
+
+import configparser
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from daemon_helpers import DaemonProc, remove_segments
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+BIN = Path(sys.executable).parent
+ADOPTER_DOCS = ["README.md", "docs/leaf-sdk.md", "docs/kubernetes.md", "docs/operations.md",
+                "docs/frame-format.md"]
+
+
+def _snippet() -> str:
+    section = README.read_text().split("## Library API", 1)[1].split("\n## ", 1)[0]
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    return code
+
+
+def _run_snippet(shm_name: str) -> list[str]:
+    out = subprocess.run([sys.executable, "-c", _snippet()], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "FT_SHM_NAME": shm_name})
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split()
+
+
+def test_library_snippet_runs_without_a_daemon(shm_prefix: str) -> None:
+    words = _run_snippet(shm_prefix)
+    assert words[0] == "passthrough_no_map"
+    assert "'unused_emb']" in words  # sent untrimmed: every column
+
+
+def test_library_snippet_trims_with_a_daemon_on_the_example_bundles(
+        shm_prefix: str, tmp_path: Path) -> None:
+    daemon = DaemonProc(shm_prefix, {"ads": ROOT / "examples/bundles/ads/module_info.json"},
+                        tmp_path / "daemon.log")
+    try:
+        daemon.wait_view(lambda v: v.generation > 0)
+        words = _run_snippet(shm_prefix)
+    finally:
+        daemon.stop()
+        daemon.close()
+        remove_segments(shm_prefix)
+    assert " ".join(words[:3]) == "trimmed ['ctx_num_0002', 'pin_seq_0009']"
+    before, after = int(words[3]), int(words[5])
+    assert after < before
+
+
+def test_readme_links_bring_your_own_leaf() -> None:
+    text = README.read_text()
+    assert "[Bring your own leaf](docs/leaf-sdk.md)" in text
+    assert "docs/kubernetes.md" in text and "deploy/prometheus/" in text
+
+
+def _console_scripts() -> set[str]:
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    return {line.split("=")[0].strip()
+            for line in cfg["options.entry_points"]["console_scripts"].splitlines() if line}
+
+
+def test_runbook_commands_exist_in_the_documented_install() -> None:
+    scripts = _console_scripts()
+    runbook = (ROOT / "docs/operations.md").read_text()
+    blocks = "\n".join(re.findall(r"```sh\n(.*?)```", runbook, re.S))
+    used = set(re.findall(r"\b(trimmer-[a-z]+)\b", blocks))
+    assert used and used <= scripts
+    inspect_help = subprocess.run([str(BIN / "trimmer-inspect"), "--help"], capture_output=True,
+                                  text=True, timeout=60).stdout
+    for verb in re.findall(r"trimmer-inspect(?: --\S+)* ([a-z]+)", blocks):
+        assert verb in inspect_help, verb
+    # the install puts them on PATH (docs/systemd.md), or the runbook says where they are
+    install = (ROOT / "docs/systemd.md").read_text()
+    for script in used:
+        assert f"/opt/feature-trimmer/venv/bin/{script}" in install, script
+    assert "/usr/local/bin" in install and "/opt/feature-trimmer/venv/bin" in runbook
+
+
+def _anchors(text: str) -> set[str]:
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+            for h in re.findall(r"^#+ (.+)$", text, re.M)}
+
+
+@pytest.mark.parametrize("doc", ADOPTER_DOCS)
+def test_relative_links_and_anchors_resolve(doc: str) -> None:
+    path = ROOT / doc
+    for target in re.findall(r"\]\(([^)\s]+)\)", path.read_text()):
+        if re.match(r"[a-z]+://", target):
+            continue
+        file_part, _, anchor = target.partition("#")
+        dest = (path.parent / file_part).resolve() if file_part else path
+        assert dest.exists(), (doc, target)
+        if anchor and dest.suffix == ".md":
+            assert anchor in _anchors(dest.read_text()), (doc, target)
+
+
+def test_make_run_prints_a_working_trimmer_inspect_line() -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "root_worker.testing.demo", "run"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # ends when the stack is up (or the process dies)
+            lines.append(line)
+            if line.startswith("Ctrl-C stops everything"):
+                break
+        text = "".join(lines)
+        status = re.search(r"^\s+(\S+trimmer-inspect --shm-name (\S+) status)$", text, re.M)
+        assert status, text
+        out = subprocess.run(status.group(1).split(), capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 0, out.stdout
+        assert status.group(2) in out.stdout
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            rest = proc.communicate(timeout=60)[0]  # drains and closes the pipe
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            rest = proc.communicate()[0]
+    assert proc.returncode == 0, rest
