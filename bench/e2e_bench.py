@@ -280,7 +280,11 @@ def summarize(windows: Sequence[Window]) -> dict[str, Any]:
                           - sum(cpu.values()) / (secs * (os.cpu_count() or 1))),
         "rounds": [{"requests": w.requests, "seconds": round(w.seconds, 3),
                     "throughput_rps": round(w.requests / w.seconds, 2),
-                    "p99_ms": round(pct(w.latencies, 0.99) * 1e3, 2)} for w in windows],
+                    "p99_ms": round(pct(w.latencies, 0.99) * 1e3, 2),
+                    "root_cpu_ms": round(w.cpu["root"] / max(1, w.requests) * 1e3, 3),
+                    "other_load": round(max(0.0, w.busy - sum(w.cpu.values()) /
+                                            (w.seconds * (os.cpu_count() or 1))), 3)}
+                   for w in windows],
     }
 
 
@@ -348,6 +352,18 @@ def root_cpu(r: dict[str, Any]) -> float:
     return float(r["cpu_ms_per_request"]["root"])
 
 
+def round_ratios(a: dict[str, Any], b: dict[str, Any], key: str = "root_cpu_ms"
+                 ) -> dict[str, float]:
+    """Median and range of a/b over the rounds (round k of both ran in the same rotation,
+    so drift of the shared machine hits them alike)."""
+    ratios = [x[key] / y[key] for x, y in zip(a["rounds"], b["rounds"], strict=False)
+              if y[key]]
+    if not ratios:
+        return {}
+    return {"median": round(statistics.median(ratios), 3), "min": round(min(ratios), 3),
+            "max": round(max(ratios), 3)}
+
+
 def verdict(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     off, trim = results["off"], results["trim"]
     x = trim["throughput_rps"] / off["throughput_rps"]
@@ -362,12 +378,15 @@ def verdict(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "wire_target_met": red >= TARGET_WIRE_REDUCTION,
         "root_cpu_ms": {k: round(root_cpu(r), 3) for k, r in results.items()},
         "root_cpu_trim_vs_off": round(root_cpu(trim) / root_cpu(off), 3),
+        "root_cpu_trim_vs_off_rounds": round_ratios(trim, off),
     }
     v["root_cpu_trim_vs_off_target_met"] = v["root_cpu_trim_vs_off"] <= TARGET_TRIM_VS_OFF_CPU
     for mode in ("off", "trim"):
         if f"min-{mode}" in results:
             ratio = root_cpu(results[mode]) / root_cpu(results[f"min-{mode}"])
             v[f"pool_vs_minimal_root_cpu_{mode}"] = round(ratio, 3)
+            v[f"pool_vs_minimal_root_cpu_{mode}_rounds"] = round_ratios(
+                results[mode], results[f"min-{mode}"])
             v[f"pool_vs_minimal_{mode}_target_met"] = ratio <= TARGET_POOL_VS_MINIMAL
     return v
 
@@ -377,8 +396,10 @@ def shaped_verdict(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     bound = off["wire_bytes_per_request"] / trim["wire_bytes_per_request"]
     x = trim["throughput_rps"] / off["throughput_rps"]
     p99 = trim["p99_ms"] / off["p99_ms"]
-    return {"link": SHAPED_RATE, "byte_bound_x": round(bound, 3), "trim_throughput_x":
-            round(x, 3), "throughput_of_bound": round(x / bound, 3),
+    return {"throughput_x_rounds": round_ratios(trim, off, "throughput_rps"),
+            "p99_ratio_rounds": round_ratios(trim, off, "p99_ms"), "link": SHAPED_RATE,
+            "byte_bound_x": round(bound, 3), "trim_throughput_x": round(x, 3),
+            "throughput_of_bound": round(x / bound, 3),
             "throughput_target_met": x / bound >= TARGET_SHAPED_BOUND,
             "trim_p99_ratio": round(p99, 3), "p99_target_met": p99 <= TARGET_SHAPED_P99,
             "link_mbit_s": {k: round(r["throughput_rps"] * r["wire_bytes_per_request"] * 8
@@ -593,12 +614,18 @@ def report_ratios(v: dict[str, Any]) -> None:
     for mode in ("off", "trim"):
         key = f"pool_vs_minimal_root_cpu_{mode}"
         if key in v:
-            print(f"root CPU per request, pool / minimal root ({mode}): {v[key]:.2f}x (target "
-                  f"<= {TARGET_POOL_VS_MINIMAL}: "
+            print(f"root CPU per request, pool / minimal root ({mode}): {v[key]:.2f}x pooled, "
+                  f"per round {_range(v[key + '_rounds'])} (target <= "
+                  f"{TARGET_POOL_VS_MINIMAL}: "
                   f"{'met' if v[f'pool_vs_minimal_{mode}_target_met'] else 'NOT met'})")
-    print(f"root CPU per request, trim / off (pool): {v['root_cpu_trim_vs_off']:.2f} (target "
+    print(f"root CPU per request, trim / off (pool): {v['root_cpu_trim_vs_off']:.2f} pooled, "
+          f"per round {_range(v['root_cpu_trim_vs_off_rounds'])} (target "
           f"<= {TARGET_TRIM_VS_OFF_CPU}: "
           f"{'met' if v['root_cpu_trim_vs_off_target_met'] else 'NOT met'})")
+
+
+def _range(r: dict[str, float]) -> str:
+    return f"median {r['median']:.2f} [{r['min']:.2f}, {r['max']:.2f}]" if r else "n/a"
 
 
 def report_shaped(shaped: dict[str, Any]) -> None:
@@ -612,8 +639,9 @@ def report_shaped(shaped: dict[str, Any]) -> None:
           f" of the byte bound {sv['byte_bound_x']:.2f}x (target >= {TARGET_SHAPED_BOUND}: "
           f"{'met' if sv['throughput_target_met'] else 'NOT met'}); p99 trim/off "
           f"{sv['trim_p99_ratio']:.2f} (target <= {TARGET_SHAPED_P99}: "
-          f"{'met' if sv['p99_target_met'] else 'NOT met'}); link use {sv['link_mbit_s']} "
-          "Mbit/s")
+          f"{'met' if sv['p99_target_met'] else 'NOT met'}); per round: throughput x "
+          f"{_range(sv['throughput_x_rounds'])}, p99 ratio {_range(sv['p99_ratio_rounds'])}; "
+          f"link use {sv['link_mbit_s']} Mbit/s")
 
 
 def run(args: argparse.Namespace) -> int:

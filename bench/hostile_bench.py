@@ -211,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
         routing = write_routing(tmp / "routing.json",
                                 {"*": leaf.url, "slowaccept": leaf.slow_accept_url})
         settings = {"FT_SHM_NAME": prefix, "FT_ROUTING": str(routing),
-                    "FT_LEAF_TIMEOUT": str(LEAF_TIMEOUT), "FT_LOG_LEVEL": "warning"}
+                    "FT_LEAF_TIMEOUT": str(LEAF_TIMEOUT)}
         root = RootProc(tmp, settings, "root-hostile").wait_ready()
         frame = make_frame(wl.universe, 8)
         print("1. deadlines ...", flush=True)

@@ -119,9 +119,9 @@ class RootWorker(Worker):
             sock.close()
         deadline = time.monotonic() + self.cfg.graceful_timeout
         for conn in list(self.conns):
-            if conn.idle:
+            if not conn.scoring:  # idle, or a request still arriving: nothing to finish
                 conn.close()
-        while any(not c.idle for c in self.conns) and time.monotonic() < deadline:
+        while any(c.scoring for c in self.conns) and time.monotonic() < deadline:
             self.notify()
             self.loop.run_once(min(1.0, max(0.0, deadline - time.monotonic())))
 
