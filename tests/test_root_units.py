@@ -315,7 +315,8 @@ def test_leaf_replies_must_be_json_objects_with_finite_scores() -> None:
 
     assert _leaf_reply("u", 200, b'{"scores": [1.5, -2], "version": "3"}') == {
         "scores": [1.5, -2], "leaf_version": "3"}
-    for body in (b'{"scores": [1e999]}', b'{"scores": [NaN]}', b"[]", b"\xff", b"{}"):
+    for body in (b'{"scores": [1e999]}', b'{"scores": [[1.0, -1e999]]}', b'{"scores": [NaN]}',
+                 b"[]", b"\xff", b"{}"):
         with pytest.raises(LeafError) as err:
             _leaf_reply("u", 200, body)
         assert err.value.kind == "bad_reply"

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -401,11 +402,8 @@ def _leaf_reply(url: str, status: int, data: bytes) -> dict[str, Any]:
         raise LeafError("status", f"{url} answered {status}: {detail}", status)
     if not isinstance(doc, dict) or not isinstance(doc.get("scores"), list):
         raise LeafError("bad_reply", f"{url} answered 200 without a JSON object with scores")
-    try:  # 1e999 parses as inf: the answer could not be re-encoded as strict JSON
-        json.dumps(doc["scores"], allow_nan=False)
-    except (ValueError, RecursionError):
-        raise LeafError("bad_reply", f"{url} answered scores that are not finite "
-                        "numbers") from None
+    if not _finite(doc["scores"]):  # 1e999 parses as inf: not re-encodable as strict JSON
+        raise LeafError("bad_reply", f"{url} answered scores that are not finite numbers")
     reply = {"scores": doc["scores"]}
     if "version" in doc:
         reply["leaf_version"] = doc["version"]
@@ -414,3 +412,15 @@ def _leaf_reply(url: str, status: int, data: bytes) -> dict[str, Any]:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a score")
+
+
+def _finite(scores: list[Any]) -> bool:
+    """Whether ``scores`` can be re-encoded as strict JSON (no inf from an overflow)."""
+    try:
+        return all(map(math.isfinite, scores))  # the common case, flat numbers, at C speed
+    except TypeError:  # nested lists or other values: the strict encoder judges
+        try:
+            json.dumps(scores, allow_nan=False)
+        except (ValueError, RecursionError):
+            return False
+        return True
