@@ -1,52 +1,63 @@
-"""End-to-end benchmark on the demo stack: off / lz4 / trim / trim+lz4 (issue #4).
+"""End-to-end benchmark: the real pool vs a minimal root, off / lz4 / trim / trim+lz4, and a
+shaped 1 Gbit/s link (issues #4, #9).
 
-    python bench/e2e_bench.py [--candidates 64] [--clients 4] [--duration 6] [--rounds 3]
+    python bench/e2e_bench.py [--candidates 64] [--clients 4] [--duration 4] [--rounds 3]
+                              [--frames 32] [--configs off,lz4,...] [--shaped auto|off]
     make bench-e2e                                # the same, with BENCH_ARGS="..." if wanted
 
-The stack of ``make demo`` (:mod:`root_worker.testing.stack`): one ``trimmer-daemon`` publishing the
-example bundles, three ``trimmer-leaf`` processes (ads_ctr, ads_cvr, homefeed_rank) and a
-gunicorn root pool (2 workers, 4 threads each). The daemon and the leaves stay up for the
-whole run; the pool is restarted for every configuration with ``FT_MODE`` / ``FT_LZ4``:
+The stack of ``make demo`` (:mod:`root_worker.testing.stack`): one ``trimmer-daemon``
+publishing the example bundles, three ``trimmer-leaf`` processes (ads_ctr, ads_cvr,
+homefeed_rank). The daemon and the leaves stay up for the whole run; the root is restarted
+for every configuration:
 
-    off       FT_MODE=off  FT_LZ4=0    untrimmed frame to every leaf (the baseline)
-    lz4       FT_MODE=off  FT_LZ4=1    untrimmed, lz4-compressed (the article's first lever)
-    trim      FT_MODE=trim FT_LZ4=0    each leaf gets its model's features only
-    trim+lz4  FT_MODE=trim FT_LZ4=1    both
+    off       pool   FT_MODE=off  FT_LZ4=0  untrimmed frame to every leaf (the baseline)
+    lz4       pool   FT_MODE=off  FT_LZ4=1  untrimmed, lz4-compressed (the article's lever)
+    trim      pool   FT_MODE=trim FT_LZ4=0  each leaf gets its model's features only
+    trim+lz4  pool   FT_MODE=trim FT_LZ4=1  both
+    min-off   bench/minimal_root.py --mode off    the yardstick: a pre-forked raw-socket
+    min-trim  bench/minimal_root.py --mode trim   root doing only the unavoidable work
+
+"pool" is the real gunicorn pool (2 workers, ``--worker-class``, default the event worker).
+The minimal root (2 forked workers) reads the body with ``recv_into`` into a reused buffer,
+uses the project's own peek / map view / trim, sends with ``sendmsg`` on kept-alive sockets
+and parses the leaves' JSON -- no deadlines, limits or metrics. The ratio of root CPU per
+request, pool / minimal, is the HTTP-layer overhead the pool adds (target <= 1.3); trim / off
+of the pool is what trimming saves the root (target <= 0.7).
 
 Workload (production-shaped, ``examples/``): a 2000-feature union (55% float32 scalars, 15%
 int64 ids, 15% float16 embeddings of 16 values, 15% ragged id lists); each of the three
 models uses ~31% of it. Every request is one frame of ``--candidates`` candidates carrying
-the whole union and naming all three models as targets (one fan-out of 3). Values are
-calibrated so that lz4 saves about a fifth of a frame, as the Pinterest article reports; the
-script measures and prints the saving on the frames it sends.
+the whole union and naming all three models (one fan-out of 3). **Frames are distinct**:
+``--frames`` (default 32) frames of different seeds, so the ragged columns' sizes -- and so
+the block tables -- differ from request to request, more than the trimmer's size plans per
+layout: every trim takes the per-request table path, as production traffic does (a bench
+that cycles a handful of frames measures a cache hit).
 
 Method: ``--clients`` closed-loop client threads (one kept-alive connection each) send
-requests for ``--duration`` seconds after ``--warmup`` seconds, per configuration; the four
+requests for ``--duration`` seconds after ``--warmup`` seconds, per configuration; the
 configurations run ``--rounds`` times in rotated order (the machine is shared, so drift hits
 all of them alike) and the rounds are pooled: throughput = requests / seconds measured,
-p50/p99 over all measured latencies (client-side, whole request: upload to the root, trim,
-fan-out of 3, leaf decode + score, answer). Wire bytes per request are root->leaf body bytes
-(``bytes_sent`` of the responses, after lz4), checked against the leaves' ``/stats``.
-Per-process CPU time (``/proc/<pid>/stat``) over the measured windows shows where the time
-goes.
+p50/p99 over all measured latencies (client-side, whole request). Wire bytes per request are
+root->leaf body bytes (``bytes_sent``), checked against the leaves' ``/stats``. Per-process
+CPU time (``/proc/<pid>/stat``: utime + stime of the root's master and workers, of the
+leaves, of the daemon, of this process for the client) over the measured windows gives CPU
+per request.
 
-Honest shape of this machine: client, root pool, leaves and daemon all share the same cores
-(2 on the reference machine), so a configuration's throughput is bounded by the *total* CPU
-all of them need per request, not by a network: on loopback the wire costs only memory
-copies, and lz4 (CPU spent to save wire bytes) can only lose here. The reference leaves are
-Python and take most of that CPU: decoding a frame costs per column received (trimming cuts
-it by ~3x), but scoring the model's own features costs the same trimmed or not, so it is a
-floor that trimming cannot remove; the root receives the whole frame from the client in
-every configuration. The script prints the split (CPU ms per request per component, from
-``/proc/<pid>/stat``), the in-process cost of one leaf request untrimmed vs trimmed, and the
-CPU share taken by processes outside the benchmark (the machine is shared): the ratio of
-CPU per request off / trim is what throughput tends to on an otherwise idle CPU-bound box.
-Candidates: 64 per request by default (``--candidates``); fewer candidates make the
-per-column decode a larger share of the leaf's work and trimming gains more, more
-candidates make the per-value scoring larger and it gains less.
+Shaped link (``--shaped auto``, the default, when network namespaces work; root only): two
+network namespaces with unique names and a veth pair between them, each end shaped with
+``tc qdisc ... tbf rate 1gbit``; root pool, client and daemon in one, the leaves (bound to
+the veth address) in the other; off and trim run again. Targets: trim/off throughput >= 0.95
+of the byte bound (untrimmed / trimmed bytes per request), p99 trim/off <= 0.45. Both
+namespaces (and so the veth pair and its qdiscs) are deleted at the end, also on Ctrl-C and
+on failure; without namespaces the mode is skipped with a message.
 
-Writes bench/results/e2e_bench.json. Every process and shm segment is removed at exit
-(also on Ctrl-C and on failure).
+Honest shape of this machine: client, root, leaves and daemon share the same cores (2 on
+the reference machine), so on loopback throughput is bounded by the *total* CPU all of them
+need per request, and the Python reference leaves take most of it; root CPU per request is
+the figure the root controls. The shaped link makes the wire the bound, as in production.
+
+Writes bench/results/e2e_bench.json. Every process, shm segment and namespace is removed at
+exit (also on Ctrl-C and on failure).
 """
 
 from __future__ import annotations
@@ -56,6 +67,7 @@ import json
 import os
 import platform
 import resource
+import secrets
 import signal
 import statistics
 import subprocess
@@ -77,20 +89,33 @@ from flatbuffers_schema.keys import Allowlist  # noqa: E402
 from root_worker.frame import Trimmer, decode  # noqa: E402
 from root_worker.leaf.model import LeafModel  # noqa: E402
 from root_worker.testing.client import Client  # noqa: E402
-from root_worker.testing.stack import Pool, Stack, StackError, shm_segments  # noqa: E402
+from root_worker.testing.stack import (  # noqa: E402
+    EXAMPLE_LEAVES,
+    Proc,
+    Stack,
+    StackError,
+    shm_segments,
+    wait_for,
+)
 from root_worker.testing.workload import load_universe, make_frame  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "e2e_bench.json"
-CONFIGS = {  # name -> (FT_MODE, FT_LZ4)
-    "off": ("off", False),
-    "lz4": ("off", True),
-    "trim": ("trim", False),
-    "trim+lz4": ("trim", True),
+CONFIGS = {  # name -> (root, FT_MODE, FT_LZ4); root "pool" is gunicorn, "minimal" the yardstick
+    "off": ("pool", "off", False),
+    "lz4": ("pool", "off", True),
+    "trim": ("pool", "trim", False),
+    "trim+lz4": ("pool", "trim", True),
+    "min-off": ("minimal", "off", False),
+    "min-trim": ("minimal", "trim", False),
 }
+SHAPED_CONFIGS = ["off", "trim"]
 TARGETS = ["ads_ctr", "ads_cvr", "homefeed_rank"]
-N_FRAMES = 4
+N_FRAMES = 32  # distinct frames (seeds): more than the trimmer's size plans per layout
 TICK = os.sysconf("SC_CLK_TCK")
 TARGET_THROUGHPUT_X, TARGET_WIRE_REDUCTION = 1.5, 0.65
+TARGET_POOL_VS_MINIMAL, TARGET_TRIM_VS_OFF_CPU = 1.3, 0.7
+TARGET_SHAPED_BOUND, TARGET_SHAPED_P99 = 0.95, 0.45
+SHAPED_RATE = "1gbit"
 
 
 def cpu_seconds(pid: int) -> float:
@@ -190,15 +215,15 @@ class Load:
         return out, errs, outcomes
 
 
-def measure(stack: Stack, pool: Pool, config: str, frames: Sequence[bytes],
-            args: argparse.Namespace) -> Window:
+def measure(stack: Stack, pool: Any, config: str, frames: Sequence[bytes],
+            args: argparse.Namespace, leaves: Sequence[Any]) -> Window:
     procs = {"root": [pool.pid, *pool.worker_pids()],
-             "leaves": [leaf.pid for leaf in stack.leaves.values()],
+             "leaves": [leaf.pid for leaf in leaves],
              "daemon": [stack.daemon.pid] if stack.daemon else []}
     with Load(pool.url, frames, args.clients) as load:
         time.sleep(args.warmup)
         stack.check_alive()
-        leaf0 = sum(leaf.stats()["bytes_received"] for leaf in stack.leaves.values())
+        leaf0 = sum(leaf.stats()["bytes_received"] for leaf in leaves)
         cpu0 = {k: sum(cpu_seconds(p) for p in pids) for k, pids in procs.items()}
         cpu0["client"] = self_cpu()
         busy0, total0 = machine_busy()
@@ -214,7 +239,7 @@ def measure(stack: Stack, pool: Pool, config: str, frames: Sequence[bytes],
     # requests still in flight when recording stopped were not counted, but the leaves
     # saw their bytes: the leaf counter is read after the clients stopped, so it is a
     # cross-check (>=), not an exact figure
-    leaf1 = sum(leaf.stats()["bytes_received"] for leaf in stack.leaves.values())
+    leaf1 = sum(leaf.stats()["bytes_received"] for leaf in leaves)
     w = Window(config, seconds, [s[0] for s in samples], [s[1] for s in samples],
                len(errors), outcomes, leaf1 - leaf0,
                {k: cpu1[k] - cpu0[k] for k in cpu1},
@@ -255,7 +280,11 @@ def summarize(windows: Sequence[Window]) -> dict[str, Any]:
                           - sum(cpu.values()) / (secs * (os.cpu_count() or 1))),
         "rounds": [{"requests": w.requests, "seconds": round(w.seconds, 3),
                     "throughput_rps": round(w.requests / w.seconds, 2),
-                    "p99_ms": round(pct(w.latencies, 0.99) * 1e3, 2)} for w in windows],
+                    "p99_ms": round(pct(w.latencies, 0.99) * 1e3, 2),
+                    "root_cpu_ms": round(w.cpu["root"] / max(1, w.requests) * 1e3, 3),
+                    "other_load": round(max(0.0, w.busy - sum(w.cpu.values()) /
+                                            (w.seconds * (os.cpu_count() or 1))), 3)}
+                   for w in windows],
     }
 
 
@@ -319,11 +348,27 @@ def cpu_per_request(r: dict[str, Any]) -> float:
     return float(sum(r["cpu_ms_per_request"].values()))
 
 
+def root_cpu(r: dict[str, Any]) -> float:
+    return float(r["cpu_ms_per_request"]["root"])
+
+
+def round_ratios(a: dict[str, Any], b: dict[str, Any], key: str = "root_cpu_ms"
+                 ) -> dict[str, float]:
+    """Median and range of a/b over the rounds (round k of both ran in the same rotation,
+    so drift of the shared machine hits them alike)."""
+    ratios = [x[key] / y[key] for x, y in zip(a["rounds"], b["rounds"], strict=False)
+              if y[key]]
+    if not ratios:
+        return {}
+    return {"median": round(statistics.median(ratios), 3), "min": round(min(ratios), 3),
+            "max": round(max(ratios), 3)}
+
+
 def verdict(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     off, trim = results["off"], results["trim"]
     x = trim["throughput_rps"] / off["throughput_rps"]
     red = 1 - trim["wire_bytes_per_request"] / off["wire_bytes_per_request"]
-    return {
+    v: dict[str, Any] = {
         "trim_throughput_x": round(x, 3),
         "trim_p99_ratio": round(trim["p99_ms"] / off["p99_ms"], 3),
         "trim_wire_reduction": round(red, 4),
@@ -331,7 +376,34 @@ def verdict(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "throughput_target_met": x >= TARGET_THROUGHPUT_X,
         "p99_target_met": trim["p99_ms"] < off["p99_ms"],
         "wire_target_met": red >= TARGET_WIRE_REDUCTION,
+        "root_cpu_ms": {k: round(root_cpu(r), 3) for k, r in results.items()},
+        "root_cpu_trim_vs_off": round(root_cpu(trim) / root_cpu(off), 3),
+        "root_cpu_trim_vs_off_rounds": round_ratios(trim, off),
     }
+    v["root_cpu_trim_vs_off_target_met"] = v["root_cpu_trim_vs_off"] <= TARGET_TRIM_VS_OFF_CPU
+    for mode in ("off", "trim"):
+        if f"min-{mode}" in results:
+            ratio = root_cpu(results[mode]) / root_cpu(results[f"min-{mode}"])
+            v[f"pool_vs_minimal_root_cpu_{mode}"] = round(ratio, 3)
+            v[f"pool_vs_minimal_root_cpu_{mode}_rounds"] = round_ratios(
+                results[mode], results[f"min-{mode}"])
+            v[f"pool_vs_minimal_{mode}_target_met"] = ratio <= TARGET_POOL_VS_MINIMAL
+    return v
+
+
+def shaped_verdict(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    off, trim = results["off"], results["trim"]
+    bound = off["wire_bytes_per_request"] / trim["wire_bytes_per_request"]
+    x = trim["throughput_rps"] / off["throughput_rps"]
+    p99 = trim["p99_ms"] / off["p99_ms"]
+    return {"throughput_x_rounds": round_ratios(trim, off, "throughput_rps"),
+            "p99_ratio_rounds": round_ratios(trim, off, "p99_ms"), "link": SHAPED_RATE,
+            "byte_bound_x": round(bound, 3), "trim_throughput_x": round(x, 3),
+            "throughput_of_bound": round(x / bound, 3),
+            "throughput_target_met": x / bound >= TARGET_SHAPED_BOUND,
+            "trim_p99_ratio": round(p99, 3), "p99_target_met": p99 <= TARGET_SHAPED_P99,
+            "link_mbit_s": {k: round(r["throughput_rps"] * r["wire_bytes_per_request"] * 8
+                                     / 1e6, 1) for k, r in results.items()}}
 
 
 def sanity(results: dict[str, dict[str, Any]]) -> list[str]:
@@ -339,7 +411,7 @@ def sanity(results: dict[str, dict[str, Any]]) -> list[str]:
     whose targets were not all trimmed (a trimmer fallback sends untrimmed)."""
     out = []
     for name, r in results.items():
-        expected = "trimmed" if CONFIGS[name][0] == "trim" else "off"
+        expected = "trimmed" if CONFIGS[name][1] == "trim" else "off"
         odd = {k: v for k, v in r["target_outcomes"].items() if k != expected}
         if odd or r["errors"]:
             out.append(f"WARNING {name}: {r['errors']} failed requests, unexpected target "
@@ -369,75 +441,255 @@ def where_the_time_goes(results: dict[str, dict[str, Any]], v: dict[str, Any]) -
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
+class MinimalRoot(Proc):
+    """``bench/minimal_root.py`` on a free port, with the interface measure() uses."""
+
+    def __init__(self, name: str, stack: Stack, mode: str, routing: Path) -> None:
+        self.address_file = stack.workdir / f"minimal-{name}-{secrets.token_hex(4)}.json"
+        cmd = [sys.executable, str(ROOT / "bench" / "minimal_root.py"), "--shm-name",
+               stack.prefix, "--routing", str(routing), "--mode", mode, "--address-file",
+               str(self.address_file), "--workers", "2"]
+        super().__init__(f"minimal root {name}", cmd, stack.workdir / f"minimal-{name}.log")
+        self.url = ""
+
+    def wait_ready(self) -> MinimalRoot:
+        wait_for(lambda: (self.check_alive() or True) and self.address_file.exists() and
+                 len(self.worker_pids()) == 2, 30, f"{self.name} to listen")
+        self.url = json.loads(self.address_file.read_text())["addresses"][0]
+        return self
+
+    def worker_pids(self) -> set[int]:
+        try:
+            text = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text()
+        except FileNotFoundError:
+            return set()
+        return {int(p) for p in text.split()}
+
+
+class ShapedLeaf(Proc):
+    """A reference leaf inside the bench's leaf network namespace."""
+
+    def __init__(self, name: str, netns: str, host: str, bundle: Path,
+                 models: Sequence[str] | None, workdir: Path) -> None:
+        self.port_file = workdir / f"shaped-leaf-{name}.port"
+        cmd = ["ip", "netns", "exec", netns, sys.executable, "-m", "root_worker.leaf.server",
+               "--bundle", str(bundle), "--host", host, "--port", "0", "--port-file",
+               str(self.port_file), "--log-level", "WARNING"]
+        for m in models or ():
+            cmd += ["--model", m]
+        super().__init__(f"shaped leaf {name}", cmd, workdir / f"shaped-leaf-{name}.log")
+        self.host, self.url = host, ""
+
+    def wait_ready(self) -> ShapedLeaf:
+        wait_for(lambda: (self.check_alive() or True) and self.port_file.exists(), 30,
+                 f"{self.name} to listen")
+        self.url = f"http://{self.host}:{int(self.port_file.read_text())}"
+        return self
+
+    def stats(self) -> dict[str, Any]:
+        with Client(self.url, timeout=10) as c:
+            return c.json("GET", "/stats")[1]  # type: ignore[no-any-return]
+
+
+def run_configs(stack: Stack, names: Sequence[str], frames: Sequence[bytes],
+                args: argparse.Namespace, routing: Path, leaves: Sequence[Any],
+                tag: str = "") -> dict[str, list[Window]]:
+    """``args.rounds`` rounds of every configuration, in rotated order."""
+    windows: dict[str, list[Window]] = {name: [] for name in names}
+    names = list(names)
+    for rnd in range(args.rounds):
+        for name in names[rnd % len(names):] + names[:rnd % len(names)]:
+            kind, mode, lz4_on = CONFIGS[name]
+            if kind == "minimal":
+                root: Any = MinimalRoot(name, stack, mode, routing).wait_ready()
+            else:
+                root = stack.start_pool(name, mode=mode, lz4=lz4_on, FT_ROUTING=str(routing),
+                                        FT_THREADS=str(args.threads),
+                                        FT_WORKER_CLASS=args.worker_class)
+            try:
+                w = measure(stack, root, name, frames, args, leaves)
+            finally:
+                if kind == "minimal":
+                    root.stop()
+                else:
+                    stack.stop_pool(name)
+            windows[name].append(w)
+            print(f"  {tag}round {rnd + 1} {name:<9} {w.requests / w.seconds:7.1f} req/s  "
+                  f"p99 {pct(w.latencies, 0.99) * 1e3:7.1f} ms  root CPU "
+                  f"{w.cpu['root'] / max(1, w.requests) * 1e3:5.2f} ms/req  busy {w.busy:.0%}",
+                  flush=True)
+    return windows
+
+
+def make_frames(args: argparse.Namespace) -> list[bytes]:
     universe = load_universe(args.examples / "features.json")
-    frames = [make_frame(universe, args.candidates, seed=1000 + k, targets=TARGETS,
-                         request_id=f"bench-{k}") for k in range(N_FRAMES)]
-    saving = lz4_saving(frames)
-    shape = {"features": len(universe), "candidates": args.candidates,
+    return [make_frame(universe, args.candidates, seed=1000 + k, targets=TARGETS,
+                       request_id=f"bench-{k}") for k in range(args.frames)]
+
+
+def run_inner_shaped(args: argparse.Namespace) -> int:
+    """Inside the root namespace: daemon + pools here, leaves in the leaf namespace."""
+    frames = make_frames(args)
+    stack = Stack.create("ftbshaped", args.examples)
+    leaves: list[ShapedLeaf] = []
+    try:
+        for name, bundle, models in EXAMPLE_LEAVES:
+            leaves.append(ShapedLeaf(name, args.leaf_netns, args.leaf_host,
+                                     stack.bundles[bundle], models, stack.workdir))
+        for leaf in leaves:
+            leaf.wait_ready()
+        routing = stack.workdir / "shaped-routing.json"
+        routing.write_text(json.dumps({leaf.name.split()[-1]: [leaf.url] for leaf in leaves}))
+        windows = run_configs(stack, args.configs, frames, args, routing, leaves, "shaped ")
+    finally:
+        for leaf in leaves:
+            leaf.stop()
+        stack.close()
+    results = {name: summarize(ws) for name, ws in windows.items()}
+    args.output.write_text(json.dumps({"results": results}) + "\n")
+    return 0
+
+
+def _ip(*argv: str) -> None:
+    subprocess.run(["ip", *argv], check=True, capture_output=True, text=True, timeout=30)
+
+
+def shaped_run(args: argparse.Namespace) -> dict[str, Any]:
+    """Leaves behind a veth pair shaped to 1 Gbit/s (tbf), root + client in their own
+    namespace; both namespaces (and so the veth pair) are removed at the end, whatever
+    happens. Returns the results, or {"skipped": why}."""
+    if args.shaped == "off":
+        return {"skipped": "--shaped off"}
+    tag = secrets.token_hex(3)
+    ns_root, ns_leaf = f"ftb{tag}r", f"ftb{tag}l"
+    net = f"10.{200 + secrets.randbelow(50)}.{secrets.randbelow(250)}"
+    created: list[str] = []
+    try:
+        try:
+            for ns in (ns_root, ns_leaf):
+                _ip("netns", "add", ns)
+                created.append(ns)
+        except (OSError, subprocess.SubprocessError) as exc:
+            why = getattr(exc, "stderr", "") or str(exc)
+            print(f"shaped-link mode skipped: cannot create network namespaces ({why.strip()})")
+            return {"skipped": f"network namespaces unavailable: {why.strip()}"}
+        _setup_link(ns_root, ns_leaf, f"ftb{tag}a", f"ftb{tag}b", net)
+        out = args.output.with_name(f".shaped-{tag}.json")
+        inner = [sys.executable, str(Path(__file__).resolve()), "--inner-shaped",
+                 "--leaf-netns", ns_leaf, "--leaf-host", f"{net}.2", "--output", str(out),
+                 "--configs", ",".join(SHAPED_CONFIGS), "--rounds", str(args.rounds),
+                 "--duration", str(args.duration), "--warmup", str(args.warmup),
+                 "--clients", str(args.clients), "--candidates", str(args.candidates),
+                 "--frames", str(args.frames), "--worker-class", args.worker_class,
+                 "--examples", str(args.examples)]
+        print(f"shaped link: {SHAPED_RATE} tbf on veth {ns_root} <-> {ns_leaf} ({net}.0/30)",
+              flush=True)
+        rc = subprocess.run(["ip", "netns", "exec", ns_root, *inner], cwd=ROOT).returncode
+        if rc != 0 or not out.exists():
+            return {"skipped": f"the shaped run failed (exit {rc})"}
+        results = json.loads(out.read_text())["results"]
+        out.unlink()
+        return {"results": results, "verdict": shaped_verdict(results),
+                "link": {"rate": SHAPED_RATE, "qdisc": "tbf", "namespaces": [ns_root, ns_leaf]}}
+    finally:
+        for ns in created:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+
+
+def _setup_link(ns_root: str, ns_leaf: str, veth_root: str, veth_leaf: str,
+                net: str) -> None:
+    _ip("link", "add", veth_root, "netns", ns_root, "type", "veth", "peer", "name",
+        veth_leaf, "netns", ns_leaf)
+    for ns, dev, addr in ((ns_root, veth_root, f"{net}.1/30"), (ns_leaf, veth_leaf,
+                                                                 f"{net}.2/30")):
+        _ip("-n", ns, "link", "set", "lo", "up")
+        _ip("-n", ns, "addr", "add", addr, "dev", dev)
+        _ip("-n", ns, "link", "set", dev, "up")
+        _ip("-n", ns, "link", "set", dev, "mtu", "1500")
+        _ip("netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate",
+            SHAPED_RATE, "burst", "1mb", "latency", "50ms")
+
+
+def report_ratios(v: dict[str, Any]) -> None:
+    for mode in ("off", "trim"):
+        key = f"pool_vs_minimal_root_cpu_{mode}"
+        if key in v:
+            print(f"root CPU per request, pool / minimal root ({mode}): {v[key]:.2f}x pooled, "
+                  f"per round {_range(v[key + '_rounds'])} (target <= "
+                  f"{TARGET_POOL_VS_MINIMAL}: "
+                  f"{'met' if v[f'pool_vs_minimal_{mode}_target_met'] else 'NOT met'})")
+    print(f"root CPU per request, trim / off (pool): {v['root_cpu_trim_vs_off']:.2f} pooled, "
+          f"per round {_range(v['root_cpu_trim_vs_off_rounds'])} (target "
+          f"<= {TARGET_TRIM_VS_OFF_CPU}: "
+          f"{'met' if v['root_cpu_trim_vs_off_target_met'] else 'NOT met'})")
+
+
+def _range(r: dict[str, float]) -> str:
+    return f"median {r['median']:.2f} [{r['min']:.2f}, {r['max']:.2f}]" if r else "n/a"
+
+
+def report_shaped(shaped: dict[str, Any]) -> None:
+    if "results" not in shaped:
+        print(f"shaped link: skipped ({shaped.get('skipped')})")
+        return
+    print(f"\nshaped link ({SHAPED_RATE} tbf between root and leaves):")
+    print("\n".join(render(shaped["results"])))
+    sv = shaped["verdict"]
+    print(f"trim/off throughput {sv['trim_throughput_x']:.2f}x = {sv['throughput_of_bound']:.2f}"
+          f" of the byte bound {sv['byte_bound_x']:.2f}x (target >= {TARGET_SHAPED_BOUND}: "
+          f"{'met' if sv['throughput_target_met'] else 'NOT met'}); p99 trim/off "
+          f"{sv['trim_p99_ratio']:.2f} (target <= {TARGET_SHAPED_P99}: "
+          f"{'met' if sv['p99_target_met'] else 'NOT met'}); per round: throughput x "
+          f"{_range(sv['throughput_x_rounds'])}, p99 ratio {_range(sv['p99_ratio_rounds'])}; "
+          f"link use {sv['link_mbit_s']} Mbit/s")
+
+
+def run(args: argparse.Namespace) -> int:
+    frames = make_frames(args)
+    saving = lz4_saving(frames[:4])
+    shape = {"features": 2000, "candidates": args.candidates,
              "targets_per_request": len(TARGETS), "frame_bytes": len(frames[0]),
-             "lz4_saving_of_frame": round(saving, 4), "clients": args.clients,
-             "root_workers": 2, "root_threads": args.threads, "leaves": 3,
-             "duration_s": args.duration, "warmup_s": args.warmup, "rounds": args.rounds,
-             "cpus": os.cpu_count()}
-    print(f"workload: {len(universe)} features, {args.candidates} candidates, frame "
-          f"{len(frames[0]) / 1e6:.2f} MB, 3 targets per request; lz4 saves {saving:.1%} of "
-          "a frame (the article: ~20%)")
+             "distinct_frames": len(frames), "lz4_saving_of_frame": round(saving, 4),
+             "clients": args.clients, "root_workers": 2, "worker_class": args.worker_class,
+             "leaves": 3, "duration_s": args.duration, "warmup_s": args.warmup,
+             "rounds": args.rounds, "cpus": os.cpu_count()}
+    print(f"workload: frame {len(frames[0]) / 1e6:.2f} MB ({args.candidates} candidates), "
+          f"{len(frames)} distinct frames cycled, 3 targets per request; lz4 saves "
+          f"{saving:.1%} of a frame")
     print(f"load: {args.clients} client threads, {args.rounds} x {args.duration:g} s per "
           f"configuration after {args.warmup:g} s warm-up; {os.cpu_count()} CPUs shared by "
-          "client, root pool (2 workers), 3 leaves and the daemon")
+          "client, root (2 workers), 3 leaves and the daemon")
     costs = component_costs(frames[0], args.examples)
     shape["component_costs_ms"] = {k: round(v, 3) for k, v in costs.items()}
-    print("one leaf request in-process (ads_ctr, no HTTP): decode "
-          f"{costs['leaf_decode_untrimmed_ms']:.1f} ms untrimmed / "
-          f"{costs['leaf_decode_trimmed_ms']:.1f} ms trimmed, score "
-          f"{costs['leaf_score_ms']:.1f} ms (the same either way), lz4 decompress "
-          f"{costs['leaf_lz4_decompress_untrimmed_ms']:.1f} ms; root: trim "
-          f"{costs['root_trim_ms']:.2f} ms per target, lz4 compress "
-          f"{costs['root_lz4_compress_untrimmed_ms']:.1f} ms per untrimmed target")
-    windows: dict[str, list[Window]] = {name: [] for name in args.configs}
     stack = Stack.create("ftbench", args.examples)
     try:
-        names = args.configs
-        for rnd in range(args.rounds):
-            for name in names[rnd % len(names):] + names[:rnd % len(names)]:
-                mode, lz4_on = CONFIGS[name]
-                pool = stack.start_pool(name, mode=mode, lz4=lz4_on,
-                                        FT_THREADS=str(args.threads))
-                try:
-                    w = measure(stack, pool, name, frames, args)
-                finally:
-                    stack.stop_pool(name)
-                windows[name].append(w)
-                print(f"  round {rnd + 1} {name:<9} {w.requests / w.seconds:7.1f} req/s  "
-                      f"p99 {pct(w.latencies, 0.99) * 1e3:7.1f} ms  busy {w.busy:.0%}",
-                      flush=True)
+        windows = run_configs(stack, args.configs, frames, args, stack.routing,
+                              list(stack.leaves.values()))
     finally:
         closed = stack.close()
+    left = shm_segments(stack.prefix)
+    shaped = shaped_run(args)
     results = {name: summarize(ws) for name, ws in windows.items()}
     print()
     print("\n".join(render(results)))
     v = verdict(results)
-    print(f"\ntrim vs off: {v['trim_throughput_x']:.2f}x throughput (target >= "
-          f"{TARGET_THROUGHPUT_X}x: {'met' if v['throughput_target_met'] else 'NOT met'}), "
-          f"p99 ratio {v['trim_p99_ratio']:.2f} (target < 1: "
-          f"{'met' if v['p99_target_met'] else 'NOT met'}), wire bytes -"
-          f"{v['trim_wire_reduction']:.1%} (target >= {TARGET_WIRE_REDUCTION:.0%}: "
-          f"{'met' if v['wire_target_met'] else 'NOT met'})")
+    print(f"\ntrim vs off: {v['trim_throughput_x']:.2f}x throughput, p99 ratio "
+          f"{v['trim_p99_ratio']:.2f}, wire bytes -{v['trim_wire_reduction']:.1%}")
+    report_ratios(v)
     print(where_the_time_goes(results, v))
-    problems = sanity(results)
+    report_shaped(shaped)
+    problems = sanity(results) + (sanity(shaped["results"]) if "results" in shaped else [])
     for line in problems:
         print(line)
-    left = shm_segments(stack.prefix)
     print(f"cleanup: shm segments of {stack.prefix} left: {left or 'none'}; processes "
           f"killed after the SIGTERM deadline: {closed.killed or 'none'}")
     doc = {"benchmark": "e2e", "command": " ".join(["python", *sys.argv]),
            "machine": {"platform": platform.platform(), "python": platform.python_version(),
                        "cpus": os.cpu_count()},
            "source": source_state(), "problems": problems,
-           "shape": shape, "results": results, "verdict": v,
-           "note": "client, root pool, leaves and daemon share the machine's CPUs; "
-                   "throughput is bounded by total CPU per request (see cpu_ms_per_request)"}
+           "shape": shape, "results": results, "verdict": v, "shaped": shaped,
+           "note": "client, root, leaves and daemon share the machine's CPUs; root CPU per "
+                   "request is from /proc/<pid>/stat of the root's master and workers"}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"wrote {args.output}")
@@ -449,14 +701,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--candidates", type=int, default=64)
     p.add_argument("--clients", type=int, default=4)
-    p.add_argument("--threads", type=int, default=4, help="FT_THREADS of the root pool")
-    p.add_argument("--duration", type=float, default=6.0, help="measured seconds per window")
-    p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--frames", type=int, default=N_FRAMES,
+                   help="distinct frames cycled by the clients (default %(default)s)")
+    p.add_argument("--threads", type=int, default=4, help="FT_THREADS (gthread pools)")
+    p.add_argument("--worker-class", default="event", choices=("event", "gthread", "sync"))
+    p.add_argument("--duration", type=float, default=4.0, help="measured seconds per window")
+    p.add_argument("--warmup", type=float, default=1.5)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--configs", default=",".join(CONFIGS),
                    help="comma-separated subset of %(default)s (must include off and trim)")
+    p.add_argument("--shaped", choices=("auto", "off"), default="auto",
+                   help="also run off/trim behind a 1 Gbit/s shaped veth (auto: when network "
+                        "namespaces are available)")
     p.add_argument("--examples", type=Path, default=ROOT / "examples")
     p.add_argument("--output", type=Path, default=RESULTS)
+    p.add_argument("--inner-shaped", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--leaf-netns", help=argparse.SUPPRESS)
+    p.add_argument("--leaf-host", help=argparse.SUPPRESS)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     args.configs = [c for c in args.configs.split(",") if c]
     if not {"off", "trim"} <= set(args.configs) or not set(args.configs) <= set(CONFIGS):
@@ -464,7 +725,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):  # both unwind through the finally blocks
         signal.signal(sig, signal.default_int_handler)
     try:
-        return run(args)
+        return run_inner_shaped(args) if args.inner_shaped else run(args)
     except StackError as exc:
         print(f"benchmark failed: {exc}", file=sys.stderr)
         return 1

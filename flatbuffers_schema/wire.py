@@ -40,3 +40,9 @@ REPLY_SCORES = "scores"  # required in a 200 answer
 REPLY_VERSION = "version"  # optional: the version the leaf served
 REPLY_ERROR = "error"  # every error answer
 
+
+# Model names and versions travel as-is in the query (``?model=``, ``?target=MODEL@VERSION``)
+# and in X-FT-Trimmed-For: the bundle validator accepts only this alphabet (RFC 3986
+# "unreserved" characters), and the root re-checks what it sends.
+NAME_ALPHABET = "A-Z a-z 0-9 . _ - ~"
+NAME_PATTERN = r"[A-Za-z0-9._~-]+"

@@ -4,7 +4,10 @@
 creates :data:`app` but touches no shared memory, socket or thread: each worker imports it
 after fork, and the gunicorn ``post_worker_init`` hook calls :meth:`RootApp.start_worker`,
 which attaches the map at once (a worker started any other way does so on its first
-request). Routes:
+request). The default worker class (:mod:`root_worker.service.worker`) calls
+:meth:`RootApp.route` / :meth:`RootApp.serve` and drives ``POST /score`` on its event loop;
+under ``FT_WORKER_CLASS=gthread`` or ``sync`` the same handlers answer through WSGI
+(:meth:`RootApp.__call__`). Routes:
 
 ``POST /score``   a frame (body) and its targets -> per-target scores or errors (JSON)
 ``GET /healthz``  liveness, always 200: pid, generation served, map and heartbeat age,
@@ -21,7 +24,6 @@ request, never a dead worker.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -30,6 +32,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from root_worker.featuremap.live_map import LiveMap
+from root_worker.service.http1 import Answer, error_body, json_body, status_text
 from root_worker.service.metrics import RootMetrics
 from root_worker.service.routing import Routing, RoutingError
 from root_worker.service.score import BadRequest, Scorer
@@ -37,12 +40,7 @@ from root_worker.service.settings import Settings, load_settings
 
 log = logging.getLogger("root_worker")
 StartResponse = Callable[..., Any]
-JSON = "application/json"
 READ_CHUNK = 1 << 20
-STATUS_TEXT = {200: "200 OK", 400: "400 Bad Request", 404: "404 Not Found",
-               405: "405 Method Not Allowed", 411: "411 Length Required",
-               413: "413 Content Too Large", 500: "500 Internal Server Error",
-               502: "502 Bad Gateway", 503: "503 Service Unavailable"}
 
 
 class WorkerState:
@@ -61,6 +59,7 @@ class WorkerState:
         self.metrics = RootMetrics(routing.listed)
         self.metrics.set_mode(settings.mode, settings.lz4)
         self.scorer = Scorer(settings, self.live_map, routing, self.metrics)
+        self.connections: Callable[[], int] | None = None  # set by the event worker
 
     def refresh_map(self) -> None:
         lm = self.live_map
@@ -92,39 +91,48 @@ class RootApp:
         log.info("root worker ready pid=%d generation=%d mode=%s lz4=%s", os.getpid(),
                  state.live_map.generation, state.settings.mode, state.settings.lz4)
 
+    @staticmethod
+    def route(method: str, path: str) -> Callable[..., Answer]:
+        """The handler of ``method path``; raises BadRequest 404/405."""
+        handler = ROUTES.get(path)
+        if handler is None:
+            raise BadRequest(404, "not_found", f"no such path {path[:200]!r}; try POST "
+                             "/score, GET /healthz, /readyz or /metrics")
+        if method not in handler[0]:
+            raise BadRequest(405, "method_not_allowed",
+                             f"{path} accepts {' or '.join(handler[0])}, not {method[:20]}")
+        return handler[1]
+
+    def serve(self, method: str, path: str, query: str) -> Answer:
+        """Answer a bodiless request (the event worker's health, readiness and metrics)."""
+        return self.route(method, path)(self, {"REQUEST_METHOD": method, "PATH_INFO": path,
+                                               "QUERY_STRING": query})
+
     def __call__(self, environ: dict[str, Any], start_response: StartResponse
                  ) -> Iterable[bytes]:
         method, path = environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", "")
-        handler = ROUTES.get(path)
         try:
-            if handler is None:
-                raise BadRequest(404, "not_found", f"no such path {path!r}; try POST /score, "
-                                 "GET /healthz, /readyz or /metrics")
-            if method not in handler[0]:
-                raise BadRequest(405, "method_not_allowed",
-                                 f"{path} accepts {' or '.join(handler[0])}, not {method}")
-            status, headers, body = handler[1](self, environ)
+            status, headers, body = self.route(method, path)(self, environ)
         except BadRequest as exc:
-            status, headers, body = _error(exc.status, exc.code, exc.message)
+            status, headers, body = error_body(exc.status, exc.code, exc.message)
         except Exception:  # a bug: answer 500, keep the worker
             log.exception("unhandled error method=%s path=%s", method, path)
-            status, headers, body = _error(500, "internal", "internal error (logged)")
+            status, headers, body = error_body(500, "internal", "internal error (logged)")
         if path == "/score":
             self.state().metrics.requests.labels(str(status)).inc()
         headers.append(("Content-Length", str(len(body))))
-        start_response(STATUS_TEXT.get(status, f"{status} Error"), headers)
+        start_response(f"{status} {status_text(status)}", headers)
         return [body]
 
     # -- handlers ------------------------------------------------------------------------
-    def score(self, environ: dict[str, Any]) -> tuple[int, list[tuple[str, str]], bytes]:
+    def score(self, environ: dict[str, Any]) -> Answer:
         state = self.state()
         body = _read_body(environ, state.settings.max_request_bytes)
-        state.refresh_map()
         status, doc = state.scorer.score(body, environ.get("QUERY_STRING", ""))
-        return _json(status, doc)
+        return json_body(status, doc)
 
-    def healthz(self, environ: dict[str, Any]) -> tuple[int, list[tuple[str, str]], bytes]:
-        return _json(200, self.health())
+    def healthz(self, environ: dict[str, Any]) -> Answer:
+        return json_body(200, self.health())
 
     def health(self) -> dict[str, Any]:
         state = self.state()
@@ -142,6 +150,7 @@ class RootApp:
         if state.routing_error:
             reasons.append(f"routing: {state.routing_error}")
         stats = lm.reader.stats
+        bufs = state.scorer.buffers
         return {
             "status": "degraded" if reasons else "ok", "reasons": reasons,
             "pid": os.getpid(), "generation": lm.generation,
@@ -155,9 +164,12 @@ class RootApp:
             "reader": {"attaches": stats.attaches, "verify_failures": stats.verify_failures,
                        "attach_errors": stats.attach_errors, "last_error": stats.last_error},
             "leaf_connections_opened": state.scorer.pool.connects,
+            "client_connections": state.connections() if state.connections else None,
+            "buffers": {"cap": bufs.cap, "in_use": bufs.in_use, "kept": bufs.kept,
+                        "peak": bufs.peak, "refused": bufs.refused},
         }
 
-    def readyz(self, environ: dict[str, Any]) -> tuple[int, list[tuple[str, str]], bytes]:
+    def readyz(self, environ: dict[str, Any]) -> Answer:
         state = self.state()
         state.refresh_map()
         waited = time.monotonic() - state.started
@@ -166,11 +178,11 @@ class RootApp:
         why = ("map attached" if attached else
                "no map after FT_READY_MAX_WAIT: serving untrimmed" if ready else
                "waiting for the daemon's map")
-        return _json(200 if ready else 503, {"ready": ready, "reason": why,
+        return json_body(200 if ready else 503, {"ready": ready, "reason": why,
                                              "generation": state.live_map.generation,
                                              "pid": os.getpid()})
 
-    def metrics(self, environ: dict[str, Any]) -> tuple[int, list[tuple[str, str]], bytes]:
+    def metrics(self, environ: dict[str, Any]) -> Answer:
         state = self.state()
         state.refresh_map()
         body, content_type = state.metrics.render()
@@ -195,7 +207,7 @@ def _read_body(environ: dict[str, Any], limit: int) -> bytes:
         if length > limit:
             raise BadRequest(413, "too_large", f"body of {length} bytes exceeds the limit of "
                              f"{limit} bytes (FT_MAX_REQUEST_BYTES)")
-        body = stream.read(length)
+        body = _read(stream, length)
         if len(body) != length:
             raise BadRequest(400, "truncated", f"body ended after {len(body)} of {length} "
                              "bytes")
@@ -205,7 +217,7 @@ def _read_body(environ: dict[str, Any], limit: int) -> bytes:
                          "required")
     chunks, total = [], 0
     while True:
-        chunk = stream.read(min(READ_CHUNK, limit + 1 - total))
+        chunk = _read(stream, min(READ_CHUNK, limit + 1 - total))
         if not chunk:
             return b"".join(chunks)
         chunks.append(chunk)
@@ -215,13 +227,15 @@ def _read_body(environ: dict[str, Any], limit: int) -> bytes:
                              "bytes (FT_MAX_REQUEST_BYTES)")
 
 
-def _json(status: int, doc: Any) -> tuple[int, list[tuple[str, str]], bytes]:
-    body = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
-    return status, [("Content-Type", JSON)], body
-
-
-def _error(status: int, code: str, message: str) -> tuple[int, list[tuple[str, str]], bytes]:
-    return _json(status, {"error": {"code": code, "message": message}})
+def _read(stream: Any, n: int) -> bytes:
+    """Read from gunicorn's body reader; its framing errors are the client's (400)."""
+    try:
+        return stream.read(n)  # type: ignore[no-any-return]
+    except Exception as exc:
+        if type(exc).__module__.startswith("gunicorn.http"):
+            raise BadRequest(400, "bad_body", f"malformed request body: "
+                             f"{type(exc).__name__}: {exc}") from None
+        raise
 
 
 app = RootApp()

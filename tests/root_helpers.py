@@ -236,17 +236,23 @@ class MapPublisher:
         self.publisher = Publisher(prefix, grace_s=0.0)
 
     def publish(self, docs: Mapping[str, dict[str, Any]]) -> int:
-        from flatbuffers_schema.fmap.BundleState import BundleState
         from trimmer_daemon.bundle.parse import parse_bundle
+
+        return self.publish_parsed({name: parse_bundle(json.dumps(doc).encode(),
+                                                       path=f"/b/{name}")
+                                    for name, doc in docs.items()})
+
+    def publish_parsed(self, parsed: Mapping[str, Any]) -> int:
+        """Publish already parsed bundles (a test may hand-build one the validator refuses,
+        as a map compiled by an older daemon could hold)."""
+        from flatbuffers_schema.fmap.BundleState import BundleState
         from trimmer_daemon.compiler import BundleStatusRecord, compile_map
         from trimmer_daemon.consolidate import KeyCache, consolidate, index_bundle
 
         cache = KeyCache()
-        indexed = [(name, index_bundle(parse_bundle(json.dumps(doc).encode(),
-                                                    path=f"/b/{name}"), cache))
-                   for name, doc in docs.items()]
+        indexed = [(name, index_bundle(p, cache)) for name, p in parsed.items()]
         statuses = [BundleStatusRecord(name=n, path=f"/b/{n}", state=BundleState.Ok)
-                    for n in docs]
+                    for n in parsed]
         blob = compile_map(consolidate(indexed, cache), statuses,
                            generation=self.publisher.next_generation,
                            built_at_ns=time.time_ns(), daemon_pid=os.getpid(), cache=cache)
@@ -296,3 +302,42 @@ def raw_post(url: str, head: str, body: bytes = b"") -> bytes:
             if not chunk:
                 return answer
             answer += chunk
+
+
+class BadLeafProc(Proc):
+    """``tests/bad_leaf.py``: one process acting out every leaf misbehaviour by model name."""
+
+    def __init__(self, tmp: Path, name: str = "bad-leaf") -> None:
+        self.port_file = tmp / f"{name}.port"
+        self.slow_file = tmp / f"{name}.slow.port"
+        self.requests_log = tmp / f"{name}.requests"
+        cmd = [sys.executable, str(Path(__file__).with_name("bad_leaf.py")), "--port-file",
+               str(self.port_file), "--slow-accept-port-file", str(self.slow_file),
+               "--log", str(self.requests_log)]
+        super().__init__(cmd, tmp / f"{name}.log")
+        self.name = name
+
+    def wait_ready(self, timeout: float = 20.0) -> BadLeafProc:
+        def ready() -> bool:
+            self.check_alive(self.name)
+            return self.port_file.exists() and self.slow_file.exists()
+        wait_for(ready, timeout, f"{self.name} to listen")
+        self.url = f"http://127.0.0.1:{int(self.port_file.read_text())}"
+        self.slow_accept_url = f"http://127.0.0.1:{int(self.slow_file.read_text())}"
+        return self
+
+    def requests(self) -> list[str]:
+        """The model of every request received so far."""
+        try:
+            return self.requests_log.read_text().split()
+        except FileNotFoundError:
+            return []
+
+
+def uss_bytes(pid: int) -> int:
+    """Unique set size of a process (Private_Clean + Private_Dirty of smaps_rollup)."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        key, _, rest = line.partition(":")
+        fields[key] = int(rest.split()[0]) * 1024
+    return fields["Private_Clean"] + fields["Private_Dirty"]

@@ -88,6 +88,14 @@ BAD_CASES: dict[str, tuple[str, str]] = {
     "utf16_with_bom.json": ("$", "not valid UTF-8: byte 0xff at offset 0"),
     "deeply_nested_garbage.json": ("$", "invalid JSON: nested too deeply"),
     "deeply_nested_unbalanced.json": ("$", "invalid JSON: nested too deeply"),
+    # names and versions travel as-is in a header and a URL query (wire.NAME_PATTERN)
+    "version_header_injection.json": (f"{M0}.version", "has character '\\r' (U+000D) at index "
+                                                       "1: names and versions may only use"),
+    "version_non_ascii.json": (f"{M0}.version", "has character '\u7248' (U+7248) at index 0"),
+    "version_query_injection.json": (f"{M0}.version", "has character '&' (U+0026) at index 1"),
+    "model_name_space.json": ('$["ads ctr"]', "model name \"ads ctr\" has character ' ' "
+                                              "(U+0020) at index 3"),
+    "model_name_at_sign.json": ('$["m@2"]', "has character '@' (U+0040) at index 1"),
 }
 
 
@@ -193,8 +201,9 @@ def test_output_names_optional() -> None:
 
 def test_unicode_names() -> None:
     parsed = load_bundle_file(GOOD / "unicode_names.json")
-    assert parsed.models["mod\u00e8le"][0] == ModelVersion(
-        "\u03b1", ("caf\u00e9", "\u65e5\u672c", "emoji_\U0001f600"), ())
+    # feature names may be any Unicode; model names and versions are header-safe ASCII
+    assert parsed.models["modele.v-2_x~"][0] == ModelVersion(
+        "alpha.1", ("caf\u00e9", "\u65e5\u672c", "emoji_\U0001f600"), ())
 
 
 def test_utf8_bom_accepted_with_warning() -> None:
@@ -235,7 +244,12 @@ def test_json_path_quoting() -> None:
     data = _bundle(**{'we"ird name': [_entry(inputs=["a", 5])]})
     with pytest.raises(BundleError) as info:
         parse_bundle(data, path="p")
-    assert info.value.json_path == '$["we\\"ird name"][0].input_names[1]'
+    assert info.value.json_path == '$["we\\"ird name"]'  # quoted; and not header-safe
+    assert "has character '\"' (U+0022) at index 2" in info.value.reason
+    data = _bundle(**{"m": [_entry(version='we"ird', inputs=["a", 5])]})
+    with pytest.raises(BundleError) as info:
+        parse_bundle(data, path="p")
+    assert info.value.json_path == '$["m"][0].version'
     text = '{"m": [{"version": "1", "input_names": ["a"], "x y": {"k": 1, "k": 2}}]}'
     with pytest.raises(BundleError) as info:
         parse_bundle(text.encode(), path="p")

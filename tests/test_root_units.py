@@ -7,6 +7,7 @@ fault the fallback exists for).
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import threading
@@ -21,7 +22,8 @@ from root_helpers import LeafThread, MapPublisher, Workload, reference_scores, t
 from root_worker.featuremap.live_map import LiveMap
 from root_worker.frame import Trimmer
 from root_worker.leaf.model import ModelStore
-from root_worker.service.fanout import Fanout, LeafError, LeafPool
+from root_worker.service.fanout import LeafCall, LeafError, LeafPool, post_blocking
+from root_worker.service.loop import Loop, run_until
 from root_worker.service.metrics import RootMetrics
 from root_worker.service.routing import Endpoint, Routing, RoutingError
 from root_worker.service.score import BadRequest, Scorer
@@ -139,7 +141,7 @@ def test_pool_keeps_connections_alive_and_retries_a_stale_one() -> None:
     ep = Endpoint.parse(leaf.url)
     try:
         for _ in range(5):
-            status, _ = pool.post(ep, "/nowhere", b"x", {}, deadline=_far())
+            _, status, _ = post_blocking(pool, [ep], "/nowhere", b"x", {}, deadline=_far())
             assert status == 404
         assert pool.connects == 1
     finally:
@@ -150,7 +152,7 @@ def test_pool_keeps_connections_alive_and_retries_a_stale_one() -> None:
     pool = LeafPool()
     try:
         for _ in range(3):
-            assert pool.post(ep, "/", b"abc", {}, deadline=_far()) == (200, b"ok")
+            assert post_blocking(pool, [ep], "/", b"abc", {}, deadline=_far())[1:] == (200, b"ok")
         assert srv.accepted == 3 and pool.connects == 3  # each stale reuse retried fresh
     finally:
         pool.close()
@@ -161,29 +163,40 @@ def _far() -> float:
     return time.monotonic() + 30
 
 
-def test_fanout_keeps_order_returns_errors_and_abandons_late_jobs() -> None:
-    fan = Fanout(4)
-    gate = threading.Event()
-
-    def boom() -> int:
-        raise LeafError("io", "broken")
-
+def test_calls_on_one_loop_keep_their_own_results_and_deadlines() -> None:
+    store = ModelStore.from_inputs({})
+    leaf = LeafThread(store)
+    hung = socket.socket()  # accepts (backlog) but never answers
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(8)
+    pool, loop, results = LeafPool(), Loop(), {}
+    ok, silent = Endpoint.parse(leaf.url), Endpoint.parse(f"http://127.0.0.1:"
+                                                          f"{hung.getsockname()[1]}")
+    deadline = time.monotonic() + 1.0
     try:
-        out = fan.run([lambda: 1, boom, lambda: gate.wait(30) and 3], timeout=0.2)
-        assert out[0] == 1
-        assert isinstance(out[1], LeafError) and out[1].kind == "io"
-        assert isinstance(out[2], LeafError) and out[2].kind == "timeout" and out[2].abandoned
-        assert fan.run([boom], timeout=1)[0].kind == "io"  # type: ignore[union-attr]
+        for name, eps in (("ok", [ok]), ("hung", [silent]), ("none", [])):
+            LeafCall(loop, pool, eps, "/nowhere", {}, [b"x"], deadline, 1 << 20,
+                     lambda r, name=name: results.__setitem__(name, r)).start()
+        run_until(loop, lambda: len(results) == 3, time.monotonic() + 30)
+        assert results["ok"][0] == 404
+        assert isinstance(results["hung"], LeafError) and results["hung"].kind == "timeout"
+        assert isinstance(results["none"], LeafError) and results["none"].kind == "no_route"
     finally:
-        gate.set()
-        fan.close()
+        loop.close()
+        pool.close()
+        hung.close()
+        leaf.close()
 
 
 # -- the scorer over a real map and real leaves ------------------------------------------------
 class FailingTrimmer(Trimmer):
     """The fault the fallback exists for: a trimmer bug (not a malformed frame)."""
 
-    def trim(self, buf: Any, allowlist: Any, out: Any = None) -> Any:
+    def trim(self, buf: Any, allowlist: Any, out: Any = None, check_ragged: bool = False
+             ) -> Any:
+        raise RuntimeError("simulated trimmer bug")
+
+    def trim_parts(self, buf: Any, allowlist: Any, check_ragged: bool = False) -> Any:
         raise RuntimeError("simulated trimmer bug")
 
 
@@ -302,7 +315,8 @@ def test_leaf_replies_must_be_json_objects_with_finite_scores() -> None:
 
     assert _leaf_reply("u", 200, b'{"scores": [1.5, -2], "version": "3"}') == {
         "scores": [1.5, -2], "leaf_version": "3"}
-    for body in (b'{"scores": [1e999]}', b'{"scores": [NaN]}', b"[]", b"\xff", b"{}"):
+    for body in (b'{"scores": [1e999]}', b'{"scores": [[1.0, -1e999]]}', b'{"scores": [NaN]}',
+                 b"[]", b"\xff", b"{}"):
         with pytest.raises(LeafError) as err:
             _leaf_reply("u", 200, body)
         assert err.value.kind == "bad_reply"
@@ -310,3 +324,49 @@ def test_leaf_replies_must_be_json_objects_with_finite_scores() -> None:
         _leaf_reply("u", 404, b'{"error": "model m is not served here"}')
     assert err.value.kind == "status" and err.value.status == 404
     assert "not served here" in err.value.message
+
+
+def test_one_map_view_per_request_reports_the_generation_that_served_it(stack: dict) -> None:
+    wl, pub = stack["wl"], stack["pub"]
+    sc = stack["scorer"]()
+    first = sc.live_map.current().generation  # type: ignore[union-attr]
+    frame = make_frame(wl.universe, 2, targets=["ads_ctr", "ads_cvr", "homefeed_rank"])
+    done: list[dict] = []
+    loop = Loop()
+    try:
+        sc.begin(memoryview(frame), "", loop, lambda status, doc: done.append(doc))
+        # a new generation lands while the request's leaf calls are in flight
+        second = pub.publish({"ads": wl.ads_doc()})  # homefeed_rank now unknown
+        run_until(loop, lambda: bool(done), time.monotonic() + 30)
+    finally:
+        loop.close()
+    doc = done[0]
+    assert second > first and doc["generation"] == first
+    assert [t["outcome"] for t in doc["targets"]] == ["trimmed"] * 3  # all from `first`
+    doc2 = sc.score(frame, "")[1]
+    assert doc2["generation"] == second
+    assert doc2["targets"][2]["outcome"] == "passthrough_unknown_model"
+
+
+def test_a_version_that_cannot_travel_in_a_header_is_sent_untrimmed(stack: dict) -> None:
+    """A map compiled before the validator's alphabet (or by a buggy daemon) must never
+    produce a broken header or lose a target: it sends untrimmed and counts it."""
+    import dataclasses
+
+    from trimmer_daemon.bundle.parse import parse_bundle
+
+    wl, pub = stack["wl"], stack["pub"]
+    parsed = parse_bundle(json.dumps(wl.ads_doc()).encode(), path="/b/ads")
+    evil = "1\r\nX-Injected: yes"
+    models = {m: tuple(dataclasses.replace(v, version=evil) for v in vs)
+              for m, vs in parsed.models.items()}
+    pub.publish_parsed({"ads": dataclasses.replace(parsed, models=models)})
+    sc = stack["scorer"]()
+    frame = make_frame(wl.universe, 2, targets=["ads_ctr"])
+    status, doc = sc.score(frame, "")
+    t = doc["targets"][0]
+    assert status == 200 and t["status"] == "ok", t
+    assert t["version"] == evil and t["fallback"] == "unsafe_version_sent_untrimmed"
+    assert t["bytes_sent"] == len(frame) and t["bytes_trimmed"] < len(frame)
+    text = sc.metrics.render()[0].decode()
+    assert metric_value(text, "feature_trimmer_root_trim_errors_total", model="_other") >= 1

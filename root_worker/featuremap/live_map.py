@@ -1,9 +1,13 @@
 """The map a worker serves right now: shared-memory snapshot + FeatureMapView per generation.
 
-Runs in each root worker (after fork) and in ``trimmer-inspect``. :meth:`LiveMap.resolve` is
-the request path: one lock-free poll of the control block (~1 µs when nothing changed) and a
-memoised lookup. A new generation that is not a readable feature map is refused and the
-previous one kept; with no map at all every target resolves to ``passthrough_no_map``.
+Runs in each root worker (after fork) and in ``trimmer-inspect``. The request path takes
+one view per request -- :meth:`LiveMap.current`, one lock-free poll of the control block
+(~1 µs when nothing changed) -- and resolves every target of that request in it with
+:meth:`LiveMap.resolve_in` (a memoised lookup), so a multi-target request never straddles
+two generations and reports the one that served it. :meth:`LiveMap.resolve` is the
+one-target shorthand (poll + lookup). A new generation that is not a readable feature map
+is refused and the previous one kept; with no map at all every target resolves to
+``passthrough_no_map``.
 """
 
 from __future__ import annotations
@@ -62,7 +66,12 @@ class LiveMap:
 
     def resolve(self, model: str, version: str | None = None) -> Resolution:
         """Which allowlist applies to a target now; never raises for a bad map."""
-        view = self.current()
+        return self.resolve_in(self.current(), model, version)
+
+    def resolve_in(self, view: FeatureMapView | None, model: str,
+                   version: str | None = None) -> Resolution:
+        """Which allowlist ``view`` (one request's :meth:`current`) gives a target; never
+        raises for a bad map."""
         if view is None:
             return no_map(model, version)
         try:

@@ -98,7 +98,7 @@ class LeafStats:
             return {**self.totals, "by_model": {k: dict(v) for k, v in self.by_model.items()}}
 
 
-class LeafError(Exception):
+class LeafReplyError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
@@ -174,7 +174,7 @@ class LeafHandler(BaseHTTPRequestHandler):
             wire = len(body)
             doc, frame_len, columns = self._score(model, (query.get("version") or [None])[0],
                                                   body)
-        except LeafError as exc:
+        except LeafReplyError as exc:
             self.server.stats.record(model, wire, frame_len, columns, ok=False)
             self._send_json(exc.status, {"error": str(exc)})
             return
@@ -191,31 +191,31 @@ class LeafHandler(BaseHTTPRequestHandler):
     def _discard_body(self) -> None:
         try:
             self._read_body()
-        except LeafError:
+        except LeafReplyError:
             pass
 
     def _read_body(self) -> bytes:
         raw = self.headers.get("Content-Length")
         if raw is None or not raw.isdigit():
             self.close_connection = True
-            raise LeafError(411, "a Content-Length header is required")
+            raise LeafReplyError(411, "a Content-Length header is required")
         length = int(raw)
         if length > self.server.max_body:
             self.close_connection = True
-            raise LeafError(413, f"body of {length} bytes exceeds {self.server.max_body}")
+            raise LeafReplyError(413, f"body of {length} bytes exceeds {self.server.max_body}")
         body = self.rfile.read(length)
         if len(body) != length:
             self.close_connection = True
-            raise LeafError(400, f"body truncated: {len(body)} of {length} bytes")
+            raise LeafReplyError(400, f"body truncated: {len(body)} of {length} bytes")
         return body
 
     def _score(self, model: str | None, version: str | None,
                body: bytes) -> tuple[dict[str, Any], int, int]:
         if not model:
-            raise LeafError(400, "query parameter 'model' is required")
+            raise LeafReplyError(400, "query parameter 'model' is required")
         lm = self.server.store.get(model, version)
         if lm is None:
-            raise LeafError(404, f"model {model!r} is not served here")
+            raise LeafReplyError(404, f"model {model!r} is not served here")
         # the leaf SDK (root_worker.leaf.sdk) end to end: body -> frame -> inputs -> skew
         # rule -> scores -> reply
         try:
@@ -223,14 +223,14 @@ class LeafHandler(BaseHTTPRequestHandler):
                                      max_bytes=self.server.max_body)
             frame = read_frame(frame_bytes)
         except UnsupportedEncoding as exc:
-            raise LeafError(415, str(exc)) from None
+            raise LeafReplyError(415, str(exc)) from None
         except FrameError as exc:
-            raise LeafError(400, f"malformed frame: {exc}") from None
+            raise LeafReplyError(400, f"malformed frame: {exc}") from None
         inputs = lm.converter(frame)
         refusal = check_skew(self.headers.get(TRIMMED_FOR_HEADER), lm.version, inputs,
                              model=model)
         if refusal is not None:
-            raise LeafError(refusal.status, refusal.body[REPLY_ERROR])
+            raise LeafReplyError(refusal.status, refusal.body[REPLY_ERROR])
         doc = score_reply(lm.score_inputs(inputs), lm.version, model=model,
                           requested_version=version, n_candidates=frame.n_candidates,
                           n_columns=len(frame.columns), missing=list(inputs.missing),

@@ -1,10 +1,15 @@
-"""Fan-out to leaves: kept-alive HTTP/1.1 connections and concurrent sends with a deadline.
+"""Fan-out to leaves: non-blocking HTTP/1.1 exchanges on an event loop, each with a deadline.
 
-Runs in each root worker, created lazily after fork (no sockets or threads exist before the
-first request). :class:`LeafPool` keeps idle connections per leaf endpoint and reuses them;
-a reused connection that turns out to have been closed by the leaf (idle timeout, restart)
-is retried once on a fresh one, which is safe because scoring is idempotent. Every failure
-becomes a :class:`LeafError` with a ``kind`` that metrics and responses use:
+Runs in each root worker, created lazily after fork. One :class:`LeafCall` is one target's
+exchange with its leaf replicas: connect (non-blocking), send the head and the body
+buffers with ``sendmsg`` (scatter-gather, no copy of the body), read the answer under a
+size cap, parse it. Every call owns one timer at its deadline: whatever the leaf does --
+accept slowly, drip its answer, send forever, never answer -- the call ends by then with a
+``timeout`` error and its socket is closed, so a hung leaf holds no thread, no buffer and
+no socket past the deadline. :class:`LeafPool` keeps idle kept-alive sockets per endpoint; a
+reused one that turns out closed by the leaf is retried once on a fresh one
+(:mod:`root_worker.service.keepalive`). Every failure is a :class:`LeafError` with a
+``kind`` that metrics and responses use:
 
 ==============  ==============================================================
 kind            meaning
@@ -14,41 +19,49 @@ kind            meaning
 ``timeout``     the target took longer than ``FT_LEAF_TIMEOUT``
 ``io``          the connection broke while sending or receiving
 ``status``      the leaf answered with a non-2xx status (its message is kept)
-``bad_reply``   the leaf's answer is not the JSON object expected
+``bad_reply``   the leaf's answer is malformed, not the JSON object expected, or larger
+                than ``FT_MAX_LEAF_REPLY_BYTES`` (read no further)
 ==============  ==============================================================
-
-:class:`Fanout` runs one job per target on a small per-worker thread pool and waits for all
-of them until a deadline; a job still running then yields a ``timeout`` error for its
-target while the others' results are returned.
 """
 
 from __future__ import annotations
 
-import http.client
+import bisect
+import errno
+import itertools
+import socket
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
-from typing import Any, TypeVar
+from typing import Any
 
+from root_worker.service.http1 import (
+    ChunkedDecoder,
+    Head,
+    HttpError,
+    find_head_end,
+    parse_response,
+)
+from root_worker.service.keepalive import should_retry
+from root_worker.service.loop import READ, WRITE, Loop, Timer, run_until
 from root_worker.service.routing import Endpoint
 
-T = TypeVar("T")
 MAX_IDLE_PER_ENDPOINT = 16
-_STALE = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError,
-          http.client.BadStatusLine)
+MAX_IDLE_S = 30.0  # an idle kept-alive socket older than this is closed, not reused
+MAX_REPLY_HEAD = 16 << 10
+RECV_CHUNK = 64 << 10
+IOV_MAX = 1024
+_REFUSED = (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EADDRNOTAVAIL)
 
 
 class LeafError(Exception):
     """One target failed; ``kind`` is a short stable label (see the module docstring)."""
 
-    def __init__(self, kind: str, message: str, status: int = 0,
-                 abandoned: bool = False) -> None:
+    def __init__(self, kind: str, message: str, status: int = 0) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
         self.status = status
-        self.abandoned = abandoned  # the job still runs: its body buffer is still in use
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": self.kind, "message": self.message}
@@ -58,141 +71,334 @@ class LeafError(Exception):
 
 
 class LeafPool:
-    """Idle keep-alive connections per endpoint (thread-safe; one pool per worker)."""
+    """Idle keep-alive sockets per endpoint (thread-safe; one pool per worker)."""
 
-    def __init__(self, max_idle: int = MAX_IDLE_PER_ENDPOINT) -> None:
-        self._idle: dict[tuple[str, int], list[http.client.HTTPConnection]] = {}
+    def __init__(self, max_idle: int = MAX_IDLE_PER_ENDPOINT,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._idle: dict[tuple[str, int], list[tuple[float, socket.socket]]] = {}
         self._lock = threading.Lock()
         self._max_idle = max_idle
+        self._clock = clock
         self.connects = 0  # new connections opened (a keep-alive health figure)
 
-    def _take(self, ep: Endpoint, timeout: float) -> tuple[http.client.HTTPConnection, bool]:
-        with self._lock:
-            idle = self._idle.get((ep.host, ep.port))
-            conn = idle.pop() if idle else None
-        if conn is not None and conn.sock is not None:
-            conn.sock.settimeout(timeout)
-            return conn, True
-        self.connects += 1
-        return http.client.HTTPConnection(ep.host, ep.port, timeout=timeout), False
+    def take(self, ep: Endpoint) -> socket.socket | None:
+        now = self._clock()
+        while True:
+            with self._lock:
+                idle = self._idle.get((ep.host, ep.port))
+                if not idle:
+                    return None
+                since, sock = idle.pop()
+            if now - since < MAX_IDLE_S:
+                return sock
+            sock.close()
 
-    def _give(self, ep: Endpoint, conn: http.client.HTTPConnection) -> None:
+    def give(self, ep: Endpoint, sock: socket.socket) -> None:
         with self._lock:
             idle = self._idle.setdefault((ep.host, ep.port), [])
             if len(idle) < self._max_idle:
-                idle.append(conn)
+                idle.append((self._clock(), sock))
                 return
-        conn.close()
-
-    def post(self, ep: Endpoint, path: str, body: Any, headers: Mapping[str, str],
-             deadline: float) -> tuple[int, bytes]:
-        """POST ``body`` to ``ep`` and return ``(status, response body)``.
-
-        ``deadline`` is a ``time.monotonic()`` instant. Raises :class:`LeafError`.
-        """
-        for attempt in (0, 1):
-            timeout = deadline - time.monotonic()
-            if timeout <= 0:
-                raise LeafError("timeout", f"{ep.url}: deadline passed before sending")
-            conn, reused = self._take(ep, timeout)
-            try:
-                conn.request("POST", ep.base_path + path, body=body, headers=dict(headers))
-                resp = conn.getresponse()
-                data = resp.read()
-            except _STALE as exc:
-                conn.close()
-                if reused and attempt == 0:
-                    continue  # the leaf closed an idle keep-alive connection: retry fresh
-                raise LeafError("io", f"{ep.url}: connection lost: {_describe(exc)}") from None
-            except TimeoutError:
-                conn.close()
-                raise LeafError("timeout", f"{ep.url}: no answer within "
-                                f"{timeout:.3g}s") from None
-            except ConnectionRefusedError as exc:
-                conn.close()
-                raise LeafError("connect", f"{ep.url}: {_describe(exc)}") from None
-            except (OSError, http.client.HTTPException) as exc:
-                conn.close()
-                raise LeafError("io", f"{ep.url}: {_describe(exc)}") from None
-            if resp.will_close:
-                conn.close()
-            else:
-                self._give(ep, conn)
-            return resp.status, data
-        raise AssertionError("unreachable")  # pragma: no cover
+        sock.close()
 
     def close(self) -> None:
         with self._lock:
-            conns = [c for idle in self._idle.values() for c in idle]
+            socks = [s for idle in self._idle.values() for _, s in idle]
             self._idle.clear()
-        for conn in conns:
-            conn.close()
+        for sock in socks:
+            sock.close()
 
 
-def post_to_replicas(pool: LeafPool, endpoints: Sequence[Endpoint], path: str, body: Any,
-                     headers: Mapping[str, str], deadline: float) -> tuple[Endpoint, int, bytes]:
-    """Try the replicas in order, moving on only when one refuses the connection."""
-    if not endpoints:
-        raise LeafError("no_route", "no leaf is routed for this model")
-    last: LeafError | None = None
-    for ep in endpoints:
+Done = Callable[[Any], None]  # receives (status, body bytes) or a LeafError
+
+
+class LeafCall:
+    """One POST to the first replica of ``endpoints`` that accepts a connection."""
+
+    def __init__(self, loop: Loop, pool: LeafPool, endpoints: Sequence[Endpoint],
+                 path: str, headers: Mapping[str, str], body: Sequence[Any], deadline: float,
+                 max_reply: int, on_done: Done, body_bytes: int | None = None) -> None:
+        """``body``: byte buffers sent back to back (``sendmsg``, no copy; a trimmed frame
+        is hundreds of views); ``body_bytes``: their total length, when the caller knows
+        it."""
+        self._loop, self._pool, self._eps = loop, pool, list(endpoints)
+        self._path, self._headers, self._body = path, headers, body
+        self._deadline, self._max_reply, self._on_done = deadline, max_reply, on_done
+        self._i = 0
+        self._attempt = 0
+        self._sock: socket.socket | None = None
+        self._reused = False
+        self._out: list[Any] = []
+        self._ends: list[int] = []
+        self._sent = 0
+        self._first = 0
+        self._rx = bytearray()
+        self._head: Head | None = None
+        self._body_start = 0
+        self._chunks: ChunkedDecoder | None = None
+        self._data = bytearray()
+        self._timer: Timer | None = None
+        self.endpoint: Endpoint | None = None
+        self.body_bytes = body_bytes if body_bytes is not None else \
+            sum(memoryview(b).nbytes for b in body)
+        self.done = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> LeafCall:
+        if not self._eps:
+            self._finish(LeafError("no_route", "no leaf is routed for this model"))
+            return self
+        if self._loop.clock() >= self._deadline:
+            self._finish(LeafError("timeout", "deadline passed before sending"))
+            return self
+        self._timer = self._loop.call_at(self._deadline, self._on_deadline)
+        self._connect()
+        return self
+
+    def _on_deadline(self) -> None:
+        ep = self.endpoint.url if self.endpoint else "leaf"
+        stage = "connecting" if not self._ends else "sending" if self._out else \
+            "reading the answer"
+        self._fail(LeafError("timeout", f"{ep}: no complete answer by the deadline "
+                             f"(FT_LEAF_TIMEOUT) while {stage}"))
+
+    def _finish(self, result: Any) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self._timer is not None:
+            self._timer.cancel()
+        self._out, self._body = [], ()
+        self._on_done(result)
+
+    def _drop_socket(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            self._loop.unwatch(sock)
+            sock.close()
+
+    def _fail(self, err: LeafError) -> None:
+        self._drop_socket()
+        self._finish(err)
+
+    # -- connect ---------------------------------------------------------------------------
+    def _connect(self) -> None:
+        ep = self.endpoint = self._eps[self._i]
+        sock = self._pool.take(ep) if self._attempt == 0 else None
+        self._reused = sock is not None
+        self._rx.clear()
+        self._head = None
+        self._ends = []
+        if sock is not None:
+            self._sock = sock
+            self._start_send()
+            return
+        self._pool.connects += 1
         try:
-            status, data = pool.post(ep, path, body, headers, deadline)
-        except LeafError as exc:
-            if exc.kind != "connect":
-                raise
-            last = exc
-            continue
-        return ep, status, data
-    assert last is not None
-    raise last
+            sock = socket.socket(socket.AF_INET6 if ":" in ep.host else socket.AF_INET,
+                                 socket.SOCK_STREAM)
+        except OSError as exc:
+            self._finish(LeafError("connect", f"{ep.url}: {_describe(exc)}"))
+            return
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock = sock
+        try:
+            err = sock.connect_ex((ep.host, ep.port))
+        except OSError as exc:  # e.g. a name that does not resolve
+            err = exc.errno or errno.EHOSTUNREACH
+        if err in (0, errno.EISCONN):
+            self._start_send()
+        elif err == errno.EINPROGRESS:
+            self._loop.watch(sock, WRITE, self._on_connected)
+        else:
+            self._connect_failed(err)
+
+    def _on_connected(self, mask: int) -> None:
+        assert self._sock is not None
+        err = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._connect_failed(err)
+        else:
+            self._start_send()
+
+    def _connect_failed(self, err: int) -> None:
+        ep = self.endpoint
+        assert ep is not None
+        self._drop_socket()
+        last = LeafError("connect", f"{ep.url}: {errno.errorcode.get(err, err)}: "
+                         f"{_strerror(err)}")
+        if err in _REFUSED and self._i + 1 < len(self._eps):
+            self._i += 1  # the next replica
+            self._attempt = 0
+            self._connect()
+            return
+        self._finish(last)
+
+    # -- send ------------------------------------------------------------------------------
+    def _start_send(self) -> None:
+        ep = self.endpoint
+        assert ep is not None
+        head = [f"POST {ep.base_path}{self._path} HTTP/1.1", f"Host: {ep.host}:{ep.port}",
+                f"Content-Length: {self.body_bytes}"]
+        head += [f"{k}: {v}" for k, v in self._headers.items()]
+        raw = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
+        self._out = [raw, *self._body]  # flat byte buffers (the caller's contract)
+        # cumulative ends, computed at C speed: a partial send finds its place by bisection
+        self._ends = list(itertools.accumulate(map(len, self._out)))
+        self._sent = self._first = 0
+        self._send(WRITE)
+
+    def _send(self, mask: int) -> None:
+        sock, out, ends = self._sock, self._out, self._ends
+        assert sock is not None
+        total = ends[-1]
+        while self._sent < total:
+            k = self._first
+            start = ends[k - 1] if k else 0
+            batch = out[k:k + IOV_MAX]
+            if self._sent > start:  # the first buffer went out in part
+                batch[0] = memoryview(batch[0])[self._sent - start:]
+            try:
+                n = sock.sendmsg(batch)
+            except (BlockingIOError, InterruptedError):
+                self._loop.watch(sock, WRITE, self._send)
+                return
+            except OSError as exc:
+                self._io_error(exc, "sending")
+                return
+            self._sent += n
+            self._first = bisect.bisect_right(ends, self._sent, lo=k)
+        self._out = []
+        self._loop.watch(sock, READ, self._read)
+
+    # -- receive ---------------------------------------------------------------------------
+    def _read(self, mask: int) -> None:
+        sock = self._sock
+        assert sock is not None
+        try:
+            data = sock.recv(RECV_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._io_error(exc, "reading the answer")
+            return
+        if not data:
+            self._eof()
+            return
+        try:
+            self._take(data)
+        except HttpError as exc:
+            self._fail(LeafError("bad_reply", f"{self._url}: {exc.message}"))
+
+    @property
+    def _url(self) -> str:
+        return self.endpoint.url if self.endpoint else "leaf"
+
+    def _take(self, data: bytes) -> None:
+        if self._head is None:
+            self._rx += data
+            end = find_head_end(self._rx)
+            if end < 0:
+                if len(self._rx) > MAX_REPLY_HEAD:
+                    raise HttpError(502, "bad_reply", f"answer head exceeds {MAX_REPLY_HEAD} "
+                                    "bytes")
+                return
+            head = self._head = parse_response(bytes(self._rx[:end]))
+            if head.content_length is not None and head.content_length > self._max_reply:
+                raise HttpError(502, "bad_reply", f"answer of {head.content_length} bytes "
+                                f"exceeds FT_MAX_LEAF_REPLY_BYTES={self._max_reply}")
+            if head.chunked:
+                self._chunks = ChunkedDecoder(self._data.extend, self._max_reply)
+            data = bytes(self._rx[end:])
+            self._rx.clear()
+        self._body_part(data)
+
+    def _body_part(self, data: bytes) -> None:
+        head = self._head
+        assert head is not None
+        if self._chunks is not None:
+            try:
+                used = self._chunks.feed(memoryview(data))
+            except HttpError as exc:
+                raise HttpError(502, "bad_reply", f"answer body: {exc.message}") from None
+            if self._chunks.done:
+                self._complete(head, keep=used == len(data))
+            return
+        self._data += data
+        if len(self._data) > self._max_reply:
+            raise HttpError(502, "bad_reply", f"answer exceeds FT_MAX_LEAF_REPLY_BYTES="
+                            f"{self._max_reply}")
+        if head.content_length is not None and len(self._data) >= head.content_length:
+            if len(self._data) > head.content_length:
+                raise HttpError(502, "bad_reply", "more bytes than its Content-Length")
+            self._complete(head, keep=True)
+
+    def _eof(self) -> None:
+        head = self._head
+        if head is None:
+            exc = ConnectionResetError("closed before answering")
+            if should_retry(exc, self._reused, self._attempt) and not self._rx:
+                self._retry()
+                return
+            self._fail(LeafError("io", f"{self._url}: connection closed before the answer "
+                                 f"was complete ({len(self._rx)} head bytes)"))
+        elif head.content_length is None and not head.chunked:
+            self._complete(head, keep=False)  # an answer delimited by the close
+        else:
+            self._fail(LeafError("io", f"{self._url}: connection closed after "
+                                 f"{len(self._data)} body bytes"))
+
+    def _io_error(self, exc: OSError, stage: str) -> None:
+        if should_retry(exc, self._reused, self._attempt) and not self._rx and \
+                self._head is None:
+            self._retry()
+            return
+        self._fail(LeafError("io", f"{self._url}: connection lost while {stage}: "
+                             f"{_describe(exc)}"))
+
+    def _retry(self) -> None:
+        self._drop_socket()
+        self._attempt = 1
+        self._connect()
+
+    def _complete(self, head: Head, keep: bool) -> None:
+        sock, self._sock = self._sock, None
+        assert sock is not None and self.endpoint is not None
+        self._loop.unwatch(sock)
+        if keep and head.keep_alive:
+            self._pool.give(self.endpoint, sock)
+        else:
+            sock.close()
+        self._finish((head.status, bytes(self._data)))
 
 
-class Fanout:
-    """Run per-target jobs concurrently on a lazily created per-worker thread pool."""
-
-    def __init__(self, threads: int) -> None:
-        self._threads = threads
-        self._executor: ThreadPoolExecutor | None = None
-        self._lock = threading.Lock()
-
-    def _pool(self) -> ThreadPoolExecutor:
-        if self._executor is None:
-            with self._lock:
-                if self._executor is None:
-                    self._executor = ThreadPoolExecutor(self._threads,
-                                                        thread_name_prefix="fanout")
-        return self._executor
-
-    def run(self, jobs: Sequence[Callable[[], T]],
-            timeout: float) -> list[T | BaseException]:
-        """Each job's result or exception, in order; jobs not done by ``timeout`` seconds
-        yield a ``LeafError('timeout')`` (they finish in the background)."""
-        if len(jobs) == 1:  # no thread hop for the common single-target request
-            return [_call(jobs[0])]
-        futures: list[Future[T]] = [self._pool().submit(job) for job in jobs]
-        wait(futures, timeout=timeout)
-        out: list[T | BaseException] = []
-        for fut in futures:
-            if fut.done():
-                exc = fut.exception()
-                out.append(exc if exc is not None else fut.result())
-            else:
-                out.append(LeafError("timeout", f"no answer within {timeout:.3g}s",
-                                     abandoned=not fut.cancel()))
-        return out
-
-    def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
-
-
-def _call(job: Callable[[], T]) -> T | BaseException:
+def post_blocking(pool: LeafPool, endpoints: Sequence[Endpoint], path: str, body: Any,
+                  headers: Mapping[str, str], deadline: float,
+                  max_reply: int = 4 << 20) -> tuple[Endpoint, int, bytes]:
+    """One exchange driven to its end on a private loop; raises :class:`LeafError`."""
+    results: list[Any] = []
+    loop = Loop()
     try:
-        return job()
-    except Exception as exc:  # the caller turns it into a per-target error
-        return exc
+        call = LeafCall(loop, pool, endpoints, path, headers, [body], deadline, max_reply,
+                        results.append).start()
+        run_until(loop, lambda: bool(results), deadline + 1.0)
+    finally:
+        loop.close()
+    res = results[0]
+    if isinstance(res, LeafError):
+        raise res
+    assert call.endpoint is not None
+    return call.endpoint, res[0], res[1]
+
+
+def _strerror(err: int) -> str:
+    try:
+        import os
+
+        return os.strerror(err)
+    except ValueError:
+        return "error"
 
 
 def _describe(exc: BaseException) -> str:

@@ -1,17 +1,34 @@
 """The ``POST /score`` pipeline of one worker: resolve, trim, fan out, collect.
 
-Runs in each root worker (one :class:`Scorer` per process, built after fork). Per request:
+Runs in each root worker (one :class:`Scorer` per process, built after fork). Per request
+(:meth:`Scorer.begin`):
 
 1. read the frame's preamble and metadata (``peek_metadata``) and the targets
    (:mod:`root_worker.service.targets`); anything malformed is a :class:`BadRequest` (4xx);
-2. per target, in the request thread: resolve the model's allowlist in the live map (SPEC
-   §4) and trim into a buffer reused by this thread (one per target position) -- or pass the
-   frame through (unknown model, no map, mode ``off``); mode ``shadow`` trims only to count
-   what it would save and sends the original. A frame the trimmer finds malformed is a 400;
-   any *other* trimmer failure sends that target untrimmed and is counted (the trimmer may
-   cost bandwidth, never correctness);
-3. send every target concurrently (:mod:`root_worker.service.fanout`), lz4-compressed if enabled,
-   and wait until ``FT_LEAF_TIMEOUT``; a failed target carries its own error.
+2. take **one** map view (one shared-memory poll) and resolve every target in it (SPEC §4);
+   the answer reports that view's generation;
+3. trim once per distinct allowlist: targets that resolve to the same allowlist share one
+   output. Without lz4 the output is scatter-gather (``Trimmer.trim_parts``: a new header
+   and views of the kept runs of the request buffer, sent with ``sendmsg``, no copy); with
+   lz4 it is written into a buffer of the worker's :class:`BufferPool` (capped by
+   ``FT_MAX_BUFFER_BYTES``; when the cap is reached the target is sent untrimmed and
+   counted). The engine checks the kept ragged offsets (``check_ragged``). Mode ``off``
+   and unknown models pass the frame through, ``shadow`` trims only to count what it would
+   save. A frame passed through untrimmed is checked by
+   :mod:`root_worker.service.framecheck` (block table, ragged offsets): a leaf never gets a
+   frame the root could have rejected; a malformed frame is a 400 -- except in mode
+   ``off``, the kill switch, where the root parses nothing but the metadata and the bytes
+   pass as they came. Any *other* trimmer-side failure -- a trimmer bug, a version that
+   could not travel in a header -- sends that target untrimmed and is counted (the trimmer
+   may cost bandwidth, never correctness);
+4. start one :class:`~root_worker.service.fanout.LeafCall` per target on the worker's event
+   loop (lz4-compressed once per payload if enabled); each ends by ``FT_LEAF_TIMEOUT``. A leaf
+   on another version that refuses a trimmed frame (409) gets it again untrimmed, within
+   the same deadline. When the last call ends, the answer document is built and the
+   request's buffers go back to the pool.
+
+:meth:`Scorer.score` is the same pipeline driven to its end on a private loop (the WSGI
+path under a threaded gunicorn worker, unit tests).
 """
 
 from __future__ import annotations
@@ -21,10 +38,9 @@ import logging
 import math
 import os
 import re
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
 
@@ -34,32 +50,49 @@ from flatbuffers_schema.wire import (
     ENCODING_HEADER,
     ENCODING_LZ4,
     FRAME_CONTENT_TYPE,
+    NAME_PATTERN,
+    QUERY_MODEL,
+    QUERY_VERSION,
     REQUEST_ID_HEADER,
+    SCORE_PATH,
     STATUS_SKEW,
     TRIMMED_FOR_HEADER,
 )
 from root_worker.featuremap.live_map import LiveMap
+from root_worker.featuremap.map_reader import FeatureMapView
 from root_worker.frame import FrameError, Trimmer, peek_metadata
-from root_worker.service.fanout import Fanout, LeafError, LeafPool, post_to_replicas
+from root_worker.service.buffers import BufferPool
+from root_worker.service.fanout import LeafCall, LeafError, LeafPool
+from root_worker.service.framecheck import check_frame
+from root_worker.service.http1 import HttpError
+from root_worker.service.loop import Loop, run_until
 from root_worker.service.metrics import ModelMetrics, RootMetrics
 from root_worker.service.routing import Routing
 from root_worker.service.settings import Settings
 from root_worker.service.targets import BadTargets, Target, parse_targets
 
 log = logging.getLogger(__name__)
-DEADLINE_SLACK_S = 0.05  # let socket timeouts fire first: their errors are more precise
 OUTCOME_OFF = "off"
 _SAFE_ID = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, no spaces or controls
+_SAFE_NAME = re.compile(NAME_PATTERN)
+FALLBACK_BUFFER_CAP = "buffer_cap_sent_untrimmed"
+FALLBACK_UNSAFE_VERSION = "unsafe_version_sent_untrimmed"
+FALLBACK_SKEW = "version_skew_resent_untrimmed"
 
 
-class BadRequest(Exception):
-    """The client's request is unusable; ``status`` is the HTTP status to answer."""
+BadRequest = HttpError  # the client's request is unusable: answer ``status`` (4xx), JSON
 
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
+
+@dataclass(slots=True)
+class Payload:
+    """One distinct body a request sends (the frame, or one trimmed output)."""
+
+    parts: list[Any]              # buffers whose concatenation is the frame: [body], the
+    #                               trim engine's scatter-gather parts, or [pooled view]
+    nbytes: int = 0               # their total length
+    buffer: Any = None            # the pooled buffer to give back (None: nothing pooled)
+    wire: Any = None              # the lz4 compression of the parts, when lz4 is on
+    checked: bool = False
 
 
 @dataclass(slots=True)
@@ -69,33 +102,78 @@ class Prepared:
     target: Target
     outcome: str
     version: str | None           # the version whose allowlist applied (or asked for)
-    payload: Any                  # bytes or a memoryview on this thread's buffer
+    payload: Payload
     bytes_untrimmed: int
     bytes_trimmed: int
     missing: int
     metrics: ModelMetrics
-    untrimmed: Any = None         # the request body, kept to re-send on a version skew
+    trimmed_for: str | None = None  # X-FT-Trimmed-For (None: the frame goes untrimmed)
     fallback: str | None = None
+    result: Any = None
+    t0: float = 0.0
+
+
+@dataclass(slots=True)
+class Request:
+    """One ``POST /score`` in flight in this worker."""
+
+    scorer: Scorer
+    loop: Loop
+    body: Any
+    request_id: Any
+    generation: int
+    deadline: float
+    headers: dict[str, str]
+    on_done: Callable[[int, dict[str, Any]], None]
+    untrimmed: Payload
+    targets: list[Prepared] = field(default_factory=list)
+    payloads: list[Payload] = field(default_factory=list)
+    pending: int = 0
+
+    def release(self) -> None:
+        """Give every pooled buffer back (no leaf call reads them any more)."""
+        for p in self.payloads:  # (views of the request body die with the request)
+            if p.buffer is not None:
+                p.parts[0].release()  # the one view of a pooled contiguous output
+                self.scorer.buffers.give(p.buffer)
+                p.buffer = None
+        self.payloads.clear()
 
 
 class Scorer:
     """Everything ``POST /score`` needs in one worker."""
 
     def __init__(self, settings: Settings, live_map: LiveMap, routing: Routing,
-                 metrics: RootMetrics, trimmer: Trimmer | None = None) -> None:
+                 metrics: RootMetrics, trimmer: Trimmer | None = None,
+                 buffers: BufferPool | None = None) -> None:
         self.settings = settings
         self.live_map = live_map
         self.routing = routing
         self.metrics = metrics
         self.trimmer = trimmer or Trimmer()
         self.pool = LeafPool()
-        self.fanout = Fanout(settings.fanout_threads)
-        self._local = threading.local()
+        self.buffers = buffers or BufferPool(settings.max_buffer_bytes)
         self.pid = os.getpid()
 
     # -- request -------------------------------------------------------------------------
-    def score(self, body: bytes, query: str) -> tuple[int, dict[str, Any]]:
-        """Answer one request: ``(HTTP status, JSON document)``; raises BadRequest."""
+    def score(self, body: Any, query: str) -> tuple[int, dict[str, Any]]:
+        """Answer one request on a private loop: ``(status, document)``; raises BadRequest."""
+        done: list[tuple[int, dict[str, Any]]] = []
+        loop = Loop()
+        try:
+            self.begin(memoryview(body), query, loop, lambda s, d: done.append((s, d)))
+            run_until(loop, lambda: bool(done), time.monotonic() +
+                      self.settings.leaf_timeout + 5.0)
+        finally:
+            loop.close()
+        if not done:  # pragma: no cover - every call ends by its own deadline
+            raise RuntimeError("score request did not finish")
+        return done[0]
+
+    def begin(self, body: memoryview, query: str, loop: Loop,
+              on_done: Callable[[int, dict[str, Any]], None]) -> Request:
+        """Prepare every target and start its leaf call; ``on_done(status, doc)`` runs once
+        when the last one ended. Raises :class:`BadRequest` before any leaf is contacted."""
         try:
             metadata = peek_metadata(body)
         except FrameError as exc:
@@ -107,106 +185,191 @@ class Scorer:
         request_id = metadata.get("request_id")
         if not isinstance(request_id, str | int) or isinstance(request_id, bool):
             request_id = None  # echoed as given only when a string or integer
-        prepared = [self._prepare(i, t, body) for i, t in enumerate(targets)]
-        deadline = time.monotonic() + self.settings.leaf_timeout
+        view = self.live_map.current() if self.settings.mode != "off" else None
+        lm = self.live_map
+        self.metrics.set_map(lm.generation, lm.published_at_ns, time.time_ns(), lm.map_errors)
         headers = {"Content-Type": FRAME_CONTENT_TYPE}
         if request_id is not None and _SAFE_ID.fullmatch(str(request_id)):
             headers[REQUEST_ID_HEADER] = str(request_id)  # only a header-safe id is forwarded
-        jobs: list[Callable[[], dict[str, Any]]] = [
-            _bind(self._send, p, headers, deadline) for p in prepared]
-        results = self.fanout.run(jobs, self.settings.leaf_timeout + DEADLINE_SLACK_S)
-        out = [self._result(p, r) for p, r in zip(prepared, results, strict=True)]
-        if any(isinstance(r, LeafError) and r.abandoned for r in results):
-            self._local.bufs = []  # a late send still reads them: never reuse them
-        n_ok = sum(1 for r in out if r["status"] == "ok")
-        doc = {"request_id": request_id, "mode": self.settings.mode,
-               "lz4": self.settings.lz4, "generation": self.live_map.generation,
-               "pid": self.pid, "ok": n_ok, "failed": len(out) - n_ok, "targets": out}
-        return (200 if n_ok or not out else 502), doc
+        req = Request(self, loop, body, request_id, view.generation if view else 0,
+                      loop.clock() + self.settings.leaf_timeout, headers, on_done,
+                      Payload([body], len(body)))
+        try:
+            self._prepare_all(req, view, targets)
+            for p in {id(p.payload): p.payload for p in req.targets}.values():
+                self._check(p)
+        except BaseException:
+            req.release()
+            raise
+        for p in req.targets:
+            self._count(p)
+        req.pending = len(req.targets)
+        for i in range(len(req.targets)):
+            self._start(req, i, req.targets[i].payload, req.targets[i].trimmed_for)
+        return req
 
-    # -- per target ----------------------------------------------------------------------
-    def _prepare(self, i: int, target: Target, body: bytes) -> Prepared:
-        mm = self.metrics.model(target.model)
-        n = len(body)
-        p = Prepared(target, OUTCOME_OFF, target.version, body, n, n, 0, mm, body)
-        if self.settings.mode != "off":
-            res = self.live_map.resolve(target.model, target.version)
+    def _prepare_all(self, req: Request, view: FeatureMapView | None,
+                     targets: list[Target]) -> None:
+        outputs: dict[int, tuple[Payload, Any]] = {}
+        n = len(req.body)
+        for target in targets:
+            mm = self.metrics.model(target.model)
+            p = Prepared(target, OUTCOME_OFF, target.version, req.untrimmed, n, n, 0, mm)
+            req.targets.append(p)
+            if self.settings.mode == "off":
+                continue
+            res = self.live_map.resolve_in(view, target.model, target.version)
             p.outcome = res.outcome.value
             if res.version is not None:
                 p.version = res.version
             if res.allowlist is not None:
-                self._trim(i, p, body, res.allowlist)
+                self._trim(req, p, res.allowlist, outputs)
+
+    def _trim(self, req: Request, p: Prepared, allowlist: Any,
+              outputs: dict[int, tuple[Payload, Any]]) -> None:
+        shared = outputs.get(allowlist.digest)
+        if shared is None:
+            shared = self._trim_once(req, p, allowlist)
+            if shared is None:
+                return
+            outputs[allowlist.digest] = shared
+        payload, res = shared
+        p.bytes_trimmed = res.bytes_out
+        p.missing = res.n_missing
+        if self.settings.mode != "trim":
+            return
+        if p.version is None or not _SAFE_NAME.fullmatch(p.version):
+            # A map from before the validator's alphabet: never a broken header, never lost.
+            p.metrics.trim_errors.inc()
+            p.fallback = FALLBACK_UNSAFE_VERSION
+            return
+        p.payload, p.trimmed_for = payload, p.version
+
+    def _trim_once(self, req: Request, p: Prepared, allowlist: Any
+                   ) -> tuple[Payload, Any] | None:
+        """Trim ``req.body`` for one allowlist, checking the kept ragged offsets.
+
+        Without lz4 the output is scatter-gather (:meth:`Trimmer.trim_parts`: the new
+        header plus views of the kept runs of the request buffer, sent as they are with
+        ``sendmsg``; no buffer, no copy). lz4 needs contiguous bytes: a pooled buffer.
+        """
+        contiguous = self.settings.lz4
+        buf = self.buffers.take(len(req.body)) if contiguous else None
+        if contiguous and buf is None:
+            p.metrics.trim_errors.inc()
+            p.fallback = FALLBACK_BUFFER_CAP
+            return None
+        t0 = time.perf_counter()
+        try:
+            if contiguous:
+                res = self.trimmer.trim(req.body, allowlist, out=buf, check_ragged=True)
+                parts = [res.data]
+            else:
+                res = self.trimmer.trim_parts(req.body, allowlist, check_ragged=True)
+                parts = res.parts
+        except FrameError as exc:
+            if buf is not None:
+                self.buffers.give(buf)
+            raise BadRequest(400, "bad_frame", f"malformed frame: {exc}") from None
+        except Exception as exc:  # a trimmer bug must cost bandwidth, never the request
+            if buf is not None:
+                self.buffers.give(buf)
+            log.exception("trim failed model=%s version=%s; sending untrimmed",
+                          p.target.model, p.version)
+            p.metrics.trim_errors.inc()
+            p.fallback = f"trim_error: {type(exc).__name__}"
+            return None
+        self.metrics.trim_seconds.observe(time.perf_counter() - t0)
+        payload = Payload(parts, res.bytes_out, buf, checked=True)  # the engine checked it
+        req.payloads.append(payload)
+        return payload, res
+
+    def _check(self, payload: Payload) -> None:
+        """No leaf gets a frame the root could have rejected (400 naming the column)."""
+        if payload.checked or self.settings.mode == "off":
+            return  # mode off is the trimmer's kill switch: bytes pass as they came
+        try:
+            check_frame(payload.parts[0])  # only pass-through payloads get here: [body]
+        except FrameError as exc:
+            raise BadRequest(400, "bad_frame", f"malformed frame: {exc}") from None
+        payload.checked = True
+
+    @staticmethod
+    def _count(p: Prepared) -> None:
+        mm = p.metrics
         mm.outcome(p.outcome)
         mm.untrimmed.inc(p.bytes_untrimmed)
         mm.trimmed.inc(p.bytes_trimmed)
         if p.missing:
             mm.missing.inc(p.missing)
-        return p
 
-    def _trim(self, i: int, p: Prepared, body: bytes, allowlist: Any) -> None:
-        t0 = time.perf_counter()
+    # -- fan-out -------------------------------------------------------------------------
+    def _start(self, req: Request, i: int, payload: Payload, trimmed_for: str | None) -> None:
+        p = req.targets[i]
+        headers = req.headers
+        if trimmed_for is not None:
+            headers = {**headers, TRIMMED_FOR_HEADER: trimmed_for}
+        wire, nbytes = payload.parts, payload.nbytes
+        if self.settings.lz4:
+            if payload.wire is None:
+                payload.wire = [lz4.frame.compress(payload.parts[0])]
+            wire, nbytes = payload.wire, len(payload.wire[0])
+            headers = {**headers, ENCODING_HEADER: ENCODING_LZ4}
+        query = {QUERY_MODEL: p.target.model}
+        if p.version is not None:
+            query[QUERY_VERSION] = p.version
+        p.t0 = time.perf_counter()
+        call = LeafCall(req.loop, self.pool, self.routing.pick(p.target.model),
+                        SCORE_PATH + "?" + urlencode(query), headers, wire, req.deadline,
+                        self.settings.max_leaf_reply_bytes,
+                        lambda result: self._ended(req, i, call, trimmed_for, result), nbytes)
+        call.start()
+
+    def _ended(self, req: Request, i: int, call: LeafCall, trimmed_for: str | None,
+               result: Any) -> None:
+        p = req.targets[i]
+        p.metrics.leaf_seconds.observe(time.perf_counter() - p.t0)
+        if not isinstance(result, LeafError):
+            p.metrics.sent.inc(call.body_bytes)
+            url = call.endpoint.url if call.endpoint else "leaf"
+            status, data = result
+            if status == STATUS_SKEW and trimmed_for is not None and self._resend(req, i):
+                return
+            try:
+                result = _leaf_reply(url, status, data)
+                result.update(leaf=url, bytes_sent=call.body_bytes)
+            except LeafError as exc:
+                result = exc
+        p.result = result
+        req.pending -= 1
+        if req.pending == 0:
+            self._finish(req)
+
+    def _resend(self, req: Request, i: int) -> bool:
+        """A leaf on another version refused the trimmed frame: send it the whole frame."""
+        p = req.targets[i]
         try:
-            res = self.trimmer.trim(body, allowlist, out=self._buffer(i, len(body)))
-        except FrameError as exc:
-            raise BadRequest(400, "bad_frame", f"malformed frame: {exc}") from None
-        except Exception as exc:  # a trimmer bug must cost bandwidth, never the request
-            log.exception("trim failed model=%s version=%s; sending untrimmed",
-                          p.target.model, p.version)
-            p.metrics.trim_errors.inc()
-            p.fallback = f"trim_error: {type(exc).__name__}"
-            return
-        self.metrics.trim_seconds.observe(time.perf_counter() - t0)
-        p.bytes_trimmed = res.bytes_out
-        p.missing = res.n_missing
-        if self.settings.mode == "trim":
-            p.payload = res.data
-
-    def _buffer(self, i: int, size: int) -> bytearray:
-        bufs: list[bytearray] | None = getattr(self._local, "bufs", None)
-        if bufs is None:
-            bufs = self._local.bufs = []
-        while len(bufs) <= i:
-            bufs.append(bytearray())
-        if len(bufs[i]) < size:
-            bufs[i] = bytearray(max(size, 2 * len(bufs[i])))
-        return bufs[i]
-
-    def _send(self, p: Prepared, headers: dict[str, str], deadline: float) -> dict[str, Any]:
-        if p.payload is p.untrimmed or p.version is None:
-            return self._post(p, p.payload, headers, deadline)
-        try:
-            return self._post(p, p.payload, {**headers, TRIMMED_FOR_HEADER: p.version},
-                              deadline)
-        except LeafError as exc:
-            if exc.status != STATUS_SKEW:
-                raise
-        # The leaf serves another version than the root trimmed for (a rollout skew) and
-        # the trimmed frame lacks features it needs: trimming costs bandwidth, never scores.
+            self._check(req.untrimmed)
+        except BadRequest as exc:
+            p.result = LeafError("bad_frame", f"re-sending untrimmed: {exc.message}")
+            return False
         log.warning("version skew model=%s trimmed_for=%s: re-sending untrimmed",
                     p.target.model, p.version)
-        p.fallback = "version_skew_resent_untrimmed"
+        p.fallback = FALLBACK_SKEW
         p.metrics.skew_resends.inc()
-        return self._post(p, p.untrimmed, headers, deadline)
+        self._start(req, i, req.untrimmed, None)
+        return True
 
-    def _post(self, p: Prepared, body: Any, headers: dict[str, str],
-              deadline: float) -> dict[str, Any]:
-        if self.settings.lz4:
-            body = lz4.frame.compress(body)
-            headers = {**headers, ENCODING_HEADER: ENCODING_LZ4}
-        query = {"model": p.target.model}
-        if p.version is not None:
-            query["version"] = p.version
-        t0 = time.perf_counter()
-        endpoints = self.routing.pick(p.target.model)
-        ep, status, data = post_to_replicas(self.pool, endpoints, "/score?" + urlencode(query),
-                                            body, headers, deadline)
-        p.metrics.leaf_seconds.observe(time.perf_counter() - t0)
-        p.metrics.sent.inc(len(body))
-        reply = _leaf_reply(ep.url, status, data)
-        reply.update(leaf=ep.url, bytes_sent=len(body))
-        return reply
+    def _finish(self, req: Request) -> None:
+        req.release()
+        out = [self._result(p) for p in req.targets]
+        n_ok = sum(1 for r in out if r["status"] == "ok")
+        doc = {"request_id": req.request_id, "mode": self.settings.mode,
+               "lz4": self.settings.lz4, "generation": req.generation,
+               "pid": self.pid, "ok": n_ok, "failed": len(out) - n_ok, "targets": out}
+        req.on_done(200 if n_ok or not out else 502, doc)
 
-    def _result(self, p: Prepared, reply: dict[str, Any] | BaseException) -> dict[str, Any]:
+    def _result(self, p: Prepared) -> dict[str, Any]:
         out: dict[str, Any] = {
             "model": p.target.model, "requested_version": p.target.version,
             "version": p.version, "outcome": p.outcome,
@@ -214,31 +377,24 @@ class Scorer:
             "missing_required": p.missing}
         if p.fallback:
             out["fallback"] = p.fallback
-        if isinstance(reply, BaseException):
-            err = reply if isinstance(reply, LeafError) else LeafError(
-                "internal", f"{type(reply).__name__}: {reply}")
-            if not isinstance(reply, LeafError):
-                log.error("target failed model=%s", p.target.model, exc_info=reply)
-            p.metrics.leaf_error(err.kind)
-            out.update(status="error", error=err.to_dict())
+        reply = p.result
+        if isinstance(reply, LeafError):
+            p.metrics.leaf_error(reply.kind)
+            out.update(status="error", error=reply.to_dict())
             return out
         out.update(status="ok", **reply)
         return out
 
     def close(self) -> None:
-        self.fanout.close()
         self.pool.close()
-
-
-def _bind(fn: Callable[..., dict[str, Any]], *args: Any) -> Callable[[], dict[str, Any]]:
-    return lambda: fn(*args)
+        self.buffers.shrink()
 
 
 def _leaf_reply(url: str, status: int, data: bytes) -> dict[str, Any]:
     """The fields of a leaf's answer the client gets; raises LeafError if unusable."""
-    try:
-        doc = json.loads(data, parse_constant=_reject_constant, parse_float=_finite_float)
-    except (UnicodeDecodeError, ValueError):
+    try:  # C-speed parse; NaN/Infinity literals refused here, overflowed floats below
+        doc = json.loads(data, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError):
         doc = None
     if status != 200:
         detail = doc.get("error") if isinstance(doc, dict) else data[:200].decode("utf-8",
@@ -246,6 +402,8 @@ def _leaf_reply(url: str, status: int, data: bytes) -> dict[str, Any]:
         raise LeafError("status", f"{url} answered {status}: {detail}", status)
     if not isinstance(doc, dict) or not isinstance(doc.get("scores"), list):
         raise LeafError("bad_reply", f"{url} answered 200 without a JSON object with scores")
+    if not _finite(doc["scores"]):  # 1e999 parses as inf: not re-encodable as strict JSON
+        raise LeafError("bad_reply", f"{url} answered scores that are not finite numbers")
     reply = {"scores": doc["scores"]}
     if "version" in doc:
         reply["leaf_version"] = doc["version"]
@@ -256,8 +414,13 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a score")
 
 
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):  # 1e999: the answer could not be re-encoded as JSON
-        raise ValueError(f"{text} is not a finite number")
-    return value
+def _finite(scores: list[Any]) -> bool:
+    """Whether ``scores`` can be re-encoded as strict JSON (no inf from an overflow)."""
+    try:
+        return all(map(math.isfinite, scores))  # the common case, flat numbers, at C speed
+    except TypeError:  # nested lists or other values: the strict encoder judges
+        try:
+            json.dumps(scores, allow_nan=False)
+        except (ValueError, RecursionError):
+            return False
+        return True

@@ -22,9 +22,15 @@ from flatbuffers_schema.settings import SettingsError, in_range, positive, setti
 from flatbuffers_schema.shm_layout import DEFAULT_SHM_NAME, validate_prefix
 
 MODES = ("trim", "shadow", "off")
+WORKER_CLASSES = {  # FT_WORKER_CLASS -> gunicorn worker class
+    "event": "root_worker.service.worker.RootWorker",
+    "gthread": "gthread",
+    "sync": "sync",
+}
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
-__all__ = ["MODES", "SETTINGS", "Settings", "SettingsError", "load_settings", "markdown_table"]
+__all__ = ["MODES", "SETTINGS", "WORKER_CLASSES", "Settings", "SettingsError", "load_settings",
+           "markdown_table"]
 
 
 def _prefix(raw: Any) -> str:
@@ -75,12 +81,46 @@ class Settings:
         "`$FT_RUN_DIR/root.json`)", env="FT_BIND")
     workers: int = setting(2, positive(int, 1024), "gunicorn worker processes",
                            env="FT_WORKERS")
+    worker_class: str = setting(
+        "event", S.choice(*WORKER_CLASSES),
+        "`event` (default: one event loop per worker multiplexes clients and leaf calls), "
+        "`gthread` or `sync` (the WSGI path; slow clients then hold threads)",
+        env="FT_WORKER_CLASS")
     threads: int = setting(4, positive(int, 1024),
-                           "request threads per worker (gthread worker; 1 selects the sync "
-                           "worker)", env="FT_THREADS")
+                           "request threads per worker (`gthread` worker only)",
+                           env="FT_THREADS")
     fanout_threads: int = setting(8, positive(int, 1024),
-                                  "threads per worker sending to leaves concurrently",
-                                  env="FT_FANOUT_THREADS")
+                                  "unused since the event-loop fan-out (kept so existing "
+                                  "environments still start)", env="FT_FANOUT_THREADS")
+    max_connections: int = setting(
+        1000, positive(int, 1 << 20),
+        "client connections per worker (`event` worker); beyond it the worker stops "
+        "accepting until one closes", env="FT_MAX_CONNECTIONS")
+    keepalive: float = setting(
+        75.0, positive(float, 86400),
+        "seconds an idle client keep-alive connection is kept (`event` worker: an idle "
+        "connection costs a few hundred bytes and a timer, no thread)", env="FT_KEEPALIVE")
+    header_timeout: float = setting(
+        10.0, positive(float, 3600),
+        "seconds a client may take to send a request head once its first byte came; then "
+        "408 (JSON) and close", env="FT_HEADER_TIMEOUT")
+    body_timeout: float = setting(
+        30.0, positive(float, 3600),
+        "seconds a client may take to send a request body, and to take the answer; then "
+        "408 (JSON) and close", env="FT_BODY_TIMEOUT")
+    max_header_bytes: int = setting(
+        32 << 10, in_range(int, 1024, 1 << 20),
+        "a larger request head is refused with 431 (a request line over 8190 bytes: 414)",
+        env="FT_MAX_HEADER_BYTES")
+    max_buffer_bytes: int = setting(
+        512 << 20, positive(int),
+        "per-worker cap on request-body and trimmed-output buffers: a body that does not fit "
+        "is refused with 503, a trimmed output that does not fit is sent untrimmed (counted "
+        "as a trim error); must hold one FT_MAX_REQUEST_BYTES body", env="FT_MAX_BUFFER_BYTES")
+    max_leaf_reply_bytes: int = setting(
+        4 << 20, positive(int),
+        "a leaf answer larger than this fails its target with `bad_reply`, read no further",
+        env="FT_MAX_LEAF_REPLY_BYTES")
     run_dir: str = setting(
         None, S.text,
         "the only directory the service writes: `root.json`, `prometheus/` (wiped at start), "

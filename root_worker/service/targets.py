@@ -10,7 +10,8 @@ or, for ``curl`` and quick tests, in the query string, which then takes preceden
     POST /score?target=ads_ctr&target=ads_cvr@3
 
 A target is a model name and an optional version (a JSON integer is taken as its decimal
-string; in the query string the version follows the first ``@``). Every problem raises
+string; in the query string the version follows the first ``@``). Percent-escapes in the
+query string must decode to UTF-8 (``%ff`` is an error, not U+FFFD). Every problem raises
 :class:`BadTargets` with a message naming the offending entry.
 """
 
@@ -40,7 +41,11 @@ def parse_targets(metadata: dict[str, Any], query: str, max_targets: int) -> lis
     """The request's targets, in order (duplicates are kept: each gets its own result)."""
     try:
         params = parse_qs(query, keep_blank_values=True, strict_parsing=False,
-                          max_num_fields=max_targets + 16)
+                          max_num_fields=max_targets + 16, errors="strict")
+    except UnicodeDecodeError as exc:
+        bad = exc.object[exc.start:exc.end]
+        raise BadTargets(f"query string: percent-escaped bytes {bad!r} are not UTF-8 "
+                         f"({exc.reason})") from None
     except ValueError as exc:
         raise BadTargets(f"query string: {exc}") from None
     if "target" in params:

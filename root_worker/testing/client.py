@@ -27,6 +27,13 @@ from urllib.parse import urlencode, urlsplit
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from root_worker.service.keepalive import (
+    STALE_ERRORS,
+    StaleConnection,
+    retry_stale_once,
+    should_retry,
+)
+
 TargetSpec = str | tuple[str, str | None]
 
 
@@ -47,18 +54,18 @@ class Client:
                 headers: dict[str, str] | None = None,
                 fresh: bool = False) -> tuple[int, dict[str, str], bytes]:
         """``(status, headers, body)``; retries once if a kept-alive connection went stale."""
-        for attempt in (0, 1):
+        def attempt(n: int) -> tuple[int, dict[str, str], bytes]:
             reused = self._conn is not None and not fresh
             conn = self._new() if fresh else (self._conn or self._new())
             try:
                 conn.request(method, path, body=body, headers=headers or {})
                 resp = conn.getresponse()
                 data = resp.read()
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+            except STALE_ERRORS as exc:
                 conn.close()
                 self._conn = None if not fresh else self._conn
-                if reused and attempt == 0:
-                    continue
+                if should_retry(exc, reused, n):
+                    raise StaleConnection() from exc
                 raise
             hdrs = {k.lower(): v for k, v in resp.getheaders()}
             if fresh or resp.will_close:
@@ -68,7 +75,7 @@ class Client:
             else:
                 self._conn = conn
             return resp.status, hdrs, data
-        raise AssertionError("unreachable")  # pragma: no cover
+        return retry_stale_once(attempt)
 
     def json(self, method: str, path: str, body: Any = None, *,
              headers: dict[str, str] | None = None, fresh: bool = False) -> tuple[int, Any]:

@@ -29,6 +29,11 @@ a JSONPath-like location (``$["model_A"][2].input_names[5]``) and the reason:
 - Every name (model, version, feature, output) is a non-empty string of at most
   ``Limits.max_name_length`` UTF-8 bytes and must be encodable as UTF-8 (a lone surrogate
   written as a ``\\ud800`` escape is an error).
+- Model names and versions must also travel as-is in an HTTP header and a URL query (the
+  root sends them to leaves in ``?model=``/``?version=`` and ``X-FT-Trimmed-For``): they use
+  only the alphabet ``A-Z a-z 0-9 . _ - ~`` (RFC 3986 unreserved characters,
+  :data:`flatbuffers_schema.wire.NAME_PATTERN`); the error names the offending character.
+  Feature and output names may be any Unicode.
 - The same version twice in one model's list is an error. Duplicate feature names in one
   ``input_names`` are collapsed (first occurrence order kept) and reported as a warning;
   ``output_names`` are kept as written.
@@ -50,6 +55,7 @@ from dataclasses import dataclass, field
 from typing import cast
 
 from flatbuffers_schema.settings import positive, setting
+from flatbuffers_schema.wire import NAME_ALPHABET, NAME_PATTERN
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -388,6 +394,22 @@ def _check_name(value: object, json_path: str, what: str, ctx: _Context) -> str:
     return value
 
 
+_HEADER_SAFE = re.compile(NAME_PATTERN)
+_NOT_HEADER_SAFE = re.compile(r"[^A-Za-z0-9._~-]")
+
+
+def _check_header_safe(value: str, json_path: str, what: str, ctx: _Context) -> str:
+    """A model name or version: also an HTTP header value and a URL query value as-is."""
+    if _HEADER_SAFE.fullmatch(value):
+        return value
+    bad = _NOT_HEADER_SAFE.search(value)
+    assert bad is not None
+    char = bad.group()
+    raise ctx.error(json_path, f"{what} {_quote(value[:64])} has character {char!r} "
+                               f"(U+{ord(char):04X}) at index {bad.start()}: names and "
+                               f"versions may only use {NAME_ALPHABET}")
+
+
 def _parse_names(value: object, json_path: str, what: str, ctx: _Context, *,
                  required: bool) -> tuple[str, ...]:
     """A list of names; duplicates collapsed with a warning when ``required`` (inputs)."""
@@ -446,7 +468,8 @@ def _parse_version(value: object, json_path: str, ctx: _Context) -> str:
     elif not isinstance(value, str):
         raise ctx.error(json_path, f"version must be a string or an integer, got "
                                    f"{_type_name(value)}")
-    return _check_name(value, json_path, "version", ctx)
+    return _check_header_safe(_check_name(value, json_path, "version", ctx), json_path,
+                              "version", ctx)
 
 
 def _require(obj: dict, key: str, json_path: str, ctx: _Context) -> object:  # type: ignore[type-arg]
@@ -499,7 +522,8 @@ def _parse_models(doc: object, ctx: _Context) -> dict[str, tuple[ModelVersion, .
     models = {}
     for name, entries in doc.items():
         json_path = _member("$", name)
-        _check_name(name, json_path, "model name", ctx)
+        _check_header_safe(_check_name(name, json_path, "model name", ctx), json_path,
+                           "model name", ctx)
         models[name] = _parse_model(entries, json_path, ctx)
     return models
 
