@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test bench bench-trim bench-reload bench-e2e demo run lint schema clean
+.PHONY: test bench bench-trim bench-reload bench-e2e bench-hostile demo run lint schema clean
 
 $(STAMP): setup.cfg pyproject.toml $(wildcard setup.py)
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ bench-reload: $(STAMP)   ## reload latency (rename -> 8 readers) and compile + p
 
 bench-e2e: $(STAMP)      ## end to end on the demo stack: off / lz4 / trim / trim+lz4
 	$(PY) bench/e2e_bench.py $(BENCH_ARGS)
+
+bench-hostile: $(STAMP)  ## deadlines under misbehaving leaves, slow/idle clients, USS 3 vs 64 targets
+	$(PY) bench/hostile_bench.py $(BENCH_ARGS)
 
 bench: bench-trim
 
