@@ -23,6 +23,7 @@ from daemon_helpers import ROOT, wait_for
 from flatbuffers_schema.keys import Allowlist
 from root_worker.frame import Trimmer, decode
 from root_worker.leaf.model import LeafModel
+from root_worker.testing import stack
 from root_worker.testing.client import Client
 from root_worker.testing.workload import FeatureSpec, assign_models, bundle_doc, make_universe
 
@@ -30,7 +31,8 @@ STOP_TIMEOUT = 10.0
 
 
 class Proc:
-    """A subprocess in its own session, logging to a file."""
+    """A subprocess in its own session, logging to a file; it gets SIGTERM if we die (so a
+    killed test run or benchmark leaves no pool behind)."""
 
     def __init__(self, cmd: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None
                  ) -> None:
@@ -38,7 +40,8 @@ class Proc:
         self._log = open(log_path, "ab")
         self.proc = subprocess.Popen(list(cmd), cwd=ROOT, stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True,
-                                     env=dict(env) if env is not None else None)
+                                     env=dict(env) if env is not None else None,
+                                     preexec_fn=stack.die_with_parent)
 
     @property
     def pid(self) -> int:

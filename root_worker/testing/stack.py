@@ -93,7 +93,7 @@ def _libc_prctl() -> Callable[..., int] | None:
 _PRCTL = _libc_prctl()
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+def die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     """preexec_fn: SIGTERM this child when the process that started it dies."""
     if _PRCTL is not None:
         _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
@@ -121,7 +121,7 @@ class Proc:
                 list(cmd), cwd=PROJECT_DIR, stdin=subprocess.DEVNULL, stdout=self._log,
                 stderr=subprocess.STDOUT, start_new_session=True,
                 env=child_env() if env is None else dict(env),
-                preexec_fn=_die_with_parent)  # spawned before any thread starts
+                preexec_fn=die_with_parent)  # spawned before any thread starts
         except BaseException:
             self._log.close()
             raise
