@@ -228,3 +228,17 @@ def segment_files(prefix: str, shm_dir: str = SHM_DIR) -> list[str]:
         return sorted(n for n in os.listdir(shm_dir) if n.startswith(prefix + "."))
     except FileNotFoundError:
         return []
+
+
+LOCK_DIR = "/run/lock"
+"""Where the daemon's single-instance lock file lives by default (``lock_dir`` setting).
+
+Not in ``/dev/shm``: cleaning ``/dev/shm`` by hand (``rm /dev/shm/<prefix>.*``) must not
+free the lock while a daemon runs. ``/run/lock`` is a tmpfs (empty after a reboot, never
+aged by systemd-tmpfiles) and world-writable with the sticky bit on common distributions,
+so it also works for an unprivileged daemon in tests."""
+
+
+def lock_file(prefix: str, lock_dir: str = LOCK_DIR) -> str:
+    """Path of ``prefix``'s single-instance lock file, e.g. ``/run/lock/feature-trimmer.X.lock``."""
+    return os.path.join(lock_dir, f"feature-trimmer.{prefix}.lock")

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from flatbuffers_schema.shm_layout import DEFAULT_SHM_NAME
+from flatbuffers_schema.shm_layout import DEFAULT_SHM_NAME, LOCK_DIR
 from trimmer_daemon.bundle.parse import Limits
 
 BUNDLE_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
@@ -90,6 +90,28 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("metrics_listen", "--metrics-listen", "127.0.0.1:9469", _listen,
             "serve Prometheus metrics on HOST:PORT ('' disables)", "HOST:PORT"),
     Setting("log_level", "--log-level", "INFO", str.upper, "DEBUG, INFO, WARNING or ERROR"),
+    Setting("lock_dir", "--lock-dir", LOCK_DIR, str,
+            "directory of the single-instance lock file feature-trimmer.<shm name>.lock; "
+            "never /dev/shm (cleaning it must not free the lock)", "DIR"),
+    Setting("max_generations", "--max-generations", 8, int,
+            "at most this many generation segments exist at once (older ones are unlinked "
+            "before their grace period if needed; at least 2)"),
+    Setting("max_generation_bytes_factor", "--max-generation-bytes-factor", 4.0, float,
+            "generation segments hold at most this multiple of the larger of the current "
+            "and the new blob (at least 2)"),
+    Setting("status_interval", "--status-interval", 1.0, float,
+            "publish status-only changes (a bundle's error text, stale/ok) at most this often; "
+            "map changes are published at once"),
+    Setting("writer_hold_seconds", "--writer-hold-seconds", 5.0, float,
+            "after an in-place modification, wait this long for the writer to close the file "
+            "before reporting the bundle stale (its content is never published while held)"),
+    Setting("inline_parse_bytes", "--inline-parse-bytes", 1 << 20, int,
+            "parse files up to this size in the main loop; larger ones in the parse worker "
+            "process, so the heartbeat and other bundles never wait for them"),
+    Setting("max_parse_memory", "--max-parse-memory", 2 << 30, int,
+            "memory limit (bytes, RLIMIT_DATA) of the parse worker process; a bundle that "
+            "needs more is rejected with a clear error (about 20x the file size for a file "
+            "of tiny models)"),
 )
 
 

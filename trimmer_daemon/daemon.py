@@ -4,18 +4,24 @@ Runs in the daemon process, single-threaded (the metrics HTTP server is promethe
 own thread). Signal handlers only set flags and wake the loop through ``signal.set_wakeup_fd``;
 the loop does the work (``handle_hup`` / ``handle_term``).
 
-Guarantees (SPEC §5, §9):
+Guarantees (SPEC §5, §9, §11):
 - start is never blocked: the first generation is published even if every bundle is broken
-  (a broken bundle logs CRITICAL and shows its error in the map's bundle status);
+  (a broken bundle logs CRITICAL and shows its error in the map's bundle status); a metrics
+  port that is taken is logged, shown in the status line and the map, and retried;
 - a bundle that fails validation keeps its last-known-good map; the others still update;
-- a failed publication (e.g. /dev/shm full) keeps the current generation and is retried
-  every ``retry_interval`` seconds;
+- a failed publication (e.g. /dev/shm full, also at start) keeps the current generation and
+  is retried every ``retry_interval`` seconds;
+- map changes are published at once; status-only changes (a new error text, stale <-> ok)
+  at most every ``status_interval`` seconds, so a flapping file cannot fill /dev/shm;
+- every heartbeat checks the control segment (re-created if removed or replaced) and the
+  current generation's segment (a new generation is published if it was removed);
 - on SIGTERM the current generation stays in place for the workers (``--cleanup`` removes it).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import select
 import signal
@@ -29,12 +35,26 @@ from trimmer_daemon.compiler import compile_map
 from trimmer_daemon.config import DaemonConfig
 from trimmer_daemon.consolidate import KeyCache, consolidate
 from trimmer_daemon.metrics import DaemonMetrics
-from trimmer_daemon.publisher import Publisher, PublishError
+from trimmer_daemon.publisher import (
+    Publisher,
+    PublisherError,
+    PublisherLockedError,
+    PublishError,
+)
 from trimmer_daemon.sdnotify import Notifier
 from trimmer_daemon.state import BundleTracker, RefreshResult
 from trimmer_daemon.watcher import BundleWatcher
 
 log = logging.getLogger(__name__)
+
+METRICS_RETRY_S = 10.0
+"""How often a metrics endpoint that could not bind (port taken) is retried."""
+DAEMON_PROBLEM = "daemon: "
+"""Prefix of daemon-level problems in the map's report list (``trimmer-inspect`` shows it)."""
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says what and where."""
 
 
 class Daemon:
@@ -49,7 +69,11 @@ class Daemon:
         self.publisher: Publisher | None = None
         self.watcher: BundleWatcher | None = None
         self._dirty = True          # the published map is out of date
+        self._status_dirty = False  # only bundle statuses changed since the last publication
         self._retry_at = 0.0
+        self._last_publish = -math.inf  # monotonic time of the last publication
+        self._metrics_problem = ""
+        self._metrics_retry_at = math.inf
         self._stop = False
         self._hup = False
         self._wake_r = self._wake_w = -1
@@ -59,27 +83,42 @@ class Daemon:
 
     # -- lifecycle ------------------------------------------------------------------------
     def run(self) -> int:
-        """Start, serve until SIGTERM/SIGINT, stop. Returns the process exit code."""
-        cfg = self.config
-        self.publisher = Publisher(cfg.shm_name, mode=cfg.shm_mode,
-                                   group=cfg.shm_group or None, grace_s=cfg.grace_seconds)
+        """Start, serve until SIGTERM/SIGINT, stop. Returns the process exit code.
+
+        Raises :class:`PublisherLockedError` (another daemon holds the name) and
+        :class:`StartupError` (anything else that prevents starting, in one line).
+        """
         try:
-            self._install_signals()
-            self._set_bundles(cfg.bundles)
-            self.watcher = BundleWatcher(cfg.bundles, debounce_s=cfg.debounce_ms / 1e3,
-                                         max_delay_s=cfg.max_delay_ms / 1e3,
-                                         rescan_interval_s=cfg.rescan_interval)
-            self.metrics.serve(cfg.metrics_listen)
-            self._refresh(set(self.trackers), startup=True)
-            self._publish_if_dirty()
-            self.notifier.notify("READY=1", self._status_line())
-            log.info("daemon ready shm=%s generation=%d bundles=%d", cfg.shm_name,
-                     self.publisher.generation, len(self.trackers))
+            self._start()
             while not self._stop:
                 self._step()
         finally:
             self._shutdown()
         return 0
+
+    def _start(self) -> None:
+        cfg = self.config
+        try:
+            self.publisher = Publisher(
+                cfg.shm_name, mode=cfg.shm_mode, group=cfg.shm_group or None,
+                grace_s=cfg.grace_seconds, lock_dir=cfg.lock_dir,
+                max_segments=cfg.max_generations,
+                max_bytes_factor=cfg.max_generation_bytes_factor)
+            self._install_signals()
+            self._set_bundles(cfg.bundles)
+            self.watcher = BundleWatcher(cfg.bundles, debounce_s=cfg.debounce_ms / 1e3,
+                                         max_delay_s=cfg.max_delay_ms / 1e3,
+                                         rescan_interval_s=cfg.rescan_interval)
+        except PublisherLockedError:
+            raise
+        except (PublisherError, OSError, ValueError) as exc:
+            raise StartupError(f"shm={cfg.shm_name}: {exc}") from exc
+        self._serve_metrics()
+        self._refresh(set(self.trackers), startup=True)
+        self._publish_if_dirty()
+        self.notifier.notify("READY=1", self._status_line())
+        log.info("daemon ready shm=%s generation=%d bundles=%d", cfg.shm_name,
+                 self.publisher.generation, len(self.trackers))
 
     def _step(self) -> None:
         assert self.watcher is not None
@@ -102,9 +141,18 @@ class Daemon:
     def _next_timeout(self) -> float:
         now = time.monotonic()
         timeout = max(0.0, self._last_heartbeat + self.config.heartbeat_interval - now)
-        if self._dirty:
-            timeout = min(timeout, max(0.0, self._retry_at - now))
+        due = self._publish_due()
+        if due is not None:
+            timeout = min(timeout, max(0.0, due - now))
         return timeout
+
+    def _publish_due(self) -> float | None:
+        """Monotonic time the next publication is due, ``None`` if nothing is pending."""
+        if self._dirty:
+            return self._retry_at
+        if self._status_dirty:
+            return max(self._retry_at, self._last_publish + self.config.status_interval)
+        return None
 
     def _tick(self) -> None:
         """Heartbeat, watchdog and reclaim, at most once per heartbeat interval."""
@@ -112,9 +160,15 @@ class Daemon:
         now = time.monotonic()
         if now - self._last_heartbeat >= self.config.heartbeat_interval:
             self._last_heartbeat = now
-            self.publisher.heartbeat()
-            self.metrics.heartbeat.set(time.time())
+            if self.publisher.heartbeat():
+                self.metrics.heartbeat.set(time.time())
+            if self.publisher.blob_missing():
+                log.error("segment of generation %d was removed; publishing a new generation",
+                          self.publisher.generation)
+                self._dirty = True
             self.publisher.reclaim()
+            if now >= self._metrics_retry_at:
+                self._serve_metrics()
         wd = self.notifier.watchdog_s
         if wd and now - self._last_watchdog >= wd / 2:
             self._last_watchdog = now
@@ -207,8 +261,10 @@ class Daemon:
             m.bundle_reloads.labels(r.bundle).inc()
         if r.error and r.changed:
             m.bundle_failures.labels(r.bundle).inc()
-        if r.changed:
+        if r.loaded:
             self._dirty = True
+        elif r.changed:
+            self._status_dirty = True
         state = STATE_NAMES[r.state]
         if r.error and (r.changed or startup):
             level = logging.CRITICAL if startup else logging.ERROR
@@ -224,12 +280,15 @@ class Daemon:
 
     # -- publication ----------------------------------------------------------------------
     def _publish_if_dirty(self) -> None:
-        if not self._dirty or time.monotonic() < self._retry_at:
+        due = self._publish_due()
+        if due is None or time.monotonic() < due:
             return
         assert self.publisher is not None
         t0 = time.perf_counter()
         trackers = [self.trackers[n] for n in sorted(self.trackers)]
         cmap = consolidate([(t.name, t.indexed) for t in trackers], self.cache)
+        n_conflicts = len(cmap.conflicts)
+        cmap.conflicts.extend(self._problems())
         generation = self.publisher.next_generation
         blob = compile_map(cmap, [t.status() for t in trackers], generation=generation,
                            built_at_ns=time.time_ns(), daemon_pid=os.getpid(),
@@ -244,13 +303,14 @@ class Daemon:
                       self.publisher.generation, self.config.retry_interval)
             return
         duration = time.perf_counter() - t0
-        self._dirty = False
+        self._dirty = self._status_dirty = False
+        self._last_publish = time.monotonic()
         m = self.metrics
         m.publish.inc()
         m.generation.set(published)
         m.last_publish.set(time.time())
         m.publish_duration.observe(duration)
-        m.conflicts.set(len(cmap.conflicts))
+        m.conflicts.set(n_conflicts)
         states = {STATE_NAMES[t.state] for t in trackers}
         log.info("published generation=%d models=%d versions=%d size=%d bundles=%d "
                  "states=%s duration_ms=%.1f", published, len(cmap.models),
@@ -261,7 +321,35 @@ class Daemon:
     def _status_line(self) -> str:
         gen = self.publisher.generation if self.publisher else 0
         bad = sum(1 for t in self.trackers.values() if t.state != BundleState.Ok)
-        return f"STATUS=generation {gen}, {len(self.trackers)} bundles, {bad} not ok"
+        problems = "".join(f"; {p}" for p in self._problems())
+        return f"STATUS=generation {gen}, {len(self.trackers)} bundles, {bad} not ok{problems}"
+
+    def _problems(self) -> list[str]:
+        """Daemon-level conditions an operator must see (status line, the map's reports)."""
+        problems = [self._metrics_problem] if self._metrics_problem else []
+        if self.publisher is not None and self.publisher.control_problem:
+            problems.append(self.publisher.control_problem)
+        return problems
+
+    def _serve_metrics(self) -> None:
+        """Start the metrics endpoint; a taken port is reported and retried, never fatal."""
+        listen = self.config.metrics_listen
+        try:
+            self.metrics.serve(listen)
+        except OSError as exc:
+            problem = (f"{DAEMON_PROBLEM}metrics endpoint {listen} unavailable: "
+                       f"{exc.strerror or exc} (retrying every {METRICS_RETRY_S:.0f}s)")
+            if problem != self._metrics_problem:
+                log.error("cannot serve metrics addr=%s error=%s; trimming goes on, retrying "
+                          "every %.0fs", listen, exc.strerror or exc, METRICS_RETRY_S)
+                self._status_dirty = True
+            self._metrics_problem = problem
+            self._metrics_retry_at = time.monotonic() + METRICS_RETRY_S
+            return
+        if self._metrics_problem:
+            log.info("metrics endpoint up again addr=%s", listen)
+            self._status_dirty = True
+        self._metrics_problem, self._metrics_retry_at = "", math.inf
 
     def _count_watch_stats(self) -> None:
         assert self.watcher is not None
