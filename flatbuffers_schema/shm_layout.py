@@ -242,3 +242,9 @@ so it also works for an unprivileged daemon in tests."""
 def lock_file(prefix: str, lock_dir: str = LOCK_DIR) -> str:
     """Path of ``prefix``'s single-instance lock file, e.g. ``/run/lock/feature-trimmer.X.lock``."""
     return os.path.join(lock_dir, f"feature-trimmer.{prefix}.lock")
+
+
+def checksum_continue(data: Buffer, crc: int) -> int:
+    """:func:`checksum` of a blob given in pieces: feed each piece with the previous result
+    (start with 0); equals ``checksum`` of their concatenation."""
+    return zlib.crc32(data, crc)

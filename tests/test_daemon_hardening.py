@@ -6,6 +6,7 @@ start-up that never ends in a traceback. Waits are conditions with deadlines.
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import signal
@@ -272,3 +273,164 @@ def test_unusable_lock_dir_is_one_line_and_exit_4(shm_prefix: str,
     assert f"/nonexistent/ft-lock/feature-trimmer.{shm_prefix}.lock" in line
     assert "No such file or directory" in line
     assert segment_files(shm_prefix) == []
+
+
+# -- item 1: never publish a file a writer still holds -----------------------------------
+
+
+def _features_doc(prefix: str, version: str, n: int = 5000) -> str:
+    # same length whatever the prefix letter: any mix of old and new bytes is valid JSON
+    names = ", ".join(f'"{prefix}{i:05d}"' for i in range(n))
+    return '{"ctr": [{"version": "%s", "input_names": [%s]}]}' % (version, names)
+
+
+class MapWatcher:
+    """Records, in a thread, the allowlist of ``ctr`` in every generation it sees."""
+
+    def __init__(self, prefix: str) -> None:
+        self.live = LiveMap(prefix)
+        self.seen: dict[int, tuple[str, set[str]]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            view = self.live.current()
+            if view is not None and view.generation not in self.seen:
+                res = view.resolve("ctr")
+                names = set(view.feature_names(res.allowlist.keys)) if res.allowlist else set()
+                self.seen[view.generation] = (res.version or "", {n[0] for n in names})
+            self._stop.wait(0.001)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.live.close()
+
+
+def test_slow_in_place_writer_without_truncation_is_never_published_torn(
+        shm_prefix: str, tmp_path: Path) -> None:
+    """``open('r+b')``, same-length content, 4 KB chunks 50 ms apart: every pause passes
+    the debounce and the half-old, half-new file is valid JSON. No generation may hold a mix;
+    the new content is published once the writer closes the file."""
+    path = tmp_path / "ads" / "module_info.json"
+    path.parent.mkdir()
+    old, new = _features_doc("a", "1"), _features_doc("b", "2")
+    assert len(old) == len(new)
+    path.write_text(old)
+    d = DaemonProc(shm_prefix, {"ads": path}, tmp_path / "d.log")
+    watcher = None
+    try:
+        d.wait_view(lambda v: v.resolve("ctr").version == "1")
+        watcher = MapWatcher(shm_prefix)
+        data = new.encode()
+        with open(path, "r+b") as f:  # no truncation
+            for at in range(0, len(data), 4096):
+                f.seek(at)
+                f.write(data[at : at + 4096])
+                f.flush()
+                time.sleep(0.05)  # the slow writer's pace
+            held_log = d.log()
+        view = d.wait_view(lambda v: v.resolve("ctr").version == "2",
+                           what="the new content after the writer closed the file")
+        wait_for(lambda: view.generation in watcher.seen, what="the watcher to see it")
+        watcher.stop()
+        mixed = {g: s for g, (_, s) in watcher.seen.items() if len(s) != 1}
+        assert not mixed, f"torn generations published: {sorted(mixed)}"
+        assert {s.pop() for _, s in watcher.seen.values()} == {"a", "b"}
+        assert "bundle held bundle=ads" in held_log
+        assert bundle_state(view, "ads")["state"] == "ok"
+    finally:
+        if watcher is not None:
+            watcher.stop()
+        d.close()
+        remove_segments(shm_prefix)
+
+
+def test_writer_holding_the_file_too_long_is_reported_stale(
+        shm_prefix: str, bundles: dict[str, Path], tmp_path: Path) -> None:
+    d = DaemonProc(shm_prefix, bundles, tmp_path / "d.log",
+                   extra=["--writer-hold-seconds", "0.5"])
+    try:
+        d.wait_view(lambda v: v.model_count == 2)
+        text = json.dumps(model_doc("ctr", "2", F2))
+        with open(bundles["ads"], "r+") as f:  # valid, complete, but never closed (yet)
+            f.write(text)
+            f.flush()
+            view = d.wait_view(lambda v: bundle_state(v, "ads")["state"] == "stale",
+                               what="the held bundle to be reported")
+            err = bundle_state(view, "ads")["error"]
+            assert str(bundles["ads"]) in err and "still being written in place" in err
+            assert view.resolve("ctr").version == "1"  # the held content is not served
+        view = d.wait_view(lambda v: v.resolve("ctr").version == "2", what="the closed file")
+        assert bundle_state(view, "ads")["state"] == "ok"
+    finally:
+        d.close()
+        remove_segments(shm_prefix)
+
+
+# -- item 4: never stalled -----------------------------------------------------------------
+
+TINY_MODELS = int(os.environ.get("FT_TINY_MODELS", "1000000"))
+
+
+def _tiny_models(path: Path, n: int) -> None:
+    """A ~50 MB bundle of ``n`` one-feature models, written at C speed."""
+    body = ",".join(f'"m{i:07d}":[{{"version":"1","input_names":["f{i % 50}"]}}]'
+                    for i in range(n))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("{" + body + "}")
+
+
+def _heartbeat_age(live: LiveMap) -> float:
+    info = live.reader.control()
+    assert info is not None and info.heartbeat_ns
+    return time.time() - info.heartbeat_ns / 1e9
+
+
+def test_a_huge_bundle_stalls_neither_heartbeat_nor_other_bundles(
+        shm_prefix: str, bundles: dict[str, Path], tmp_path: Path) -> None:
+    huge = tmp_path / "huge" / "module_info.json"
+    _tiny_models(huge, TINY_MODELS)
+    d = DaemonProc(shm_prefix, {**bundles, "huge": huge}, tmp_path / "d.log",
+                   extra=["--log-level", "INFO"])
+    try:
+        d.wait_view(lambda v: v.model_count == 2)
+        wait_for(lambda: "parsing in the parse worker bundle=huge" in d.log(),
+                 what="the huge bundle to be parsed off the main loop")
+        ages, updates, k = [], [], 0
+        while bundle_state(d.view(), "huge")["state"] == "never_loaded" \
+                and not bundle_state(d.view(), "huge")["error"]:
+            ages.append(_heartbeat_age(d.live))
+            k += 1
+            t0 = time.monotonic()
+            replace_bundle(bundles["feed"], model_doc("rank", str(k), F3))
+            d.wait_view(lambda v, k=k: v.resolve("rank").version == str(k), timeout=5)
+            updates.append(time.monotonic() - t0)
+            ages.append(_heartbeat_age(d.live))
+            time.sleep(0.1)  # a change every ~100 ms while the huge file parses
+        view = d.wait_view(lambda v: bundle_state(v, "huge")["error"] != "")
+        err = bundle_state(view, "huge")["error"]
+        updates.sort()
+        print(f"huge bundle: updates={len(updates)} heartbeat_age_max={max(ages):.3f}s "
+              f"other_update_median={updates[len(updates) // 2] * 1e3:.1f}ms "
+              f"max={updates[-1] * 1e3:.1f}ms error={err[-60:]}")
+        assert len(updates) >= 3, "the huge file parsed too fast to prove anything"
+        assert max(ages) < 2.0
+        assert updates[len(updates) // 2] < 0.5 and updates[-1] < 2.0
+        assert f"too many models: {TINY_MODELS}" in err and str(huge) in err
+    finally:
+        d.close()
+        remove_segments(shm_prefix)
+    # the same file under a small parse memory bound: a clear error, the daemon unharmed
+    d = DaemonProc(shm_prefix, {**bundles, "huge": huge}, tmp_path / "d2.log",
+                   extra=["--max-parse-memory", str(300 << 20)])
+    try:
+        view = d.wait_view(lambda v: bundle_state(v, "huge")["error"] != "", timeout=30)
+        err = bundle_state(view, "huge")["error"]
+        assert "parse memory limit of 314572800 bytes (max_parse_memory)" in err
+        assert features_of(view, "ctr") == F1 and d.proc.poll() is None
+    finally:
+        d.close()
+        remove_segments(shm_prefix)

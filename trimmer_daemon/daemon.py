@@ -31,9 +31,10 @@ from typing import Any
 
 from flatbuffers_schema.feature_map import STATE_NAMES
 from flatbuffers_schema.fmap.BundleState import BundleState
-from trimmer_daemon.compiler import compile_map
+from flatbuffers_schema.shm_layout import checksum
+from trimmer_daemon.assemble import Assembler
 from trimmer_daemon.config import DaemonConfig
-from trimmer_daemon.consolidate import KeyCache, consolidate
+from trimmer_daemon.loader import Loader
 from trimmer_daemon.metrics import DaemonMetrics
 from trimmer_daemon.publisher import (
     Publisher,
@@ -62,7 +63,10 @@ class Daemon:
                  reload_config: Callable[[], DaemonConfig] | None = None) -> None:
         self.config = config
         self._reload_config = reload_config
-        self.cache = KeyCache()
+        self.assembler = Assembler()
+        self.loader = Loader(limits=config.limits, inline_bytes=config.inline_parse_bytes,
+                             hold_s=config.writer_hold_seconds,
+                             max_parse_memory=config.max_parse_memory, on_result=self._record)
         self.metrics = DaemonMetrics()
         self.notifier = Notifier()
         self.trackers: dict[str, BundleTracker] = {}
@@ -109,12 +113,13 @@ class Daemon:
             self.watcher = BundleWatcher(cfg.bundles, debounce_s=cfg.debounce_ms / 1e3,
                                          max_delay_s=cfg.max_delay_ms / 1e3,
                                          rescan_interval_s=cfg.rescan_interval)
+            self.loader.watcher = self.watcher
         except PublisherLockedError:
             raise
         except (PublisherError, OSError, ValueError) as exc:
             raise StartupError(f"shm={cfg.shm_name}: {exc}") from exc
         self._serve_metrics()
-        self._refresh(set(self.trackers), startup=True)
+        self.loader.refresh(set(self.trackers), startup=True)
         self._publish_if_dirty()
         self.notifier.notify("READY=1", self._status_line())
         log.info("daemon ready shm=%s generation=%d bundles=%d", cfg.shm_name,
@@ -123,7 +128,10 @@ class Daemon:
     def _step(self) -> None:
         assert self.watcher is not None
         timeout = self._next_timeout()
-        readable, _, _ = select.select([self.watcher.fileno(), self._wake_r], [], [], timeout)
+        fds = [self.watcher.fileno(), self._wake_r]
+        if self.loader.fileno() >= 0:
+            fds.append(self.loader.fileno())
+        readable, _, _ = select.select(fds, [], [], timeout)
         if self._wake_r in readable:
             self._drain_wakeup()
         if self._stop:
@@ -131,19 +139,20 @@ class Daemon:
         if self._hup:
             self._hup = False
             self.handle_hup()
+        self.loader.poll()
         changed = self.watcher.poll(0)
         self._count_watch_stats()
         if changed:
-            self._refresh(changed)
+            self.loader.refresh(changed)
         self._publish_if_dirty()
         self._tick()
 
     def _next_timeout(self) -> float:
         now = time.monotonic()
         timeout = max(0.0, self._last_heartbeat + self.config.heartbeat_interval - now)
-        due = self._publish_due()
-        if due is not None:
-            timeout = min(timeout, max(0.0, due - now))
+        for due in (self._publish_due(), self.loader.next_deadline()):
+            if due is not None:
+                timeout = min(timeout, max(0.0, due - now))
         return timeout
 
     def _publish_due(self) -> float | None:
@@ -175,6 +184,7 @@ class Daemon:
             self.notifier.notify("WATCHDOG=1")
 
     def _shutdown(self) -> None:
+        self.loader.close()
         if self.watcher is not None:
             self.watcher.close()
         if self.publisher is not None:
@@ -224,7 +234,7 @@ class Daemon:
         self._set_bundles(self.config.bundles)
         assert self.watcher is not None
         self.watcher.set_bundles(self.config.bundles)
-        self._refresh(set(self.trackers))
+        self.loader.refresh(set(self.trackers))
         self._publish_if_dirty()
         self.notifier.notify("READY=1", self._status_line())
         log.info("reloaded configuration bundles=%s", ",".join(sorted(self.trackers)) or "-")
@@ -239,24 +249,16 @@ class Daemon:
                 log.info("bundle removed bundle=%s", name)
         for name, path in sorted(bundles.items()):
             if name not in self.trackers:
-                self.trackers[name] = BundleTracker(name, path, limits=self.config.limits,
-                                                    cache=self.cache)
+                self.trackers[name] = BundleTracker(name, path, limits=self.config.limits)
                 self._dirty = True
                 log.info("bundle added bundle=%s path=%s", name, path)
-
-    def _refresh(self, names: set[str], *, startup: bool = False) -> None:
-        for name in sorted(names):
-            tracker = self.trackers.get(name)
-            if tracker is None:
-                continue
-            result = tracker.refresh()
-            self._record(tracker, result, startup)
+        self.loader.set_trackers(self.trackers)
 
     def _record(self, tracker: BundleTracker, r: RefreshResult, startup: bool) -> None:
         m = self.metrics
         m.set_bundle_state(r.bundle, r.state)
-        m.bundle_models.labels(r.bundle).set(len(tracker.indexed.models) if tracker.indexed
-                                             else 0)
+        part = tracker.part
+        m.bundle_models.labels(r.bundle).set(part.model_count if part else 0)
         if r.loaded:
             m.bundle_reloads.labels(r.bundle).inc()
         if r.error and r.changed:
@@ -269,11 +271,10 @@ class Daemon:
         if r.error and (r.changed or startup):
             level = logging.CRITICAL if startup else logging.ERROR
             log.log(level, "bundle %s bundle=%s serving=%s error=%s", state, r.bundle,
-                    "last-known-good" if tracker.indexed else "nothing", r.error)
-        elif r.loaded:
+                    "last-known-good" if part else "nothing", r.error)
+        elif r.loaded and part is not None:
             log.info("bundle loaded bundle=%s models=%d versions=%d sha256=%s duration_ms=%.1f",
-                     r.bundle, len(tracker.indexed.models) if tracker.indexed else 0,
-                     tracker.indexed.version_count if tracker.indexed else 0,
+                     r.bundle, part.model_count, part.version_count,
                      tracker.loaded_sha256[:12], r.duration_s * 1e3)
         elif r.changed and r.state == BundleState.Ok:
             log.info("bundle ok again bundle=%s (file matches the loaded content)", r.bundle)
@@ -286,20 +287,18 @@ class Daemon:
         assert self.publisher is not None
         t0 = time.perf_counter()
         trackers = [self.trackers[n] for n in sorted(self.trackers)]
-        cmap = consolidate([(t.name, t.indexed) for t in trackers], self.cache)
-        n_conflicts = len(cmap.conflicts)
-        cmap.conflicts.extend(self._problems())
         generation = self.publisher.next_generation
-        blob = compile_map(cmap, [t.status() for t in trackers], generation=generation,
-                           built_at_ns=time.time_ns(), daemon_pid=os.getpid(),
-                           cache=self.cache)
+        blob = self.assembler.assemble([t.part for t in trackers], [t.status() for t in trackers],
+                                       generation=generation, built_at_ns=time.time_ns(),
+                                       daemon_pid=os.getpid(), problems=self._problems())
         try:
-            published = self.publisher.publish(blob)
+            published = self.publisher.publish_parts(
+                blob.parts, checksum(blob.parts[0]) if len(blob.parts) == 1 else None)
         except PublishError as exc:
             self.metrics.publish_failures.inc()
             self._retry_at = time.monotonic() + self.config.retry_interval
             log.error("publish failed generation=%d size=%d error=%s; generation %d stays, "
-                      "retrying in %.1fs", generation, len(blob), exc,
+                      "retrying in %.1fs", generation, blob.size, exc,
                       self.publisher.generation, self.config.retry_interval)
             return
         duration = time.perf_counter() - t0
@@ -310,11 +309,11 @@ class Daemon:
         m.generation.set(published)
         m.last_publish.set(time.time())
         m.publish_duration.observe(duration)
-        m.conflicts.set(n_conflicts)
+        m.conflicts.set(blob.conflicts)
         states = {STATE_NAMES[t.state] for t in trackers}
         log.info("published generation=%d models=%d versions=%d size=%d bundles=%d "
-                 "states=%s duration_ms=%.1f", published, len(cmap.models),
-                 cmap.version_count, len(blob), len(trackers), ",".join(sorted(states)) or "-",
+                 "states=%s duration_ms=%.1f", published, blob.models,
+                 blob.versions, blob.size, len(trackers), ",".join(sorted(states)) or "-",
                  duration * 1e3)
         self.notifier.notify(self._status_line())
 

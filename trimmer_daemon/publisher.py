@@ -235,12 +235,16 @@ class Publisher:
         data = memoryview(blob).cast("B")
         return self.publish_parts([data], L.checksum(data))
 
-    def publish_parts(self, parts: Sequence[bytes | memoryview], crc: int) -> int:
-        """Like :meth:`publish` for a blob given as consecutive ``parts`` whose concatenation
-        has crc32 ``crc`` (the caller may have combined cached crcs); never joined in memory."""
+    def publish_parts(self, parts: Sequence[bytes | memoryview], crc: int | None = None) -> int:
+        """Like :meth:`publish` for a blob given as consecutive ``parts`` (never joined in
+        memory) whose concatenation has crc32 ``crc`` (computed here when ``None``)."""
         self._require_open()
         views = [memoryview(p).cast("B") for p in parts]
         size = sum(len(v) for v in views)
+        if crc is None:
+            crc = 0
+            for view in views:
+                crc = L.checksum_continue(view, crc)
         if size == 0:
             raise ValueError("cannot publish an empty blob")
         ctl = self._ensure_control()
