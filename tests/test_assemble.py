@@ -14,6 +14,7 @@ import numpy as np
 
 from flatbuffers_schema.fmap.BundleState import BundleState
 from flatbuffers_schema.fmap.FeatureMap import FeatureMap
+from flatbuffers_schema.shm_layout import checksum
 from root_worker.featuremap.map_reader import FeatureMapView
 from trimmer_daemon.assemble import Assembler
 from trimmer_daemon.bundle.parse import Limits, parse_bundle
@@ -50,7 +51,9 @@ def _spliced(docs: dict[str, dict], assembler: Assembler | None = None) -> bytes
                         bundle_index=i) for i, (n, d) in enumerate(docs.items())]
     out = (assembler or Assembler()).assemble(parts, _statuses(docs), generation=3,
                                               built_at_ns=1, daemon_pid=os.getpid())
-    return b"".join(bytes(p) for p in out.parts)
+    blob = b"".join(bytes(p) for p in out.parts)
+    assert checksum(blob) == out.crc
+    return blob
 
 
 def _same(a: FeatureMapView, b: FeatureMapView) -> None:
@@ -95,7 +98,8 @@ def test_name_table_holds_only_live_names() -> None:
     assembler = Assembler()
     sizes = []
     for k in range(200):
-        doc = {"m": [{"version": "1", "input_names": [f"churn_{k:04d}_{i:03d}" for i in range(50)]}]}
+        inputs = [f"churn_{k:04d}_{i:03d}" for i in range(50)]
+        doc = {"m": [{"version": "1", "input_names": inputs}]}
         blob = _spliced({"ads": ADS, "churn": doc}, assembler)
         root = FeatureMap.GetRootAs(blob, 0)
         sizes.append(len(blob))

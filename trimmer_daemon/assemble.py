@@ -1,22 +1,31 @@
-"""Splice the bundles' compiled parts into one FlatBuffers map blob (daemon main loop).
+"""Assemble the bundles' compiled parts and a fresh root into one map blob (daemon main loop).
 
 Runs in the daemon for every publication. The per-bundle work (parse, index, compile the
-``Model`` tables) was done once per load (:mod:`trimmer_daemon.parts`); here each part's
-block is copied as is and only the root is written: bundle statuses, the sorted ``models``
-vector (offsets computed with numpy), the ``model_keys``/``model_slots`` lookup index, the
-live name table and the report list. So a change to one small bundle next to a big one costs
-a copy of the big block, not its re-compilation (issue #11, item 6).
+``Model`` tables) was done once per load (:mod:`trimmer_daemon.parts`); here only the
+*head* is built: bundle statuses, the sorted ``models`` vector (offsets computed with
+numpy), the ``model_keys``/``model_slots`` lookup index, the live name table and the report
+list. The blob is the head followed by the parts' blocks, untouched:
+
+    [ head: root table, vectors, merged models ][ block of part k-1 ] ... [ block of part 0 ]
+
+The head is written by a FlatBuffers builder that never holds the blocks: they sit
+*virtually* after it, at known offsets from the end of the blob (block 0 ends it), and every
+offset from the head into a block is computed from those (uoffsets are relative; the
+blocks' lengths are multiples of 8, so alignment measured from the end is preserved). The
+blob's crc32 is combined from the head's and the blocks' cached crcs
+(:func:`flatbuffers_schema.shm_layout.checksum_combine`), and the publisher writes the parts
+with one ``pwrite`` each. So a change to one small bundle next to a big one costs neither a
+re-compilation, nor a copy, nor a checksum of the big one (issue #11, item 6); the kernel
+copy into ``/dev/shm`` remains.
 
 Rules kept from :mod:`trimmer_daemon.consolidate` (SPEC §4): a model defined by several
 bundles is merged here version by version (union of differing allowlists, a conflict report,
-natural version order) and written as a new ``Model`` table; the blocks' own tables of that
-model stay in the blob unreferenced. The name table covers exactly the keys of the
-published allowlists (the union of the parts' names: every part is served), so names of
-removed or changed bundles leave with them (item 5). Two different names with one key in
-different bundles are reported as a key collision.
-
-The name table merge is cached per combination of parts, so status-only publications cost
-only the root.
+natural version order) and written as a new ``Model`` table in the head; the blocks' own
+tables of that model stay in the blob unreferenced. The name table covers exactly the keys
+of the published allowlists (the union of the parts' names: every part is served), so names
+of removed or changed bundles leave with them (item 5). Two different names with one key in
+different bundles are reported as a key collision. The name table merge is cached per
+combination of parts, so status-only publications cost only the root.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import numpy as np
 from flatbuffers_schema.feature_map import FILE_IDENTIFIER
 from flatbuffers_schema.fmap import FeatureMap as FbMap
 from flatbuffers_schema.keys import KEY_DTYPE
+from flatbuffers_schema.shm_layout import checksum, checksum_combine
 from trimmer_daemon.bundle.parse import version_sort_key
 from trimmer_daemon.compiler import (
     BundleStatusRecord,
@@ -52,7 +62,8 @@ _ROOT_BYTES_PER_MODEL = 64
 class Assembled:
     """One blob, as the parts :meth:`Publisher.publish_parts` writes back to back."""
 
-    parts: tuple[bytes, ...]
+    parts: tuple[bytes | memoryview, ...]
+    crc: int  # checksum of the whole blob
     models: int
     versions: int
     conflicts: int  # model conflicts and key collisions (not daemon problems)
@@ -75,15 +86,15 @@ class Assembler:
                  problems: Sequence[str] = ()) -> Assembled:
         """The blob of ``parts`` (position i = bundle i of ``statuses``; None = no content)."""
         live = [p for p in parts if p is not None]
-        blocks = sum(len(p.block) for p in live)
         n_models = sum(p.model_count for p in live)
-        b = flatbuffers.Builder(blocks + n_models * _ROOT_BYTES_PER_MODEL + 4096)
-        ends = [_splice(b, p.block) for p in live]
-        names, offsets, keys, versions, conflicts = _models(b, live, ends, statuses)
+        b = flatbuffers.Builder(n_models * _ROOT_BYTES_PER_MODEL + 4096)
+        ends = np.cumsum([0] + [len(p.block) for p in live]).tolist()
+        tail = ends.pop()  # the blocks' total length: the head's offsets are shifted by it
+        names, offsets, keys, versions, conflicts = _models(b, live, ends, tail, statuses)
         feat_keys, name_offsets, feat_names, collisions = self._name_table(live)
         reports = [*conflicts, *collisions]
         bundles_vec = _table_vector(b, [_bundle(b, s) for s in statuses])
-        models_vec = _offset_vector(b, offsets)
+        models_vec = _offset_vector(b, offsets, tail)
         order = np.argsort(keys, kind="stable")
         keys_vec = b.CreateNumpyVector(keys[order])
         slots_vec = b.CreateNumpyVector(order.astype(_U32))
@@ -103,8 +114,12 @@ class Assembler:
         FbMap.AddFeatureNames(b, names_vec)
         FbMap.AddConflicts(b, conflicts_vec)
         b.Finish(FbMap.End(b), file_identifier=FILE_IDENTIFIER)
-        blob = memoryview(b.Bytes)[b.Head():]
-        return Assembled((blob,), len(names), versions, len(reports))
+        head = memoryview(b.Bytes)[b.Head():]
+        crc = checksum(head)
+        for part in reversed(live):  # the last spliced block comes right after the head
+            crc = checksum_combine(crc, part.block_crc, len(part.block))
+        blocks = tuple(p.block for p in reversed(live))
+        return Assembled((head, *blocks), crc, len(names), versions, len(reports))
 
     def _name_table(self, live: list[BundlePart]
                     ) -> tuple[np.ndarray, np.ndarray, bytes, list[str]]:
@@ -114,31 +129,24 @@ class Assembler:
         return self._names
 
 
-def _splice(b: flatbuffers.Builder, block: bytes) -> int:
-    """Copy a part's block into the builder; return the offset of its end (builder terms)."""
-    b.Prep(8, len(block))  # len(block) % 8 == 0: its end lands 8-aligned too
-    end = b.Offset()
-    b.head -= len(block)
-    b.Bytes[b.head : b.head + len(block)] = block
-    return int(end)
-
-
-def _offset_vector(b: flatbuffers.Builder, offsets: np.ndarray) -> int:
-    """A vector of uoffsets to tables at builder offsets ``offsets``, written with numpy
+def _offset_vector(b: flatbuffers.Builder, offsets: np.ndarray, tail: int) -> int:
+    """A vector of uoffsets to tables at blob offsets (from the end) ``offsets``; the head
+    builder's own offsets are ``tail`` short of the blob's. Written with numpy
     (``PrependUOffsetTRelative`` per element costs ~1 µs each: seconds for a million)."""
     n = len(offsets)
-    base = b.StartVector(4, n, 4)
-    # element i ends up at builder offset base + 4 * (n - i); uoffset = its offset - target
+    base = b.StartVector(4, n, 4) + tail
+    # element i ends up at offset base + 4 * (n - i); uoffset = its offset - the target's
     values = (base + 4 * (n - np.arange(n, dtype=np.int64))) - offsets.astype(np.int64)
     b.head -= 4 * n
     b.Bytes[b.head : b.head + 4 * n] = values.astype(_U32).tobytes()
     return int(b.EndVector())
 
 
-def _models(b: flatbuffers.Builder, live: list[BundlePart], ends: list[int],
+def _models(b: flatbuffers.Builder, live: list[BundlePart], ends: list[int], tail: int,
             statuses: Sequence[BundleStatusRecord]
             ) -> tuple[list[str], np.ndarray, np.ndarray, int, list[str]]:
-    """Sorted model names, their Model table offsets and keys; merges shared models."""
+    """Sorted model names, their Model table offsets (from the blob's end) and keys; merges
+    shared models (their new tables are in the head: offset + ``tail``)."""
     names = [n for p in live for n in p.model_names]
     offsets = np.concatenate([np.zeros(0, np.int64)]
                              + [p.model_offsets.astype(np.int64) + end
@@ -170,7 +178,7 @@ def _models(b: flatbuffers.Builder, live: list[BundlePart], ends: list[int],
             continue
         entries = _merge_model(sorted_names[head], [live[owners[i]] for i in members],
                                bundle_names, conflicts)
-        offsets[head] = _model(b, shared, sorted_names[head], entries)
+        offsets[head] = _model(b, shared, sorted_names[head], entries) + tail
         versions -= sum(_count(live[owners[i]], sorted_names[head]) for i in members)
         versions += len(entries)
     keep = np.array([i not in drop for i in range(len(sorted_names))], dtype=bool)

@@ -31,7 +31,6 @@ from typing import Any
 
 from flatbuffers_schema.feature_map import STATE_NAMES
 from flatbuffers_schema.fmap.BundleState import BundleState
-from flatbuffers_schema.shm_layout import checksum
 from trimmer_daemon.assemble import Assembler
 from trimmer_daemon.config import DaemonConfig
 from trimmer_daemon.loader import Loader
@@ -50,6 +49,9 @@ log = logging.getLogger(__name__)
 
 METRICS_RETRY_S = 10.0
 """How often a metrics endpoint that could not bind (port taken) is retried."""
+STARTUP_PARSE_WAIT_S = 10.0
+"""At start, the first publication waits at most this long for bundles parsing in the
+worker (well inside the unit's TimeoutStartSec=30s: READY=1 follows the first publication)."""
 DAEMON_PROBLEM = "daemon: "
 """Prefix of daemon-level problems in the map's report list (``trimmer-inspect`` shows it)."""
 
@@ -78,12 +80,14 @@ class Daemon:
         self._last_publish = -math.inf  # monotonic time of the last publication
         self._metrics_problem = ""
         self._metrics_retry_at = math.inf
+        self._ready_sent = False
+        self._first_publish_at = 0.0
         self._stop = False
         self._hup = False
         self._wake_r = self._wake_w = -1
         self._last_heartbeat = 0.0
         self._last_watchdog = 0.0
-        self._seen_rescans = self._seen_overflows = 0
+        self._seen_rescans = self._seen_overflows = self._seen_recreations = 0
 
     # -- lifecycle ------------------------------------------------------------------------
     def run(self) -> int:
@@ -120,9 +124,22 @@ class Daemon:
             raise StartupError(f"shm={cfg.shm_name}: {exc}") from exc
         self._serve_metrics()
         self.loader.refresh(set(self.trackers), startup=True)
+        if self.loader.pending():
+            # Big bundles parse in the worker: the first map waits for them (a bounded
+            # while; the previous daemon's generation keeps serving), so a restart does not
+            # publish a map without them. The loop, heartbeat and watchdog run meanwhile.
+            self._first_publish_at = time.monotonic() + STARTUP_PARSE_WAIT_S
+            log.info("waiting up to %.0fs for bundles parsing in the worker before the first "
+                     "publication", STARTUP_PARSE_WAIT_S)
         self._publish_if_dirty()
+
+    def _ready(self) -> None:
+        """READY=1 once, after the first publication attempt (never blocked by bundles)."""
+        if self._ready_sent or self.publisher is None:
+            return
+        self._ready_sent = True
         self.notifier.notify("READY=1", self._status_line())
-        log.info("daemon ready shm=%s generation=%d bundles=%d", cfg.shm_name,
+        log.info("daemon ready shm=%s generation=%d bundles=%d", self.config.shm_name,
                  self.publisher.generation, len(self.trackers))
 
     def _step(self) -> None:
@@ -157,6 +174,8 @@ class Daemon:
 
     def _publish_due(self) -> float | None:
         """Monotonic time the next publication is due, ``None`` if nothing is pending."""
+        if not self._ready_sent and self.loader.pending():
+            return self._first_publish_at
         if self._dirty:
             return self._retry_at
         if self._status_dirty:
@@ -176,6 +195,7 @@ class Daemon:
                           self.publisher.generation)
                 self._dirty = True
             self.publisher.reclaim()
+            self._count_segments()
             if now >= self._metrics_retry_at:
                 self._serve_metrics()
         wd = self.notifier.watchdog_s
@@ -292,14 +312,14 @@ class Daemon:
                                        generation=generation, built_at_ns=time.time_ns(),
                                        daemon_pid=os.getpid(), problems=self._problems())
         try:
-            published = self.publisher.publish_parts(
-                blob.parts, checksum(blob.parts[0]) if len(blob.parts) == 1 else None)
+            published = self.publisher.publish_parts(blob.parts, blob.crc)
         except PublishError as exc:
             self.metrics.publish_failures.inc()
             self._retry_at = time.monotonic() + self.config.retry_interval
             log.error("publish failed generation=%d size=%d error=%s; generation %d stays, "
                       "retrying in %.1fs", generation, blob.size, exc,
                       self.publisher.generation, self.config.retry_interval)
+            self._ready()
             return
         duration = time.perf_counter() - t0
         self._dirty = self._status_dirty = False
@@ -316,6 +336,7 @@ class Daemon:
                  blob.versions, blob.size, len(trackers), ",".join(sorted(states)) or "-",
                  duration * 1e3)
         self.notifier.notify(self._status_line())
+        self._ready()
 
     def _status_line(self) -> str:
         gen = self.publisher.generation if self.publisher else 0
@@ -349,6 +370,17 @@ class Daemon:
             log.info("metrics endpoint up again addr=%s", listen)
             self._status_dirty = True
         self._metrics_problem, self._metrics_retry_at = "", math.inf
+
+    def _count_segments(self) -> None:
+        assert self.publisher is not None
+        live = self.publisher.live_segments()
+        m = self.metrics
+        m.shm_segments.set(len(live))
+        m.shm_bytes.set(sum(size for _, size in live))
+        seen = self.publisher.control_recreations
+        if seen > self._seen_recreations:
+            m.control_recreations.inc(seen - self._seen_recreations)
+        self._seen_recreations = seen
 
     def _count_watch_stats(self) -> None:
         assert self.watcher is not None

@@ -79,6 +79,10 @@ class Loader:
             else:
                 self._refresh_one(self.trackers[name], startup)
 
+    def pending(self) -> bool:
+        """Whether a parse runs in the worker or waits for it."""
+        return self.worker.busy is not None or bool(self._queue)
+
     def fileno(self) -> int:
         """The parse worker's answer fd (-1 when no parse runs), for select()."""
         return self.worker.fileno()
@@ -149,11 +153,14 @@ class Loader:
         return watcher.held_since(name) is not None or watcher.modifications(name) != before
 
     def _build(self, tracker: BundleTracker, data: bytes) -> BundlePart | BundleError:
+        memo = dict(tracker.key_memo)  # the tracker's memo changes only if the build succeeds
         try:
-            return build_part(data, path=tracker.path, limits=self.limits,
-                              bundle_index=self.index[tracker.name])
+            part = build_part(data, path=tracker.path, limits=self.limits,
+                              bundle_index=self.index[tracker.name], memo=memo)
         except BundleError as exc:
             return exc
+        tracker.key_memo = memo
+        return part
 
     def _install(self, tracker: BundleTracker, outcome: BundlePart | BundleError,
                  held: bool, startup: bool) -> None:

@@ -155,7 +155,12 @@ class ParseWorker:
 
 def _serve(conn: multiprocessing.connection.Connection, max_memory: int) -> None:
     """Child process: parse jobs until the parent closes the pipe."""
-    resource.setrlimit(resource.RLIMIT_DATA, (max_memory, max_memory))
+    try:
+        resource.setrlimit(resource.RLIMIT_DATA, (max_memory, max_memory))
+        refusal = ""
+    except (OSError, ValueError) as exc:  # e.g. a seccomp filter without setrlimit
+        refusal = (f"the parse memory bound (max_parse_memory={max_memory}) cannot be "
+                   f"enforced: setrlimit(RLIMIT_DATA) failed: {exc}; not parsing")
     while True:
         try:
             job_id, path, limits, bundle_index = conn.recv()
@@ -164,6 +169,8 @@ def _serve(conn: multiprocessing.connection.Connection, max_memory: int) -> None
             return
         result: BundlePart | BundleError
         try:
+            if refusal:
+                raise BundleError(path, "$", refusal)
             result = build_part(data, path=path, limits=limits, bundle_index=bundle_index)
         except BundleError as exc:
             result = exc

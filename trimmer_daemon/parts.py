@@ -13,9 +13,10 @@ everything below them (versions, allowlist vectors, strings), with no root. Flat
 offsets are relative (``uoffset`` forward to the target, ``soffset`` from a table to its
 vtable), so the block stays valid wherever it is copied, provided its *end* lands on an
 8-byte boundary of the final buffer measured from the end (the builder's own alignment
-rule); its length is a multiple of 8 so its start is aligned too. Positions in the block are
-given as offsets from its end (``model_offsets``, ``key_offsets``, ``index_pos``), the
-builder's own convention.
+rule); its length is a multiple of 8 so its start is aligned too. Its crc32 is kept
+(``block_crc``): a publication combines it with the others' instead of re-reading it.
+Positions in the block are given as offsets from its end (``model_offsets``,
+``key_offsets``, ``index_pos``), the builder's own convention.
 
 Every version of the bundle points at one shared ``[ushort]`` vector holding the bundle's
 index in ``FeatureMap.bundles``; :meth:`BundlePart.with_index` patches those two bytes when
@@ -38,6 +39,7 @@ import numpy as np
 from flatbuffers_schema.fmap import Model as FbModel
 from flatbuffers_schema.fmap import Version as FbVersion
 from flatbuffers_schema.keys import KEY_DTYPE, keyset_digest, name_key
+from flatbuffers_schema.shm_layout import checksum
 from trimmer_daemon.bundle.parse import Limits, ParsedBundle, parse_bundle, version_sort_key
 
 _U32 = np.dtype("<u4")
@@ -57,6 +59,7 @@ class BundlePart:
     warnings: tuple[str, ...]
     bundle_index: int
     block: bytes
+    block_crc: int  # checksum(block), so a publication never re-reads an unchanged block
     index_pos: int  # offset from the block's end of the ushort in the shared bundles vector
     model_names: tuple[str, ...]  # sorted by code point (= bytewise UTF-8)
     model_keys: np.ndarray  # uint64 key(name), parallel to model_names
@@ -92,18 +95,26 @@ class BundlePart:
         block = bytearray(self.block)
         at = len(block) - self.index_pos
         block[at : at + _INDEX.size] = _INDEX.pack(bundle_index)
-        return dataclasses.replace(self, block=bytes(block), bundle_index=bundle_index)
+        return dataclasses.replace(self, block=bytes(block), block_crc=checksum(block),
+                                   bundle_index=bundle_index)
 
 
-def build_part(data: bytes, *, path: str, limits: Limits, bundle_index: int) -> BundlePart:
-    """Parse, validate and compile one bundle file (raises ``BundleError`` like the parser)."""
-    return compile_part(parse_bundle(data, path=path, limits=limits), bundle_index)
+def build_part(data: bytes, *, path: str, limits: Limits, bundle_index: int,
+               memo: dict[str, int] | None = None) -> BundlePart:
+    """Parse, validate and compile one bundle file (raises ``BundleError`` like the parser).
+
+    ``memo``: name -> key of the bundle's previous load (hashing costs ~1 µs a name; a new
+    version of a bundle mostly repeats its names). It is updated in place to hold exactly
+    this load's names, so it never grows beyond one bundle's names.
+    """
+    return compile_part(parse_bundle(data, path=path, limits=limits), bundle_index, memo)
 
 
 class _Names:
     """Per-build memo of name -> key (released with the part: no daemon-wide name memory)."""
 
-    def __init__(self) -> None:
+    def __init__(self, previous: dict[str, int] | None = None) -> None:
+        self.previous = previous or {}
         self.keys: dict[str, int] = {}
         self.by_key: dict[int, str] = {}
         self.collisions: list[str] = []
@@ -114,7 +125,10 @@ class _Names:
         return np.unique(out)
 
     def _learn(self, name: str) -> int:
-        key = self.keys[name] = name_key(name)
+        key = self.previous.get(name)
+        if key is None:
+            key = name_key(name)
+        self.keys[name] = key
         other = self.by_key.setdefault(key, name)
         if other != name:
             self.collisions.append(f"feature key collision {key:#018x}: {other}, {name} "
@@ -133,10 +147,11 @@ class _Names:
 class _Compiler:
     """Writes the Model tables of one bundle bottom-up into its own builder."""
 
-    def __init__(self, parsed: ParsedBundle, bundle_index: int) -> None:
+    def __init__(self, parsed: ParsedBundle, bundle_index: int,
+                 memo: dict[str, int] | None) -> None:
         n_inputs = sum(len(mv.input_names) for vs in parsed.models.values() for mv in vs)
         self.b = flatbuffers.Builder(max(1024, n_inputs * 8 + len(parsed.models) * 128))
-        self.names = _Names()
+        self.names = _Names(memo)
         self.lists: dict[tuple[str, ...], tuple[int, int, int]] = {}  # -> vec, count, digest
         self.strings: dict[str, int] = {}
         index_vec = self.b.CreateNumpyVector(np.array([bundle_index], dtype=_U16))
@@ -184,9 +199,11 @@ class _Compiler:
         return int(FbVersion.End(b))
 
 
-def compile_part(parsed: ParsedBundle, bundle_index: int) -> BundlePart:
-    """Compile a validated bundle into its :class:`BundlePart`."""
-    c = _Compiler(parsed, bundle_index)
+def compile_part(parsed: ParsedBundle, bundle_index: int,
+                 memo: dict[str, int] | None = None) -> BundlePart:
+    """Compile a validated bundle into its :class:`BundlePart` (``memo``: see
+    :func:`build_part`)."""
+    c = _Compiler(parsed, bundle_index, memo)
     names = sorted(parsed.models)
     offsets, starts = [], [0]
     for name in names:
@@ -196,9 +213,12 @@ def compile_part(parsed: ParsedBundle, bundle_index: int) -> BundlePart:
     c.b.Prep(_ALIGN, 0)
     block = bytes(c.b.Bytes[c.b.Head():])
     feat_keys, name_offsets, feat_names = c.names.table()
+    if memo is not None:
+        memo.clear()
+        memo.update(c.names.keys)
     return BundlePart(
         sha256=parsed.sha256, warnings=parsed.warnings, bundle_index=bundle_index,
-        block=block, index_pos=c.index_pos, model_names=tuple(names),
+        block=block, block_crc=checksum(block), index_pos=c.index_pos, model_names=tuple(names),
         model_keys=np.fromiter((name_key(n) for n in names), dtype=KEY_DTYPE,
                                count=len(names)),
         model_offsets=np.array(offsets, dtype=_U32),
