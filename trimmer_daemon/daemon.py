@@ -1,8 +1,15 @@
-"""The trimmer daemon's main loop: watch -> reload bundle -> consolidate -> compile -> publish.
+"""The trimmer daemon's main loop: watch -> reload bundle -> assemble the blob -> publish.
 
 Runs in the daemon process, single-threaded (the metrics HTTP server is prometheus_client's
-own thread). Signal handlers only set flags and wake the loop through ``signal.set_wakeup_fd``;
-the loop does the work (``handle_hup`` / ``handle_term``).
+own thread; big bundle files are parsed in the parse worker *process*, see
+:mod:`trimmer_daemon.loader`). Signal handlers only set flags and wake the loop through
+``signal.set_wakeup_fd``; the loop does the work (``handle_hup`` / ``handle_term``). The loop
+waits in one ``select()`` on the inotify fd, the wake-up pipe and the parse worker's pipe,
+with a timeout to the next heartbeat, hold deadline or due publication.
+
+Each bundle's share of the map is compiled once per load (:mod:`trimmer_daemon.parts`);
+a publication only writes the root and references the unchanged parts
+(:mod:`trimmer_daemon.assemble`), so its cost follows what changed.
 
 Guarantees (SPEC §5, §9, §11):
 - start is never blocked: the first generation is published even if every bundle is broken

@@ -111,37 +111,53 @@ def build_part(data: bytes, *, path: str, limits: Limits, bundle_index: int,
 
 
 class _Names:
-    """Per-build memo of name -> key (released with the part: no daemon-wide name memory)."""
+    """Per-build memo of name -> key (released with the part: no daemon-wide name memory).
+
+    Per-name work stays in C (dict lookups through ``map``); only names new to the bundle
+    are hashed, and collisions are found once, by numpy, when the name table is built.
+    """
 
     def __init__(self, previous: dict[str, int] | None = None) -> None:
         self.previous = previous or {}
         self.keys: dict[str, int] = {}
-        self.by_key: dict[int, str] = {}
         self.collisions: list[str] = []
 
     def keys_of(self, names: tuple[str, ...]) -> np.ndarray:
-        memo, learn = self.keys, self._learn
-        out = np.array([memo.get(n) or learn(n) for n in names], dtype=KEY_DTYPE)
-        return np.unique(out)
-
-    def _learn(self, name: str) -> int:
-        key = self.previous.get(name)
-        if key is None:
-            key = name_key(name)
-        self.keys[name] = key
-        other = self.by_key.setdefault(key, name)
-        if other != name:
-            self.collisions.append(f"feature key collision {key:#018x}: {other}, {name} "
-                                   "(both are kept wherever either is allowed)")
-        return key
+        memo = self.keys
+        for name in [n for n in names if n not in memo]:
+            key = self.previous.get(name)
+            memo[name] = name_key(name) if key is None else key
+        return np.unique(np.fromiter(map(memo.__getitem__, names), dtype=KEY_DTYPE,
+                                     count=len(names)))
 
     def table(self) -> tuple[np.ndarray, np.ndarray, bytes]:
-        keys = sorted(self.by_key)
-        encoded = [self.by_key[k].encode("utf-8") for k in keys]
-        offsets = np.zeros(len(encoded) + 1, dtype=_U32)
-        np.cumsum(np.fromiter(map(len, encoded), dtype=_U32, count=len(encoded)),
-                  out=offsets[1:])
-        return np.array(keys, dtype=KEY_DTYPE), offsets, b"".join(encoded)
+        names = list(self.keys)
+        keys = np.fromiter(self.keys.values(), dtype=KEY_DTYPE, count=len(names))
+        order = np.argsort(keys, kind="stable")
+        keys = keys[order]
+        ordered = [names[i] for i in order.tolist()]
+        if keys.size > 1:
+            same = np.flatnonzero(keys[1:] == keys[:-1])
+            for i in same.tolist():
+                self.collisions.append(
+                    f"feature key collision {int(keys[i]):#018x}: {ordered[i]}, "
+                    f"{ordered[i + 1]} (both are kept wherever either is allowed)")
+            if same.size:  # keep the first name of each key: the table is keyed by key
+                keep = np.ones(keys.size, dtype=bool)
+                keep[same + 1] = False
+                keys = keys[keep]
+                ordered = [n for n, k in zip(ordered, keep.tolist(), strict=True) if k]
+        joined = "".join(ordered)
+        if joined.isascii():  # byte lengths are character lengths: no per-name encode
+            lengths = np.fromiter(map(len, ordered), dtype=np.int64, count=len(ordered))
+            blob = joined.encode("ascii")
+        else:
+            encoded = [n.encode("utf-8") for n in ordered]
+            lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+            blob = b"".join(encoded)
+        offsets = np.zeros(len(ordered) + 1, dtype=_U32)
+        np.cumsum(lengths, out=offsets[1:], dtype=_U32)
+        return keys, offsets, blob
 
 
 class _Compiler:
