@@ -19,6 +19,9 @@ from pathlib import Path
 
 import pytest
 from daemon_helpers import (
+    F1,
+    F2,
+    F3,
     ROOT,
     DaemonProc,
     bundle_state,
@@ -26,24 +29,18 @@ from daemon_helpers import (
     model_doc,
     remove_segments,
     replace_bundle,
+    two_bundles,
     wait_for,
-    write_bundle,
 )
 
 from flatbuffers_schema.atomic_file import write_atomic
 from flatbuffers_schema.shm_layout import SHM_DIR, lock_file, segment_files
 from root_worker.featuremap.live_map import LiveMap
 
-F1, F2, F3 = ["a", "b"], ["a", "c", "d"], ["x", "y", "z"]
-
 
 @pytest.fixture
 def bundles(tmp_path: Path) -> dict[str, Path]:
-    paths = {"ads": tmp_path / "ads" / "module_info.json",
-             "feed": tmp_path / "feed" / "module_info.json"}
-    write_bundle(paths["ads"], model_doc("ctr", "1", F1))
-    write_bundle(paths["feed"], model_doc("rank", "1", F3))
-    return paths
+    return two_bundles(tmp_path)
 
 
 def _cmd(prefix: str, bundles: dict[str, Path], *extra: str) -> list[str]:
@@ -432,6 +429,35 @@ def test_a_huge_bundle_stalls_neither_heartbeat_nor_other_bundles(
         err = bundle_state(view, "huge")["error"]
         assert "parse memory limit of 314572800 bytes (max_parse_memory)" in err
         assert features_of(view, "ctr") == F1 and d.proc.poll() is None
+    finally:
+        d.close()
+        remove_segments(shm_prefix)
+
+
+# -- item 5: the blob holds only live names --------------------------------------------------
+
+
+def test_churned_feature_names_leave_the_blob(shm_prefix: str, bundles: dict[str, Path],
+                                              tmp_path: Path) -> None:
+    from flatbuffers_schema.fmap.FeatureMap import FeatureMap
+    d = DaemonProc(shm_prefix, bundles, tmp_path / "d.log")
+    try:
+        d.wait_view(lambda v: v.model_count == 2)
+        first_size = d.live.reader.poll().size  # type: ignore[union-attr]
+        sizes = []
+        for k in range(1, 21):  # 20 x 2000 names that are served once, then never again
+            names = [f"churn_{k:03d}_{i:04d}" for i in range(2000)]
+            replace_bundle(bundles["feed"], model_doc("rank", f"c{k}", names))
+            d.wait_view(lambda v, k=k: v.resolve("rank").version == f"c{k}")
+            sizes.append(d.live.reader.poll().size)  # type: ignore[union-attr]
+        replace_bundle(bundles["feed"], model_doc("rank", "final", F3))
+        d.wait_view(lambda v: v.resolve("rank").version == "final")
+        snapshot = d.live.reader.poll()
+        assert snapshot is not None
+        root = FeatureMap.GetRootAs(bytes(snapshot.buffer), 0)
+        assert root.FeatureKeysLength() == len(set(F1) | set(F3))  # live names only
+        assert max(sizes) - min(sizes) < 1024  # no growth with the churn
+        assert snapshot.size <= first_size + 64  # back to the size of the same content
     finally:
         d.close()
         remove_segments(shm_prefix)

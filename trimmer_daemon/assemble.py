@@ -37,18 +37,18 @@ from dataclasses import dataclass
 import flatbuffers
 import numpy as np
 
-from flatbuffers_schema.feature_map import FILE_IDENTIFIER
-from flatbuffers_schema.fmap import FeatureMap as FbMap
 from flatbuffers_schema.keys import KEY_DTYPE
 from flatbuffers_schema.shm_layout import checksum, checksum_combine
 from trimmer_daemon.bundle.parse import version_sort_key
 from trimmer_daemon.compiler import (
     BundleStatusRecord,
+    RootHeader,
     _bundle,
     _model,
     _Shared,
     _string_vector,
     _table_vector,
+    finish_root,
 )
 from trimmer_daemon.consolidate import IndexedVersion, VersionEntry, _merge
 from trimmer_daemon.parts import BundlePart
@@ -101,19 +101,9 @@ class Assembler:
         feat_vec, off_vec = b.CreateNumpyVector(feat_keys), b.CreateNumpyVector(name_offsets)
         names_vec = b.CreateByteVector(feat_names)
         conflicts_vec = _string_vector(b, [*reports, *problems])
-        FbMap.Start(b)
-        FbMap.AddGeneration(b, generation)
-        FbMap.AddBuiltAtNs(b, built_at_ns)
-        FbMap.AddDaemonPid(b, daemon_pid)
-        FbMap.AddBundles(b, bundles_vec)
-        FbMap.AddModels(b, models_vec)
-        FbMap.AddModelKeys(b, keys_vec)
-        FbMap.AddModelSlots(b, slots_vec)
-        FbMap.AddFeatureKeys(b, feat_vec)
-        FbMap.AddNameOffsets(b, off_vec)
-        FbMap.AddFeatureNames(b, names_vec)
-        FbMap.AddConflicts(b, conflicts_vec)
-        b.Finish(FbMap.End(b), file_identifier=FILE_IDENTIFIER)
+        finish_root(b, RootHeader(generation, built_at_ns, daemon_pid),
+                    (bundles_vec, models_vec, keys_vec, slots_vec, feat_vec, off_vec,
+                     names_vec, conflicts_vec))
         head = memoryview(b.Bytes)[b.Head():]
         crc = checksum(head)
         for part in reversed(live):  # the last spliced block comes right after the head

@@ -9,13 +9,15 @@ nothing, and its memory has a hard bound: the child sets ``RLIMIT_DATA`` to
 :class:`BundleError` (the child's ``MemoryError``) instead of swapping the host or waking
 the OOM killer.
 
-Protocol (one job at a time, parent side non-blocking except for the pipe copies):
-``submit()`` sends ``(job_id, path, limits, bundle_index)`` then the file bytes; the child
-answers ``(job_id, BundlePart | BundleError)``. The parent waits on :meth:`fileno` in its
-``select()`` and calls :meth:`collect`. Every job has a deadline (``timeout_s``): a child
-that exceeds it, or dies, is killed and the job fails with an error naming the file; the
-next job starts a fresh child. The child is started lazily with the ``spawn`` method (a
-clean interpreter: no inherited locks, fds or threads of the daemon).
+Protocol (one job at a time, parent side non-blocking except for the pipe copies): the
+child first says ``"ready"`` (its imports take a second or two on a busy host: the parent
+must not block on a pipe nobody reads meanwhile, so a job submitted before that waits in
+the parent); then ``submit()`` sends ``(job_id, path, limits, bundle_index)`` and the file
+bytes, and the child answers ``(job_id, BundlePart | BundleError)``. The parent waits on
+:meth:`fileno` in its ``select()`` and calls :meth:`collect`. Every job has a deadline
+(``timeout_s``): a child that exceeds it, or dies, is killed and the job fails with an error
+naming the file; the next job starts a fresh child. The child is started lazily with the
+``spawn`` method (a clean interpreter: no inherited locks, fds or threads of the daemon).
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ class ParseWorker:
         self._proc: Any = None
         self._conn: multiprocessing.connection.Connection | None = None
         self._job: Job | None = None
+        self._ready = False  # the child said "ready": sending cannot block on its imports
+        self._unsent: tuple[tuple[int, str, Limits, int], bytes] | None = None
         self._next_id = 0
         self.restarts = 0
 
@@ -80,14 +84,21 @@ class ParseWorker:
         assert self._conn is not None
         self._next_id += 1
         job = Job(self._next_id, name, path, time.monotonic())
+        self._job, self._unsent = job, ((job.job_id, path, limits, bundle_index), data)
+        if self._ready:
+            self._send()
+        return job
+
+    def _send(self) -> None:
+        assert self._conn is not None and self._unsent is not None and self._job is not None
+        (header, data), self._unsent = self._unsent, None
         try:
-            self._conn.send((job.job_id, path, limits, bundle_index))
+            self._conn.send(header)
             self._conn.send_bytes(data)
         except OSError as exc:
+            path = self._job.path
             self._kill(f"send failed: {exc}")
             raise BundleError(path, "$", f"parse worker unavailable: {exc}") from None
-        self._job = job
-        return job
 
     def collect(self) -> tuple[Job, BundlePart | BundleError] | None:
         """The finished job and its result, or None if not finished (never blocks long:
@@ -102,7 +113,15 @@ class ParseWorker:
         if not conn.poll(0):
             return None
         try:
-            job_id, result = conn.recv()
+            message = conn.recv()
+            if message == "ready":
+                self._ready = True
+                if self._unsent is not None:
+                    self._send()
+                return None
+            job_id, result = message
+        except BundleError as exc:  # _send() failed: the job is over
+            return job, exc
         except (EOFError, OSError) as exc:
             code = self._proc.exitcode if self._proc is not None else None
             self._kill(f"died: {exc!r}")
@@ -116,7 +135,7 @@ class ParseWorker:
 
     def close(self) -> None:
         """Stop the child (if any). Idempotent."""
-        self._job = None
+        self._job, self._unsent, self._ready = None, None, False
         conn, proc = self._conn, self._proc
         self._conn = self._proc = None
         if conn is not None:
@@ -138,7 +157,7 @@ class ParseWorker:
                                  name="trimmer-parse-worker", daemon=True)
         proc.start()
         child.close()
-        self._proc, self._conn = proc, parent
+        self._proc, self._conn, self._ready = proc, parent, False
         log.info("parse worker started pid=%d max_memory=%d", proc.pid, self.max_memory)
 
     def _kill(self, why: str) -> None:
@@ -150,7 +169,7 @@ class ParseWorker:
         if self._conn is not None:
             self._conn.close()
         self._proc = self._conn = None
-        self._job = None
+        self._job, self._unsent, self._ready = None, None, False
 
 
 def _serve(conn: multiprocessing.connection.Connection, max_memory: int) -> None:
@@ -161,6 +180,7 @@ def _serve(conn: multiprocessing.connection.Connection, max_memory: int) -> None
     except (OSError, ValueError) as exc:  # e.g. a seccomp filter without setrlimit
         refusal = (f"the parse memory bound (max_parse_memory={max_memory}) cannot be "
                    f"enforced: setrlimit(RLIMIT_DATA) failed: {exc}; not parsing")
+    conn.send("ready")  # our imports are done
     while True:
         try:
             job_id, path, limits, bundle_index = conn.recv()

@@ -188,9 +188,11 @@ class Publisher:
         self._ctl_problem = ""  # why the control segment is unavailable ("" = fine)
         self.control_recreations = 0
         self.forced_reclaims = 0
+        self._started = False
         try:
             self._take_lock()
             self._start_control()
+            self._started = True
             self._recover()
             self.heartbeat()
         except BaseException:
@@ -417,20 +419,26 @@ class Publisher:
         name = L.control_name(self.prefix)
         try:
             self._open_control(name)
-        except PublisherLockedError:
-            raise
+        except PublisherLockedError as exc:
+            if not self._started:
+                raise  # at start: refuse to run beside whoever locks the control segment
+            raise self._control_failed(f"cannot re-create control segment {name}: {exc}") \
+                from exc
         except (posix_ipc.Error, OSError) as exc:
-            self._drop_control()
-            problem = f"cannot open control segment {name}: {exc}"
-            if problem != self._ctl_problem:
-                log.error("%s; retrying", problem)
-            self._ctl_problem = problem
-            raise PublishError(problem) from exc
+            raise self._control_failed(f"cannot open control segment {name}: {exc}") from exc
         if self._ctl_problem:
             log.info("control segment %s available again", name)
         self._ctl_problem = ""
         assert self._ctl is not None
         return self._ctl
+
+    def _control_failed(self, problem: str) -> PublishError:
+        """Forget the half-opened control, log the problem once, return the error."""
+        self._drop_control()
+        if problem != self._ctl_problem:
+            log.error("%s; retrying", problem)
+        self._ctl_problem = problem
+        return PublishError(problem)
 
     def _open_control(self, name: str) -> None:
         shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREAT, mode=self.mode)
