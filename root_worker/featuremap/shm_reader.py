@@ -272,7 +272,7 @@ class ShmReader:
                     f"bytes, control says {record.blob_size}"
                 )
             if st.st_blocks * _BLOCK_BYTES < record.blob_size:
-                # The daemon allocates every page (posix_fallocate) before it flips; a sparse
+                # The daemon writes (so allocates) every page before it flips; a sparse
                 # segment is not one of its blobs, and mapping + checksumming it would cost
                 # its whole declared size.
                 raise _VerifyError(
