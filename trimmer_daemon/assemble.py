@@ -87,7 +87,8 @@ class Assembler:
         """The blob of ``parts`` (position i = bundle i of ``statuses``; None = no content)."""
         live = [p for p in parts if p is not None]
         n_models = sum(p.model_count for p in live)
-        b = flatbuffers.Builder(n_models * _ROOT_BYTES_PER_MODEL + 4096)
+        names_bytes = sum(len(p.feature_names) + 12 * p.feature_keys.size for p in live)
+        b = flatbuffers.Builder(n_models * _ROOT_BYTES_PER_MODEL + names_bytes + 4096)
         ends = np.cumsum([0] + [len(p.block) for p in live]).tolist()
         tail = ends.pop()  # the blocks' total length: the head's offsets are shifted by it
         names, offsets, keys, versions, conflicts = _models(b, live, ends, tail, statuses)

@@ -260,7 +260,10 @@ class Publisher:
         self._generation, self._record, self._floor = generation, record, generation
         if previous is not None:
             self._retired.append(_Retired(previous.generation, now, previous.blob_size))
-        self._make_room(0)  # the bounds hold relative to the new current blob too
+        # The bounds hold relative to the new current blob too; and make room for a next
+        # blob of the same size now, after the flip, so the next publication rarely has to
+        # unlink (~2 ms for a 5 MB segment) before its own flip.
+        self._make_room(size)
         self._write_heartbeat(now)
         log.info("published prefix=%s generation=%d size=%d", self.prefix, generation, size)
         self.reclaim()
