@@ -56,6 +56,7 @@ from typing import NamedTuple
 import posix_ipc
 
 from flatbuffers_schema import shm_layout as L
+from trimmer_daemon.instance_lock import InstanceLock, LockHeld, LockUnusable
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +69,6 @@ DEFAULT_MAX_SEGMENTS = 8
 DEFAULT_MAX_BYTES_FACTOR = 4.0
 """Generation bytes that may exist at once, as a multiple of the larger of the current and
 the new blob."""
-LOCK_FILE_MODE = 0o644
-"""Anyone may read the holder's pid from the lock file; only the daemon's user writes it."""
-_LOCK_ATTEMPTS = 3
-"""Bounded retries when a predecessor's ``cleanup()`` unlinks the lock file under us."""
 _FATAL_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
 """Control-segment errors that retrying cannot fix: refuse to start."""
 
@@ -131,18 +128,10 @@ def _pwrite_all(fd: int, data: memoryview, offset: int = 0) -> None:
         done += written
 
 
-def _read_pid(fd: int) -> int | None:
-    try:
-        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None
-
-
 class Publisher:
     """Single writer of one shm prefix. Runs in the daemon process only; not thread-safe."""
 
-    _lock_fd: int = -1  # half-built objects are safe to close()
+    _lock: InstanceLock | None = None  # half-built objects are safe to close()
     _ctl_fd: int = -1
     _ctl: mmap.mmap | None = None
 
@@ -175,7 +164,8 @@ class Publisher:
         self.grace_s = grace_s
         self.max_segments = max_segments
         self.max_bytes_factor = max_bytes_factor
-        self.lock_path = L.lock_file(self.prefix, lock_dir)
+        self._lock = InstanceLock(self.prefix, lock_dir)
+        self.lock_path = self._lock.path
         self._gid = _resolve_gid(group)
         self._clock = clock
         self._pid = os.getpid() if pid is None else pid
@@ -324,9 +314,8 @@ class Publisher:
     def close(self) -> None:
         """Release the locks and unmap; the control and current blob stay for the workers."""
         self._drop_control()
-        fd, self._lock_fd = self._lock_fd, -1
-        if fd >= 0:
-            os.close(fd)  # drops the single-instance flock
+        if self._lock is not None:
+            self._lock.release()
 
     def cleanup(self) -> None:
         """Unlink every segment of this prefix (blobs and control) and the lock file, then
@@ -344,10 +333,8 @@ class Publisher:
         for generation in sorted(generations - {0}):
             _unlink(L.blob_name(self.prefix, generation))
         _unlink(L.control_name(self.prefix))
-        try:
-            os.unlink(self.lock_path)  # still held: a waiting successor re-checks the inode
-        except FileNotFoundError:
-            pass
+        if self._lock is not None:
+            self._lock.remove()  # still held: a starting successor re-checks the inode
         log.info("cleaned up prefix=%s", self.prefix)
         self._retired = []
         self.close()
@@ -361,42 +348,17 @@ class Publisher:
     # -- the lock -----------------------------------------------------------------------
 
     def _require_open(self) -> None:
-        if self._lock_fd < 0:
+        if self._lock is None or not self._lock.held:
             raise PublisherError(f"publisher for shm prefix {self.prefix!r} is closed")
 
     def _take_lock(self) -> None:
-        path = self.lock_path
-        for _ in range(_LOCK_ATTEMPTS):
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
-                             LOCK_FILE_MODE)
-            except OSError as exc:
-                raise PublisherError(
-                    f"cannot open lock file {path}: {exc.strerror or exc} (set lock_dir to a "
-                    "writable directory that nobody cleans while the daemon runs)") from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = _read_pid(fd)
-                os.close(fd)
-                raise PublisherLockedError(self.prefix, holder, path) from None
-            if self._same_file(fd, path):
-                self._lock_fd = fd
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f"{self._pid}\n".encode(), 0)
-                return
-            os.close(fd)  # the predecessor's cleanup() unlinked it between open and flock
-        raise PublisherError(f"lock file {path} keeps being replaced; is another daemon "
-                             "starting and cleaning up in a loop?")
-
-    @staticmethod
-    def _same_file(fd: int, path: str) -> bool:
+        assert self._lock is not None
         try:
-            st = os.stat(path, follow_symlinks=False)
-        except FileNotFoundError:
-            return False
-        mine = os.fstat(fd)
-        return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+            self._lock.acquire(self._pid)
+        except LockHeld as exc:
+            raise PublisherLockedError(self.prefix, exc.holder_pid, exc.path) from None
+        except LockUnusable as exc:
+            raise PublisherError(str(exc)) from None
 
     # -- the control segment ------------------------------------------------------------
 
