@@ -46,6 +46,19 @@ def model_doc(model: str, version: str, features: list[str]) -> dict:
     return {model: [{"version": version, "input_names": features}]}
 
 
+F1, F2, F3 = ["a", "b"], ["a", "c", "d"], ["x", "y", "z"]
+"""The allowlists of the two-bundle fixture (``ads``: ctr/1 = F1, ``feed``: rank/1 = F3)."""
+
+
+def two_bundles(tmp_path: Path) -> dict[str, Path]:
+    """Bundles ``ads`` (model ctr, version 1, F1) and ``feed`` (rank, 1, F3) on disk."""
+    paths = {"ads": tmp_path / "ads" / "module_info.json",
+             "feed": tmp_path / "feed" / "module_info.json"}
+    write_bundle(paths["ads"], model_doc("ctr", "1", F1))
+    write_bundle(paths["feed"], model_doc("rank", "1", F3))
+    return paths
+
+
 class DaemonProc:
     """A trimmer-daemon in its own process group, logging to a file."""
 
@@ -63,7 +76,8 @@ class DaemonProc:
         cmd += extra or []
         self._log = open(log_path, "ab")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True, env={**os.environ, **(env or {})})
+                                     start_new_session=True, env={**os.environ, **(env or {})},
+                                     preexec_fn=stack.die_with_parent)  # no orphan daemons
         self.live = LiveMap(prefix)
 
     def log(self) -> str:

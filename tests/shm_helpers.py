@@ -217,6 +217,26 @@ def _fsize(prefix: str, limit: int, size: int) -> int:
     return 0
 
 
+def _fsize_start(prefix: str) -> int:
+    """Start a publisher while its control segment cannot be written (a full /dev/shm),
+    then make room and publish."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.RLIM_INFINITY))
+    publisher = Publisher(prefix)  # must not raise
+    result: dict[str, object] = {"first_error": publisher.control_problem}
+    try:
+        publisher.publish(b"x" * 100)
+    except PublishError as exc:
+        result["publish_error"] = str(exc)
+    result["problem_while_full"] = bool(publisher.control_problem)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    result["generation"] = publisher.publish(make_blob(1))
+    result["problem_after"] = publisher.control_problem
+    publisher.close()
+    print(json.dumps(result), flush=True)
+    return 0
+
+
 def main(argv: list[str]) -> int:
     role, prefix, *rest = argv
     if role == "writer":
@@ -227,6 +247,8 @@ def main(argv: list[str]) -> int:
         return _holder(prefix)
     if role == "fsize":
         return _fsize(prefix, int(rest[0]), int(rest[1]))
+    if role == "fsize_start":
+        return _fsize_start(prefix)
     raise SystemExit(f"unknown role {role!r}")
 
 

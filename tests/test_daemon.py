@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 from daemon_helpers import (
+    F1,
+    F2,
+    F3,
     ROOT,
     DaemonProc,
     bundle_state,
@@ -19,20 +22,15 @@ from daemon_helpers import (
     model_doc,
     remove_segments,
     replace_bundle,
+    two_bundles,
     wait_for,
     write_bundle,
 )
 
-F1, F2, F3 = ["a", "b"], ["a", "c", "d"], ["x", "y", "z"]
-
 
 @pytest.fixture
 def bundles(tmp_path: Path) -> dict[str, Path]:
-    paths = {"ads": tmp_path / "ads" / "module_info.json",
-             "feed": tmp_path / "feed" / "module_info.json"}
-    write_bundle(paths["ads"], model_doc("ctr", "1", F1))
-    write_bundle(paths["feed"], model_doc("rank", "1", F3))
-    return paths
+    return two_bundles(tmp_path)
 
 
 @pytest.fixture

@@ -339,7 +339,7 @@ def test_uninitialised_or_foreign_control(prefix: str, publishers: list) -> None
 
 def test_reclaim_after_grace_keeps_old_mapping_readable(prefix: str, publishers: list) -> None:
     clock = H.FakeClock()
-    pub = Publisher(prefix, grace_s=10.0, clock=clock)
+    pub = Publisher(prefix, grace_s=10.0, clock=clock, max_bytes_factor=1e6)  # grace only
     publishers.append(pub)
     reader = ShmReader(prefix)
     pub.publish(H.make_blob(1, 64 * 1024))
@@ -369,7 +369,7 @@ def test_reclaim_after_grace_keeps_old_mapping_readable(prefix: str, publishers:
 
 def test_restart_continues_sequence_and_reclaims_leftovers(prefix: str, publishers: list) -> None:
     clock = H.FakeClock()
-    pub = Publisher(prefix, clock=clock)
+    pub = Publisher(prefix, clock=clock, max_bytes_factor=1e6)
     for generation in (1, 2, 3):
         pub.publish(H.make_blob(generation))
     pub.close()  # a daemon that exits leaves its map in place
@@ -381,7 +381,7 @@ def test_restart_continues_sequence_and_reclaims_leftovers(prefix: str, publishe
     crashed = posix_ipc.SharedMemory(f"/{prefix}.g4", posix_ipc.O_CREX, mode=0o640)
     os.write(crashed.fd, b"half a blo")
     crashed.close_fd()
-    successor = Publisher(prefix, clock=clock)
+    successor = Publisher(prefix, clock=clock, max_bytes_factor=1e6)
     publishers.append(successor)
     assert successor.generation == 3
     assert f"{prefix}.g4" not in H.shm_names(prefix)
@@ -392,7 +392,7 @@ def test_restart_continues_sequence_and_reclaims_leftovers(prefix: str, publishe
 
 
 def test_cleanup_removes_everything_and_readers_let_go(prefix: str) -> None:
-    pub = Publisher(prefix, grace_s=3600)
+    pub = Publisher(prefix, grace_s=3600, max_bytes_factor=1e6)
     reader = ShmReader(prefix)
     for generation in range(1, 6):
         pub.publish(H.make_blob(generation))
@@ -485,4 +485,120 @@ def test_publish_fails_cleanly_when_space_runs_out(prefix: str) -> None:
     assert result["segments_after_failure"] == [f"{prefix}.ctl", f"{prefix}.g1"]
     assert result["retry"] == 2  # the next attempt, with room, succeeds
     assert H.check_blob(reader.poll().buffer, 2, 4096) is None
+    Publisher(prefix).cleanup()
+
+
+# -- hardening (issue #11) ----------------------------------------------------------------
+
+
+def test_sparse_segment_is_rejected_before_mapping(prefix: str, publishers: list) -> None:
+    """A slot naming a huge sparse segment: the reader checks allocation, not just length."""
+    pub = Publisher(prefix)
+    publishers.append(pub)
+    reader = ShmReader(prefix)
+    pub.publish(b"good generation one")
+    assert reader.poll().generation == 1
+    huge = 256 << 20
+    sparse = posix_ipc.SharedMemory(f"/{prefix}.g2", posix_ipc.O_CREX, mode=0o640)
+    os.ftruncate(sparse.fd, huge)  # no page allocated
+    sparse.close_fd()
+    ctl = _rw_control(prefix)
+    ctl[L.slot_offset(2) : L.slot_offset(2) + L.SLOT_SIZE] = L.encode_slot(
+        L.SlotRecord(2, huge, 1, 0, os.getpid()))
+    ctl[L.OFF_ACTIVE : L.OFF_ACTIVE + 8] = L.encode_active(2)
+    ctl.close()
+    snapshot = reader.poll()
+    assert snapshot.generation == 1 and bytes(snapshot.buffer) == b"good generation one"
+    assert reader.stats.verify_failures == 1 and "sparse" in reader.stats.last_error
+    assert f"0 of {huge} bytes allocated" in reader.stats.last_error
+
+
+def test_generation_segments_stay_within_count_and_byte_bounds(prefix: str,
+                                                                publishers: list) -> None:
+    clock = H.FakeClock()
+    pub = Publisher(prefix, grace_s=3600, clock=clock, max_segments=4, max_bytes_factor=3)
+    publishers.append(pub)
+    reader = ShmReader(prefix)
+    for generation in range(1, 41):
+        size = 1000 if generation % 7 else 20_000  # an occasional big one
+        pub.publish(bytes([generation % 256]) * size)
+        blobs = [n for n in H.shm_names(prefix) if not n.endswith(".ctl")]
+        sizes = [os.stat(_path(n)).st_size for n in blobs]
+        assert len(blobs) <= 4, blobs
+        assert sum(sizes) <= 3 * size, (generation, sizes)  # 3x the current blob
+        assert reader.poll().generation == generation
+    assert pub.forced_reclaims > 0
+    with pytest.raises(ValueError, match="max_segments"):
+        Publisher(prefix + "x", max_segments=1)
+
+
+def test_restart_reclaims_what_a_fast_restart_loop_left(prefix: str, publishers: list) -> None:
+    """Grace runs from the current generation's publication, not from each restart."""
+    clock = H.FakeClock()
+    for generation in range(1, 11):  # ten daemons, each publishes once and exits at once
+        pub = Publisher(prefix, clock=clock, grace_s=10.0, max_segments=100,
+                        max_bytes_factor=1e6)
+        assert pub.publish(H.make_blob(generation)) == generation
+        pub.close()
+        clock.now += 0.5
+    assert len(H.shm_names(prefix)) == 1 + 10  # nothing could be reclaimed yet
+    clock.now += 10.0  # the grace has passed since generation 10 was published
+    successor = Publisher(prefix, clock=clock, grace_s=10.0)
+    publishers.append(successor)
+    assert H.shm_names(prefix) == [f"{prefix}.ctl", f"{prefix}.g10"]
+    assert ShmReader(prefix).poll().generation == 10
+
+
+def test_lock_survives_dev_shm_being_cleaned(prefix: str, publishers: list,
+                                             tmp_path: Path) -> None:
+    pub = Publisher(prefix, lock_dir=str(tmp_path))
+    publishers.append(pub)
+    pub.publish(b"one")
+    for name in H.shm_names(prefix):  # rm /dev/shm/<prefix>.*
+        os.unlink(_path(name))
+    with pytest.raises(PublisherLockedError) as info:
+        Publisher(prefix, lock_dir=str(tmp_path))
+    assert info.value.holder_pid == os.getpid()
+    assert str(tmp_path / f"feature-trimmer.{prefix}.lock") in str(info.value)
+
+
+def test_heartbeat_recreates_a_removed_or_replaced_control(prefix: str,
+                                                           publishers: list) -> None:
+    clock = H.FakeClock()
+    pub = Publisher(prefix)
+    publishers.append(pub)
+    reader = ShmReader(prefix, clock=clock)
+    pub.publish(b"the map")
+    assert reader.poll().generation == 1
+    os.unlink(_path(f"{prefix}.ctl"))  # removed by hand
+    assert reader.poll().generation == 1  # a worker keeps what it has
+    assert pub.heartbeat() and pub.control_recreations == 1
+    assert not pub.blob_missing()
+    clock.now += 1.0
+    assert bytes(reader.poll().buffer) == b"the map"  # found again, same generation
+    assert reader.stats.control_opens == 2
+    # replaced by a foreign file of the same name
+    os.unlink(_path(f"{prefix}.ctl"))
+    foreign = posix_ipc.SharedMemory(f"/{prefix}.ctl", posix_ipc.O_CREX, mode=0o640)
+    os.write(foreign.fd, b"\0" * L.CTL_SIZE)
+    foreign.close_fd()
+    assert pub.heartbeat() and pub.control_recreations == 2
+    assert pub.publish(b"next") == 2
+    clock.now += 1.0
+    assert bytes(reader.poll().buffer) == b"next"
+    os.unlink(_path(f"{prefix}.g2"))
+    assert pub.blob_missing()
+
+
+def test_control_unavailable_at_start_is_retried_by_publish(prefix: str) -> None:
+    """/dev/shm full at start: the publisher starts anyway; publish retries the control."""
+    child = H.spawn("fsize_start", prefix)
+    try:
+        result = _finish(child)
+    finally:
+        H.reap(child)
+    assert "cannot open control segment" in result["first_error"], result
+    assert result["problem_while_full"] and result["problem_after"] == ""
+    assert result["generation"] == 1
+    assert ShmReader(prefix).poll().generation == 1
     Publisher(prefix).cleanup()

@@ -7,12 +7,15 @@ import os
 import sys
 
 from trimmer_daemon.config import ConfigError, build_parser, resolve
-from trimmer_daemon.daemon import Daemon
+from trimmer_daemon.daemon import Daemon, StartupError
 from trimmer_daemon.publisher import PublisherLockedError
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
 EXIT_LOCKED = 3
+EXIT_STARTUP = 4
+"""Any other start-up failure (lock file or control segment unusable, watcher, signals):
+one CRITICAL line saying what and where, no traceback."""
 
 
 class JournalFormatter(logging.Formatter):
@@ -58,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     except PublisherLockedError as exc:
         logging.getLogger("trimmer_daemon").critical("%s", exc)
         return EXIT_LOCKED
+    except StartupError as exc:
+        logging.getLogger("trimmer_daemon").critical("cannot start: %s", exc)
+        return EXIT_STARTUP
 
 
 if __name__ == "__main__":

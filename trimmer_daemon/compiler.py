@@ -64,20 +64,36 @@ def compile_map(cmap: ConsolidatedMap, bundles: Sequence[BundleStatusRecord], *,
     feat_vec, off_vec = b.CreateNumpyVector(feat_keys), b.CreateNumpyVector(offsets)
     names_vec = b.CreateByteVector(blob)
     conflicts_vec = _string_vector(b, cmap.conflicts)
-    FbMap.Start(b)
-    FbMap.AddGeneration(b, generation)
-    FbMap.AddBuiltAtNs(b, built_at_ns)
-    FbMap.AddDaemonPid(b, daemon_pid)
-    FbMap.AddBundles(b, bundles_vec)
-    FbMap.AddModels(b, models_vec)
-    FbMap.AddModelKeys(b, keys_vec)
-    FbMap.AddModelSlots(b, slots_vec)
-    FbMap.AddFeatureKeys(b, feat_vec)
-    FbMap.AddNameOffsets(b, off_vec)
-    FbMap.AddFeatureNames(b, names_vec)
-    FbMap.AddConflicts(b, conflicts_vec)
-    b.Finish(FbMap.End(b), file_identifier=FILE_IDENTIFIER)
+    finish_root(b, RootHeader(generation, built_at_ns, daemon_pid),
+                (bundles_vec, models_vec, keys_vec, slots_vec, feat_vec, off_vec, names_vec,
+                 conflicts_vec))
     return bytes(b.Output())
+
+
+@dataclass(frozen=True)
+class RootHeader:
+    generation: int
+    built_at_ns: int
+    daemon_pid: int
+
+
+def finish_root(b: flatbuffers.Builder, header: RootHeader, vectors: tuple[int, ...]) -> None:
+    """Write the FeatureMap root and finish the buffer. ``vectors``: the offsets of bundles,
+    models, model_keys, model_slots, feature_keys, name_offsets, feature_names, conflicts."""
+    bundles, models, keys, slots, feat_keys, offsets, names, conflicts = vectors
+    FbMap.Start(b)
+    FbMap.AddGeneration(b, header.generation)
+    FbMap.AddBuiltAtNs(b, header.built_at_ns)
+    FbMap.AddDaemonPid(b, header.daemon_pid)
+    FbMap.AddBundles(b, bundles)
+    FbMap.AddModels(b, models)
+    FbMap.AddModelKeys(b, keys)
+    FbMap.AddModelSlots(b, slots)
+    FbMap.AddFeatureKeys(b, feat_keys)
+    FbMap.AddNameOffsets(b, offsets)
+    FbMap.AddFeatureNames(b, names)
+    FbMap.AddConflicts(b, conflicts)
+    b.Finish(FbMap.End(b), file_identifier=FILE_IDENTIFIER)
 
 
 class _Shared:

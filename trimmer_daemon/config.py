@@ -33,7 +33,7 @@ from typing import Any
 
 from flatbuffers_schema import settings as S
 from flatbuffers_schema.settings import SettingsError, in_range, positive, setting
-from flatbuffers_schema.shm_layout import DEFAULT_SHM_NAME, validate_prefix
+from flatbuffers_schema.shm_layout import DEFAULT_SHM_NAME, LOCK_DIR, validate_prefix
 from trimmer_daemon.bundle.parse import Limits
 
 BUNDLE_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
@@ -95,6 +95,34 @@ class DaemonConfig:
                                   flag="--metrics-listen", metavar="HOST:PORT")
     log_level: str = setting("INFO", S.choice(*LOG_LEVELS), ", ".join(LOG_LEVELS),
                              flag="--log-level")
+    lock_dir: str = setting(
+        LOCK_DIR, S.text, "directory of the single-instance lock file "
+        "feature-trimmer.<shm name>.lock; never /dev/shm (cleaning it must not free the lock)",
+        flag="--lock-dir", metavar="DIR")
+    max_generations: int = setting(
+        8, in_range(int, 2, 4096), "at most this many generation segments exist at once "
+        "(older ones are unlinked before their grace period if needed; at least 2)",
+        flag="--max-generations")
+    max_generation_bytes_factor: float = setting(
+        4.0, in_range(float, 2, 1000), "generation segments hold at most this multiple of the "
+        "larger of the current and the new blob (at least 2)",
+        flag="--max-generation-bytes-factor")
+    status_interval: float = setting(
+        1.0, in_range(float, 0, 3600), "publish status-only changes (a bundle's error text, "
+        "stale/ok) at most this often; map changes are published at once",
+        flag="--status-interval")
+    writer_hold_seconds: float = setting(
+        5.0, in_range(float, 0, 3600), "after an in-place modification, wait this long for "
+        "the writer to close the file before reporting the bundle stale (its content is never "
+        "published while held)", flag="--writer-hold-seconds")
+    inline_parse_bytes: int = setting(
+        1 << 20, in_range(int, 0, 1 << 40), "parse files up to this size in the main loop; "
+        "larger ones in the parse worker process, so the heartbeat and other bundles never "
+        "wait for them", flag="--inline-parse-bytes")
+    max_parse_memory: int = setting(
+        2 << 30, in_range(int, 64 << 20, 1 << 44), "memory limit (bytes, RLIMIT_DATA) of the "
+        "parse worker process; a bundle that needs more is rejected with a clear error "
+        "(about 20x the file size for a file of tiny models)", flag="--max-parse-memory")
 
     limits: Limits = field(default_factory=Limits)
     bundles: dict[str, str] = field(default_factory=dict)
@@ -126,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
                "Signals: SIGHUP re-reads the configuration and rescans every bundle; "
                "SIGTERM/SIGINT stop, leaving the current map in place for the workers. "
                "Exit codes: 0 stopped, 2 bad configuration, 3 another daemon holds the "
-               "shared-memory name.")
+               "shared-memory name (the message names it), 4 any other start-up failure "
+               "(one line says what and where).")
     S.add_version_flag(parser)
     parser.add_argument("--bundle", action="append", default=[], metavar="NAME=PATH",
                         help="a bundle and its module_info.json (repeatable)")

@@ -20,6 +20,9 @@ feature_trimmer_daemon_heartbeat_timestamp_seconds gauge last heartbeat written 
 feature_trimmer_daemon_conflicts                   gauge   conflicting definitions in the map
 feature_trimmer_daemon_watch_rescans_total         counter full rescans (periodic + overflow)
 feature_trimmer_daemon_watch_overflows_total       counter inotify queue overflows
+feature_trimmer_daemon_shm_segments                gauge   generation segments kept (bounded)
+feature_trimmer_daemon_shm_bytes                   gauge   bytes of those segments (bounded)
+feature_trimmer_daemon_control_recreations_total   counter control segment removed and re-created
 =================================================  ======  ======================================
 """
 
@@ -62,6 +65,11 @@ class DaemonMetrics:
                                registry=r)
         self.rescans = Counter(P + "watch_rescans", "Full rescans of every bundle", registry=r)
         self.overflows = Counter(P + "watch_overflows", "inotify queue overflows", registry=r)
+        self.shm_segments = Gauge(P + "shm_segments", "Generation segments kept", registry=r)
+        self.shm_bytes = Gauge(P + "shm_bytes", "Bytes of the generation segments kept",
+                               registry=r)
+        self.control_recreations = Counter(P + "control_recreations",
+                                           "Control segment removed and re-created", registry=r)
 
     def set_bundle_state(self, bundle: str, state: int) -> None:
         for value, name in STATE_NAMES.items():

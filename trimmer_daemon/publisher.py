@@ -6,21 +6,39 @@ The layout, the write order and the read protocol are documented in
 
 Lifecycle contract (after CPython's ``multiprocessing.shared_memory``):
 
-* ``Publisher(prefix)`` opens (creating if needed) the control segment and takes an exclusive
-  ``flock`` on it. The kernel drops the lock when the holder's last fd closes — including on
-  ``kill -9`` — so a crashed daemon never blocks its successor, while a live one makes a
-  second daemon fail with :class:`PublisherLockedError`. The generation sequence continues
-  from the control segment; segments a crashed predecessor left half-made are removed.
-  The lock belongs to the open file description: a child made by a bare ``fork()`` (no
-  exec) shares it and keeps it held after the daemon dies — fork+exec is safe (the fd is
-  close-on-exec).
-* ``publish(blob)`` writes ``.g<N>`` completely through the fd (``posix_fallocate`` +
-  ``pwrite``, so a full ``/dev/shm`` is an ``OSError``, not a ``SIGBUS``), then flips the
-  control block; on failure it removes the half-made segment and raises :class:`PublishError`.
-* ``close()`` releases the lock and leaves the control segment and the current blob for the
+* ``Publisher(prefix)`` first takes an exclusive ``flock`` on the prefix's **lock file**
+  (:func:`flatbuffers_schema.shm_layout.lock_file`, under ``lock_dir``, default
+  ``/run/lock``) and writes its pid into it. The lock does not live in ``/dev/shm``, so an
+  operator cleaning ``/dev/shm`` cannot free it while a daemon runs; the kernel drops it
+  with the holder's last fd -- including on ``kill -9`` -- so a crashed daemon never blocks
+  its successor, while a live one makes a second daemon fail with
+  :class:`PublisherLockedError` naming the holder's pid. The lock belongs to the open file
+  description: a child made by a bare ``fork()`` (no exec) shares it and keeps it held after
+  the daemon dies -- fork+exec is safe (the fd is close-on-exec).
+* It then opens (creating if needed) the control segment and also ``flock``-s it, for
+  ``trimmer-inspect`` (which reports that lock from ``/proc/locks``). The generation
+  sequence continues from the control segment; segments a crashed predecessor left
+  half-made are removed, and generations older than the current one are reclaimed once the
+  grace period has passed since the current one was published (not since this start: a
+  daemon restarted in a loop still reclaims). If the control segment cannot be created
+  (e.g. ``/dev/shm`` full) the publisher still starts; :meth:`publish` retries it.
+* **Self-healing control**: :meth:`heartbeat` checks (``fstat`` link count, inode of the
+  name) that the control segment is still the one at ``/dev/shm/<prefix>.ctl``; one that was
+  removed or replaced is re-created with the current generation, so workers (which re-check
+  the control's inode every second) find the map again. :meth:`blob_missing` says when the
+  current generation's own segment was removed too (the daemon then publishes a new one).
+* ``publish(blob)`` first reclaims superseded generations, before their grace period if
+  needed, so that at most ``max_segments`` generation segments holding at most
+  ``max_bytes_factor`` x the larger of the current and the new blob exist at any time (and,
+  once the new one is current, at most that factor x the new current blob); then
+  writes ``.g<N>`` completely through the fd (``pwrite``, never through a mapping, so a full
+  ``/dev/shm`` is an ``OSError``, not a ``SIGBUS``), then flips the control block; on
+  failure it removes the half-made segment and raises :class:`PublishError`.
+* ``close()`` releases the locks and leaves the control segment and the current blob for the
   workers (a daemon that exits or restarts must not take the map away).
-* ``cleanup()`` unlinks every segment of the prefix. Only the owner unlinks; workers attach
-  read-only and register nothing for cleanup (no ``resource_tracker``).
+* ``cleanup()`` unlinks every segment of the prefix and the lock file. Only the owner
+  unlinks; workers attach read-only and register nothing for cleanup (no
+  ``resource_tracker``).
 """
 
 from __future__ import annotations
@@ -32,12 +50,13 @@ import logging
 import mmap
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import posix_ipc
 
 from flatbuffers_schema import shm_layout as L
+from trimmer_daemon.instance_lock import InstanceLock, LockHeld, LockUnusable
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +64,13 @@ DEFAULT_MODE = 0o640
 """Owner read-write, group (the worker user's) read-only, others nothing."""
 DEFAULT_GRACE_S = 10.0
 """How long a superseded generation stays linked so a slow worker can still attach it."""
-"""Where Linux exposes POSIX shm names as files; used to find leftovers of a crashed run."""
-
+DEFAULT_MAX_SEGMENTS = 8
+"""Generation segments that may exist at once (current + new + superseded ones)."""
+DEFAULT_MAX_BYTES_FACTOR = 4.0
+"""Generation bytes that may exist at once, as a multiple of the larger of the current and
+the new blob."""
+_FATAL_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
+"""Control-segment errors that retrying cannot fix: refuse to start."""
 
 class PublisherError(Exception):
     """Base class of the publisher's errors."""
@@ -55,14 +79,16 @@ class PublisherError(Exception):
 class PublisherLockedError(PublisherError):
     """Another live publisher holds the prefix."""
 
-    def __init__(self, prefix: str, holder_pid: int | None) -> None:
+    def __init__(self, prefix: str, holder_pid: int | None, lock_path: str = "") -> None:
         who = f"pid {holder_pid}" if holder_pid else "an unknown process"
+        where = lock_path or L.lock_file(prefix)
         super().__init__(
             f"shm prefix {prefix!r} is already published by {who} "
-            f"(flock held on {L.control_name(prefix)}); refusing to start a second publisher"
+            f"(lock file {where} held); refusing to start a second publisher"
         )
         self.prefix = prefix
         self.holder_pid = holder_pid
+        self.lock_path = where
 
 
 class PublishError(PublisherError):
@@ -72,6 +98,7 @@ class PublishError(PublisherError):
 class _Retired(NamedTuple):
     generation: int
     retired_at: float  # clock() seconds when it stopped being current
+    size: int
 
 
 def _resolve_gid(group: str | int | None) -> int | None:
@@ -92,19 +119,20 @@ def _unlink(name: str) -> bool:
     return True
 
 
-def _pwrite_all(fd: int, data: memoryview) -> None:
-    offset = 0
-    while offset < len(data):
-        written = os.pwrite(fd, data[offset:], offset)
+def _pwrite_all(fd: int, data: memoryview, offset: int = 0) -> None:
+    done = 0
+    while done < len(data):
+        written = os.pwrite(fd, data[done:], offset + done)
         if written <= 0:
             raise OSError(errno.EIO, "pwrite made no progress")
-        offset += written
+        done += written
 
 
 class Publisher:
     """Single writer of one shm prefix. Runs in the daemon process only; not thread-safe."""
 
-    _ctl_fd: int = -1  # half-built objects are safe to close()
+    _lock: InstanceLock | None = None  # half-built objects are safe to close()
+    _ctl_fd: int = -1
     _ctl: mmap.mmap | None = None
 
     def __init__(
@@ -117,35 +145,51 @@ class Publisher:
         clock: Callable[[], float] = time.time,
         pid: int | None = None,
         shm_dir: str = L.SHM_DIR,
+        lock_dir: str = L.LOCK_DIR,
+        max_segments: int = DEFAULT_MAX_SEGMENTS,
+        max_bytes_factor: float = DEFAULT_MAX_BYTES_FACTOR,
     ) -> None:
-        """Open the prefix and take its single-instance lock.
+        """Take the prefix's single-instance lock and open its control segment.
 
-        Raises :class:`PublisherLockedError` if another live publisher holds it. ``clock``
-        (seconds since the epoch) and ``pid`` are injectable for tests.
+        Raises :class:`PublisherLockedError` if another live publisher holds it, and
+        :class:`PublisherError` if the lock file or the control segment cannot be used at
+        all (permissions). ``clock`` (seconds since the epoch) and ``pid`` are injectable
+        for tests.
         """
         self.prefix = L.validate_prefix(prefix)
+        if max_segments < 2 or max_bytes_factor < 2:
+            raise ValueError("need max_segments >= 2 and max_bytes_factor >= 2 (the current "
+                             "and the new generation exist together during a publication)")
         self.mode = mode
         self.grace_s = grace_s
+        self.max_segments = max_segments
+        self.max_bytes_factor = max_bytes_factor
+        self._lock = InstanceLock(self.prefix, lock_dir)
+        self.lock_path = self._lock.path
         self._gid = _resolve_gid(group)
         self._clock = clock
         self._pid = os.getpid() if pid is None else pid
         self._shm_dir = shm_dir
         self._generation = 0
+        self._record: L.SlotRecord | None = None  # the current generation's slot
         self._floor = 0  # highest generation number known to be taken
         self._retired: list[_Retired] = []
+        self._ctl_id: tuple[int, int] = (0, 0)
+        self._ctl_problem = ""  # why the control segment is unavailable ("" = fine)
+        self.control_recreations = 0
+        self.forced_reclaims = 0
+        self._started = False
         try:
-            self._open_control()
+            self._take_lock()
+            self._start_control()
+            self._started = True
             self._recover()
             self.heartbeat()
         except BaseException:
             self.close()
             raise
-        log.info(
-            "publisher started prefix=%s generation=%d pid=%d",
-            prefix,
-            self._generation,
-            self._pid,
-        )
+        log.info("publisher started prefix=%s generation=%d pid=%d lock=%s", prefix,
+                 self._generation, self._pid, self.lock_path)
 
     # -- public API ---------------------------------------------------------------------
 
@@ -159,51 +203,100 @@ class Publisher:
         """The number the next successful :meth:`publish` will return (to embed in the blob)."""
         return max(self._generation, self._floor) + 1
 
+    @property
+    def control_problem(self) -> str:
+        """Why the control segment is unavailable right now ("" when it is fine)."""
+        return self._ctl_problem
+
+    def live_segments(self) -> list[tuple[int, int]]:
+        """``(generation, size)`` of every generation segment this publisher keeps."""
+        live = [(r.generation, r.size) for r in self._retired]
+        if self._record is not None:
+            live.append((self._record.generation, self._record.blob_size))
+        return live
+
     def publish(self, blob: bytes | bytearray | memoryview) -> int:
         """Publish ``blob`` as the next generation and return its number.
 
         The blob is written completely into a new segment before the control block flips to
         it. Raises :class:`PublishError` (nothing left behind, current generation kept) when
         the segment cannot be created or filled, e.g. ``/dev/shm`` full. Also reclaims
-        superseded generations whose grace period expired.
+        superseded generations whose grace period expired, and older ones when the bounds
+        (``max_segments``, ``max_bytes_factor``) require it.
         """
-        ctl = self._require_open()
         data = memoryview(blob).cast("B")
-        if len(data) == 0:
+        return self.publish_parts([data], L.checksum(data))
+
+    def publish_parts(self, parts: Sequence[bytes | memoryview], crc: int | None = None) -> int:
+        """Like :meth:`publish` for a blob given as consecutive ``parts`` (never joined in
+        memory) whose concatenation has crc32 ``crc`` (computed here when ``None``)."""
+        self._require_open()
+        views = [memoryview(p).cast("B") for p in parts]
+        size = sum(len(v) for v in views)
+        if crc is None:
+            crc = 0
+            for view in views:
+                crc = L.checksum_continue(view, crc)
+        if size == 0:
             raise ValueError("cannot publish an empty blob")
+        ctl = self._ensure_control()
         generation = self.next_generation
-        crc = L.checksum(data)
-        self._write_blob(generation, data)
+        self._make_room(size)
+        self._write_blob(generation, views, size)
         now = self._clock()
-        record = L.SlotRecord(generation, len(data), int(now * 1e9), crc, self._pid)
-        offset = L.slot_offset(generation)
-        ctl[offset : offset + L.SLOT_SIZE] = L.encode_slot(record)
-        # The flip: the last write of a publication (see shm_layout).
-        ctl[L.OFF_ACTIVE : L.OFF_ACTIVE + L.ACTIVE_STRUCT.size] = L.encode_active(generation)
-        previous, self._generation = self._generation, generation
-        self._floor = generation
-        if previous:
-            self._retired.append(_Retired(previous, now))
+        record = L.SlotRecord(generation, size, int(now * 1e9), crc, self._pid)
+        self._flip(ctl, record)
+        previous = self._record
+        self._generation, self._record, self._floor = generation, record, generation
+        if previous is not None:
+            self._retired.append(_Retired(previous.generation, now, previous.blob_size))
+        # The bounds hold relative to the new current blob too; and make room for a next
+        # blob of the same size now, after the flip, so the next publication rarely has to
+        # unlink (~2 ms for a 5 MB segment) before its own flip.
+        self._make_room(size)
         self._write_heartbeat(now)
-        log.info("published prefix=%s generation=%d size=%d", self.prefix, generation, len(data))
+        log.info("published prefix=%s generation=%d size=%d", self.prefix, generation, size)
         self.reclaim()
         return generation
 
-    def heartbeat(self) -> None:
-        """Stamp the control block with the clock and this pid (call every second or so)."""
-        self._require_open()
-        self._write_heartbeat(self._clock())
+    def heartbeat(self) -> bool:
+        """Stamp the control block with the clock and this pid (call every second or so).
 
-    def reclaim(self) -> list[str]:
+        Re-creates a control segment that was removed or replaced. Returns ``False`` (and
+        logs once) when the control segment cannot be written right now.
+        """
+        self._require_open()
+        if self._ctl is not None and self._control_lost():
+            log.error("control segment %s was removed or replaced; re-creating it with "
+                      "generation %d", L.control_name(self.prefix), self._generation)
+            self._drop_control()
+            self.control_recreations += 1
+        try:
+            self._ensure_control()
+        except PublishError:
+            return False
+        self._write_heartbeat(self._clock())
+        return True
+
+    def blob_missing(self) -> bool:
+        """Whether the current generation's segment is gone (removed by hand): the caller
+        should publish a new generation."""
+        if not self._generation:
+            return False
+        name = L.blob_name(self.prefix, self._generation).lstrip("/")
+        return not os.path.exists(os.path.join(self._shm_dir, name))
+
+    def reclaim(self, *, keep_previous: bool = True) -> list[str]:
         """Unlink superseded generations older than the grace period; return their names.
 
-        The current generation and the one just before it are always kept. A worker that
-        still maps an unlinked generation keeps reading it: the kernel frees the memory only
-        when the last mapping goes.
+        The current generation and (``keep_previous``) the one just before it are kept,
+        unless the bounds force them out at the next publication. A worker that still maps
+        an unlinked generation keeps reading it: the kernel frees the memory only when the
+        last mapping goes.
         """
         self._require_open()
         deadline = self._clock() - self.grace_s
-        keep_from = self._generation - 1
+        keep_from = self._generation - 1 if keep_previous else self._generation
         removed: list[str] = []
         kept: list[_Retired] = []
         for item in self._retired:
@@ -219,27 +312,29 @@ class Publisher:
         return removed
 
     def close(self) -> None:
-        """Release the lock and unmap; the control and current blob stay for the workers."""
-        ctl, self._ctl = self._ctl, None
-        if ctl is not None:
-            ctl.close()
-        fd, self._ctl_fd = self._ctl_fd, -1
-        if fd >= 0:
-            os.close(fd)  # drops the flock
+        """Release the locks and unmap; the control and current blob stay for the workers."""
+        self._drop_control()
+        if self._lock is not None:
+            self._lock.release()
 
     def cleanup(self) -> None:
-        """Unlink every segment of this prefix (blobs and control), then close.
+        """Unlink every segment of this prefix (blobs and control) and the lock file, then
+        close.
 
         Workers are told first (the active word becomes ``RETIRED``) so they drop the map at
         once instead of on their next periodic re-check.
         """
-        ctl = self._require_open()
-        ctl[L.OFF_ACTIVE : L.OFF_ACTIVE + L.ACTIVE_STRUCT.size] = L.encode_active(L.RETIRED)
+        self._require_open()
+        if self._ctl is not None:
+            self._ctl[L.OFF_ACTIVE : L.OFF_ACTIVE + L.ACTIVE_STRUCT.size] = \
+                L.encode_active(L.RETIRED)
         generations = {self._generation, *(r.generation for r in self._retired)}
         generations.update(self._scan_blobs())
         for generation in sorted(generations - {0}):
             _unlink(L.blob_name(self.prefix, generation))
         _unlink(L.control_name(self.prefix))
+        if self._lock is not None:
+            self._lock.remove()  # still held: a starting successor re-checks the inode
         log.info("cleaned up prefix=%s", self.prefix)
         self._retired = []
         self.close()
@@ -250,12 +345,22 @@ class Publisher:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    # -- internals ----------------------------------------------------------------------
+    # -- the lock -----------------------------------------------------------------------
 
-    def _require_open(self) -> mmap.mmap:
-        if self._ctl is None:
+    def _require_open(self) -> None:
+        if self._lock is None or not self._lock.held:
             raise PublisherError(f"publisher for shm prefix {self.prefix!r} is closed")
-        return self._ctl
+
+    def _take_lock(self) -> None:
+        assert self._lock is not None
+        try:
+            self._lock.acquire(self._pid)
+        except LockHeld as exc:
+            raise PublisherLockedError(self.prefix, exc.holder_pid, exc.path) from None
+        except LockUnusable as exc:
+            raise PublisherError(str(exc)) from None
+
+    # -- the control segment ------------------------------------------------------------
 
     def _restrict(self, fd: int) -> None:
         """Apply mode and group exactly: shm_open's mode is filtered by the umask."""
@@ -263,34 +368,94 @@ class Publisher:
         if self._gid is not None:
             os.fchown(fd, -1, self._gid)
 
-    def _open_control(self) -> None:
+    def _start_control(self) -> None:
+        """Open the control at start; only errors retrying cannot fix are raised."""
+        try:
+            self._ensure_control()
+        except PublishError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, OSError) and cause.errno in _FATAL_ERRNOS:
+                raise PublisherError(str(exc)) from cause
+
+    def _ensure_control(self) -> mmap.mmap:
+        """The control mapping, (re-)creating the segment if needed; PublishError if not."""
+        if self._ctl is not None:
+            return self._ctl
         name = L.control_name(self.prefix)
         try:
-            shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREAT, mode=self.mode)
+            self._open_control(name)
+        except PublisherLockedError as exc:
+            if not self._started:
+                raise  # at start: refuse to run beside whoever locks the control segment
+            raise self._control_failed(f"cannot re-create control segment {name}: {exc}") \
+                from exc
         except (posix_ipc.Error, OSError) as exc:
-            raise PublisherError(f"cannot open control segment {name}: {exc}") from exc
+            raise self._control_failed(f"cannot open control segment {name}: {exc}") from exc
+        if self._ctl_problem:
+            log.info("control segment %s available again", name)
+        self._ctl_problem = ""
+        assert self._ctl is not None
+        return self._ctl
+
+    def _control_failed(self, problem: str) -> PublishError:
+        """Forget the half-opened control, log the problem once, return the error."""
+        self._drop_control()
+        if problem != self._ctl_problem:
+            log.error("%s; retrying", problem)
+        self._ctl_problem = problem
+        return PublishError(problem)
+
+    def _open_control(self, name: str) -> None:
+        shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREAT, mode=self.mode)
         self._ctl_fd = os.dup(shm.fd)
         shm.close_fd()
         try:
             fcntl.flock(self._ctl_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            # Our lock file is held, so this is a bare-forked child of a dead daemon or an
+            # older daemon build that locks only the control segment.
             holder = self._holder_pid()
-            raise PublisherLockedError(self.prefix, holder) from None
-        try:
-            self._restrict(self._ctl_fd)
-        except OSError as exc:
-            raise PublisherError(
-                f"cannot set mode {self.mode:#o} / gid {self._gid} on {name}: {exc}"
-            ) from exc
+            raise PublisherLockedError(self.prefix, holder, f"{L.SHM_DIR}{name}") from None
+        self._restrict(self._ctl_fd)
         try:
             L.check_header(os.pread(self._ctl_fd, L.CTL_SIZE, 0))
         except L.LayoutError as exc:
             if os.fstat(self._ctl_fd).st_size:
                 log.warning("reinitialising control prefix=%s reason=%s", self.prefix, exc)
             # Overwrite in place, never truncate: a truncated file that a worker still maps
-            # would SIGBUS it. One pwrite also allocates the page now (no SIGBUS later).
-            os.pwrite(self._ctl_fd, L.encode_header(), 0)
+            # would SIGBUS it. Writing every byte also allocates the page now (no SIGBUS
+            # later, and a full /dev/shm is an error here, not in a worker).
+            _pwrite_all(self._ctl_fd, memoryview(L.encode_header()))
+        st = os.fstat(self._ctl_fd)
         self._ctl = mmap.mmap(self._ctl_fd, L.CTL_SIZE)
+        self._ctl_id = (st.st_dev, st.st_ino)
+        if self._record is not None and L.read_active(self._ctl) != self._record.generation:
+            self._flip(self._ctl, self._record)  # a re-created control: restore the map
+
+    def _control_lost(self) -> bool:
+        """Was our control segment unlinked, or does its name now lead to another file?"""
+        try:
+            if os.fstat(self._ctl_fd).st_nlink == 0:
+                return True
+            st = os.stat(os.path.join(self._shm_dir, L.control_name(self.prefix).lstrip("/")))
+        except FileNotFoundError:
+            return True
+        return (st.st_dev, st.st_ino) != self._ctl_id
+
+    def _drop_control(self) -> None:
+        ctl, self._ctl = self._ctl, None
+        if ctl is not None:
+            ctl.close()
+        fd, self._ctl_fd = self._ctl_fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def _flip(self, ctl: mmap.mmap, record: L.SlotRecord) -> None:
+        offset = L.slot_offset(record.generation)
+        ctl[offset : offset + L.SLOT_SIZE] = L.encode_slot(record)
+        # The flip: the last write of a publication (see shm_layout).
+        ctl[L.OFF_ACTIVE : L.OFF_ACTIVE + L.ACTIVE_STRUCT.size] = \
+            L.encode_active(record.generation)
 
     def _holder_pid(self) -> int | None:
         """The pid in the holder's heartbeat (it writes one right after taking the lock)."""
@@ -303,20 +468,26 @@ class Publisher:
         beat = L.decode_heartbeat(raw)
         return beat.pid if beat else None
 
+    # -- recovery and reclaim -----------------------------------------------------------
+
     def _recover(self) -> None:
         """Continue the sequence; forget half-made blobs; schedule stale ones for reclaim."""
-        ctl = self._require_open()
-        active = L.read_active(ctl)
+        ctl = self._ctl
+        active = L.read_active(ctl) if ctl is not None else L.NONE_PUBLISHED
         record = None
         if active not in (L.NONE_PUBLISHED, L.RETIRED):
+            assert ctl is not None
             offset = L.slot_offset(active)
             record = L.decode_slot(bytes(ctl[offset : offset + L.SLOT_SIZE]))
         if record is not None and record.generation == active:
-            self._generation = active
+            self._generation, self._record = active, record
         elif active != L.NONE_PUBLISHED:
+            assert ctl is not None
             log.warning("control has no valid active slot prefix=%s word=%d", self.prefix, active)
             ctl[L.OFF_ACTIVE : L.OFF_ACTIVE + 8] = L.encode_active(L.NONE_PUBLISHED)
-        now = self._clock()
+        # Older generations were superseded when the current one was published: their grace
+        # runs from then, so a daemon restarted faster than the grace still reclaims them.
+        retired_at = record.published_at_ns / 1e9 if record is not None else self._clock()
         for generation in self._scan_blobs():
             if not self._generation:
                 # No usable control: numbers still on disk stay used (the sequence never
@@ -329,8 +500,33 @@ class Publisher:
                     "removed unpublished segment prefix=%s generation=%d", self.prefix, generation
                 )
             elif generation < self._generation:
-                self._retired.append(_Retired(generation, now))
+                self._retired.append(_Retired(generation, retired_at, self._blob_size(generation)))
         self._retired.sort()
+        self.reclaim(keep_previous=False)  # a predecessor's: no reader needs them after grace
+
+    def _blob_size(self, generation: int) -> int:
+        name = L.blob_name(self.prefix, generation).lstrip("/")
+        try:
+            return os.stat(os.path.join(self._shm_dir, name)).st_size
+        except OSError:
+            return 0
+
+    def _make_room(self, size: int) -> None:
+        """Unlink the oldest superseded generations until a new blob of ``size`` bytes (0:
+        none) fits the bounds: segments <= max_segments, bytes <= max_bytes_factor x the
+        larger of the current and the new blob."""
+        current = self._record.blob_size if self._record is not None else 0
+        cap = self.max_bytes_factor * max(size, current)
+        live = current + sum(r.size for r in self._retired)
+        extra = 2 if size else 1  # current (+ new)
+        while self._retired and (len(self._retired) + extra > self.max_segments
+                                 or live + size > cap):
+            oldest = self._retired.pop(0)
+            _unlink(L.blob_name(self.prefix, oldest.generation))
+            live -= oldest.size
+            self.forced_reclaims += 1
+            log.debug("reclaimed early prefix=%s generation=%d (bounds: %d segments, %.0f "
+                      "bytes)", self.prefix, oldest.generation, self.max_segments, cap)
 
     def _scan_blobs(self) -> list[int]:
         """Generations of this prefix present in ``shm_dir`` (empty if not listable)."""
@@ -341,7 +537,9 @@ class Publisher:
             return []
         return sorted(int(m.group(1)) for n in names if (m := pattern.fullmatch(n)))
 
-    def _write_blob(self, generation: int, data: memoryview) -> None:
+    # -- blobs --------------------------------------------------------------------------
+
+    def _write_blob(self, generation: int, parts: list[memoryview], size: int) -> None:
         name = L.blob_name(self.prefix, generation)
         try:
             shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=self.mode)
@@ -353,13 +551,18 @@ class Publisher:
             raise PublishError(f"cannot create shm segment {name}: {exc}") from exc
         try:
             self._restrict(shm.fd)
-            os.posix_fallocate(shm.fd, 0, len(data))
-            _pwrite_all(shm.fd, data)
+            # No posix_fallocate first: writing every byte through the fd already allocates
+            # every page (a full /dev/shm is an OSError here, never a SIGBUS in a worker),
+            # and allocating first would touch each page twice (~2x for a 5 MB blob).
+            offset = 0
+            for part in parts:
+                _pwrite_all(shm.fd, part, offset)
+                offset += len(part)
         except BaseException as exc:
             _unlink(name)
             if isinstance(exc, OSError):
                 raise PublishError(
-                    f"cannot write {len(data)} bytes to shm segment {name}: "
+                    f"cannot write {size} bytes to shm segment {name}: "
                     f"{exc.strerror or exc} (errno {exc.errno}); "
                     f"generation {self._generation} stays current"
                 ) from exc
@@ -374,6 +577,8 @@ class Publisher:
             raise PublishError(f"cannot create shm segment {name}: {exc}") from exc
 
     def _write_heartbeat(self, now: float) -> None:
-        ctl = self._require_open()
+        ctl = self._ctl
+        if ctl is None:
+            return
         raw = L.encode_heartbeat(int(now * 1e9), self._pid)
         ctl[L.OFF_HEARTBEAT : L.OFF_HEARTBEAT + L.HEARTBEAT_STRUCT.size] = raw

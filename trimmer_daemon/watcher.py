@@ -33,6 +33,19 @@ bundle.
 Reports are hints: :meth:`BundleWatcher.poll` returns the names of bundles that *may* have
 changed; the caller re-reads and hashes the file to skip unchanged content.
 
+Writers that still hold the file
+--------------------------------
+An in-place writer that does not truncate (``open("r+b")``, ``rsync --inplace``) leaves a
+file that is valid JSON at every chunk boundary, half old and half new. So the watcher
+tracks, per bundle, whether an ``IN_MODIFY`` on one of its anchors has not been followed by
+an ``IN_CLOSE_WRITE`` (or by a structural event: a new inode replaced the held one):
+:meth:`BundleWatcher.held_since` is then the monotonic time of the first such modification,
+and :meth:`BundleWatcher.modifications` counts them, so the daemon can tell, after reading
+the file and calling :meth:`BundleWatcher.sync`, whether a writer touched it meanwhile. The
+daemon publishes no content of a held file (it still reports a held file that fails
+validation, as for truncating writers). ``cp``, shell redirection and ``open("w")`` close
+within the debounce window and so are never seen held; renames never modify in place.
+
 Debounce
 --------
 After the first relevant event, :meth:`BundleWatcher.poll` keeps draining events until no
@@ -85,6 +98,9 @@ _STRUCTURAL = (
     _f.MOVED_TO | _f.MOVED_FROM | _f.CREATE | _f.DELETE | _f.ATTRIB
     | _f.DELETE_SELF | _f.MOVE_SELF | _f.IGNORED | _f.UNMOUNT
 )
+#: Structural events after which the path may name another inode than a held one (not
+#: IN_ATTRIB: a chmod does not end an in-place write).
+_REPLACED = _STRUCTURAL & ~_f.ATTRIB
 #: Events saying a watch no longer describes the directory at its path.
 _WATCH_GONE = _f.DELETE_SELF | _f.MOVE_SELF | _f.IGNORED | _f.UNMOUNT
 
@@ -231,6 +247,8 @@ class BundleWatcher:
         self._wd_dirs: dict[int, set[str]] = {}  # a wd can be reached by several paths
         self._failed_dirs: set[str] = set()  # add_watch errors already logged
         self._pending: set[str] = set()  # bundles to report at the next poll()
+        self._held: dict[str, float] = {}  # bundle -> monotonic time of the unclosed write
+        self._modifications: dict[str, int] = {}  # bundle -> IN_MODIFY events seen
         self._inotify = INotify(nonblocking=True)
         self._closed = False
         try:
@@ -260,6 +278,7 @@ class BundleWatcher:
             self._set_anchors(name, frozenset())
             del self._paths[name], self._anchors[name]
             self._pending.discard(name)
+            self._held.pop(name, None)
         added = [n for n in wanted if n not in self._paths]
         self._paths.update((n, wanted[n]) for n in added)
         self._reresolve(added)
@@ -314,6 +333,23 @@ class BundleWatcher:
         self.stats.reports += 1
         log.debug("bundles may have changed bundles=%s", ",".join(sorted(report)))
         return report
+
+    def held_since(self, name: str) -> float | None:
+        """Monotonic time of the first ``IN_MODIFY`` of ``name`` not yet followed by an
+        ``IN_CLOSE_WRITE`` (a writer may still hold the file), else ``None``."""
+        return self._held.get(name)
+
+    def modifications(self, name: str) -> int:
+        """How many ``IN_MODIFY`` events named one of ``name``'s anchors so far."""
+        return self._modifications.get(name, 0)
+
+    def sync(self) -> None:
+        """Read the events queued now, without waiting or debouncing (they are reported by
+        the next :meth:`poll`): brings :meth:`held_since` / :meth:`modifications` up to
+        date, e.g. right after the caller read a file."""
+        self._require_open()
+        if self._wait_readable(0):
+            self._drain()
 
     def close(self) -> None:
         """Release the inotify fd and all its watches. Idempotent; never raises on a
@@ -394,6 +430,7 @@ class BundleWatcher:
                 relevant = True
                 self.stats.relevant_events += 1
                 self._pending.update(hit)
+                self._track_writers(hit, ev.mask)
                 if structural:
                     dirty.update(hit)
             if ev.mask & _WATCH_GONE:
@@ -404,6 +441,17 @@ class BundleWatcher:
         if refresh:
             self._sync_watches(refresh)
         return relevant
+
+    def _track_writers(self, hit: set[str], mask: int) -> None:
+        """IN_MODIFY opens a hold; IN_CLOSE_WRITE or a new inode at the path ends it."""
+        if mask & _f.MODIFY:
+            now = time.monotonic()
+            for name in hit:
+                self._held.setdefault(name, now)
+                self._modifications[name] = self._modifications.get(name, 0) + 1
+        elif mask & (_f.CLOSE_WRITE | _REPLACED):
+            for name in hit:
+                self._held.pop(name, None)
 
     def _match(self, wd: int, mask: int, name: str) -> tuple[set[str], bool]:
         """Bundles an event concerns, and whether it is structural."""

@@ -19,10 +19,12 @@ reader never calls ``mmap.close()`` on a blob — it only drops its reference, a
 goes away with the last view. An unlinked generation stays readable for as long as it is
 mapped.
 
-Trust boundary: the reader checks the segment size before mapping and the checksum before
-use, so a torn, short or corrupt blob is rejected. It cannot defend against a process with
-write access truncating an already-mapped segment (touching the lost pages raises SIGBUS);
-segments are immutable by contract and writable only by the daemon's user (mode 0640).
+Trust boundary: the reader checks the segment size -- both its length and its allocated
+blocks, so a sparse segment declaring a huge size is rejected before it is mapped -- and the
+checksum before use, so a torn, short, sparse or corrupt blob is rejected. It cannot defend
+against a process with write access truncating an already-mapped segment (touching the lost
+pages raises SIGBUS); segments are immutable by contract and writable only by the daemon's
+user (mode 0640).
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ MAX_ATTEMPTS = 4
 RECHECK_INTERVAL_S = 1.0
 """How often the slow path runs even when the active word is unchanged: detects a control
 segment that was unlinked or replaced (by its inode) and retries failed attaches."""
+
+_BLOCK_BYTES = 512
+"""Unit of ``st_blocks`` (POSIX; Linux tmpfs included)."""
 
 _unpack_active = L.ACTIVE_STRUCT.unpack_from
 _OFF_ACTIVE = L.OFF_ACTIVE
@@ -260,11 +265,19 @@ class ShmReader:
         except posix_ipc.PermissionsError as exc:
             raise PermissionError(f"{name}: {exc}") from None
         try:
-            size = os.fstat(shm.fd).st_size
-            if record.blob_size <= 0 or size != record.blob_size:
+            st = os.fstat(shm.fd)
+            if record.blob_size <= 0 or st.st_size != record.blob_size:
                 raise _VerifyError(
-                    f"generation {record.generation}: segment {name} holds {size} bytes, "
-                    f"control says {record.blob_size}"
+                    f"generation {record.generation}: segment {name} holds {st.st_size} "
+                    f"bytes, control says {record.blob_size}"
+                )
+            if st.st_blocks * _BLOCK_BYTES < record.blob_size:
+                # The daemon writes (so allocates) every page before it flips; a sparse
+                # segment is not one of its blobs, and mapping + checksumming it would cost
+                # its whole declared size.
+                raise _VerifyError(
+                    f"generation {record.generation}: segment {name} is sparse "
+                    f"({st.st_blocks * _BLOCK_BYTES} of {record.blob_size} bytes allocated)"
                 )
             mapping = mmap.mmap(shm.fd, record.blob_size, prot=mmap.PROT_READ)
         finally:

@@ -1,0 +1,246 @@
+"""One bundle's compiled share of the map blob (a :class:`BundlePart`), built once per load.
+
+Runs in the daemon's main loop for small files and in the parse worker process
+(:mod:`trimmer_daemon.parse_worker`) for large ones; the result is plain bytes and numpy
+arrays, so it pickles across the pipe at memcpy speed. :mod:`trimmer_daemon.assemble` then
+splices the parts of every bundle into one blob, so a change re-does only the changed
+bundle's share (SPEC §11 "a change costs in proportion to what changed").
+
+The block
+---------
+``block`` is the tail of a FlatBuffers builder holding the bundle's ``Model`` tables and
+everything below them (versions, allowlist vectors, strings), with no root. FlatBuffers
+offsets are relative (``uoffset`` forward to the target, ``soffset`` from a table to its
+vtable), so the block stays valid wherever it is copied, provided its *end* lands on an
+8-byte boundary of the final buffer measured from the end (the builder's own alignment
+rule); its length is a multiple of 8 so its start is aligned too. Its crc32 is kept
+(``block_crc``): a publication combines it with the others' instead of re-reading it.
+Positions in the block are given as offsets from its end (``model_offsets``,
+``key_offsets``, ``index_pos``), the builder's own convention.
+
+Every version of the bundle points at one shared ``[ushort]`` vector holding the bundle's
+index in ``FeatureMap.bundles``; :meth:`BundlePart.with_index` patches those two bytes when
+the bundle set changes (SIGHUP), instead of rebuilding.
+
+Arrays kept beside the block let the assembler merge a model that several bundles define
+(allowlist union, conflict report) and build the live name table (item 5 of issue #11: the
+names of exactly the allowlists published) without parsing anything again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+from dataclasses import dataclass
+
+import flatbuffers
+import numpy as np
+
+from flatbuffers_schema.fmap import Model as FbModel
+from flatbuffers_schema.fmap import Version as FbVersion
+from flatbuffers_schema.keys import KEY_DTYPE, keyset_digest, name_key
+from flatbuffers_schema.shm_layout import checksum
+from trimmer_daemon.bundle.parse import Limits, ParsedBundle, parse_bundle, version_sort_key
+
+_U32 = np.dtype("<u4")
+_U16 = np.dtype("<u2")
+_INDEX = struct.Struct("<H")
+_ALIGN = 8
+"""Alignment of the block's end and length (the widest scalar in it: uint64 keys)."""
+_VECTOR_HEADER = 4
+"""A FlatBuffers vector starts with its uint32 length; the elements follow."""
+
+
+@dataclass(frozen=True)
+class BundlePart:
+    """A bundle's models compiled into a relocatable FlatBuffers block, plus its index."""
+
+    sha256: str
+    warnings: tuple[str, ...]
+    bundle_index: int
+    block: bytes
+    block_crc: int  # checksum(block), so a publication never re-reads an unchanged block
+    index_pos: int  # offset from the block's end of the ushort in the shared bundles vector
+    model_names: tuple[str, ...]  # sorted by code point (= bytewise UTF-8)
+    model_keys: np.ndarray  # uint64 key(name), parallel to model_names
+    model_offsets: np.ndarray  # uint32 offset of each Model table from the block's end
+    version_start: np.ndarray  # uint32, model i owns versions [start[i], start[i+1])
+    versions: tuple[str, ...]  # natural order within each model
+    key_offsets: np.ndarray  # uint32 offset from the block's end of each version's vector
+    key_counts: np.ndarray  # uint32 number of keys of each version
+    output_counts: np.ndarray  # uint32
+    feature_keys: np.ndarray  # sorted unique uint64 keys of every input name of the bundle
+    name_offsets: np.ndarray  # uint32, len(feature_keys) + 1, into feature_names
+    feature_names: bytes  # UTF-8 names parallel to feature_keys
+    collisions: tuple[str, ...]  # two names of this bundle with one key
+
+    @property
+    def model_count(self) -> int:
+        return len(self.model_names)
+
+    @property
+    def version_count(self) -> int:
+        return len(self.versions)
+
+    def keys_of(self, version: int) -> np.ndarray:
+        """The allowlist of one version (index into ``versions``), a view of the block."""
+        start = len(self.block) - int(self.key_offsets[version]) + _VECTOR_HEADER
+        return np.frombuffer(self.block, dtype=KEY_DTYPE, count=int(self.key_counts[version]),
+                             offset=start)
+
+    def with_index(self, bundle_index: int) -> BundlePart:
+        """The same part for another position in ``FeatureMap.bundles``."""
+        if bundle_index == self.bundle_index:
+            return self
+        block = bytearray(self.block)
+        at = len(block) - self.index_pos
+        block[at : at + _INDEX.size] = _INDEX.pack(bundle_index)
+        return dataclasses.replace(self, block=bytes(block), block_crc=checksum(block),
+                                   bundle_index=bundle_index)
+
+
+def build_part(data: bytes, *, path: str, limits: Limits, bundle_index: int,
+               memo: dict[str, int] | None = None) -> BundlePart:
+    """Parse, validate and compile one bundle file (raises ``BundleError`` like the parser).
+
+    ``memo``: name -> key of the bundle's previous load (hashing costs ~1 µs a name; a new
+    version of a bundle mostly repeats its names). It is updated in place to hold exactly
+    this load's names, so it never grows beyond one bundle's names.
+    """
+    return compile_part(parse_bundle(data, path=path, limits=limits), bundle_index, memo)
+
+
+class _Names:
+    """Per-build memo of name -> key (released with the part: no daemon-wide name memory).
+
+    Per-name work stays in C (dict lookups through ``map``); only names new to the bundle
+    are hashed, and collisions are found once, by numpy, when the name table is built.
+    """
+
+    def __init__(self, previous: dict[str, int] | None = None) -> None:
+        self.previous = previous or {}
+        self.keys: dict[str, int] = {}
+        self.collisions: list[str] = []
+
+    def keys_of(self, names: tuple[str, ...]) -> np.ndarray:
+        memo = self.keys
+        for name in [n for n in names if n not in memo]:
+            key = self.previous.get(name)
+            memo[name] = name_key(name) if key is None else key
+        return np.unique(np.fromiter(map(memo.__getitem__, names), dtype=KEY_DTYPE,
+                                     count=len(names)))
+
+    def table(self) -> tuple[np.ndarray, np.ndarray, bytes]:
+        names = list(self.keys)
+        keys = np.fromiter(self.keys.values(), dtype=KEY_DTYPE, count=len(names))
+        order = np.argsort(keys, kind="stable")
+        keys = keys[order]
+        ordered = [names[i] for i in order.tolist()]
+        if keys.size > 1:
+            same = np.flatnonzero(keys[1:] == keys[:-1])
+            for i in same.tolist():
+                self.collisions.append(
+                    f"feature key collision {int(keys[i]):#018x}: {ordered[i]}, "
+                    f"{ordered[i + 1]} (both are kept wherever either is allowed)")
+            if same.size:  # keep the first name of each key: the table is keyed by key
+                keep = np.ones(keys.size, dtype=bool)
+                keep[same + 1] = False
+                keys = keys[keep]
+                ordered = [n for n, k in zip(ordered, keep.tolist(), strict=True) if k]
+        joined = "".join(ordered)
+        if joined.isascii():  # byte lengths are character lengths: no per-name encode
+            lengths = np.fromiter(map(len, ordered), dtype=np.int64, count=len(ordered))
+            blob = joined.encode("ascii")
+        else:
+            encoded = [n.encode("utf-8") for n in ordered]
+            lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+            blob = b"".join(encoded)
+        offsets = np.zeros(len(ordered) + 1, dtype=_U32)
+        np.cumsum(lengths, out=offsets[1:], dtype=_U32)
+        return keys, offsets, blob
+
+
+class _Compiler:
+    """Writes the Model tables of one bundle bottom-up into its own builder."""
+
+    def __init__(self, parsed: ParsedBundle, bundle_index: int,
+                 memo: dict[str, int] | None) -> None:
+        n_inputs = sum(len(mv.input_names) for vs in parsed.models.values() for mv in vs)
+        self.b = flatbuffers.Builder(max(1024, n_inputs * 8 + len(parsed.models) * 128))
+        self.names = _Names(memo)
+        self.lists: dict[tuple[str, ...], tuple[int, int, int]] = {}  # -> vec, count, digest
+        self.strings: dict[str, int] = {}
+        index_vec = self.b.CreateNumpyVector(np.array([bundle_index], dtype=_U16))
+        self.index_vec = index_vec
+        self.index_pos = index_vec - _VECTOR_HEADER  # the one element, just after the length
+        self.versions: list[str] = []
+        self.key_offsets: list[int] = []
+        self.key_counts: list[int] = []
+        self.outputs: list[int] = []
+
+    def model(self, name: str, entries: list) -> int:  # type: ignore[type-arg]
+        b = self.b
+        tables = [self._version(mv) for mv in entries]
+        b.StartVector(4, len(tables), 4)
+        for off in reversed(tables):
+            b.PrependUOffsetTRelative(off)
+        versions = b.EndVector()
+        name_off = b.CreateString(name)
+        FbModel.Start(b)
+        FbModel.AddName(b, name_off)
+        FbModel.AddVersions(b, versions)
+        return int(FbModel.End(b))
+
+    def _version(self, mv) -> int:  # type: ignore[no-untyped-def]
+        b = self.b
+        known = self.lists.get(mv.input_names)
+        if known is None:
+            keys = self.names.keys_of(mv.input_names)
+            known = self.lists[mv.input_names] = (b.CreateNumpyVector(keys), keys.size,
+                                                  keyset_digest(keys))
+        vec, count, digest = known
+        version = self.strings.get(mv.version)
+        if version is None:
+            version = self.strings[mv.version] = b.CreateString(mv.version)
+        self.versions.append(mv.version)
+        self.key_offsets.append(vec)
+        self.key_counts.append(count)
+        self.outputs.append(len(mv.output_names))
+        FbVersion.Start(b)
+        FbVersion.AddVersion(b, version)
+        FbVersion.AddFeatureKeys(b, vec)
+        FbVersion.AddDigest(b, digest)
+        FbVersion.AddBundles(b, self.index_vec)
+        FbVersion.AddOutputCount(b, len(mv.output_names))
+        return int(FbVersion.End(b))
+
+
+def compile_part(parsed: ParsedBundle, bundle_index: int,
+                 memo: dict[str, int] | None = None) -> BundlePart:
+    """Compile a validated bundle into its :class:`BundlePart` (``memo``: see
+    :func:`build_part`)."""
+    c = _Compiler(parsed, bundle_index, memo)
+    names = sorted(parsed.models)
+    offsets, starts = [], [0]
+    for name in names:
+        entries = sorted(parsed.models[name], key=lambda mv: version_sort_key(mv.version))
+        offsets.append(c.model(name, entries))
+        starts.append(len(c.versions))
+    c.b.Prep(_ALIGN, 0)
+    block = bytes(c.b.Bytes[c.b.Head():])
+    feat_keys, name_offsets, feat_names = c.names.table()
+    if memo is not None:
+        memo.clear()
+        memo.update(c.names.keys)
+    return BundlePart(
+        sha256=parsed.sha256, warnings=parsed.warnings, bundle_index=bundle_index,
+        block=block, block_crc=checksum(block), index_pos=c.index_pos, model_names=tuple(names),
+        model_keys=np.fromiter((name_key(n) for n in names), dtype=KEY_DTYPE,
+                               count=len(names)),
+        model_offsets=np.array(offsets, dtype=_U32),
+        version_start=np.array(starts, dtype=_U32), versions=tuple(c.versions),
+        key_offsets=np.array(c.key_offsets, dtype=_U32),
+        key_counts=np.array(c.key_counts, dtype=_U32),
+        output_counts=np.array(c.outputs, dtype=_U32),
+        feature_keys=feat_keys, name_offsets=name_offsets, feature_names=feat_names,
+        collisions=tuple(c.names.collisions))
