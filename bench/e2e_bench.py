@@ -94,6 +94,7 @@ from root_worker.testing.stack import (  # noqa: E402
     Proc,
     Stack,
     StackError,
+    child_pids,
     shm_segments,
     wait_for,
 )
@@ -459,11 +460,7 @@ class MinimalRoot(Proc):
         return self
 
     def worker_pids(self) -> set[int]:
-        try:
-            text = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text()
-        except FileNotFoundError:
-            return set()
-        return {int(p) for p in text.split()}
+        return child_pids(self.pid)
 
 
 class ShapedLeaf(Proc):

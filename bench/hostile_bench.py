@@ -51,6 +51,7 @@ from root_helpers import (  # noqa: E402
     MapPublisher,
     RootProc,
     Workload,
+    idle_and_slow_clients,
     uss_bytes,
     write_routing,
 )
@@ -62,6 +63,7 @@ from root_worker.testing.workload import make_frame  # noqa: E402
 RESULTS = ROOT / "bench" / "results" / "hostile_bench.json"
 LEAF_TIMEOUT = 2.0
 DEADLINE_SLACK = 0.05
+N_FRAMES = 64  # healthy traffic sends a different frame each request (ragged lengths vary)
 MISBEHAVIOURS = ("drip", "hang", "slowhead", "slowaccept", "huge", "endless", "chunky",
                  "reset", "garbage")
 
@@ -77,11 +79,13 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - t0, out
 
 
-def healthy_latencies(url: str, frame: bytes, n: int) -> list[float]:
+def healthy_latencies(url: str, frames: Sequence[bytes], n: int) -> list[float]:
+    """``n`` healthy requests, a different frame each (as production sends them)."""
     out = []
     with Client(url) as c:
-        for _ in range(n):
-            dt, (status, doc) = timed(lambda: c.score(frame, ["healthy"]))
+        for i in range(n):
+            frame = frames[i % len(frames)]
+            dt, (status, doc) = timed(lambda frame=frame: c.score(frame, ["healthy"]))
             if status != 200 or doc["ok"] != 1:
                 raise RuntimeError(f"healthy request failed: {doc}")
             out.append(dt)
@@ -94,29 +98,32 @@ def summary(lat: Sequence[float]) -> dict[str, float]:
             "mean_ms": round(statistics.fmean(lat) * 1e3, 3)}
 
 
-def deadlines(root: RootProc, frame: bytes, args: argparse.Namespace) -> dict[str, Any]:
+def deadlines(root: RootProc, frames: Sequence[bytes], args: argparse.Namespace
+              ) -> dict[str, Any]:
     per_kind = {}
     with Client(root.url) as c:
-        for kind in MISBEHAVIOURS:
-            dt, (status, doc) = timed(lambda kind=kind: c.score(frame, [kind]))
+        for i, kind in enumerate(MISBEHAVIOURS):
+            frame = frames[i % len(frames)]
+            dt, (status, doc) = timed(lambda kind=kind, frame=frame: c.score(frame, [kind]))
             t = doc["targets"][0]
             per_kind[kind] = {"seconds": round(dt, 4), "kind": t.get("error", {}).get("kind"),
                               "over_deadline_ms": round((dt - LEAF_TIMEOUT) * 1e3, 1)}
-    unloaded = healthy_latencies(root.url, frame, args.requests)
+    unloaded = healthy_latencies(root.url, frames, args.requests)
     drip_lat: list[float] = []
     lock = threading.Lock()
 
-    def drip() -> None:
+    def drip(frame: bytes) -> None:
         with Client(root.url) as cl:
             dt, _ = timed(lambda: cl.score(frame, ["drip"]))
         with lock:
             drip_lat.append(dt)
 
-    threads = [threading.Thread(target=drip) for _ in range(args.drip)]
+    threads = [threading.Thread(target=drip, args=(frames[i % len(frames)],))
+               for i in range(args.drip)]
     for t in threads:
         t.start()
     time.sleep(0.2)  # let them reach the leaf; the healthy ones run while they hang
-    loaded = healthy_latencies(root.url, frame, min(args.requests, 100))
+    loaded = healthy_latencies(root.url, frames, min(args.requests, 100))
     during = len(drip_lat)
     for t in threads:
         t.join(60)
@@ -129,37 +136,17 @@ def deadlines(root: RootProc, frame: bytes, args: argparse.Namespace) -> dict[st
             "healthy_p99_ratio": round(pct(loaded, 0.99) / pct(unloaded, 0.99), 3)}
 
 
-def slow_clients(root: RootProc, frame: bytes, args: argparse.Namespace) -> dict[str, Any]:
-    unloaded = healthy_latencies(root.url, frame, args.requests)
-    host, port = root.url[len("http://"):].split(":")
-    idle = [socket.create_connection((host, int(port))) for _ in range(80)]
-    slow = [socket.create_connection((host, int(port))) for _ in range(80)]
-    stop = threading.Event()
-
-    def drip() -> None:
-        for byte in b"POST /score HTTP/1.1\r\nHost: x\r\n" * 4:
-            for s in slow:
-                try:
-                    s.send(bytes([byte]))
-                except OSError:
-                    pass
-            if stop.wait(0.5):
-                return
-
-    t = threading.Thread(target=drip)
-    t.start()
-    try:
-        loaded = healthy_latencies(root.url, frame, args.requests)
+def slow_clients(root: RootProc, frames: Sequence[bytes], args: argparse.Namespace
+                 ) -> dict[str, Any]:
+    unloaded = healthy_latencies(root.url, frames, args.requests)
+    head = b"POST /score HTTP/1.1\r\nHost: x\r\n" * 4
+    with idle_and_slow_clients(root.url, 80, 80, head):
+        loaded = healthy_latencies(root.url, frames, args.requests)
         health_ok = 0
         with Client(root.url) as c:
             for _ in range(20):
                 status, _ = c.json("GET", "/healthz", fresh=True)
                 health_ok += status == 200
-    finally:
-        stop.set()
-        t.join(10)
-        for s in idle + slow:
-            s.close()
     return {"idle_connections": 80, "byte_a_tick_connections": 80,
             "healthy_unloaded": summary(unloaded), "healthy_loaded": summary(loaded),
             "healthy_p99_ratio": round(pct(loaded, 0.99) / pct(unloaded, 0.99), 3),
@@ -171,7 +158,7 @@ def memory(env: dict[str, Any], wl: Workload, args: argparse.Namespace) -> dict[
     try:
         root.wait_ready()
         (pid,) = root.worker_pids()
-        frames = [make_frame(wl.universe, args.frame_candidates, seed=s) for s in range(4)]
+        frames = [make_frame(wl.universe, args.frame_candidates, seed=s) for s in range(16)]
         models = ["ads_ctr", "ads_cvr", "homefeed_rank"]
         out: dict[str, Any] = {"frame_bytes": len(frames[0]),
                                "uss_start_mb": round(uss_bytes(pid) / 2**20, 1)}
@@ -179,7 +166,7 @@ def memory(env: dict[str, Any], wl: Workload, args: argparse.Namespace) -> dict[
             for n in (3, 64):
                 targets = [models[i % 3] for i in range(n)]
                 for i in range(100):
-                    status, doc = c.score(frames[i % 4], targets)
+                    status, doc = c.score(frames[i % len(frames)], targets)
                     if status != 200 or doc["ok"] != n:
                         raise RuntimeError(f"{n}-target request failed: {str(doc)[:300]}")
                 out[f"uss_after_100x{n}_targets_mb"] = round(uss_bytes(pid) / 2**20, 1)
@@ -213,12 +200,12 @@ def run(args: argparse.Namespace) -> int:
         settings = {"FT_SHM_NAME": prefix, "FT_ROUTING": str(routing),
                     "FT_LEAF_TIMEOUT": str(LEAF_TIMEOUT)}
         root = RootProc(tmp, settings, "root-hostile").wait_ready()
-        frame = make_frame(wl.universe, 8)
+        frames = [make_frame(wl.universe, 8, seed=s) for s in range(N_FRAMES)]
         print("1. deadlines ...", flush=True)
-        d = deadlines(root, frame, args)
+        d = deadlines(root, frames, args)
         print(json.dumps(d, indent=1))
         print("2. slow and idle clients ...", flush=True)
-        sc = slow_clients(root, frame, args)
+        sc = slow_clients(root, frames, args)
         print(json.dumps(sc, indent=1))
         root.stop()
         root = None

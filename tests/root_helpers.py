@@ -6,6 +6,7 @@ SIGKILL to its group after a deadline; every wait polls with a deadline (``wait_
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -13,8 +14,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -136,11 +138,7 @@ class RootProc(Proc):
 
     def worker_pids(self) -> set[int]:
         """Live children of the gunicorn master."""
-        path = Path(f"/proc/{self.pid}/task/{self.pid}/children")
-        try:
-            return {int(p) for p in path.read_text().split()}
-        except FileNotFoundError:
-            return set()
+        return stack.child_pids(self.pid)
 
     def client(self) -> Client:
         """A keep-alive client, closed by :meth:`stop`."""
@@ -344,3 +342,33 @@ def uss_bytes(pid: int) -> int:
         key, _, rest = line.partition(":")
         fields[key] = int(rest.split()[0]) * 1024
     return fields["Private_Clean"] + fields["Private_Dirty"]
+
+
+@contextlib.contextmanager
+def idle_and_slow_clients(url: str, n_idle: int, n_slow: int, head: bytes,
+                          interval: float = 0.5) -> Iterator[tuple[list[socket.socket],
+                                                                   list[socket.socket]]]:
+    """``n_idle`` connections to ``url`` that send nothing and ``n_slow`` that each send
+    ``head`` one byte per ``interval`` (real sockets, a real drip); all closed at exit."""
+    host, port = url[len("http://"):].split(":")
+    idle = [socket.create_connection((host, int(port))) for _ in range(n_idle)]
+    slow = [socket.create_connection((host, int(port))) for _ in range(n_slow)]
+    stop = threading.Event()
+
+    def drip() -> None:
+        for byte in head:
+            for s in slow:
+                with contextlib.suppress(OSError):  # the root may have closed it (408)
+                    s.send(bytes([byte]))
+            if stop.wait(interval):
+                return
+
+    t = threading.Thread(target=drip, daemon=True)
+    t.start()
+    try:
+        yield idle, slow
+    finally:
+        stop.set()
+        t.join(10)
+        for s in idle + slow:
+            s.close()

@@ -29,6 +29,7 @@ from root_helpers import (
     MapPublisher,
     RootProc,
     Workload,
+    idle_and_slow_clients,
     uss_bytes,
     write_routing,
 )
@@ -158,25 +159,8 @@ def test_fifty_requests_to_a_drip_leaf_leave_healthy_targets_alone(env: Env,
 
 # -- 2. slow clients cost only themselves --------------------------------------------------------
 def test_idle_and_byte_a_tick_clients_do_not_starve_the_pool(env: Env, root: RootProc) -> None:
-    host, port = root.url[len("http://"):].split(":")
-    idle = [socket.create_connection((host, int(port))) for _ in range(80)]
-    slow = [socket.create_connection((host, int(port))) for _ in range(80)]
     line = b"POST /score HTTP/1.1\r\nHost: x\r\n"
-    stop = threading.Event()
-
-    def drip() -> None:
-        for byte in line:
-            for s in slow:
-                try:
-                    s.send(bytes([byte]))
-                except OSError:
-                    pass
-            if stop.wait(0.5):
-                return
-
-    t = threading.Thread(target=drip)
-    t.start()
-    try:
+    with idle_and_slow_clients(root.url, 80, 80, line) as (_idle, slow):
         frame = _frame(env)
         with Client(root.url) as c:
             for _ in range(10):
@@ -191,11 +175,6 @@ def test_idle_and_byte_a_tick_clients_do_not_starve_the_pool(env: Env, root: Roo
         body = json.loads(answer.partition(b"\r\n\r\n")[2])
         assert body["error"]["code"] == "timeout" and "FT_HEADER_TIMEOUT" in \
             body["error"]["message"]
-    finally:
-        stop.set()
-        t.join(10)
-        for s in idle + slow:
-            s.close()
 
 
 def _read_all(sock: socket.socket) -> bytes:

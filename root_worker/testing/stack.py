@@ -101,6 +101,15 @@ def die_with_parent() -> None:  # pragma: no cover - runs in the child between f
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+def child_pids(pid: int) -> set[int]:
+    """Live children of process ``pid`` (a pre-forked master's workers); empty once it exited."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except FileNotFoundError:
+        return set()
+    return {int(p) for p in text.split()}
+
+
 def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """Our environment minus anything that would leak into a child's configuration."""
     env = {k: v for k, v in os.environ.items()
@@ -253,11 +262,7 @@ class Pool(Proc):
 
     def worker_pids(self) -> set[int]:
         """Live children of the gunicorn master."""
-        try:
-            text = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text()
-        except FileNotFoundError:
-            return set()
-        return {int(p) for p in text.split()}
+        return child_pids(self.pid)
 
     def health_by_worker(self, cond: Callable[[dict[str, Any]], bool] | None = None,
                          timeout: float = 20.0) -> dict[int, dict[str, Any]]:
