@@ -28,6 +28,7 @@ Example::
 from __future__ import annotations
 
 from root_worker.frame.backends import BACKENDS
+from root_worker.frame.check import check_frame
 from root_worker.frame.codec import Column, Frame, Ragged, decode, encode, peek_metadata
 from root_worker.frame.format import DTYPE_BY_CODE, FrameError
 from root_worker.frame.trim import IOV_MAX, Trimmer, TrimParts, TrimResult, trim
@@ -43,6 +44,7 @@ __all__ = [
     "TrimParts",
     "TrimResult",
     "Trimmer",
+    "check_frame",
     "decode",
     "encode",
     "peek_metadata",

@@ -5,7 +5,7 @@ validated in the gunicorn master first). ``worker`` is the event-loop gunicorn w
 (``loop`` its selector loop, ``http1`` the bounded request parser); ``score`` drives a
 request; ``targets`` parses what it asks for; ``routing`` maps models to leaves; ``fanout``
 talks to leaves (``keepalive``: the one stale-connection retry); ``buffers`` is the capped
-per-worker buffer pool; ``framecheck`` checks pass-through frames; ``settings`` holds every
+per-worker buffer pool; ``settings`` holds every
 ``FT_*`` setting; ``metrics`` the Prometheus counters.
 
 May import: ``frame``, ``featuremap``, ``flatbuffers_schema`` (the wire contract), gunicorn,

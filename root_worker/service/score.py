@@ -15,7 +15,7 @@ Runs in each root worker (one :class:`Scorer` per process, built after fork). Pe
    counted). The engine checks the kept ragged offsets (``check_ragged``). Mode ``off``
    and unknown models pass the frame through, ``shadow`` trims only to count what it would
    save. A frame passed through untrimmed is checked by
-   :mod:`root_worker.service.framecheck` (block table, ragged offsets): a leaf never gets a
+   :func:`root_worker.frame.check_frame` (block table, ragged offsets): a leaf never gets a
    frame the root could have rejected; a malformed frame is a 400 -- except in mode
    ``off``, the kill switch, where the root parses nothing but the metadata and the bytes
    pass as they came. Any *other* trimmer-side failure -- a trimmer bug, a version that
@@ -60,10 +60,9 @@ from flatbuffers_schema.wire import (
 )
 from root_worker.featuremap.live_map import LiveMap
 from root_worker.featuremap.map_reader import FeatureMapView
-from root_worker.frame import FrameError, Trimmer, peek_metadata
+from root_worker.frame import FrameError, Trimmer, check_frame, peek_metadata
 from root_worker.service.buffers import BufferPool
 from root_worker.service.fanout import LeafCall, LeafError, LeafPool
-from root_worker.service.framecheck import check_frame
 from root_worker.service.http1 import HttpError
 from root_worker.service.loop import Loop, run_until
 from root_worker.service.metrics import ModelMetrics, RootMetrics

@@ -1,7 +1,8 @@
-"""The root's last check of a frame before a leaf gets it: block table and ragged offsets.
+"""A whole-frame check at numpy speed: block table and every ragged column's offsets.
 
-Runs in each root worker, once per distinct payload of a request (a trimmed output shared by
-targets, or the untrimmed frame). An untrimmed pass-through is otherwise only peeked (preamble
+Runs in the root workers, once per frame they pass through untrimmed (the service's last
+check before a leaf gets it), and anywhere a frame must be validated without decoding its
+columns. An untrimmed pass-through is otherwise only peeked (preamble
 and metadata); a leaf would then refuse a frame the root could have rejected
 (``offsets[0] != 0``, decreasing offsets, an end beyond the block). This check is
 vectorised: one gather of every ragged column's ``C + 1`` offsets (blocks are 64-byte
