@@ -89,9 +89,6 @@ class Settings:
     threads: int = setting(4, positive(int, 1024),
                            "request threads per worker (`gthread` worker only)",
                            env="FT_THREADS")
-    fanout_threads: int = setting(8, positive(int, 1024),
-                                  "unused since the event-loop fan-out (kept so existing "
-                                  "environments still start)", env="FT_FANOUT_THREADS")
     max_connections: int = setting(
         1000, positive(int, 1 << 20),
         "client connections per worker (`event` worker); beyond it the worker stops "
