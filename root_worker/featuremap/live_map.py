@@ -14,7 +14,13 @@ from __future__ import annotations
 
 import logging
 
-from root_worker.featuremap.map_reader import FeatureMapView, MapError, Resolution, no_map
+from root_worker.featuremap.map_reader import (
+    FeatureMapView,
+    MapError,
+    Resolution,
+    no_map,
+    open_generation,
+)
 from root_worker.featuremap.shm_reader import ShmReader, Snapshot
 
 log = logging.getLogger(__name__)
@@ -41,10 +47,7 @@ class LiveMap:
         if snap.generation == self._refused_generation:
             return self._view
         try:
-            view = FeatureMapView(snap.buffer)
-            if view.generation != snap.generation:
-                raise MapError(f"blob says generation {view.generation}, control block says "
-                               f"{snap.generation}")
+            view = open_generation(snap.buffer, snap.generation)
         except MapError as exc:
             self.map_errors += 1
             self._refused_generation = snap.generation

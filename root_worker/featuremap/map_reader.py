@@ -260,3 +260,13 @@ def _u16_list(v: FbVersion) -> list[int]:
 
 def _text(raw: bytes | None) -> str:
     return raw.decode("utf-8", "replace") if raw else ""
+
+
+def open_generation(blob: Any, generation: int) -> FeatureMapView:
+    """The view of ``blob``, which the control block published as ``generation``; raises
+    :class:`MapError` when it is not a feature map or says another generation."""
+    view = FeatureMapView(blob)
+    if view.generation != generation:
+        raise MapError(f"blob says generation {view.generation}, control block says "
+                       f"{generation}")
+    return view

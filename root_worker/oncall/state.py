@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flatbuffers_schema.shm_layout import SHM_DIR
-from root_worker.featuremap.map_reader import FeatureMapView, MapError
+from root_worker.featuremap.map_reader import FeatureMapView, MapError, open_generation
 from root_worker.featuremap.shm_reader import ControlInfo, ShmReader, Snapshot
 
 PROC_LOCKS = "/proc/locks"
@@ -131,10 +131,7 @@ def read_state(prefix: str, *, now_ns: int | None = None) -> MapState:
         return state
     state.snapshot = snapshot
     try:
-        view = FeatureMapView(snapshot.buffer)
-        if view.generation != snapshot.generation:
-            raise MapError(f"blob says generation {view.generation}, control block says "
-                           f"{snapshot.generation}")
+        view = open_generation(snapshot.buffer, snapshot.generation)
     except MapError as exc:
         state.add(Level.CRITICAL, "map_unreadable",
                   f"generation {snapshot.generation} is not a readable feature map: {exc}")
