@@ -87,6 +87,8 @@ def _percentile(values: list[float], q: float) -> float:
 class Stack:
     """A daemon on some bundles, reader processes, and a control-word flip watcher."""
 
+    daemon_args: list[str] = []  # extra trimmer-daemon flags (--daemon-arg)
+
     def __init__(self, bundles: dict[str, Path], n_readers: int) -> None:
         from trimmer_daemon.publisher import Publisher
         self._publisher = Publisher
@@ -95,6 +97,7 @@ class Stack:
                "--metrics-listen", "", "--log-level", "WARNING"]
         for name, path in bundles.items():
             cmd += ["--bundle", f"{name}={path}"]
+        cmd += self.daemon_args
         self.daemon = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
         self.procs = [subprocess.Popen([sys.executable, "-c", FLIP_WATCHER, self.prefix],
                                        stdout=subprocess.PIPE, text=True,
@@ -340,7 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sections", default="reload,small_beside_big,compile_publish",
                         help="comma-separated subset to run")
     parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "reload_bench.json"))
+    parser.add_argument("--daemon-arg", action="append", default=[], metavar="FLAG",
+                        help="extra trimmer-daemon flag, e.g. --daemon-arg=--debounce-ms=2")
     args = parser.parse_args(argv)
+    Stack.daemon_args = args.daemon_arg
     sections = {"reload": lambda: reload_latency(args.rounds, args.readers),
                 "small_beside_big": lambda: small_beside_big(args.side_rounds, args.readers),
                 "compile_publish": compile_publish}

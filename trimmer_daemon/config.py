@@ -77,7 +77,7 @@ class DaemonConfig:
                                         "seconds between heartbeats in the control segment",
                                         flag="--heartbeat-interval")
     debounce_ms: float = setting(
-        5.0, in_range(float, 0, 60_000),
+        2.0, in_range(float, 0, 60_000),
         "after a file event, wait until the directory is quiet this long before reloading",
         flag="--debounce-ms")
     max_delay_ms: float = setting(
