@@ -188,6 +188,70 @@ def test_calls_on_one_loop_keep_their_own_results_and_deadlines() -> None:
         leaf.close()
 
 
+class SlowReader:
+    """A leaf that takes one request slowly (small receive buffer, 4 KB reads) and answers
+    with the SHA-256 of the body it got: the sender sees many partial ``sendmsg`` calls."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(1)
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        import hashlib
+        conn, _ = self.sock.accept()
+        with conn:
+            conn.settimeout(30)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(4096)
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = int(re.search(rb"Content-Length: (\d+)", head).group(1))  # type: ignore
+            digest = hashlib.sha256(body)
+            got = len(body)
+            while got < length:
+                chunk = conn.recv(4096)
+                assert chunk
+                digest.update(chunk)
+                got += len(chunk)
+            answer = digest.hexdigest().encode()
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(answer),
+                                                                                 answer))
+
+    def close(self) -> None:
+        self.thread.join(30)
+        self.sock.close()
+
+
+def test_a_scatter_gather_body_survives_many_partial_sends() -> None:
+    """More parts than IOV_MAX, odd sizes, to a slow reader: every byte arrives in order."""
+    import hashlib
+    import random
+    rnd = random.Random(7)
+    src = memoryview(bytes(rnd.getrandbits(8) for _ in range(1 << 16)) * 48)  # 3 MB
+    parts, pos = [], 0
+    while pos < len(src) - 4096:
+        size = rnd.randint(1, 3000)
+        parts.append(src[pos:pos + size])
+        pos += size + rnd.randint(0, 64)
+    assert len(parts) > 1024  # more than one sendmsg's IOV_MAX
+    srv, pool, loop, results = SlowReader(), LeafPool(), Loop(), []
+    try:
+        LeafCall(loop, pool, [Endpoint.parse(f"http://127.0.0.1:{srv.port}")], "/score", {},
+                 parts, time.monotonic() + 30, 1 << 20, results.append).start()
+        run_until(loop, lambda: bool(results), time.monotonic() + 40)
+        assert results and not isinstance(results[0], LeafError), results
+        assert results[0] == (200, hashlib.sha256(b"".join(parts)).hexdigest().encode())
+    finally:
+        loop.close()
+        pool.close()
+        srv.close()
+
+
 # -- the scorer over a real map and real leaves ------------------------------------------------
 class FailingTrimmer(Trimmer):
     """The fault the fallback exists for: a trimmer bug (not a malformed frame)."""
@@ -310,20 +374,57 @@ def test_request_ids_reach_leaves_only_when_header_safe(stack: dict) -> None:
     assert bad.value.status == 400 and "NaN is not a JSON number" in bad.value.message
 
 
-def test_leaf_replies_must_be_json_objects_with_finite_scores() -> None:
-    from root_worker.service.score import _leaf_reply
+def _scores_of(reply: dict) -> Any:
+    from root_worker.service.replies import RawJSON
 
-    assert _leaf_reply("u", 200, b'{"scores": [1.5, -2], "version": "3"}') == {
-        "scores": [1.5, -2], "leaf_version": "3"}
-    for body in (b'{"scores": [1e999]}', b'{"scores": [[1.0, -1e999]]}', b'{"scores": [NaN]}',
-                 b"[]", b"\xff", b"{}"):
+    scores = reply["scores"]
+    return scores.value if isinstance(scores, RawJSON) else scores
+
+
+def test_leaf_replies_must_be_json_objects_with_finite_scores() -> None:
+    from root_worker.service.replies import RawJSON, leaf_reply
+
+    fast = leaf_reply("u", 200, b'{"scores": [1.5, -2], "version": "3"}')
+    assert isinstance(fast["scores"], RawJSON)  # the SDK's shape: kept as text
+    assert _scores_of(fast) == [1.5, -2] and fast["leaf_version"] == "3"
+    accepted = [  # kept as text or not, the scores are what json.loads reads
+        b'{"scores": []}', b' {\n "scores" : [ 0 , 1e5 ,-0.0, 1E-07 ] , "model": "m"}\n',
+        b'{"scores": [1e300, 5]}', b'{"version": "2", "scores": [1]}',
+        b'{"scores": [[1.0, 2.0]], "missing": ["a", "b"]}', b'{"scores": [1, 2]}  ']
+    for body in accepted:
+        reply = leaf_reply("u", 200, body)
+        assert _scores_of(reply) == json.loads(body)["scores"], body
+        assert reply.get("leaf_version") == json.loads(body).get("version"), body
+    rejected = [b'{"scores": [1e999]}', b'{"scores": [[1.0, -1e999]]}', b'{"scores": [NaN]}',
+                b"[]", b"\xff", b"{}", b'{"scores": [1, 2], }', b'{"scores": [1, 2]} x',
+                b'{"scores": [1, 2], "scores": "x"}', b'{"scores": [1,, 2]}',
+                b'{"scores": [1' + b"0" * 400 + b"]}", b'{"scores": [01]}',
+                b'{"scores": [1, 2],, "a": 1}', b'{"scores": [1, Infinity]}']
+    for body in rejected:
         with pytest.raises(LeafError) as err:
-            _leaf_reply("u", 200, body)
-        assert err.value.kind == "bad_reply"
+            leaf_reply("u", 200, body)
+        assert err.value.kind == "bad_reply", body
     with pytest.raises(LeafError) as err:
-        _leaf_reply("u", 404, b'{"error": "model m is not served here"}')
+        leaf_reply("u", 404, b'{"error": "model m is not served here"}')
     assert err.value.kind == "status" and err.value.status == 404
     assert "not served here" in err.value.message
+
+
+def test_raw_scores_are_spliced_into_the_answer_as_strict_json() -> None:
+    import copy
+
+    from root_worker.service.replies import answer_body, leaf_reply, materialize
+
+    replies = [leaf_reply("u", 200, b'{"scores": [0.1, 2e-05, -3]}'),
+               leaf_reply("u", 200, b'{"scores": [[1, 2]]}')]  # general path: a list
+    doc = {"request_id": "r\u00e9", "generation": 3, "targets": [
+        {"model": "a", "status": "ok", **replies[0]}, {"model": "b", "status": "ok",
+                                                         **replies[1]},
+        {"model": "c", "status": "error", "error": {"kind": "timeout"}}]}
+    status, headers, body = answer_body(200, copy.deepcopy(doc))
+    assert status == 200 and headers == [("Content-Type", "application/json")]
+    assert json.loads(body) == materialize(doc)
+    assert b'"scores":[0.1, 2e-05, -3]' in body  # as the leaf wrote them
 
 
 def test_one_map_view_per_request_reports_the_generation_that_served_it(stack: dict) -> None:

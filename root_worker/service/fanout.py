@@ -130,6 +130,7 @@ class LeafCall:
         self._reused = False
         self._out: list[Any] = []
         self._ends: list[int] = []
+        self._total = -1  # bytes to send (head + body); -1: not connected yet
         self._sent = 0
         self._first = 0
         self._rx = bytearray()
@@ -157,7 +158,7 @@ class LeafCall:
 
     def _on_deadline(self) -> None:
         ep = self.endpoint.url if self.endpoint else "leaf"
-        stage = "connecting" if not self._ends else "sending" if self._out else \
+        stage = "connecting" if self._total < 0 else "sending" if self._out else \
             "reading the answer"
         self._fail(LeafError("timeout", f"{ep}: no complete answer by the deadline "
                              f"(FT_LEAF_TIMEOUT) while {stage}"))
@@ -189,6 +190,7 @@ class LeafCall:
         self._rx.clear()
         self._head = None
         self._ends = []
+        self._total = -1
         if sock is not None:
             self._sock = sock
             self._start_send()
@@ -244,21 +246,25 @@ class LeafCall:
         head += [f"{k}: {v}" for k, v in self._headers.items()]
         raw = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
         self._out = [raw, *self._body]  # flat byte buffers (the caller's contract)
-        # cumulative ends, computed at C speed: a partial send finds its place by bisection
-        self._ends = list(itertools.accumulate(map(len, self._out)))
+        self._total = len(raw) + self.body_bytes
+        self._ends = []  # cumulative ends, built on the first partial send only
         self._sent = self._first = 0
         self._send(WRITE)
 
     def _send(self, mask: int) -> None:
-        sock, out, ends = self._sock, self._out, self._ends
+        sock, out = self._sock, self._out
         assert sock is not None
-        total = ends[-1]
+        total = self._total
         while self._sent < total:
             k = self._first
-            start = ends[k - 1] if k else 0
-            batch = out[k:k + IOV_MAX]
-            if self._sent > start:  # the first buffer went out in part
-                batch[0] = memoryview(batch[0])[self._sent - start:]
+            if k or self._sent:
+                ends = self._ends
+                start = ends[k - 1] if k else 0
+                batch = out[k:k + IOV_MAX]
+                if self._sent > start:  # the first buffer went out in part
+                    batch[0] = memoryview(batch[0])[self._sent - start:]
+            else:
+                batch = out if len(out) <= IOV_MAX else out[:IOV_MAX]
             try:
                 n = sock.sendmsg(batch)
             except (BlockingIOError, InterruptedError):
@@ -268,7 +274,10 @@ class LeafCall:
                 self._io_error(exc, "sending")
                 return
             self._sent += n
-            self._first = bisect.bisect_right(ends, self._sent, lo=k)
+            if self._sent < total:  # partial: find the place by bisection, at C speed
+                if not self._ends:
+                    self._ends = list(itertools.accumulate(map(len, out)))
+                self._first = bisect.bisect_right(self._ends, self._sent, lo=k)
         self._out = []
         self._loop.watch(sock, READ, self._read)
 

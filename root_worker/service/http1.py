@@ -247,10 +247,17 @@ def status_text(status: int) -> str:
     return STATUS_TEXT.get(status, "Error")
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
+def dumps_json(doc: Any) -> str:
+    """The one encoding of every JSON answer: compact, strict (no NaN or Infinity)."""
+    return _ENCODER.encode(doc)
+
+
 def json_body(status: int, doc: Any) -> Answer:
     """``(status, headers, body)`` of a JSON answer (strict JSON: no NaN)."""
-    body = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
-    return status, [("Content-Type", JSON)], body
+    return status, [("Content-Type", JSON)], dumps_json(doc).encode()
 
 
 def error_body(status: int, code: str, message: str) -> Answer:

@@ -1,4 +1,4 @@
-"""A small selector event loop with deadline timers (one per root worker process).
+"""A small epoll event loop with deadline timers (one per root worker process).
 
 Runs in each root worker: the event worker (:mod:`root_worker.service.worker`) drives every
 client connection and every leaf exchange of the process on one :class:`Loop`; a caller
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import select
 import selectors
 import time
 from collections.abc import Callable
@@ -20,6 +21,11 @@ from typing import Any
 READ = selectors.EVENT_READ
 WRITE = selectors.EVENT_WRITE
 Handler = Callable[[int], None]
+_EPOLL = {READ: select.EPOLLIN, WRITE: select.EPOLLOUT, READ | WRITE: select.EPOLLIN |
+          select.EPOLLOUT}
+# errors and hang-ups wake both directions: the handler's recv/send then sees them
+_READABLE = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP | select.EPOLLRDHUP
+_WRITABLE = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
 
 
 class Timer:
@@ -37,16 +43,22 @@ class Timer:
 
 
 class Loop:
-    """Selector + timer heap. Not thread-safe: one loop is used by one thread."""
+    """epoll + timer heap. Not thread-safe: one loop is used by one thread.
+
+    ``select.epoll`` directly rather than :mod:`selectors`: a watch is one ``epoll_ctl`` and
+    one dict entry (selectors builds a key tuple and a mapping per change, several
+    microseconds each, and a root worker changes watches several times per request).
+    """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
-        self._sel = selectors.DefaultSelector()
+        self._ep = select.epoll()
         self._timers: list[tuple[float, int, Timer]] = []
         self._seq = itertools.count()
-        # what is registered, by object: selectors' own KeyError paths format repr(sock),
-        # which costs more than the whole modify
-        self._watched: set[Any] = set()
+        self._handlers: dict[int, Handler] = {}   # fd -> handler
+        self._events: dict[int, int] = {}         # fd -> registered epoll mask
+        self._fds: dict[Any, int] = {}            # watched object -> its fd at watch time
+        self._owner: dict[int, Any] = {}          # fd -> the object watched on it
 
     def call_at(self, when: float, fn: Callable[[], None]) -> Timer:
         t = Timer(when, fn)
@@ -55,31 +67,50 @@ class Loop:
 
     def watch(self, sock: Any, events: int, handler: Handler) -> None:
         """Call ``handler(mask)`` when ``sock`` is ready for ``events`` (replaces a watch)."""
-        if sock in self._watched:
-            self._sel.modify(sock, events, handler)
-        else:
-            self._sel.register(sock, events, handler)
-            self._watched.add(sock)
+        mask = _EPOLL[events]
+        fd = self._fds.get(sock)
+        if fd is None:
+            fd = sock if isinstance(sock, int) else sock.fileno()
+            stale = self._owner.get(fd)
+            if stale is not None:  # its socket was closed unwatched and the fd reused
+                del self._fds[stale]
+            try:
+                self._ep.register(fd, mask)
+            except FileExistsError:  # the stale registration survived (a dup'd fd)
+                self._ep.modify(fd, mask)
+            self._fds[sock], self._owner[fd], self._events[fd] = fd, sock, mask
+        elif self._events[fd] != mask:
+            self._ep.modify(fd, mask)
+            self._events[fd] = mask
+        self._handlers[fd] = handler
 
     def unwatch(self, sock: Any) -> None:
         """Stop watching ``sock`` (call before closing it)."""
-        if sock in self._watched:
-            self._watched.discard(sock)
+        fd = self._fds.pop(sock, None)
+        if fd is not None and self._owner.get(fd) is sock:
+            del self._handlers[fd], self._events[fd], self._owner[fd]
             try:
-                self._sel.unregister(sock)
-            except (KeyError, ValueError):  # closed behind our back (fd -1)
+                self._ep.unregister(fd)
+            except (OSError, ValueError):  # closed behind our back
                 pass
 
     def watched(self) -> int:
-        return len(self._watched)
+        return len(self._fds)
 
     def run_once(self, max_wait: float) -> None:
         """Wait for I/O up to the next timer (at most ``max_wait`` s) and dispatch."""
         timeout = max_wait
         if self._timers:
             timeout = min(timeout, max(0.0, self._timers[0][0] - self.clock()))
-        for key, mask in self._sel.select(timeout):
-            key.data(mask)
+        try:
+            ready = self._ep.poll(timeout)
+        except InterruptedError:
+            ready = []
+        handlers = self._handlers
+        for fd, ev in ready:
+            handler = handlers.get(fd)  # an earlier handler may have unwatched it
+            if handler is not None:
+                handler((READ if ev & _READABLE else 0) | (WRITE if ev & _WRITABLE else 0))
         self._run_timers()
 
     def _run_timers(self) -> None:
@@ -93,8 +124,11 @@ class Loop:
             heapq.heappop(timers)
 
     def close(self) -> None:
-        self._sel.close()
-        self._watched.clear()
+        self._ep.close()
+        self._handlers.clear()
+        self._events.clear()
+        self._fds.clear()
+        self._owner.clear()
         self._timers.clear()
 
 

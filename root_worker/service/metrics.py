@@ -57,6 +57,7 @@ P = "feature_trimmer_root_"
 OTHER_MODEL = "_other"
 MAX_CACHED_MODELS = 4096  # model name -> bound children; clients choose the names
 TRIM_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2)
+MAP_AGE_EVERY_NS = 100_000_000  # per-request map age updates: at most every 0.1 s
 LEAF_BUCKETS = (5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
@@ -138,6 +139,7 @@ class RootMetrics:
                           multiprocess_mode="liveall")
         self._map_errors_seen = 0
         self._map_seen = (-1, -1)
+        self._age_set_ns = 0
         self._labels: dict[str, ModelMetrics] = {}
 
     def model(self, model: str) -> ModelMetrics:
@@ -155,13 +157,18 @@ class RootMetrics:
         self.info.labels(mode, "1" if lz4 else "0").set(1)
 
     def set_map(self, generation: int, published_at_ns: int, now_ns: int,
-                map_errors: int) -> None:
-        """Export the served map's generation and age (called per request and scrape)."""
-        if (generation, published_at_ns) != self._map_seen:
+                map_errors: int, *, force: bool = True) -> None:
+        """Export the served map's generation and age (called per scrape, and per request
+        with ``force=False``: the age then moves at most every ``MAP_AGE_EVERY_NS``)."""
+        changed = (generation, published_at_ns) != self._map_seen
+        if changed:
             self._map_seen = (generation, published_at_ns)
             self.generation.set(generation)
             self.published.set(published_at_ns / 1e9)
-        self.map_age.set(max(0.0, (now_ns - published_at_ns) / 1e9) if generation else 0.0)
+        if force or changed or now_ns - self._age_set_ns >= MAP_AGE_EVERY_NS:
+            self._age_set_ns = now_ns
+            self.map_age.set(max(0.0, (now_ns - published_at_ns) / 1e9) if generation
+                             else 0.0)
         if map_errors > self._map_errors_seen:
             self.map_errors.inc(map_errors - self._map_errors_seen)
             self._map_errors_seen = map_errors

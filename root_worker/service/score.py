@@ -33,9 +33,7 @@ path under a threaded gunicorn worker, unit tests).
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import re
 import time
@@ -66,6 +64,7 @@ from root_worker.service.fanout import LeafCall, LeafError, LeafPool
 from root_worker.service.http1 import HttpError
 from root_worker.service.loop import Loop, run_until
 from root_worker.service.metrics import ModelMetrics, RootMetrics
+from root_worker.service.replies import leaf_reply, materialize
 from root_worker.service.routing import Routing
 from root_worker.service.settings import Settings
 from root_worker.service.targets import BadTargets, Target, parse_targets
@@ -167,7 +166,8 @@ class Scorer:
             loop.close()
         if not done:  # pragma: no cover - every call ends by its own deadline
             raise RuntimeError("score request did not finish")
-        return done[0]
+        status, doc = done[0]
+        return status, materialize(doc)
 
     def begin(self, body: memoryview, query: str, loop: Loop,
               on_done: Callable[[int, dict[str, Any]], None]) -> Request:
@@ -186,7 +186,8 @@ class Scorer:
             request_id = None  # echoed as given only when a string or integer
         view = self.live_map.current() if self.settings.mode != "off" else None
         lm = self.live_map
-        self.metrics.set_map(lm.generation, lm.published_at_ns, time.time_ns(), lm.map_errors)
+        self.metrics.set_map(lm.generation, lm.published_at_ns, time.time_ns(), lm.map_errors,
+                             force=False)
         headers = {"Content-Type": FRAME_CONTENT_TYPE}
         if request_id is not None and _SAFE_ID.fullmatch(str(request_id)):
             headers[REQUEST_ID_HEADER] = str(request_id)  # only a header-safe id is forwarded
@@ -335,7 +336,7 @@ class Scorer:
             if status == STATUS_SKEW and trimmed_for is not None and self._resend(req, i):
                 return
             try:
-                result = _leaf_reply(url, status, data)
+                result = leaf_reply(url, status, data)
                 result.update(leaf=url, bytes_sent=call.body_bytes)
             except LeafError as exc:
                 result = exc
@@ -387,39 +388,3 @@ class Scorer:
     def close(self) -> None:
         self.pool.close()
         self.buffers.shrink()
-
-
-def _leaf_reply(url: str, status: int, data: bytes) -> dict[str, Any]:
-    """The fields of a leaf's answer the client gets; raises LeafError if unusable."""
-    try:  # C-speed parse; NaN/Infinity literals refused here, overflowed floats below
-        doc = json.loads(data, parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        doc = None
-    if status != 200:
-        detail = doc.get("error") if isinstance(doc, dict) else data[:200].decode("utf-8",
-                                                                                 "replace")
-        raise LeafError("status", f"{url} answered {status}: {detail}", status)
-    if not isinstance(doc, dict) or not isinstance(doc.get("scores"), list):
-        raise LeafError("bad_reply", f"{url} answered 200 without a JSON object with scores")
-    if not _finite(doc["scores"]):  # 1e999 parses as inf: not re-encodable as strict JSON
-        raise LeafError("bad_reply", f"{url} answered scores that are not finite numbers")
-    reply = {"scores": doc["scores"]}
-    if "version" in doc:
-        reply["leaf_version"] = doc["version"]
-    return reply
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a score")
-
-
-def _finite(scores: list[Any]) -> bool:
-    """Whether ``scores`` can be re-encoded as strict JSON (no inf from an overflow)."""
-    try:
-        return all(map(math.isfinite, scores))  # the common case, flat numbers, at C speed
-    except TypeError:  # nested lists or other values: the strict encoder judges
-        try:
-            json.dumps(scores, allow_nan=False)
-        except (ValueError, RecursionError):
-            return False
-        return True
