@@ -51,6 +51,7 @@ MAX_IDLE_S = 30.0  # an idle kept-alive socket older than this is closed, not re
 MAX_REPLY_HEAD = 16 << 10
 RECV_CHUNK = 64 << 10
 IOV_MAX = 1024
+SEND_BUDGET_MIN = 64 << 10  # after a partial send, offer at least this many bytes per call
 _REFUSED = (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EADDRNOTAVAIL)
 
 
@@ -131,6 +132,7 @@ class LeafCall:
         self._out: list[Any] = []
         self._ends: list[int] = []
         self._total = -1  # bytes to send (head + body); -1: not connected yet
+        self._budget = SEND_BUDGET_MIN  # bytes offered per sendmsg after a partial one
         self._sent = 0
         self._first = 0
         self._rx = bytearray()
@@ -260,7 +262,10 @@ class LeafCall:
             if k or self._sent:
                 ends = self._ends
                 start = ends[k - 1] if k else 0
-                batch = out[k:k + IOV_MAX]
+                # after a partial send, offer about what the kernel takes: a slow link
+                # must not cost converting hundreds of buffers per call
+                stop = bisect.bisect_left(ends, self._sent + self._budget, lo=k) + 1
+                batch = out[k:min(stop, k + IOV_MAX)]
                 if self._sent > start:  # the first buffer went out in part
                     batch[0] = memoryview(batch[0])[self._sent - start:]
             else:
@@ -275,6 +280,7 @@ class LeafCall:
                 return
             self._sent += n
             if self._sent < total:  # partial: find the place by bisection, at C speed
+                self._budget = max(SEND_BUDGET_MIN, 2 * n)
                 if not self._ends:
                     self._ends = list(itertools.accumulate(map(len, out)))
                 self._first = bisect.bisect_right(self._ends, self._sent, lo=k)
