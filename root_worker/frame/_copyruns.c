@@ -267,6 +267,9 @@ static PyMethodDef methods[] = {
      "memo_size(blob) -> int: bytes of the memo bytearray a plan cache entry carries."},
     {"plan_trim", (PyCFunction)(void (*)(void))plan_trim, METH_FASTCALL,
      "plan_trim(cache, src, out, digest, check_ragged, result_type) -> result or None."},
+    {"trim_entry", (PyCFunction)(void (*)(void))trim_entry, METH_FASTCALL,
+     "trim_entry(cache, result_type, general, full) -> TrimEntry: Trimmer.trim as a C "
+     "callable (see _copyruns_request.h)."},
     {"plan_parts", (PyCFunction)(void (*)(void))plan_parts, METH_FASTCALL,
      "plan_parts(cache, src, digest, check_ragged, max_parts, result_type) -> result or None."},
     {NULL, NULL, 0, NULL},
@@ -282,7 +285,14 @@ PyMODINIT_FUNC
 PyInit__copyruns(void)
 {
     detect_cpu();
-    if (PyType_Ready(&PinType) < 0 || PyType_Ready(&SpanType) < 0) {
+    if (PyType_Ready(&PinType) < 0 || PyType_Ready(&SpanType) < 0
+        || PyType_Ready(&TrimEntryType) < 0) {
+        return NULL;
+    }
+    str_digest = PyUnicode_InternFromString("digest");
+    str_out = PyUnicode_InternFromString("out");
+    str_check_ragged = PyUnicode_InternFromString("check_ragged");
+    if (str_digest == NULL || str_out == NULL || str_check_ragged == NULL) {
         return NULL;
     }
     PyObject *m = PyModule_Create(&module);

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import os
 import struct
+from types import MethodType
 from typing import NamedTuple
 
 import numpy as np
@@ -55,6 +56,7 @@ from root_worker.frame.backends import (
     plan_trim_c,
     same_bytes_c,
     same_bytes_py,
+    trim_entry_c,
     uniform_rows,
     write_frame_c,
 )
@@ -274,6 +276,12 @@ class Trimmer:
         # C backend: _PLAN_KEY bytes -> (layout bytes, pack_columns blob), read by
         # _copyruns.plan_trim / plan_parts, which serve any valid block table in one call.
         self._fast: LruCache[bytes, tuple[bytes, bytes, bytearray]] = LruCache(max_plans)
+        if self._use_c:
+            # The C backend's trim is one C call (_copyruns.trim_entry): the same signature
+            # and results as the method below, which it calls for anything it cannot parse
+            # and whose general path (_trim) it calls when plan_trim declines.
+            self.__dict__["trim"] = trim_entry_c(self._fast, TrimResult, self._trim,
+                                                 MethodType(Trimmer.trim, self))
 
     def trim(self, buf: Buffer, allowlist: Allowlist, out: Buffer | None = None,
              check_ragged: bool = False) -> TrimResult:
