@@ -283,8 +283,6 @@ check_range_avx2(const table_check *c, check_acc *a)
     uint64_t i = 0;
     for (; i + 4 < n; i += 4) {
         const char *e = t + FRAME_TABLE_ENTRY_SIZE * i;
-        PREFETCH(e + 1024);
-        PREFETCH(vec + i + 64);
         __m256i e01 = _mm256_loadu_si256((const __m256i *)e);        /* off0 nb0 off1 nb1 */
         __m256i e23 = _mm256_loadu_si256((const __m256i *)(e + 32)); /* off2 nb2 off3 nb3 */
         __m256i s01 = _mm256_loadu_si256((const __m256i *)(e + 8));  /* nb0 off1 nb1 off2 */
