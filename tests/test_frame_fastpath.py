@@ -483,3 +483,20 @@ def test_trim_is_one_c_call_with_the_method_signature() -> None:
         trimmer.trim(frame[:-1], allow)
     with pytest.raises(TypeError):
         _copyruns.trim_entry({}, TrimResult, None, None)
+
+
+def test_the_entrys_last_plan_is_right_when_evicted_or_cleared() -> None:
+    """The C entry keeps its last plan by key: alternating layouts through a one-plan cache
+    (each evicting the other) and a cleared trimmer still get exactly the right bytes."""
+    trimmer = Trimmer(max_plans=1, backend="c")
+    frames = [encode(dense(5, 12)), encode(mixed(5)), encode(dense(5, 13))]
+    allows = [Allowlist.from_names(list(dense(5, 13))[::2] + list(mixed(5))[1::2])]
+    allows.append(Allowlist.from_names(list(dense(5, 13))[1::3]))
+    for rnd in range(4):
+        for frame in frames:
+            for allow in allows:
+                assert bytes(trimmer.trim(frame, allow).data) == reference(frame, allow)
+        assert len(trimmer._fast) <= 1
+        if rnd == 1:
+            trimmer.clear()
+            assert not trimmer._fast

@@ -19,12 +19,55 @@ plan_key(const char *keybuf)
     return last_key;
 }
 
+/* The plan cache's entry for keybuf (borrowed), checked to be (layout bytes, plan blob,
+ * memo bytearray); NULL if there is none (no exception) or it is malformed (TypeError). */
+static PyObject *
+lookup_entry(PyObject *cache, const char *keybuf)
+{
+    PyObject *key = plan_key(keybuf);
+    if (key == NULL) {
+        return NULL;
+    }
+    PyObject *entry = PyDict_GetItemWithError(cache, key);
+    if (entry == NULL) {
+        return NULL;
+    }
+    if (!PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 3
+        || !PyBytes_CheckExact(PyTuple_GET_ITEM(entry, 0))
+        || !PyBytes_CheckExact(PyTuple_GET_ITEM(entry, 1))
+        || !PyByteArray_CheckExact(PyTuple_GET_ITEM(entry, 2))
+        || PyBytes_GET_SIZE(PyTuple_GET_ITEM(entry, 1)) < (Py_ssize_t)sizeof(plan_head)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "trimmer plan cache entries must be (bytes, plan blob, memo bytearray)");
+        return NULL;
+    }
+    const plan_head *h = (const plan_head *)PyBytes_AS_STRING(PyTuple_GET_ITEM(entry, 1));
+    if (h->magic != PLAN_MAGIC
+        || (uint64_t)PyBytes_GET_SIZE(PyTuple_GET_ITEM(entry, 1)) != h->blob_len
+        || (uint64_t)PyByteArray_GET_SIZE(PyTuple_GET_ITEM(entry, 2)) != memo_bytes(h)) {
+        PyErr_SetString(PyExc_TypeError, "trimmer plan cache entry holds no pack_columns blob");
+        return NULL;
+    }
+    return entry;
+}
+
+/* A TrimEntry's last plan: its key and entry (a strong reference, checked when stored).
+ * A request with the same key uses it without the dict lookup (on a cache-cold worker the
+ * dict's table, its key and the key cache are a few misses).  An entry the LRU has since
+ * evicted is still right: it is the plan of exactly those layout bytes (compared per
+ * request) under that allowlist digest, the dict's key. */
+typedef struct {
+    PyObject *entry;
+    char key[PLAN_KEY_SIZE];
+} plan_slot;
+
 /* Read and validate one request against its cached plan: 1 if it can be served (rq filled,
  * rq->entry a new reference), 0 if not (no entry, anything differs or is invalid: the
- * general path then serves it or words the error), -1 with an exception set. */
+ * general path then serves it or words the error), -1 with an exception set.  slot: the
+ * caller's last plan (NULL: none). */
 static int
 read_request(PyObject *cache, const Py_buffer *src, PyObject *digest_obj, int check_ragged,
-             request *rq)
+             request *rq, plan_slot *slot)
 {
     const char *s = (const char *)src->buf;
     const Py_ssize_t n = src->len;
@@ -47,32 +90,20 @@ read_request(PyObject *cache, const Py_buffer *src, PyObject *digest_obj, int ch
     char keybuf[PLAN_KEY_SIZE];
     memcpy(keybuf, s + FRAME_LAYOUT_HINT_AT, 8); /* the layout hint, as on the wire (LE) */
     store_le(keybuf + 8, digest, 8);
-    PyObject *key = plan_key(keybuf);
-    if (key == NULL) {
-        return -1;
+    PyObject *entry;
+    if (slot != NULL && slot->entry != NULL && memcmp(slot->key, keybuf, PLAN_KEY_SIZE) == 0) {
+        entry = slot->entry;
     }
-    PyObject *entry = PyDict_GetItemWithError(cache, key);
-    if (entry == NULL) {
+    else if ((entry = lookup_entry(cache, keybuf)) == NULL) {
         return PyErr_Occurred() ? -1 : 0;
     }
-    if (!PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 3
-        || !PyBytes_CheckExact(PyTuple_GET_ITEM(entry, 0))
-        || !PyBytes_CheckExact(PyTuple_GET_ITEM(entry, 1))
-        || !PyByteArray_CheckExact(PyTuple_GET_ITEM(entry, 2))
-        || PyBytes_GET_SIZE(PyTuple_GET_ITEM(entry, 1)) < (Py_ssize_t)sizeof(plan_head)) {
-        PyErr_SetString(PyExc_TypeError,
-                        "trimmer plan cache entries must be (bytes, plan blob, memo bytearray)");
-        return -1;
+    else if (slot != NULL) {
+        Py_XSETREF(slot->entry, Py_NewRef(entry));
+        memcpy(slot->key, keybuf, PLAN_KEY_SIZE);
     }
     PyObject *layout = PyTuple_GET_ITEM(entry, 0), *memo_obj = PyTuple_GET_ITEM(entry, 2);
     const char *blob = PyBytes_AS_STRING(PyTuple_GET_ITEM(entry, 1));
     const plan_head *h = (const plan_head *)blob;
-    if (h->magic != PLAN_MAGIC
-        || (uint64_t)PyBytes_GET_SIZE(PyTuple_GET_ITEM(entry, 1)) != h->blob_len
-        || (uint64_t)PyByteArray_GET_SIZE(memo_obj) != memo_bytes(h)) {
-        PyErr_SetString(PyExc_TypeError, "trimmer plan cache entry holds no pack_columns blob");
-        return -1;
-    }
     /* The layout must be the plan's, byte for byte; then the table must fit before the
      * metadata, and every block must be valid. */
     const uint64_t table_end = h->table_offset + FRAME_TABLE_ENTRY_SIZE * n_columns;
@@ -383,7 +414,7 @@ output_view(PyObject *out_obj, uint64_t len)
  * None when the general path must serve it (nothing written), NULL with an exception. */
 static PyObject *
 trim_request(PyObject *cache, PyObject *src_obj, PyObject *out_obj, PyObject *digest_obj,
-             int check_ragged, PyTypeObject *result_type)
+             int check_ragged, PyTypeObject *result_type, plan_slot *slot)
 {
     Py_buffer src;
     if (PyObject_GetBuffer(src_obj, &src, PyBUF_SIMPLE) < 0) {
@@ -392,7 +423,7 @@ trim_request(PyObject *cache, PyObject *src_obj, PyObject *out_obj, PyObject *di
     }
     request rq = {0};
     PyObject *result = NULL, *data = NULL;
-    int ok = read_request(cache, &src, digest_obj, check_ragged, &rq);
+    int ok = read_request(cache, &src, digest_obj, check_ragged, &rq, slot);
     if (ok <= 0) {
         result = ok < 0 ? NULL : Py_NewRef(Py_None);
         goto done;
@@ -426,7 +457,7 @@ plan_trim(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     return trim_request(args[0], args[1], args[2], args[3], check_ragged,
-                        (PyTypeObject *)args[5]);
+                        (PyTypeObject *)args[5], NULL);
 }
 
 /* ---- TrimEntry: Trimmer.trim as one C call ------------------------------------------------
@@ -443,6 +474,7 @@ typedef struct {
     PyObject_HEAD
     PyObject *cache, *result_type, *general, *full;
     vectorcallfunc vectorcall;
+    plan_slot last;
 } TrimEntry;
 
 static PyObject *str_digest, *str_out, *str_check_ragged; /* interned at import */
@@ -454,6 +486,7 @@ entry_traverse(TrimEntry *self, visitproc visit, void *arg)
     Py_VISIT(self->result_type);
     Py_VISIT(self->general);
     Py_VISIT(self->full);
+    Py_VISIT(self->last.entry);
     return 0;
 }
 
@@ -464,6 +497,7 @@ entry_clear(TrimEntry *self)
     Py_CLEAR(self->result_type);
     Py_CLEAR(self->general);
     Py_CLEAR(self->full);
+    Py_CLEAR(self->last.entry);
     return 0;
 }
 
@@ -527,7 +561,7 @@ entry_call(PyObject *callable, PyObject *const *args, size_t nargsf, PyObject *k
     }
     else {
         res = trim_request(self->cache, args[0], out, digest, check_ragged,
-                           (PyTypeObject *)self->result_type);
+                           (PyTypeObject *)self->result_type, &self->last);
         Py_DECREF(digest);
     }
     if (res != Py_None) {
@@ -538,6 +572,20 @@ entry_call(PyObject *callable, PyObject *const *args, size_t nargsf, PyObject *k
     return PyObject_Vectorcall(self->general, call, 4, NULL);
 }
 
+static PyObject *
+entry_forget(TrimEntry *self, PyObject *unused)
+{
+    (void)unused;
+    Py_CLEAR(self->last.entry);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef entry_methods[] = {
+    {"forget", (PyCFunction)entry_forget, METH_NOARGS,
+     "forget(): drop the last plan (Trimmer.clear calls it)."},
+    {NULL, NULL, 0, NULL},
+};
+
 static PyTypeObject TrimEntryType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "root_worker.frame._copyruns.TrimEntry",
     .tp_basicsize = sizeof(TrimEntry),
@@ -547,6 +595,7 @@ static PyTypeObject TrimEntryType = {
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
     .tp_traverse = (traverseproc)entry_traverse,
     .tp_clear = (inquiry)entry_clear,
+    .tp_methods = entry_methods,
     .tp_doc = "trim(buf, allowlist, out=None, check_ragged=False) -> TrimResult: "
               "Trimmer.trim in one C call (see Trimmer.trim).",
 };
@@ -571,6 +620,7 @@ trim_entry(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     e->general = Py_NewRef(args[2]);
     e->full = Py_NewRef(args[3]);
     e->vectorcall = entry_call;
+    e->last.entry = NULL;
     PyObject_GC_Track(e);
     return (PyObject *)e;
 }

@@ -40,7 +40,7 @@ from __future__ import annotations
 import os
 import struct
 from types import MethodType
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
@@ -276,12 +276,15 @@ class Trimmer:
         # C backend: _PLAN_KEY bytes -> (layout bytes, pack_columns blob), read by
         # _copyruns.plan_trim / plan_parts, which serve any valid block table in one call.
         self._fast: LruCache[bytes, tuple[bytes, bytes, bytearray]] = LruCache(max_plans)
+        self._entry: Any = None
         if self._use_c:
             # The C backend's trim is one C call (_copyruns.trim_entry): the same signature
             # and results as the method below, which it calls for anything it cannot parse
-            # and whose general path (_trim) it calls when plan_trim declines.
-            self.__dict__["trim"] = trim_entry_c(self._fast, TrimResult, self._trim,
-                                                 MethodType(Trimmer.trim, self))
+            # and whose general path (_trim) it calls when plan_trim declines.  It keeps its
+            # last plan (the common case: the same layout and allowlist again) by key.
+            self._entry = trim_entry_c(self._fast, TrimResult, self._trim,
+                                       MethodType(Trimmer.trim, self))
+            self.__dict__["trim"] = self._entry
 
     def trim(self, buf: Buffer, allowlist: Allowlist, out: Buffer | None = None,
              check_ragged: bool = False) -> TrimResult:
@@ -431,6 +434,8 @@ class Trimmer:
         """Drop every cached plan and layout."""
         self._plans.clear()
         self._fast.clear()
+        if self._entry is not None:
+            self._entry.forget()
         self._layouts = LayoutCache(self._max_plans)
 
 
