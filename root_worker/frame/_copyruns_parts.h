@@ -143,6 +143,7 @@ one_copy(const request *rq)
 static PyObject *
 plan_parts(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
+    (void)self;
     if (check_call("plan_parts", args, nargs, 6, 5) < 0) {
         return NULL;
     }

@@ -87,6 +87,7 @@ desc_at(uint64_t i, uint64_t n_columns)
 static PyObject *
 pack_columns(PyObject *self, PyObject *args)
 {
+    (void)self;
     unsigned long long n_columns, layout_len, n_missing;
     Py_buffer elem, ragged, kept, prefix;
     PyObject *result = NULL;

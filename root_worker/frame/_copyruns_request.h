@@ -355,6 +355,7 @@ write_trimmed(char *d, const request *rq)
 static PyObject *
 memo_size(PyObject *self, PyObject *blob)
 {
+    (void)self;
     if (!PyBytes_Check(blob) || PyBytes_GET_SIZE(blob) < (Py_ssize_t)sizeof(plan_head)
         || ((const plan_head *)PyBytes_AS_STRING(blob))->magic != PLAN_MAGIC) {
         PyErr_SetString(PyExc_TypeError, "memo_size(blob): not a pack_columns blob");
@@ -465,9 +466,8 @@ plan_trim(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
  * trim_entry(cache, result_type, general, full) -> TrimEntry, a callable with the signature
  * of Trimmer.trim, (buf, allowlist, out=None, check_ragged=False), that the Trimmer stores
  * as its instance's "trim".  A call reads allowlist.digest and runs plan_trim's request
- * with no Python frame, no argument tuple and no keyword dict (on a cache-cold worker, a
- * request just received, the Python-level method and its attribute lookups cost ~2 us of
- * cache misses); when that declines it returns general(buf, allowlist, out, check_ragged),
+ * with no Python frame, no argument tuple and no keyword dict, reusing its last plan (see
+ * plan_slot); when that declines it returns general(buf, allowlist, out, check_ragged),
  * and any call it cannot parse (other keywords, a wrong count) goes to full(*args,
  * **kwargs), the documented method, which words the TypeError. */
 typedef struct {
