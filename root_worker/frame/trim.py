@@ -5,15 +5,16 @@ harmless, each worker warms its own caches).
 
 Per request on the C backend the work is one C call -- :meth:`Trimmer.trim` is then the
 ``_copyruns.trim_entry`` callable itself (no Python frame, argument tuple or keyword
-dict), doing ``_copyruns.plan_trim``'s work (``plan_parts`` for :meth:`Trimmer.trim_parts`)
--- over the cached plan of the frame's ``(layout_hint, allowlist.digest)``: check the
-preamble, ``memcmp`` the layout section against the plan's, validate *this request's* block table for every column (alignment,
-order, overlap, bounds, exact sizes -- block tables change with every request's ragged
-lengths and ``n_candidates``, so they are never cached), optionally the offsets head of
-every kept ragged column, then write the canonical output header and copy the coalesced
-kept runs and the metadata.  It returns ``None`` -- having written nothing -- whenever
-there is no plan yet or anything is invalid or odd, and the general path below takes
-over: it re-validates in numpy, words the error, and builds and installs the plan.
+dict), doing ``_copyruns.plan_trim``'s work (``plan_parts`` for
+:meth:`Trimmer.trim_parts`) -- over the cached plan of the frame's ``(layout_hint,
+allowlist.digest)``: check the preamble, ``memcmp`` the layout section against the
+plan's, validate *this request's* block table for every column (alignment, order,
+overlap, bounds, exact sizes -- block tables change with every request's ragged lengths
+and ``n_candidates``, so they are never cached), optionally the offsets head of every
+kept ragged column, then write the canonical output header and copy the coalesced kept
+runs and the metadata.  It returns ``None`` -- having written nothing -- whenever there
+is no plan yet or anything is invalid or odd, and the general path below takes over: it
+re-validates in numpy, words the error, and builds and installs the plan.
 
 The hint is never trusted: a plan is applied only to exactly the layout bytes it was
 built from.  Plans and parsed layouts are stored under the *true* layout hash, so a frame
