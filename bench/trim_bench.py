@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from flatbuffers_schema.keys import Allowlist  # noqa: E402
 from root_worker.frame import BACKENDS, Ragged, Trimmer, decode, encode  # noqa: E402
+from root_worker.frame.format import BLOCK_ALIGN  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "trim_bench.json"
 PREAMBLE_BYTES = 64
@@ -297,10 +298,12 @@ def timed_requests(fns: dict[str, Callable[[int], Any]],
     """Per-call seconds of each ``fn(k)`` on request ``k``, the way a root serves them:
     each call is preceded by an untimed ``receive[name](k)`` (the request body written into
     the worker's receive buffer, as ``recv_into`` does, so it is as warm as a just-received
-    frame) and timed alone.  A round runs every fn over all ``n_frames`` requests
-    (interleaved fn by fn, so load changes hit them alike, in an order rotated from round
-    to round); its figure is the median call (robust to a call descheduled on the shared
-    machine), minus the timer's own cost."""
+    frame) and timed alone.  A round serves all ``n_frames`` requests, each with every fn
+    in turn (interleaved call by call, so a burst of load on the shared machine hits all
+    fns alike, in an order rotated from request to request: whichever fn runs right after
+    another pays for what that one left in the caches, so each takes every place equally
+    often); a round's figure per fn is its median call (robust to a call descheduled),
+    minus the timer's own cost."""
     clock = time.perf_counter
     t0 = clock()
     for _ in range(1000):
@@ -309,40 +312,43 @@ def timed_requests(fns: dict[str, Callable[[int], Any]],
     samples: dict[str, list[float]] = {k: [] for k in fns}
     names = list(fns)
     for r in range(rounds + 1):  # round 0 warms up
-        # Rotate the order round by round: whichever fn runs right after another pays for
-        # what that one left in the caches, so each takes every place equally often.
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            fn = fns[name]
-            rx = receive[name]
-            calls = []
-            for k in range(n_frames):
-                rx(k)
+        calls: dict[str, list[float]] = {k: [] for k in fns}
+        for k in range(n_frames):
+            turn = (r + k) % len(names)
+            for name in names[turn:] + names[:turn]:
+                fn = fns[name]
+                receive[name](k)
                 t0 = clock()
                 fn(k)
-                calls.append(clock() - t0 - timer_cost)
-            if r:
-                samples[name].append(statistics.median(calls))
+                calls[name].append(clock() - t0 - timer_cost)
+        if r:
+            for name, c in calls.items():
+                samples[name].append(statistics.median(c))
     return {k: {"median": statistics.median(v), "best": min(v), "samples": v}
             for k, v in samples.items()}
 
 
-def middle(frame_len: int, n_bytes: int) -> slice:
-    """The ``n_bytes`` in the middle of a received frame: the memcpy baseline's source.
+def sweep(k: int, n_frames: int, frame_len: int, n_bytes: int) -> slice:
+    """The memcpy baseline's source for request ``k``: ``n_bytes`` of the received frame at
+    a 64-byte aligned position that sweeps the frame from its start (``k = 0``) to its end
+    (the last request).
 
-    The kept blocks a trim copies are spread over the whole frame, so their cache state is
-    the frame's typical one; the frame's *first* bytes are the earliest received, the
-    coldest (a copy of them measured ~5% slower than one from the middle, ~6% than one
-    from the end, on the dev VM, in rotated order: that baseline flattered the trim).  One
-    contiguous copy, as before, so the baseline's own call cost is unchanged."""
-    start = (frame_len - n_bytes) // 2
+    The kept blocks a trim copies are spread over the whole frame, so on average they are
+    as cache-warm or cold as the frame.  Which part of a just-received frame is warmest
+    depends on the machine and the loop (on the dev VM a copy of its first bytes -- the
+    old baseline -- measured from ~5% slower to ~20% faster than this sweep), so the
+    baseline samples every part instead of one.  One contiguous copy per request, as
+    before."""
+    span = max(0, frame_len - n_bytes)
+    start = span * k // max(1, n_frames - 1) // BLOCK_ALIGN * BLOCK_ALIGN
     return slice(start, start + n_bytes)
 
 
 def section_mixed_unique_tables() -> dict[str, Any]:
     """Mixed 64 x 2000, 31% kept, as received: a new block table every request
-    (production) vs the same frame repeated, vs memcpy of the kept bytes (from the middle
-    of the frame; from its start for context); ragged check on vs off; the scatter-gather
-    build; and the same back to back (hot and cold loops)."""
+    (production) vs the same frame repeated, vs memcpy of the kept bytes (from a part of
+    the frame that sweeps it request by request; from its start for context); ragged check
+    on vs off; the scatter-gather build; and the same back to back (hot and cold loops)."""
     n_frames = 24
     frames, names = mixed_frames(n_frames)
     allow = random_allowlist(names, 0.31, seed=8)
@@ -365,9 +371,10 @@ def section_mixed_unique_tables() -> dict[str, Any]:
     def receive_repeat(k: int) -> None:
         rx[:len(repeats[k])] = np.frombuffer(repeats[k], np.uint8)
 
-    mid = [middle(len(f), n) for f, n in zip(frames, kept, strict=True)]
+    where = [sweep(k, n_frames, len(f), n) for k, (f, n) in enumerate(zip(frames, kept,
+                                                                          strict=True))]
     fns: dict[str, Callable[[int], Any]] = {
-        "memcpy": lambda k: dst.__setitem__(slice(0, kept[k]), rx[mid[k]]),
+        "memcpy": lambda k: dst.__setitem__(slice(0, kept[k]), rx[where[k]]),
         "memcpy_from_start": lambda k: dst.__setitem__(slice(0, kept[k]), rx[:kept[k]]),
         "trim_unique": lambda k: trimmer.trim(rx_views[k], allow, out=out),
         "trim_unique_ragged_check": lambda k: trimmer.trim(rx_views[k], allow, out=out,
