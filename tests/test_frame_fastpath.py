@@ -500,3 +500,21 @@ def test_the_entrys_last_plan_is_right_when_evicted_or_cleared() -> None:
         if rnd == 1:
             trimmer.clear()
             assert not trimmer._fast
+
+
+def test_a_subclass_trim_is_not_shadowed_by_the_c_entry() -> None:
+    class Counting(Trimmer):
+        calls = 0
+
+        def trim(self, buf: Any, allowlist: Allowlist, out: Any = None,
+                 check_ragged: bool = False) -> TrimResult:
+            Counting.calls += 1
+            return super().trim(buf, allowlist, out, check_ragged)
+
+    frame = encode(dense(3, 6))
+    allow = Allowlist.from_names(["col_0001"])
+    trimmer = Counting(backend="c")
+    for _ in range(3):
+        assert bytes(trimmer.trim(frame, allow).data) == reference(frame, allow)
+    assert Counting.calls == 3
+    assert trimmer._fast  # the C plan still serves it, through the Python method

@@ -279,7 +279,7 @@ class Trimmer:
         # _copyruns.plan_trim / plan_parts, which serve any valid block table in one call.
         self._fast: LruCache[bytes, tuple[bytes, bytes, bytearray]] = LruCache(max_plans)
         self._entry: Any = None
-        if self._use_c:
+        if self._use_c and type(self).trim is Trimmer.trim:  # (a subclass's own trim wins)
             # The C backend's trim is one C call (_copyruns.trim_entry): the same signature
             # and results as the method below, which it calls for anything it cannot parse
             # and whose general path (_trim) it calls when plan_trim declines.  It keeps its
