@@ -390,3 +390,131 @@ def test_a_change_anywhere_in_layout_or_table_is_caught(each_kernel: str, shape:
             with pytest.raises(FrameError):
                 trimmer.trim(bad, allow)
     assert fast(trimmer, frame, allow) is not None
+
+
+# --- the branch-free table check: edge values, every kernel, agreement with numpy ----------
+def edge_frame(n_cols: int, n_cand: int) -> dict[str, object]:
+    """Dense (elem 4, 24), ragged with a power-of-two (8) and other (3, 12) elem sizes, in a
+    pattern that puts each kind in every lane of the 4-column vector check."""
+    rng = np.random.default_rng(n_cols)
+    cols: dict[str, object] = {}
+    for i in range(n_cols):
+        kind = i % 5
+        lengths = rng.integers(0, 4, n_cand)
+        n = int(lengths.sum())
+        if kind == 0:
+            cols[f"c{i}"] = rng.standard_normal(n_cand).astype(np.float32)
+        elif kind == 1:
+            cols[f"c{i}"] = Ragged.from_lengths(rng.integers(0, 99, n), lengths)
+        elif kind == 2:
+            cols[f"c{i}"] = Ragged.from_lengths(rng.integers(0, 99, (n, 3)).astype(np.uint8),
+                                                lengths)
+        elif kind == 3:
+            cols[f"c{i}"] = rng.standard_normal((n_cand, 3))
+        else:
+            cols[f"c{i}"] = Ragged.from_lengths(rng.standard_normal((n, 3)).astype(np.float32),
+                                                lengths)
+    return cols
+
+
+@pytest.mark.parametrize("n_cols", [1, 4, 5, 8, 9, 13])
+def test_table_check_edge_values_agree_with_numpy(each_kernel: str, n_cols: int) -> None:
+    """Offsets and sizes near 2^62, 2^63 and 2^64 (wrap-around), sizes one off, blocks moved
+    into their padding or onto a neighbour: the C check (vector lanes and scalar tail)
+    accepts exactly what the numpy check accepts, and serves it byte for byte."""
+    _copyruns.set_kernel(each_kernel)
+    cols = edge_frame(n_cols, 5)
+    frame = encode(cols, {"request_id": "edge"})
+    allow = Allowlist.from_names(list(cols)[::2])
+    trimmer = Trimmer(backend="c")
+    warm(trimmer, frame, allow)
+    t_off = table_offset(frame)
+    big = [1 << 62, (1 << 62) - 64, 1 << 63, (1 << 64) - 64, (1 << 64) - 1, len(frame) + 64]
+    for col in range(n_cols):
+        at = t_off + 16 * col
+        off, nb = struct.unpack_from("<QQ", frame, at)
+        changes = [(v, nb) for v in big] + [(off, v) for v in big]
+        changes += [(off, (1 << 64) - off), (off, (1 << 64) - off + 64), (off, nb + 1),
+                    (off, nb - 1), (off, nb + 3), (off, nb + 8), (off, nb + 12), (off, 0),
+                    (off + 64, nb), (off - 64, nb), (off, nb + 64)]
+        for new_off, new_nb in changes:
+            bad = bytearray(frame)
+            struct.pack_into("<QQ", bad, at, new_off % (1 << 64), new_nb % (1 << 64))
+            try:
+                want: bytes | None = reference(bytes(bad), allow)
+            except FrameError:
+                want = None
+            got = fast(trimmer, bad, allow)
+            assert (got is None) == (want is None), (col, new_off, new_nb)
+            if got is not None:
+                assert bytes(got.data) == want
+
+
+def test_trim_is_one_c_call_with_the_method_signature() -> None:
+    """On the C backend Trimmer.trim is the C entry; it takes the documented arguments
+    positionally or by keyword and words bad calls as the Python method does."""
+    cols = dense(4, 20)
+    frame = encode(cols)
+    allow = Allowlist.from_names(list(cols)[::3])
+    trimmer = Trimmer(backend="c")
+    assert type(trimmer.trim).__name__ == "TrimEntry"
+    want = reference(frame, allow)
+    out = bytearray(len(frame))
+    for call in (lambda: trimmer.trim(frame, allow),
+                 lambda: trimmer.trim(frame, allow, out),
+                 lambda: trimmer.trim(frame, allow, out, True),
+                 lambda: trimmer.trim(frame, allow, out=out, check_ragged=True),
+                 lambda: trimmer.trim(frame, allow, check_ragged=1, out=out),
+                 lambda: trimmer.trim(buf=frame, allowlist=allow),
+                 lambda: trimmer.trim(frame, allowlist=allow, out=out)):
+        for _ in range(2):  # the general path, then the plan
+            res = call()
+            assert isinstance(res, TrimResult)
+            assert bytes(res.data) == want
+    for bad_call in (lambda: trimmer.trim(frame),
+                     lambda: trimmer.trim(frame, allow, out, False, 1),
+                     lambda: trimmer.trim(frame, allow, out, out=out),
+                     lambda: trimmer.trim(frame, allow, nope=1)):
+        with pytest.raises(TypeError):
+            bad_call()
+    with pytest.raises(AttributeError):
+        trimmer.trim(frame, object())  # type: ignore[arg-type]
+    with pytest.raises(FrameError):
+        trimmer.trim(frame[:-1], allow)
+    with pytest.raises(TypeError):
+        _copyruns.trim_entry({}, TrimResult, None, None)
+
+
+def test_the_entrys_last_plan_is_right_when_evicted_or_cleared() -> None:
+    """The C entry keeps its last plan by key: alternating layouts through a one-plan cache
+    (each evicting the other) and a cleared trimmer still get exactly the right bytes."""
+    trimmer = Trimmer(max_plans=1, backend="c")
+    frames = [encode(dense(5, 12)), encode(mixed(5)), encode(dense(5, 13))]
+    allows = [Allowlist.from_names(list(dense(5, 13))[::2] + list(mixed(5))[1::2])]
+    allows.append(Allowlist.from_names(list(dense(5, 13))[1::3]))
+    for rnd in range(4):
+        for frame in frames:
+            for allow in allows:
+                assert bytes(trimmer.trim(frame, allow).data) == reference(frame, allow)
+        assert len(trimmer._fast) <= 1
+        if rnd == 1:
+            trimmer.clear()
+            assert not trimmer._fast
+
+
+def test_a_subclass_trim_is_not_shadowed_by_the_c_entry() -> None:
+    class Counting(Trimmer):
+        calls = 0
+
+        def trim(self, buf: Any, allowlist: Allowlist, out: Any = None,
+                 check_ragged: bool = False) -> TrimResult:
+            Counting.calls += 1
+            return super().trim(buf, allowlist, out, check_ragged)
+
+    frame = encode(dense(3, 6))
+    allow = Allowlist.from_names(["col_0001"])
+    trimmer = Counting(backend="c")
+    for _ in range(3):
+        assert bytes(trimmer.trim(frame, allow).data) == reference(frame, allow)
+    assert Counting.calls == 3
+    assert trimmer._fast  # the C plan still serves it, through the Python method

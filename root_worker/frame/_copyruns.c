@@ -55,6 +55,13 @@
  *       then serves the request or words the error.  Nothing is trusted from an earlier
  *       request.
  *
+ *   trim_entry(cache, result_type, general, full) -> TrimEntry
+ *       A callable with Trimmer.trim's signature, (buf, allowlist, out=None,
+ *       check_ragged=False), that the Trimmer installs as its instance's trim: it reads
+ *       allowlist.digest and runs plan_trim's request in C (keeping its last plan by key),
+ *       returns general(buf, allowlist, out, check_ragged) when that declines and
+ *       full(*args, **kwargs) for a call it cannot parse.  forget() drops the last plan.
+ *
  *   plan_parts(cache, src, digest, check_ragged, max_parts, result_type) -> result | None
  *       As plan_trim, but returns result_type(parts, ...) where parts is a list: the output
  *       header (new bytes), one memoryview of src per coalesced run (each kept block with
@@ -75,6 +82,7 @@
 static PyObject *
 set_kernel(PyObject *self, PyObject *arg)
 {
+    (void)self;
     const char *name = PyUnicode_Check(arg) ? PyUnicode_AsUTF8(arg) : NULL;
     if (name == NULL) {
         if (!PyErr_Occurred()) {
@@ -152,6 +160,7 @@ copy_all_runs(char *d, const char *s, const int64_t *r, Py_ssize_t n_runs, int64
 static PyObject *
 copy_runs(PyObject *self, PyObject *args)
 {
+    (void)self;
     Py_buffer dst, src, runs;
     int64_t total = 0;
     PyObject *result = NULL;
@@ -186,6 +195,7 @@ done:
 static PyObject *
 write_frame(PyObject *self, PyObject *args)
 {
+    (void)self;
     Py_buffer dst, src, header, runs;
     long long meta_off, meta_len, out_meta;
     int64_t total = 0;
@@ -232,6 +242,7 @@ done:
 static PyObject *
 same_bytes(PyObject *self, PyObject *args)
 {
+    (void)self;
     Py_buffer buf, expected;
     Py_ssize_t offset;
     int equal = 0;
@@ -267,6 +278,9 @@ static PyMethodDef methods[] = {
      "memo_size(blob) -> int: bytes of the memo bytearray a plan cache entry carries."},
     {"plan_trim", (PyCFunction)(void (*)(void))plan_trim, METH_FASTCALL,
      "plan_trim(cache, src, out, digest, check_ragged, result_type) -> result or None."},
+    {"trim_entry", (PyCFunction)(void (*)(void))trim_entry, METH_FASTCALL,
+     "trim_entry(cache, result_type, general, full) -> TrimEntry: Trimmer.trim as a C "
+     "callable (see _copyruns_request.h)."},
     {"plan_parts", (PyCFunction)(void (*)(void))plan_parts, METH_FASTCALL,
      "plan_parts(cache, src, digest, check_ragged, max_parts, result_type) -> result or None."},
     {NULL, NULL, 0, NULL},
@@ -275,14 +289,21 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "root_worker.frame._copyruns",
     "Bounds-checked byte-run copy and the trim engine's one-call fast path (optional "
-    "accelerator).", -1, methods,
+    "accelerator).", -1, methods, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC
 PyInit__copyruns(void)
 {
     detect_cpu();
-    if (PyType_Ready(&PinType) < 0 || PyType_Ready(&SpanType) < 0) {
+    if (PyType_Ready(&PinType) < 0 || PyType_Ready(&SpanType) < 0
+        || PyType_Ready(&TrimEntryType) < 0) {
+        return NULL;
+    }
+    str_digest = PyUnicode_InternFromString("digest");
+    str_out = PyUnicode_InternFromString("out");
+    str_check_ragged = PyUnicode_InternFromString("check_ragged");
+    if (str_digest == NULL || str_out == NULL || str_check_ragged == NULL) {
         return NULL;
     }
     PyObject *m = PyModule_Create(&module);

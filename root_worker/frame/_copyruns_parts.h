@@ -143,6 +143,7 @@ one_copy(const request *rq)
 static PyObject *
 plan_parts(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
+    (void)self;
     if (check_call("plan_parts", args, nargs, 6, 5) < 0) {
         return NULL;
     }
@@ -160,7 +161,7 @@ plan_parts(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     scratch sc; /* (not zeroed: 8 KB) */
     sc.runs = NULL;
     PyObject *result = NULL, *parts = NULL, *header = NULL;
-    int ok = read_request(args[0], &src, args[2], check_ragged, &rq);
+    int ok = read_request(args[0], &src, args[2], check_ragged, &rq, NULL);
     if (ok <= 0) {
         result = ok < 0 ? NULL : Py_NewRef(Py_None);
         goto done;

@@ -33,7 +33,7 @@ align_up(uint64_t n, uint64_t to)
     return (n + to - 1) & ~(to - 1);
 }
 
-#define PLAN_MAGIC 0x334e414c504d5254ULL /* "TRMPLAN3" */
+#define PLAN_MAGIC 0x344e414c504d5254ULL /* "TRMPLAN4" */
 #define PLAN_KEY_SIZE 16                 /* "<QQ" (layout_hint, allowlist digest) */
 
 /* One column of a plan: what its block must hold, and whether the output keeps it. */
@@ -58,18 +58,36 @@ typedef struct {
     uint64_t cols_at, kept_at, prefix_at, vec_at, slow_at, blob_len;
 } plan_head;
 
-/* The table check's view of the columns: one uint64 per column at vec_at, elem in the low
- * 32 bits plus the flag bits below (8 bytes a column, so a 2000-column plan's descriptors
- * and the table it checks stay in L1).  slow_at: uint32 indices of the n_slow ragged
- * columns whose elem is not a power of two (their value bytes are checked by division). */
-#define DESC_RAGGED (1ULL << 32) /* a ragged column */
-#define DESC_KEPT (1ULL << 33)   /* the allowlist keeps it */
-#define DESC_POW2 (1ULL << 34)   /* ragged with a power-of-two elem: a mask checks it */
+/* The table check's view of the columns: one uint64 per column at vec_at (8 bytes a column,
+ * so a 2000-column plan's descriptors and the table it checks stay in L1), laid out so
+ * that the check needs no per-column branch and few vector operations:
+ *
+ *   bit 63  DESC_RAGGED  a ragged column (the sign bit: blendv selects on it directly)
+ *   bit 62  DESC_KEPT    the allowlist keeps it
+ *   low 32  dense: elem (the block is n_candidates * elem bytes); ragged with a power-of-
+ *           two elem: elem - 1 (the value bytes must have none of these bits); other
+ *           ragged: 0 (their value bytes are checked by division, from slow_at: uint32
+ *           indices of the n_slow such columns).
+ *
+ * For a ragged column the descriptor is also the mask its size difference (nb - head)
+ * must clear: the sign bit catches nb < head, the low bits a partial value. */
+#define DESC_RAGGED (1ULL << 63)
+#define DESC_KEPT (1ULL << 62)
 #define DESC_ELEM 0xFFFFFFFFULL
+
+/* Where column i's descriptor is: each whole group of four columns is stored in the lane
+ * order (0, 2, 1, 3) of the AVX2 table check; a last partial group in column order. */
+static inline uint64_t
+desc_at(uint64_t i, uint64_t n_columns)
+{
+    const uint64_t group = i & ~(uint64_t)3;
+    return group + 4 <= n_columns ? group | ((0x3120u >> (4 * (i & 3))) & 3) : i;
+}
 
 static PyObject *
 pack_columns(PyObject *self, PyObject *args)
 {
+    (void)self;
     unsigned long long n_columns, layout_len, n_missing;
     Py_buffer elem, ragged, kept, prefix;
     PyObject *result = NULL;
@@ -141,8 +159,8 @@ pack_columns(PyObject *self, PyObject *args)
     uint64_t *vec = (uint64_t *)(b + h.vec_at);
     uint32_t *slow = (uint32_t *)(b + h.slow_at);
     for (uint64_t i = 0, k = 0; i < n_columns; i++) {
-        vec[i] = el[i] | (cols[i].ragged ? DESC_RAGGED : 0)
-                 | (cols[i].ragged && !cols[i].slow ? DESC_POW2 : 0);
+        vec[desc_at(i, n_columns)] =
+            !cols[i].ragged ? el[i] : DESC_RAGGED | (cols[i].slow ? 0 : el[i] - 1);
         if (cols[i].slow) {
             slow[k++] = (uint32_t)i;
         }
@@ -151,7 +169,7 @@ pack_columns(PyObject *self, PyObject *args)
     for (uint64_t j = 0; j < n_kept; j++) {
         k32[j] = (uint32_t)kp[j];
         cols[kp[j]].kept = 1;
-        vec[kp[j]] |= DESC_KEPT;
+        vec[desc_at((uint64_t)kp[j], n_columns)] |= DESC_KEPT;
     }
     memcpy(b + h.prefix_at, prefix.buf, (size_t)prefix.len);
 done:
@@ -194,97 +212,109 @@ typedef struct {
 /* Validate every block of the table as format.check_table does (alignment, order,
  * overlap, bounds, exact sizes) and return where the output's data ends (its metadata
  * offset: out_start plus the kept blocks, each padded to BLOCK_ALIGN but the last), or 0 if
- * any block is bad.  No data-dependent branches (kept and ragged columns come in random
- * patterns; mispredictions would cost more than the arithmetic); an AVX2 version checks
- * four columns per step (~4x faster: ~6 us -> ~1.5 us for 2000 columns on the dev VM). */
+ * any block is bad.
+ *
+ * The checks are reformulated so that each column costs a few branch-free operations
+ * (kept and ragged columns come in random patterns; a mispredicted branch per column would
+ * cost more than the arithmetic), and the AVX2 version checks four columns per step with
+ * no dependency between steps:
+ *
+ *   - every offset and size is below 2^62 (one OR accumulated over the table, tested at
+ *     the end; a valid block lies inside the buffer, so this rejects nothing valid), so
+ *     off + nb never wraps and signed vector compares are exact;
+ *   - the chain data_start <= off[0] <= end[0] <= off[1] <= ... <= end[n-1] <= data_end
+ *     (end = off + nb): blocks in order, not overlapping, each inside the data, which is
+ *     what the per-block bounds checks of check_table amount to;
+ *   - (nb - base) & mask == 0 with base = n_candidates * elem, mask = ~0 for a dense
+ *     column (exact size) and base = head, mask = its descriptor for a ragged one (see
+ *     DESC_RAGGED: nb >= head and a whole number of values). */
 typedef struct {
     const char *t;
     const uint64_t *vec; /* DESC_* words, one per column */
     uint64_t n, n_cand, head, data_start, data_end;
 } table_check;
 
-static inline uint64_t
-check_one(const table_check *c, uint64_t i, uint64_t *prev, uint64_t *sum)
+/* What the column checks accumulate: OR of every offset (alignment, range) and size
+ * (range), OR of the size mismatches and order violations, the previous block's end, the
+ * padded sizes of the kept blocks. */
+typedef struct {
+    uint64_t offs, sizes, bad, prev, sum;
+} check_acc;
+
+#define CHECK_RANGE_BITS 0xC000000000000000ULL /* offsets and sizes are below 2^62 */
+
+static inline void
+check_one(const table_check *c, uint64_t i, check_acc *a)
 {
     const uint64_t off = TABLE_OFF(c->t, i), nb = TABLE_NB(c->t, i);
-    const uint64_t desc = c->vec[i], elem = desc & DESC_ELEM;
-    const uint64_t rmask = -(uint64_t)((desc & DESC_RAGGED) != 0);
-    const uint64_t kmask = -(uint64_t)((desc & DESC_KEPT) != 0);
-    const uint64_t emask = (desc & DESC_POW2) ? elem - 1 : 0;
-    uint64_t bad = (off & (FRAME_BLOCK_ALIGN - 1)) | (uint64_t)(off < *prev)
-                   | (uint64_t)(off > c->data_end) | (uint64_t)(nb > c->data_end - off);
-    const uint64_t rag = (uint64_t)(nb < c->head) | ((nb - c->head) & emask);
-    bad |= (rag & rmask) | ((nb ^ (c->n_cand * elem)) & ~rmask);
-    *prev = off + nb;
-    *sum += align_up(nb, FRAME_BLOCK_ALIGN) & kmask;
-    return bad;
+    const uint64_t desc = c->vec[desc_at(i, c->n)];
+    const uint64_t rag = (uint64_t)0 - (desc >> 63);
+    const uint64_t base = (c->head & rag) | ((c->n_cand * (desc & DESC_ELEM)) & ~rag);
+    a->offs |= off;
+    a->sizes |= nb;
+    a->bad |= ((nb - base) & ((desc & rag) | ~rag)) | (uint64_t)(off < a->prev);
+    a->prev = off + nb;
+    a->sum += align_up(nb, FRAME_BLOCK_ALIGN) & ((uint64_t)0 - ((desc >> 62) & 1));
 }
 
-static uint64_t
-check_range(const table_check *c, uint64_t i, uint64_t prev, uint64_t *sum)
+static void
+check_range(const table_check *c, uint64_t i, check_acc *a)
 {
-    uint64_t bad = 0;
     for (; i < c->n; i++) {
-        bad |= check_one(c, i, &prev, sum);
+        check_one(c, i, a);
     }
-    return bad;
 }
 
 #ifdef HAVE_X86_KERNELS
+/* Columns [0, i) four at a time while column i + 4 exists (its offset closes the order
+ * check of column i + 3); returns i, the first column left to check_range.  a->prev is
+ * then the end of column i - 1.  The lanes hold columns (0, 2, 1, 3) of each group -- the
+ * order the in-lane unpacks of the table produce, and the order pack_columns stores the
+ * descriptors of each whole group in (see desc_at) -- so no cross-lane shuffle is needed. */
 __attribute__((target("avx2"))) static uint64_t
-check_range_avx2(const table_check *c, uint64_t *sum_out)
+check_range_avx2(const table_check *c, check_acc *a)
 {
-    const __m256i sign = _mm256_set1_epi64x(INT64_MIN), zero = _mm256_setzero_si256();
+    const __m256i zero = _mm256_setzero_si256(), ones = _mm256_set1_epi64x(-1);
     const __m256i low = _mm256_set1_epi64x(FRAME_BLOCK_ALIGN - 1);
-    const __m256i end = _mm256_set1_epi64x((long long)c->data_end);
-    const __m256i end_s = _mm256_xor_si256(end, sign);
-    const __m256i head = _mm256_set1_epi64x((long long)c->head);
-    const __m256i head_s = _mm256_xor_si256(head, sign);
+    const __m256d head = _mm256_castsi256_pd(_mm256_set1_epi64x((long long)c->head));
     const __m256i cand = _mm256_set1_epi64x((long long)c->n_cand);
-    const __m256i elem_bits = _mm256_set1_epi64x((long long)DESC_ELEM);
-    const __m256i rag_bit = _mm256_set1_epi64x((long long)DESC_RAGGED);
-    const __m256i kept_bit = _mm256_set1_epi64x((long long)DESC_KEPT);
-    const __m256i pow2_bit = _mm256_set1_epi64x((long long)DESC_POW2);
-    const __m256i one = _mm256_set1_epi64x(1);
-    __m256i bad = zero, sum = zero, carry = _mm256_set1_epi64x((long long)c->data_start);
+    __m256i acc = zero, bad = zero, sum = zero;
+    const char *t = c->t;
     const uint64_t *vec = c->vec, n = c->n;
     uint64_t i = 0;
-    for (; i + 4 <= n; i += 4) {
-        __m256i e01 = _mm256_loadu_si256((const __m256i *)(c->t + FRAME_TABLE_ENTRY_SIZE * i));
-        __m256i e23 = _mm256_loadu_si256((const __m256i *)(c->t + FRAME_TABLE_ENTRY_SIZE * i + 32));
-        __m256i off = _mm256_permute4x64_epi64(_mm256_unpacklo_epi64(e01, e23), 0xD8);
-        __m256i nb = _mm256_permute4x64_epi64(_mm256_unpackhi_epi64(e01, e23), 0xD8);
-        __m256i ends = _mm256_add_epi64(off, nb);
-        /* each block's predecessor end: [carry, end0, end1, end2] */
-        __m256i prev = _mm256_blend_epi32(_mm256_permute4x64_epi64(ends, 0x93), carry, 0x03);
-        carry = _mm256_permute4x64_epi64(ends, 0xFF);
-        __m256i off_s = _mm256_xor_si256(off, sign), nb_s = _mm256_xor_si256(nb, sign);
-        __m256i b = _mm256_and_si256(off, low);
-        b = _mm256_or_si256(b, _mm256_cmpgt_epi64(_mm256_xor_si256(prev, sign), off_s));
-        b = _mm256_or_si256(b, _mm256_cmpgt_epi64(off_s, end_s));
-        b = _mm256_or_si256(b, _mm256_cmpgt_epi64(
-                                   nb_s, _mm256_xor_si256(_mm256_sub_epi64(end, off), sign)));
+    for (; i + 4 < n; i += 4) {
+        const char *e = t + FRAME_TABLE_ENTRY_SIZE * i;
+        __m256i e01 = _mm256_loadu_si256((const __m256i *)e);        /* off0 nb0 off1 nb1 */
+        __m256i e23 = _mm256_loadu_si256((const __m256i *)(e + 32)); /* off2 nb2 off3 nb3 */
+        __m256i s01 = _mm256_loadu_si256((const __m256i *)(e + 8));  /* nb0 off1 nb1 off2 */
+        __m256i s23 = _mm256_loadu_si256((const __m256i *)(e + 40)); /* nb2 off3 nb3 off4 */
+        acc = _mm256_or_si256(acc, _mm256_or_si256(e01, e23));
+        __m256i off = _mm256_unpacklo_epi64(e01, e23);  /* off0 off2 off1 off3 */
+        __m256i nb = _mm256_unpackhi_epi64(e01, e23);   /* nb0 nb2 nb1 nb3 */
+        __m256i next = _mm256_unpackhi_epi64(s01, s23); /* off1 off3 off2 off4 */
+        bad = _mm256_or_si256(bad, _mm256_cmpgt_epi64(_mm256_add_epi64(off, nb), next));
         __m256i desc = _mm256_loadu_si256((const __m256i *)(vec + i));
-        __m256i elem = _mm256_and_si256(desc, elem_bits);
-        __m256i rmask = _mm256_cmpeq_epi64(_mm256_and_si256(desc, rag_bit), rag_bit);
-        __m256i kmask = _mm256_cmpeq_epi64(_mm256_and_si256(desc, kept_bit), kept_bit);
-        __m256i emask = _mm256_and_si256(
-            _mm256_cmpeq_epi64(_mm256_and_si256(desc, pow2_bit), pow2_bit),
-            _mm256_sub_epi64(elem, one));
-        __m256i dense = _mm256_xor_si256(nb, _mm256_mul_epu32(cand, elem));
-        __m256i rag = _mm256_or_si256(_mm256_cmpgt_epi64(head_s, nb_s),
-                                      _mm256_and_si256(_mm256_sub_epi64(nb, head), emask));
-        b = _mm256_or_si256(b, _mm256_or_si256(_mm256_and_si256(rag, rmask),
-                                               _mm256_andnot_si256(rmask, dense)));
-        bad = _mm256_or_si256(bad, b);
+        __m256d d = _mm256_castsi256_pd(desc);
+        __m256i base = _mm256_castpd_si256(
+            _mm256_blendv_pd(_mm256_castsi256_pd(_mm256_mul_epu32(cand, desc)), head, d));
+        __m256i mask = _mm256_castpd_si256(_mm256_blendv_pd(_mm256_castsi256_pd(ones), d, d));
+        bad = _mm256_or_si256(bad, _mm256_and_si256(_mm256_sub_epi64(nb, base), mask));
         __m256i padded = _mm256_andnot_si256(low, _mm256_add_epi64(nb, low));
-        sum = _mm256_add_epi64(sum, _mm256_and_si256(padded, kmask));
+        __m256i kept = _mm256_cmpgt_epi64(zero, _mm256_slli_epi64(desc, 1));
+        sum = _mm256_add_epi64(sum, _mm256_and_si256(padded, kept));
     }
     uint64_t lanes[4];
     _mm256_storeu_si256((__m256i *)lanes, sum);
-    *sum_out = lanes[0] + lanes[1] + lanes[2] + lanes[3];
-    uint64_t acc = (uint64_t)!_mm256_testz_si256(bad, bad);
-    return acc | check_range(c, i, (uint64_t)_mm256_extract_epi64(carry, 0), sum_out);
+    a->sum += lanes[0] + lanes[1] + lanes[2] + lanes[3];
+    _mm256_storeu_si256((__m256i *)lanes, acc); /* [off, nb, off, nb] */
+    a->offs |= lanes[0] | lanes[2];
+    a->sizes |= lanes[1] | lanes[3];
+    a->bad |= (uint64_t)!_mm256_testz_si256(bad, bad);
+    if (i) {
+        a->bad |= (uint64_t)(TABLE_OFF(t, 0) < a->prev); /* the first block vs data_start */
+        a->prev = TABLE_OFF(t, i - 1) + TABLE_NB(t, i - 1);
+    }
+    return i;
 }
 #endif
 
@@ -298,20 +328,21 @@ check_blocks(const char *t, const char *blob, uint64_t n_cand, uint64_t data_sta
         align_up(FRAME_RAGGED_OFFSET_SIZE * (n_cand + 1), FRAME_BLOCK_ALIGN), data_start,
         data_end,
     };
-    uint64_t bad, sum = 0;
+    check_acc a = {0, 0, 0, data_start, 0};
+    uint64_t i = 0;
 #ifdef HAVE_X86_KERNELS
     if (kernel >= KERNEL_AVX2) {
-        bad = check_range_avx2(&c, &sum);
+        i = check_range_avx2(&c, &a);
     }
-    else
 #endif
-    {
-        bad = check_range(&c, 0, data_start, &sum);
-    }
+    check_range(&c, i, &a);
+    uint64_t bad = a.bad | (a.offs & (FRAME_BLOCK_ALIGN - 1))
+                   | ((a.offs | a.sizes) & CHECK_RANGE_BITS) | (uint64_t)(a.prev > data_end);
     const uint32_t *slow = (const uint32_t *)(blob + h->slow_at);
+    const col_desc *cols = (const col_desc *)(blob + h->cols_at);
     for (uint64_t k = 0; k < h->n_slow; k++) { /* nb >= head is checked above */
         const uint64_t nb = TABLE_NB(t, slow[k]);
-        bad |= nb >= c.head ? (nb - c.head) % (c.vec[slow[k]] & DESC_ELEM) : 0;
+        bad |= nb >= c.head ? (nb - c.head) % cols[slow[k]].elem : 0;
     }
     if (bad) {
         return 0;
@@ -320,7 +351,7 @@ check_blocks(const char *t, const char *blob, uint64_t n_cand, uint64_t data_sta
     if (h->n_kept) {
         last = TABLE_NB(t, ((const uint32_t *)(blob + h->kept_at))[h->n_kept - 1]);
     }
-    return h->header_len + sum - align_up(last, FRAME_BLOCK_ALIGN) + last;
+    return h->header_len + a.sum - align_up(last, FRAME_BLOCK_ALIGN) + last;
 }
 
 /* Non-zero if the ragged offsets o[0..c] are not non-decreasing (int64, little-endian). */

@@ -19,12 +19,55 @@ plan_key(const char *keybuf)
     return last_key;
 }
 
+/* The plan cache's entry for keybuf (borrowed), checked to be (layout bytes, plan blob,
+ * memo bytearray); NULL if there is none (no exception) or it is malformed (TypeError). */
+static PyObject *
+lookup_entry(PyObject *cache, const char *keybuf)
+{
+    PyObject *key = plan_key(keybuf);
+    if (key == NULL) {
+        return NULL;
+    }
+    PyObject *entry = PyDict_GetItemWithError(cache, key);
+    if (entry == NULL) {
+        return NULL;
+    }
+    if (!PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 3
+        || !PyBytes_CheckExact(PyTuple_GET_ITEM(entry, 0))
+        || !PyBytes_CheckExact(PyTuple_GET_ITEM(entry, 1))
+        || !PyByteArray_CheckExact(PyTuple_GET_ITEM(entry, 2))
+        || PyBytes_GET_SIZE(PyTuple_GET_ITEM(entry, 1)) < (Py_ssize_t)sizeof(plan_head)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "trimmer plan cache entries must be (bytes, plan blob, memo bytearray)");
+        return NULL;
+    }
+    const plan_head *h = (const plan_head *)PyBytes_AS_STRING(PyTuple_GET_ITEM(entry, 1));
+    if (h->magic != PLAN_MAGIC
+        || (uint64_t)PyBytes_GET_SIZE(PyTuple_GET_ITEM(entry, 1)) != h->blob_len
+        || (uint64_t)PyByteArray_GET_SIZE(PyTuple_GET_ITEM(entry, 2)) != memo_bytes(h)) {
+        PyErr_SetString(PyExc_TypeError, "trimmer plan cache entry holds no pack_columns blob");
+        return NULL;
+    }
+    return entry;
+}
+
+/* A TrimEntry's last plan: its key and entry (a strong reference, checked when stored).
+ * A request with the same key uses it without the dict lookup (on a cache-cold worker the
+ * dict's table, its key and the key cache are a few misses).  An entry the LRU has since
+ * evicted is still right: it is the plan of exactly those layout bytes (compared per
+ * request) under that allowlist digest, the dict's key. */
+typedef struct {
+    PyObject *entry;
+    char key[PLAN_KEY_SIZE];
+} plan_slot;
+
 /* Read and validate one request against its cached plan: 1 if it can be served (rq filled,
  * rq->entry a new reference), 0 if not (no entry, anything differs or is invalid: the
- * general path then serves it or words the error), -1 with an exception set. */
+ * general path then serves it or words the error), -1 with an exception set.  slot: the
+ * caller's last plan (NULL: none). */
 static int
 read_request(PyObject *cache, const Py_buffer *src, PyObject *digest_obj, int check_ragged,
-             request *rq)
+             request *rq, plan_slot *slot)
 {
     const char *s = (const char *)src->buf;
     const Py_ssize_t n = src->len;
@@ -47,32 +90,20 @@ read_request(PyObject *cache, const Py_buffer *src, PyObject *digest_obj, int ch
     char keybuf[PLAN_KEY_SIZE];
     memcpy(keybuf, s + FRAME_LAYOUT_HINT_AT, 8); /* the layout hint, as on the wire (LE) */
     store_le(keybuf + 8, digest, 8);
-    PyObject *key = plan_key(keybuf);
-    if (key == NULL) {
-        return -1;
+    PyObject *entry;
+    if (slot != NULL && slot->entry != NULL && memcmp(slot->key, keybuf, PLAN_KEY_SIZE) == 0) {
+        entry = slot->entry;
     }
-    PyObject *entry = PyDict_GetItemWithError(cache, key);
-    if (entry == NULL) {
+    else if ((entry = lookup_entry(cache, keybuf)) == NULL) {
         return PyErr_Occurred() ? -1 : 0;
     }
-    if (!PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 3
-        || !PyBytes_CheckExact(PyTuple_GET_ITEM(entry, 0))
-        || !PyBytes_CheckExact(PyTuple_GET_ITEM(entry, 1))
-        || !PyByteArray_CheckExact(PyTuple_GET_ITEM(entry, 2))
-        || PyBytes_GET_SIZE(PyTuple_GET_ITEM(entry, 1)) < (Py_ssize_t)sizeof(plan_head)) {
-        PyErr_SetString(PyExc_TypeError,
-                        "trimmer plan cache entries must be (bytes, plan blob, memo bytearray)");
-        return -1;
+    else if (slot != NULL) {
+        Py_XSETREF(slot->entry, Py_NewRef(entry));
+        memcpy(slot->key, keybuf, PLAN_KEY_SIZE);
     }
     PyObject *layout = PyTuple_GET_ITEM(entry, 0), *memo_obj = PyTuple_GET_ITEM(entry, 2);
     const char *blob = PyBytes_AS_STRING(PyTuple_GET_ITEM(entry, 1));
     const plan_head *h = (const plan_head *)blob;
-    if (h->magic != PLAN_MAGIC
-        || (uint64_t)PyBytes_GET_SIZE(PyTuple_GET_ITEM(entry, 1)) != h->blob_len
-        || (uint64_t)PyByteArray_GET_SIZE(memo_obj) != memo_bytes(h)) {
-        PyErr_SetString(PyExc_TypeError, "trimmer plan cache entry holds no pack_columns blob");
-        return -1;
-    }
     /* The layout must be the plan's, byte for byte; then the table must fit before the
      * metadata, and every block must be valid. */
     const uint64_t table_end = h->table_offset + FRAME_TABLE_ENTRY_SIZE * n_columns;
@@ -324,6 +355,7 @@ write_trimmed(char *d, const request *rq)
 static PyObject *
 memo_size(PyObject *self, PyObject *blob)
 {
+    (void)self;
     if (!PyBytes_Check(blob) || PyBytes_GET_SIZE(blob) < (Py_ssize_t)sizeof(plan_head)
         || ((const plan_head *)PyBytes_AS_STRING(blob))->magic != PLAN_MAGIC) {
         PyErr_SetString(PyExc_TypeError, "memo_size(blob): not a pack_columns blob");
@@ -379,9 +411,45 @@ output_view(PyObject *out_obj, uint64_t len)
     return data;
 }
 
+/* One trim through the plan cache: a new reference to the result, a new reference to
+ * None when the general path must serve it (nothing written), NULL with an exception. */
+static PyObject *
+trim_request(PyObject *cache, PyObject *src_obj, PyObject *out_obj, PyObject *digest_obj,
+             int check_ragged, PyTypeObject *result_type, plan_slot *slot)
+{
+    Py_buffer src;
+    if (PyObject_GetBuffer(src_obj, &src, PyBUF_SIMPLE) < 0) {
+        PyErr_Clear(); /* the general path words the error */
+        Py_RETURN_NONE;
+    }
+    request rq = {0};
+    PyObject *result = NULL, *data = NULL;
+    int ok = read_request(cache, &src, digest_obj, check_ragged, &rq, slot);
+    if (ok <= 0) {
+        result = ok < 0 ? NULL : Py_NewRef(Py_None);
+        goto done;
+    }
+    const uint64_t out_len = rq.out_meta + rq.meta_len;
+    data = output_view(out_obj, out_len);
+    if (data == NULL) {
+        result = PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
+        goto done;
+    }
+    if (write_trimmed((char *)PyMemoryView_GET_BUFFER(data)->buf, &rq) == 0) {
+        result = make_result(result_type, data, src.len, (Py_ssize_t)out_len, rq.h->n_kept,
+                             rq.h->n_missing);
+    }
+done:
+    Py_XDECREF(data);
+    Py_XDECREF(rq.entry);
+    PyBuffer_Release(&src);
+    return result;
+}
+
 static PyObject *
 plan_trim(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
+    (void)self;
     if (check_call("plan_trim", args, nargs, 6, 5) < 0) {
         return NULL;
     }
@@ -389,31 +457,170 @@ plan_trim(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (check_ragged < 0) {
         return NULL;
     }
-    Py_buffer src;
-    if (PyObject_GetBuffer(args[1], &src, PyBUF_SIMPLE) < 0) {
-        PyErr_Clear(); /* the general path words the error */
-        Py_RETURN_NONE;
+    return trim_request(args[0], args[1], args[2], args[3], check_ragged,
+                        (PyTypeObject *)args[5], NULL);
+}
+
+/* ---- TrimEntry: Trimmer.trim as one C call ------------------------------------------------
+ *
+ * trim_entry(cache, result_type, general, full) -> TrimEntry, a callable with the signature
+ * of Trimmer.trim, (buf, allowlist, out=None, check_ragged=False), that the Trimmer stores
+ * as its instance's "trim".  A call reads allowlist.digest and runs plan_trim's request
+ * with no Python frame, no argument tuple and no keyword dict, reusing its last plan (see
+ * plan_slot); when that declines it returns general(buf, allowlist, out, check_ragged),
+ * and any call it cannot parse (other keywords, a wrong count) goes to full(*args,
+ * **kwargs), the documented method, which words the TypeError. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *cache, *result_type, *general, *full;
+    vectorcallfunc vectorcall;
+    plan_slot last;
+} TrimEntry;
+
+static PyObject *str_digest, *str_out, *str_check_ragged; /* interned at import */
+
+static int
+entry_traverse(TrimEntry *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->cache);
+    Py_VISIT(self->result_type);
+    Py_VISIT(self->general);
+    Py_VISIT(self->full);
+    Py_VISIT(self->last.entry);
+    return 0;
+}
+
+static int
+entry_clear(TrimEntry *self)
+{
+    Py_CLEAR(self->cache);
+    Py_CLEAR(self->result_type);
+    Py_CLEAR(self->general);
+    Py_CLEAR(self->full);
+    Py_CLEAR(self->last.entry);
+    return 0;
+}
+
+static void
+entry_dealloc(TrimEntry *self)
+{
+    PyObject_GC_UnTrack(self);
+    entry_clear(self);
+    PyObject_GC_Del(self);
+}
+
+/* 1 and the keyword's value slot for a known keyword name, 0 for any other. */
+static int
+entry_keyword(PyObject *name, PyObject **out, PyObject **check, PyObject ***slot)
+{
+    if (name == str_out || (PyUnicode_Check(name) && PyUnicode_Compare(name, str_out) == 0)) {
+        *slot = out;
+        return 1;
     }
-    request rq = {0};
-    PyObject *result = NULL, *data = NULL;
-    int ok = read_request(args[0], &src, args[3], check_ragged, &rq);
-    if (ok <= 0) {
-        result = ok < 0 ? NULL : Py_NewRef(Py_None);
-        goto done;
+    if (name == str_check_ragged
+        || (PyUnicode_Check(name) && PyUnicode_Compare(name, str_check_ragged) == 0)) {
+        *slot = check;
+        return 1;
     }
-    const uint64_t out_len = rq.out_meta + rq.meta_len;
-    data = output_view(args[2], out_len);
-    if (data == NULL) {
-        result = PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
-        goto done;
+    return 0;
+}
+
+static PyObject *
+entry_call(PyObject *callable, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    TrimEntry *self = (TrimEntry *)callable;
+    const Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    const Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    PyObject *out = Py_None, *check = Py_False;
+    if (nargs < 2 || nargs > 4) {
+        return PyObject_Vectorcall(self->full, args, nargsf, kwnames);
     }
-    if (write_trimmed((char *)PyMemoryView_GET_BUFFER(data)->buf, &rq) == 0) {
-        result = make_result((PyTypeObject *)args[5], data, src.len, (Py_ssize_t)out_len,
-                             rq.h->n_kept, rq.h->n_missing);
+    if (nargs > 2) {
+        out = args[2];
     }
-done:
-    Py_XDECREF(data);
-    Py_XDECREF(rq.entry);
-    PyBuffer_Release(&src);
-    return result;
+    if (nargs > 3) {
+        check = args[3];
+    }
+    for (Py_ssize_t k = 0; k < nkw; k++) {
+        PyObject **slot = NULL;
+        if (!entry_keyword(PyTuple_GET_ITEM(kwnames, k), &out, &check, &slot)
+            || (slot == &out && nargs > 2) || (slot == &check && nargs > 3)) {
+            return PyObject_Vectorcall(self->full, args, nargsf, kwnames); /* TypeError */
+        }
+        *slot = args[nargs + k];
+    }
+    int check_ragged = PyObject_IsTrue(check);
+    if (check_ragged < 0) {
+        return NULL;
+    }
+    PyObject *digest = PyObject_GetAttr(args[1], str_digest);
+    PyObject *res = NULL;
+    if (digest == NULL) {
+        PyErr_Clear(); /* not an Allowlist: the general path says so */
+        res = Py_NewRef(Py_None);
+    }
+    else {
+        res = trim_request(self->cache, args[0], out, digest, check_ragged,
+                           (PyTypeObject *)self->result_type, &self->last);
+        Py_DECREF(digest);
+    }
+    if (res != Py_None) {
+        return res;
+    }
+    Py_DECREF(res);
+    PyObject *call[4] = {args[0], args[1], out, check_ragged ? Py_True : Py_False};
+    return PyObject_Vectorcall(self->general, call, 4, NULL);
+}
+
+static PyObject *
+entry_forget(TrimEntry *self, PyObject *unused)
+{
+    (void)unused;
+    Py_CLEAR(self->last.entry);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef entry_methods[] = {
+    {"forget", (PyCFunction)entry_forget, METH_NOARGS,
+     "forget(): drop the last plan (Trimmer.clear calls it)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject TrimEntryType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "root_worker.frame._copyruns.TrimEntry",
+    .tp_basicsize = sizeof(TrimEntry),
+    .tp_dealloc = (destructor)entry_dealloc,
+    .tp_vectorcall_offset = offsetof(TrimEntry, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_traverse = (traverseproc)entry_traverse,
+    .tp_clear = (inquiry)entry_clear,
+    .tp_methods = entry_methods,
+    .tp_doc = "trim(buf, allowlist, out=None, check_ragged=False) -> TrimResult: "
+              "Trimmer.trim in one C call (see Trimmer.trim).",
+};
+
+static PyObject *
+trim_entry(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 4 || !PyDict_Check(args[0]) || !PyType_Check(args[1])
+        || !PyType_IsSubtype((PyTypeObject *)args[1], &PyTuple_Type)
+        || !PyCallable_Check(args[2]) || !PyCallable_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "trim_entry(cache: dict, result_type, general, full): bad arguments");
+        return NULL;
+    }
+    TrimEntry *e = PyObject_GC_New(TrimEntry, &TrimEntryType);
+    if (e == NULL) {
+        return NULL;
+    }
+    e->cache = Py_NewRef(args[0]);
+    e->result_type = Py_NewRef(args[1]);
+    e->general = Py_NewRef(args[2]);
+    e->full = Py_NewRef(args[3]);
+    e->vectorcall = entry_call;
+    e->last.entry = NULL;
+    PyObject_GC_Track(e);
+    return (PyObject *)e;
 }

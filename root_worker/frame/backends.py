@@ -95,6 +95,7 @@ same_bytes_c: Any = _copyruns.same_bytes if HAVE_C else None
 pack_columns_c: Any = _copyruns.pack_columns if HAVE_C else None
 plan_trim_c: Any = _copyruns.plan_trim if HAVE_C else None
 plan_parts_c: Any = _copyruns.plan_parts if HAVE_C else None
+trim_entry_c: Any = _copyruns.trim_entry if HAVE_C else None
 memo_size_c: Any = _copyruns.memo_size if HAVE_C else None
 #: The C copy kernel in use ("avx512", "avx2", "movsb" or "memcpy"), or None without C.
 KERNEL: str | None = _copyruns.KERNEL if HAVE_C else None

@@ -3,16 +3,18 @@
 Runs in the root workers (one :class:`Trimmer` per process; creating it before fork is
 harmless, each worker warms its own caches).
 
-Per request on the C backend the work is one call, ``_copyruns.plan_trim`` (or
-``plan_parts`` for :meth:`Trimmer.trim_parts`), over the cached plan of the frame's
-``(layout_hint, allowlist.digest)``: check the preamble, ``memcmp`` the layout section
-against the plan's, validate *this request's* block table for every column (alignment,
-order, overlap, bounds, exact sizes -- block tables change with every request's ragged
-lengths and ``n_candidates``, so they are never cached), optionally the offsets head of
-every kept ragged column, then write the canonical output header and copy the coalesced
-kept runs and the metadata.  It returns ``None`` -- having written nothing -- whenever
-there is no plan yet or anything is invalid or odd, and the general path below takes
-over: it re-validates in numpy, words the error, and builds and installs the plan.
+Per request on the C backend the work is one C call -- :meth:`Trimmer.trim` is then the
+``_copyruns.trim_entry`` callable itself (no Python frame, argument tuple or keyword
+dict), doing ``_copyruns.plan_trim``'s work (``plan_parts`` for
+:meth:`Trimmer.trim_parts`) -- over the cached plan of the frame's ``(layout_hint,
+allowlist.digest)``: check the preamble, ``memcmp`` the layout section against the
+plan's, validate *this request's* block table for every column (alignment, order,
+overlap, bounds, exact sizes -- block tables change with every request's ragged lengths
+and ``n_candidates``, so they are never cached), optionally the offsets head of every
+kept ragged column, then write the canonical output header and copy the coalesced kept
+runs and the metadata.  It returns ``None`` -- having written nothing -- whenever there
+is no plan yet or anything is invalid or odd, and the general path below takes over: it
+re-validates in numpy, words the error, and builds and installs the plan.
 
 The hint is never trusted: a plan is applied only to exactly the layout bytes it was
 built from.  Plans and parsed layouts are stored under the *true* layout hash, so a frame
@@ -39,7 +41,8 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import NamedTuple
+from types import MethodType
+from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
@@ -55,6 +58,7 @@ from root_worker.frame.backends import (
     plan_trim_c,
     same_bytes_c,
     same_bytes_py,
+    trim_entry_c,
     uniform_rows,
     write_frame_c,
 )
@@ -274,6 +278,15 @@ class Trimmer:
         # C backend: _PLAN_KEY bytes -> (layout bytes, pack_columns blob), read by
         # _copyruns.plan_trim / plan_parts, which serve any valid block table in one call.
         self._fast: LruCache[bytes, tuple[bytes, bytes, bytearray]] = LruCache(max_plans)
+        self._entry: Any = None
+        if self._use_c and type(self).trim is Trimmer.trim:  # (a subclass's own trim wins)
+            # The C backend's trim is one C call (_copyruns.trim_entry): the same signature
+            # and results as the method below, which it calls for anything it cannot parse
+            # and whose general path (_trim) it calls when plan_trim declines.  It keeps its
+            # last plan (the common case: the same layout and allowlist again) by key.
+            self._entry = trim_entry_c(self._fast, TrimResult, self._trim,
+                                       MethodType(Trimmer.trim, self))
+            self.__dict__["trim"] = self._entry
 
     def trim(self, buf: Buffer, allowlist: Allowlist, out: Buffer | None = None,
              check_ragged: bool = False) -> TrimResult:
@@ -423,6 +436,8 @@ class Trimmer:
         """Drop every cached plan and layout."""
         self._plans.clear()
         self._fast.clear()
+        if self._entry is not None:
+            self._entry.forget()
         self._layouts = LayoutCache(self._max_plans)
 
 
