@@ -31,8 +31,9 @@ combination of parts, so status-only publications cost only the root.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import flatbuffers
 import numpy as np
@@ -74,11 +75,13 @@ class Assembled:
 
 
 class Assembler:
-    """Builds blobs from parts; keeps the merged name table of the last combination."""
+    """Builds blobs from parts. Keeps what the last publication computed from its parts
+    (the merged name table and model index), and the same of every part but the one that
+    changed, so that the next change of that part merges only its own share into it."""
 
     def __init__(self) -> None:
-        self._names_key: tuple[int, ...] = ()
-        self._names: tuple[np.ndarray, np.ndarray, bytes, list[str]] | None = None
+        self._names = _Cache[_NameTable]()
+        self._index = _Cache[_ModelIndex | None]()
 
     def assemble(self, parts: Sequence[BundlePart | None],
                  statuses: Sequence[BundleStatusRecord], *, generation: int,
@@ -91,8 +94,15 @@ class Assembler:
         b = flatbuffers.Builder(n_models * _ROOT_BYTES_PER_MODEL + names_bytes + 4096)
         ends = np.cumsum([0] + [len(p.block) for p in live]).tolist()
         tail = ends.pop()  # the blocks' total length: the head's offsets are shifted by it
-        names, offsets, keys, versions, conflicts = _models(b, live, ends, tail, statuses)
-        feat_keys, name_offsets, feat_names, collisions = self._name_table(live)
+        index = self._index.get(live, _model_index, _merge_model_index)
+        if index is not None:  # no model defined by two bundles
+            n_names, offsets, keys = len(index.names), index.offsets(ends), index.keys
+            versions, conflicts = sum(p.version_count for p in live), list[str]()
+        else:
+            merged, offsets, keys, versions, conflicts = _models(b, live, ends, tail, statuses)
+            n_names = len(merged)
+        feat_keys, name_offsets, feat_names, collisions = self._names.get(
+            live, _merge_names, _merge_names_into)
         reports = [*conflicts, *collisions]
         bundles_vec = _table_vector(b, [_bundle(b, s) for s in statuses])
         models_vec = _offset_vector(b, offsets, tail)
@@ -110,14 +120,103 @@ class Assembler:
         for part in reversed(live):  # the last spliced block comes right after the head
             crc = checksum_combine(crc, part.block_crc, len(part.block))
         blocks = tuple(p.block for p in reversed(live))
-        return Assembled((head, *blocks), crc, len(names), versions, len(reports))
+        return Assembled((head, *blocks), crc, n_names, versions, len(reports))
 
-    def _name_table(self, live: list[BundlePart]
-                    ) -> tuple[np.ndarray, np.ndarray, bytes, list[str]]:
-        key = tuple(id(p) for p in live)
-        if self._names is None or key != self._names_key:
-            self._names, self._names_key = _merge_names(live), key
-        return self._names
+
+_T = TypeVar("_T")
+
+
+class _Cache(Generic[_T]):
+    """One value computed from a list of parts, kept with the parts (held, so compared by
+    identity), plus the value of the same list but one part (the "rest"): when exactly
+    one part differs from the last list, the value is that part merged into the rest's
+    value (computed once, then kept while the same part keeps changing)."""
+
+    def __init__(self) -> None:
+        self._parts: tuple[BundlePart, ...] | None = None
+        self._value: _T | None = None
+        self._rest: tuple[BundlePart, ...] | None = None
+        self._rest_value: _T | None = None
+
+    def get(self, live: list[BundlePart], full: Callable[[list[BundlePart]], _T],
+            merge: Callable[[_T, BundlePart, int], _T | None]) -> _T:
+        parts = tuple(live)
+        if self._parts is not None and _same(parts, self._parts):
+            return self._value  # type: ignore[return-value]
+        changed = _one_changed(self._parts, parts) if self._parts is not None else None
+        value = None
+        if changed is not None:
+            rest = parts[:changed] + parts[changed + 1:]
+            if self._rest is None or not _same(rest, self._rest):
+                self._rest, self._rest_value = rest, full(list(rest))
+            value = merge(self._rest_value, parts[changed], changed)  # type: ignore[arg-type]
+        if value is None:  # no single change, or the merge needs the full path
+            value = full(live)
+        self._parts, self._value = parts, value
+        return value
+
+
+def _same(a: tuple[BundlePart, ...], b: tuple[BundlePart, ...]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+
+
+def _one_changed(old: tuple[BundlePart, ...], new: tuple[BundlePart, ...]) -> int | None:
+    """The position of the one part that differs between ``old`` and ``new``, if so."""
+    if len(old) != len(new):
+        return None
+    diff = [i for i, (x, y) in enumerate(zip(old, new, strict=True)) if x is not y]
+    return diff[0] if len(diff) == 1 else None
+
+
+@dataclass(frozen=True)
+class _ModelIndex:
+    """Models of parts that share none, sorted by name: each one's part (its position in
+    the list of parts), Model table offset from that part's block end, and key."""
+
+    names: list[str]
+    owner: np.ndarray  # int64
+    raw: np.ndarray  # int64
+    keys: np.ndarray
+
+    def offsets(self, ends: list[int]) -> np.ndarray:
+        """Offsets from the blob's end (``ends``: each part's block end, from the blob's)."""
+        if not self.names:
+            return np.zeros(0, np.int64)
+        return self.raw + np.asarray(ends, dtype=np.int64)[self.owner]
+
+
+def _model_index(live: list[BundlePart]) -> _ModelIndex | None:
+    """The sorted models of ``live``; None when a model is defined by two of them."""
+    names = [n for p in live for n in p.model_names]
+    order = sorted(range(len(names)), key=names.__getitem__)
+    sorted_names = [names[i] for i in order]
+    if len(set(sorted_names)) != len(sorted_names):
+        return None
+    idx = np.array(order, dtype=np.int64)
+    owner = np.repeat(np.arange(len(live), dtype=np.int64), [p.model_count for p in live])
+    raw = np.concatenate([np.zeros(0, np.int64)]
+                         + [p.model_offsets.astype(np.int64) for p in live])
+    keys = np.concatenate([np.zeros(0, KEY_DTYPE)] + [p.model_keys for p in live])
+    return _ModelIndex(sorted_names, owner[idx], raw[idx], keys[idx])
+
+
+def _merge_model_index(rest: _ModelIndex | None, part: BundlePart,
+                       at: int) -> _ModelIndex | None:
+    """``rest`` (every part but the one at position ``at``) with ``part`` merged in; None
+    when a model is shared (the full path merges it)."""
+    if rest is None:
+        return None
+    names = rest.names
+    pos = [bisect.bisect_left(names, n) for n in part.model_names]
+    if any(i < len(names) and names[i] == n for i, n in zip(pos, part.model_names,
+                                                            strict=True)):
+        return None
+    where = np.array(pos, dtype=np.int64)
+    merged = sorted([*names, *part.model_names])  # two sorted runs: a linear merge
+    owner = rest.owner + (rest.owner >= at)  # the parts after ``at`` move one on
+    return _ModelIndex(merged, np.insert(owner, where, at),
+                       np.insert(rest.raw, where, part.model_offsets.astype(np.int64)),
+                       np.insert(rest.keys, where, part.model_keys))
 
 
 def _offset_vector(b: flatbuffers.Builder, offsets: np.ndarray, tail: int) -> int:
@@ -201,7 +300,11 @@ def _merge_model(model: str, defs: list[BundlePart], bundle_names: list[tuple[st
             for version in sorted(per_version, key=version_sort_key)]
 
 
-def _merge_names(live: list[BundlePart]) -> tuple[np.ndarray, np.ndarray, bytes, list[str]]:
+_NameTable = tuple[np.ndarray, np.ndarray, bytes, list[str]]
+"""A merged name table: sorted unique keys, uint32 offsets, UTF-8 names, collision reports."""
+
+
+def _merge_names(live: list[BundlePart]) -> _NameTable:
     """Union of the parts' name tables (sorted unique keys), with cross-part collisions."""
     collisions = [c for p in live for c in p.collisions]
     if len(live) == 1:
@@ -219,17 +322,67 @@ def _merge_names(live: list[BundlePart]) -> tuple[np.ndarray, np.ndarray, bytes,
     keys, starts, lengths = keys[order], starts[order], lengths[order]
     keep = np.ones(keys.size, dtype=bool)
     if keys.size > 1:
-        same = keys[1:] == keys[:-1]
-        keep[1:] = ~same
-        for i in np.flatnonzero(same) + 1:
+        same = np.flatnonzero(keys[1:] == keys[:-1]) + 1
+        keep[same] = False
+        differ = same[_differing(blob, starts[same - 1], lengths[same - 1],
+                                 blob, starts[same], lengths[same])]
+        for i in differ.tolist():
             a = blob[starts[i - 1] : starts[i - 1] + lengths[i - 1]].tobytes()
             z = blob[starts[i] : starts[i] + lengths[i]].tobytes()
-            if a != z:
-                collisions.append(
-                    f"feature key collision {int(keys[i]):#018x}: {a.decode()}, {z.decode()} "
-                    "(both are kept wherever either is allowed)")
+            collisions.append(
+                f"feature key collision {int(keys[i]):#018x}: {a.decode()}, {z.decode()} "
+                "(both are kept wherever either is allowed)")
     keys, starts, lengths = keys[keep], starts[keep], lengths[keep]
     offsets = np.zeros(keys.size + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    gather = np.arange(offsets[-1]) - np.repeat(offsets[:-1] - starts, lengths)
-    return keys, offsets.astype(_U32), blob[gather].tobytes(), collisions
+    return keys, offsets.astype(_U32), _gather_bytes(blob, starts, lengths).tobytes(), collisions
+
+
+def _merge_names_into(rest: _NameTable, part: BundlePart, at: int) -> _NameTable | None:
+    """``rest`` (the table of every part but ``part``) with ``part``'s names merged in:
+    keys placed with ``searchsorted``, name bytes with one ``np.insert``, no sort of the
+    whole. None when a collision is involved (the full path reports it in its order)."""
+    keys_a, off_a, names_a, reports = rest
+    if reports or part.collisions:
+        return None
+    blob_a = np.frombuffer(names_a, dtype=np.uint8)
+    blob_b = np.frombuffer(part.feature_names, dtype=np.uint8)
+    keys_b, off_b = part.feature_keys, part.name_offsets.astype(np.int64)
+    starts_b, lengths_b = off_b[:-1], np.diff(off_b)
+    pos = np.searchsorted(keys_a, keys_b)
+    hit = np.flatnonzero(pos < keys_a.size)
+    hit = hit[keys_a[pos[hit]] == keys_b[hit]]  # names both sides have (one key each)
+    if hit.size:
+        ia = pos[hit]
+        starts_a, lengths_a = off_a[ia].astype(np.int64), np.diff(off_a)[ia].astype(np.int64)
+        if _differing(blob_a, starts_a, lengths_a, blob_b, starts_b[hit], lengths_b[hit]).any():
+            return None
+        new = np.ones(keys_b.size, dtype=bool)
+        new[hit] = False
+        keys_b, pos, starts_b, lengths_b = keys_b[new], pos[new], starts_b[new], lengths_b[new]
+        blob_b = _gather_bytes(blob_b, starts_b, lengths_b)
+    keys = np.insert(keys_a, pos, keys_b)
+    offsets = np.zeros(keys.size + 1, dtype=_U32)
+    np.cumsum(np.insert(np.diff(off_a), pos, lengths_b), out=offsets[1:], dtype=_U32)
+    at_bytes = np.repeat(off_a[pos].astype(np.int64), lengths_b)
+    return keys, offsets, np.insert(blob_a, at_bytes, blob_b).tobytes(), []
+
+
+def _gather_bytes(blob: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The byte ranges ``[starts[i], starts[i] + lengths[i])`` of ``blob``, concatenated."""
+    out = np.cumsum(lengths) - lengths  # where each range starts in the result
+    total = int(lengths.sum())
+    return blob[np.arange(total, dtype=np.int64) - np.repeat(out - starts, lengths)]
+
+
+def _differing(a: np.ndarray, a_starts: np.ndarray, a_lengths: np.ndarray, b: np.ndarray,
+               b_starts: np.ndarray, b_lengths: np.ndarray) -> np.ndarray:
+    """Per pair i: do name i of ``a`` and name i of ``b`` differ (names are non-empty)?"""
+    differ = a_lengths != b_lengths
+    same = np.flatnonzero(~differ)
+    if same.size:
+        lengths = a_lengths[same]
+        unequal = _gather_bytes(a, a_starts[same], lengths) != _gather_bytes(
+            b, b_starts[same], lengths)
+        differ[same] = np.logical_or.reduceat(unequal, np.cumsum(lengths) - lengths)
+    return differ
