@@ -155,6 +155,8 @@ class Daemon:
         fds = [self.watcher.fileno(), self._wake_r]
         if self.loader.fileno() >= 0:
             fds.append(self.loader.fileno())
+        if timeout > 0 and self._idle_work(fds):
+            timeout = self._next_timeout()
         readable, _, _ = select.select(fds, [], [], timeout)
         if self._wake_r in readable:
             self._drain_wakeup()
@@ -170,6 +172,15 @@ class Daemon:
             self.loader.refresh(changed)
         self._publish_if_dirty()
         self._tick()
+
+    def _idle_work(self, fds: list[int]) -> bool:
+        """When nothing is to be read right now: prepare the next generation's segment
+        (the next publication then only copies into it). Returns whether it ran."""
+        assert self.publisher is not None
+        if not self.publisher.wants_spare or select.select(fds, [], [], 0)[0]:
+            return False
+        self.publisher.prepare_spare()
+        return True
 
     def _next_timeout(self) -> float:
         now = time.monotonic()
