@@ -110,11 +110,11 @@ def test_name_table_holds_only_live_names() -> None:
     assert sorted(names) == sorted(f"churn_0199_{i:03d}" for i in range(50))
 
 
-def _doc(k: int, *, shared: bool = False) -> dict:
+def _doc(k: int, *, shared: bool = False, version: str = "") -> dict:
     """Round k of a changing bundle: new versions, some names kept, some new, some ADS's."""
-    doc = {f"small_{m}": [{"version": str(k), "input_names": [f"s{m}_{i}" for i in range(k % 3,
-                                                                                  20 + k)]
-                                                  + ["a", "x"]}]  # names ADS/FEED have
+    doc = {f"small_{m}": [{"version": version or str(k),
+                           "input_names": [f"s{m}_{i}" for i in range(k % 3, 20 + k)]
+                           + ["a", "x"]}]  # names ADS/FEED have
            for m in range(4)}
     if shared:
         doc["cvr"] = [{"version": "7", "input_names": ["x", f"s0_{k}"]}]  # a model ADS has
@@ -131,16 +131,18 @@ def test_incremental_assembly_is_byte_identical_to_a_fresh_one() -> None:
     fixed = {name: build_part(json.dumps(d).encode(), path=f"/b/{name}", limits=Limits(),
                               bundle_index=i) for i, (name, d) in ((0, ("ads", ADS)),
                                                                    (2, ("feed", RANK)))}
-    rounds = [(k, "small", k >= 6) for k in range(9)] + [(9, "ads", False), (10, "small", False),
-                                                         (11, "gone", False)]
+    rounds = [(k, "small", k >= 6) for k in range(9)] + [
+        (8, "bump", True), (9, "ads", False), (10, "small", False), (10, "bump", False),
+        (11, "gone", False)]  # bump: a new version, the same names (the same name table)
     for k, changing, shared in rounds:
         if changing == "ads":
             fixed["ads"] = build_part(json.dumps({**ADS, "new": [{"version": "1",
                                                                   "input_names": ["n"]}]})
                                       .encode(), path="/b/ads", limits=Limits(), bundle_index=0)
         else:
-            small = build_part(json.dumps(_doc(k, shared=shared)).encode(), path="/b/small",
-                               limits=Limits(), bundle_index=1, memo=memo)
+            doc = _doc(k, shared=shared, version="bump" if changing == "bump" else "")
+            small = build_part(json.dumps(doc).encode(), path="/b/small", limits=Limits(),
+                               bundle_index=1, memo=memo)
         parts = [fixed["ads"], None if changing == "gone" else small, fixed["feed"]]
         statuses = _statuses({"ads": ADS, "small": {}, "feed": RANK})
         args = {"generation": k, "built_at_ns": 1, "daemon_pid": 1}
@@ -152,7 +154,7 @@ def test_incremental_assembly_is_byte_identical_to_a_fresh_one() -> None:
             (want.crc, want.models, want.versions, want.conflicts)
         assert checksum(blob) == got.crc
         view = FeatureMapView(blob)
-        if changing == "small":
+        if changing in ("small", "bump"):
             names = view.feature_names(view.resolve("small_1").allowlist.keys)
             assert sorted(names) == sorted([f"s1_{i}" for i in range(k % 3, 20 + k)] + ["a", "x"])
 
@@ -177,3 +179,21 @@ def test_key_memo_holds_exactly_the_last_load_and_changes_nothing() -> None:
     except BundleError:
         pass
     assert set(memo.names) == names  # a failed build leaves the memo as it was
+
+
+def test_padding_to_a_spare_size_keeps_the_blob_readable() -> None:
+    """pad_to (the publisher's spare size): a slightly smaller blob is padded after its root
+    offset to exactly that size and reads exactly like the unpadded one; a blob too much
+    smaller, or off the 8-byte grid, is left as it is."""
+    docs = {"ads": ADS, "feed": RANK}
+    parts = [build_part(json.dumps(d).encode(), path=f"/b/{n}", limits=Limits(),
+                        bundle_index=i) for i, (n, d) in enumerate(docs.items())]
+    args = {"generation": 3, "built_at_ns": 1, "daemon_pid": 1}
+    plain = Assembler().assemble(parts, _statuses(docs), **args)
+    for pad, padded in ((8, True), (4000, True), (4, False), (8192, False)):
+        out = Assembler().assemble(parts, _statuses(docs), pad_to=plain.size + pad, **args)
+        blob = b"".join(bytes(p) for p in out.parts)
+        assert checksum(blob) == out.crc and out.size == len(blob)
+        assert len(blob) == (plain.size + pad if padded else plain.size), pad
+        assert out.parts[-len(parts):] == plain.parts[-len(parts):]  # the blocks, untouched
+        _same(FeatureMapView(blob), FeatureMapView(b"".join(bytes(p) for p in plain.parts)))

@@ -197,3 +197,31 @@ def test_daemon_publishes_into_its_spare_and_removes_it_at_stop(
     finally:
         d.close()
         remove_segments(shm_prefix)
+
+
+def test_a_part_already_in_the_spare_is_not_written_again(shm_prefix: str,
+                                                          publishers: list) -> None:
+    """A same-size blob whose unchanged part is the same bytes object at the same offset:
+    that part is left as the spare holds it (shown by tampering with the spare on purpose:
+    the reader's checksum then rejects the generation and keeps the previous one), while an
+    equal but different object is written."""
+    pub = Publisher(shm_prefix, grace_s=3600)
+    publishers.append(pub)
+    block = b"B" * SIZE
+    pub.publish_parts([b"head-one", block])
+    reader = ShmReader(shm_prefix)
+    assert reader.poll().generation == 1
+    for generation, part, accepted in ((2, block, False), (3, bytes(bytearray(block)), True)):
+        assert pub.prepare_spare()
+        path = os.path.join(SHM_DIR, L.blob_name(shm_prefix, generation).lstrip("/"))
+        with open(path, "r+b") as f:  # tamper with the block's bytes in the spare
+            f.seek(8 + 100)
+            f.write(b"X")
+        head = f"head-{generation:03d}"[:8].encode()
+        assert pub.publish_parts([head, part]) == generation
+        snapshot = reader.poll()
+        if accepted:
+            assert snapshot.generation == generation
+            assert bytes(snapshot.buffer) == head + block
+        else:
+            assert snapshot.generation == 1 and reader.stats.verify_failures == 1

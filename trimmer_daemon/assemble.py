@@ -31,6 +31,7 @@ combination of parts, so status-only publications cost only the root.
 from __future__ import annotations
 
 import bisect
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -39,7 +40,7 @@ import flatbuffers
 import numpy as np
 
 from flatbuffers_schema.keys import KEY_DTYPE
-from flatbuffers_schema.shm_layout import checksum, checksum_combine
+from flatbuffers_schema.shm_layout import checksum_combine, checksum_continue
 from trimmer_daemon.bundle.parse import version_sort_key
 from trimmer_daemon.compiler import (
     BundleStatusRecord,
@@ -57,6 +58,15 @@ from trimmer_daemon.parts import BundlePart
 _U32 = np.dtype("<u4")
 _ROOT_BYTES_PER_MODEL = 64
 """Head-room estimate per model for the root's vectors (models, keys, slots)."""
+_UOFFSET = struct.Struct("<I")
+_ROOT_PREFIX = 8
+"""A finished buffer starts with the root table's uoffset and the 4-byte file identifier."""
+_PAD_ALIGN = 8
+"""Padding keeps the blob a multiple of the widest alignment in it (uint64 keys)."""
+_MAX_PAD_FRACTION = 64
+"""Padding is at most 1/64 of the padded head (~1.5 %) or ``_MIN_PAD`` bytes: a blob keeps
+a bigger predecessor's size only while the difference is small."""
+_MIN_PAD = 4096
 
 
 @dataclass(frozen=True)
@@ -80,14 +90,18 @@ class Assembler:
     changed, so that the next change of that part merges only its own share into it."""
 
     def __init__(self) -> None:
-        self._names = _Cache[_NameTable]()
+        self._names = _Cache[_NameTable](_name_table_of)
         self._index = _Cache[_ModelIndex | None]()
 
     def assemble(self, parts: Sequence[BundlePart | None],
                  statuses: Sequence[BundleStatusRecord], *, generation: int,
                  built_at_ns: int, daemon_pid: int,
-                 problems: Sequence[str] = ()) -> Assembled:
-        """The blob of ``parts`` (position i = bundle i of ``statuses``; None = no content)."""
+                 problems: Sequence[str] = (), pad_to: int = 0) -> Assembled:
+        """The blob of ``parts`` (position i = bundle i of ``statuses``; None = no content).
+
+        ``pad_to``: make the blob exactly this size when it is a little smaller (see
+        :func:`_padded`), e.g. the publisher's spare segment, so that the parts that did not
+        change stay at their offsets and are not written again."""
         live = [p for p in parts if p is not None]
         n_models = sum(p.model_count for p in live)
         names_bytes = sum(len(p.feature_names) + 12 * p.feature_keys.size for p in live)
@@ -115,56 +129,81 @@ class Assembler:
         finish_root(b, RootHeader(generation, built_at_ns, daemon_pid),
                     (bundles_vec, models_vec, keys_vec, slots_vec, feat_vec, off_vec,
                      names_vec, conflicts_vec))
-        head = memoryview(b.Bytes)[b.Head():]
-        crc = checksum(head)
+        head = _padded(memoryview(b.Bytes)[b.Head():], pad_to - tail)
+        crc = 0
+        for piece in head:
+            crc = checksum_continue(piece, crc)
         for part in reversed(live):  # the last spliced block comes right after the head
             crc = checksum_combine(crc, part.block_crc, len(part.block))
         blocks = tuple(p.block for p in reversed(live))
-        return Assembled((head, *blocks), crc, n_names, versions, len(reports))
+        return Assembled((*head, *blocks), crc, n_names, versions, len(reports))
 
 
 _T = TypeVar("_T")
 
 
-class _Cache(Generic[_T]):
-    """One value computed from a list of parts, kept with the parts (held, so compared by
-    identity), plus the value of the same list but one part (the "rest"): when exactly
-    one part differs from the last list, the value is that part merged into the rest's
-    value (computed once, then kept while the same part keeps changing)."""
+_Token = tuple[object, ...]
+"""What a cached value depends on in one part: objects compared by identity (held)."""
 
-    def __init__(self) -> None:
-        self._parts: tuple[BundlePart, ...] | None = None
+
+def _whole(part: BundlePart) -> _Token:
+    return (part,)
+
+
+def _name_table_of(part: BundlePart) -> _Token:
+    """A part's name table: the same objects when a load reused the previous one
+    (:class:`~trimmer_daemon.parts.KeyMemo`), so a new version with the same names leaves
+    the merged table as it was."""
+    return (part.feature_keys, part.name_offsets, part.feature_names, part.collisions)
+
+
+class _Cache(Generic[_T]):
+    """One value computed from a list of parts, kept with what it depends on in each part
+    (``token``: objects held, so compared by identity), plus the value of the same list but
+    one part (the "rest"): when exactly one part's token differs from the last list's, the
+    value is that part merged into the rest's value (computed once, then kept while the
+    same part keeps changing)."""
+
+    def __init__(self, token: Callable[[BundlePart], _Token] = _whole) -> None:
+        self._token = token
+        self._tokens: tuple[_Token, ...] | None = None
         self._value: _T | None = None
-        self._rest: tuple[BundlePart, ...] | None = None
+        self._rest: tuple[_Token, ...] | None = None
         self._rest_value: _T | None = None
 
     def get(self, live: list[BundlePart], full: Callable[[list[BundlePart]], _T],
             merge: Callable[[_T, BundlePart, int], _T | None]) -> _T:
-        parts = tuple(live)
-        if self._parts is not None and _same(parts, self._parts):
+        tokens = tuple(self._token(p) for p in live)
+        if self._tokens is not None and _same(tokens, self._tokens):
             return self._value  # type: ignore[return-value]
-        changed = _one_changed(self._parts, parts) if self._parts is not None else None
+        changed = _one_changed(self._tokens, tokens) if self._tokens is not None \
+            and len(tokens) > 1 else None  # (one part: its own value is at hand)
         value = None
         if changed is not None:
-            rest = parts[:changed] + parts[changed + 1:]
+            rest = tokens[:changed] + tokens[changed + 1:]
             if self._rest is None or not _same(rest, self._rest):
-                self._rest, self._rest_value = rest, full(list(rest))
-            value = merge(self._rest_value, parts[changed], changed)  # type: ignore[arg-type]
+                self._rest = rest
+                self._rest_value = full(live[:changed] + live[changed + 1:])
+            value = merge(self._rest_value, live[changed], changed)  # type: ignore[arg-type]
         if value is None:  # no single change, or the merge needs the full path
             value = full(live)
-        self._parts, self._value = parts, value
+        self._tokens, self._value = tokens, value
         return value
 
 
-def _same(a: tuple[BundlePart, ...], b: tuple[BundlePart, ...]) -> bool:
+def _same(a: tuple[_Token, ...], b: tuple[_Token, ...]) -> bool:
+    return len(a) == len(b) and all(_same_token(x, y) for x, y in zip(a, b, strict=True))
+
+
+def _same_token(a: _Token, b: _Token) -> bool:
     return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
 
-def _one_changed(old: tuple[BundlePart, ...], new: tuple[BundlePart, ...]) -> int | None:
-    """The position of the one part that differs between ``old`` and ``new``, if so."""
+def _one_changed(old: tuple[_Token, ...], new: tuple[_Token, ...]) -> int | None:
+    """The position of the one part whose token differs between ``old`` and ``new``."""
     if len(old) != len(new):
         return None
-    diff = [i for i, (x, y) in enumerate(zip(old, new, strict=True)) if x is not y]
+    diff = [i for i, (x, y) in enumerate(zip(old, new, strict=True)) if not _same_token(x, y)]
     return diff[0] if len(diff) == 1 else None
 
 
@@ -214,9 +253,23 @@ def _merge_model_index(rest: _ModelIndex | None, part: BundlePart,
     where = np.array(pos, dtype=np.int64)
     merged = sorted([*names, *part.model_names])  # two sorted runs: a linear merge
     owner = rest.owner + (rest.owner >= at)  # the parts after ``at`` move one on
-    return _ModelIndex(merged, np.insert(owner, where, at),
-                       np.insert(rest.raw, where, part.model_offsets.astype(np.int64)),
-                       np.insert(rest.keys, where, part.model_keys))
+    return _ModelIndex(merged, _insert(owner, where, np.full(where.size, at, np.int64)),
+                       _insert(rest.raw, where, part.model_offsets.astype(np.int64)),
+                       _insert(rest.keys, where, part.model_keys))
+
+
+def _padded(head: memoryview, size: int) -> tuple[bytes | memoryview, ...]:
+    """The head as pieces of exactly ``size`` bytes when it is shorter by a multiple of 8
+    and small (see ``_MAX_PAD_FRACTION``): zeros after the root offset and the file
+    identifier, the root offset moved past them. Every other offset in the blob is
+    relative and lies after the zeros, and alignment is measured from the blob's end, so
+    the blob reads exactly as without them (the gap is never referenced)."""
+    pad = size - len(head)
+    if pad <= 0 or pad % _PAD_ALIGN or pad > max(_MIN_PAD, size // _MAX_PAD_FRACTION):
+        return (head,)
+    root = _UOFFSET.unpack_from(head, 0)[0] + pad
+    return (_UOFFSET.pack(root) + bytes(head[_UOFFSET.size : _ROOT_PREFIX]), bytes(pad),
+            head[_ROOT_PREFIX:])
 
 
 def _offset_vector(b: flatbuffers.Builder, offsets: np.ndarray, tail: int) -> int:
@@ -361,11 +414,22 @@ def _merge_names_into(rest: _NameTable, part: BundlePart, at: int) -> _NameTable
         new[hit] = False
         keys_b, pos, starts_b, lengths_b = keys_b[new], pos[new], starts_b[new], lengths_b[new]
         blob_b = _gather_bytes(blob_b, starts_b, lengths_b)
-    keys = np.insert(keys_a, pos, keys_b)
+    keys = _insert(keys_a, pos, keys_b)
     offsets = np.zeros(keys.size + 1, dtype=_U32)
-    np.cumsum(np.insert(np.diff(off_a), pos, lengths_b), out=offsets[1:], dtype=_U32)
+    np.cumsum(_insert(np.diff(off_a), pos, lengths_b), out=offsets[1:], dtype=_U32)
     at_bytes = np.repeat(off_a[pos].astype(np.int64), lengths_b)
-    return keys, offsets, np.insert(blob_a, at_bytes, blob_b).tobytes(), []
+    return keys, offsets, _insert(blob_a, at_bytes, blob_b).tobytes(), []
+
+
+def _insert(a: np.ndarray, where: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``np.insert(a, where, values)`` for a non-decreasing ``where`` (no sort of it)."""
+    out = np.empty(a.size + values.size, dtype=a.dtype)
+    at = where + np.arange(values.size, dtype=np.int64)
+    rest = np.ones(out.size, dtype=bool)
+    rest[at] = False
+    out[at] = values
+    out[rest] = a
+    return out
 
 
 def _gather_bytes(blob: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:

@@ -328,7 +328,8 @@ class Daemon:
         generation = self.publisher.next_generation
         blob = self.assembler.assemble([t.part for t in trackers], [t.status() for t in trackers],
                                        generation=generation, built_at_ns=time.time_ns(),
-                                       daemon_pid=os.getpid(), problems=self._problems())
+                                       daemon_pid=os.getpid(), problems=self._problems(),
+                                       pad_to=self.publisher.spare_size)
         try:
             published = self.publisher.publish_parts(blob.parts, blob.crc)
         except PublishError as exc:
