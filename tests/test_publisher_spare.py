@@ -31,12 +31,15 @@ SIZE = 256 * 1024
 
 
 @pytest.fixture
-def publishers() -> Iterator[list[Publisher]]:
+def pubs() -> Iterator[list[Publisher]]:
+    """Publishers of a test, cleaned up (every segment removed) even when it fails."""
     made: list[Publisher] = []
-    yield made
-    for publisher in made:
-        if publisher._ctl is not None:
-            publisher.cleanup()
+    try:
+        yield made
+    finally:
+        for pub in made:
+            if pub._ctl is not None:
+                pub.cleanup()
 
 
 def _stat(prefix: str, generation: int) -> os.stat_result:
@@ -53,9 +56,9 @@ def _generations(prefix: str) -> list[int]:
 
 
 def test_spare_is_the_next_segment_unseen_until_flipped_and_removed_at_close(
-        shm_prefix: str, publishers: list) -> None:
+        shm_prefix: str, pubs: list) -> None:
     pub = Publisher(shm_prefix, grace_s=3600)
-    publishers.append(pub)
+    pubs.append(pub)
     assert not pub.wants_spare and not pub.prepare_spare()  # nothing published: no size yet
     pub.publish(_blob(1))
     reader = ShmReader(shm_prefix)
@@ -78,10 +81,10 @@ def test_spare_is_the_next_segment_unseen_until_flipped_and_removed_at_close(
 
 
 @pytest.mark.parametrize("factor", [0.5, 2.0])
-def test_blob_smaller_or_larger_than_the_spare(shm_prefix: str, publishers: list,
+def test_blob_smaller_or_larger_than_the_spare(shm_prefix: str, pubs: list,
                                                factor: float) -> None:
     pub = Publisher(shm_prefix, grace_s=3600)
-    publishers.append(pub)
+    pubs.append(pub)
     pub.publish(_blob(1))
     assert pub.prepare_spare()
     inode = _stat(shm_prefix, 2).st_ino
@@ -93,24 +96,24 @@ def test_blob_smaller_or_larger_than_the_spare(shm_prefix: str, publishers: list
     assert snapshot.generation == 2 and bytes(snapshot.buffer) == blob
 
 
-def test_spare_counts_against_both_bounds(shm_prefix: str, publishers: list) -> None:
+def test_spare_counts_against_both_bounds(shm_prefix: str, pubs: list) -> None:
     """With a spare prepared after every publication, segments and bytes stay within the
     bounds at every step, whatever the sizes."""
     pub = Publisher(shm_prefix, grace_s=3600, max_segments=4, max_bytes_factor=3)
-    publishers.append(pub)
+    pubs.append(pub)
     reader = ShmReader(shm_prefix)
-    made = 0
+    spares = 0
     for generation in range(1, 31):
         size = 4096 if generation % 5 else 64 * 1024  # an occasional big one
         pub.publish(_blob(generation, size))
         assert reader.poll().generation == generation
-        made += pub.prepare_spare()
+        spares += pub.prepare_spare()
         sizes = [_stat(shm_prefix, g).st_size for g in _generations(shm_prefix)]
         assert len(sizes) <= 4, sizes
         assert sum(sizes) <= 3 * size, (generation, sizes)
         assert sorted(pub.live_segments()) == list(zip(_generations(shm_prefix), sizes,
                                                        strict=True))
-    assert made > 10
+    assert spares > 10
 
 
 def test_a_crashed_publishers_spare_is_reclaimed_at_start(shm_prefix: str) -> None:
@@ -200,13 +203,13 @@ def test_daemon_publishes_into_its_spare_and_removes_it_at_stop(
 
 
 def test_a_part_already_in_the_spare_is_not_written_again(shm_prefix: str,
-                                                          publishers: list) -> None:
+                                                          pubs: list) -> None:
     """A same-size blob whose unchanged part is the same bytes object at the same offset:
     that part is left as the spare holds it (shown by tampering with the spare on purpose:
     the reader's checksum then rejects the generation and keeps the previous one), while an
     equal but different object is written."""
     pub = Publisher(shm_prefix, grace_s=3600)
-    publishers.append(pub)
+    pubs.append(pub)
     block = b"B" * SIZE
     pub.publish_parts([b"head-one", block])
     reader = ShmReader(shm_prefix)
