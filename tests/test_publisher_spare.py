@@ -228,3 +228,14 @@ def test_a_part_already_in_the_spare_is_not_written_again(shm_prefix: str,
             assert bytes(snapshot.buffer) == head + block
         else:
             assert snapshot.generation == 1 and reader.stats.verify_failures == 1
+
+
+def test_a_spare_removed_by_hand_is_not_published_into(shm_prefix: str, pubs: list) -> None:
+    pub = Publisher(shm_prefix, grace_s=3600)
+    pubs.append(pub)
+    pub.publish(_blob(1))
+    assert pub.prepare_spare()
+    os.unlink(os.path.join(SHM_DIR, L.blob_name(shm_prefix, 2).lstrip("/")))  # rm by hand
+    assert pub.publish(_blob(2)) == 2
+    snapshot = ShmReader(shm_prefix).poll()
+    assert snapshot.generation == 2 and bytes(snapshot.buffer) == _blob(2)

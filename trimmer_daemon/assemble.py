@@ -15,8 +15,11 @@ blocks' lengths are multiples of 8, so alignment measured from the end is preser
 blob's crc32 is combined from the head's and the blocks' cached crcs
 (:func:`flatbuffers_schema.shm_layout.checksum_combine`), and the publisher writes the parts
 with one ``pwrite`` each. So a change to one small bundle next to a big one costs neither a
-re-compilation, nor a copy, nor a checksum of the big one (issue #11, item 6); the kernel
-copy into ``/dev/shm`` remains.
+re-compilation, nor a copy, nor a checksum of the big one (issue #11, item 6). Nor, most of
+the time, the kernel copy into ``/dev/shm``: with ``pad_to`` (the size of the publisher's
+spare segment, which already holds the current blob) the head is padded by a few zero
+bytes right after the root offset so that the blob keeps that size, the unchanged blocks
+keep their offsets, and the publisher skips them (:mod:`trimmer_daemon.publisher`).
 
 Rules kept from :mod:`trimmer_daemon.consolidate` (SPEC §4): a model defined by several
 bundles is merged here version by version (union of differing allowlists, a conflict report,
@@ -24,8 +27,15 @@ natural version order) and written as a new ``Model`` table in the head; the blo
 tables of that model stay in the blob unreferenced. The name table covers exactly the keys
 of the published allowlists (the union of the parts' names: every part is served), so names
 of removed or changed bundles leave with them (item 5). Two different names with one key in
-different bundles are reported as a key collision. The name table merge is cached per
-combination of parts, so status-only publications cost only the root.
+different bundles are reported as a key collision.
+
+What a publication derives from the parts (the merged name table, the sorted model index)
+is cached by :class:`_Cache`: kept while the parts are the same (status-only publications
+cost only the root; the name table also while each part's name table is the same objects,
+as when a new version of a bundle repeats its names), and, when exactly one part changed,
+computed by merging that part into the cached value of all the others (``searchsorted`` +
+insert, no sort of the whole), falling back to the full merge when a model is shared or a
+key collision is involved. Blobs are byte-identical either way.
 """
 
 from __future__ import annotations

@@ -9,7 +9,9 @@ with a timeout to the next heartbeat, hold deadline or due publication.
 
 Each bundle's share of the map is compiled once per load (:mod:`trimmer_daemon.parts`);
 a publication only writes the root and references the unchanged parts
-(:mod:`trimmer_daemon.assemble`), so its cost follows what changed.
+(:mod:`trimmer_daemon.assemble`), so its cost follows what changed. When nothing is to be
+read, the loop has the publisher prepare the next generation's segment (its *spare*, a copy
+of the current blob), so the next publication writes only the changed parts into it.
 
 Guarantees (SPEC §5, §9, §11):
 - start is never blocked: the first generation is published even if every bundle is broken

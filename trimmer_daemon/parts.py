@@ -25,6 +25,10 @@ the bundle set changes (SIGHUP), instead of rebuilding.
 Arrays kept beside the block let the assembler merge a model that several bundles define
 (allowlist union, conflict report) and build the live name table (item 5 of issue #11: the
 names of exactly the allowlists published) without parsing anything again.
+
+A :class:`KeyMemo` per bundle (kept by the loader) carries the previous load's keys,
+allowlists and name table into the next build, so a new version that repeats most names
+hashes, sorts and encodes only what is new; the part is the same as one built without it.
 """
 
 from __future__ import annotations

@@ -657,7 +657,8 @@ class Publisher:
         """Write ``(offset, part, its bytes)`` into the new segment (the spare if any)."""
         name = L.blob_name(self.prefix, generation)
         spare = self._drop_spare(unlink=False)
-        if spare is not None and spare.generation != generation:
+        if spare is not None and (spare.generation != generation
+                                  or os.fstat(spare.fd).st_nlink == 0):  # removed by hand
             os.close(spare.fd)
             _unlink(L.blob_name(self.prefix, spare.generation))
             spare = None
