@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -28,6 +28,7 @@ from trimmer_daemon.publisher import Publisher
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = 256 * 1024
+Readers = Callable[[str], ShmReader]
 
 
 @pytest.fixture
@@ -40,6 +41,21 @@ def pubs() -> Iterator[list[Publisher]]:
         for pub in made:
             if pub._ctl is not None:
                 pub.cleanup()
+
+
+@pytest.fixture
+def reader_of() -> Iterator[Readers]:
+    """Opens readers of a prefix, closed at the end of the test."""
+    opened: list[ShmReader] = []
+
+    def open_reader(prefix: str) -> ShmReader:
+        opened.append(ShmReader(prefix))
+        return opened[-1]
+    try:
+        yield open_reader
+    finally:
+        for reader in opened:
+            reader.close()
 
 
 def _stat(prefix: str, generation: int) -> os.stat_result:
@@ -56,12 +72,12 @@ def _generations(prefix: str) -> list[int]:
 
 
 def test_spare_is_the_next_segment_unseen_until_flipped_and_removed_at_close(
-        shm_prefix: str, pubs: list) -> None:
+        shm_prefix: str, reader_of: Readers, pubs: list) -> None:
     pub = Publisher(shm_prefix, grace_s=3600)
     pubs.append(pub)
     assert not pub.wants_spare and not pub.prepare_spare()  # nothing published: no size yet
     pub.publish(_blob(1))
-    reader = ShmReader(shm_prefix)
+    reader = reader_of(shm_prefix)
     assert pub.wants_spare and pub.prepare_spare()
     assert not pub.wants_spare and not pub.prepare_spare()  # one spare at a time
     st = _stat(shm_prefix, 2)
@@ -76,13 +92,13 @@ def test_spare_is_the_next_segment_unseen_until_flipped_and_removed_at_close(
     assert pub.prepare_spare() and _generations(shm_prefix) == [1, 2, 3]
     pub.close()  # a daemon's SIGTERM: the map stays, the spare goes
     assert _generations(shm_prefix) == [1, 2]
-    assert ShmReader(shm_prefix).poll().generation == 2
+    assert reader_of(shm_prefix).poll().generation == 2
     Publisher(shm_prefix).cleanup()
 
 
 @pytest.mark.parametrize("factor", [0.5, 2.0])
-def test_blob_smaller_or_larger_than_the_spare(shm_prefix: str, pubs: list,
-                                               factor: float) -> None:
+def test_blob_smaller_or_larger_than_the_spare(shm_prefix: str, reader_of: Readers,
+                                               pubs: list, factor: float) -> None:
     pub = Publisher(shm_prefix, grace_s=3600)
     pubs.append(pub)
     pub.publish(_blob(1))
@@ -92,16 +108,17 @@ def test_blob_smaller_or_larger_than_the_spare(shm_prefix: str, pubs: list,
     assert pub.publish(blob) == 2
     st = _stat(shm_prefix, 2)
     assert st.st_ino == inode and st.st_size == len(blob)  # trimmed or extended exactly
-    snapshot = ShmReader(shm_prefix).poll()
+    snapshot = reader_of(shm_prefix).poll()
     assert snapshot.generation == 2 and bytes(snapshot.buffer) == blob
 
 
-def test_spare_counts_against_both_bounds(shm_prefix: str, pubs: list) -> None:
+def test_spare_counts_against_both_bounds(shm_prefix: str, reader_of: Readers,
+                                          pubs: list) -> None:
     """With a spare prepared after every publication, segments and bytes stay within the
     bounds at every step, whatever the sizes."""
     pub = Publisher(shm_prefix, grace_s=3600, max_segments=4, max_bytes_factor=3)
     pubs.append(pub)
-    reader = ShmReader(shm_prefix)
+    reader = reader_of(shm_prefix)
     spares = 0
     for generation in range(1, 31):
         size = 4096 if generation % 5 else 64 * 1024  # an occasional big one
@@ -116,7 +133,8 @@ def test_spare_counts_against_both_bounds(shm_prefix: str, pubs: list) -> None:
     assert spares > 10
 
 
-def test_a_crashed_publishers_spare_is_reclaimed_at_start(shm_prefix: str) -> None:
+def test_a_crashed_publishers_spare_is_reclaimed_at_start(shm_prefix: str,
+                                                          reader_of: Readers) -> None:
     script = textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {str(ROOT)!r})
@@ -141,12 +159,12 @@ def test_a_crashed_publishers_spare_is_reclaimed_at_start(shm_prefix: str) -> No
         assert _generations(shm_prefix) == [1]  # the spare was never flipped to: removed
         assert successor.next_generation == 2
         assert successor.publish(b"y" * 100) == 2
-        assert bytes(ShmReader(shm_prefix).poll().buffer) == b"y" * 100
+        assert bytes(reader_of(shm_prefix).poll().buffer) == b"y" * 100
     finally:
         successor.cleanup()
 
 
-def test_no_room_for_the_spare_is_harmless(shm_prefix: str) -> None:
+def test_no_room_for_the_spare_is_harmless(shm_prefix: str, reader_of: Readers) -> None:
     """A file-size limit below the blob (a stand-in for a full /dev/shm) while preparing
     the spare: no spare, nothing left behind, the next publication works."""
     script = textwrap.dedent(f"""
@@ -173,7 +191,7 @@ def test_no_room_for_the_spare_is_harmless(shm_prefix: str) -> None:
         result = json.loads(done.stdout)
         assert result == {"made": False, "again": False, "generation": 2,
                           "left": [f"{shm_prefix}.ctl", f"{shm_prefix}.g1"]}
-        assert bytes(ShmReader(shm_prefix).poll().buffer) == b"z" * SIZE
+        assert bytes(reader_of(shm_prefix).poll().buffer) == b"z" * SIZE
     finally:
         Publisher(shm_prefix).cleanup()
 
@@ -202,7 +220,7 @@ def test_daemon_publishes_into_its_spare_and_removes_it_at_stop(
         remove_segments(shm_prefix)
 
 
-def test_a_part_already_in_the_spare_is_not_written_again(shm_prefix: str,
+def test_a_part_already_in_the_spare_is_not_written_again(shm_prefix: str, reader_of: Readers,
                                                           pubs: list) -> None:
     """A same-size blob whose unchanged part is the same bytes object at the same offset:
     that part is left as the spare holds it (shown by tampering with the spare on purpose:
@@ -212,7 +230,7 @@ def test_a_part_already_in_the_spare_is_not_written_again(shm_prefix: str,
     pubs.append(pub)
     block = b"B" * SIZE
     pub.publish_parts([b"head-one", block])
-    reader = ShmReader(shm_prefix)
+    reader = reader_of(shm_prefix)
     assert reader.poll().generation == 1
     for generation, part, accepted in ((2, block, False), (3, bytes(bytearray(block)), True)):
         assert pub.prepare_spare()
@@ -230,12 +248,13 @@ def test_a_part_already_in_the_spare_is_not_written_again(shm_prefix: str,
             assert snapshot.generation == 1 and reader.stats.verify_failures == 1
 
 
-def test_a_spare_removed_by_hand_is_not_published_into(shm_prefix: str, pubs: list) -> None:
+def test_a_spare_removed_by_hand_is_not_published_into(shm_prefix: str, reader_of: Readers,
+                                                       pubs: list) -> None:
     pub = Publisher(shm_prefix, grace_s=3600)
     pubs.append(pub)
     pub.publish(_blob(1))
     assert pub.prepare_spare()
     os.unlink(os.path.join(SHM_DIR, L.blob_name(shm_prefix, 2).lstrip("/")))  # rm by hand
     assert pub.publish(_blob(2)) == 2
-    snapshot = ShmReader(shm_prefix).poll()
+    snapshot = reader_of(shm_prefix).poll()
     assert snapshot.generation == 2 and bytes(snapshot.buffer) == _blob(2)
