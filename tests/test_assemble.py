@@ -17,10 +17,10 @@ from flatbuffers_schema.fmap.FeatureMap import FeatureMap
 from flatbuffers_schema.shm_layout import checksum
 from root_worker.featuremap.map_reader import FeatureMapView
 from trimmer_daemon.assemble import Assembler
-from trimmer_daemon.bundle.parse import Limits, parse_bundle
+from trimmer_daemon.bundle.parse import BundleError, Limits, parse_bundle
 from trimmer_daemon.compiler import BundleStatusRecord, compile_map
 from trimmer_daemon.consolidate import KeyCache, consolidate, index_bundle
-from trimmer_daemon.parts import build_part
+from trimmer_daemon.parts import KeyMemo, build_part
 
 ADS = {"ctr": [{"version": "9", "input_names": ["a", "b"]},
                {"version": "10", "input_names": ["a", "b", "c"], "output_names": ["p"]},
@@ -108,3 +108,92 @@ def test_name_table_holds_only_live_names() -> None:
     view = FeatureMapView(blob)
     names = view.feature_names(view.resolve("m").allowlist.keys)
     assert sorted(names) == sorted(f"churn_0199_{i:03d}" for i in range(50))
+
+
+def _doc(k: int, *, shared: bool = False, version: str = "") -> dict:
+    """Round k of a changing bundle: new versions, some names kept, some new, some ADS's."""
+    doc = {f"small_{m}": [{"version": version or str(k),
+                           "input_names": [f"s{m}_{i}" for i in range(k % 3, 20 + k)]
+                           + ["a", "x"]}]  # names ADS/FEED have
+           for m in range(4)}
+    if shared:
+        doc["cvr"] = [{"version": "7", "input_names": ["x", f"s0_{k}"]}]  # a model ADS has
+    return doc
+
+
+RANK = {"rank": FEED["rank"]}  # no model shared with ADS
+
+
+def test_incremental_assembly_is_byte_identical_to_a_fresh_one() -> None:
+    """One assembler across changes (one bundle changing, then another, a shared model, a
+    bundle gone) builds exactly the blob a fresh assembler builds from the same parts."""
+    assembler, memo = Assembler(), KeyMemo()
+    fixed = {name: build_part(json.dumps(d).encode(), path=f"/b/{name}", limits=Limits(),
+                              bundle_index=i) for i, (name, d) in ((0, ("ads", ADS)),
+                                                                   (2, ("feed", RANK)))}
+    rounds = [(k, "small", k >= 6) for k in range(9)] + [
+        (8, "bump", True), (9, "ads", False), (10, "small", False), (10, "bump", False),
+        (11, "gone", False)]  # bump: a new version, the same names (the same name table)
+    for k, changing, shared in rounds:
+        if changing == "ads":
+            fixed["ads"] = build_part(json.dumps({**ADS, "new": [{"version": "1",
+                                                                  "input_names": ["n"]}]})
+                                      .encode(), path="/b/ads", limits=Limits(), bundle_index=0)
+        else:
+            doc = _doc(k, shared=shared, version="bump" if changing == "bump" else "")
+            small = build_part(json.dumps(doc).encode(), path="/b/small", limits=Limits(),
+                               bundle_index=1, memo=memo)
+        parts = [fixed["ads"], None if changing == "gone" else small, fixed["feed"]]
+        statuses = _statuses({"ads": ADS, "small": {}, "feed": RANK})
+        args = {"generation": k, "built_at_ns": 1, "daemon_pid": 1}
+        got = assembler.assemble(parts, statuses, **args)
+        want = Assembler().assemble(parts, statuses, **args)
+        blob = b"".join(bytes(p) for p in got.parts)
+        assert blob == b"".join(bytes(p) for p in want.parts), (k, changing)
+        assert (got.crc, got.models, got.versions, got.conflicts) == \
+            (want.crc, want.models, want.versions, want.conflicts)
+        assert checksum(blob) == got.crc
+        view = FeatureMapView(blob)
+        if changing in ("small", "bump"):
+            names = view.feature_names(view.resolve("small_1").allowlist.keys)
+            assert sorted(names) == sorted([f"s1_{i}" for i in range(k % 3, 20 + k)] + ["a", "x"])
+
+
+def test_key_memo_holds_exactly_the_last_load_and_changes_nothing() -> None:
+    """A build that reuses the previous load's keys, lists and name table makes the same
+    part as a build from scratch; the memo then holds only the new load's names."""
+    memo = KeyMemo()
+    for k in (0, 1, 1, 4, 5):  # 1 twice: same lists, a new version only
+        data = json.dumps(_doc(k)).encode()
+        with_memo = build_part(data, path="/b/s", limits=Limits(), bundle_index=0, memo=memo)
+        fresh = build_part(data, path="/b/s", limits=Limits(), bundle_index=0)
+        assert with_memo.block == fresh.block and with_memo.collisions == fresh.collisions
+        assert with_memo.feature_names == fresh.feature_names
+        assert np.array_equal(with_memo.feature_keys, fresh.feature_keys)
+        assert np.array_equal(with_memo.name_offsets, fresh.name_offsets)
+        names = {n for m in _doc(k).values() for v in m for n in v["input_names"]}
+        assert set(memo.names) == names and len(memo.lists) == 4
+    broken = b'{"small_0": []}'
+    try:
+        build_part(broken, path="/b/s", limits=Limits(), bundle_index=0, memo=memo)
+    except BundleError:
+        pass
+    assert set(memo.names) == names  # a failed build leaves the memo as it was
+
+
+def test_padding_to_a_spare_size_keeps_the_blob_readable() -> None:
+    """pad_to (the publisher's spare size): a slightly smaller blob is padded after its root
+    offset to exactly that size and reads exactly like the unpadded one; a blob too much
+    smaller, or off the 8-byte grid, is left as it is."""
+    docs = {"ads": ADS, "feed": RANK}
+    parts = [build_part(json.dumps(d).encode(), path=f"/b/{n}", limits=Limits(),
+                        bundle_index=i) for i, (n, d) in enumerate(docs.items())]
+    args = {"generation": 3, "built_at_ns": 1, "daemon_pid": 1}
+    plain = Assembler().assemble(parts, _statuses(docs), **args)
+    for pad, padded in ((8, True), (4000, True), (4, False), (8192, False)):
+        out = Assembler().assemble(parts, _statuses(docs), pad_to=plain.size + pad, **args)
+        blob = b"".join(bytes(p) for p in out.parts)
+        assert checksum(blob) == out.crc and out.size == len(blob)
+        assert len(blob) == (plain.size + pad if padded else plain.size), pad
+        assert out.parts[-len(parts):] == plain.parts[-len(parts):]  # the blocks, untouched
+        _same(FeatureMapView(blob), FeatureMapView(b"".join(bytes(p) for p in plain.parts)))

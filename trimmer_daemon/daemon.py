@@ -9,7 +9,9 @@ with a timeout to the next heartbeat, hold deadline or due publication.
 
 Each bundle's share of the map is compiled once per load (:mod:`trimmer_daemon.parts`);
 a publication only writes the root and references the unchanged parts
-(:mod:`trimmer_daemon.assemble`), so its cost follows what changed.
+(:mod:`trimmer_daemon.assemble`), so its cost follows what changed. When nothing is to be
+read, the loop has the publisher prepare the next generation's segment (its *spare*, a copy
+of the current blob), so the next publication writes only the changed parts into it.
 
 Guarantees (SPEC §5, §9, §11):
 - start is never blocked: the first generation is published even if every bundle is broken
@@ -155,6 +157,8 @@ class Daemon:
         fds = [self.watcher.fileno(), self._wake_r]
         if self.loader.fileno() >= 0:
             fds.append(self.loader.fileno())
+        if timeout > 0 and self._idle_work(fds):
+            timeout = self._next_timeout()
         readable, _, _ = select.select(fds, [], [], timeout)
         if self._wake_r in readable:
             self._drain_wakeup()
@@ -170,6 +174,15 @@ class Daemon:
             self.loader.refresh(changed)
         self._publish_if_dirty()
         self._tick()
+
+    def _idle_work(self, fds: list[int]) -> bool:
+        """When nothing is to be read right now: prepare the next generation's segment
+        (the next publication then only copies into it). Returns whether it ran."""
+        assert self.publisher is not None
+        if not self.publisher.wants_spare or select.select(fds, [], [], 0)[0]:
+            return False
+        self.publisher.prepare_spare()
+        return True
 
     def _next_timeout(self) -> float:
         now = time.monotonic()
@@ -317,7 +330,8 @@ class Daemon:
         generation = self.publisher.next_generation
         blob = self.assembler.assemble([t.part for t in trackers], [t.status() for t in trackers],
                                        generation=generation, built_at_ns=time.time_ns(),
-                                       daemon_pid=os.getpid(), problems=self._problems())
+                                       daemon_pid=os.getpid(), problems=self._problems(),
+                                       pad_to=self.publisher.spare_size)
         try:
             published = self.publisher.publish_parts(blob.parts, blob.crc)
         except PublishError as exc:

@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 from trimmer_daemon.bundle.parse import BundleError, Limits
 from trimmer_daemon.parse_worker import ParseWorker
-from trimmer_daemon.parts import BundlePart, build_part
+from trimmer_daemon.parts import BundlePart, KeyMemo, build_part
 from trimmer_daemon.state import BundleTracker, RefreshResult
 from trimmer_daemon.watcher import BundleWatcher
 
@@ -50,6 +50,7 @@ class Loader:
         self._queue: dict[str, bool] = {}  # bundle -> startup flag, in arrival order
         self._again: set[str] = set()  # refresh once the running parse ends
         self._holds: dict[str, float] = {}  # bundle -> monotonic deadline
+        self._memos: dict[str, KeyMemo] = {}  # bundle -> its last inline build's work
         self._job_held = False
         self._job_startup = False
 
@@ -62,7 +63,7 @@ class Loader:
         for name, tracker in trackers.items():
             if tracker.part is not None:
                 tracker.part = tracker.part.with_index(self.index[name])
-        for table in (self._queue, self._holds):
+        for table in (self._queue, self._holds, self._memos):
             for name in [n for n in table if n not in trackers]:
                 del table[name]
         self._again &= set(trackers)
@@ -153,14 +154,12 @@ class Loader:
         return watcher.held_since(name) is not None or watcher.modifications(name) != before
 
     def _build(self, tracker: BundleTracker, data: bytes) -> BundlePart | BundleError:
-        memo = dict(tracker.key_memo)  # the tracker's memo changes only if the build succeeds
+        memo = self._memos.setdefault(tracker.name, KeyMemo())  # changed only on success
         try:
-            part = build_part(data, path=tracker.path, limits=self.limits,
+            return build_part(data, path=tracker.path, limits=self.limits,
                               bundle_index=self.index[tracker.name], memo=memo)
         except BundleError as exc:
             return exc
-        tracker.key_memo = memo
-        return part
 
     def _install(self, tracker: BundleTracker, outcome: BundlePart | BundleError,
                  held: bool, startup: bool) -> None:

@@ -25,13 +25,18 @@ the bundle set changes (SIGHUP), instead of rebuilding.
 Arrays kept beside the block let the assembler merge a model that several bundles define
 (allowlist union, conflict report) and build the live name table (item 5 of issue #11: the
 names of exactly the allowlists published) without parsing anything again.
+
+A :class:`KeyMemo` per bundle (kept by the loader) carries the previous load's keys,
+allowlists and name table into the next build, so a new version that repeats most names
+hashes, sorts and encodes only what is new; the part is the same as one built without it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import flatbuffers
 import numpy as np
@@ -100,71 +105,142 @@ class BundlePart:
 
 
 def build_part(data: bytes, *, path: str, limits: Limits, bundle_index: int,
-               memo: dict[str, int] | None = None) -> BundlePart:
+               memo: KeyMemo | None = None) -> BundlePart:
     """Parse, validate and compile one bundle file (raises ``BundleError`` like the parser).
 
-    ``memo``: name -> key of the bundle's previous load (hashing costs ~1 µs a name; a new
-    version of a bundle mostly repeats its names). It is updated in place to hold exactly
-    this load's names, so it never grows beyond one bundle's names.
+    ``memo``: what the bundle's previous load computed (see :class:`KeyMemo`); it is
+    updated in place to hold exactly this load, and only if the build succeeds.
     """
     return compile_part(parse_bundle(data, path=path, limits=limits), bundle_index, memo)
 
 
-class _Names:
-    """Per-build memo of name -> key (released with the part: no daemon-wide name memory).
+class _Keys(NamedTuple):
+    """One allowlist's keys: parallel to its names, sorted unique, and their digest."""
 
-    Per-name work stays in C (dict lookups through ``map``); only names new to the bundle
-    are hashed, and collisions are found once, by numpy, when the name table is built.
+    parallel: list[int]
+    keys: np.ndarray
+    digest: int
+
+
+_Table = tuple[np.ndarray, np.ndarray, bytes, tuple[str, ...]]
+"""A part's name table: sorted unique keys, name offsets, UTF-8 names, collision reports."""
+
+
+@dataclass
+class KeyMemo:
+    """What one bundle's previous load computed, so that its next load need not: name ->
+    key (hashing costs ~1 µs a name), allowlist -> its keys, and the name table (a new
+    version of a bundle mostly repeats its names and allowlists).
+
+    One per bundle, owned by the loader (:mod:`trimmer_daemon.loader`). Each successful
+    build replaces the whole content by its own, so it never holds more than one load of one
+    bundle (no daemon-wide name memory: item 5 of issue #11).
     """
 
-    def __init__(self, previous: dict[str, int] | None = None) -> None:
-        self.previous = previous or {}
-        self.keys: dict[str, int] = {}
-        self.collisions: list[str] = []
+    names: dict[str, int] = field(default_factory=dict)
+    lists: dict[tuple[str, ...], _Keys] = field(default_factory=dict)
+    table: _Table | None = None
 
-    def keys_of(self, names: tuple[str, ...]) -> np.ndarray:
-        memo = self.keys
-        for name in [n for n in names if n not in memo]:
-            key = self.previous.get(name)
-            memo[name] = name_key(name) if key is None else key
-        return np.unique(np.fromiter(map(memo.__getitem__, names), dtype=KEY_DTYPE,
-                                     count=len(names)))
 
-    def table(self) -> tuple[np.ndarray, np.ndarray, bytes]:
-        names = list(self.keys)
-        keys = np.fromiter(self.keys.values(), dtype=KEY_DTYPE, count=len(names))
-        order = np.argsort(keys, kind="stable")
-        keys = keys[order]
-        ordered = [names[i] for i in order.tolist()]
-        if keys.size > 1:
-            same = np.flatnonzero(keys[1:] == keys[:-1])
-            for i in same.tolist():
-                self.collisions.append(
-                    f"feature key collision {int(keys[i]):#018x}: {ordered[i]}, "
-                    f"{ordered[i + 1]} (both are kept wherever either is allowed)")
-            if same.size:  # keep the first name of each key: the table is keyed by key
-                keep = np.ones(keys.size, dtype=bool)
-                keep[same + 1] = False
-                keys = keys[keep]
-                ordered = [n for n, k in zip(ordered, keep.tolist(), strict=True) if k]
-        joined = "".join(ordered)
-        if joined.isascii():  # byte lengths are character lengths: no per-name encode
-            lengths = np.fromiter(map(len, ordered), dtype=np.int64, count=len(ordered))
-            blob = joined.encode("ascii")
-        else:
-            encoded = [n.encode("utf-8") for n in ordered]
-            lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
-            blob = b"".join(encoded)
-        offsets = np.zeros(len(ordered) + 1, dtype=_U32)
-        np.cumsum(lengths, out=offsets[1:], dtype=_U32)
-        return keys, offsets, blob
+class _Names:
+    """This build's allowlists and names, reusing the previous load's (a :class:`KeyMemo`).
+
+    Per-name work stays in C (``map`` over dict lookups, ``dict.update`` of a ``zip``,
+    numpy sorts); only names new to the bundle are hashed, in a Python loop over just them,
+    and collisions are found once, by numpy, when the name table is built.
+    """
+
+    def __init__(self, previous: KeyMemo | None) -> None:
+        self.previous = previous or KeyMemo()
+        self.used: dict[tuple[str, ...], _Keys] = {}  # this load's allowlists
+        self.fresh: dict[str, int] = {}  # names hashed by this build
+        self.keys: dict[str, int] = {}  # this load's names (set by table())
+
+    def list_keys(self, names: tuple[str, ...]) -> _Keys:
+        known = self.used.get(names)
+        if known is None:
+            known = self.previous.lists.get(names)
+            if known is None:
+                known = self._compute(names)
+            self.used[names] = known
+        return known
+
+    def _compute(self, names: tuple[str, ...]) -> _Keys:
+        got = list(map(self.previous.names.get, names))
+        if None in got:  # names new to the bundle: hash each once
+            fresh = self.fresh
+            for i in [i for i, k in enumerate(got) if k is None]:
+                key = fresh.get(names[i])
+                if key is None:
+                    key = fresh[names[i]] = name_key(names[i])
+                got[i] = key
+        keys = np.array(got, dtype=KEY_DTYPE)
+        keys.sort()
+        if keys.size > 1 and not bool((keys[1:] != keys[:-1]).all()):
+            keys = np.unique(keys)  # two names with one key (duplicates are parsed away)
+        return _Keys(got, keys, keyset_digest(keys))  # type: ignore[arg-type]
+
+    def table(self) -> _Table:
+        """The name table of this load's names; the previous one when the allowlists are
+        the same (same names, so the same table)."""
+        previous = self.previous
+        if previous.table is not None and self.used.keys() == previous.lists.keys():
+            self.keys = previous.names
+            return previous.table
+        memo: dict[str, int] = {}
+        for names, known in self.used.items():
+            memo.update(zip(names, known.parallel, strict=True))
+        self.keys = memo
+        return _name_table(memo)
+
+    def remember(self, memo: KeyMemo | None, table: _Table) -> None:
+        """Make ``memo`` hold exactly this load (after a successful build)."""
+        if memo is not None:
+            memo.names, memo.lists, memo.table = self.keys, self.used, table
+
+
+def _name_table(memo: dict[str, int]) -> _Table:
+    """Sorted unique keys of ``memo``'s names, their offsets and UTF-8 bytes; collisions."""
+    names = list(memo)
+    keys = np.fromiter(memo.values(), dtype=KEY_DTYPE, count=len(names))
+    order = np.argsort(keys, kind="stable")
+    keys = keys[order]
+    ordered = _gather(names, order)
+    collisions: list[str] = []
+    if keys.size > 1:
+        same = np.flatnonzero(keys[1:] == keys[:-1])
+        for i in same.tolist():
+            collisions.append(
+                f"feature key collision {int(keys[i]):#018x}: {ordered[i]}, "
+                f"{ordered[i + 1]} (both are kept wherever either is allowed)")
+        if same.size:  # keep the first name of each key: the table is keyed by key
+            keep = np.ones(keys.size, dtype=bool)
+            keep[same + 1] = False
+            keys = keys[keep]
+            ordered = _gather(ordered, np.flatnonzero(keep))
+    joined = "".join(ordered)
+    if joined.isascii():  # byte lengths are character lengths: no per-name encode
+        lengths = np.fromiter(map(len, ordered), dtype=np.int64, count=len(ordered))
+        blob = joined.encode("ascii")
+    else:
+        encoded = [n.encode("utf-8") for n in ordered]
+        lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+        blob = b"".join(encoded)
+    offsets = np.zeros(len(ordered) + 1, dtype=_U32)
+    np.cumsum(lengths, out=offsets[1:], dtype=_U32)
+    return keys, offsets, blob, tuple(collisions)
+
+
+def _gather(items: list[str], order: np.ndarray) -> list[str]:
+    """``[items[i] for i in order]`` with the loop in C."""
+    return list(map(items.__getitem__, order.tolist()))
 
 
 class _Compiler:
     """Writes the Model tables of one bundle bottom-up into its own builder."""
 
     def __init__(self, parsed: ParsedBundle, bundle_index: int,
-                 memo: dict[str, int] | None) -> None:
+                 memo: KeyMemo | None) -> None:
         n_inputs = sum(len(mv.input_names) for vs in parsed.models.values() for mv in vs)
         self.b = flatbuffers.Builder(max(1024, n_inputs * 8 + len(parsed.models) * 128))
         self.names = _Names(memo)
@@ -195,9 +271,9 @@ class _Compiler:
         b = self.b
         known = self.lists.get(mv.input_names)
         if known is None:
-            keys = self.names.keys_of(mv.input_names)
-            known = self.lists[mv.input_names] = (b.CreateNumpyVector(keys), keys.size,
-                                                  keyset_digest(keys))
+            keys = self.names.list_keys(mv.input_names)
+            known = self.lists[mv.input_names] = (b.CreateNumpyVector(keys.keys),
+                                                  keys.keys.size, keys.digest)
         vec, count, digest = known
         version = self.strings.get(mv.version)
         if version is None:
@@ -216,7 +292,7 @@ class _Compiler:
 
 
 def compile_part(parsed: ParsedBundle, bundle_index: int,
-                 memo: dict[str, int] | None = None) -> BundlePart:
+                 memo: KeyMemo | None = None) -> BundlePart:
     """Compile a validated bundle into its :class:`BundlePart` (``memo``: see
     :func:`build_part`)."""
     c = _Compiler(parsed, bundle_index, memo)
@@ -228,10 +304,9 @@ def compile_part(parsed: ParsedBundle, bundle_index: int,
         starts.append(len(c.versions))
     c.b.Prep(_ALIGN, 0)
     block = bytes(c.b.Bytes[c.b.Head():])
-    feat_keys, name_offsets, feat_names = c.names.table()
-    if memo is not None:
-        memo.clear()
-        memo.update(c.names.keys)
+    table = c.names.table()
+    feat_keys, name_offsets, feat_names, collisions = table
+    c.names.remember(memo, table)
     return BundlePart(
         sha256=parsed.sha256, warnings=parsed.warnings, bundle_index=bundle_index,
         block=block, block_crc=checksum(block), index_pos=c.index_pos, model_names=tuple(names),
@@ -243,4 +318,4 @@ def compile_part(parsed: ParsedBundle, bundle_index: int,
         key_counts=np.array(c.key_counts, dtype=_U32),
         output_counts=np.array(c.outputs, dtype=_U32),
         feature_keys=feat_keys, name_offsets=name_offsets, feature_names=feat_names,
-        collisions=tuple(c.names.collisions))
+        collisions=collisions)

@@ -57,7 +57,6 @@ class BundleTracker:
         self.name, self.path = name, path
         self.limits, self._clock_ns = limits, clock_ns
         self.part: BundlePart | None = None
-        self.key_memo: dict[str, int] = {}  # name -> key of the last inline load (a memo)
         self.state: int = BundleState.NeverLoaded
         self.error = ""
         self.loaded_sha256 = ""
