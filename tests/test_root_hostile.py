@@ -339,6 +339,16 @@ def test_buffer_cap_sends_untrimmed_then_refuses_bodies_with_503(env: Env) -> No
             s.close()
         wait_for(lambda: c.score(frame, ["ads_ctr"], fresh=True)[0] == 200, 20,
                  "the cap to be free again")
+        # An early answer (413 on the head) survives a client that sends its whole body
+        # anyway: the root drops the rest before closing (lingering close), so no reset.
+        big = frame * 4
+        with socket.create_connection((host, int(port)), timeout=30) as s:
+            s.sendall(f"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: {len(big)}\r\n"
+                      f"\r\n".encode())
+            s.sendall(big)
+            answer = _read_all(s)
+        assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+        assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"] == "too_large"
     finally:
         proc.stop()
 

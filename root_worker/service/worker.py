@@ -22,6 +22,9 @@ body       ``FT_BODY_TIMEOUT`` s for the whole body, read with ``recv_into`` str
            into a pooled buffer (:mod:`root_worker.service.buffers`; no room: 503): 408
 scoring    the request's leaf calls, each ending by ``FT_LEAF_TIMEOUT``
 answer     ``FT_BODY_TIMEOUT`` s to take the answer: closed
+linger     an error answered before the request was all read: ``LINGER_S`` s (and
+           at most ``FT_MAX_REQUEST_BYTES``) to drop the rest, then closed -- so the
+           client's last bytes never meet a reset that would destroy the answer
 =========  ==========================================================================
 
 Every error answer, including the HTTP layer's own (400 malformed request line or header,
@@ -66,6 +69,8 @@ HEAD_RECV = 64 << 10
 NOTIFY_EVERY_S = 1.0
 SHRINK_IDLE_S = 2.0  # no request for this long: give kept buffers back to the kernel
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+LINGER_S = 5.0  # after an early answer, drop the rest of the request this long at most
+_SCRATCH = memoryview(bytearray(HEAD_RECV))  # where lingering connections drop their bytes
 Answer = tuple[int, list[tuple[str, str]], bytes]
 
 
@@ -201,6 +206,8 @@ class Conn:
         self.chunks: ChunkedDecoder | None = None
         self.out: list[memoryview] = []
         self.keep = True
+        self.linger = False  # the answer is sent before the request was all read
+        self.lingered = 0
         self.scoring = False
 
     # -- timers --------------------------------------------------------------------------
@@ -442,6 +449,8 @@ class Conn:
     def _answer(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
         if self.head is not None and self.head.path == "/score":
             self.w.state.metrics.requests.labels(str(status)).inc()
+        # closing with request bytes still coming: drain them after the answer (below)
+        self.linger = not self.keep and (self.head is None or not self._body_done())
         self._give_buf()
         self.chunks = None
         if self.sock is None:
@@ -472,11 +481,41 @@ class Conn:
                     out[0] = out[0][n:]
                     n = 0
         if not self.keep:
-            self.close()
+            self._linger() if self.linger else self.close()
             return
         self.head, self.got = None, 0
         self.loop.unwatch(sock)
         self.start()
+
+    def _linger(self) -> None:
+        """Lingering close (as nginx's ``lingering_close``): the answer went out before
+        the request was all read, and closing now would make the kernel answer the
+        client's next bytes with a reset that can destroy the answer in flight (the client
+        of a 503 or 413 is usually still sending its body). So: no more writes, read and
+        drop what comes for at most ``LINGER_S`` and ``FT_MAX_REQUEST_BYTES``, then close."""
+        sock = self.sock
+        assert sock is not None
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.close()
+            return
+        self.lingered = 0
+        self._deadline(LINGER_S, "idle")  # expiry closes
+        self.loop.watch(sock, READ, self._drop_input)
+
+    def _drop_input(self, mask: int) -> None:
+        sock = self.sock
+        assert sock is not None
+        try:
+            n = sock.recv_into(_SCRATCH)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            n = 0
+        self.lingered += n
+        if not n or self.lingered > self.w.settings.max_request_bytes:
+            self.close()
 
     def close(self) -> None:
         if self.timer is not None:
