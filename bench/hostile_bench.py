@@ -19,8 +19,11 @@ cheap healthy leaf answering at once), a map published in real shared memory:
    after 100 requests of 3 targets, then after 100 of 64 targets, on a ~4.6 MB frame
    (``--frame-candidates``; one worker, so one process sees every request).
 
-Latencies are client-side, whole request; the machine is shared, so read ratios and maxima
-against the stated deadline. Writes bench/results/hostile_bench.json. Every process and
+Latencies are client-side, whole request, except the deadline of the 50 concurrent drip
+requests: it is measured from the moment each had sent its last byte (50 Python client
+threads uploading 50 frames at once take tens of milliseconds before the root has the
+request; the whole-request figure is reported too). The machine is shared, so read ratios
+and maxima against the stated deadline. Writes bench/results/hostile_bench.json. Every process and
 shm segment is removed at exit (also on Ctrl-C).
 """
 
@@ -109,14 +112,28 @@ def deadlines(root: RootProc, frames: Sequence[bytes], args: argparse.Namespace
             per_kind[kind] = {"seconds": round(dt, 4), "kind": t.get("error", {}).get("kind"),
                               "over_deadline_ms": round((dt - LEAF_TIMEOUT) * 1e3, 1)}
     unloaded = healthy_latencies(root.url, frames, args.requests)
-    drip_lat: list[float] = []
+    drip_lat: list[float] = []   # whole request, as the client sees it
+    drip_sent: list[float] = []  # from the last byte of the request sent to the answer
     lock = threading.Lock()
+    host, port = root.url[len("http://"):].rsplit(":", 1)
 
     def drip(frame: bytes) -> None:
-        with Client(root.url) as cl:
-            dt, _ = timed(lambda: cl.score(frame, ["drip"]))
+        t0 = time.perf_counter()
+        with socket.create_connection((host, int(port)), timeout=30) as s:
+            s.sendall(b"POST /score?target=drip HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                      b"Content-Length: %d\r\n\r\n" % len(frame))
+            s.sendall(frame)
+            t1 = time.perf_counter()
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+        t2 = time.perf_counter()
+        if not answer.startswith(b"HTTP/1.1 502 ") or b'"kind":"timeout"' not in answer:
+            raise RuntimeError(f"drip request: expected a 502 with a timeout, got "
+                               f"{answer[:300]!r}")  # (one target, failed: 502)
         with lock:
-            drip_lat.append(dt)
+            drip_lat.append(t2 - t0)
+            drip_sent.append(t2 - t1)
 
     threads = [threading.Thread(target=drip, args=(frames[i % len(frames)],))
                for i in range(args.drip)]
@@ -130,7 +147,9 @@ def deadlines(root: RootProc, frames: Sequence[bytes], args: argparse.Namespace
     return {"per_misbehaviour": per_kind,
             "worst_target_seconds": max(v["seconds"] for v in per_kind.values()),
             "drip_concurrent": args.drip, "drip_worst_seconds": round(max(drip_lat), 4),
-            "drip_worst_over_deadline_ms": round((max(drip_lat) - LEAF_TIMEOUT) * 1e3, 1),
+            "drip_worst_over_deadline_ms": round((max(drip_sent) - LEAF_TIMEOUT) * 1e3, 1),
+            "drip_worst_whole_request_over_deadline_ms":
+                round((max(drip_lat) - LEAF_TIMEOUT) * 1e3, 1),
             "drip_done_before_healthy_finished": during,
             "healthy_unloaded": summary(unloaded), "healthy_during_drip": summary(loaded),
             "healthy_p99_ratio": round(pct(loaded, 0.99) / pct(unloaded, 0.99), 3)}
