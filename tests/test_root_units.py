@@ -390,7 +390,8 @@ def test_leaf_replies_must_be_json_objects_with_finite_scores() -> None:
     accepted = [  # kept as text or not, the scores are what json.loads reads
         b'{"scores": []}', b' {\n "scores" : [ 0 , 1e5 ,-0.0, 1E-07 ] , "model": "m"}\n',
         b'{"scores": [1e300, 5]}', b'{"version": "2", "scores": [1]}',
-        b'{"scores": [[1.0, 2.0]], "missing": ["a", "b"]}', b'{"scores": [1, 2]}  ']
+        b'{"scores": [[1.0, 2.0]], "missing": ["a", "b"]}', b'{"scores": [1, 2]}  ',
+        b'\xef\xbb\xbf{"scores": [3]}', '{"scores": [4]}'.encode("utf-16")]  # as json.loads
     for body in accepted:
         reply = leaf_reply("u", 200, body)
         assert _scores_of(reply) == json.loads(body)["scores"], body

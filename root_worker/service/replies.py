@@ -41,7 +41,7 @@ _SCORES_TEXT = re.compile(rb'\s*\{\s*"scores"\s*:\s*(\[[-+.eE0-9,\s]*\])')
 def leaf_reply(url: str, status: int, data: bytes) -> dict[str, Any]:
     """The fields of a leaf's answer the client gets; raises LeafError if unusable."""
     try:  # C-speed parse; NaN/Infinity literals refused here, overflowed floats below
-        doc = json.loads(data, parse_constant=_reject_constant)
+        doc = _DECODER.decode(data.decode(json.detect_encoding(data), "surrogatepass"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         doc = None
     if status != 200:
@@ -90,6 +90,11 @@ def answer_body(status: int, doc: dict[str, Any]) -> Answer:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a score")
+
+
+# one decoder (json.loads with arguments builds a new one per call); the bytes are decoded
+# as json.loads decodes them (UTF-8, a BOM ignored, UTF-16/32 detected)
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 
 def _finite(scores: list[Any]) -> bool:
