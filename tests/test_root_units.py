@@ -472,3 +472,18 @@ def test_a_version_that_cannot_travel_in_a_header_is_sent_untrimmed(stack: dict)
     assert t["bytes_sent"] == len(frame) and t["bytes_trimmed"] < len(frame)
     text = sc.metrics.render()[0].decode()
     assert metric_value(text, "feature_trimmer_root_trim_errors_total", model="_other") >= 1
+
+
+def test_leaf_paths_are_encoded_and_their_memo_is_bounded(stack: dict) -> None:
+    from urllib.parse import parse_qs, urlsplit
+
+    from root_worker.service.score import MAX_LEAF_PATHS
+
+    sc = stack["scorer"]()
+    path = sc._leaf_path("a b&c=d", "1.2+x")
+    assert urlsplit(path).path == "/score"
+    assert parse_qs(urlsplit(path).query) == {"model": ["a b&c=d"], "version": ["1.2+x"]}
+    assert parse_qs(urlsplit(sc._leaf_path("m", None)).query) == {"model": ["m"]}
+    for k in range(MAX_LEAF_PATHS + 10):  # clients choose the names
+        assert sc._leaf_path(f"m{k}", None).endswith(f"model=m{k}")
+    assert len(sc._paths) <= MAX_LEAF_PATHS

@@ -76,6 +76,7 @@ _SAFE_NAME = re.compile(NAME_PATTERN)
 FALLBACK_BUFFER_CAP = "buffer_cap_sent_untrimmed"
 FALLBACK_UNSAFE_VERSION = "unsafe_version_sent_untrimmed"
 FALLBACK_SKEW = "version_skew_resent_untrimmed"
+MAX_LEAF_PATHS = 4096  # memoised leaf request paths per worker (model, version)
 
 
 BadRequest = HttpError  # the client's request is unusable: answer ``status`` (4xx), JSON
@@ -152,6 +153,7 @@ class Scorer:
         self.pool = LeafPool()
         self.buffers = buffers or BufferPool(settings.max_buffer_bytes)
         self.pid = os.getpid()
+        self._paths: dict[tuple[str, str | None], str] = {}  # see _leaf_path
 
     # -- request -------------------------------------------------------------------------
     def score(self, body: Any, query: str) -> tuple[int, dict[str, Any]]:
@@ -315,15 +317,26 @@ class Scorer:
                 payload.wire = [lz4.frame.compress(payload.parts[0])]
             wire, nbytes = payload.wire, len(payload.wire[0])
             headers = {**headers, ENCODING_HEADER: ENCODING_LZ4}
-        query = {QUERY_MODEL: p.target.model}
-        if p.version is not None:
-            query[QUERY_VERSION] = p.version
         p.t0 = time.perf_counter()
         call = LeafCall(req.loop, self.pool, self.routing.pick(p.target.model),
-                        SCORE_PATH + "?" + urlencode(query), headers, wire, req.deadline,
+                        self._leaf_path(p.target.model, p.version), headers, wire, req.deadline,
                         self.settings.max_leaf_reply_bytes,
                         lambda result: self._ended(req, i, call, trimmed_for, result), nbytes)
         call.start()
+
+    def _leaf_path(self, model: str, version: str | None) -> str:
+        """``/score?model=..&version=..`` for a leaf call (memoised: clients name the models,
+        so the memo is emptied when it reaches ``MAX_LEAF_PATHS``)."""
+        key = (model, version)
+        path = self._paths.get(key)
+        if path is None:
+            query = {QUERY_MODEL: model} if version is None else \
+                {QUERY_MODEL: model, QUERY_VERSION: version}
+            path = SCORE_PATH + "?" + urlencode(query)
+            if len(self._paths) >= MAX_LEAF_PATHS:
+                self._paths.clear()
+            self._paths[key] = path
+        return path
 
     def _ended(self, req: Request, i: int, call: LeafCall, trimmed_for: str | None,
                result: Any) -> None:
