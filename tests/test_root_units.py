@@ -477,13 +477,13 @@ def test_a_version_that_cannot_travel_in_a_header_is_sent_untrimmed(stack: dict)
 def test_leaf_paths_are_encoded_and_their_memo_is_bounded(stack: dict) -> None:
     from urllib.parse import parse_qs, urlsplit
 
-    from root_worker.service.score import MAX_LEAF_PATHS
+    from root_worker.service.metrics import MAX_CACHED_MODELS
 
     sc = stack["scorer"]()
     path = sc._leaf_path("a b&c=d", "1.2+x")
     assert urlsplit(path).path == "/score"
     assert parse_qs(urlsplit(path).query) == {"model": ["a b&c=d"], "version": ["1.2+x"]}
     assert parse_qs(urlsplit(sc._leaf_path("m", None)).query) == {"model": ["m"]}
-    for k in range(MAX_LEAF_PATHS + 10):  # clients choose the names
+    for k in range(MAX_CACHED_MODELS + 10):  # clients choose the names
         assert sc._leaf_path(f"m{k}", None).endswith(f"model=m{k}")
-    assert len(sc._paths) <= MAX_LEAF_PATHS
+    assert len(sc._paths) <= MAX_CACHED_MODELS

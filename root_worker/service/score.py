@@ -59,11 +59,12 @@ from flatbuffers_schema.wire import (
 from root_worker.featuremap.live_map import LiveMap
 from root_worker.featuremap.map_reader import FeatureMapView
 from root_worker.frame import FrameError, Trimmer, check_frame, peek_metadata
+from root_worker.frame.lru import LruCache
 from root_worker.service.buffers import BufferPool
 from root_worker.service.fanout import LeafCall, LeafError, LeafPool
 from root_worker.service.http1 import HttpError
 from root_worker.service.loop import Loop, run_until
-from root_worker.service.metrics import ModelMetrics, RootMetrics
+from root_worker.service.metrics import MAX_CACHED_MODELS, ModelMetrics, RootMetrics
 from root_worker.service.replies import leaf_reply, materialize
 from root_worker.service.routing import Routing
 from root_worker.service.settings import Settings
@@ -76,7 +77,6 @@ _SAFE_NAME = re.compile(NAME_PATTERN)
 FALLBACK_BUFFER_CAP = "buffer_cap_sent_untrimmed"
 FALLBACK_UNSAFE_VERSION = "unsafe_version_sent_untrimmed"
 FALLBACK_SKEW = "version_skew_resent_untrimmed"
-MAX_LEAF_PATHS = 4096  # memoised leaf request paths per worker (model, version)
 
 
 BadRequest = HttpError  # the client's request is unusable: answer ``status`` (4xx), JSON
@@ -153,7 +153,8 @@ class Scorer:
         self.pool = LeafPool()
         self.buffers = buffers or BufferPool(settings.max_buffer_bytes)
         self.pid = os.getpid()
-        self._paths: dict[tuple[str, str | None], str] = {}  # see _leaf_path
+        # leaf request path by (model, version); clients name the models: bounded
+        self._paths: LruCache[tuple[str, str | None], str] = LruCache(MAX_CACHED_MODELS)
 
     # -- request -------------------------------------------------------------------------
     def score(self, body: Any, query: str) -> tuple[int, dict[str, Any]]:
@@ -325,17 +326,14 @@ class Scorer:
         call.start()
 
     def _leaf_path(self, model: str, version: str | None) -> str:
-        """``/score?model=..&version=..`` for a leaf call (memoised: clients name the models,
-        so the memo is emptied when it reaches ``MAX_LEAF_PATHS``)."""
+        """``/score?model=..&version=..`` for a leaf call (memoised)."""
         key = (model, version)
         path = self._paths.get(key)
         if path is None:
             query = {QUERY_MODEL: model} if version is None else \
                 {QUERY_MODEL: model, QUERY_VERSION: version}
             path = SCORE_PATH + "?" + urlencode(query)
-            if len(self._paths) >= MAX_LEAF_PATHS:
-                self._paths.clear()
-            self._paths[key] = path
+            self._paths.put(key, path)
         return path
 
     def _ended(self, req: Request, i: int, call: LeafCall, trimmed_for: str | None,
