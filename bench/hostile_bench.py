@@ -55,6 +55,7 @@ from root_helpers import (  # noqa: E402
     RootProc,
     Workload,
     idle_and_slow_clients,
+    read_until_closed,
     uss_bytes,
     write_routing,
 )
@@ -124,9 +125,7 @@ def deadlines(root: RootProc, frames: Sequence[bytes], args: argparse.Namespace
                       b"Content-Length: %d\r\n\r\n" % len(frame))
             s.sendall(frame)
             t1 = time.perf_counter()
-            answer = b""
-            while chunk := s.recv(65536):
-                answer += chunk
+            answer = read_until_closed(s)
         t2 = time.perf_counter()
         if not answer.startswith(b"HTTP/1.1 502 ") or b'"kind":"timeout"' not in answer:
             raise RuntimeError(f"drip request: expected a 502 with a timeout, got "

@@ -283,6 +283,14 @@ class LeafThread:
         self._thread.join(10)
 
 
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Every byte the peer sends until it closes (the socket's timeout bounds each recv)."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
 def raw_post(url: str, head: str, body: bytes = b"") -> bytes:
     """Send a request by hand and return the whole answer, even if the server answers (and
     closes) before the whole body is sent."""

@@ -30,6 +30,7 @@ from root_helpers import (
     RootProc,
     Workload,
     idle_and_slow_clients,
+    read_until_closed,
     uss_bytes,
     write_routing,
 )
@@ -170,20 +171,11 @@ def test_idle_and_byte_a_tick_clients_do_not_starve_the_pool(env: Env, root: Roo
                 assert status == 200 and doc["ok"] == 1
         # the slow ones get a JSON 408 once FT_HEADER_TIMEOUT passed, the pool stays up
         slow[0].settimeout(30)
-        answer = _read_all(slow[0])
+        answer = read_until_closed(slow[0])
         assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
         body = json.loads(answer.partition(b"\r\n\r\n")[2])
         assert body["error"]["code"] == "timeout" and "FT_HEADER_TIMEOUT" in \
             body["error"]["message"]
-
-
-def _read_all(sock: socket.socket) -> bytes:
-    data = b""
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return data
-        data += chunk
 
 
 # -- 4. client errors are 4xx with a JSON error ----------------------------------------------------
@@ -259,7 +251,7 @@ def _raw(url: str, data: bytes, half_close: bool) -> bytes:
                 s.shutdown(socket.SHUT_WR)
         except OSError:
             pass
-        return _read_all(s)
+        return read_until_closed(s)
 
 
 def test_chunked_body_and_100_continue_are_served(env: Env, root: RootProc) -> None:
@@ -346,7 +338,7 @@ def test_buffer_cap_sends_untrimmed_then_refuses_bodies_with_503(env: Env) -> No
             s.sendall(f"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: {len(big)}\r\n"
                       f"\r\n".encode())
             s.sendall(big)
-            answer = _read_all(s)
+            answer = read_until_closed(s)
         assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
         assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"] == "too_large"
     finally:
