@@ -119,7 +119,7 @@ class RootApp:
             log.exception("unhandled error method=%s path=%s", method, path)
             status, headers, body = error_body(500, "internal", "internal error (logged)")
         if path == "/score":
-            self.state().metrics.requests.labels(str(status)).inc()
+            self.state().metrics.answered(status)
         headers.append(("Content-Length", str(len(body))))
         start_response(f"{status} {status_text(status)}", headers)
         return [body]

@@ -141,6 +141,7 @@ class RootMetrics:
         self._map_seen = (-1, -1)
         self._age_set_ns = 0
         self._labels: dict[str, ModelMetrics] = {}
+        self._answers: dict[int, Any] = {}  # status -> bound child (our own few codes)
 
     def model(self, model: str) -> ModelMetrics:
         mm = self._models.get(model)
@@ -152,6 +153,13 @@ class RootMetrics:
             if len(self._models) < MAX_CACHED_MODELS:
                 self._models[model] = mm
         return mm
+
+    def answered(self, status: int) -> None:
+        """Count one ``/score`` answer (the label child bound once per status code)."""
+        child = self._answers.get(status)
+        if child is None:
+            child = self._answers[status] = self.requests.labels(str(status))
+        child.inc()
 
     def set_mode(self, mode: str, lz4: bool) -> None:
         self.info.labels(mode, "1" if lz4 else "0").set(1)

@@ -448,7 +448,7 @@ class Conn:
 
     def _answer(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
         if self.head is not None and self.head.path == "/score":
-            self.w.state.metrics.requests.labels(str(status)).inc()
+            self.w.state.metrics.answered(status)
         # closing with request bytes still coming: drain them after the answer (below)
         self.linger = not self.keep and (self.head is None or not self._body_done())
         self._give_buf()
