@@ -419,6 +419,7 @@ def test_modes_and_lz4(backend: Backend, mode: str, lz4: str) -> None:
             assert metric_value(text, M + "targets_total", model=m,
                                 outcome=r["outcome"]) == 1
         assert metric_value(text, M + "info", mode=mode, lz4=lz4) == 2
+        assert metric_value(text, M + "requests_total", code="200") == 1  # this pool's one
     finally:
         proc.stop()
 
