@@ -86,9 +86,9 @@ def recv_exact_into(sock: socket.socket, view: memoryview, rx: bytearray) -> boo
     return True
 
 
-def send_all(sock: socket.socket, parts: list[Any]) -> None:
-    """Blocking ``sendmsg`` of byte buffers (usually one call; a partial send resumes)."""
-    total = sum(map(len, parts))
+def send_all(sock: socket.socket, parts: list[Any], total: int) -> None:
+    """Blocking ``sendmsg`` of byte buffers of ``total`` bytes (usually one call; a partial
+    send resumes)."""
     sent = sock.sendmsg(parts[:1024])  # IOV_MAX
     while sent < total:
         rest = memoryview(b"".join(parts))[sent:]  # rare: the kernel took part of it
@@ -136,8 +136,9 @@ class Worker:
             if not recv_exact_into(sock, view, rx):
                 raise ConnectionResetError
             body = json.dumps(self.score(view), separators=(",", ":")).encode()
-            send_all(sock, [b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                            b"Content-Length: %d\r\n\r\n" % len(body), body])
+            head = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n" % len(body))
+            send_all(sock, [head, body], len(head) + len(body))
         except OSError:
             self.sel.unregister(sock)
             sock.close()
@@ -147,18 +148,18 @@ class Worker:
         view = self.live.current() if self.mode != "off" else None
         sends = []
         for model in targets:
-            parts, outcome = [body], "off"
+            parts, n, outcome = [body], len(body), "off"
             if self.mode != "off":
                 res = self.live.resolve_in(view, model)
                 outcome = res.outcome.value
                 if res.allowlist is not None:
-                    parts = self.trimmer.trim_parts(body, res.allowlist).parts
+                    trimmed = self.trimmer.trim_parts(body, res.allowlist)
+                    parts, n = trimmed.parts, trimmed.bytes_out
             url = self.leaves.urls[model]
             sock = self.leaves.sock(url)
-            n = sum(len(memoryview(p).cast("B")) for p in parts)
             head = (f"POST /score?model={model} HTTP/1.1\r\nHost: leaf\r\nContent-Type: "
-                    f"application/x-ft-frame\r\nContent-Length: {n}\r\n\r\n")
-            send_all(sock, [head.encode(), *parts])
+                    f"application/x-ft-frame\r\nContent-Length: {n}\r\n\r\n").encode()
+            send_all(sock, [head, *parts], len(head) + n)
             sends.append((model, outcome, n, sock))
         out = []
         for model, outcome, n, sock in sends:
