@@ -60,7 +60,13 @@ def two_bundles(tmp_path: Path) -> dict[str, Path]:
 
 
 class DaemonProc:
-    """A trimmer-daemon in its own process group, logging to a file."""
+    """A trimmer-daemon in its own process group, logging to a file.
+
+    As a context manager it owns the whole lifetime: at exit (also when the body raised) it
+    is killed and every segment of its prefix removed (:meth:`close`, :func:`remove_segments`).
+    A test that must keep the segments (a restart continues the sequence, ``--cleanup``
+    removes them itself) calls :meth:`close` alone instead.
+    """
 
     def __init__(self, prefix: str, bundles: dict[str, Path], log_path: Path, *,
                  extra: list[str] | None = None, config: Path | None = None,
@@ -118,6 +124,13 @@ class DaemonProc:
         self.kill()
         self.live.close()
         self._log.close()
+
+    def __enter__(self) -> DaemonProc:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+        remove_segments(self.prefix)
 
 
 def remove_segments(prefix: str) -> None:

@@ -23,7 +23,6 @@ from daemon_helpers import (
     DaemonProc,
     bundle_state,
     model_doc,
-    remove_segments,
     replace_bundle,
     write_bundle,
 )
@@ -53,13 +52,9 @@ def bundles(tmp_path: Path) -> dict[str, Path]:
 
 @pytest.fixture
 def daemon(shm_prefix: str, bundles: dict[str, Path], tmp_path: Path) -> Iterator[DaemonProc]:
-    d = DaemonProc(shm_prefix, bundles, tmp_path / "daemon.log")
-    try:
+    with DaemonProc(shm_prefix, bundles, tmp_path / "daemon.log") as d:
         d.wait_view(lambda v: v.model_count == 2)
         yield d
-    finally:
-        d.close()
-        remove_segments(shm_prefix)
 
 
 def run(capsys: pytest.CaptureFixture[str], prefix: str, *argv: str) -> tuple[int, str, str]:
@@ -317,25 +312,17 @@ def test_never_loaded_and_empty(shm_prefix: str, tmp_path: Path,
                                 capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad" / "module_info.json"
     write_bundle(bad, {"m": []})
-    d = DaemonProc(shm_prefix, {"bad": bad}, tmp_path / "d.log")
-    try:
+    with DaemonProc(shm_prefix, {"bad": bad}, tmp_path / "d.log") as d:
         d.wait_view(lambda v: bool(v.bundles()))
         rc, doc = run_json(capsys, shm_prefix, "status")
         assert rc == 2 and codes(doc) == {"bundle_never_loaded": "critical"}
         assert "pass through untrimmed" in doc["findings"][0]["message"]
         rc, doc = run_json(capsys, shm_prefix, "diff")
         assert rc == 1 and doc["bundles"][0]["status"] == "invalid"
-    finally:
-        d.close()
-        remove_segments(shm_prefix)
-    d = DaemonProc(shm_prefix, {}, tmp_path / "d2.log")
-    try:
+    with DaemonProc(shm_prefix, {}, tmp_path / "d2.log") as d:
         d.wait_view(lambda v: True)
         rc, doc = run_json(capsys, shm_prefix, "status")
         assert rc == 1 and codes(doc) == {"no_bundles": "warning"}
-    finally:
-        d.close()
-        remove_segments(shm_prefix)
 
 
 def test_dead_daemon(daemon: DaemonProc, capsys: pytest.CaptureFixture[str]) -> None:
