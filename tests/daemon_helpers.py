@@ -47,16 +47,7 @@ def model_doc(model: str, version: str, features: list[str]) -> dict:
 
 
 F1, F2, F3 = ["a", "b"], ["a", "c", "d"], ["x", "y", "z"]
-"""The allowlists of the two-bundle fixture (``ads``: ctr/1 = F1, ``feed``: rank/1 = F3)."""
-
-
-def two_bundles(tmp_path: Path) -> dict[str, Path]:
-    """Bundles ``ads`` (model ctr, version 1, F1) and ``feed`` (rank, 1, F3) on disk."""
-    paths = {"ads": tmp_path / "ads" / "module_info.json",
-             "feed": tmp_path / "feed" / "module_info.json"}
-    write_bundle(paths["ads"], model_doc("ctr", "1", F1))
-    write_bundle(paths["feed"], model_doc("rank", "1", F3))
-    return paths
+"""The allowlists of conftest's ``bundles`` fixture (``ads``: ctr/1 = F1, ``feed``: rank/1 = F3)."""
 
 
 class DaemonProc:

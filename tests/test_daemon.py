@@ -21,15 +21,9 @@ from daemon_helpers import (
     features_of,
     model_doc,
     replace_bundle,
-    two_bundles,
     wait_for,
     write_bundle,
 )
-
-
-@pytest.fixture
-def bundles(tmp_path: Path) -> dict[str, Path]:
-    return two_bundles(tmp_path)
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 from daemon_helpers import (
     F1,
     F2,
@@ -29,18 +28,12 @@ from daemon_helpers import (
     model_doc,
     remove_segments,
     replace_bundle,
-    two_bundles,
     wait_for,
 )
 
 from flatbuffers_schema.atomic_file import write_atomic
 from flatbuffers_schema.shm_layout import SHM_DIR, lock_file, segment_files
 from root_worker.featuremap.live_map import LiveMap
-
-
-@pytest.fixture
-def bundles(tmp_path: Path) -> dict[str, Path]:
-    return two_bundles(tmp_path)
 
 
 def _cmd(prefix: str, bundles: dict[str, Path], *extra: str) -> list[str]:
