@@ -47,20 +47,17 @@ def model_doc(model: str, version: str, features: list[str]) -> dict:
 
 
 F1, F2, F3 = ["a", "b"], ["a", "c", "d"], ["x", "y", "z"]
-"""The allowlists of the two-bundle fixture (``ads``: ctr/1 = F1, ``feed``: rank/1 = F3)."""
-
-
-def two_bundles(tmp_path: Path) -> dict[str, Path]:
-    """Bundles ``ads`` (model ctr, version 1, F1) and ``feed`` (rank, 1, F3) on disk."""
-    paths = {"ads": tmp_path / "ads" / "module_info.json",
-             "feed": tmp_path / "feed" / "module_info.json"}
-    write_bundle(paths["ads"], model_doc("ctr", "1", F1))
-    write_bundle(paths["feed"], model_doc("rank", "1", F3))
-    return paths
+"""The allowlists of conftest's ``bundles`` fixture (``ads``: ctr/1 = F1, ``feed``: rank/1 = F3)."""
 
 
 class DaemonProc:
-    """A trimmer-daemon in its own process group, logging to a file."""
+    """A trimmer-daemon in its own process group, logging to a file.
+
+    As a context manager it owns the whole lifetime: at exit (also when the body raised) it
+    is killed and every segment of its prefix removed (:meth:`close`, :func:`remove_segments`).
+    A test that must keep the segments (a restart continues the sequence, ``--cleanup``
+    removes them itself) calls :meth:`close` alone instead.
+    """
 
     def __init__(self, prefix: str, bundles: dict[str, Path], log_path: Path, *,
                  extra: list[str] | None = None, config: Path | None = None,
@@ -118,6 +115,13 @@ class DaemonProc:
         self.kill()
         self.live.close()
         self._log.close()
+
+    def __enter__(self) -> DaemonProc:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+        remove_segments(self.prefix)
 
 
 def remove_segments(prefix: str) -> None:

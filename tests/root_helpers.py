@@ -291,26 +291,39 @@ def read_until_closed(sock: socket.socket) -> bytes:
     return data
 
 
-def raw_post(url: str, head: str, body: bytes = b"") -> bytes:
-    """Send a request by hand and return the whole answer, even if the server answers (and
-    closes) before the whole body is sent."""
+def raw_post(url: str, head: str, body: bytes = b"", *, half_close: bool = False) -> bytes:
+    """Send a request by hand (``head``, the blank line, ``body``) and return the answer, even
+    if the server answers (and closes) before the whole body is sent.
+
+    Without ``half_close`` reading stops at the end of the first answer (its Content-Length:
+    a keep-alive server does not close). With it the write side is shut after the request, so
+    the server sees the end of the stream, and every byte is read until it closes (an interim
+    ``100 Continue`` and the final answer both come back)."""
     host, port = url[len("http://"):].split(":")
     with socket.create_connection((host, int(port)), timeout=30) as s:
         try:
             s.sendall(head.encode() + b"\r\n" + body)
-        except (BrokenPipeError, ConnectionResetError):
+            if half_close:
+                s.shutdown(socket.SHUT_WR)
+        except OSError:  # the server answered and closed (or reset) before the end
             pass
-        answer = b""
-        while True:
-            end = answer.find(b"\r\n\r\n")
-            if end >= 0:
-                length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", answer[:end])
-                if length is None or len(answer) >= end + 4 + int(length.group(1)):
-                    return answer
-            chunk = s.recv(65536)
-            if not chunk:
+        return read_until_closed(s) if half_close else _read_answer(s)
+
+
+def _read_answer(sock: socket.socket) -> bytes:
+    """The first answer: its head and Content-Length body, or every byte until the peer
+    closes (the socket's timeout bounds each recv)."""
+    answer = b""
+    while True:
+        end = answer.find(b"\r\n\r\n")
+        if end >= 0:
+            length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", answer[:end])
+            if length is None or len(answer) >= end + 4 + int(length.group(1)):
                 return answer
-            answer += chunk
+        chunk = sock.recv(65536)
+        if not chunk:
+            return answer
+        answer += chunk
 
 
 class BadLeafProc(Proc):

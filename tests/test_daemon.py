@@ -20,27 +20,16 @@ from daemon_helpers import (
     bundle_state,
     features_of,
     model_doc,
-    remove_segments,
     replace_bundle,
-    two_bundles,
     wait_for,
     write_bundle,
 )
 
 
 @pytest.fixture
-def bundles(tmp_path: Path) -> dict[str, Path]:
-    return two_bundles(tmp_path)
-
-
-@pytest.fixture
 def daemon(shm_prefix: str, bundles: dict[str, Path], tmp_path: Path) -> Iterator[DaemonProc]:
-    d = DaemonProc(shm_prefix, bundles, tmp_path / "daemon.log")
-    try:
+    with DaemonProc(shm_prefix, bundles, tmp_path / "daemon.log") as d:
         yield d
-    finally:
-        d.close()
-        remove_segments(shm_prefix)
 
 
 def has(model: str, version: str, features: list[str]):
@@ -98,8 +87,7 @@ def test_configmap_symlink_swap(shm_prefix: str, tmp_path: Path) -> None:
     write_bundle(cm / "..v1" / "module_info.json", model_doc("ctr", "1", F1))
     os.symlink("..v1", cm / "..data")
     os.symlink("..data/module_info.json", cm / "module_info.json")
-    d = DaemonProc(shm_prefix, {"cm": cm / "module_info.json"}, tmp_path / "d.log")
-    try:
+    with DaemonProc(shm_prefix, {"cm": cm / "module_info.json"}, tmp_path / "d.log") as d:
         d.wait_view(has("ctr", "1", F1))
         (cm / "..v2").mkdir()
         write_bundle(cm / "..v2" / "module_info.json", model_doc("ctr", "2", F2))
@@ -108,9 +96,6 @@ def test_configmap_symlink_swap(shm_prefix: str, tmp_path: Path) -> None:
         shutil.rmtree(cm / "..v1")
         view = d.wait_view(has("ctr", "2", F2), what="the ConfigMap swap")
         assert bundle_state(view, "cm")["state"] == "ok"
-    finally:
-        d.close()
-        remove_segments(shm_prefix)
 
 
 def test_slowly_written_file_is_never_published_half_written(
@@ -177,17 +162,13 @@ def test_broken_bundle_at_start_logs_critical_and_publishes_the_rest(
     write_bundle(good, model_doc("ctr", "1", F1))
     bad.parent.mkdir()
     bad.write_bytes(b'{"m": [{"version": 1.5, "input_names": ["a"]}]}')
-    d = DaemonProc(shm_prefix, {"good": good, "bad": bad}, tmp_path / "d.log")
-    try:
+    with DaemonProc(shm_prefix, {"good": good, "bad": bad}, tmp_path / "d.log") as d:
         view = d.wait_view(lambda v: v.model_count == 1)
         assert features_of(view, "ctr") == F1
         st = bundle_state(view, "bad")
         assert st["state"] == "never_loaded" and "version" in st["error"]
         wait_for(lambda: "CRITICAL" in d.log(), what="a CRITICAL log line")
         assert any("CRITICAL" in line and "bad" in line for line in d.log().splitlines())
-    finally:
-        d.close()
-        remove_segments(shm_prefix)
 
 
 def test_second_instance_is_refused(daemon: DaemonProc, shm_prefix: str,
@@ -206,8 +187,7 @@ def test_sighup_adds_and_removes_bundles(shm_prefix: str, tmp_path: Path,
                                          bundles: dict[str, Path]) -> None:
     config = tmp_path / "daemon.toml"
     config.write_text(f'[bundles]\nads = "{bundles["ads"]}"\n')
-    d = DaemonProc(shm_prefix, {}, tmp_path / "d.log", config=config)
-    try:
+    with DaemonProc(shm_prefix, {}, tmp_path / "d.log", config=config) as d:
         d.wait_view(lambda v: v.model_count == 1 and features_of(v, "ctr") == F1)
         config.write_text(f'[bundles]\nfeed = "{bundles["feed"]}"\n')
         d.signal(signal.SIGHUP)
@@ -218,15 +198,12 @@ def test_sighup_adds_and_removes_bundles(shm_prefix: str, tmp_path: Path,
         # the new bundle is watched
         replace_bundle(bundles["feed"], model_doc("rank", "2", F2))
         d.wait_view(has("rank", "2", F2))
-    finally:
-        d.close()
-        remove_segments(shm_prefix)
 
 
 def test_sigterm_leaves_the_map_and_restart_continues_the_sequence(
         shm_prefix: str, bundles: dict[str, Path], tmp_path: Path) -> None:
     d = DaemonProc(shm_prefix, bundles, tmp_path / "d1.log")
-    try:
+    try:  # close() alone: the segments stay for the restarted daemon
         view = d.wait_view(lambda v: v.model_count == 2)
         last = view.generation
         assert d.stop() == 0
@@ -240,20 +217,16 @@ def test_sigterm_leaves_the_map_and_restart_continues_the_sequence(
         fresh.close()
     finally:
         d.close()
-    d2 = DaemonProc(shm_prefix, bundles, tmp_path / "d2.log")
-    try:
+    with DaemonProc(shm_prefix, bundles, tmp_path / "d2.log") as d2:
         view = d2.wait_view(lambda v: v.daemon_pid == d2.proc.pid)
         assert view.generation > last
-    finally:
-        d2.close()
-        remove_segments(shm_prefix)
 
 
 def test_cleanup_flag_removes_every_segment(shm_prefix: str, bundles: dict[str, Path],
                                             tmp_path: Path) -> None:
     from conftest import shm_leftovers
     d = DaemonProc(shm_prefix, bundles, tmp_path / "d.log", extra=["--cleanup"])
-    try:
+    try:  # close() alone: the daemon's own --cleanup must have removed every segment
         d.wait_view(lambda v: v.model_count == 2)
         assert shm_leftovers(shm_prefix)
         d.live.close()
@@ -291,9 +264,8 @@ def test_metrics_endpoint_reports_generation_and_bundle_states(
     import urllib.request
     port = _free_port()
     bundles["ads"].write_text("{ broken")
-    d = DaemonProc(shm_prefix, bundles, tmp_path / "d.log",
-                   extra=["--metrics-listen", f"127.0.0.1:{port}"])
-    try:
+    with DaemonProc(shm_prefix, bundles, tmp_path / "d.log",
+                    extra=["--metrics-listen", f"127.0.0.1:{port}"]) as d:
         view = d.wait_view(lambda v: v.model_count == 1)
 
         def scrape() -> str:
@@ -309,50 +281,38 @@ def test_metrics_endpoint_reports_generation_and_bundle_states(
         assert 'feature_trimmer_daemon_bundle_state{bundle="feed",state="ok"} 1.0' in text
         assert 'feature_trimmer_daemon_bundle_failures_total{bundle="ads"} 1.0' in text
         assert "feature_trimmer_daemon_publish_total" in text
-    finally:
-        d.close()
-        remove_segments(shm_prefix)
 
 
 def test_systemd_notify_ready_status_and_watchdog(
         shm_prefix: str, bundles: dict[str, Path], tmp_path: Path) -> None:
     import socket
     sock_path = tmp_path / "notify.sock"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(sock_path))
-    sock.settimeout(10)
     env = {"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "400000"}
-    d = DaemonProc(shm_prefix, bundles, tmp_path / "d.log", env=env)
-    try:
-        messages: list[str] = []
-        while not ("READY=1" in "\n".join(messages) and "WATCHDOG=1" in messages):
-            messages.append(sock.recv(4096).decode())  # times out (fails) after 10 s
-        ready = next(m for m in messages if "READY=1" in m)
-        view = d.wait_view(lambda v: v.model_count == 2)
-        assert f"STATUS=generation {view.generation}, 2 bundles, 0 not ok" in ready
-        d.signal(signal.SIGHUP)
-        while "RELOADING=1" not in messages:
-            messages.append(sock.recv(4096).decode())
-        assert d.stop() == 0
-        while "STOPPING=1" not in messages:
-            messages.append(sock.recv(4096).decode())
-    finally:
-        d.close()
-        sock.close()
-        remove_segments(shm_prefix)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(sock_path))
+        sock.settimeout(10)
+        with DaemonProc(shm_prefix, bundles, tmp_path / "d.log", env=env) as d:
+            messages: list[str] = []
+            while not ("READY=1" in "\n".join(messages) and "WATCHDOG=1" in messages):
+                messages.append(sock.recv(4096).decode())  # times out (fails) after 10 s
+            ready = next(m for m in messages if "READY=1" in m)
+            view = d.wait_view(lambda v: v.model_count == 2)
+            assert f"STATUS=generation {view.generation}, 2 bundles, 0 not ok" in ready
+            d.signal(signal.SIGHUP)
+            while "RELOADING=1" not in messages:
+                messages.append(sock.recv(4096).decode())
+            assert d.stop() == 0
+            while "STOPPING=1" not in messages:
+                messages.append(sock.recv(4096).decode())
 
 
 def test_a_fifo_at_the_bundle_path_never_blocks_the_daemon(
         shm_prefix: str, bundles: dict[str, Path], tmp_path: Path) -> None:
     bundles["ads"].unlink()
     os.mkfifo(bundles["ads"])  # nobody writes: a blocking open/read would hang the loop
-    d = DaemonProc(shm_prefix, bundles, tmp_path / "d.log")
-    try:
+    with DaemonProc(shm_prefix, bundles, tmp_path / "d.log") as d:
         view = d.wait_view(lambda v: v.model_count == 1)
         st = bundle_state(view, "ads")
         assert st["state"] == "never_loaded" and "not a regular file" in st["error"]
         replace_bundle(bundles["feed"], model_doc("rank", "2", F2))
         d.wait_view(has("rank", "2", F2), what="the other bundle to keep updating")
-    finally:
-        d.close()
-        remove_segments(shm_prefix)

@@ -17,7 +17,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 from daemon_helpers import (
     F1,
     F2,
@@ -29,18 +28,12 @@ from daemon_helpers import (
     model_doc,
     remove_segments,
     replace_bundle,
-    two_bundles,
     wait_for,
 )
 
 from flatbuffers_schema.atomic_file import write_atomic
 from flatbuffers_schema.shm_layout import SHM_DIR, lock_file, segment_files
 from root_worker.featuremap.live_map import LiveMap
-
-
-@pytest.fixture
-def bundles(tmp_path: Path) -> dict[str, Path]:
-    return two_bundles(tmp_path)
 
 
 def _cmd(prefix: str, bundles: dict[str, Path], *extra: str) -> list[str]:
@@ -100,44 +93,42 @@ def test_flapping_at_100_hz_keeps_segments_bounded(shm_prefix: str, bundles: dic
     """5 s of a bundle flapping every 10 ms between new valid maps and new invalid texts:
     at most 8 generation segments and 4x the largest blob exist at any sample, and the
     status-only changes are coalesced."""
-    d = DaemonProc(shm_prefix, bundles, tmp_path / "d.log",
-                   extra=["--grace-seconds", "30", "--status-interval", "0.5",
-                          "--log-level", "INFO"])
-    sampler = None
-    try:
-        first = d.wait_view(lambda v: v.model_count == 2).generation
-        sampler = SegmentSampler(shm_prefix)
-        deadline = time.monotonic() + 5.0
-        k = 0
-        while time.monotonic() < deadline:
-            k += 1
-            if k % 2:
-                replace_bundle(bundles["ads"], model_doc("ctr", str(k), F1 + [f"f{k}"]))
-            else:
-                _replace_text(bundles["ads"], '{"ctr": [' + " " * k)  # a new error text
-            time.sleep(0.01)  # the flapping writer's own pace, not a synchronisation
-        replace_bundle(bundles["ads"], model_doc("ctr", "final", F2))
-        view = d.wait_view(lambda v: v.resolve("ctr").version == "final")
-        sampler.stop()
-        assert sampler.samples > 100
-        print(f"flapping: writes={k} generations={view.generation - first} "
-              f"peak_segments={sampler.peak_count} peak_bytes={sampler.peak_bytes} "
-              f"largest_blob={sampler.largest}")
-        assert sampler.peak_count <= 8
-        assert sampler.peak_bytes <= 4 * sampler.largest
-        # status-only flaps: only the 0.5 s coalescing interval can publish them alone
-        errors_only = view.generation
-        for k in range(100):
-            _replace_text(bundles["ads"], '{"ctr": [' + " " * k)
-            time.sleep(0.01)
-        view = d.wait_view(lambda v: "column 109" in bundle_state(v, "ads")["error"])
-        assert view.generation - errors_only <= 1.0 / 0.5 + 3, "status changes not coalesced"
-        assert features_of(view, "ctr") == sorted(F2)  # last-known-good still served
-    finally:
-        if sampler is not None:
+    with DaemonProc(shm_prefix, bundles, tmp_path / "d.log",
+                    extra=["--grace-seconds", "30", "--status-interval", "0.5",
+                           "--log-level", "INFO"]) as d:
+        sampler = None
+        try:
+            first = d.wait_view(lambda v: v.model_count == 2).generation
+            sampler = SegmentSampler(shm_prefix)
+            deadline = time.monotonic() + 5.0
+            k = 0
+            while time.monotonic() < deadline:
+                k += 1
+                if k % 2:
+                    replace_bundle(bundles["ads"], model_doc("ctr", str(k), F1 + [f"f{k}"]))
+                else:
+                    _replace_text(bundles["ads"], '{"ctr": [' + " " * k)  # a new error text
+                time.sleep(0.01)  # the flapping writer's own pace, not a synchronisation
+            replace_bundle(bundles["ads"], model_doc("ctr", "final", F2))
+            view = d.wait_view(lambda v: v.resolve("ctr").version == "final")
             sampler.stop()
-        d.close()
-        remove_segments(shm_prefix)
+            assert sampler.samples > 100
+            print(f"flapping: writes={k} generations={view.generation - first} "
+                  f"peak_segments={sampler.peak_count} peak_bytes={sampler.peak_bytes} "
+                  f"largest_blob={sampler.largest}")
+            assert sampler.peak_count <= 8
+            assert sampler.peak_bytes <= 4 * sampler.largest
+            # status-only flaps: only the 0.5 s coalescing interval can publish them alone
+            errors_only = view.generation
+            for k in range(100):
+                _replace_text(bundles["ads"], '{"ctr": [' + " " * k)
+                time.sleep(0.01)
+            view = d.wait_view(lambda v: "column 109" in bundle_state(v, "ads")["error"])
+            assert view.generation - errors_only <= 1.0 / 0.5 + 3, "status changes not coalesced"
+            assert features_of(view, "ctr") == sorted(F2)  # last-known-good still served
+        finally:
+            if sampler is not None:
+                sampler.stop()
 
 
 # -- item 3: self-healing control, lock outside /dev/shm ------------------------------------
@@ -145,8 +136,7 @@ def test_flapping_at_100_hz_keeps_segments_bounded(shm_prefix: str, bundles: dic
 
 def test_removed_control_is_recreated_and_later_changes_reach_workers(
         shm_prefix: str, bundles: dict[str, Path], tmp_path: Path) -> None:
-    d = DaemonProc(shm_prefix, bundles, tmp_path / "d.log")
-    try:
+    with DaemonProc(shm_prefix, bundles, tmp_path / "d.log") as d:
         before = d.wait_view(lambda v: v.model_count == 2)
         ctl = Path(SHM_DIR) / f"{shm_prefix}.ctl"
         inode = ctl.stat().st_ino
@@ -165,15 +155,11 @@ def test_removed_control_is_recreated_and_later_changes_reach_workers(
                            what="a later change to reach an old worker")
         assert features_of(view, "ctr") == sorted(F2)
         assert "re-creating it" in d.log()
-    finally:
-        d.close()
-        remove_segments(shm_prefix)
 
 
 def test_all_segments_removed_second_daemon_still_refused(
         shm_prefix: str, bundles: dict[str, Path], tmp_path: Path) -> None:
-    d = DaemonProc(shm_prefix, bundles, tmp_path / "d.log")
-    try:
+    with DaemonProc(shm_prefix, bundles, tmp_path / "d.log") as d:
         d.wait_view(lambda v: v.model_count == 2)
         for name in segment_files(shm_prefix):  # rm /dev/shm/<name>.*
             os.unlink(os.path.join(SHM_DIR, name))
@@ -190,9 +176,6 @@ def test_all_segments_removed_second_daemon_still_refused(
             assert features_of(view, "ctr") == F1 and view.daemon_pid == d.proc.pid
         finally:
             fresh.close()
-    finally:
-        d.close()
-        remove_segments(shm_prefix)
     assert not os.path.exists(lock_file(shm_prefix))  # cleanup removed the lock file too
 
 
@@ -205,8 +188,8 @@ def test_metrics_port_taken_is_reported_and_trimming_goes_on(
     blocker.bind(("127.0.0.1", 0))
     blocker.listen()
     addr = f"127.0.0.1:{blocker.getsockname()[1]}"
-    d = DaemonProc(shm_prefix, bundles, tmp_path / "d.log", extra=["--metrics-listen", addr])
-    try:
+    with DaemonProc(shm_prefix, bundles, tmp_path / "d.log",
+                    extra=["--metrics-listen", addr]) as d, blocker:  # blocker closed first
         view = d.wait_view(lambda v: any(addr in c for c in v.conflicts()),
                            what="the taken port to be reported in the map")
         assert view.model_count == 2 and features_of(view, "ctr") == F1
@@ -218,10 +201,6 @@ def test_metrics_port_taken_is_reported_and_trimming_goes_on(
                                   "--shm-name", shm_prefix, "status"], cwd=ROOT,
                                  capture_output=True, text=True, timeout=30)
         assert addr in inspect.stdout
-    finally:
-        blocker.close()
-        d.close()
-        remove_segments(shm_prefix)
 
 
 def test_full_dev_shm_at_start_is_retried(shm_prefix: str, bundles: dict[str, Path]) -> None:
@@ -316,40 +295,37 @@ def test_slow_in_place_writer_without_truncation_is_never_published_torn(
     old, new = _features_doc("a", "1"), _features_doc("b", "2")
     assert len(old) == len(new)
     path.write_text(old)
-    d = DaemonProc(shm_prefix, {"ads": path}, tmp_path / "d.log")
-    watcher = None
-    try:
-        d.wait_view(lambda v: v.resolve("ctr").version == "1")
-        watcher = MapWatcher(shm_prefix)
-        data = new.encode()
-        with open(path, "r+b") as f:  # no truncation
-            for at in range(0, len(data), 4096):
-                f.seek(at)
-                f.write(data[at : at + 4096])
-                f.flush()
-                time.sleep(0.05)  # the slow writer's pace
-            held_log = d.log()
-        view = d.wait_view(lambda v: v.resolve("ctr").version == "2",
-                           what="the new content after the writer closed the file")
-        wait_for(lambda: view.generation in watcher.seen, what="the watcher to see it")
-        watcher.stop()
-        mixed = {g: s for g, (_, s) in watcher.seen.items() if len(s) != 1}
-        assert not mixed, f"torn generations published: {sorted(mixed)}"
-        assert {s.pop() for _, s in watcher.seen.values()} == {"a", "b"}
-        assert "bundle held bundle=ads" in held_log
-        assert bundle_state(view, "ads")["state"] == "ok"
-    finally:
-        if watcher is not None:
+    with DaemonProc(shm_prefix, {"ads": path}, tmp_path / "d.log") as d:
+        watcher = None
+        try:
+            d.wait_view(lambda v: v.resolve("ctr").version == "1")
+            watcher = MapWatcher(shm_prefix)
+            data = new.encode()
+            with open(path, "r+b") as f:  # no truncation
+                for at in range(0, len(data), 4096):
+                    f.seek(at)
+                    f.write(data[at : at + 4096])
+                    f.flush()
+                    time.sleep(0.05)  # the slow writer's pace
+                held_log = d.log()
+            view = d.wait_view(lambda v: v.resolve("ctr").version == "2",
+                               what="the new content after the writer closed the file")
+            wait_for(lambda: view.generation in watcher.seen, what="the watcher to see it")
             watcher.stop()
-        d.close()
-        remove_segments(shm_prefix)
+            mixed = {g: s for g, (_, s) in watcher.seen.items() if len(s) != 1}
+            assert not mixed, f"torn generations published: {sorted(mixed)}"
+            assert {s.pop() for _, s in watcher.seen.values()} == {"a", "b"}
+            assert "bundle held bundle=ads" in held_log
+            assert bundle_state(view, "ads")["state"] == "ok"
+        finally:
+            if watcher is not None:
+                watcher.stop()
 
 
 def test_writer_holding_the_file_too_long_is_reported_stale(
         shm_prefix: str, bundles: dict[str, Path], tmp_path: Path) -> None:
-    d = DaemonProc(shm_prefix, bundles, tmp_path / "d.log",
-                   extra=["--writer-hold-seconds", "0.5"])
-    try:
+    with DaemonProc(shm_prefix, bundles, tmp_path / "d.log",
+                    extra=["--writer-hold-seconds", "0.5"]) as d:
         d.wait_view(lambda v: v.model_count == 2)
         text = json.dumps(model_doc("ctr", "2", F2))
         with open(bundles["ads"], "r+") as f:  # valid, complete, but never closed (yet)
@@ -362,9 +338,6 @@ def test_writer_holding_the_file_too_long_is_reported_stale(
             assert view.resolve("ctr").version == "1"  # the held content is not served
         view = d.wait_view(lambda v: v.resolve("ctr").version == "2", what="the closed file")
         assert bundle_state(view, "ads")["state"] == "ok"
-    finally:
-        d.close()
-        remove_segments(shm_prefix)
 
 
 # -- item 4: never stalled -----------------------------------------------------------------
@@ -392,9 +365,8 @@ def test_a_huge_bundle_stalls_neither_heartbeat_nor_other_bundles(
     staged = tmp_path / "huge.json"
     _tiny_models(staged, TINY_MODELS)
     huge.parent.mkdir()
-    d = DaemonProc(shm_prefix, {**bundles, "huge": huge}, tmp_path / "d.log",
-                   extra=["--log-level", "INFO"])
-    try:
+    with DaemonProc(shm_prefix, {**bundles, "huge": huge}, tmp_path / "d.log",
+                    extra=["--log-level", "INFO"]) as d:
         d.wait_view(lambda v: v.model_count == 2)
         os.replace(staged, huge)  # deployed while the daemon runs
         wait_for(lambda: "parsing in the parse worker bundle=huge" in d.log(),
@@ -418,20 +390,13 @@ def test_a_huge_bundle_stalls_neither_heartbeat_nor_other_bundles(
         assert max(ages) < 2.0
         assert updates[len(updates) // 2] < 0.5 and updates[-1] < 2.0
         assert f"too many models: {TINY_MODELS}" in err and str(huge) in err
-    finally:
-        d.close()
-        remove_segments(shm_prefix)
     # the same file under a small parse memory bound: a clear error, the daemon unharmed
-    d = DaemonProc(shm_prefix, {**bundles, "huge": huge}, tmp_path / "d2.log",
-                   extra=["--max-parse-memory", str(300 << 20)])
-    try:
+    with DaemonProc(shm_prefix, {**bundles, "huge": huge}, tmp_path / "d2.log",
+                    extra=["--max-parse-memory", str(300 << 20)]) as d:
         view = d.wait_view(lambda v: "memory" in bundle_state(v, "huge")["error"], timeout=30)
         err = bundle_state(view, "huge")["error"]
         assert "parse memory limit of 314572800 bytes (max_parse_memory)" in err
         assert features_of(view, "ctr") == F1 and d.proc.poll() is None
-    finally:
-        d.close()
-        remove_segments(shm_prefix)
 
 
 # -- item 5: the blob holds only live names --------------------------------------------------
@@ -440,8 +405,7 @@ def test_a_huge_bundle_stalls_neither_heartbeat_nor_other_bundles(
 def test_churned_feature_names_leave_the_blob(shm_prefix: str, bundles: dict[str, Path],
                                               tmp_path: Path) -> None:
     from flatbuffers_schema.fmap.FeatureMap import FeatureMap
-    d = DaemonProc(shm_prefix, bundles, tmp_path / "d.log")
-    try:
+    with DaemonProc(shm_prefix, bundles, tmp_path / "d.log") as d:
         d.wait_view(lambda v: v.model_count == 2)
         first_size = d.live.reader.poll().size  # type: ignore[union-attr]
         sizes = []
@@ -458,6 +422,3 @@ def test_churned_feature_names_leave_the_blob(shm_prefix: str, bundles: dict[str
         assert root.FeatureKeysLength() == len(set(F1) | set(F3))  # live names only
         assert max(sizes) - min(sizes) < 1024  # no growth with the churn
         assert snapshot.size <= first_size + 64  # back to the size of the same content
-    finally:
-        d.close()
-        remove_segments(shm_prefix)

@@ -60,26 +60,24 @@ class Readers:
 def test_readers_never_see_a_torn_generation(shm_prefix: str, tmp_path: Path) -> None:
     bundle = tmp_path / "b" / "module_info.json"
     replace_bundle(bundle, stress_doc(0))
-    d = DaemonProc(shm_prefix, {"b": bundle}, tmp_path / "d.log",
-                   extra=FAST + ["--grace-seconds", "0.05"])
-    readers = None
-    try:
-        first = d.wait_view(lambda v: v.resolve("m").version == "0").generation
-        readers = Readers(shm_prefix, tmp_path)
-        readers.wait_ready()
-        k, gen, target = 0, first, first + STRESS_GENERATIONS
-        while gen < target:  # one rename per generation, as fast as the daemon publishes
-            k += 1
-            replace_bundle(bundle, stress_doc(k))
-            gen = wait_for(lambda g=gen: _newer(d, g), timeout=15,
-                           what=f"a generation after {gen} (daemon log: {d.log_path})")
-        results = readers.finish()
+    with DaemonProc(shm_prefix, {"b": bundle}, tmp_path / "d.log",
+                    extra=FAST + ["--grace-seconds", "0.05"]) as d:
         readers = None
-    finally:
-        if readers is not None:
-            readers.kill()
-        d.close()
-        remove_segments(shm_prefix)
+        try:
+            first = d.wait_view(lambda v: v.resolve("m").version == "0").generation
+            readers = Readers(shm_prefix, tmp_path)
+            readers.wait_ready()
+            k, gen, target = 0, first, first + STRESS_GENERATIONS
+            while gen < target:  # one rename per generation, as fast as the daemon publishes
+                k += 1
+                replace_bundle(bundle, stress_doc(k))
+                gen = wait_for(lambda g=gen: _newer(d, g), timeout=15,
+                               what=f"a generation after {gen} (daemon log: {d.log_path})")
+            results = readers.finish()
+            readers = None
+        finally:
+            if readers is not None:
+                readers.kill()
     for r in results:
         assert r["n_errors"] == 0, r["errors"]
         assert r["verify_failures"] == 0 and r["map_errors"] == 0
@@ -98,7 +96,7 @@ def test_kill_9_at_any_moment_never_tears_the_map(shm_prefix: str, tmp_path: Pat
         for round_no in range(KILL_ROUNDS):
             d = DaemonProc(shm_prefix, {"b": bundle}, tmp_path / f"d{round_no}.log",
                            extra=FAST)
-            try:
+            try:  # close() alone: the segments stay for the next round's daemon
                 view = d.wait_view(lambda v, d=d: v.daemon_pid == d.proc.pid,
                                    what=f"round {round_no}: the restarted daemon's map")
                 assert view.generation > last_generation, "sequence must continue"

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import pytest
 from daemon_helpers import (
+    F1,
+    F3,
     ROOT,
     DaemonProc,
     bundle_state,
     model_doc,
-    remove_segments,
     replace_bundle,
     write_bundle,
 )
@@ -34,8 +35,7 @@ from root_worker.oncall.cli import main
 from trimmer_daemon.publisher import Publisher
 
 SHM = Path("/dev/shm")
-F_CTR, F_RANK = ["a", "b"], ["x", "y", "z"]
-CTR = {"ctr": [{"version": "1", "input_names": F_CTR},
+CTR = {"ctr": [{"version": "1", "input_names": F1},
                {"version": "10", "input_names": ["a", "b", "c"]}]}
 VENV_BIN = Path(sys.executable).parent
 
@@ -43,23 +43,18 @@ VENV_BIN = Path(sys.executable).parent
 # -- fixtures and helpers -----------------------------------------------------------------------
 
 @pytest.fixture
-def bundles(tmp_path: Path) -> dict[str, Path]:
-    paths = {"ads": tmp_path / "ads" / "module_info.json",
-             "feed": tmp_path / "feed" / "module_info.json"}
-    write_bundle(paths["ads"], CTR)
-    write_bundle(paths["feed"], model_doc("rank", "1", F_RANK))
-    return paths
+def ctr10_bundles(bundles: dict[str, Path]) -> dict[str, Path]:
+    """conftest's ``bundles`` (ads: ctr/1 = F1, feed: rank/1 = F3) with a second version of
+    ``ctr`` in ``ads``: "10" (a, b, c), the latest in natural order, for the version verbs."""
+    write_bundle(bundles["ads"], CTR)
+    return bundles
 
 
 @pytest.fixture
-def daemon(shm_prefix: str, bundles: dict[str, Path], tmp_path: Path) -> Iterator[DaemonProc]:
-    d = DaemonProc(shm_prefix, bundles, tmp_path / "daemon.log")
-    try:
+def daemon(shm_prefix: str, ctr10_bundles: dict[str, Path], tmp_path: Path) -> Iterator[DaemonProc]:
+    with DaemonProc(shm_prefix, ctr10_bundles, tmp_path / "daemon.log") as d:
         d.wait_view(lambda v: v.model_count == 2)
         yield d
-    finally:
-        d.close()
-        remove_segments(shm_prefix)
 
 
 def run(capsys: pytest.CaptureFixture[str], prefix: str, *argv: str) -> tuple[int, str, str]:
@@ -157,10 +152,11 @@ def test_models(daemon: DaemonProc, capsys: pytest.CaptureFixture[str]) -> None:
         ("1", 2, ["ads"]), ("10", 3, ["ads"])]
 
 
-def test_models_conflict(daemon: DaemonProc, bundles: dict[str, Path],
+def test_models_conflict(daemon: DaemonProc, ctr10_bundles: dict[str, Path],
                          capsys: pytest.CaptureFixture[str]) -> None:
-    replace_bundle(bundles["feed"], {"ctr": [{"version": "1", "input_names": ["a", "q"]}],
-                                     **model_doc("rank", "1", F_RANK)})
+    replace_bundle(ctr10_bundles["feed"],
+                   {"ctr": [{"version": "1", "input_names": ["a", "q"]}],
+                    **model_doc("rank", "1", F3)})
     daemon.wait_view(lambda v: bool(v.conflicts()), what="a conflict")
     rc, doc = run_json(capsys, daemon.prefix, "models", "ctr")
     v1 = doc["models"][0]["versions"][0]
@@ -192,7 +188,7 @@ def test_lookup(daemon: DaemonProc, capsys: pytest.CaptureFixture[str], argv: li
     if version is None:
         assert doc["trims"] is False and doc["feature_names"] is None
     else:
-        expected = F_CTR if version == "1" else ["a", "b", "c"]
+        expected = F1 if version == "1" else ["a", "b", "c"]
         assert doc["feature_names"] == expected and doc["features"] == len(expected)
         assert doc["bundles"] == ["ads"] and doc["latest"] == "10"
         assert doc["known_versions"] == ["1", "10"] and len(doc["digest"]) == 16
@@ -200,7 +196,7 @@ def test_lookup(daemon: DaemonProc, capsys: pytest.CaptureFixture[str], argv: li
 
 def test_lookup_features_text(daemon: DaemonProc, capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, _ = run(capsys, daemon.prefix, "lookup", "rank", "--features")
-    assert rc == 0 and out.split("\n\n")[-1].split() == F_RANK
+    assert rc == 0 and out.split("\n\n")[-1].split() == F3
     rc, out, _ = run(capsys, daemon.prefix, "lookup", "rank")
     assert "\n\nx\n" not in out
 
@@ -211,7 +207,7 @@ def test_dump(daemon: DaemonProc, capsys: pytest.CaptureFixture[str]) -> None:
     view = daemon.view()
     assert rc == 0 and doc["map"] == json.loads(json.dumps(view.to_dict(with_features=True)))
     ctr = doc["map"]["models"][0]
-    assert sorted(ctr["versions"][0]["input_names"]) == F_CTR
+    assert sorted(ctr["versions"][0]["input_names"]) == F1
     assert doc["generation"] == view.generation and doc["daemon"]["alive"] is True
     rc, doc = run_json(capsys, daemon.prefix, "dump", "--no-features")
     assert rc == 0 and "input_names" not in doc["map"]["models"][0]["versions"][0]
@@ -230,9 +226,9 @@ def test_diff_in_sync(daemon: DaemonProc, capsys: pytest.CaptureFixture[str]) ->
     assert doc["bundles"][0]["disk_sha256"] == doc["bundles"][0]["published_sha256"]
 
 
-def test_diff_invalid_file(daemon: DaemonProc, bundles: dict[str, Path],
+def test_diff_invalid_file(daemon: DaemonProc, ctr10_bundles: dict[str, Path],
                            capsys: pytest.CaptureFixture[str]) -> None:
-    bundles["ads"].write_text('{"ctr": [')
+    ctr10_bundles["ads"].write_text('{"ctr": [')
     daemon.wait_view(lambda v: bundle_state(v, "ads")["state"] == "stale")
     rc, doc = run_json(capsys, daemon.prefix, "diff")
     ads = doc["bundles"][0]
@@ -241,13 +237,14 @@ def test_diff_invalid_file(daemon: DaemonProc, bundles: dict[str, Path],
     assert codes(doc) == {"diff_invalid": "warning"}
 
 
-def test_diff_daemon_down(daemon: DaemonProc, bundles: dict[str, Path],
+def test_diff_daemon_down(daemon: DaemonProc, ctr10_bundles: dict[str, Path],
                           capsys: pytest.CaptureFixture[str]) -> None:
     """Files changed while no daemon runs: valid-but-not-loaded, per-model, missing."""
     stop_leaving_map(daemon)
-    write_bundle(bundles["ads"], {"ctr": [{"version": "10", "input_names": ["a", "c", "d"]},
-                                          {"version": "11", "input_names": ["e"]}]})
-    bundles["feed"].unlink()
+    write_bundle(ctr10_bundles["ads"],
+                 {"ctr": [{"version": "10", "input_names": ["a", "c", "d"]},
+                          {"version": "11", "input_names": ["e"]}]})
+    ctr10_bundles["feed"].unlink()
     rc, doc = run_json(capsys, daemon.prefix, "diff", "--models")
     ads, feed = doc["bundles"]
     assert rc == 1
@@ -264,12 +261,12 @@ def test_diff_daemon_down(daemon: DaemonProc, bundles: dict[str, Path],
     assert "2 bundles, 2 differ" in out
 
 
-def test_diff_with_config(daemon: DaemonProc, bundles: dict[str, Path], tmp_path: Path,
+def test_diff_with_config(daemon: DaemonProc, ctr10_bundles: dict[str, Path], tmp_path: Path,
                           capsys: pytest.CaptureFixture[str]) -> None:
     extra = tmp_path / "extra.json"
     write_bundle(extra, model_doc("new", "1", ["n"]))
     config = tmp_path / "daemon.toml"
-    config.write_text(f'max_file_bytes = 10\n[bundles]\nads = "{bundles["ads"]}"\n'
+    config.write_text(f'max_file_bytes = 10\n[bundles]\nads = "{ctr10_bundles["ads"]}"\n'
                       f'extra = "{extra}"\n')
     rc, doc = run_json(capsys, daemon.prefix, "diff", "--config", str(config))
     by_name = {b["name"]: b for b in doc["bundles"]}
@@ -285,9 +282,9 @@ def test_diff_with_config(daemon: DaemonProc, bundles: dict[str, Path], tmp_path
 
 # -- warnings ----------------------------------------------------------------------------------
 
-def test_stale_bundle_warns(daemon: DaemonProc, bundles: dict[str, Path],
+def test_stale_bundle_warns(daemon: DaemonProc, ctr10_bundles: dict[str, Path],
                             capsys: pytest.CaptureFixture[str]) -> None:
-    bundles["feed"].write_text('{"rank": [{"version": "1", "input_names": []}]}')
+    ctr10_bundles["feed"].write_text('{"rank": [{"version": "1", "input_names": []}]}')
     daemon.wait_view(lambda v: bundle_state(v, "feed")["state"] == "stale")
     rc, out, _ = run(capsys, daemon.prefix, "status")
     assert rc == 1
@@ -299,14 +296,14 @@ def test_stale_bundle_warns(daemon: DaemonProc, bundles: dict[str, Path],
     rc, doc = run_json(capsys, daemon.prefix, "lookup", "rank")
     assert rc == 0 and "feature_names" not in doc and doc["features"] == 3
     # fixing the file makes it ok again: status means *now*
-    write_bundle(bundles["feed"], model_doc("rank", "1", F_RANK))
+    write_bundle(ctr10_bundles["feed"], model_doc("rank", "1", F3))
     daemon.wait_view(lambda v: bundle_state(v, "feed")["state"] == "ok")
     assert run(capsys, daemon.prefix, "status")[0] == 0
 
 
-def test_missing_bundle_warns(daemon: DaemonProc, bundles: dict[str, Path],
+def test_missing_bundle_warns(daemon: DaemonProc, ctr10_bundles: dict[str, Path],
                               capsys: pytest.CaptureFixture[str]) -> None:
-    bundles["ads"].unlink()
+    ctr10_bundles["ads"].unlink()
     daemon.wait_view(lambda v: bundle_state(v, "ads")["state"] == "missing")
     rc, doc = run_json(capsys, daemon.prefix, "status")
     assert rc == 1 and codes(doc) == {"bundle_missing": "warning"}
@@ -317,25 +314,17 @@ def test_never_loaded_and_empty(shm_prefix: str, tmp_path: Path,
                                 capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad" / "module_info.json"
     write_bundle(bad, {"m": []})
-    d = DaemonProc(shm_prefix, {"bad": bad}, tmp_path / "d.log")
-    try:
+    with DaemonProc(shm_prefix, {"bad": bad}, tmp_path / "d.log") as d:
         d.wait_view(lambda v: bool(v.bundles()))
         rc, doc = run_json(capsys, shm_prefix, "status")
         assert rc == 2 and codes(doc) == {"bundle_never_loaded": "critical"}
         assert "pass through untrimmed" in doc["findings"][0]["message"]
         rc, doc = run_json(capsys, shm_prefix, "diff")
         assert rc == 1 and doc["bundles"][0]["status"] == "invalid"
-    finally:
-        d.close()
-        remove_segments(shm_prefix)
-    d = DaemonProc(shm_prefix, {}, tmp_path / "d2.log")
-    try:
+    with DaemonProc(shm_prefix, {}, tmp_path / "d2.log") as d:
         d.wait_view(lambda v: True)
         rc, doc = run_json(capsys, shm_prefix, "status")
         assert rc == 1 and codes(doc) == {"no_bundles": "warning"}
-    finally:
-        d.close()
-        remove_segments(shm_prefix)
 
 
 def test_dead_daemon(daemon: DaemonProc, capsys: pytest.CaptureFixture[str]) -> None:
@@ -357,12 +346,12 @@ def test_dead_daemon(daemon: DaemonProc, capsys: pytest.CaptureFixture[str]) -> 
     assert rc == 0 and doc["outcome"] == "trimmed"
 
 
-def test_graceful_stop_and_restart(daemon: DaemonProc, bundles: dict[str, Path], tmp_path: Path,
-                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_graceful_stop_and_restart(daemon: DaemonProc, ctr10_bundles: dict[str, Path],
+                                   tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     gen = stop_leaving_map(daemon)
     rc, doc = run_json(capsys, daemon.prefix, "status")
     assert rc == 1 and "daemon_dead" in codes(doc) and doc["generation"] == gen
-    d2 = DaemonProc(daemon.prefix, bundles, tmp_path / "d2.log")
+    d2 = DaemonProc(daemon.prefix, ctr10_bundles, tmp_path / "d2.log")
     try:
         d2.wait_view(lambda v: v.generation > gen)
         rc, doc = run_json(capsys, daemon.prefix, "status")
@@ -476,7 +465,7 @@ def test_control_unreadable(daemon: DaemonProc, capsys: pytest.CaptureFixture[st
 
 
 @pytest.mark.parametrize("corrupt", ["blob-byte", "control-magic"])
-def test_restart_repairs_what_inspect_reports(daemon: DaemonProc, bundles: dict[str, Path],
+def test_restart_repairs_what_inspect_reports(daemon: DaemonProc, ctr10_bundles: dict[str, Path],
                                               tmp_path: Path, corrupt: str,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     """The runbook's remedy for a CRITICAL map: restart the daemon (docs/operations.md)."""
@@ -486,7 +475,7 @@ def test_restart_repairs_what_inspect_reports(daemon: DaemonProc, bundles: dict[
     else:
         patch_shm(f"{daemon.prefix}.ctl", 0, b"NOTMAGIC")
     assert run(capsys, daemon.prefix, "status")[0] == 2
-    d2 = DaemonProc(daemon.prefix, bundles, tmp_path / "d2.log")
+    d2 = DaemonProc(daemon.prefix, ctr10_bundles, tmp_path / "d2.log")
     try:
         d2.wait_view(lambda v: v.model_count == 2 and v.daemon_pid == d2.proc.pid)
         rc, doc = run_json(capsys, daemon.prefix, "status")

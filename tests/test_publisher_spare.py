@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from daemon_helpers import DaemonProc, model_doc, remove_segments, replace_bundle, wait_for
+from daemon_helpers import DaemonProc, model_doc, replace_bundle, wait_for
 
 from flatbuffers_schema import shm_layout as L
 from flatbuffers_schema.shm_layout import SHM_DIR, segment_files
@@ -201,9 +201,8 @@ def test_daemon_publishes_into_its_spare_and_removes_it_at_stop(
     bundle = tmp_path / "ads" / "module_info.json"
     bundle.parent.mkdir()
     replace_bundle(bundle, model_doc("ctr", "1", ["a", "b"]))
-    d = DaemonProc(shm_prefix, {"ads": bundle}, tmp_path / "d.log",
-                   extra=["--grace-seconds", "30"])
-    try:
+    with DaemonProc(shm_prefix, {"ads": bundle}, tmp_path / "d.log",
+                    extra=["--grace-seconds", "30"]) as d:
         first = d.wait_view(lambda v: v.model_count == 1).generation
         wait_for(lambda: _generations(shm_prefix)[-1:] == [first + 1], what="a spare")
         inode = _stat(shm_prefix, first + 1).st_ino
@@ -215,9 +214,6 @@ def test_daemon_publishes_into_its_spare_and_removes_it_at_stop(
         d.live.close()
         assert d.stop() == 0
         assert _generations(shm_prefix)[-1] == first + 1  # the spare went with the daemon
-    finally:
-        d.close()
-        remove_segments(shm_prefix)
 
 
 def test_a_part_already_in_the_spare_is_not_written_again(shm_prefix: str, reader_of: Readers,

@@ -30,6 +30,7 @@ from root_helpers import (
     RootProc,
     Workload,
     idle_and_slow_clients,
+    raw_post,
     read_until_closed,
     uss_bytes,
     write_routing,
@@ -229,7 +230,7 @@ CHUNKED = "POST /score?target=healthy HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: 
 def test_http_layer_faults_are_json_4xx(env: Env, root: RootProc, head: str, body: bytes,
                                         status: int, code: str, words: str) -> None:
     before = len(env.leaf.requests())
-    answer = _raw(root.url, head.encode() + b"\r\n" + body, half_close=True)
+    answer = raw_post(root.url, head, body, half_close=True)
     assert answer.startswith(f"HTTP/1.1 {status} ".encode()), answer[:300]
     doc = json.loads(answer.partition(b"\r\n\r\n")[2])
     assert doc["error"]["code"] == code and words in doc["error"]["message"], doc
@@ -242,23 +243,11 @@ def test_undecodable_target_names_are_400(env: Env, root: RootProc) -> None:
     assert "b'\\xff' are not UTF-8" in doc["error"]["message"], doc
 
 
-def _raw(url: str, data: bytes, half_close: bool) -> bytes:
-    host, port = url[len("http://"):].split(":")
-    with socket.create_connection((host, int(port)), timeout=30) as s:
-        try:
-            s.sendall(data)
-            if half_close:
-                s.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-        return read_until_closed(s)
-
-
 def test_chunked_body_and_100_continue_are_served(env: Env, root: RootProc) -> None:
     frame = _frame(env)
     parts = [frame[:1000], frame[1000:]]
     body = b"".join(b"%x;ext=1\r\n%s\r\n" % (len(p), p) for p in parts) + b"0\r\nX-T: 1\r\n\r\n"
-    answer = _raw(root.url, (CHUNKED + "Expect: 100-continue\r\n\r\n").encode() + body, True)
+    answer = raw_post(root.url, CHUNKED + "Expect: 100-continue\r\n", body, half_close=True)
     assert answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 "), answer[:200]
     doc = json.loads(answer.split(b"\r\n\r\n", 2)[2])
     assert doc["targets"][0]["status"] == "ok" and doc["targets"][0]["bytes_untrimmed"] == \
@@ -373,7 +362,7 @@ def test_the_gthread_worker_class_still_serves_and_answers_bad_chunks_with_json_
         status, doc = proc.client().score(_frame(env), ["healthy", "ads_ctr", "hang"])
         assert status == 200 and doc["ok"] == 2, doc
         assert doc["targets"][2]["error"]["kind"] == "timeout"
-        answer = _raw(proc.url, (CHUNKED + "\r\n").encode() + b"zz\r\nabc\r\n0\r\n\r\n", True)
+        answer = raw_post(proc.url, CHUNKED, b"zz\r\nabc\r\n0\r\n\r\n", half_close=True)
         assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
         assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"] == "bad_body"
         assert "Traceback" not in proc.log()
