@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test bench bench-trim bench-reload bench-e2e bench-hostile demo run lint schema clean
+.PHONY: test bench bench-trim bench-reload bench-e2e bench-hostile bench-send demo run lint schema clean
 
 $(STAMP): setup.cfg pyproject.toml $(wildcard setup.py)
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ bench-e2e: $(STAMP)      ## end to end on the demo stack: off / lz4 / trim / tri
 
 bench-hostile: $(STAMP)  ## deadlines under misbehaving leaves, slow/idle clients, USS 3 vs 64 targets
 	$(PY) bench/hostile_bench.py $(BENCH_ARGS)
+
+bench-send: $(STAMP)     ## the kernel's share: receive + fan-out sends, off vs trimmed (trim/off floor)
+	$(PY) bench/send_bench.py $(BENCH_ARGS)
 
 bench: bench-trim
 
