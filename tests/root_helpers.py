@@ -307,10 +307,10 @@ def raw_post(url: str, head: str, body: bytes = b"", *, half_close: bool = False
                 s.shutdown(socket.SHUT_WR)
         except OSError:  # the server answered and closed (or reset) before the end
             pass
-        return read_until_closed(s) if half_close else _read_answer(s)
+        return read_until_closed(s) if half_close else read_answer(s)
 
 
-def _read_answer(sock: socket.socket) -> bytes:
+def read_answer(sock: socket.socket) -> bytes:
     """The first answer: its head and Content-Length body, or every byte until the peer
     closes (the socket's timeout bounds each recv)."""
     answer = b""

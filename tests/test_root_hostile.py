@@ -31,6 +31,7 @@ from root_helpers import (
     Workload,
     idle_and_slow_clients,
     raw_post,
+    read_answer,
     read_until_closed,
     uss_bytes,
     write_routing,
@@ -38,6 +39,7 @@ from root_helpers import (
 
 from root_worker.frame import decode
 from root_worker.service.buffers import BufferPool
+from root_worker.service.worker import BODY_RCVLOWAT
 from root_worker.testing.client import Client, metric_value
 from root_worker.testing.workload import make_frame
 
@@ -252,6 +254,33 @@ def test_chunked_body_and_100_continue_are_served(env: Env, root: RootProc) -> N
     doc = json.loads(answer.split(b"\r\n\r\n", 2)[2])
     assert doc["targets"][0]["status"] == "ok" and doc["targets"][0]["bytes_untrimmed"] == \
         len(frame)
+
+
+def test_a_large_body_read_in_big_wakeups_then_a_small_request_on_the_connection(
+        env: Env, root: RootProc) -> None:
+    """A large Content-Length body is read with SO_RCVLOWAT wake-ups (BODY_RCVLOWAT); the
+    low-water mark never exceeds the rest of the body, and is back to 1 for the next
+    request's head. Wrong either way, the request would wait for bytes that never come
+    (408 at FT_BODY_TIMEOUT, or no answer at all)."""
+    big, small = _frame(env, 256), _frame(env, 8)
+    assert len(big) > 2 * BODY_RCVLOWAT
+    host, port = root.url[len("http://"):].split(":")
+    head = "POST /score?target=healthy HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n"
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        # the body paced in 64 KB pieces, so the worker wakes for each BODY_RCVLOWAT and
+        # the last wake-up must be for less: the mark has to come down to the rest
+        s.sendall(head.format(len(big)).encode())
+        for at in range(0, len(big), 64 << 10):
+            s.sendall(big[at:at + (64 << 10)])
+            time.sleep(0.005)  # pacing, not synchronisation: the answer is checked either way
+        first = read_answer(s)
+        s.sendall(head.format(len(small)).encode() + small)
+        second = read_answer(s)
+    for answer, frame in ((first, big), (second, small)):
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+        doc = json.loads(answer.partition(b"\r\n\r\n")[2])
+        assert doc["targets"][0]["status"] == "ok"
+        assert doc["targets"][0]["bytes_untrimmed"] == len(frame)
 
 
 # -- 3. memory bounded by a setting, not by targets --------------------------------------------

@@ -70,6 +70,10 @@ NOTIFY_EVERY_S = 1.0
 SHRINK_IDLE_S = 2.0  # no request for this long: give kept buffers back to the kernel
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 LINGER_S = 5.0  # after an early answer, drop the rest of the request this long at most
+# A Content-Length body is read in wake-ups of at least this many bytes (SO_RCVLOWAT, never
+# more than the rest of the body): a 2.8 MB body then takes ~5 reads instead of ~35, about
+# 45% less receive CPU on loopback (bench/send_bench.py); bodies up to HEAD_RECV take none.
+BODY_RCVLOWAT = 512 << 10
 _SCRATCH = memoryview(bytearray(HEAD_RECV))  # where lingering connections drop their bytes
 Answer = tuple[int, list[tuple[str, str]], bytes]
 
@@ -209,6 +213,7 @@ class Conn:
         self.linger = False  # the answer is sent before the request was all read
         self.lingered = 0
         self.scoring = False
+        self.lowat = 1  # the socket's SO_RCVLOWAT: 1 except while a large body is read
 
     # -- timers --------------------------------------------------------------------------
     def _deadline(self, seconds: float, why: str) -> None:
@@ -227,6 +232,7 @@ class Conn:
     # -- reading -------------------------------------------------------------------------
     def start(self) -> None:
         self.idle = True
+        self._rcvlowat(1)
         self._deadline(self.w.settings.keepalive, "idle")
         if self.sock is not None:
             self.loop.watch(self.sock, READ, self._read_head)
@@ -365,8 +371,11 @@ class Conn:
             self.keep = False
             self._fail(HttpError(400, "truncated", self._truncated()))
             return
-        if self.chunks is None and self._body_done():
-            self._dispatch()
+        if self.chunks is None:
+            if self._body_done():
+                self._dispatch()
+            else:
+                self._rcvlowat(self._body_lowat())
 
     def _truncated(self) -> str:
         head = self.head
@@ -397,7 +406,31 @@ class Conn:
         if self._body_done():
             self._dispatch()
         elif self.sock is not None:
+            self._rcvlowat(self._body_lowat())
             self.loop.watch(self.sock, READ, self._read_body)
+
+    def _body_lowat(self) -> int:
+        """The SO_RCVLOWAT for the rest of a Content-Length body: the current one while it
+        is at most the rest (the kernel must report the last bytes), else the rest; 1 for
+        a chunked body or a rest of at most HEAD_RECV."""
+        head = self.head
+        if self.chunks is not None or head is None or head.content_length is None:
+            return 1
+        rest = head.content_length - self.got
+        if rest <= HEAD_RECV:
+            return 1
+        return min(rest, self.lowat if self.lowat > 1 else BODY_RCVLOWAT)
+
+    def _rcvlowat(self, n: int) -> None:
+        """Have the kernel report the socket readable once ``n`` bytes are queued (or at
+        its end). Non-blocking reads still return what is there; deadlines are timers."""
+        if n == self.lowat or self.sock is None:
+            return
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, n)
+        except OSError:
+            return  # the close that follows an error is reported where it happens
+        self.lowat = n
 
     def _body_done(self) -> bool:
         head = self.head
@@ -501,6 +534,7 @@ class Conn:
             self.close()
             return
         self.lingered = 0
+        self._rcvlowat(1)
         self._deadline(LINGER_S, "idle")  # expiry closes
         self.loop.watch(sock, READ, self._drop_input)
 
