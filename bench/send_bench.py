@@ -5,7 +5,8 @@ the floor under "root CPU per request, trim / off" (issue #9, item 6).
 
 One process plays the root's socket work only, no HTTP and no Python per part: it receives
 the e2e bench's frame (2000 features, 64 candidates, 2.8 MB; a distinct frame per request,
-cycled from --frames) with ``recv_into`` into a reused buffer, then sends it to three
+cycled from --frames) with ``recv_into`` into a reused buffer in wake-ups of the worker's
+BODY_RCVLOWAT (``receive_plain``: without, for comparison), then sends it to three
 kept-alive loopback connections, one per model of the example bundles (ads_ctr, ads_cvr,
 homefeed_rank), in one of three ways:
 
@@ -34,6 +35,7 @@ import resource
 import signal
 import socket
 import statistics
+import struct
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -46,12 +48,14 @@ from minimal_root import send_all  # noqa: E402  (bench/: the yardstick root's b
 
 from flatbuffers_schema.keys import Allowlist  # noqa: E402
 from root_worker.frame import Trimmer  # noqa: E402
+from root_worker.service.worker import BODY_RCVLOWAT  # noqa: E402
 from root_worker.testing.workload import load_universe, make_frame  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "send_bench.json"
 EXAMPLES = ROOT / "examples"
 MODELS = (("ads", "ads_ctr"), ("ads", "ads_cvr"), ("homefeed", "homefeed_rank"))
 DRAIN_CHUNK = 1 << 20
+PEER_TIMEOUT_S = 60.0  # every wait of the bench and its peers is bounded
 
 
 def cpu_seconds() -> float:
@@ -73,10 +77,12 @@ def fork_peer(port: int, work: Callable[[socket.socket], None]) -> int:
     if pid == 0:  # pragma: no cover - the peer process
         code = 0
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+            with socket.create_connection(("127.0.0.1", port), timeout=PEER_TIMEOUT_S) as sock:
                 work(sock)
         except OSError:
             code = 1
+        except BaseException:  # never return into the parent's code
+            code = 2
         os._exit(code)
     return pid
 
@@ -106,10 +112,12 @@ class Rig:
         self.out = bytearray(len(self.rx))
         self.trimmer, self.lists = Trimmer(), allowlists()
         self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(PEER_TIMEOUT_S)
         self.pids: list[int] = []
         self.socks: list[socket.socket] = []
         try:
             self.client = self._peer(feeder(frames))
+            self.client.settimeout(PEER_TIMEOUT_S)
             self.leaves = [self._peer(drain) for _ in MODELS]
         except BaseException:
             self.close()
@@ -118,6 +126,11 @@ class Rig:
     def _peer(self, work: Callable[[socket.socket], None]) -> socket.socket:
         self.pids.append(fork_peer(self.listener.getsockname()[1], work))
         sock, _ = self.listener.accept()
+        # Blocking sends (one sendmsg takes the whole frame, as in the minimal root), bounded
+        # by the kernel's SO_SNDTIMEO; receives wait in poll with a timeout, as the worker
+        # waits in epoll (a blocking recv under SO_RCVLOWAT hung on this kernel).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                        struct.pack("ll", int(PEER_TIMEOUT_S), 0))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.socks.append(sock)
         return sock
@@ -133,13 +146,21 @@ class Rig:
                 pass
             os.waitpid(pid, 0)
 
-    def receive(self) -> memoryview:
+    def receive(self, lowat: bool = True) -> memoryview:
+        """The next frame, read as the worker reads a body: in wake-ups of BODY_RCVLOWAT
+        (never more than the rest), or (``lowat=False``) whatever each recv finds."""
         n = len(self.frames[self.k % len(self.frames)])
         self.k += 1
         self.client.sendall(b"?")
-        view, got = memoryview(self.rx)[:n], 0
+        view, got, mark = memoryview(self.rx)[:n], 0, 1
         while got < n:
+            want = min(n - got, BODY_RCVLOWAT) if lowat else 1
+            if want != mark:
+                self.client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
+                mark = want
             got += self.client.recv_into(view[got:])
+        if mark != 1:
+            self.client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
         return view
 
     # each mode serves one request and returns the bytes it sent
@@ -169,6 +190,10 @@ class Rig:
         self.receive()
         return 0
 
+    def receive_plain(self) -> int:
+        self.receive(lowat=False)
+        return 0
+
 
 def spread(values: list[float]) -> dict[str, float]:
     return {"median": round(statistics.median(values), 3), "min": round(min(values), 3),
@@ -182,7 +207,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               for k in range(args.frames)]
     rig = Rig(frames)
     try:
-        modes = {m: getattr(rig, m) for m in ("off", "trim_sg", "trim_copy", "receive_only")}
+        modes = {m: getattr(rig, m) for m in ("off", "trim_sg", "trim_copy", "receive_only",
+                                              "receive_plain")}
         samples: dict[str, list[float]] = {m: [] for m in modes}
         sent = {m: [fn() for _ in frames][-1] for m, fn in modes.items()}  # warm-up
         for _ in range(args.rounds):  # modes interleaved round by round
@@ -208,6 +234,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "trim_sg_over_off": ratio("trim_sg", "off"),
         "trim_copy_over_off": ratio("trim_copy", "off"),
         "receive_share_of_off": ratio("receive_only", "off"),
+        "receive_lowat_over_plain": ratio("receive_only", "receive_plain"),
     }
 
 
@@ -233,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
           "root CPU trim / off on this machine")
     print(f"trim_copy / off {fmt(r['trim_copy_over_off'])}")
     print(f"receive / off   {fmt(r['receive_share_of_off'])}   (paid in both modes)")
+    print(f"receive in BODY_RCVLOWAT wake-ups / plain recv {fmt(r['receive_lowat_over_plain'])}")
     doc = {"benchmark": "send", "command": " ".join(["python", *sys.argv]),
            "machine": {"platform": platform.platform(), "python": platform.python_version(),
                        "cpus": os.cpu_count()}, "results": r}
