@@ -9,15 +9,18 @@ nothing, and its memory has a hard bound: the child sets ``RLIMIT_DATA`` to
 :class:`BundleError` (the child's ``MemoryError``) instead of swapping the host or waking
 the OOM killer.
 
-Protocol (one job at a time, parent side non-blocking except for the pipe copies): the
-child first says ``"ready"`` (its imports take a second or two on a busy host: the parent
-must not block on a pipe nobody reads meanwhile, so a job submitted before that waits in
-the parent); then ``submit()`` sends ``(job_id, path, limits, bundle_index)`` and the file
-bytes, and the child answers ``(job_id, BundlePart | BundleError)``. The parent waits on
-:meth:`fileno` in its ``select()`` and calls :meth:`collect`. Every job has a deadline
-(``timeout_s``): a child that exceeds it, or dies, is killed and the job fails with an error
-naming the file; the next job starts a fresh child. The child is started lazily with the
-``spawn`` method (a clean interpreter: no inherited locks, fds or threads of the daemon).
+Protocol (one job at a time): the child first says ``"ready"`` (its imports take a second
+or two on a busy host); then the parent sends ``(job_id, path, limits, bundle_index)`` and
+the file bytes, and the child answers ``(job_id, BundlePart | BundleError)``. The parent's
+main loop never touches the pipe: each job's traffic (waiting for "ready", sending up to
+64 MB, receiving a result of hundreds of MB) runs in a :class:`_Transfer` thread, which ends
+by writing a byte to a wake pipe. The main loop waits on :meth:`fileno` (that wake pipe) in
+its ``select()`` and calls :meth:`collect`, which never blocks. Every job has a deadline
+(``timeout_s``): a child that exceeds it -- busy, stopped, or wedged half-way through a pipe
+copy -- or dies is killed and the job fails with an error naming the file; the child's death
+ends the transfer's blocking send or receive, and the next job starts a fresh child. The
+child is started lazily with the ``spawn`` method (a clean interpreter: no inherited locks,
+fds or threads of the daemon).
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import multiprocessing.connection
+import os
 import resource
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +54,37 @@ class Job:
     started: float  # monotonic
 
 
+class _Transfer(threading.Thread):
+    """One job's pipe traffic, off the main loop: wait for the child's ``"ready"`` (a new
+    child), send the job and the file bytes, receive the answer; then write a byte to the
+    wake pipe. Only the kill of the child (at the job's deadline) ends a blocked send or
+    receive, so the parent closes the pipe only after this thread is gone."""
+
+    def __init__(self, conn: multiprocessing.connection.Connection, header: tuple[Any, ...],
+                 data: bytes, need_ready: bool, wake_w: int) -> None:
+        super().__init__(name="trimmer-parse-transfer", daemon=True)
+        self.conn, self.header, self.data = conn, header, data
+        self.need_ready, self.wake_w = need_ready, wake_w
+        self.answer: Any = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            if self.need_ready and self.conn.recv() != "ready":
+                raise EOFError("the parse worker did not start with 'ready'")
+            self.conn.send(self.header)
+            self.conn.send_bytes(self.data)
+            self.data = b""
+            self.answer = self.conn.recv()
+        except BaseException as exc:  # noqa: BLE001 - handed to collect() on the main loop
+            self.error = exc
+        finally:
+            try:
+                os.write(self.wake_w, b"!")
+            except OSError:  # the worker was closed meanwhile: nobody waits
+                pass
+
+
 class ParseWorker:
     """Parent side of the parse worker. Main loop only; not thread-safe."""
 
@@ -59,10 +95,16 @@ class ParseWorker:
         self._proc: Any = None
         self._conn: multiprocessing.connection.Connection | None = None
         self._job: Job | None = None
-        self._ready = False  # the child said "ready": sending cannot block on its imports
-        self._unsent: tuple[tuple[int, str, Limits, int], bytes] | None = None
+        self._ready = False  # the child's "ready" was received
+        self._xfer: _Transfer | None = None
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._next_id = 0
         self.restarts = 0
+
+    @property
+    def pid(self) -> int | None:
+        """The child's pid while one runs (logs, on-call)."""
+        return self._proc.pid if self._proc is not None else None
 
     @property
     def busy(self) -> Job | None:
@@ -70,81 +112,66 @@ class ParseWorker:
         return self._job
 
     def fileno(self) -> int:
-        """Readable when the job's answer arrived; -1 when no job is in flight."""
-        return self._conn.fileno() if self._conn is not None and self._job else -1
+        """Readable when the job's transfer ended; -1 when no job is in flight."""
+        return self._wake_r if self._job is not None else -1
 
     def deadline(self) -> float | None:
         return self._job.started + self.timeout_s if self._job else None
 
     def submit(self, name: str, data: bytes, *, path: str, limits: Limits,
                bundle_index: int) -> Job:
-        """Start parsing ``data`` (the bytes of ``path``); one job at a time."""
+        """Start parsing ``data`` (the bytes of ``path``); one job at a time. Never blocks
+        on the pipe (the transfer thread does)."""
         assert self._job is None, "one parse job at a time"
         self._ensure_child()
         assert self._conn is not None
         self._next_id += 1
         job = Job(self._next_id, name, path, time.monotonic())
-        self._job, self._unsent = job, ((job.job_id, path, limits, bundle_index), data)
-        if self._ready:
-            self._send()
+        self._job = job
+        self._xfer = _Transfer(self._conn, (job.job_id, path, limits, bundle_index), data,
+                               not self._ready, self._wake_w)
+        self._xfer.start()
         return job
 
-    def _send(self) -> None:
-        assert self._conn is not None and self._unsent is not None and self._job is not None
-        (header, data), self._unsent = self._unsent, None
-        try:
-            self._conn.send(header)
-            self._conn.send_bytes(data)
-        except OSError as exc:
-            path = self._job.path
-            self._kill(f"send failed: {exc}")
-            raise BundleError(path, "$", f"parse worker unavailable: {exc}") from None
-
     def collect(self) -> tuple[Job, BundlePart | BundleError] | None:
-        """The finished job and its result, or None if not finished (never blocks long:
-        call when :meth:`fileno` is readable or the deadline passed)."""
-        job, conn = self._job, self._conn
-        if job is None or conn is None:
+        """The finished job and its result, or None if not finished (never blocks: call
+        when :meth:`fileno` is readable or the deadline passed)."""
+        job, xfer = self._job, self._xfer
+        if job is None or xfer is None:
             return None
-        if time.monotonic() >= job.started + self.timeout_s:
+        if xfer.is_alive():
+            if time.monotonic() < job.started + self.timeout_s:
+                return None
             self._kill(f"parse of {job.path} exceeded {self.timeout_s:.0f}s")
             return job, BundleError(job.path, "$", f"parse took longer than "
                                     f"{self.timeout_s:.0f}s; the parse worker was killed")
-        if not conn.poll(0):
-            return None
-        try:
-            message = conn.recv()
-            if message == "ready":
-                self._ready = True
-                if self._unsent is not None:
-                    self._send()
-                return None
-            job_id, result = message
-        except BundleError as exc:  # _send() failed: the job is over
-            return job, exc
-        except (EOFError, OSError) as exc:
+        self._drain_wake()
+        self._job = self._xfer = None
+        if xfer.error is not None:
             code = self._proc.exitcode if self._proc is not None else None
-            self._kill(f"died: {exc!r}")
+            self._kill(f"died: {xfer.error!r}")
             return job, BundleError(job.path, "$", f"parse worker died (exit code {code}); "
                                     "memory bound max_parse_memory or a crash")
-        self._job = None
-        if job_id != job.job_id:  # cannot happen with one job at a time; never trust it
-            self._kill("answered the wrong job")
+        self._ready = True
+        try:
+            job_id, result = xfer.answer
+        except (TypeError, ValueError):
+            job_id, result = None, None
+        if job_id != job.job_id or not isinstance(result, (BundlePart, BundleError)):
+            self._kill("answered the wrong job")  # cannot happen; never trust it
             return job, BundleError(job.path, "$", "parse worker answered the wrong job")
         return job, result
 
     def close(self) -> None:
-        """Stop the child (if any). Idempotent."""
-        self._job, self._unsent, self._ready = None, None, False
-        conn, proc = self._conn, self._proc
-        self._conn = self._proc = None
-        if conn is not None:
-            conn.close()  # the child's recv() gets EOF and it exits
-        if proc is not None:
-            proc.join(_JOIN_S)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(_JOIN_S)
+        """Stop the child (if any) and free the wake pipe. Idempotent."""
+        if self._proc is not None or self._conn is not None:
+            self._stop_child()
+        self._job = self._xfer = None
+        self._ready = False
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
 
     # -- child lifecycle ------------------------------------------------------------------
 
@@ -160,16 +187,53 @@ class ParseWorker:
         self._proc, self._conn, self._ready = proc, parent, False
         log.info("parse worker started pid=%d max_memory=%d", proc.pid, self.max_memory)
 
+    def _stop_child(self) -> None:
+        """A graceful stop: closing the pipe gives the child's recv() EOF (the transfer
+        thread is gone or blocked only on a child we then kill)."""
+        conn, proc, xfer = self._conn, self._proc, self._xfer
+        if xfer is not None and xfer.is_alive() and proc is not None:
+            proc.kill()  # mid-job: nothing to finish gracefully
+        self._join_transfer()
+        self._conn = self._proc = None
+        if conn is not None:
+            conn.close()
+        if proc is not None:
+            proc.join(_JOIN_S)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(_JOIN_S)
+
     def _kill(self, why: str) -> None:
         if self._proc is not None:
             log.warning("parse worker pid=%s stopped: %s", self._proc.pid, why)
             self.restarts += 1
             self._proc.kill()
             self._proc.join(_JOIN_S)
+        self._join_transfer()
         if self._conn is not None:
             self._conn.close()
         self._proc = self._conn = None
-        self._job, self._unsent, self._ready = None, None, False
+        self._job = self._xfer = None
+        self._ready = False
+        self._drain_wake()
+
+    def _join_transfer(self) -> None:
+        """Wait for the transfer thread, which the child's death has unblocked; the pipe's
+        fd must not be closed (and reused) under a thread still using it."""
+        xfer = self._xfer
+        if xfer is not None:
+            xfer.join(_JOIN_S)
+            if xfer.is_alive():  # cannot happen once the child is dead; never reuse its fd
+                log.error("parse transfer thread still blocked after the child's kill; "
+                          "leaking its pipe rather than closing it under the thread")
+                self._conn = None
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 64):
+                pass
+        except (BlockingIOError, OSError):
+            pass
 
 
 def _serve(conn: multiprocessing.connection.Connection, max_memory: int) -> None:
