@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -28,6 +29,13 @@ def wait_for(cond: Callable[[], T], timeout: float = 10.0, what: str = "conditio
         return stack.wait_for(cond, timeout, what, interval)
     except stack.StackError as exc:
         raise AssertionError(str(exc)) from None
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a process to listen on)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def write_bundle(path: Path, doc: dict) -> None:

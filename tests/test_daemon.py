@@ -19,6 +19,7 @@ from daemon_helpers import (
     DaemonProc,
     bundle_state,
     features_of,
+    free_port,
     model_doc,
     replace_bundle,
     wait_for,
@@ -252,17 +253,10 @@ def test_help_explains_every_option() -> None:
         assert flag in result.stdout
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_metrics_endpoint_reports_generation_and_bundle_states(
         shm_prefix: str, bundles: dict[str, Path], tmp_path: Path) -> None:
     import urllib.request
-    port = _free_port()
+    port = free_port()
     bundles["ads"].write_text("{ broken")
     with DaemonProc(shm_prefix, bundles, tmp_path / "d.log",
                     extra=["--metrics-listen", f"127.0.0.1:{port}"]) as d:

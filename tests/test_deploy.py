@@ -13,7 +13,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from typing import Any
 
 import pytest
 import yaml
+from daemon_helpers import free_port
 from test_watcher import AtomicWriterLike
 
 from flatbuffers_schema.shm_layout import SHM_DIR, segment_files
@@ -269,12 +269,6 @@ needs_mount_ns = pytest.mark.skipif(
                                "private /dev/shm as the pod does")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Pod:
     """The manifest's two containers as two processes: each volume a host directory, the
     memory emptyDir bind-mounted at /dev/shm in each process's own mount namespace."""
@@ -283,7 +277,7 @@ class Pod:
         self.base = base
         self.containers = _containers()
         self.prefix = prefix
-        self.metrics_port = _free_port()
+        self.metrics_port = free_port()
         self.procs: list[Proc] = []
         for name, vol in _volumes().items():
             d = base / "volumes" / name

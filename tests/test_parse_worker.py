@@ -2,7 +2,8 @@
 main loop on the pipe: a stopped or wedged child costs only its own job, which fails at its
 deadline naming the file; the next job runs on a fresh child.
 
-A real spawned child and real pipes; the child is stopped with a real SIGSTOP.
+A real spawned child and real pipes; the child is stopped with a real SIGSTOP, and a real
+daemon's parse worker is killed with SIGKILL.
 """
 
 from __future__ import annotations
@@ -16,8 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon_helpers import model_doc, wait_for
+from daemon_helpers import (
+    DaemonProc,
+    bundle_state,
+    features_of,
+    free_port,
+    model_doc,
+    replace_bundle,
+    wait_for,
+)
 
+from root_worker.testing.client import metric_value
 from trimmer_daemon.bundle.parse import BundleError, Limits
 from trimmer_daemon.parse_worker import ParseWorker
 from trimmer_daemon.parts import BundlePart
@@ -95,21 +105,97 @@ def test_a_stopped_child_blocks_neither_submit_nor_collect_and_fails_its_job_at_
     assert worker.pid is not None and worker.pid != first_pid
 
 
-def test_a_child_killed_mid_job_fails_only_that_job(worker: ParseWorker,
-                                                    tmp_path: Path) -> None:
+def _dead(pid: int) -> bool:
+    """Every thread of the process has exited (a zombie, or reaped): its end of the pipe is
+    closed. The leader turns zombie first; the worker's other threads (numpy's) follow."""
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return True  # reaped
+    for task in tasks:
+        try:
+            state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue  # this thread is gone
+        if state not in ("Z", "X"):
+            return False
+    return True
+
+
+def _first_job(worker: ParseWorker, tmp_path: Path) -> int:
     path, data = _bundle(tmp_path, "one")
     worker.submit("one", data, path=path, limits=Limits(), bundle_index=0)
     assert isinstance(_finish(worker)[1], BundlePart)
-    pid = worker.pid
-    assert pid is not None
-    os.kill(pid, signal.SIGSTOP)  # hold it mid-job, then kill it there
-    big = b"[" + b"0," * (16 << 20) + b"0]"
-    worker.submit("big", big, path=str(tmp_path / "big.json"), limits=Limits(),
-                  bundle_index=1)
+    assert worker.pid is not None
+    return worker.pid
+
+
+def test_a_worker_killed_while_parsing_fails_only_that_job(worker: ParseWorker,
+                                                           tmp_path: Path) -> None:
+    pid = _first_job(worker, tmp_path)
+    os.kill(pid, signal.SIGSTOP)  # the next job is delivered into the pipe, then the
+    path, data = _bundle(tmp_path, "victim")  # worker dies before answering it
+    worker.submit("victim", data, path=path, limits=Limits(), bundle_index=1)
     os.kill(pid, signal.SIGKILL)
     job, result = _finish(worker)
-    assert job.name == "big" and isinstance(result, BundleError)
-    assert "parse worker died" in result.reason
+    assert job.name == "victim" and isinstance(result, BundleError)
+    assert result.path == path and "parse worker died" in result.reason
     path, data = _bundle(tmp_path, "two")
     worker.submit("two", data, path=path, limits=Limits(), bundle_index=2)
     assert isinstance(_finish(worker)[1], BundlePart)
+
+
+def test_a_worker_that_died_between_jobs_is_replaced_for_the_next_one(
+        worker: ParseWorker, tmp_path: Path) -> None:
+    pid = _first_job(worker, tmp_path)
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: _dead(pid), what="the worker to exit")
+    path, data = _bundle(tmp_path, "next")
+    worker.submit("next", data, path=path, limits=Limits(), bundle_index=1)
+    job, result = _finish(worker)
+    assert job.name == "next" and isinstance(result, BundlePart)  # not lost to the corpse
+    assert worker.pid not in (None, pid) and worker.restarts == 1
+
+
+def _parse_worker_pid(daemon_pid: int) -> int | None:
+    """The daemon's parse worker: its child running multiprocessing's spawn_main (its other
+    child, if any, is multiprocessing's resource tracker)."""
+    for task in Path(f"/proc/{daemon_pid}/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"spawn_main" in cmdline:
+                return int(pid)
+    return None
+
+
+def test_the_daemon_counts_a_killed_parse_worker_and_parses_on_with_a_fresh_one(
+        shm_prefix: str, bundles: dict[str, Path], tmp_path: Path) -> None:
+    import urllib.request
+
+    port = free_port()
+    with DaemonProc(shm_prefix, bundles, tmp_path / "d.log",
+                    extra=["--inline-parse-bytes", "1",  # every file in the parse worker
+                           "--metrics-listen", f"127.0.0.1:{port}"]) as d:
+        d.wait_view(lambda v: v.model_count == 2)
+        first = wait_for(lambda: _parse_worker_pid(d.proc.pid), what="the parse worker")
+        os.kill(first, signal.SIGKILL)
+        wait_for(lambda: _dead(first), what="the parse worker to exit")
+        replace_bundle(bundles["ads"], model_doc("ctr", "2", ["a", "b", "z"]))
+        view = d.wait_view(lambda v: features_of(v, "ctr") == ["a", "b", "z"], timeout=20)
+        assert bundle_state(view, "ads")["state"] == "ok"  # not stale: the job was re-sent
+        assert _parse_worker_pid(d.proc.pid) not in (None, first)
+
+        def restarts() -> float | None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
+                                            timeout=5) as r:
+                    text = r.read().decode()
+            except OSError:
+                return None
+            return metric_value(text, "feature_trimmer_daemon_parse_worker_restarts_total")
+
+        assert wait_for(restarts, what="the metrics endpoint") == 1.0
+        assert d.proc.poll() is None and "parse worker pid=" in d.log()

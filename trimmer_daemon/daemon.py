@@ -97,6 +97,7 @@ class Daemon:
         self._last_heartbeat = 0.0
         self._last_watchdog = 0.0
         self._seen_rescans = self._seen_overflows = self._seen_recreations = 0
+        self._seen_parse_restarts = 0
 
     # -- lifecycle ------------------------------------------------------------------------
     def run(self) -> int:
@@ -168,6 +169,7 @@ class Daemon:
             self._hup = False
             self.handle_hup()
         self.loader.poll()
+        self._count_parse_restarts()
         changed = self.watcher.poll(0)
         self._count_watch_stats()
         if changed:
@@ -402,6 +404,12 @@ class Daemon:
         if seen > self._seen_recreations:
             m.control_recreations.inc(seen - self._seen_recreations)
         self._seen_recreations = seen
+
+    def _count_parse_restarts(self) -> None:
+        seen = self.loader.worker.restarts
+        if seen > self._seen_parse_restarts:
+            self.metrics.parse_worker_restarts.inc(seen - self._seen_parse_restarts)
+        self._seen_parse_restarts = seen
 
     def _count_watch_stats(self) -> None:
         assert self.watcher is not None

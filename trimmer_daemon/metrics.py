@@ -70,6 +70,9 @@ class DaemonMetrics:
                                registry=r)
         self.control_recreations = Counter(P + "control_recreations",
                                            "Control segment removed and re-created", registry=r)
+        self.parse_worker_restarts = Counter(
+            P + "parse_worker_restarts", "Parse worker processes killed (a parse past its "
+            "deadline, a dead or stopped worker); each failed only its own file", registry=r)
 
     def set_bundle_state(self, bundle: str, state: int) -> None:
         for value, name in STATE_NAMES.items():

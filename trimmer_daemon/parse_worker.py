@@ -67,6 +67,7 @@ class _Transfer(threading.Thread):
         self.need_ready, self.wake_w = need_ready, wake_w
         self.answer: Any = None
         self.error: BaseException | None = None
+        self.delivered = False  # the child got the whole job (a failure after is the job's)
 
     def run(self) -> None:
         try:
@@ -74,7 +75,7 @@ class _Transfer(threading.Thread):
                 raise EOFError("the parse worker did not start with 'ready'")
             self.conn.send(self.header)
             self.conn.send_bytes(self.data)
-            self.data = b""
+            self.delivered = True
             self.answer = self.conn.recv()
         except BaseException as exc:  # noqa: BLE001 - handed to collect() on the main loop
             self.error = exc
@@ -97,6 +98,7 @@ class ParseWorker:
         self._job: Job | None = None
         self._ready = False  # the child's "ready" was received
         self._xfer: _Transfer | None = None
+        self._retried = False  # the job in flight was re-sent to a fresh worker once
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._next_id = 0
         self.restarts = 0
@@ -127,11 +129,14 @@ class ParseWorker:
         assert self._conn is not None
         self._next_id += 1
         job = Job(self._next_id, name, path, time.monotonic())
-        self._job = job
-        self._xfer = _Transfer(self._conn, (job.job_id, path, limits, bundle_index), data,
-                               not self._ready, self._wake_w)
-        self._xfer.start()
+        self._job, self._retried = job, False
+        self._start_transfer((job.job_id, path, limits, bundle_index), data)
         return job
+
+    def _start_transfer(self, header: tuple[Any, ...], data: bytes) -> None:
+        assert self._conn is not None
+        self._xfer = _Transfer(self._conn, header, data, not self._ready, self._wake_w)
+        self._xfer.start()
 
     def collect(self) -> tuple[Job, BundlePart | BundleError] | None:
         """The finished job and its result, or None if not finished (never blocks: call
@@ -146,6 +151,14 @@ class ParseWorker:
             return job, BundleError(job.path, "$", f"parse took longer than "
                                     f"{self.timeout_s:.0f}s; the parse worker was killed")
         self._drain_wake()
+        if xfer.error is not None and not xfer.delivered and not self._retried:
+            # The worker was gone before the job reached it (it died between jobs): once
+            # more on a fresh one. A file that kills the worker fails below, parsed once.
+            self._kill(f"found dead: {xfer.error!r}")
+            self._ensure_child()
+            self._job, self._retried = job, True
+            self._start_transfer(xfer.header, xfer.data)
+            return None
         self._job = self._xfer = None
         if xfer.error is not None:
             code = self._proc.exitcode if self._proc is not None else None
