@@ -65,7 +65,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import secrets
 import signal
@@ -85,6 +84,8 @@ import lz4.frame
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from report import RESULTS_DIR, write_results  # noqa: E402
+
 from flatbuffers_schema.keys import Allowlist  # noqa: E402
 from root_worker.frame import Trimmer, decode  # noqa: E402
 from root_worker.leaf.model import LeafModel  # noqa: E402
@@ -100,7 +101,7 @@ from root_worker.testing.stack import (  # noqa: E402
 )
 from root_worker.testing.workload import load_universe, make_frame  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results" / "e2e_bench.json"
+RESULTS = RESULTS_DIR / "e2e_bench.json"
 CONFIGS = {  # name -> (root, FT_MODE, FT_LZ4); root "pool" is gunicorn, "minimal" the yardstick
     "off": ("pool", "off", False),
     "lz4": ("pool", "off", True),
@@ -698,16 +699,11 @@ def run(args: argparse.Namespace) -> int:
         print(line)
     print(f"cleanup: shm segments of {stack.prefix} left: {left or 'none'}; processes "
           f"killed after the SIGTERM deadline: {closed.killed or 'none'}")
-    doc = {"benchmark": "e2e", "command": " ".join(["python", *sys.argv]),
-           "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                       "cpus": os.cpu_count()},
-           "source": source_state(), "problems": problems,
+    doc = {"source": source_state(), "problems": problems,
            "shape": shape, "results": results, "verdict": v, "shaped": shaped,
            "note": "client, root, leaves and daemon share the machine's CPUs; root CPU per "
                    "request is from /proc/<pid>/stat of the root's master and workers"}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"wrote {args.output}")
+    write_results(args.output, "e2e", doc)
     return 0 if not left and not problems else 1
 
 

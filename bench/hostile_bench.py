@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import signal
 import socket
 import statistics
@@ -49,6 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from report import RESULTS_DIR, write_results  # noqa: E402
 from root_helpers import (  # noqa: E402
     BadLeafProc,
     MapPublisher,
@@ -64,7 +63,7 @@ from flatbuffers_schema.shm_layout import segment_files  # noqa: E402
 from root_worker.testing.client import Client  # noqa: E402
 from root_worker.testing.workload import make_frame  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results" / "hostile_bench.json"
+RESULTS = RESULTS_DIR / "hostile_bench.json"
 LEAF_TIMEOUT = 2.0
 DEADLINE_SLACK = 0.05
 N_FRAMES = 64  # healthy traffic sends a different frame each request (ragged lengths vary)
@@ -238,10 +237,7 @@ def run(args: argparse.Namespace) -> int:
         leaf.stop()
         pub.close()
     left = segment_files(prefix)
-    doc = {"benchmark": "hostile", "command": " ".join(["python", *sys.argv]),
-           "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                       "cpus": os.cpu_count()},
-           "leaf_timeout_s": LEAF_TIMEOUT, "deadline_slack_ms": DEADLINE_SLACK * 1e3,
+    doc = {"leaf_timeout_s": LEAF_TIMEOUT, "deadline_slack_ms": DEADLINE_SLACK * 1e3,
            "deadlines": d, "slow_clients": sc, "memory": mem,
            "targets": {"every_target_within_deadline_plus_50ms":
                        d["worst_target_seconds"] <= LEAF_TIMEOUT + DEADLINE_SLACK and
@@ -249,10 +245,8 @@ def run(args: argparse.Namespace) -> int:
                        "healthy_p99_within_2x_with_slow_clients":
                        sc["healthy_p99_ratio"] <= 2.0,
                        "uss_64_within_2x_of_3": mem["ratio_64_vs_3"] <= 2.0}}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"targets: {doc['targets']}\ncleanup: shm segments left: {left or 'none'}\n"
-          f"wrote {args.output}")
+    print(f"targets: {doc['targets']}\ncleanup: shm segments left: {left or 'none'}")
+    write_results(args.output, "hostile", doc)
     return 0 if not left else 1
 
 

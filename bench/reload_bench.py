@@ -40,6 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from report import RESULTS_DIR, write_results  # noqa: E402
+
 READER = r"""
 import sys, time
 sys.path.insert(0, sys.argv[2])
@@ -352,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--side-rounds", type=int, default=40)
     parser.add_argument("--sections", default="reload,small_beside_big,compile_publish",
                         help="comma-separated subset to run")
-    parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "reload_bench.json"))
+    parser.add_argument("--output", default=str(RESULTS_DIR / "reload_bench.json"))
     parser.add_argument("--daemon-arg", action="append", default=[], metavar="FLAG",
                         help="extra trimmer-daemon flag, e.g. --daemon-arg=--debounce-ms=2")
     args = parser.parse_args(argv)
@@ -365,9 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{section}]")
         for k, v in values.items():
             print(f"  {k:26s} {v}")
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.output}")
+    write_results(args.output, "reload", result)
     return 0
 
 

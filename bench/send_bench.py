@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import signal
 import socket
@@ -45,13 +44,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from minimal_root import send_all  # noqa: E402  (bench/: the yardstick root's blocking send)
+from report import RESULTS_DIR, write_results  # noqa: E402
 
 from flatbuffers_schema.keys import Allowlist  # noqa: E402
 from root_worker.frame import Trimmer  # noqa: E402
 from root_worker.service.worker import BODY_RCVLOWAT  # noqa: E402
 from root_worker.testing.workload import load_universe, make_frame  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results" / "send_bench.json"
+RESULTS = RESULTS_DIR / "send_bench.json"
 EXAMPLES = ROOT / "examples"
 MODELS = (("ads", "ads_ctr"), ("ads", "ads_cvr"), ("homefeed", "homefeed_rank"))
 DRAIN_CHUNK = 1 << 20
@@ -261,12 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"trim_copy / off {fmt(r['trim_copy_over_off'])}")
     print(f"receive / off   {fmt(r['receive_share_of_off'])}   (paid in both modes)")
     print(f"receive in BODY_RCVLOWAT wake-ups / plain recv {fmt(r['receive_lowat_over_plain'])}")
-    doc = {"benchmark": "send", "command": " ".join(["python", *sys.argv]),
-           "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                       "cpus": os.cpu_count()}, "results": r}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"wrote {RESULTS.relative_to(ROOT)}")
+    write_results(RESULTS, "send", {"results": r})
     return 0
 
 

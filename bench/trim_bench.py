@@ -18,7 +18,6 @@ from __future__ import annotations
 import collections
 import hashlib
 import itertools
-import json
 import os
 import platform
 import resource
@@ -38,11 +37,13 @@ import zstandard  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from report import RESULTS_DIR, write_results  # noqa: E402
+
 from flatbuffers_schema.keys import Allowlist  # noqa: E402
 from root_worker.frame import BACKENDS, Ragged, Trimmer, decode, encode  # noqa: E402
 from root_worker.frame.format import BLOCK_ALIGN  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results" / "trim_bench.json"
+RESULTS = RESULTS_DIR / "trim_bench.json"
 PREAMBLE_BYTES = 64
 QUICK = "--quick" in sys.argv
 SCALE = 0.2 if QUICK else 1.0
@@ -539,7 +540,7 @@ def summary(sections: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def main() -> int:
     results: dict[str, Any] = {
         "python": sys.version.split()[0], "numpy": np.__version__,
-        "machine": platform.machine(), "backends": list(BACKENDS), "quick": QUICK,
+        "arch": platform.machine(), "backends": list(BACKENDS), "quick": QUICK,
         "sections": {},
     }
     for section in SECTIONS:
@@ -555,9 +556,8 @@ def main() -> int:
     for name, t in results["targets"].items():
         verdict = "ok" if t["met"] else "MISSED"
         print(f"   {name:44s} {t['value']:40s} {t['target']:>8s}  {verdict}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nwrote {RESULTS.relative_to(ROOT)}")
+    print()
+    write_results(RESULTS, "trim", results)
     return 0
 
 
