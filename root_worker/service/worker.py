@@ -410,16 +410,14 @@ class Conn:
             self.loop.watch(self.sock, READ, self._read_body)
 
     def _body_lowat(self) -> int:
-        """The SO_RCVLOWAT for the rest of a Content-Length body: the current one while it
-        is at most the rest (the kernel must report the last bytes), else the rest; 1 for
-        a chunked body or a rest of at most HEAD_RECV."""
+        """The SO_RCVLOWAT for the rest of a Content-Length body: BODY_RCVLOWAT, never more
+        than the rest (the kernel must report the last bytes); 1 for a chunked body or a
+        rest of at most HEAD_RECV."""
         head = self.head
         if self.chunks is not None or head is None or head.content_length is None:
             return 1
         rest = head.content_length - self.got
-        if rest <= HEAD_RECV:
-            return 1
-        return min(rest, self.lowat if self.lowat > 1 else BODY_RCVLOWAT)
+        return min(rest, BODY_RCVLOWAT) if rest > HEAD_RECV else 1
 
     def _rcvlowat(self, n: int) -> None:
         """Have the kernel report the socket readable once ``n`` bytes are queued (or at
