@@ -96,8 +96,6 @@ class Daemon:
         self._wake_r = self._wake_w = -1
         self._last_heartbeat = 0.0
         self._last_watchdog = 0.0
-        self._seen_rescans = self._seen_overflows = self._seen_recreations = 0
-        self._seen_parse_restarts = 0
 
     # -- lifecycle ------------------------------------------------------------------------
     def run(self) -> int:
@@ -169,9 +167,8 @@ class Daemon:
             self._hup = False
             self.handle_hup()
         self.loader.poll()
-        self._count_parse_restarts()
         changed = self.watcher.poll(0)
-        self._count_watch_stats()
+        self._count_stats()
         if changed:
             self.loader.refresh(changed)
         self._publish_if_dirty()
@@ -400,23 +397,11 @@ class Daemon:
         m = self.metrics
         m.shm_segments.set(len(live))
         m.shm_bytes.set(sum(size for _, size in live))
-        seen = self.publisher.control_recreations
-        if seen > self._seen_recreations:
-            m.control_recreations.inc(seen - self._seen_recreations)
-        self._seen_recreations = seen
+        m.follow(m.control_recreations, self.publisher.control_recreations)
 
-    def _count_parse_restarts(self) -> None:
-        seen = self.loader.worker.restarts
-        if seen > self._seen_parse_restarts:
-            self.metrics.parse_worker_restarts.inc(seen - self._seen_parse_restarts)
-        self._seen_parse_restarts = seen
-
-    def _count_watch_stats(self) -> None:
+    def _count_stats(self) -> None:
         assert self.watcher is not None
-        stats = self.watcher.stats
-        rescans, overflows = stats.rescans, stats.overflows
-        if rescans > self._seen_rescans:
-            self.metrics.rescans.inc(rescans - self._seen_rescans)
-        if overflows > self._seen_overflows:
-            self.metrics.overflows.inc(overflows - self._seen_overflows)
-        self._seen_rescans, self._seen_overflows = rescans, overflows
+        m, stats = self.metrics, self.watcher.stats
+        m.follow(m.rescans, stats.rescans)
+        m.follow(m.overflows, stats.overflows)
+        m.follow(m.parse_worker_restarts, self.loader.worker.restarts)

@@ -70,9 +70,19 @@ class DaemonMetrics:
                                registry=r)
         self.control_recreations = Counter(P + "control_recreations",
                                            "Control segment removed and re-created", registry=r)
+        self._followed: dict[Counter, int] = {}  # counter -> the total it last followed
         self.parse_worker_restarts = Counter(
             P + "parse_worker_restarts", "Parse worker processes killed (a parse past its "
             "deadline, a dead or stopped worker); each failed only its own file", registry=r)
+
+    def follow(self, counter: Counter, total: int) -> None:
+        """Advance ``counter`` to a running ``total`` kept elsewhere (the publisher's,
+        watcher's or parse worker's own count): increments by what it grew since the last
+        call; a total that restarted from zero counts from there."""
+        seen = self._followed.get(counter, 0)
+        if total > seen:
+            counter.inc(total - seen)
+        self._followed[counter] = total
 
     def set_bundle_state(self, bundle: str, state: int) -> None:
         for value, name in STATE_NAMES.items():
