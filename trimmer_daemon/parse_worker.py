@@ -76,6 +76,7 @@ class _Transfer(threading.Thread):
             self.conn.send(self.header)
             self.conn.send_bytes(self.data)
             self.delivered = True
+            self.data = b""  # kept only for a re-send: up to max_file_bytes, not held longer
             self.answer = self.conn.recv()
         except BaseException as exc:  # noqa: BLE001 - handed to collect() on the main loop
             self.error = exc
@@ -179,8 +180,11 @@ class ParseWorker:
         """Stop the child (if any) and free the wake pipe. Idempotent."""
         if self._proc is not None or self._conn is not None:
             self._stop_child()
+        stuck = self._xfer is not None and self._xfer.is_alive()
         self._job = self._xfer = None
         self._ready = False
+        if stuck:  # (see _join_transfer) it may still write the wake byte: keep the pipe
+            return
         for fd in (self._wake_r, self._wake_w):
             if fd >= 0:
                 os.close(fd)
@@ -203,11 +207,11 @@ class ParseWorker:
     def _stop_child(self) -> None:
         """A graceful stop: closing the pipe gives the child's recv() EOF (the transfer
         thread is gone or blocked only on a child we then kill)."""
-        conn, proc, xfer = self._conn, self._proc, self._xfer
+        proc, xfer = self._proc, self._xfer
         if xfer is not None and xfer.is_alive() and proc is not None:
             proc.kill()  # mid-job: nothing to finish gracefully
-        self._join_transfer()
-        self._conn = self._proc = None
+        self._join_transfer()  # (leaves _conn None rather than close it under the thread)
+        conn, self._conn, self._proc = self._conn, None, None
         if conn is not None:
             conn.close()
         if proc is not None:
