@@ -609,10 +609,13 @@ class Publisher:
             return 0
 
     def _room_for(self, size: int) -> bool:
-        """Would one more segment of ``size`` bytes fit the bounds as they stand?"""
+        """Would the kept segments plus one more of ``size`` bytes (0: none) fit the bounds:
+        segments <= max_segments, bytes <= max_bytes_factor x the larger of the current and
+        the new blob?"""
         current = self._record.blob_size if self._record is not None else 0
         live = current + sum(r.size for r in self._retired)
-        return (len(self._retired) + 2 <= self.max_segments
+        extra = 2 if size else 1  # current (+ new)
+        return (len(self._retired) + extra <= self.max_segments
                 and live + size <= self.max_bytes_factor * max(size, current))
 
     def _drop_spare(self, *, unlink: bool) -> _Spare | None:
@@ -628,18 +631,13 @@ class Publisher:
         """Unlink the oldest superseded generations until a new blob of ``size`` bytes (0:
         none) fits the bounds: segments <= max_segments, bytes <= max_bytes_factor x the
         larger of the current and the new blob."""
-        current = self._record.blob_size if self._record is not None else 0
-        cap = self.max_bytes_factor * max(size, current)
-        live = current + sum(r.size for r in self._retired)
-        extra = 2 if size else 1  # current (+ new)
-        while self._retired and (len(self._retired) + extra > self.max_segments
-                                 or live + size > cap):
+        while self._retired and not self._room_for(size):
             oldest = self._retired.pop(0)
             _unlink(L.blob_name(self.prefix, oldest.generation))
-            live -= oldest.size
             self.forced_reclaims += 1
-            log.debug("reclaimed early prefix=%s generation=%d (bounds: %d segments, %.0f "
-                      "bytes)", self.prefix, oldest.generation, self.max_segments, cap)
+            log.debug("reclaimed early prefix=%s generation=%d (bounds: %d segments, "
+                      "%g x the blob)", self.prefix, oldest.generation, self.max_segments,
+                      self.max_bytes_factor)
 
     def _scan_blobs(self) -> list[int]:
         """Generations of this prefix present in ``shm_dir`` (empty if not listable)."""
