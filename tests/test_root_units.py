@@ -358,6 +358,40 @@ def test_no_map_then_map_then_retired(shm_prefix: str) -> None:
             pub.close()
 
 
+def test_latest_version_is_the_natural_order_latest_of_the_published_map(
+        shm_prefix: str) -> None:
+    """The root resolves a target that names no version to the latest in natural order
+    ("10" after "9") of the map the daemon's own compile path publishes (MapPublisher: a
+    part per bundle, spliced by the assembler), trims to that version's features and the
+    leaf serving both versions scores it. Fails on the planted bug of sorting versions by
+    raw string in ``parts.compile_part`` (latest becomes "9"): checked by planting it."""
+    wl = Workload(60)
+    names = sorted(wl.models["ads_ctr"])
+    v9, v10 = names[:3], names[:6]
+    leaf = LeafThread(ModelStore.from_inputs({"ads_ctr": {"9": v9, "10": v10}}))
+    live = LiveMap(shm_prefix)
+    pub = MapPublisher(shm_prefix)
+    sc = None
+    try:
+        pub.publish({"ads": {"ads_ctr": [{"version": "9", "input_names": v9},
+                                         {"version": "10", "input_names": v10},
+                                         {"version": "2", "input_names": names[:1]}]}})
+        sc = Scorer(load_settings({}, shm_name=shm_prefix), live,
+                    Routing.from_doc({"*": leaf.url}), RootMetrics())
+        frame = make_frame(wl.universe, 3, targets=["ads_ctr"])
+        status, doc = sc.score(frame, "")
+        assert status == 200 and doc["ok"] == 1, doc
+        (target,) = doc["targets"]
+        assert (target["outcome"], target["version"]) == ("trimmed", "10"), target
+        assert target["bytes_sent"] == trimmed_size(frame, v10)
+    finally:
+        if sc is not None:
+            sc.close()
+        leaf.close()
+        live.close()
+        pub.close()
+
+
 def test_request_ids_reach_leaves_only_when_header_safe(stack: dict) -> None:
     wl = stack["wl"]
     sc = stack["scorer"]()
