@@ -30,6 +30,10 @@ from root_worker.testing.client import Client
 from root_worker.testing.workload import FeatureSpec, assign_models, bundle_doc, make_universe
 
 STOP_TIMEOUT = 10.0
+DEADLINE_MARGIN = 0.5
+"""How long after its leaf deadline a timed-out call or request may end in a test: a few
+hundred ms for the loop's wake-up and the answer on a shared 2-core machine -- far less than
+a timer armed late could hide in (every slow-leaf test asserts elapsed time with it)."""
 
 
 class Proc:

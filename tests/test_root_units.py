@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from root_helpers import LeafThread, MapPublisher, Workload, reference_scores, trimmed_size
+from root_helpers import (
+    DEADLINE_MARGIN,
+    LeafThread,
+    MapPublisher,
+    Workload,
+    reference_scores,
+    trimmed_size,
+)
 
 from root_worker.featuremap.live_map import LiveMap
 from root_worker.frame import Trimmer
@@ -174,10 +181,18 @@ def test_calls_on_one_loop_keep_their_own_results_and_deadlines() -> None:
                                                           f"{hung.getsockname()[1]}")
     deadline = time.monotonic() + 1.0
     try:
+        ended: dict[str, float] = {}
+
+        def done(name: str, r: Any) -> None:
+            results[name], ended[name] = r, time.monotonic()
+
         for name, eps in (("ok", [ok]), ("hung", [silent]), ("none", [])):
             LeafCall(loop, pool, eps, "/nowhere", {}, [b"x"], deadline, 1 << 20,
-                     lambda r, name=name: results.__setitem__(name, r)).start()
+                     lambda r, name=name: done(name, r)).start()
         run_until(loop, lambda: len(results) == 3, time.monotonic() + 30)
+        # the hung call ends at its deadline: not before, nor later than a wake-up's margin
+        late = ended["hung"] - deadline
+        assert 0 <= late < DEADLINE_MARGIN, late
         assert results["ok"][0] == 404
         assert isinstance(results["hung"], LeafError) and results["hung"].kind == "timeout"
         assert isinstance(results["none"], LeafError) and results["none"].kind == "no_route"
