@@ -135,7 +135,11 @@ def test_out_buffer_errors(trimmer: Trimmer) -> None:
         trimmer.trim(frame, allow, out=bytearray(100))
     with pytest.raises(ValueError, match="read-only"):
         trimmer.trim(frame, allow, out=bytes(len(frame)))
-    trimmer.trim(frame, allow, out=np.zeros(len(frame) // 8 + 1, dtype=np.uint64))
+    words = np.zeros(len(frame) // 8 + 1, dtype=np.uint64)  # any writable buffer will do
+    res = trimmer.trim(frame, allow, out=words)
+    assert bytes(res.data) == bytes(Trimmer(backend="numpy").trim(frame, allow).data)
+    assert bytes(res.data) == words.tobytes()[:res.bytes_out]  # written in place
+    assert res.bytes_out == len(frame)  # every column kept
 
 
 def test_padding_is_never_stale(trimmer: Trimmer) -> None:
