@@ -32,19 +32,22 @@ def wait_for(cond: Callable[[], T], timeout: float = 10.0, what: str = "conditio
 
 
 def compile_as_the_daemon(parsed: Mapping[str, Any], *, generation: int,
-                          built_at_ns: int = 123, sha256: str = "ab" * 32) -> Any:
+                          built_at_ns: int = 123, sha256: str = "ab" * 32,
+                          statuses: Any = None) -> Any:
     """The daemon's own compile path for parsed bundles (name -> ParsedBundle, in bundle
     order): one part per bundle (``parts.compile_part``) spliced by an ``Assembler``, as
-    ``daemon.py`` publishes; returns the ``Assembled`` (``.parts``, ``.crc``)."""
+    ``daemon.py`` publishes; returns the ``Assembled`` (``.parts``, ``.crc``).
+    ``statuses``: the bundles' BundleStatusRecords (default: each ok, with ``sha256``)."""
     from flatbuffers_schema.fmap.BundleState import BundleState
     from trimmer_daemon.assemble import Assembler
     from trimmer_daemon.compiler import BundleStatusRecord
     from trimmer_daemon.parts import compile_part
 
     parts = [compile_part(p, i) for i, p in enumerate(parsed.values())]
-    statuses = [BundleStatusRecord(name=n, path=f"/b/{n}", state=BundleState.Ok,
-                                   sha256=sha256, model_count=len(p.models))
-                for n, p in parsed.items()]
+    if statuses is None:
+        statuses = [BundleStatusRecord(name=n, path=f"/b/{n}", state=BundleState.Ok,
+                                       sha256=sha256, model_count=len(p.models))
+                    for n, p in parsed.items()]
     return Assembler().assemble(parts, statuses, generation=generation,
                                 built_at_ns=built_at_ns, daemon_pid=os.getpid())
 

@@ -203,3 +203,148 @@ def test_allowlist_from_names_matches_compiled(build: Build) -> None:
     view = FeatureMapView(build({"ads": ADS}))
     compiled = view.resolve("cvr").allowlist
     assert compiled.digest == Allowlist.from_names(["y", "x", "x"]).digest
+
+
+# --- everything the reader says, exactly ---------------------------------------------------
+def _status_build(docs: dict[str, dict], statuses: list[BundleStatusRecord],
+                  generation: int = 11) -> bytes:
+    out = compile_as_the_daemon({n: parse_bundle(json.dumps(d).encode(), path=f"/b/{n}")
+                                 for n, d in docs.items()}, generation=generation,
+                                built_at_ns=4242, statuses=statuses)
+    return b"".join(bytes(p) for p in out.parts)
+
+
+STATUSES = [
+    BundleStatusRecord(name="ads", path="/etc/ft/ads.json", state=BundleState.Stale,
+                       sha256="aa" * 32, loaded_at_ns=17, checked_at_ns=19,
+                       error="/etc/ft/ads.json: $: bad", current_sha256="cc" * 32,
+                       model_count=2, version_count=4, warnings=("w1", "w2 ü")),
+    BundleStatusRecord(name="feed", path="/etc/ft/feed.json", state=BundleState.Ok,
+                       sha256="bb" * 32, loaded_at_ns=5, checked_at_ns=6, model_count=1,
+                       version_count=1),
+]
+
+
+def test_the_dump_says_exactly_what_the_daemon_published() -> None:
+    """Every field of bundles(), models() and to_dict(), against values set on purpose
+    (a mutant that drops, swaps or defaults one field fails here)."""
+    docs = {"ads": ADS, "feed": {"rank": [{"version": "v1", "input_names": ["q"]}]}}
+    view = FeatureMapView(_status_build(docs, STATUSES))
+    assert (view.generation, view.built_at_ns, view.daemon_pid) == (11, 4242, os.getpid())
+    assert view.model_count == 3
+    assert view.bundles() == [
+        {"name": "ads", "path": "/etc/ft/ads.json", "state": "stale", "sha256": "aa" * 32,
+         "loaded_at_ns": 17, "checked_at_ns": 19, "error": "/etc/ft/ads.json: $: bad",
+         "current_sha256": "cc" * 32, "model_count": 2, "version_count": 4,
+         "warnings": ["w1", "w2 ü"]},
+        {"name": "feed", "path": "/etc/ft/feed.json", "state": "ok", "sha256": "bb" * 32,
+         "loaded_at_ns": 5, "checked_at_ns": 6, "error": "", "current_sha256": "",
+         "model_count": 1, "version_count": 1, "warnings": []}]
+    models = list(view.models())
+    assert [m["name"] for m in models] == ["ctr", "cvr", "rank"]
+    ctr = models[0]
+    assert ctr["latest"] == "10"
+    v10 = view.resolve("ctr", "10").allowlist
+    assert v10 is not None
+    assert ctr["versions"] == [
+        {"version": "2", "features": 1, "digest": f"{keyset_digest(keys(['z'])):016x}",
+         "conflict": False, "bundles": ["ads"], "output_count": 0},
+        {"version": "9", "features": 2, "digest": f"{keyset_digest(keys(['a', 'b'])):016x}",
+         "conflict": False, "bundles": ["ads"], "output_count": 0},
+        {"version": "10", "features": 3, "digest": f"{v10.digest:016x}", "conflict": False,
+         "bundles": ["ads"], "output_count": 1}]
+    assert models[2]["versions"][0]["bundles"] == ["feed"]
+    dump = view.to_dict(with_features=True)
+    assert set(dump) == {"generation", "built_at_ns", "daemon_pid", "bundles", "models",
+                         "conflicts"}
+    assert (dump["generation"], dump["built_at_ns"], dump["daemon_pid"]) == (
+        11, 4242, os.getpid())
+    assert dump["bundles"] == view.bundles() and dump["conflicts"] == []
+    assert [sorted(v["input_names"]) for v in dump["models"][0]["versions"]] == [
+        ["z"], ["a", "b"], ["a", "b", "c"]]
+    assert "input_names" not in view.to_dict()["models"][0]["versions"][0]
+
+
+def test_a_bundle_index_past_the_bundle_list_is_shown_as_a_number() -> None:
+    """A version attributed to a bundle the status list does not name (an older daemon's
+    map) shows the index itself."""
+    view = FeatureMapView(_status_build({"ads": ADS}, []))
+    assert view.bundles() == []
+    assert [v["bundles"] for v in next(iter(view.models()))["versions"]] == [["0"]] * 3
+
+
+def test_every_explanation_says_what_happened() -> None:
+    view = FeatureMapView(_status_build({"ads": ADS}, STATUSES[:1]))
+    assert view.resolve("ctr", "9").explain() == "exact match: version '9' (2 features)"
+    assert view.resolve("ctr").explain() == (
+        "no version requested: latest version '10' (3 features)")
+    assert view.resolve("ctr", "7").explain() == (
+        "version '7' of 'ctr' is not in the map: falling back to the latest version '10' "
+        "(3 features)")
+    assert view.resolve("nope", "1").explain() == (
+        "model 'nope' is not in the map: requests pass through untrimmed")
+    none = no_map("ctr", "3")
+    assert (none.outcome, none.model, none.requested_version, none.version, none.allowlist,
+            none.generation) == (Outcome.PASSTHROUGH_NO_MAP, "ctr", "3", None, None, 0)
+    assert none.explain() == "no map is published: requests pass through untrimmed"
+    assert no_map("m").requested_version is None and not no_map("m").trims
+    exact = view.resolve("ctr", "9")
+    assert (exact.model, exact.requested_version, exact.generation) == ("ctr", "9", 11)
+    latest = view.resolve("ctr")
+    assert latest.requested_version is None and latest.outcome is Outcome.TRIMMED
+    unknown = view.resolve("nope", "1")
+    assert (unknown.version, unknown.requested_version, unknown.generation) == (None, "1", 11)
+
+
+def test_a_version_is_matched_exactly_and_the_last_match_wins() -> None:
+    """'1' does not match '10' or '01'; with no version the last (latest) is used."""
+    doc = {"m": [{"version": "01", "input_names": ["a"]},
+                 {"version": "1", "input_names": ["b"]},
+                 {"version": "10", "input_names": ["c"]}]}
+    view = FeatureMapView(_status_build({"x": doc}, []))
+    for version, name in (("01", "a"), ("1", "b"), ("10", "c"), (None, "c")):
+        res = view.resolve("m", version)
+        assert res.allowlist is not None
+        assert view.feature_names(res.allowlist.keys) == [name], version
+        assert res.outcome is Outcome.TRIMMED and res.version == (version or "10")
+
+
+def test_feature_names_of_unknown_keys_are_hex_and_order_is_kept() -> None:
+    view = FeatureMapView(_status_build({"ads": ADS}, []))
+    known = name_keys(["b", "a"])
+    assert view.feature_names(known) == ["b", "a"]
+    assert view.feature_names(np.array([1, int(known[0])], dtype=np.uint64)) == [
+        "<key 0x0000000000000001>", "b"]
+    assert view.feature_names(np.array([2**64 - 1], dtype=np.uint64)) == [
+        "<key 0xffffffffffffffff>"]
+    assert view.feature_names(np.array([], dtype=np.uint64)) == []
+
+
+def test_the_memo_is_bounded_and_cleared_when_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    from root_worker.featuremap import map_reader
+
+    monkeypatch.setattr(map_reader, "MEMO_MAX", 4)
+    view = FeatureMapView(_status_build({"ads": ADS}, []))
+    first = view.resolve("ctr", "9")
+    for i in range(3):
+        view.resolve(f"unknown{i}")
+    assert view.resolve("ctr", "9") is first  # 4 entries: still memoised
+    view.resolve("one_more")  # the 5th clears the memo first
+    again = view.resolve("ctr", "9")
+    assert again is not first and (again.outcome, again.version) == ("trimmed", "9")
+    assert again.allowlist is not None and first.allowlist is not None
+    assert again.allowlist.digest == first.allowlist.digest
+
+
+def test_a_blob_of_another_generation_is_refused() -> None:
+    from root_worker.featuremap.map_reader import open_generation
+
+    blob = _status_build({"ads": ADS}, [], generation=5)
+    assert open_generation(blob, 5).generation == 5
+    with pytest.raises(MapError, match="blob says generation 5, control block says 6"):
+        open_generation(blob, 6)
+    with pytest.raises(MapError, match=r"not a feature map: identifier b'\\x00\\x00\\x00"
+                                        r"\\x00', expected b'FTMP'"):
+        FeatureMapView(b"\x00" * 64)
+    with pytest.raises(MapError, match=r"feature map blob too small \(11 bytes\)"):
+        FeatureMapView(blob[:11])
