@@ -209,6 +209,34 @@ def test_check_ragged_refuses_offsets_that_end_one_value_short(kernel: str) -> N
             _copyruns.set_kernel(frame_copy.KERNEL)
 
 
+def test_check_ragged_finds_the_bad_one_of_several_kept_ragged_columns() -> None:
+    """Three kept ragged columns, only the last one's offsets decrease: refused naming it
+    (fails if the per-column reduction becomes one over all columns: the first, good,
+    column is then explained and nothing raised -- a mutant that survived before)."""
+    lengths = [1, 2, 0, 3]
+    cols = {f"r{i}": Ragged.from_lengths(np.arange(6, dtype=np.int64), lengths)
+            for i in range(3)}
+    frame = encode(cols)
+    allow = Allowlist.from_names(list(cols))
+    bad = corrupt_offsets(frame, 2, 2, 0)  # offsets [0, 1, 0, 3, 6]
+    for t in TRIMMERS.values():
+        with pytest.raises(FrameError, match="'r2': ragged offsets decrease at candidate 2"):
+            t.trim(bad, allow, check_ragged=True)
+    assert outputs(frame, allow, True) == {b: bytes(TRIMMERS["numpy"].trim(frame, allow).data)
+                                           for b in BACKENDS}
+
+
+def test_check_ragged_of_an_empty_last_column_right_before_tiny_metadata() -> None:
+    """A ragged column with no values whose offsets head (8 offsets: exactly 64 bytes) is
+    the last block, followed by 2 bytes of metadata: the check reads exactly the head's
+    words (reading one more would run past the frame)."""
+    frame = encode({"r": Ragged.from_lengths(np.zeros(0, np.int64), [0] * 7)}, {})
+    allow = Allowlist.from_names(["r"])
+    assert len(frame) == table_of(frame)[2] + 2
+    for t in TRIMMERS.values():
+        assert bytes(t.trim(frame, allow, check_ragged=True).data) == frame
+
+
 def test_check_ragged_on_zero_candidates_and_odd_elements() -> None:
     for n_cand in (0, 1, 4, 5):
         cols = mixed_cols(n_cand, 5)
