@@ -208,7 +208,7 @@ def _reader(prefix: str, max_size: int, until_gen: int, stop_file: str) -> int:
     deadline = time.monotonic() + 120.0
     while time.monotonic() < deadline:
         if ctl is None:
-            ctl = _map_control(prefix)
+            ctl = map_control(prefix)
         else:  # a raw read beside the reader's own: never a whole slot of another generation
             problem = stable_mismatch(ctl)
             if problem:
@@ -249,7 +249,7 @@ def _reader(prefix: str, max_size: int, until_gen: int, stop_file: str) -> int:
     return 0
 
 
-def _map_control(prefix: str) -> mmap.mmap | None:
+def map_control(prefix: str) -> mmap.mmap | None:
     """A read-only mapping of ``prefix``'s control segment, or ``None`` if none is there."""
     try:
         fd = os.open(os.path.join(L.SHM_DIR, prefix + ".ctl"), os.O_RDONLY)

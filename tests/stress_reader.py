@@ -16,6 +16,8 @@ import sys
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _ROOT)
 
+from shm_helpers import map_control, stable_mismatch  # noqa: E402
+
 from root_worker.featuremap.live_map import LiveMap  # noqa: E402
 from root_worker.featuremap.map_reader import FeatureMapView  # noqa: E402
 
@@ -52,9 +54,17 @@ def main(prefix: str, stop_file: str) -> int:
     live = LiveMap(prefix)
     seen: set[int] = set()
     errors: list[str] = []
-    checks = 0
+    checks = order_violations = 0
     announced = False
+    ctl = None
     while not os.path.exists(stop_file):
+        if ctl is None:
+            ctl = map_control(prefix)
+        else:  # a raw read beside the worker's own: never a whole slot of another generation
+            problem = stable_mismatch(ctl)
+            if problem:
+                order_violations += 1
+                errors.append(problem)
         view = live.current()
         if view is None:
             continue
@@ -71,6 +81,7 @@ def main(prefix: str, stop_file: str) -> int:
     stats = live.reader.stats
     print(json.dumps({"generations": len(seen), "checks": checks, "errors": errors[:20],
                       "n_errors": len(errors), "verify_failures": stats.verify_failures,
+                      "order_violations": order_violations,
                       "map_errors": live.map_errors, "max_generation": max(seen, default=0)}),
           flush=True)
     live.close()

@@ -81,6 +81,7 @@ def test_readers_never_see_a_torn_generation(shm_prefix: str, tmp_path: Path) ->
     for r in results:
         assert r["n_errors"] == 0, r["errors"]
         assert r["verify_failures"] == 0 and r["map_errors"] == 0
+        assert r["order_violations"] == 0, r["errors"]
         assert r["generations"] >= 50, r  # the readers really raced many generations
         assert r["max_generation"] >= target - 1
 
@@ -120,7 +121,8 @@ def test_kill_9_at_any_moment_never_tears_the_map(shm_prefix: str, tmp_path: Pat
     finally:
         readers.kill()
         remove_segments(shm_prefix)
-    for r in results:
+    for r in results:  # no reader ever used an inconsistent generation
         assert r["n_errors"] == 0, r["errors"]
         assert r["verify_failures"] == 0 and r["map_errors"] == 0
+        assert r["order_violations"] == 0, r["errors"]
         assert r["generations"] >= KILL_ROUNDS
