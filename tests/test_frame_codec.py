@@ -235,3 +235,18 @@ def test_metadata_is_compact_utf8_json() -> None:
     meta_off, meta_len = fields[9], fields[10]
     assert json.loads(frame[meta_off:meta_off + meta_len].decode()) == {"request_id": "é"}
     assert frame[meta_off:meta_off + meta_len] == '{"request_id":"é"}'.encode()
+
+
+def test_ragged_from_lists_takes_the_dtype_scalars_and_no_candidates() -> None:
+    r = Ragged.from_lists([[1, 2], [], [3]], np.int16)
+    assert r.values.dtype == np.int16 and r.values.tolist() == [1, 2, 3]
+    assert r.offsets.tolist() == [0, 2, 2, 3] and r.n_candidates == 3
+    s = Ragged.from_lists([7, [8, 9]], np.float32)  # a scalar is one value
+    assert s.values.dtype == np.float32 and s.values.tolist() == [7.0, 8.0, 9.0]
+    assert s.lengths.tolist() == [1, 2]
+    empty = Ragged.from_lists([], np.uint8)
+    assert empty.values.dtype == np.uint8 and empty.values.shape == (0,)
+    assert empty.offsets.tolist() == [0] and empty.n_candidates == 0
+    rows = Ragged.from_lists([[[1, 2, 3]], np.zeros((0, 3))], np.int64)  # an inner shape
+    assert rows.values.shape == (1, 3) and rows.lengths.tolist() == [1, 0]
+    assert rows.values.dtype == np.int64
