@@ -172,10 +172,17 @@ def test_a_hold_past_its_bound_turns_stale(tracker: BundleTracker, path: Path) -
     assert "still being written in place: modified 2.5s ago" in r.error
     path.write_bytes(GOOD)
     refresh(tracker)
+    path.write_bytes(GOOD2)
+    assert isinstance(tracker.read(), bytes)
+    tracker.discard_read()  # the daemon saw it held: it drops what it read
     r = tracker.hold_expired(7.0)
     assert r.state == BundleState.Stale and r.changed and not r.loaded
-    assert str(path) in r.error and "7.0s" in r.error and tracker.failures == 2
-    assert tracker.part is not None
+    assert r.error == (f"{path}: $: still being written in place: modified 7.0s ago and not "
+                       "closed (no IN_CLOSE_WRITE); not published until the writer closes it")
+    assert tracker.failures == 2 and tracker.part is not None
+    assert tracker.current_sha256 == "" and tracker.status().current_sha256 == ""
+    again = tracker.hold_expired(7.0)  # the same report again: no change, not counted
+    assert not again.changed and again.state == BundleState.Stale and tracker.failures == 2
 
 
 def test_install_needs_a_read_and_discard_forgets_it(tracker: BundleTracker,
