@@ -175,13 +175,19 @@ def test_truncated_blob_raises_map_error_or_resolves_safely(build: Build) -> Non
     blob = build({"ads": ADS})
     full = FeatureMapView(blob).resolve("ctr")
     assert full.allowlist is not None
-    outcomes = {"error": 0, "same": 0, "passthrough": 0}
-    for cut in range(0, len(blob), max(1, len(blob) // 97)):
+    outcomes = {"error": 0, "same": 0, "passthrough": 0, "bundles_error": 0}
+    for cut in range(len(blob)):
         try:
-            res = FeatureMapView(blob[:cut]).resolve("ctr")
+            view = FeatureMapView(blob[:cut])
+            res = view.resolve("ctr")
         except MapError:
             outcomes["error"] += 1
             continue
+        try:
+            view.bundles()
+        except MapError as exc:  # worded, never a bare accessor error
+            assert str(exc).startswith("corrupt feature map blob (bundle status): "), exc
+            outcomes["bundles_error"] += 1
         if res.allowlist is None:
             assert not res.trims and res.outcome is not Outcome.TRIMMED, cut
             outcomes["passthrough"] += 1
@@ -191,6 +197,26 @@ def test_truncated_blob_raises_map_error_or_resolves_safely(build: Build) -> Non
             assert res.allowlist.digest == full.allowlist.digest, cut
             outcomes["same"] += 1
     assert outcomes["error"] > 0, outcomes
+
+
+def test_a_corrupt_bundle_table_is_a_worded_map_error(build: Build) -> None:
+    """Each byte of the blob flipped in turn: bundles() either reads or raises MapError
+    saying the bundle status is corrupt -- never a bare accessor exception."""
+    blob = build({"ads": ADS})
+    worded = 0
+    for i in range(len(blob)):
+        bad = bytearray(blob)
+        bad[i] ^= 0xFF
+        try:
+            view = FeatureMapView(bytes(bad))
+        except MapError:
+            continue
+        try:
+            view.bundles()
+        except MapError as exc:
+            assert str(exc).startswith("corrupt feature map blob (bundle status): "), exc
+            worded += 1
+    assert worded > 0
 
 
 def test_empty_map(build: Build) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -70,7 +71,8 @@ def test_a_new_tracker_has_never_loaded(tracker: BundleTracker) -> None:
     s = tracker.status()
     assert (s.name, s.state, s.sha256, s.error, s.model_count, s.version_count) == (
         "ads", BundleState.NeverLoaded, "", "", 0, 0)
-    assert tracker.part is None and tracker.failures == 0
+    assert (s.current_sha256, s.loaded_at_ns, s.checked_at_ns, s.warnings) == ("", 0, 0, ())
+    assert s.path == tracker.path and tracker.part is None and tracker.failures == 0
 
 
 def test_missing_then_invalid_then_valid_from_never_loaded(tracker: BundleTracker,
@@ -78,6 +80,9 @@ def test_missing_then_invalid_then_valid_from_never_loaded(tracker: BundleTracke
     r, parsed = refresh(tracker)
     assert not parsed and r.state == BundleState.Missing and r.changed and not r.loaded
     assert "file not found" in r.error and tracker.failures == 1
+    assert 0 <= r.duration_s < 5
+    r, _ = refresh(tracker)  # still missing: no change, not counted again
+    assert r.state == BundleState.Missing and not r.changed and tracker.failures == 1
     path.write_bytes(BAD)
     r, parsed = refresh(tracker)
     assert parsed and r.state == BundleState.NeverLoaded and r.changed and not r.loaded
@@ -113,7 +118,10 @@ def test_invalid_content_goes_stale_and_keeps_the_last_good_part(tracker: Bundle
     assert r.state == BundleState.Stale and r.changed and not r.loaded
     assert tracker.part is part and tracker.loaded_sha256 == sha(GOOD)
     assert tracker.current_sha256 == sha(BAD) and tracker.failures == 1
-    assert tracker.status().model_count == 2  # still serving the last good content
+    s = tracker.status()
+    assert s.model_count == 2  # still serving the last good content
+    assert (s.error, s.current_sha256, s.sha256) == (tracker.error, sha(BAD), sha(GOOD))
+    assert "model has no versions" in s.error
     r, _ = refresh(tracker)  # the same failure again: no change, not counted again
     assert r.state == BundleState.Stale and not r.changed and tracker.failures == 1
     path.write_bytes(GOOD)  # reverted: ok *now*, without a parse or a new load
@@ -192,15 +200,21 @@ def test_install_needs_a_read_and_discard_forgets_it(tracker: BundleTracker,
         tracker.install(BundleError(str(path), "$", "x"), held=False)
     assert isinstance(tracker.read(), bytes)
     tracker.discard_read()
-    with pytest.raises(AssertionError, match="without read"):
+    with pytest.raises(AssertionError, match=r"^install\(\) without read\(\)$"):
         tracker.install(BundleError(str(path), "$", "x"), held=False)
     assert tracker.state == BundleState.NeverLoaded
+    refresh(tracker)  # a whole read + install: the read is used up
+    with pytest.raises(AssertionError, match="without read"):
+        tracker.install(BundleError(str(path), "$", "x"), held=False)
 
 
-def test_warnings_of_the_loaded_part_are_in_its_status(tracker: BundleTracker,
-                                                       path: Path) -> None:
+def test_warnings_of_the_loaded_part_are_in_its_status_and_logged(
+        tracker: BundleTracker, path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path.write_bytes(json.dumps({"m": [{"version": "1", "input_names": ["a", "a"]}]}).encode())
-    r, _ = refresh(tracker)
+    with caplog.at_level(logging.WARNING, logger="trimmer_daemon.state"):
+        r, _ = refresh(tracker)
     assert r.loaded
     (warning,) = tracker.status().warnings
     assert "duplicate feature" in warning and str(path) in warning
+    assert [rec.getMessage() for rec in caplog.records] == [
+        f"bundle warning bundle=ads {warning}"]
