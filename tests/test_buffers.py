@@ -66,6 +66,16 @@ def test_kept_buffers_count_against_the_cap_and_are_unmapped_to_make_room() -> N
     assert pool.refused == 0
 
 
+def test_kept_buffers_stay_while_everything_fits_exactly_under_the_cap() -> None:
+    pool = BufferPool(3 * M)
+    a = pool.take(M)
+    assert a is not None
+    pool.give(a)
+    b = pool.take(2 * M)  # 2M in use + M kept == the cap: nothing to unmap
+    assert b is not None and pool.kept == M and not a.closed
+    assert pool.take(10) is a  # and the kept one is still reused
+
+
 def test_at_most_half_the_cap_is_kept_and_the_rest_is_unmapped() -> None:
     pool = BufferPool(8 * M)
     bufs = [pool.take(M) for _ in range(8)]

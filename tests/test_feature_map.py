@@ -199,11 +199,11 @@ def test_truncated_blob_raises_map_error_or_resolves_safely(build: Build) -> Non
     assert outcomes["error"] > 0, outcomes
 
 
-def test_a_corrupt_bundle_table_is_a_worded_map_error(build: Build) -> None:
-    """Each byte of the blob flipped in turn: bundles() either reads or raises MapError
-    saying the bundle status is corrupt -- never a bare accessor exception."""
+def test_a_corrupt_bundle_or_model_table_is_a_worded_map_error(build: Build) -> None:
+    """Each byte of the blob flipped in turn: bundles() and models() either read or raise
+    MapError saying which part is corrupt -- never a bare accessor exception."""
     blob = build({"ads": ADS})
-    worded = 0
+    worded = {"bundles": 0, "models": 0}
     for i in range(len(blob)):
         bad = bytearray(blob)
         bad[i] ^= 0xFF
@@ -215,8 +215,14 @@ def test_a_corrupt_bundle_table_is_a_worded_map_error(build: Build) -> None:
             view.bundles()
         except MapError as exc:
             assert str(exc).startswith("corrupt feature map blob (bundle status): "), exc
-            worded += 1
-    assert worded > 0
+            worded["bundles"] += 1
+            continue
+        try:
+            list(view.models())
+        except MapError as exc:
+            assert str(exc).startswith("corrupt feature map blob (models): "), exc
+            worded["models"] += 1
+    assert worded["bundles"] > 0 and worded["models"] > 0, worded
 
 
 def test_empty_map(build: Build) -> None:
