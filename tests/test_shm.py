@@ -584,6 +584,53 @@ def test_generation_segments_stay_within_count_and_byte_bounds(prefix: str,
         Publisher(prefix + "x", max_segments=1)
 
 
+def _blobs(prefix: str) -> list[int]:
+    return sorted(int(n.rsplit(".g", 1)[1]) for n in H.shm_names(prefix)
+                  if not n.endswith(".ctl"))
+
+
+def test_the_bounds_keep_exactly_as_many_segments_as_they_allow(prefix: str,
+                                                                publishers: list) -> None:
+    """Equal blobs, a grace that never passes. After each publication the publisher makes
+    room for a next blob of the same size, so the newest ``max_segments - 1`` generations
+    stay (no fewer) and each publication past that reclaims exactly one; with the byte
+    bound binding instead, ``max_bytes_factor - 1`` blobs' worth stay, and a bigger blob
+    raises the bound. Fails on an off-by-one in either bound or in the reclaim count."""
+    clock = H.FakeClock()
+    pub = Publisher(prefix, grace_s=3600, clock=clock, max_segments=4, max_bytes_factor=50)
+    publishers.append(pub)
+    for generation in range(1, 9):
+        pub.publish(b"x" * 1000)
+        assert _blobs(prefix) == list(range(max(1, generation - 2), generation + 1))
+        assert pub.forced_reclaims == max(0, generation - 3)
+    other = prefix + "b"
+    pub = Publisher(other, grace_s=3600, clock=clock, max_segments=50, max_bytes_factor=3)
+    publishers.append(pub)
+    for generation in range(1, 7):
+        pub.publish(b"y" * 1000)
+        assert _blobs(other) == list(range(max(1, generation - 1), generation + 1))
+        assert pub.forced_reclaims == max(0, generation - 2)
+    pub.publish(b"z" * 3000)  # 3x the new blob: the kept ones and it fit, none reclaimed
+    assert _blobs(other) == [5, 6, 7] and pub.forced_reclaims == 4
+
+
+def test_a_restarted_publisher_counts_its_predecessors_blobs_in_the_bounds(
+        prefix: str, publishers: list) -> None:
+    """The sizes of the generations a predecessor left (read from the segments) count
+    against the byte bound of the next publication: fails if they are taken as 0 bytes."""
+    clock = H.FakeClock()
+    first = Publisher(prefix, grace_s=3600, clock=clock, max_segments=50, max_bytes_factor=4)
+    for _ in range(3):
+        first.publish(b"a" * 1000)
+    first.close()  # a restart: the segments stay
+    assert _blobs(prefix) == [1, 2, 3] and first.forced_reclaims == 0
+    second = Publisher(prefix, grace_s=3600, clock=clock, max_segments=50,
+                       max_bytes_factor=4)
+    publishers.append(second)
+    second.publish(b"b" * 1000)
+    assert _blobs(prefix) == [2, 3, 4] and second.forced_reclaims == 1
+
+
 def test_restart_reclaims_what_a_fast_restart_loop_left(prefix: str, publishers: list) -> None:
     """Grace runs from the current generation's publication, not from each restart."""
     clock = H.FakeClock()
