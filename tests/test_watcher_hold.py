@@ -90,6 +90,13 @@ def test_a_write_closed_at_once_is_never_seen_held(watcher: BundleWatcher,
     watcher.sync()
     assert watcher.held_since("feed") is None
     assert watcher.modifications("feed") >= 1
+    n = watcher.modifications("feed")
+    open(bundles["feed"], "a").close()  # a close after writing nothing: no hold to end
+    tmp = bundles["feed"].with_name("next.tmp")
+    tmp.write_text('{"m": [2]}')
+    os.rename(tmp, bundles["feed"])  # a new inode while nothing is held
+    watcher.sync()
+    assert watcher.held_since("feed") is None and watcher.modifications("feed") == n
 
 
 def test_a_new_inode_at_the_path_ends_the_hold(watcher: BundleWatcher,
