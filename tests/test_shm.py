@@ -631,6 +631,28 @@ def test_a_restarted_publisher_counts_its_predecessors_blobs_in_the_bounds(
     assert _blobs(prefix) == [2, 3, 4] and second.forced_reclaims == 1
 
 
+def test_publications_and_reclaims_say_what_happened_in_the_log(
+        prefix: str, publishers: list, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    clock = H.FakeClock()
+    pub = Publisher(prefix, grace_s=10, clock=clock, max_segments=4, max_bytes_factor=50)
+    publishers.append(pub)
+    with pytest.raises(ValueError, match=r"^cannot publish an empty blob$"):
+        pub.publish(b"")
+    with caplog.at_level(logging.DEBUG, logger="trimmer_daemon.publisher"):
+        for _ in range(3):
+            pub.publish(b"x" * 100)
+        clock.now += 11  # past the grace: the next publication reclaims by age
+        pub.publish(b"x" * 100)
+    lines = [r.getMessage() for r in caplog.records if r.name == "trimmer_daemon.publisher"]
+    assert [line for line in lines if line.startswith("published ")] == [
+        f"published prefix={prefix} generation={g} size=100" for g in (1, 2, 3, 4)]
+    assert f"reclaimed early prefix={prefix} generation=1 (bounds: 4 segments, 50 x the " \
+           "blob)" in lines
+    assert f"reclaimed prefix={prefix} segments=/{prefix}.g2" in lines
+
+
 def test_restart_reclaims_what_a_fast_restart_loop_left(prefix: str, publishers: list) -> None:
     """Grace runs from the current generation's publication, not from each restart."""
     clock = H.FakeClock()
