@@ -22,6 +22,7 @@ M = MIN_BUFFER
 def test_size_classes_are_powers_of_two_of_at_least_min_buffer(n: int, size: int) -> None:
     assert BufferPool.size_class(n) == size
     pool = BufferPool(8 << 20)
+    assert (pool.cap, pool.in_use, pool.kept, pool.refused, pool.peak) == (8 << 20, 0, 0, 0, 0)
     buf = pool.take(n)
     assert isinstance(buf, mmap.mmap) and len(buf) == size
     buf[size - 1] = 7  # writable to its last byte

@@ -294,3 +294,24 @@ def test_a_block_inside_the_metadata_is_refused_by_every_reader() -> None:
             with pytest.raises(FrameError) as info:
                 read(frame)
             assert str(info.value) == message, name
+
+
+def test_metadata_limits_hold_exactly_at_their_bounds() -> None:
+    """Many brackets side by side are not depth (only nesting counts); an integer of
+    exactly the digit limit is read, a minus sign not counted as a digit; an overflowing
+    number is named by its first 40 characters."""
+    from root_worker.frame.codec import MAX_META_DEPTH, MAX_META_INT_DIGITS
+
+    wide = {"a": [[i] for i in range(3 * MAX_META_DEPTH)], "b": [{"c": 1}] * MAX_META_DEPTH}
+    assert decode(encode({}, wide)).metadata == wide
+    limit = "9" * MAX_META_INT_DIGITS
+    for text in (limit, "-" + limit):
+        meta = decode(with_metadata(f'{{"n": {text}}}'.encode())).metadata
+        assert meta == {"n": int(text)}
+    with pytest.raises(FrameError, match=f"integer of {MAX_META_INT_DIGITS + 1} digits"):
+        decode(with_metadata(f'{{"n": -{limit}9}}'.encode()))
+    huge = "1" + "0" * 400 + ".5"
+    with pytest.raises(FrameError) as info:
+        decode(with_metadata(f'{{"x": {huge}}}'.encode()))
+    assert f"number {huge[:40]} overflows a 64-bit float" in str(info.value)
+    assert f"number {huge[:41]} " not in str(info.value)
