@@ -200,10 +200,10 @@ def test_truncated_blob_raises_map_error_or_resolves_safely(build: Build) -> Non
 
 
 def test_a_corrupt_bundle_or_model_table_is_a_worded_map_error(build: Build) -> None:
-    """Each byte of the blob flipped in turn: bundles() and models() either read or raise
-    MapError saying which part is corrupt -- never a bare accessor exception."""
+    """Each byte of the blob flipped in turn: resolve(), bundles() and models() either read
+    or raise MapError saying what is corrupt -- never a bare accessor exception."""
     blob = build({"ads": ADS})
-    worded = {"bundles": 0, "models": 0}
+    worded = {"bundles": 0, "models": 0, "resolve": 0}
     for i in range(len(blob)):
         bad = bytearray(blob)
         bad[i] ^= 0xFF
@@ -211,6 +211,12 @@ def test_a_corrupt_bundle_or_model_table_is_a_worded_map_error(build: Build) -> 
             view = FeatureMapView(bytes(bad))
         except MapError:
             continue
+        try:
+            view.resolve("ctr", "9")
+        except MapError as exc:
+            assert str(exc).startswith(f"corrupt feature map blob (generation "
+                                       f"{view.generation}) while resolving model 'ctr': "), exc
+            worded["resolve"] += 1
         try:
             view.bundles()
         except MapError as exc:
@@ -222,7 +228,7 @@ def test_a_corrupt_bundle_or_model_table_is_a_worded_map_error(build: Build) -> 
         except MapError as exc:
             assert str(exc).startswith("corrupt feature map blob (models): "), exc
             worded["models"] += 1
-    assert worded["bundles"] > 0 and worded["models"] > 0, worded
+    assert min(worded.values()) > 0, worded
 
 
 def test_empty_map(build: Build) -> None:

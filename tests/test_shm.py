@@ -620,6 +620,7 @@ def test_a_restarted_publisher_counts_its_predecessors_blobs_in_the_bounds(
     against the byte bound of the next publication: fails if they are taken as 0 bytes."""
     clock = H.FakeClock()
     first = Publisher(prefix, grace_s=3600, clock=clock, max_segments=50, max_bytes_factor=4)
+    publishers.append(first)
     for _ in range(3):
         first.publish(b"a" * 1000)
     first.close()  # a restart: the segments stay
@@ -629,6 +630,17 @@ def test_a_restarted_publisher_counts_its_predecessors_blobs_in_the_bounds(
     publishers.append(second)
     second.publish(b"b" * 1000)
     assert _blobs(prefix) == [2, 3, 4] and second.forced_reclaims == 1
+    # the same with a prefix that starts like the segment names' leading "/" and "X"
+    other = "X" + prefix
+    first = Publisher(other, grace_s=3600, clock=clock, max_segments=50, max_bytes_factor=4)
+    publishers.append(first)
+    for _ in range(3):
+        first.publish(b"a" * 1000)
+    first.close()
+    second = Publisher(other, grace_s=3600, clock=clock, max_segments=50, max_bytes_factor=4)
+    publishers.append(second)
+    second.publish(b"b" * 1000)
+    assert _blobs(other) == [2, 3, 4] and second.forced_reclaims == 1
 
 
 def test_publications_and_reclaims_say_what_happened_in_the_log(
