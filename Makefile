@@ -60,7 +60,8 @@ clean:
 # Mutation testing (docs/testing.md; mutmut, config in setup.cfg): the functions whose bugs
 # cost correctness -- frame format and codec, the trim plan checks, the shm layout and the
 # publisher's publication path, the bundle state machine, the watcher's hold, the map
-# reader, the buffer pool. `make mutate` runs them all from scratch (~10-20 min, niced) and
+# reader, the buffer pool. `make mutate` runs them all from scratch (~25 min on a loaded
+# 2-core machine, niced) and
 # prints the score per module and every survivor; `make mutate-sample` (CI) runs a fixed
 # few and fails on a survivor not listed as equivalent in docs/testing.md.
 MUTATE_TARGETS := 'root_worker.frame.format.*' 'root_worker.frame.codec.*' \
