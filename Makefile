@@ -61,9 +61,9 @@ clean:
 # cost correctness -- frame format and codec, the trim plan checks, the shm layout and the
 # publisher's publication path, the bundle state machine, the watcher's hold, the map
 # reader, the buffer pool. `make mutate` runs them all from scratch (~25 min on a loaded
-# 2-core machine, niced) and
-# prints the score per module and every survivor; `make mutate-sample` (CI) runs a fixed
-# few and fails on a survivor not listed as equivalent in docs/testing.md.
+# 2-core machine, niced) and prints the score per module and every survivor;
+# `make mutate-sample` (CI) runs a fixed few and fails on a survivor not listed as
+# equivalent in docs/testing.md.
 MUTATE_TARGETS := 'root_worker.frame.format.*' 'root_worker.frame.codec.*' \
     'root_worker.frame.check.*' 'root_worker.frame.trim.*_prepare__*' \
     'root_worker.frame.trim.*_Plan*' 'root_worker.frame.trim.*_new_plan__*' \
