@@ -117,8 +117,18 @@ class Version(object):
             return self._tab.Get(flatbuffers.number_types.Uint32Flags, o + self._tab.Pos)
         return 0
 
+    # True when the bundle marks this version pending (rolled out to roots before leaves):
+    # requests naming it get its allowlist, but it is never "latest" until promoted.
+    # Maps written before this field read as not pending.
+    # Version
+    def Pending(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(16))
+        if o != 0:
+            return bool(self._tab.Get(flatbuffers.number_types.BoolFlags, o + self._tab.Pos))
+        return False
+
 def VersionStart(builder):
-    builder.StartObject(6)
+    builder.StartObject(7)
 
 def Start(builder):
     VersionStart(builder)
@@ -170,6 +180,12 @@ def VersionAddOutputCount(builder, outputCount):
 
 def AddOutputCount(builder, outputCount):
     VersionAddOutputCount(builder, outputCount)
+
+def VersionAddPending(builder, pending):
+    builder.PrependBoolSlot(6, pending, 0)
+
+def AddPending(builder, pending):
+    VersionAddPending(builder, pending)
 
 def VersionEnd(builder):
     return builder.EndObject()
