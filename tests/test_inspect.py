@@ -134,11 +134,12 @@ def test_models(daemon: DaemonProc, capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, _ = run(capsys, daemon.prefix, "models")
     assert rc == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["MODEL", "VERSION", "LATEST", "FEATURES", "BUNDLES", "CONFLICT"]
+    assert lines[0].split() == ["MODEL", "VERSION", "LATEST", "PENDING", "FEATURES", "BUNDLES",
+                                "CONFLICT"]
     assert [line.split() for line in lines[1:4]] == [
-        ["ctr", "1", "no", "2", "ads", "no"],
-        ["ctr", "10", "yes", "3", "ads", "no"],  # natural order: "10" is the latest
-        ["rank", "1", "yes", "3", "feed", "no"]]
+        ["ctr", "1", "no", "no", "2", "ads", "no"],
+        ["ctr", "10", "yes", "no", "3", "ads", "no"],  # natural order: "10" is the latest
+        ["rank", "1", "yes", "no", "3", "feed", "no"]]
     assert lines[4].startswith("2 models, 3 versions")
 
     rc, out, _ = run(capsys, daemon.prefix, "models", "r*")
@@ -163,7 +164,7 @@ def test_models_conflict(daemon: DaemonProc, ctr10_bundles: dict[str, Path],
     assert rc == 0 and v1["conflict"] is True and v1["features"] == 3  # union a, b, q
     assert v1["bundles"] == ["ads", "feed"]
     rc, out, _ = run(capsys, daemon.prefix, "models", "ctr")
-    assert out.splitlines()[1].split() == ["ctr", "1", "no", "3", "ads,feed", "yes"]
+    assert out.splitlines()[1].split() == ["ctr", "1", "no", "no", "3", "ads,feed", "yes"]
     # a conflict is a note in status, not a warning (the union never under-sends)
     rc, doc = run_json(capsys, daemon.prefix, "status")
     assert rc == 0 and codes(doc) == {"conflict": "ok"}
@@ -192,6 +193,25 @@ def test_lookup(daemon: DaemonProc, capsys: pytest.CaptureFixture[str], argv: li
         assert doc["feature_names"] == expected and doc["features"] == len(expected)
         assert doc["bundles"] == ["ads"] and doc["latest"] == "10"
         assert doc["known_versions"] == ["1", "10"] and len(doc["digest"]) == 16
+
+
+def test_pending_version(daemon: DaemonProc, ctr10_bundles: dict[str, Path],
+                         capsys: pytest.CaptureFixture[str]) -> None:
+    """A version the bundle marks pending is shown as such and is never the latest."""
+    write_bundle(ctr10_bundles["ads"], {"ctr": [
+        {"version": "1", "input_names": F1},
+        {"version": "10", "input_names": ["a", "b", "c"], "pending": True}]})
+    daemon.wait_view(lambda v: v.resolve("ctr").pending == ("10",), what="ctr 10 pending")
+    rc, out, _ = run(capsys, daemon.prefix, "models", "ctr")
+    assert rc == 0 and [line.split() for line in out.splitlines()[1:3]] == [
+        ["ctr", "1", "yes", "no", "2", "ads", "no"],
+        ["ctr", "10", "no", "yes", "3", "ads", "no"]]
+    rc, doc = run_json(capsys, daemon.prefix, "lookup", "ctr")
+    assert rc == 0 and doc["version"] == "1" and doc["latest"] == "1"
+    assert doc["pending_versions"] == ["10"]
+    assert doc["unknown_leaf_features"] == len(set(F1) | {"a", "b", "c"})
+    rc, doc = run_json(capsys, daemon.prefix, "lookup", "ctr", "10")
+    assert rc == 0 and doc["outcome"] == "trimmed" and "(pending)" in doc["explanation"]
 
 
 def test_lookup_features_text(daemon: DaemonProc, capsys: pytest.CaptureFixture[str]) -> None:

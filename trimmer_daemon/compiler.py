@@ -151,6 +151,8 @@ def _version(b: flatbuffers.Builder, shared: _Shared, e: VersionEntry) -> int:
     if e.conflict:
         FbVersion.AddConflict(b, True)
     FbVersion.AddOutputCount(b, e.output_count)
+    if e.pending:
+        FbVersion.AddPending(b, True)
     return FbVersion.End(b)
 
 

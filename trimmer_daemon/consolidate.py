@@ -7,6 +7,8 @@ merges arrays, so a reload of one bundle costs O(that bundle) + a cheap merge of
 Rules (SPEC §4):
 - a model's versions are kept in natural order
   (:func:`trimmer_daemon.bundle.parse.version_sort_key`); the last one is "latest";
+- a version marked pending is never "latest" (the last version that is not pending is); one
+  that several bundles define is pending only if every one of them marks it so;
 - the same model+version defined by several bundles with *different* inputs gets the union of
   the allowlists (never under-send) and a conflict report naming the bundles;
 - two different feature names with the same 64-bit key are reported as a key collision (both
@@ -89,6 +91,7 @@ class IndexedVersion:
     version: str
     keys: np.ndarray  # sorted unique uint64
     output_count: int
+    pending: bool = False
 
 
 @dataclass(frozen=True)
@@ -115,7 +118,7 @@ def index_bundle(parsed: ParsedBundle, cache: KeyCache) -> IndexedBundle:
             keys = seen.get(mv.input_names)
             if keys is None:
                 keys = seen[mv.input_names] = cache.keys_of(mv.input_names)
-            indexed.append(IndexedVersion(mv.version, keys, len(mv.output_names)))
+            indexed.append(IndexedVersion(mv.version, keys, len(mv.output_names), mv.pending))
         models[model] = tuple(indexed)
     return IndexedBundle(parsed, models)
 
@@ -139,6 +142,7 @@ class VersionEntry:
     bundles: tuple[int, ...]  # indices into the bundle list given to consolidate()
     conflict: bool
     output_count: int
+    pending: bool = False
 
 
 @dataclass
@@ -206,5 +210,6 @@ def _merge(model: str, version: str, defs: list[tuple[int, IndexedVersion]],
         digest = keyset_digest(keys)
         if not conflict:  # ``keys`` is a bundle's array, alive as long as the bundle
             digests[id(keys)] = digest
-    return VersionEntry(version, keys, digest, indices, conflict, output_count)
+    pending = all(iv.pending for _, iv in defs)  # current in any bundle: current
+    return VersionEntry(version, keys, digest, indices, conflict, output_count, pending)
 

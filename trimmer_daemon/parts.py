@@ -74,6 +74,7 @@ class BundlePart:
     key_offsets: np.ndarray  # uint32 offset from the block's end of each version's vector
     key_counts: np.ndarray  # uint32 number of keys of each version
     output_counts: np.ndarray  # uint32
+    pending: np.ndarray  # bool per version: marked pending in the bundle
     feature_keys: np.ndarray  # sorted unique uint64 keys of every input name of the bundle
     name_offsets: np.ndarray  # uint32, len(feature_keys) + 1, into feature_names
     feature_names: bytes  # UTF-8 names parallel to feature_keys
@@ -253,6 +254,7 @@ class _Compiler:
         self.key_offsets: list[int] = []
         self.key_counts: list[int] = []
         self.outputs: list[int] = []
+        self.pending: list[bool] = []
 
     def model(self, name: str, entries: list) -> int:  # type: ignore[type-arg]
         b = self.b
@@ -282,12 +284,15 @@ class _Compiler:
         self.key_offsets.append(vec)
         self.key_counts.append(count)
         self.outputs.append(len(mv.output_names))
+        self.pending.append(mv.pending)
         FbVersion.Start(b)
         FbVersion.AddVersion(b, version)
         FbVersion.AddFeatureKeys(b, vec)
         FbVersion.AddDigest(b, digest)
         FbVersion.AddBundles(b, self.index_vec)
         FbVersion.AddOutputCount(b, len(mv.output_names))
+        if mv.pending:
+            FbVersion.AddPending(b, True)
         return int(FbVersion.End(b))
 
 
@@ -317,5 +322,6 @@ def compile_part(parsed: ParsedBundle, bundle_index: int,
         key_offsets=np.array(c.key_offsets, dtype=_U32),
         key_counts=np.array(c.key_counts, dtype=_U32),
         output_counts=np.array(c.outputs, dtype=_U32),
+        pending=np.array(c.pending, dtype=bool),
         feature_keys=feat_keys, name_offsets=name_offsets, feature_names=feat_names,
         collisions=collisions)

@@ -85,6 +85,19 @@ class LiveMap:
                       model, exc)
             return no_map(model, version)
 
+    def resolve_rollout_in(self, view: FeatureMapView | None, model: str) -> Resolution:
+        """:meth:`FeatureMapView.resolve_rollout` (a leaf whose version is not known yet: the
+        union of the latest and the pending versions); never raises for a bad map."""
+        if view is None:
+            return no_map(model)
+        try:
+            return view.resolve_rollout(model)
+        except MapError as exc:
+            self.map_errors += 1
+            log.error("map lookup failed generation=%d model=%r error=%s", view.generation,
+                      model, exc)
+            return no_map(model)
+
     def close(self) -> None:
         self._view = self._snapshot = None
         self.reader.close()

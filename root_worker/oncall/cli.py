@@ -206,11 +206,11 @@ def cmd_models(state: MapState, args: argparse.Namespace) -> Level:
     rows = []
     for m in models:
         for v in m["versions"]:
-            rows.append((m["name"], v["version"], v["version"] == m["latest"], v["features"],
-                         ",".join(v["bundles"]), v["conflict"]))
+            rows.append((m["name"], v["version"], v["version"] == m["latest"], v["pending"],
+                         v["features"], ",".join(v["bundles"]), v["conflict"]))
     if rows:
-        print(fmt.table(["MODEL", "VERSION", "LATEST", "FEATURES", "BUNDLES", "CONFLICT"],
-                        rows))
+        print(fmt.table(["MODEL", "VERSION", "LATEST", "PENDING", "FEATURES", "BUNDLES",
+                         "CONFLICT"], rows))
     print(f"{len(models)} models, {len(rows)} versions (generation {view.generation})"
           + ("" if args.pattern == "*" else f" matching {args.pattern!r}"))
     return state.level
@@ -231,10 +231,13 @@ def cmd_lookup(state: MapState, args: argparse.Namespace) -> Level:
         "trims": res.trims, "version": res.version, "explanation": res.explain(),
         "latest": info["latest"] if info else None,
         "known_versions": [v["version"] for v in info["versions"]] if info else [],
+        "pending_versions": list(res.pending),
         "features": len(names) if names is not None else None,
         "digest": vinfo["digest"] if vinfo else None,
         "bundles": vinfo["bundles"] if vinfo else [],
         "conflict": vinfo["conflict"] if vinfo else False, "generation": view.generation}
+    if res.pending and args.version is None:  # what a leaf of unknown version gets
+        doc["unknown_leaf_features"] = len(view.resolve_rollout(args.model).allowlist or ())
     if args.json:
         if args.features:
             doc["feature_names"] = names

@@ -27,7 +27,12 @@ be rolled out everywhere yet); a signature that exists but is broken, an unreada
 archive, or the same model+version found twice with different signatures is an error.
 
 Pending versions (``--pending``) are merged with the current ones so that roots receive the
-allowlists before the new leaf version rolls out; the output holds both. Output is
+allowlists before the new leaf version rolls out; the output holds both, each pending one
+marked ``"pending": true`` (a version that is also current is current). A pending version
+never becomes a model's "latest" on a root; :func:`promote_bundle` (``trimmer-bundle
+promote``) clears the mark once every leaf serves it, and puts it back for a rollback. A
+signature may change between versions: roots trim each request for the version its leaf
+serves (docs/operations.md, "Rolling out a model version"). Output is
 deterministic (models sorted, versions in natural order, ``json.dumps(sort_keys=True,
 indent=2)`` plus a newline), re-validated with :func:`~trimmer_daemon.bundle.parse.parse_bundle`,
 and written atomically (temp file in the same directory, fsync, ``os.replace``, fsync of the
@@ -47,6 +52,7 @@ from dataclasses import dataclass
 
 from trimmer_daemon.bundle.parse import (
     DEFAULT_LIMITS,
+    PENDING_KEY,
     BundleError,
     Limits,
     Signature,
@@ -62,10 +68,13 @@ __all__ = [
     "BundleError",  # re-exported: build_bundle raises it for an invalid signature file
     "BuildResult",
     "FoundVersion",
+    "Promotion",
     "Source",
     "build_bundle",
     "collect_source",
+    "promote_bundle",
     "read_archive_signature",
+    "serialise",
 ]
 
 SIGNATURE_FILE = "module_info.json"
@@ -116,6 +125,7 @@ class BuildResult:
     versions: int
     pending_versions: int  # versions that only came from pending sources
     warnings: tuple[str, ...]
+    notes: tuple[str, ...] = ()  # signature changes between versions (informational)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,13 +292,24 @@ def _merge(found: Iterable[FoundVersion]) -> dict[str, dict[str, FoundVersion]]:
     return models
 
 
-def _warn_signature_changes(model: str, ordered: list[FoundVersion], warn: Warn) -> None:
-    """Signatures should stay unchanged across versions (a change means a new model)."""
+def _signature_changes(model: str, ordered: list[FoundVersion]) -> list[str]:
+    """One note per version whose inputs differ from the version before it. Not a problem:
+    roots trim for the version each leaf serves, and send leaves whose version they do not
+    know yet the union of the current and pending inputs."""
+    notes = []
     for older, newer in itertools.pairwise(ordered):
-        if set(older.signature.input_names) != set(newer.signature.input_names):
-            warn(f"model {model!r}: input_names of version {newer.version!r} differ from "
-                 f"version {older.version!r} (a model's signature is expected to stay the "
-                 "same across versions; fork a new model to change it)")
+        old, new = set(older.signature.input_names), set(newer.signature.input_names)
+        if old != new:
+            kind = " (pending)" if newer.pending else ""
+            notes.append(f"model {model!r}: version {newer.version!r}{kind} adds "
+                         f"{len(new - old)} and drops {len(old - new)} of the "
+                         f"{len(old)} inputs of version {older.version!r}")
+    return notes
+
+
+def serialise(doc: object) -> bytes:
+    """The bytes of a bundle document as every writer here spells it (deterministic)."""
+    return (json.dumps(doc, sort_keys=True, indent=2) + "\n").encode("utf-8")
 
 
 def build_bundle(sources: Iterable[Source], *, limits: Limits = DEFAULT_LIMITS,
@@ -314,15 +335,82 @@ def build_bundle(sources: Iterable[Source], *, limits: Limits = DEFAULT_LIMITS,
     if not models:
         raise BuildError("nothing usable: no model version with a signature was found")
     doc: dict[str, list[dict[str, object]]] = {}
+    notes: list[str] = []
     for model in sorted(models):
         ordered = [models[model][v] for v in sorted(models[model], key=version_sort_key)]
-        _warn_signature_changes(model, ordered, report)
-        doc[model] = [{"version": fv.version,
-                       "input_names": list(fv.signature.input_names),
-                       "output_names": list(fv.signature.output_names)} for fv in ordered]
-    data = (json.dumps(doc, sort_keys=True, indent=2) + "\n").encode("utf-8")
+        notes += _signature_changes(model, ordered)
+        doc[model] = [_entry(fv) for fv in ordered]
+    data = serialise(doc)
     parse_bundle(data, path=output_name, limits=limits)  # the daemon must accept what we write
     versions = [fv for by_version in models.values() for fv in by_version.values()]
     return BuildResult(data=data, models=len(models), versions=len(versions),
                        pending_versions=sum(fv.pending for fv in versions),
-                       warnings=tuple(warnings))
+                       warnings=tuple(warnings), notes=tuple(notes))
+
+
+def _entry(fv: FoundVersion) -> dict[str, object]:
+    entry: dict[str, object] = {"version": fv.version,
+                                "input_names": list(fv.signature.input_names),
+                                "output_names": list(fv.signature.output_names)}
+    if fv.pending:  # only then: a build without pending sources writes what it always did
+        entry[PENDING_KEY] = True
+    return entry
+
+
+# ---------------------------------------------------------------------------------------------
+# promoting
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """A bundle with pending marks cleared (or set again) and what changed."""
+
+    data: bytes
+    changed: tuple[str, ...]  # "model@version" whose mark changed
+    warnings: tuple[str, ...]
+
+
+def promote_bundle(data: bytes, targets: Iterable[str] = (), *, path: str = "<bundle>",
+                   limits: Limits = DEFAULT_LIMITS, demote: bool = False) -> Promotion:
+    """Clear the pending mark of ``targets`` (``MODEL`` or ``MODEL@VERSION``; none: every
+    pending version), or with ``demote`` set it again (a rollback; targets required).
+
+    The file is validated first (:class:`BundleError`); unknown models or versions are a
+    :class:`BuildError`. Every other byte of meaning is kept (unknown keys included); the
+    output is re-validated.
+    """
+    parse_bundle(data, path=path, limits=limits)
+    doc = json.loads(data.decode("utf-8-sig"))  # validated: strict JSON, an object
+    wanted = [_target(t, doc, path) for t in targets]
+    if demote and not wanted:
+        raise BuildError("demote needs MODEL@VERSION (which version to mark pending again)")
+    changed, warnings = [], []
+    for model, entries in doc.items():
+        for entry in entries:
+            version = str(entry["version"])
+            if wanted and not any(m == model and v in (None, version) for m, v in wanted):
+                continue
+            if bool(entry.get(PENDING_KEY, False)) == demote:
+                continue
+            if demote:
+                entry[PENDING_KEY] = True
+            else:
+                entry.pop(PENDING_KEY, None)
+            changed.append(f"{model}@{version}")
+        if all(e.get(PENDING_KEY) is True for e in entries):
+            warnings.append(f"model {model!r}: every version is pending: roots send its "
+                            "leaves the union of their inputs until they learn a version")
+    out = serialise(doc)
+    parse_bundle(out, path=path, limits=limits)
+    return Promotion(out, tuple(changed), tuple(warnings))
+
+
+def _target(spec: str, doc: dict[str, list[dict[str, object]]],
+            path: str) -> tuple[str, str | None]:
+    model, sep, version = spec.partition("@")
+    entries = doc.get(model)
+    if entries is None:
+        raise BuildError(f"{path}: no model {model!r} (target {spec!r})")
+    if sep and not any(str(e["version"]) == version for e in entries):
+        raise BuildError(f"{path}: model {model!r} has no version {version!r}")
+    return model, version if sep else None

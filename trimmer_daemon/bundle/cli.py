@@ -20,6 +20,7 @@ from trimmer_daemon.bundle.build import (
     BuildError,
     Source,
     build_bundle,
+    promote_bundle,
 )
 from trimmer_daemon.bundle.parse import (
     DEFAULT_LIMITS,
@@ -27,6 +28,7 @@ from trimmer_daemon.bundle.parse import (
     Limits,
     ParsedBundle,
     load_bundle_file,
+    read_file_bounded,
 )
 
 __all__ = ["EXIT_ERROR", "EXIT_OK", "EXIT_USAGE", "main"]
@@ -53,12 +55,28 @@ archive, or one model+version with two different signatures is an error. Output:
 sorted, versions in natural order ("2" < "10", "v9" < "v10"), sorted keys, indent 2;
 written atomically (temp file + fsync + rename), and only if it validates.
 
-Pending versions (--pending, --pending-entry) are merged into the same output, so roots
-receive the allowlists before the new leaf version rolls out.
+Pending versions (--pending, --pending-entry) are merged into the same output, marked
+"pending": true, so roots receive the allowlists before the new leaf version rolls out. A
+pending version is never a model's "latest" on the roots: a request that names no version
+is trimmed for the version its leaf serves (learned from the leaves' answers), and until
+that is known, for the union of the current and pending inputs. Once every leaf serves it:
+'trimmer-bundle promote FILE'. A version's inputs may differ from the previous version's
+(printed as a note); see docs/operations.md, "Rolling out a model version".
 
 Note: --pending takes several values; put positional SOURCEs before it.
 
 exit codes: 0 written, 1 nothing usable or error (output left untouched), 2 usage error
+"""
+
+_PROMOTE_HELP = """\
+Clear the pending mark of model versions in a bundle file (the last stage of a rollout:
+every leaf serves them), or set it again with --demote (a rollback after promotion).
+
+TARGET is MODEL (all its versions) or MODEL@VERSION; no TARGET promotes every pending
+version. The file is validated first and written atomically (in place, or to --output);
+nothing is written when nothing changes.
+
+exit codes: 0 written or nothing to change, 1 invalid file or unknown target, 2 usage error
 """
 
 _VALIDATE_HELP = """\
@@ -117,6 +135,19 @@ def _make_parser() -> argparse.ArgumentParser:
                        metavar=("MODEL", "VERSION", "PATH"),
                        help="explicit pending model version (repeatable)")
     build.set_defaults(func=_cmd_build, parser=build)
+
+    promote = commands.add_parser(
+        "promote", help="clear (or, with --demote, set) the pending mark of versions",
+        description=_PROMOTE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[limits])
+    promote.add_argument("file", metavar="FILE", help="bundle file to change")
+    promote.add_argument("targets", nargs="*", metavar="TARGET",
+                         help="MODEL or MODEL@VERSION (default: every pending version)")
+    promote.add_argument("--demote", action="store_true",
+                         help="mark the targets pending again (rollback)")
+    promote.add_argument("-o", "--output", metavar="FILE",
+                         help="write here instead of replacing FILE")
+    promote.set_defaults(func=_cmd_promote, parser=promote)
 
     validate = commands.add_parser(
         "validate", help="check bundle files as the daemon would",
@@ -183,8 +214,38 @@ def _cmd_build(args: argparse.Namespace) -> int:
         print(f"{PROG}: error: cannot write {args.output}: {exc.strerror or exc}",
               file=sys.stderr)
         return EXIT_ERROR
+    for note in result.notes:
+        print(f"{PROG}: note: {note}", file=sys.stderr)
     print(f"{args.output}: wrote {result.models} models, {result.versions} versions "
           f"({result.pending_versions} pending)")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
+# promote
+
+
+def _cmd_promote(args: argparse.Namespace) -> int:
+    output = args.output or args.file
+    try:
+        data = read_file_bounded(args.file, args.limits.max_file_bytes)
+        result = promote_bundle(data, args.targets, path=args.file, limits=args.limits,
+                                demote=args.demote)
+    except (BuildError, BundleError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    for warning in result.warnings:
+        _print_warning(warning)
+    what = "pending again" if args.demote else "promoted"
+    if not result.changed and output == args.file:
+        print(f"{args.file}: nothing to change (no version {what})")
+        return EXIT_OK
+    try:
+        write_atomic(output, result.data)
+    except OSError as exc:
+        print(f"{PROG}: error: cannot write {output}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"{output}: {what}: {', '.join(result.changed) or 'none'}")
     return EXIT_OK
 
 

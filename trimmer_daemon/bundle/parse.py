@@ -26,6 +26,10 @@ a JSONPath-like location (``$["model_A"][2].input_names[5]``) and the reason:
   a non-empty ``input_names`` array of strings and an optional ``output_names`` array of
   strings. **Unknown extra keys in an entry (and at the top of a signature) are ignored**, for
   forward compatibility; they must still be strict JSON.
+- An entry may carry ``"pending": true`` (:data:`PENDING_KEY`, a JSON boolean; ``false`` is
+  the same as leaving it out): the version is shipped to roots ahead of its leaves and is
+  never a model's "latest" until it is promoted (``trimmer-bundle promote``). Files without
+  the key are valid as they were; a validator from before the key ignores it.
 - Every name (model, version, feature, output) is a non-empty string of at most
   ``Limits.max_name_length`` UTF-8 bytes and must be encodable as UTF-8 (a lone surrogate
   written as a ``\\ud800`` escape is an error).
@@ -60,10 +64,12 @@ from flatbuffers_schema.wire import NAME_ALPHABET, NAME_PATTERN
 __all__ = [
     "DEFAULT_LIMITS",
     "BundleError",
+    "PENDING_KEY",
     "Limits",
     "ModelVersion",
     "ParsedBundle",
     "Signature",
+    "latest_current",
     "latest_version",
     "load_bundle_file",
     "parse_bundle",
@@ -80,6 +86,8 @@ _READ_CHUNK = 1 << 20
 _PATH_KEY_CHARS = 64  # longer object keys are shortened in JSON paths
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _RUNS = re.compile(r"[0-9]+|[^0-9]+")
+#: The version entry key that marks a version pending (a JSON boolean).
+PENDING_KEY = "pending"
 
 
 class BundleError(ValueError):
@@ -142,6 +150,7 @@ class ModelVersion:
     version: str
     input_names: tuple[str, ...]  # de-duplicated, first-occurrence order
     output_names: tuple[str, ...]
+    pending: bool = False  # shipped ahead of the leaves: never "latest" until promoted
 
 
 @dataclass(frozen=True)
@@ -196,6 +205,12 @@ def latest_version(versions: Iterable[str]) -> str:
     if not items:
         raise ValueError("latest_version() of no versions")
     return max(items, key=version_sort_key)
+
+
+def latest_current(versions: Iterable[ModelVersion]) -> ModelVersion | None:
+    """The greatest version that is not pending (None: every version is pending)."""
+    current = [mv for mv in versions if not mv.pending]
+    return max(current, key=lambda mv: version_sort_key(mv.version)) if current else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,7 +502,11 @@ def _parse_entry(entry: object, json_path: str, ctx: _Context) -> ModelVersion:
                           f"{json_path}.input_names", "input_names", ctx, required=True)
     outputs = _parse_names(entry.get("output_names", []), f"{json_path}.output_names",
                            "output_names", ctx, required=False)
-    return ModelVersion(version, inputs, outputs)
+    pending = entry.get(PENDING_KEY, False)
+    if not isinstance(pending, bool):
+        raise ctx.error(f"{json_path}.{PENDING_KEY}", f"{PENDING_KEY} must be true or false, "
+                                                       f"got {_type_name(pending)}")
+    return ModelVersion(version, inputs, outputs, pending)
 
 
 def _parse_model(entries: object, json_path: str, ctx: _Context) -> tuple[ModelVersion, ...]:
