@@ -131,7 +131,8 @@ def test_check_skew_is_the_wire_rule(trimmed_for: str | None, missing: tuple[str
         assert got is None
         return
     assert isinstance(got, Refusal) and got.status == wire.STATUS_SKEW == 409
-    assert set(got.body) == {wire.REPLY_ERROR}
+    assert set(got.body) == {wire.REPLY_ERROR, wire.REPLY_VERSION}
+    assert got.body[wire.REPLY_VERSION] == "2"  # the served version: the root learns it
     assert "'1'" in got.body[wire.REPLY_ERROR] and "'f'" in got.body[wire.REPLY_ERROR]
 
 

@@ -220,9 +220,10 @@ def check_skew(trimmed_for: str | None, served_version: str,
     ``trimmed_for`` is the request's ``X-FT-Trimmed-For`` header (``None`` when absent: the
     frame is untrimmed). If the root trimmed the frame for another version than the one this
     leaf serves and the frame lacks inputs of the served version, answer 409
-    (``STATUS_SKEW``): the root re-sends the frame untrimmed, so scores never depend on
-    trimming. Otherwise (``None``) score it; missing inputs of an untrimmed frame or of a
-    frame trimmed for this very version are the payload's own gaps, not a skew.
+    (``STATUS_SKEW``) with the served ``version`` in the body: the root re-sends the frame
+    untrimmed, so scores never depend on trimming, and trims for that version from then on.
+    Otherwise (``None``) score it; missing inputs of an untrimmed frame or of a frame
+    trimmed for this very version are the payload's own gaps, not a skew.
     """
     names = missing.missing if isinstance(missing, Inputs) else tuple(missing)
     if trimmed_for is None or trimmed_for == served_version or not names:
@@ -230,7 +231,8 @@ def check_skew(trimmed_for: str | None, served_version: str,
     which = f" of {model!r}" if model else ""
     return Refusal(STATUS_SKEW, {REPLY_ERROR: (
         f"frame trimmed for version {trimmed_for!r}{which}, this leaf serves version "
-        f"{served_version!r} and lacks {len(names)} of its features (e.g. {names[0]!r})")})
+        f"{served_version!r} and lacks {len(names)} of its features (e.g. {names[0]!r})"),
+        REPLY_VERSION: served_version})
 
 
 def score_reply(scores: Sequence[float] | np.ndarray, version: str | None = None,

@@ -99,9 +99,10 @@ class LeafStats:
 
 
 class LeafReplyError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, **extra: Any) -> None:
         super().__init__(message)
         self.status = status
+        self.extra = extra  # more fields of the error answer (a 409's served version)
 
 
 class LeafServer(ThreadingHTTPServer):
@@ -176,7 +177,7 @@ class LeafHandler(BaseHTTPRequestHandler):
                                                   body)
         except LeafReplyError as exc:
             self.server.stats.record(model, wire, frame_len, columns, ok=False)
-            self._send_json(exc.status, {"error": str(exc)})
+            self._send_json(exc.status, {"error": str(exc), **exc.extra})
             return
         except Exception as exc:  # a bug: answer 500, keep serving
             log.exception("scoring failed model=%s", model)
@@ -230,7 +231,8 @@ class LeafHandler(BaseHTTPRequestHandler):
         refusal = check_skew(self.headers.get(TRIMMED_FOR_HEADER), lm.version, inputs,
                              model=model)
         if refusal is not None:
-            raise LeafReplyError(refusal.status, refusal.body[REPLY_ERROR])
+            raise LeafReplyError(refusal.status, refusal.body[REPLY_ERROR],
+                                 **{k: v for k, v in refusal.body.items() if k != REPLY_ERROR})
         doc = score_reply(lm.score_inputs(inputs), lm.version, model=model,
                           requested_version=version, n_candidates=frame.n_candidates,
                           n_columns=len(frame.columns), missing=list(inputs.missing),

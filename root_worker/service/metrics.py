@@ -25,6 +25,13 @@ feature_trimmer_root_trim_errors_total{model}       counter  trimmer failures (s
 feature_trimmer_root_leaf_errors_total{model,kind}  counter  failed targets by kind (fanout.py)
 feature_trimmer_root_skew_resends_total{model}      counter  leaf on another version refused a
                                                              trimmed frame: re-sent untrimmed
+feature_trimmer_root_leaf_version{model,endpoint,   gauge    1: the version this worker learned
+  version,pid}                                               that the leaf endpoint serves for
+                                                             version-less requests (0: no
+                                                             longer); read by trimmer-inspect
+                                                             lookup --root
+feature_trimmer_root_leaf_version_changes_total     counter  learned versions that replaced
+  {model}                                                    another (a leaf rolled over)
 feature_trimmer_root_trim_seconds                   histo    one trim (per target)
 feature_trimmer_root_leaf_seconds{model}            histo    leaf round trip per target
 feature_trimmer_root_requests_total{code}           counter  /score answers by HTTP status
@@ -56,6 +63,8 @@ from prometheus_client import multiprocess as prom_multiprocess
 P = "feature_trimmer_root_"
 OTHER_MODEL = "_other"
 MAX_CACHED_MODELS = 4096  # model name -> bound children; clients choose the names
+MAX_LEAF_VERSION_SERIES = 1024  # (model, endpoint, version) series one worker exports
+OTHER_VERSION = "_other"  # a leaf version past that bound
 TRIM_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2)
 MAP_AGE_EVERY_NS = 100_000_000  # per-request map age updates: at most every 0.1 s
 LEAF_BUCKETS = (5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1, 2.5, 5)
@@ -137,6 +146,14 @@ class RootMetrics:
                                   registry=r)
         self.info = Gauge(P + "info", "The configured mode", ["mode", "lz4"], registry=r,
                           multiprocess_mode="liveall")
+        self.leaf_version = Gauge(P + "leaf_version", "1: the version this worker learned "
+                                  "that a leaf endpoint serves for version-less requests",
+                                  ["model", "endpoint", "version"], registry=r,
+                                  multiprocess_mode="liveall")
+        self.leaf_version_changes = Counter(P + "leaf_version_changes",
+                                            "Learned leaf versions that replaced another",
+                                            by_model, registry=r)
+        self._leaf_series: set[tuple[str, str, str]] = set()
         self._map_errors_seen = 0
         self._map_seen = (-1, -1)
         self._age_set_ns = 0
@@ -153,6 +170,29 @@ class RootMetrics:
             if len(self._models) < MAX_CACHED_MODELS:
                 self._models[model] = mm
         return mm
+
+    def leaf_version_changed(self, url: str, model: str, old: str | None,
+                             new: str | None) -> None:
+        """Export what a worker learned (:class:`~root_worker.service.leafversions.
+        LeafVersions` calls it): the old version's series to 0, the new one's to 1."""
+        label = model if self._listed(model) else OTHER_MODEL
+        if old is not None:
+            self.leaf_version.labels(label, url, self._version_label(label, url, old)).set(0)
+            if new is not None:
+                self.leaf_version_changes.labels(label).inc()
+        if new is not None:
+            self.leaf_version.labels(label, url, self._version_label(label, url, new)).set(1)
+
+    def _version_label(self, model: str, url: str, version: str) -> str:
+        """``version``, or ``_other`` once this worker exports too many series (a leaf that
+        reports ever new versions must not grow the scrape without bound)."""
+        key = (model, url, version)
+        if key in self._leaf_series:
+            return version
+        if len(self._leaf_series) >= MAX_LEAF_VERSION_SERIES:
+            return OTHER_VERSION
+        self._leaf_series.add(key)
+        return version
 
     def answered(self, status: int) -> None:
         """Count one ``/score`` answer (the label child bound once per status code)."""

@@ -6,7 +6,10 @@ Runs in each root worker (one :class:`Scorer` per process, built after fork). Pe
 1. read the frame's preamble and metadata (``peek_metadata``) and the targets
    (:mod:`root_worker.service.targets`); anything malformed is a :class:`BadRequest` (4xx);
 2. take **one** map view (one shared-memory poll) and resolve every target in it (SPEC §4);
-   the answer reports that view's generation;
+   the answer reports that view's generation. A target that names no version gets its
+   replica first (``Routing.pick``) and the allowlist of the version that replica serves,
+   as this worker learned it from its answers (:mod:`root_worker.service.leafversions`;
+   while unknown: the union of the latest and the pending versions);
 3. trim once per distinct allowlist: targets that resolve to the same allowlist share one
    output. Without lz4 the output is scatter-gather (``Trimmer.trim_parts``: a new header
    and views of the kept runs of the request buffer, sent with ``sendmsg``, no copy); with
@@ -63,6 +66,14 @@ from root_worker.frame.lru import LruCache
 from root_worker.service.buffers import BufferPool
 from root_worker.service.fanout import LeafCall, LeafError, LeafPool
 from root_worker.service.http1 import HttpError
+from root_worker.service.leafversions import (
+    LEAF_NOT_IN_MAP,
+    LeafVersions,
+    LogLimiter,
+    choose,
+    refusal_version,
+    valid_version,
+)
 from root_worker.service.loop import Loop, run_until
 from root_worker.service.metrics import MAX_CACHED_MODELS, ModelMetrics, RootMetrics
 from root_worker.service.replies import leaf_reply, materialize
@@ -77,6 +88,7 @@ _SAFE_NAME = re.compile(NAME_PATTERN)
 FALLBACK_BUFFER_CAP = "buffer_cap_sent_untrimmed"
 FALLBACK_UNSAFE_VERSION = "unsafe_version_sent_untrimmed"
 FALLBACK_SKEW = "version_skew_resent_untrimmed"
+FALLBACK_LEAF_VERSION = "leaf_version_not_in_map_sent_untrimmed"
 
 
 BadRequest = HttpError  # the client's request is unusable: answer ``status`` (4xx), JSON
@@ -110,6 +122,8 @@ class Prepared:
     fallback: str | None = None
     result: Any = None
     t0: float = 0.0
+    endpoints: Any = None           # the replicas, in the order the call tries them
+    leaf: str | None = None         # version-less target: how its allowlist was chosen
 
 
 @dataclass(slots=True)
@@ -155,6 +169,8 @@ class Scorer:
         self.pid = os.getpid()
         # leaf request path by (model, version); clients name the models: bounded
         self._paths: LruCache[tuple[str, str | None], str] = LruCache(MAX_CACHED_MODELS)
+        self.versions = LeafVersions(on_change=metrics.leaf_version_changed)
+        self.limiter = LogLimiter(log)
 
     # -- request -------------------------------------------------------------------------
     def score(self, body: Any, query: str) -> tuple[int, dict[str, Any]]:
@@ -218,10 +234,23 @@ class Scorer:
         for target in targets:
             mm = self.metrics.model(target.model)
             p = Prepared(target, OUTCOME_OFF, target.version, req.untrimmed, n, n, 0, mm)
+            p.endpoints = self.routing.pick(target.model)  # the replica before the trim
             req.targets.append(p)
             if self.settings.mode == "off":
                 continue
-            res = self.live_map.resolve_in(view, target.model, target.version)
+            if target.version is None:
+                url = p.endpoints[0].url if p.endpoints else ""
+                choice = choose(self.live_map, view, target.model,
+                                self.versions.get(url, target.model))
+                res, p.leaf = choice.resolution, choice.how
+                if choice.how == LEAF_NOT_IN_MAP:
+                    p.fallback = FALLBACK_LEAF_VERSION
+                    self.limiter.log(logging.WARNING, "leaf_version", target.model,
+                                     "leaf serves a version no bundle lists model=%s "
+                                     "leaf=%s version=%s: sending untrimmed", target.model,
+                                     url, choice.leaf_version)
+            else:
+                res = self.live_map.resolve_in(view, target.model, target.version)
             p.outcome = res.outcome.value
             if res.version is not None:
                 p.version = res.version
@@ -319,8 +348,11 @@ class Scorer:
             wire, nbytes = payload.wire, len(payload.wire[0])
             headers = {**headers, ENCODING_HEADER: ENCODING_LZ4}
         p.t0 = time.perf_counter()
-        call = LeafCall(req.loop, self.pool, self.routing.pick(p.target.model),
-                        self._leaf_path(p.target.model, p.version), headers, wire, req.deadline,
+        # a version-less target asks the leaf for no version: it serves its own, which is
+        # what the root learns (the version trimmed for travels in X-FT-Trimmed-For only)
+        asked = None if p.target.version is None else p.version
+        call = LeafCall(req.loop, self.pool, p.endpoints,
+                        self._leaf_path(p.target.model, asked), headers, wire, req.deadline,
                         self.settings.max_leaf_reply_bytes,
                         lambda result: self._ended(req, i, call, trimmed_for, result), nbytes)
         call.start()
@@ -344,17 +376,34 @@ class Scorer:
             p.metrics.sent.inc(call.body_bytes)
             url = call.endpoint.url if call.endpoint else "leaf"
             status, data = result
-            if status == STATUS_SKEW and trimmed_for is not None and self._resend(req, i):
-                return
+            if status == STATUS_SKEW and trimmed_for is not None:
+                if p.target.version is None and call.endpoint is not None:
+                    self._learn(p, call.endpoint.url, refusal_version(data))
+                if self._resend(req, i):
+                    return
             try:
                 result = leaf_reply(url, status, data)
                 result.update(leaf=url, bytes_sent=call.body_bytes)
             except LeafError as exc:
                 result = exc
+            else:
+                if p.target.version is None and call.endpoint is not None:
+                    self._learn(p, call.endpoint.url, result.get("leaf_version"))
         p.result = result
         req.pending -= 1
         if req.pending == 0:
             self._finish(req)
+
+    def _learn(self, p: Prepared, url: str, reported: Any) -> None:
+        """Remember what the replica at ``url`` serves for version-less requests."""
+        version = valid_version(reported)
+        if version is None:
+            return
+        old = self.versions.learn(url, p.target.model, version)
+        if old is not None:
+            self.limiter.log(logging.INFO, "leaf_version_change", p.target.model,
+                             "leaf version changed model=%s leaf=%s version=%s (was %s)",
+                             p.target.model, url, version, old)
 
     def _resend(self, req: Request, i: int) -> bool:
         """A leaf on another version refused the trimmed frame: send it the whole frame."""
@@ -364,8 +413,9 @@ class Scorer:
         except BadRequest as exc:
             p.result = LeafError("bad_frame", f"re-sending untrimmed: {exc.message}")
             return False
-        log.warning("version skew model=%s trimmed_for=%s: re-sending untrimmed",
-                    p.target.model, p.version)
+        self.limiter.log(logging.WARNING, "skew", p.target.model,
+                         "version skew model=%s trimmed_for=%s: re-sending untrimmed",
+                         p.target.model, p.version)
         p.fallback = FALLBACK_SKEW
         p.metrics.skew_resends.inc()
         self._start(req, i, req.untrimmed, None)
@@ -388,6 +438,8 @@ class Scorer:
             "missing_required": p.missing}
         if p.fallback:
             out["fallback"] = p.fallback
+        if p.leaf is not None:
+            out["leaf_choice"] = p.leaf
         reply = p.result
         if isinstance(reply, LeafError):
             p.metrics.leaf_error(reply.kind)
