@@ -5,6 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 .PHONY: test bench bench-trim bench-reload bench-e2e bench-hostile bench-send demo run lint schema clean
+.PHONY: bench-rollout
 
 $(STAMP): setup.cfg pyproject.toml $(wildcard setup.py)
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +30,9 @@ bench-hostile: $(STAMP)  ## deadlines under misbehaving leaves, slow/idle client
 
 bench-send: $(STAMP)     ## the kernel's share: receive + fan-out sends, off vs trimmed (trim/off floor)
 	$(PY) bench/send_bench.py $(BENCH_ARGS)
+
+bench-rollout: $(STAMP)  ## rollout rehearsal: 3 root hosts (namespaces), canary, rollout, rollback
+	$(PY) bench/rollout_bench.py $(BENCH_ARGS)
 
 bench: bench-trim
 

@@ -48,7 +48,12 @@ from urllib.parse import parse_qs, urlsplit
 
 from flatbuffers_schema.atomic_file import write_atomic
 from flatbuffers_schema.settings import add_version_flag
-from flatbuffers_schema.wire import ENCODING_HEADER, REPLY_ERROR, TRIMMED_FOR_HEADER
+from flatbuffers_schema.wire import (
+    ENCODING_HEADER,
+    REPLY_ERROR,
+    STATUS_SKEW,
+    TRIMMED_FOR_HEADER,
+)
 from root_worker.frame import FrameError
 from root_worker.leaf.model import ModelStore
 from root_worker.leaf.sdk import (
@@ -74,15 +79,21 @@ class LeafStats:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.totals = {"requests": 0, "errors": 0, "bytes_received": 0, "frame_bytes": 0}
+        # scored_with_missing: frames scored although inputs of the served version were
+        # missing (an under-sent frame the 409 rule let through: untrimmed, or trimmed for
+        # this very version); refused_skew: 409s (trimmed for another version, short)
+        self.totals = {"requests": 0, "errors": 0, "bytes_received": 0, "frame_bytes": 0,
+                       "scored_with_missing": 0, "refused_skew": 0}
         self.by_model: dict[str, dict[str, int]] = {}
 
     def record(self, model: str | None, wire: int, frame: int, columns: int,
-               ok: bool) -> None:
+               ok: bool, missing: int = 0, skew: bool = False) -> None:
         with self._lock:
             t = self.totals
             t["requests"] += 1
             t["errors"] += 0 if ok else 1
+            t["scored_with_missing"] += 1 if ok and missing else 0
+            t["refused_skew"] += 1 if skew else 0
             t["bytes_received"] += wire
             t["frame_bytes"] += frame
             if model is not None and ok:
@@ -176,7 +187,8 @@ class LeafHandler(BaseHTTPRequestHandler):
             doc, frame_len, columns = self._score(model, (query.get("version") or [None])[0],
                                                   body)
         except LeafReplyError as exc:
-            self.server.stats.record(model, wire, frame_len, columns, ok=False)
+            self.server.stats.record(model, wire, frame_len, columns, ok=False,
+                                     skew=exc.status == STATUS_SKEW)
             self._send_json(exc.status, {"error": str(exc), **exc.extra})
             return
         except Exception as exc:  # a bug: answer 500, keep serving
@@ -184,7 +196,8 @@ class LeafHandler(BaseHTTPRequestHandler):
             self.server.stats.record(model, wire, frame_len, columns, ok=False)
             self._send_json(500, {"error": f"internal error: {type(exc).__name__}: {exc}"})
             return
-        self.server.stats.record(model, wire, frame_len, columns, ok=True)
+        self.server.stats.record(model, wire, frame_len, columns, ok=True,
+                                 missing=len(doc["missing"]))
         if self.server.delay_s:
             time.sleep(self.server.delay_s)  # a deliberately slow leaf (tests)
         self._send_json(200, doc)

@@ -1,0 +1,151 @@
+"""Rollouts: the root trims each version-less request for the version its leaf replica
+serves, learned from the leaves' answers; a pending version is never "latest".
+
+The rehearsals are real: per root host a daemon, an shm name and a gunicorn pool; leaf
+replicas are ``trimmer-leaf`` processes whose bundle files are replaced as a deploy does;
+the root bundles are built and promoted with ``trimmer-bundle``
+(:mod:`root_worker.testing.rollout`; the long version with namespaces per host is
+``bench/rollout_bench.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from root_worker.featuremap.live_map import LiveMap
+from root_worker.featuremap.map_reader import FeatureMapView
+from root_worker.service.leafversions import (
+    LEAF_LEARNED,
+    LEAF_NOT_IN_MAP,
+    LEAF_UNKNOWN,
+    LeafVersions,
+    LogLimiter,
+    choose,
+    refusal_version,
+    valid_version,
+)
+from root_worker.testing import rollout as R
+from trimmer_daemon.bundle.parse import parse_bundle
+from trimmer_daemon.compiler import BundleStatusRecord, compile_map
+from trimmer_daemon.consolidate import KeyCache, consolidate, index_bundle
+
+# -- the per-worker table and the log limiter --------------------------------------------------
+
+
+def test_learned_versions_are_a_bounded_lru_that_reports_changes() -> None:
+    seen: list[tuple[str, str, str | None, str | None]] = []
+    table = LeafVersions(limit=2, on_change=lambda *a: seen.append(a))
+    assert table.get("http://a", "m") is None
+    assert table.learn("http://a", "m", "1") is None
+    assert table.learn("http://a", "m", "1") is None  # the same: no change, no callback
+    assert table.learn("http://a", "m", "2") == "1" and table.changes == 1
+    table.learn("http://b", "m", "1")
+    assert table.get("http://a", "m") == "2"  # a hit refreshes: b is now the oldest
+    table.learn("http://c", "m", "1")           # evicts b, reported with new=None
+    assert table.get("http://b", "m") is None and len(table) == 2
+    assert seen == [("http://a", "m", None, "1"), ("http://a", "m", "1", "2"),
+                    ("http://b", "m", None, "1"), ("http://b", "m", "1", None),
+                    ("http://c", "m", None, "1")]
+
+
+def test_versions_a_leaf_reports_are_checked() -> None:
+    assert valid_version("2") == "2" and valid_version("v1.2-rc_3~x") == "v1.2-rc_3~x"
+    for bad in (None, 2, "", "a b", "x" * 2000, "v\n1"):
+        assert valid_version(bad) is None
+    assert refusal_version(b'{"error": "short", "version": "7"}') == "7"
+    for bad in (b'{"error": "short"}', b"not json", b'["7"]', b'{"version": "a/b"}',
+                b'{"version": "' + b"7" * (70 << 10) + b'"}'):
+        assert refusal_version(bad) is None
+
+
+def test_log_limiter_folds_events_into_one_line_per_model_and_interval(
+        caplog: pytest.LogCaptureFixture) -> None:
+    now = [100.0]
+    limiter = LogLimiter(logging.getLogger("ft.test"), interval=10.0, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="ft.test"):
+        assert limiter.log(logging.WARNING, "skew", "m", "skew model=%s", "m")
+        for _ in range(5):
+            assert not limiter.log(logging.WARNING, "skew", "m", "skew model=%s", "m")
+        assert limiter.log(logging.WARNING, "skew", "other", "skew model=%s", "other")
+        now[0] += 10.0
+        assert limiter.log(logging.WARNING, "skew", "m", "skew model=%s", "m")
+    assert [r.getMessage() for r in caplog.records] == [
+        "skew model=m", "skew model=other", "skew model=m (5 more since the last line)"]
+
+
+def _view(doc: dict) -> FeatureMapView:
+    cache = KeyCache()
+    indexed = [("b", index_bundle(parse_bundle(json.dumps(doc).encode(), path="/b"), cache))]
+    return FeatureMapView(compile_map(consolidate(indexed, cache),
+                                      [BundleStatusRecord(name="b", path="/b")],
+                                      generation=1, built_at_ns=1, daemon_pid=1, cache=cache))
+
+
+def test_choose_the_allowlist_for_what_the_replica_serves() -> None:
+    view = _view({"m": [{"version": "1", "input_names": ["a", "b"]},
+                        {"version": "2", "input_names": ["a", "c"], "pending": True}]})
+    live = LiveMap("ft_unused_name")  # resolve_in / resolve_rollout_in take the view given
+    try:
+        unknown = choose(live, view, "m", None)
+        assert unknown.how == LEAF_UNKNOWN and unknown.resolution.version == "1"
+        assert sorted(view.feature_names(unknown.resolution.allowlist.keys)) == ["a", "b", "c"]
+        learned = choose(live, view, "m", "2")  # a pending version a replica serves
+        assert learned.how == LEAF_LEARNED and learned.resolution.version == "2"
+        assert learned.resolution.requested_version is None
+        assert sorted(view.feature_names(learned.resolution.allowlist.keys)) == ["a", "c"]
+        assert choose(live, view, "m", "1").resolution.allowlist.digest != \
+            learned.resolution.allowlist.digest
+        other = choose(live, view, "m", "3")  # no bundle lists it: untrimmed, no 409 loop
+        assert other.how == LEAF_NOT_IN_MAP and other.resolution.allowlist is None
+        assert other.resolution.outcome.value == "version_fallback"
+        assert np.array_equal(choose(live, view, "m", None).resolution.allowlist.keys,
+                              unknown.resolution.allowlist.keys)
+    finally:
+        live.close()
+
+
+# -- rehearsals on real processes --------------------------------------------------------------
+
+SIGS = R.Signatures.make(n_inputs=200, swapped=20, n_features=600)
+
+
+def _check(rows: list[dict], workers_per_endpoint: int) -> dict:
+    verdict = R.verdict(rows, workers_per_endpoint)
+    assert verdict["all_met"], R.table(rows, verdict) + "\n" + json.dumps(
+        [(s["stage"], s["checks"]) for s in verdict["stages"] if not s["met"]]) + \
+        "\n" + json.dumps([r["error_samples"] for r in rows])
+    return verdict
+
+
+def test_single_root_sequence_pending_leaf_change_promote_rollback() -> None:
+    """The four stages that used to cost a re-send per request: v2 pending while the leaf
+    serves v1 (0 re-sends, bytes of v1), the leaf moves to v2 (one re-send per worker),
+    the root promotes v2 (none), the leaf rolls back to v1 (one per worker)."""
+    with R.rehearsal(hosts=1, workers=2, sigs=SIGS, candidates=16, stage_requests=100,
+                     canary_routes_all=False) as r:
+        rows = r.run(R.single_root_stages(r))
+        learned = r.learned()
+    _check(rows, workers_per_endpoint=2)
+    by = {row["stage"].split()[0]: row for row in rows}
+    assert by["a"]["skew_round_trips"] == 0  # pending is not latest: trimmed for v1
+    assert by["b"]["skew_round_trips"] >= 1 and by["d"]["skew_round_trips"] >= 1
+    assert by["c"]["skew_round_trips"] == 0
+    assert learned and all(line.endswith(" 1") for line in learned)  # back on v1
+
+
+def test_rehearsal_across_three_root_hosts() -> None:
+    """The article's sequence across three root hosts (own daemon, shm name and pool each),
+    two replicas per model, version-less and versioned traffic: no error, no under-sent
+    frame, at most one skew round trip per worker, endpoint and change, bytes within 10 %
+    of the steady state in every stage."""
+    with R.rehearsal(hosts=3, workers=1, sigs=SIGS, candidates=16, stage_requests=90) as r:
+        rows = r.run(R.article_stages(r))
+        decision = r.decision  # type: ignore[attr-defined]
+    _check(rows, workers_per_endpoint=3)
+    assert decision["go"] and decision["leaf_errors"] == 0
+    assert sum(row["skew_round_trips"] for row in rows) >= 1  # the changes were seen
+    assert [row["skew_round_trips"] for row in rows[:2]] == [0, 0]
