@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from root_worker.featuremap.live_map import LiveMap
+from root_worker.oncall.cli import main as inspect_main
 from root_worker.featuremap.map_reader import FeatureMapView
 from root_worker.service.leafversions import (
     LEAF_LEARNED,
@@ -121,13 +122,23 @@ def _check(rows: list[dict], workers_per_endpoint: int) -> dict:
     return verdict
 
 
-def test_single_root_sequence_pending_leaf_change_promote_rollback() -> None:
+def test_single_root_sequence_pending_leaf_change_promote_rollback(
+        capsys: pytest.CaptureFixture[str]) -> None:
     """The four stages that used to cost a re-send per request: v2 pending while the leaf
     serves v1 (0 re-sends, bytes of v1), the leaf moves to v2 (one re-send per worker),
-    the root promotes v2 (none), the leaf rolls back to v1 (one per worker)."""
+    the root promotes v2 (none), the leaf rolls back to v1 (one per worker). After each
+    stage ``trimmer-inspect lookup --root`` shows the pending versions and what each
+    worker learned."""
+    looked: dict[str, dict] = {}
     with R.rehearsal(hosts=1, workers=2, sigs=SIGS, candidates=16, stage_requests=100,
                      canary_routes_all=False) as r:
-        rows = r.run(R.single_root_stages(r))
+        def inspect(stage: str) -> None:
+            capsys.readouterr()
+            code = inspect_main(["--shm-name", r.prefixes[0], "lookup", R.MODEL, "--json",
+                                 "--root", r.hosts[0].url])
+            looked[stage.split()[0]] = json.loads(capsys.readouterr().out)
+            assert code == 0
+        rows = r.run(R.single_root_stages(r), settle=inspect)
         learned = r.learned()
     _check(rows, workers_per_endpoint=2)
     by = {row["stage"].split()[0]: row for row in rows}
@@ -135,6 +146,14 @@ def test_single_root_sequence_pending_leaf_change_promote_rollback() -> None:
     assert by["b"]["skew_round_trips"] >= 1 and by["d"]["skew_round_trips"] >= 1
     assert by["c"]["skew_round_trips"] == 0
     assert learned and all(line.endswith(" 1") for line in learned)  # back on v1
+    a, b, c = looked["a"], looked["b"], looked["c"]
+    assert a["pending_versions"] == ["2"] and a["version"] == "1"  # pending is not latest
+    assert a["unknown_leaf_features"] == len(set(SIGS.v1) | set(SIGS.v2))
+    assert {x["version"] for x in a["leaf_versions"]} == {"1"}
+    assert {x["version"] for x in b["leaf_versions"]} == {"2"}  # every worker that asked
+    assert all(x["outcome"] == "trimmed" and x["features"] == len(SIGS.v2)
+               for x in b["leaf_versions"])
+    assert c["pending_versions"] == [] and c["version"] == "2"  # promoted
 
 
 def test_rehearsal_across_three_root_hosts() -> None:

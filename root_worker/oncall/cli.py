@@ -117,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL")
     p.add_argument("version", nargs="?", default=None, metavar="VERSION")
     p.add_argument("--features", action="store_true", help="list the allowlist's feature names")
+    p.add_argument("--root", action="append", default=[], metavar="URL",
+                   help="a root pool (http://HOST:PORT, repeatable): also show the version "
+                        "each of its workers learned that each leaf endpoint serves, and the "
+                        "allowlist a request naming no version gets there")
     p = verbs.add_parser("diff", help="bundle files on disk vs. what is published")
     p.add_argument("--config", metavar="FILE",
                    help="the daemon's TOML config: also compare the configured bundle list "
@@ -238,13 +242,23 @@ def cmd_lookup(state: MapState, args: argparse.Namespace) -> Level:
         "conflict": vinfo["conflict"] if vinfo else False, "generation": view.generation}
     if res.pending and args.version is None:  # what a leaf of unknown version gets
         doc["unknown_leaf_features"] = len(view.resolve_rollout(args.model).allowlist or ())
+    if args.root:
+        doc["leaf_versions"], errors = _learned(view, args.model, args.root)
+        if errors:
+            doc["leaf_versions_errors"] = errors
     if args.json:
         if args.features:
             doc["feature_names"] = names
         render.print_json({**render.envelope(state), **doc})
         return state.level
     print(res.explain())
+    learned = doc.pop("leaf_versions", None)
     print(fmt.key_values([(k, render.show(v)) for k, v in doc.items() if k != "explanation"]))
+    if learned:
+        print()
+        print(fmt.table(["ROOT", "PID", "LEAF", "SERVES", "GETS", "FEATURES"],
+                        [(x["root"], x["pid"], x["endpoint"], x["version"], x["outcome"],
+                          x["features"]) for x in learned]))
     if args.features and names is not None:
         print()
         print("\n".join(names))
@@ -287,6 +301,31 @@ _VERBS = {"status": cmd_status, "models": cmd_models, "lookup": cmd_lookup, "dif
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
+def _learned(view: FeatureMapView, model: str, roots: list[str]
+             ) -> tuple[list[dict[str, Any]], list[str]]:
+    """Per root worker and leaf endpoint: the version learned and what a version-less
+    request to it gets (``trimmed`` for that version, or ``version_fallback``: untrimmed)."""
+    from root_worker.oncall.learned import LearnedError, learned_versions
+
+    rows, errors = [], []
+    for root in roots:
+        try:
+            found = learned_versions(root, model)
+        except LearnedError as exc:
+            errors.append(str(exc))
+            print(f"WARNING: {exc}", file=sys.stderr)
+            continue
+        for x in found:
+            res = view.resolve(model, x.version)
+            known = res.outcome.value == "trimmed"
+            rows.append({"root": x.root, "pid": x.pid, "endpoint": x.endpoint,
+                         "version": x.version,
+                         "outcome": "trimmed" if known else "untrimmed (not in the map)",
+                         "features": len(res.allowlist) if known and res.allowlist is not None
+                         else None})
+    return rows, errors
+
 
 def _need_view(state: MapState, args: argparse.Namespace, **extra: Any) -> FeatureMapView | None:
     """The map, or (after reporting why there is none: CRITICAL) ``None``."""
