@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from root_worker.featuremap.live_map import LiveMap
-from root_worker.oncall.cli import main as inspect_main
 from root_worker.featuremap.map_reader import FeatureMapView
+from root_worker.oncall.cli import main as inspect_main
 from root_worker.service.leafversions import (
     LEAF_LEARNED,
     LEAF_NOT_IN_MAP,
