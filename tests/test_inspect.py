@@ -281,6 +281,22 @@ def test_diff_daemon_down(daemon: DaemonProc, ctr10_bundles: dict[str, Path],
     assert "2 bundles, 2 differ" in out
 
 
+def test_diff_pending_mark(daemon: DaemonProc, ctr10_bundles: dict[str, Path],
+                           capsys: pytest.CaptureFixture[str]) -> None:
+    """A file whose only change is the pending mark (a promotion or a demotion the daemon
+    has not loaded) is reported per version."""
+    stop_leaving_map(daemon)
+    write_bundle(ctr10_bundles["ads"], {"ctr": [
+        {"version": "1", "input_names": F1},
+        {"version": "10", "input_names": ["a", "b", "c"], "pending": True}]})
+    rc, doc = run_json(capsys, daemon.prefix, "diff", "--models")
+    ads = doc["bundles"][0]
+    assert rc == 1 and [(c["model"], c["version"], c["change"]) for c in ads["models"]] == [
+        ("ctr", "10", "pending_on_disk")]
+    rc, out, _ = run(capsys, daemon.prefix, "diff", "--models")
+    assert "ads: ctr 10: pending on disk, current in the map" in out
+
+
 def test_diff_with_config(daemon: DaemonProc, ctr10_bundles: dict[str, Path], tmp_path: Path,
                           capsys: pytest.CaptureFixture[str]) -> None:
     extra = tmp_path / "extra.json"

@@ -207,3 +207,18 @@ def test_cli_port_file_and_usage_errors(tmp_path: Path) -> None:
         proc.terminate()
         out, _ = proc.communicate(timeout=10)
     assert proc.returncode == 0 and "listening on http://127.0.0.1:" in out
+
+
+def test_store_default_skips_pending_versions(tmp_path: Path) -> None:
+    """A leaf given a bundle with a pending version serves it when asked by name, and by
+    default only once it is promoted (the roots' rule for "latest")."""
+    path = tmp_path / "b.json"
+    write_bundle(path, {"a": [{"version": "1", "input_names": ["x"]},
+                              {"version": "2", "input_names": ["z"], "pending": True}],
+                        "n": [{"version": "1", "input_names": ["y"], "pending": True}]})
+    store = ModelStore([str(path)])
+    assert store.get("a", None).version == "1" and store.get("a", "2").version == "2"
+    assert store.get("n", None).version == "1"  # every version pending: still served
+    replace_bundle(path, {"a": [{"version": "1", "input_names": ["x"]},
+                                {"version": "2", "input_names": ["z"]}]})
+    wait_for(lambda: store.get("a", None).version == "2", 5, "the promotion to reach the leaf")

@@ -29,7 +29,9 @@ from root_worker.service.leafversions import (
     refusal_version,
     valid_version,
 )
+from root_worker.service.metrics import MAX_LEAF_VERSION_SERIES, OTHER_VERSION, RootMetrics
 from root_worker.testing import rollout as R
+from root_worker.testing.client import metric_samples, metric_value
 from trimmer_daemon.bundle.parse import parse_bundle
 from trimmer_daemon.compiler import BundleStatusRecord, compile_map
 from trimmer_daemon.consolidate import KeyCache, consolidate, index_bundle
@@ -76,6 +78,28 @@ def test_log_limiter_folds_events_into_one_line_per_model_and_interval(
         assert limiter.log(logging.WARNING, "skew", "m", "skew model=%s", "m")
     assert [r.getMessage() for r in caplog.records] == [
         "skew model=m", "skew model=other", "skew model=m (5 more since the last line)"]
+
+
+def test_learned_versions_are_exported_with_a_bounded_label_set(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    metrics = RootMetrics(lambda model: model == "m")
+    table = LeafVersions(on_change=metrics.leaf_version_changed)
+    table.learn("http://a", "m", "1")
+    table.learn("http://a", "m", "2")
+    table.learn("http://a", "x", "5")  # a model the routing file does not list: _other
+    samples = {(lbl["model"], lbl["endpoint"], lbl["version"]): v
+               for n, lbl, v in metric_samples(metrics.render()[0].decode())
+               if n == "feature_trimmer_root_leaf_version"}
+    assert samples == {("m", "http://a", "1"): 0.0, ("m", "http://a", "2"): 1.0,
+                       ("_other", "http://a", "5"): 1.0}
+    assert metric_value(metrics.render()[0].decode(),
+                        "feature_trimmer_root_leaf_version_changes_total", model="m") == 1
+    for i in range(MAX_LEAF_VERSION_SERIES + 50):  # a leaf reporting ever new versions
+        table.learn("http://b", "m", f"v{i}")
+    versions = {lbl["version"] for n, lbl, _ in metric_samples(metrics.render()[0].decode())
+                if n == "feature_trimmer_root_leaf_version"}
+    assert len(versions) <= MAX_LEAF_VERSION_SERIES + 1 and OTHER_VERSION in versions
 
 
 def _view(doc: dict) -> FeatureMapView:
