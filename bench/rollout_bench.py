@@ -74,7 +74,7 @@ def run_inner(args: argparse.Namespace, network: R.Network | None) -> dict[str, 
                           "seconds": round(time.monotonic() - t0, 1)}
     t0 = time.monotonic()
     with R.rehearsal(hosts=1, workers=args.workers, sigs=sigs, candidates=args.candidates,
-                     stage_requests=max(20, args.stage_requests // 10),
+                     stage_requests=args.stage_requests,
                      canary_routes_all=False) as r:
         rows = r.run(R.single_root_stages(r))
         out["single_root"] = {"rows": rows, "verdict": R.verdict(rows, args.workers),
