@@ -135,6 +135,13 @@ class RootMetrics:
                              registry=r, multiprocess_mode="livemax")
         self.map_errors = Counter(P + "map_errors", "Map generations refused or corrupt",
                                   registry=r)
+        self.faults = Counter(
+            P + "faults", "Unexpected exceptions contained to one connection or one target, "
+            "by phase (each is a bug: it is logged with its request id)", ["phase"],
+            registry=r)
+        self.accept_pauses = Counter(
+            P + "accept_pauses", "Times a worker stopped accepting for a moment because the "
+            "process ran out of file descriptors (EMFILE/ENFILE)", registry=r)
         self.info = Gauge(P + "info", "The configured mode", ["mode", "lz4"], registry=r,
                           multiprocess_mode="liveall")
         self._map_errors_seen = 0
