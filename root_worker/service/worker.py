@@ -131,6 +131,9 @@ class RootWorker(Worker):
         self.state = app.state()
         s = self.state.settings
         self.settings = s
+        self.deadlines = {"head": s.header_timeout, "idle": s.keepalive, "body": s.body_timeout,
+                          "answer": s.body_timeout, "linger": LINGER_S,
+                          "scoring": s.leaf_timeout + SCORE_GRACE_S}  # seconds, by phase
         self.scorer = self.state.scorer
         self.buffers = self.scorer.buffers
         self.state.connections = lambda: len(self.conns)
@@ -331,11 +334,8 @@ class Conn:
         self.phase = phase
         if self.timer is not None:
             self.timer.cancel()
-        s = self.w.settings
-        seconds = {"head": s.header_timeout, "idle": s.keepalive, "body": s.body_timeout,
-                   "answer": s.body_timeout, "linger": LINGER_S,
-                   "scoring": s.leaf_timeout + SCORE_GRACE_S}[phase]
-        self.timer = self.loop.call_at(self.loop.clock() + seconds, self._expired)
+        self.timer = self.loop.call_at(self.loop.clock() + self.w.deadlines[phase],
+                                       self._expired)
         if phase == "idle" or (phase == "head" and not self.served and not self.rx):
             self.w.silent[self] = None
         else:
