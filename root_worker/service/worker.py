@@ -429,9 +429,11 @@ class Conn:
         stream = self.stream
         if self.rx and not stream.done and self.error is None:
             try:
-                with memoryview(self.rx) as view, view[:FEED_SLICE] as piece:
-                    stream.feed(piece)
-                del self.rx[:FEED_SLICE]
+                if not self._body_from_rx():
+                    with memoryview(self.rx) as view, view[:FEED_SLICE] as piece:
+                        stream.feed(piece)
+                    del self.rx[:FEED_SLICE]
+                    self._body_from_rx()
             except HttpError as exc:
                 self.error = exc
                 self.rx.clear()
@@ -512,7 +514,7 @@ class Conn:
         raise HttpError(503, "overloaded", f"no buffer for a {need}-byte body: the worker "
                         "holds FT_MAX_BUFFER_BYTES already; retry later")
 
-    def _sink(self, msg: Message, data: bytes) -> None:
+    def _sink(self, msg: Message, data: bytes | memoryview) -> None:
         """Body bytes llhttp framed (the first bytes of a body, or a chunked body)."""
         faults.check(faults.phase_of(msg.headers), "body")
         store = msg.store
@@ -522,6 +524,20 @@ class Conn:
         body.view[got:got + len(data)] = data
         body.got = got + len(data)
         self._count(body)
+
+    def _body_from_rx(self) -> bool:
+        """The bytes received with a head that belong to its Content-Length body: copied
+        into the body buffer in one move (llhttp need not see them); False if the stream is
+        not inside such a body."""
+        msg = self.stream.msg
+        if msg is None or not msg.headed or not msg.body_rest or not self.rx:
+            return False
+        take = min(len(self.rx), msg.body_rest)
+        with memoryview(self.rx) as view, view[:take] as piece:
+            self._sink(msg, piece)
+        del self.rx[:take]
+        self.stream.body_arrived(take)
+        return True
 
     def _read_direct(self, mask: int) -> None:
         """The rest of a Content-Length body, straight from the socket into its buffer."""
