@@ -22,7 +22,7 @@ for every configuration:
 The minimal root (2 forked workers) reads the body with ``recv_into`` into a reused buffer,
 uses the project's own peek / map view / trim, sends with ``sendmsg`` on kept-alive sockets
 and parses the leaves' JSON -- no deadlines, limits or metrics. The ratio of root CPU per
-request, pool / minimal, is the HTTP-layer overhead the pool adds (target <= 1.3); trim / off
+request, pool / minimal, is the HTTP-layer overhead the pool adds (target <= 1.2); trim / off
 of the pool is what trimming saves the root (target <= 0.7).
 
 Workload (production-shaped, ``examples/``): a 2000-feature union (55% float32 scalars, 15%
