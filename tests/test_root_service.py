@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import pytest
 from conftest import shm_leftovers
 from daemon_helpers import DaemonProc, remove_segments, replace_bundle, wait_for, write_bundle
 from root_helpers import (
+    DEADLINE_MARGIN,
     LeafProc,
     RootProc,
     Workload,
@@ -36,6 +38,7 @@ from root_worker.testing.workload import make_columns, make_frame
 
 MODELS = ("ads_ctr", "ads_cvr", "homefeed_rank")
 M = "feature_trimmer_root_"
+LEAF_TIMEOUT = 2.0  # the slow leaf answers after 6 s
 
 
 @dataclass
@@ -94,7 +97,7 @@ def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
 
 def _root(backend: Backend, name: str, **settings: str) -> RootProc:
     env = {"FT_SHM_NAME": backend.prefix, "FT_ROUTING": str(backend.routing),
-           "FT_LEAF_TIMEOUT": "2.0", "FT_MAX_REQUEST_BYTES": str(4 << 20)}
+           "FT_LEAF_TIMEOUT": str(LEAF_TIMEOUT), "FT_MAX_REQUEST_BYTES": str(4 << 20)}
     env.update(settings)
     return RootProc(backend.tmp, env, name)
 
@@ -224,8 +227,12 @@ def test_unrouted_models_share_one_metric_label(backend: Backend, root: RootProc
 def test_dead_and_slow_leaves_fail_only_their_targets(backend: Backend, root: RootProc) -> None:
     client = root.client()
     frame = _frame(backend, seed=5)
+    t0 = time.monotonic()
     status, doc = client.score(frame, ["ghost", "slowmodel", "ads_cvr", "homefeed_rank"])
+    elapsed = time.monotonic() - t0
     assert status == 200, doc
+    # the slow leaf (6 s) ends the request at FT_LEAF_TIMEOUT, not later
+    assert LEAF_TIMEOUT <= elapsed < LEAF_TIMEOUT + DEADLINE_MARGIN, elapsed
     r = _by_model(doc)
     assert r["ghost"]["status"] == "error" and r["ghost"]["error"]["kind"] == "connect"
     assert r["slowmodel"]["status"] == "error" and r["slowmodel"]["error"]["kind"] == "timeout"
