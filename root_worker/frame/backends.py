@@ -4,7 +4,7 @@ The optional extension ``root_worker.frame._copyruns`` (built by ``setup.py`` wh
 compiler is present) copies an int64 ``(n, 3)`` array of ``(src_offset, dst_offset,
 length)`` runs with bounds-checked copies (an AVX-512/AVX2 kernel where the CPU has one),
 releasing the GIL for large copies, and runs the trimmer's whole request for any block table
-in one call (``plan_trim`` / ``plan_parts`` over ``pack_columns`` blobs, see
+in one call (``plan_trim`` / ``plan_parts`` over opaque ``make_plan`` plans, see
 :mod:`root_worker.frame.trim`). Without it, the fallback copies uniform dense frames with
 one ``np.take`` over a 2-D row view (one row = one block plus its padding) and anything else
 with a slice loop. Measured on a 2-core VM: a Python slice assignment costs ~0.3 us, so ~800
@@ -92,10 +92,9 @@ def same_bytes_py(buf: Any, offset: int, expected: bytes) -> bool:
 
 write_frame_c: Any = _copyruns.write_frame if HAVE_C else None
 same_bytes_c: Any = _copyruns.same_bytes if HAVE_C else None
-pack_columns_c: Any = _copyruns.pack_columns if HAVE_C else None
+make_plan_c: Any = _copyruns.make_plan if HAVE_C else None
 plan_trim_c: Any = _copyruns.plan_trim if HAVE_C else None
 plan_parts_c: Any = _copyruns.plan_parts if HAVE_C else None
 trim_entry_c: Any = _copyruns.trim_entry if HAVE_C else None
-memo_size_c: Any = _copyruns.memo_size if HAVE_C else None
 #: The C copy kernel in use ("avx512", "avx2", "movsb" or "memcpy"), or None without C.
 KERNEL: str | None = _copyruns.KERNEL if HAVE_C else None
