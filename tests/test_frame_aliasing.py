@@ -8,7 +8,8 @@ same output bytes, or the same worded error before any byte of ``out`` moves:
   order, and serves the first call of a plan from the general path);
 * the raw C entry points (``copy_runs``, ``write_frame``) with ``runs`` living inside
   ``dst``, ``header`` inside ``dst``, ``src`` being ``dst``: the runs are read once, before
-  any byte moves, and each step is a memmove -- the result of the pure-Python steps;
+  any byte moves, and each step is a memmove -- the result of their pure-Python twins
+  (``backends.copy_runs_loop``, ``backends.write_frame_py``);
 * plan-cache entries: only ``_copyruns.Plan`` objects (made by ``make_plan``) are read as
   plans, and a Plan can be neither built nor copied nor read from Python;
 * an ``Allowlist`` whose digest is not an ``int`` is refused at ``trim``/``trim_parts``.
@@ -30,7 +31,7 @@ import pytest
 from flatbuffers_schema.keys import Allowlist
 from root_worker.frame import BACKENDS, Ragged, Trimmer, TrimResult, encode
 from root_worker.frame import backends as frame_copy
-from root_worker.frame.format import TAIL, TAIL_OFFSET
+from root_worker.frame.backends import copy_runs_loop, write_frame_py
 
 needs_c = pytest.mark.skipif(not frame_copy.HAVE_C, reason="C extension not built")
 if frame_copy.HAVE_C:
@@ -137,20 +138,6 @@ def test_trim_parts_of_a_buffer_then_trimmed_in_place(backend: str) -> None:
 
 
 # --- the raw C entry points with aliased arguments --------------------------------------------
-def py_copy_runs(dst: memoryview, src: memoryview, runs: list[list[int]]) -> None:
-    for s, d, n in runs:
-        dst[d:d + n] = src[s:s + n]  # memoryview slice assignment: memmove
-
-
-def py_write_frame(dst: memoryview, src: memoryview, header: memoryview,
-                   runs: list[list[int]], meta_off: int, meta_len: int, out_meta: int) -> None:
-    """The steps of trim._write_frame_py with the runs read first (the documented order)."""
-    dst[:len(header)] = header
-    TAIL.pack_into(dst, TAIL_OFFSET, out_meta + meta_len, out_meta, meta_len)
-    py_copy_runs(dst, src, runs)
-    dst[out_meta:out_meta + meta_len] = src[meta_off:meta_off + meta_len]
-
-
 SIZE = 4096
 
 
@@ -201,7 +188,7 @@ def test_raw_copy_runs_reads_runs_once_and_moves(where_runs: str, where_src: str
             if impl == "c":
                 assert _copyruns.copy_runs(dst, src_buf, runs_arr) == int(runs[:, 2].sum())
             else:
-                py_copy_runs(dst, src_buf, runs_arr.tolist())
+                copy_runs_loop(dst, src_buf, runs_arr.tolist())
             del dst, src_buf, runs_arr
             results.append(bytes(mem))
         assert results[0] == results[1], (where_runs, where_src, case)
@@ -242,7 +229,7 @@ def test_raw_write_frame_with_aliased_arguments(alias: str) -> None:
                 done = _copyruns.write_frame(dst, src, header, runs_arr, *args)
                 assert done == out_meta + meta_len
             else:
-                py_write_frame(dst, src, header, runs_arr.tolist(), *args)
+                write_frame_py(dst, src, header, runs_arr.tolist(), *args)
             del dst, src, header, runs_arr
             results.append(bytes(mem) + bytes(other))
         assert results[0] == results[1], (alias, case)

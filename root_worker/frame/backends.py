@@ -15,9 +15,12 @@ include the padding.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from root_worker.frame.format import TAIL, TAIL_OFFSET
 
 _copyruns: Any
 try:
@@ -73,10 +76,26 @@ def uniform_rows(kept: np.ndarray, src_off: np.ndarray, nbytes: np.ndarray, dst_
     return UniformRows(base, dst_base, stride, kept, size)
 
 
-def copy_runs_loop(dst: memoryview, src: memoryview, runs: list[tuple[int, int, int]]) -> None:
-    """Pure-Python run copy: one slice assignment per run."""
+def copy_runs_loop(dst: memoryview, src: memoryview, runs: Sequence[Sequence[int]]) -> None:
+    """Pure-Python twin of ``_copyruns.copy_runs``: one slice assignment per run (a memmove
+    when ``dst`` and ``src`` view one buffer)."""
     for s, d, n in runs:
         dst[d:d + n] = src[s:s + n]
+
+
+def write_frame_py(dst: memoryview, src: memoryview, header: bytes | bytearray | memoryview,
+                   runs: Sequence[Sequence[int]], meta_off: int, meta_len: int,
+                   out_meta: int, uniform: UniformRows | None = None) -> None:
+    """Pure-Python twin of ``_copyruns.write_frame``, in its order: the header, the patched
+    tail, the blocks (``uniform`` copies them when given, else ``runs``), the metadata.
+    (No bounds checks: the caller's plan is valid.)"""
+    dst[:len(header)] = header
+    TAIL.pack_into(dst, TAIL_OFFSET, out_meta + meta_len, out_meta, meta_len)
+    if uniform is not None:
+        uniform.copy(dst, src)
+    else:
+        copy_runs_loop(dst, src, runs)
+    dst[out_meta:out_meta + meta_len] = src[meta_off:meta_off + meta_len]
 
 
 def same_bytes_py(buf: Any, offset: int, expected: bytes) -> bool:

@@ -56,7 +56,6 @@ from flatbuffers_schema.keys import Allowlist
 from root_worker.frame.backends import (
     BACKENDS,
     UniformRows,
-    copy_runs_loop,
     make_plan_c,
     plan_parts_c,
     plan_trim_c,
@@ -65,6 +64,7 @@ from root_worker.frame.backends import (
     trim_entry_c,
     uniform_rows,
     write_frame_c,
+    write_frame_py,
 )
 from root_worker.frame.codec import Buffer, as_bytes_view
 from root_worker.frame.format import (
@@ -461,15 +461,9 @@ def _declined(*_args: object) -> None:
 
 def _write_frame_py(dst: memoryview, src: memoryview, sizes: _SizePlan, meta_off: int,
                     meta_len: int) -> None:
-    """Pure-Python twin of ``_copyruns.write_frame``: header, patched tail, blocks, metadata."""
-    out_meta = sizes.out_meta_offset
-    dst[:len(sizes.header)] = sizes.header
-    TAIL.pack_into(dst, TAIL_OFFSET, out_meta + meta_len, out_meta, meta_len)
-    if sizes.uniform is not None:
-        sizes.uniform.copy(dst, src)
-    else:
-        copy_runs_loop(dst, src, sizes.runs_list)
-    dst[out_meta:out_meta + meta_len] = src[meta_off:meta_off + meta_len]
+    """The numpy backend's output step (``write_frame_py`` with the size plan's copy)."""
+    write_frame_py(dst, src, sizes.header, sizes.runs_list, meta_off, meta_len,
+                   sizes.out_meta_offset, sizes.uniform)
 
 
 def _overlaps(dst: memoryview, src: Buffer) -> bool:
