@@ -23,13 +23,18 @@ import numpy as np
 from root_worker.frame.format import TAIL, TAIL_OFFSET
 
 _copyruns: Any
+#: Why the C accelerator cannot be imported ("" when it can): what status output quotes.
+C_IMPORT_ERROR = ""
 try:
     from root_worker.frame import _copyruns  # type: ignore[attr-defined,no-redef]
-except ImportError:  # pragma: no cover - depends on the build
+except ImportError as exc:  # pragma: no cover - depends on the build
     _copyruns = None
+    C_IMPORT_ERROR = str(exc) or type(exc).__name__
 
 HAVE_C = _copyruns is not None
 BACKENDS = ("c", "numpy") if HAVE_C else ("numpy",)
+#: The backend a default ``Trimmer()`` serves with: "c" when the extension is built.
+BACKEND = BACKENDS[0]
 
 
 class UniformRows:
@@ -117,3 +122,19 @@ plan_parts_c: Any = _copyruns.plan_parts if HAVE_C else None
 trim_entry_c: Any = _copyruns.trim_entry if HAVE_C else None
 #: The C copy kernel in use ("avx512", "avx2", "movsb" or "memcpy"), or None without C.
 KERNEL: str | None = _copyruns.KERNEL if HAVE_C else None
+
+
+def describe_backend(backend: str = BACKEND) -> dict[str, str | None]:
+    """Which trim backend serves and why, as ``/healthz``, ``/metrics`` and ``trimmer-inspect
+    status`` report it: ``{"backend": "c" | "numpy", "reason": ..., "kernel": ...}``, e.g.
+    ``reason`` "C accelerator (avx512 copy kernel)" or "numpy: C accelerator not built
+    (<the import error>)"."""
+    if backend == "c" and HAVE_C:
+        return {"backend": "c", "reason": f"C accelerator ({KERNEL} copy kernel)",
+                "kernel": KERNEL}
+    if HAVE_C:
+        reason = "numpy: chosen explicitly (the C accelerator is built)"
+    else:
+        reason = (f"numpy: C accelerator not built ({C_IMPORT_ERROR}); reinstall with a C "
+                  f"compiler (gcc) to build it")
+    return {"backend": "numpy", "reason": reason, "kernel": None}
