@@ -21,6 +21,7 @@ tests``), which is what makes "no byte out of range" an assertion here.
 from __future__ import annotations
 
 import copy
+import gc
 import pickle
 import struct
 from collections.abc import Callable
@@ -324,3 +325,50 @@ def test_non_int_digests_are_refused_the_same_way(backend: str, digest: object) 
             trimmer.trim_parts(frame, odd)
         trimmer.trim(frame, allow)
         trimmer.trim(frame, allow)
+
+
+# --- re-entry: Python code that runs inside a C call -------------------------------------------
+@needs_c
+@pytest.mark.parametrize("shape", ["dense", "mixed"])
+def test_a_finalizer_rewriting_the_input_mid_call_cannot_move_a_checked_copy(
+        shape: str) -> None:
+    """A garbage collection inside the C call (the output's memoryview is its first
+    allocation) runs a finalizer that points the input's block table far out of range and
+    trims another frame of the same layout with the same Trimmer (a new memo).  The call
+    still copies what it checked: the trim of the frame as it was."""
+    frame, allow = FRAMES[shape]()
+    n_feat = struct.unpack_from("<I", frame, 8)[0]
+    layout_len = struct.unpack_from("<I", frame, 12)[0]
+    table_at = (64 + layout_len + 7) & ~7
+    other = (dense_frame(3, 60) if shape == "dense" else mixed_frame(4))[0]
+    want = reference(frame, allow)
+    trimmer = Trimmer(backend="c")
+    for _ in range(2):
+        trimmer.trim(frame, allow)  # the plan (and, dense, its memo) for this table
+    src = bytearray(frame)
+    state = {"inside": False, "fired_inside": False}
+
+    class Rewriter:
+        def __del__(self) -> None:
+            state["fired_inside"] = state["inside"]
+            for i in range(n_feat):
+                struct.pack_into("<QQ", src, table_at + 16 * i, 1 << 40, 1 << 40)
+            trimmer.trim(other, allow)
+
+    gc.collect()
+    old = gc.get_threshold()
+    gc.disable()
+    try:
+        cycle = Rewriter()
+        cycle.self = cycle  # type: ignore[attr-defined]
+        del cycle
+        gc.set_threshold(1)
+        gc.enable()
+        state["inside"] = True
+        res = trimmer.trim(src, allow)
+        state["inside"] = False
+    finally:
+        gc.set_threshold(*old)
+        gc.enable()
+    assert state["fired_inside"], "the finalizer did not run inside the call"
+    assert bytes(res.data) == want

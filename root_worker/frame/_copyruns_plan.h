@@ -98,11 +98,17 @@ preamble_ok(const char *s, Py_ssize_t n)
            && load_le(s + FRAME_FRAME_LEN_AT, FRAME_FRAME_LEN_SIZE) == (uint64_t)n;
 }
 
-/* One request, as read and validated by read_request. */
+/* One request, as read and validated by read_request.  table is the block table the
+ * request was validated against: the memo's when it matched, else a private copy taken
+ * before the checks (table_own, freed by request_release) -- so nothing that rewrites the
+ * input meanwhile (another thread, a finalizer run by an allocation) can change a checked
+ * offset or size; the copies then read the input only inside the checked blocks. */
 typedef struct {
     PyObject *entry; /* the cache entry (a new reference), kept alive for the call */
+    char *table_own; /* PyMem_Malloc'd copy of the input's block table, or NULL */
+    PyObject *memo_obj; /* the memo this request uses (a new reference), or NULL */
     const char *blob, *s, *table;
-    const char *memo; /* the plan's memo, when it holds this request's header and runs */
+    const char *memo; /* its bytes, when it holds this request's table, header and runs */
     const plan_head *h;
     Py_ssize_t n;
     uint64_t n_cand, meta_off, meta_len, out_meta;
@@ -319,13 +325,15 @@ ragged_bad(const request *rq, const col_desc *cols, const uint32_t *kept)
     return 0;
 }
 
-/* A plan's memo (memo_bytes(head) bytes of its Plan object's private memory): the last
- * block table that passed check_blocks for the plan, with its n_candidates, meta_offset,
- * output metadata offset, output header and coalesced runs -- kept only for plans without
- * ragged columns, whose tables repeat from request to request (dense frames with a
- * repeated candidate count: every request).  A request whose table is byte for byte the
- * memo's skips the per-column checks, the output table and the run computation for one
- * compare, which exits at the first differing chunk.  Read and written with the GIL held.
+/* A plan's memo (a bytes object of memo_bytes(head) bytes that only this module sees): the
+ * last block table that passed check_blocks for the plan, with its n_candidates,
+ * meta_offset, output metadata offset, output header and coalesced runs -- kept only for
+ * plans without ragged columns, whose tables repeat from request to request (dense frames
+ * with a repeated candidate count: every request).  A request whose table is byte for byte
+ * the memo's skips the per-column checks, the output table and the run computation for one
+ * compare, which exits at the first differing chunk.  A memo is never changed once built:
+ * a new table gets a new memo, and a request holds a reference to the one it uses, so no
+ * other request (another thread, or one a finalizer runs) can change it under its feet.
  *
  *   memo_head | table [16 * n_columns] | header [header_len, 8-aligned] | runs [n_kept][2]
  */
@@ -364,12 +372,12 @@ memo_lookup(const char *memo, const char *table, const request *rq)
     return m.out_meta;
 }
 
-static void memo_store(char *memo, const request *rq);
+
 
 /* ---- Plan: one (layout, allowlist) plan, opaque to Python -------------------------------
  *
- * make_plan checks its arguments once and builds the blob and the memo in memory only this
- * module can reach: no attribute, no buffer export, no constructor besides make_plan (the
+ * make_plan checks its arguments once and builds the blob in memory only this module can
+ * reach (the memo too, later): no attribute, no buffer export, no constructor besides make_plan (the
  * type disallows instantiation, and copy/pickle find no state).  A plan cache entry that
  * is not a Plan is refused, so no Python code can hand plan_trim a blob whose offsets
  * point anywhere. */
@@ -377,7 +385,7 @@ typedef struct {
     PyObject_HEAD
     PyObject *layout; /* bytes: the layout section the plan was built for, layout_len long */
     char *blob;       /* plan_head, descriptors, kept, prefix: immutable after make_plan */
-    char *memo;       /* memo_bytes(head) bytes, read and written with the GIL held */
+    PyObject *memo;   /* bytes: the current memo (see memo_head), or NULL */
 } Plan;
 
 static void
@@ -385,7 +393,7 @@ plan_dealloc(Plan *self)
 {
     Py_XDECREF(self->layout);
     PyMem_Free(self->blob);
-    PyMem_Free(self->memo);
+    Py_XDECREF(self->memo);
     PyObject_Free(self);
 }
 
@@ -477,9 +485,9 @@ make_plan(PyObject *self, PyObject *args)
         goto done;
     }
     plan->layout = Py_NewRef(layout);
+    plan->memo = NULL;
     plan->blob = PyMem_Calloc(1, (size_t)h.blob_len);
-    plan->memo = PyMem_Calloc(1, (size_t)memo_bytes(&h));
-    if (plan->blob == NULL || plan->memo == NULL) {
+    if (plan->blob == NULL) {
         PyErr_NoMemory();
         goto fail;
     }

@@ -48,6 +48,8 @@ typedef struct {
     char key[PLAN_KEY_SIZE];
 } plan_slot;
 
+static int memo_store(Plan *plan, request *rq);
+
 /* Read and validate one request against its cached plan: 1 if it can be served (rq filled,
  * rq->entry a new reference), 0 if not (no entry, anything differs or is invalid: the
  * general path then serves it or words the error), -1 with an exception set.  slot: the
@@ -100,18 +102,26 @@ read_request(PyObject *cache, const Py_buffer *src, PyObject *digest_obj, int ch
         return 0;
     }
     const char *table = s + h->table_offset;
-    char *memo = ((Plan *)entry)->memo;
+    PyObject *memo = ((Plan *)entry)->memo;
     rq->blob = blob;
     rq->h = h;
     rq->s = s;
     rq->n = n;
-    rq->table = table;
-    rq->out_meta = memo_lookup(memo, table, rq);
+    rq->out_meta = memo != NULL ? memo_lookup(PyBytes_AS_STRING(memo), table, rq) : 0;
     if (rq->out_meta != 0) {
-        rq->memo = memo;
+        rq->memo_obj = Py_NewRef(memo);
+        rq->memo = PyBytes_AS_STRING(memo);
+        rq->table = MEMO_TABLE(rq->memo); /* the same bytes, in memory nothing else writes */
     }
     else {
-        rq->out_meta = check_blocks(table, blob, rq->n_cand, table_end, rq->meta_off);
+        const size_t table_len = (size_t)(FRAME_TABLE_ENTRY_SIZE * n_columns);
+        if ((rq->table_own = PyMem_Malloc(table_len ? table_len : 1)) == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        memcpy(rq->table_own, table, table_len);
+        rq->table = rq->table_own;
+        rq->out_meta = check_blocks(rq->table, blob, rq->n_cand, table_end, rq->meta_off);
         if (rq->out_meta == 0) {
             return 0;
         }
@@ -120,13 +130,23 @@ read_request(PyObject *cache, const Py_buffer *src, PyObject *digest_obj, int ch
                                    (const uint32_t *)(blob + h->kept_at))) {
         return 0;
     }
-    if (rq->memo == NULL && h->n_ragged == 0) { /* ragged lengths change tables: no memo */
-        memo_store(memo, rq);
-        rq->memo = memo;
+    if (rq->memo == NULL && h->n_ragged == 0 /* ragged lengths change tables: no memo */
+        && memo_store((Plan *)entry, rq) < 0) {
+        return -1;
     }
     Py_INCREF(entry); /* the cache may drop it while the GIL is released */
     rq->entry = entry;
     return 1;
+}
+
+/* What read_request holds for a request: its plan entry, memo and private table copy. */
+static void
+request_release(request *rq)
+{
+    Py_CLEAR(rq->entry);
+    Py_CLEAR(rq->memo_obj);
+    PyMem_Free(rq->table_own);
+    rq->table_own = NULL;
 }
 
 /* Write the output header (header_len bytes at d: the plan's prefix, this request's
@@ -172,16 +192,25 @@ build_output(char *d, const request *rq, uint64_t *runs)
     return r + 1;
 }
 
-/* Record this request's (validated) table, header and runs as the plan's memo. */
-static void
-memo_store(char *memo, const request *rq)
+/* Build a new memo from this request's (validated) table, header and runs, make it the
+ * plan's and the request's; -1 on MemoryError. */
+static int
+memo_store(Plan *plan, request *rq)
 {
-    memo_head m = {0, rq->n_cand, rq->meta_off, rq->out_meta, 0};
-    memcpy(memo, &m, sizeof m); /* invalid while it changes */
+    PyObject *obj = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)memo_bytes(rq->h));
+    if (obj == NULL) {
+        return -1;
+    }
+    char *memo = PyBytes_AS_STRING(obj);
+    memo_head m = {1, rq->n_cand, rq->meta_off, rq->out_meta, 0};
     memcpy(MEMO_TABLE(memo), rq->table, (size_t)(FRAME_TABLE_ENTRY_SIZE * rq->h->n_columns));
     m.n_runs = build_output(MEMO_HEADER(memo, rq->h), rq, MEMO_RUNS(memo, rq->h));
-    m.valid = 1;
     memcpy(memo, &m, sizeof m);
+    Py_XSETREF(plan->memo, Py_NewRef(obj));
+    rq->memo_obj = obj;
+    rq->memo = memo;
+    rq->table = MEMO_TABLE(memo);
+    return 0;
 }
 
 /* The output header and runs of one request: from the plan's memo (a hit) or built into
@@ -314,19 +343,8 @@ write_trimmed(char *d, const request *rq)
     int backwards = copy_backwards;
     copy_backwards = !backwards;
     if (rq->out_meta - rq->h->header_len >= RELEASE_GIL_MIN_BYTES) {
-        /* src, out and the plan entry are all held: nothing moves or goes away.  Another
-         * thread may rewrite the memo meanwhile, so its runs are copied out first. */
-        if (rl.runs != sc.runs) {
-            uint64_t *own = rl.n_runs > SCRATCH_RUNS ? PyMem_Malloc((size_t)(16 * rl.n_runs))
-                                                     : sc.local;
-            if (own == NULL) {
-                scratch_free(&sc);
-                PyErr_NoMemory();
-                return -1;
-            }
-            memcpy(own, rl.runs, (size_t)(16 * rl.n_runs));
-            rl.runs = sc.runs = own;
-        }
+        /* src, out, the plan entry and the memo are all held (and a memo never changes):
+         * nothing moves or goes away. */
         Py_BEGIN_ALLOW_THREADS
         copy_list(d, rq, rl.runs, rl.n_runs, backwards);
         Py_END_ALLOW_THREADS
@@ -461,7 +479,7 @@ trim_request(PyObject *cache, PyObject *src_obj, PyObject *out_obj, PyObject *di
 done:
     Py_XDECREF(data);
     Py_XDECREF(snapshot);
-    Py_XDECREF(rq.entry);
+    request_release(&rq);
     PyBuffer_Release(&src);
     return result;
 }
