@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 .PHONY: test bench bench-trim bench-reload bench-e2e bench-hostile bench-send demo run lint schema clean \
-        mutate mutate-sample
+        mutate mutate-sample fuzz-engine
 
 $(STAMP): setup.cfg pyproject.toml $(wildcard setup.py)
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,13 @@ STRICT := root_worker/frame flatbuffers_schema/keys.py flatbuffers_schema/settin
 lint: $(STAMP)           ## ruff (pinned) + mypy --strict on the public API
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy --strict $(STRICT)
+
+# The C trim engine under AddressSanitizer + UBSan (gcc): the frame tests against a sanitized
+# build of _copyruns, then the aliasing-on fuzzer (fuzz/engine/) for FUZZ_SECONDS.
+FUZZ_SECONDS ?= 600
+fuzz-engine: $(STAMP)    ## C trim engine under ASan/UBSan: frame tests, then fuzz FUZZ_SECONDS
+	$(PY) fuzz/engine/sanitized.py tests
+	$(PY) fuzz/engine/sanitized.py fuzz --seconds $(FUZZ_SECONDS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache mutants

@@ -33,6 +33,7 @@ from root_helpers import (
 
 from flatbuffers_schema.keys import Allowlist
 from root_worker.frame import Trimmer, decode, encode
+from root_worker.frame.backends import BACKEND, KERNEL, describe_backend
 from root_worker.testing.client import Client, metric_samples, metric_value
 from root_worker.testing.workload import make_columns, make_frame
 
@@ -339,6 +340,7 @@ def test_health_readiness_and_metrics_per_worker(backend: Backend, root: RootPro
     for doc in seen.values():
         assert doc["status"] == "ok" and doc["reasons"] == []
         assert doc["map_age_seconds"] >= 0 and doc["heartbeat_age_seconds"] < 10
+        assert doc["trim_backend"] == describe_backend()  # the workers trim as this install
     status, ready = root.client().json("GET", "/readyz")
     assert status == 200 and ready["ready"]
     text = root.client().metrics()
@@ -347,6 +349,8 @@ def test_health_readiness_and_metrics_per_worker(backend: Backend, root: RootPro
     assert {int(p) for p in served} >= pids and set(served.values()) == {gen}
     assert metric_value(text, M + "map_age_seconds") >= 0
     assert metric_value(text, M + "info", mode="trim", lz4="0") == len(pids)
+    assert metric_value(text, M + "trim_backend_info", backend=BACKEND,
+                        kernel=KERNEL or "none") == len(pids)
 
 
 def test_bundle_update_reaches_every_worker_and_the_leaf(backend: Backend,
