@@ -1,4 +1,5 @@
-"""Build hook for the optional C accelerator; all other metadata lives in setup.cfg."""
+"""Build hook for the optional C accelerator; all other metadata lives in setup.cfg (and, for
+feature-trimmer-lean, whose lean/setup.py links here, in lean/pyproject.toml)."""
 
 from setuptools import Extension, setup
 
