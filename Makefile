@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 .PHONY: test bench bench-trim bench-reload bench-e2e bench-hostile bench-send demo run lint schema clean \
-        mutate mutate-sample fuzz-engine
+        mutate mutate-sample fuzz-engine lean-test
 
 $(STAMP): setup.cfg pyproject.toml $(wildcard setup.py)
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,9 @@ $(STAMP): setup.cfg pyproject.toml $(wildcard setup.py)
 
 test: $(STAMP)           ## run the whole test suite
 	$(PY) -m pytest
+
+lean-test:               ## the lean install (lean/) on Python 3.10 and 3.13: pip check + its tests
+	.ci/lean-test $(LEAN_PYTHONS)
 
 bench-trim: $(STAMP)     ## frame trim + map compile/attach/lookup micro-benchmarks
 	$(PY) bench/trim_bench.py

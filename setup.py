@@ -1,4 +1,5 @@
-"""Build hook for the optional C accelerator; all other metadata lives in setup.cfg.
+"""Build hook for the optional C accelerator; all other metadata lives in setup.cfg (and, for
+feature-trimmer-lean, whose lean/setup.py links here, in lean/pyproject.toml).
 
 Without a working C compiler the install still succeeds: the trim engine falls back to its
 numpy backend, and this build says so in a warning (shown by ``pip install -v`` and in build
