@@ -323,6 +323,9 @@ class RootHost:
                 elif "model" in labels:
                     per_model = f"{key}:{labels['model']}"
                     out[per_model] = out.get(per_model, 0.0) + value
+                if "outcome" in labels:
+                    per_outcome = f"{key}:outcome={labels['outcome']}"
+                    out[per_outcome] = out.get(per_outcome, 0.0) + value
                 out[key] = out.get(key, 0.0) + value
         return out
 
@@ -515,8 +518,11 @@ class Rehearsal:
     def canary_decision(self) -> dict[str, Any]:
         """Go / no-go from the canary root's own metrics (errors, skews, outcomes, bytes)."""
         m = self.hosts[0].metrics()
-        errors = sum(v for k, v in m.items() if k.startswith("leaf_errors"))
-        return {"go": errors == 0, "leaf_errors": errors,
+        errors = m.get("leaf_errors", 0.0)
+        outcomes = {k.split("=", 1)[1]: v for k, v in m.items()
+                    if k.startswith("targets:outcome=")}
+        return {"go": errors == 0 and not outcomes.get("version_fallback"),
+                "leaf_errors": errors, "outcomes": outcomes,
                 "skew_resends": m.get("skew_resends", 0.0),
                 "trimmed_vs_untrimmed": m.get("trimmed_bytes", 0.0) /
                 max(1.0, m.get("untrimmed_bytes", 0.0))}
