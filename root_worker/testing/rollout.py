@@ -3,12 +3,15 @@
 Used by ``bench/rollout_bench.py`` (``make bench-rollout``) and ``tests/test_rollout.py``.
 Not used by the service itself.
 
-Each **root host** has its own ``trimmer-daemon``, shm name and gunicorn pool. With a
-:class:`Network` (the bench, where ``ip netns`` and ``unshare -m`` work) each host's two processes
-run in the host's own network namespace, joined to a "fabric" namespace (leaves, traffic) by a
-veth pair, and in their own mount namespaces with the host's directory bind-mounted at
-``/dev/shm``, as the Kubernetes pod shares a memory ``emptyDir`` between its two containers;
-otherwise (the test) everything is on loopback and the hosts differ by shm name.
+Each **root host** has its own ``trimmer-daemon``, shm name and gunicorn pool. Given a
+:class:`Network` (the bench, where ``ip netns`` and ``unshare -m`` work; the process that
+drives the rehearsal then runs in its "fabric" namespace, with the leaves and the traffic),
+each host's two processes run in the host's own network namespace, joined to the fabric by
+a veth pair, and in their own mount namespaces with the host's directory bind-mounted at
+``/dev/shm``, as the Kubernetes pod shares a memory ``emptyDir`` between its two
+containers; without one (the test) everything is on loopback and the hosts differ by shm
+name. The canary host routes ``homefeed_rank`` to both of its replicas, the others to the
+second one (the first is the canary leaf).
 
 Each **model** has two leaf replicas (``trimmer-leaf``, one bundle file each: the version the
 replica serves); ``homefeed_rank`` rolls from v1 to v2 (v2 swaps ``swapped`` of its inputs),
