@@ -5,7 +5,7 @@ Runs in each root worker (one :class:`Scorer` per process, built after fork). Pe
 
 1. read the frame's preamble and metadata (``peek_metadata``) and the targets
    (:mod:`root_worker.service.targets`); anything malformed is a :class:`BadRequest` (4xx);
-2. take **one** map view (one shared-memory poll) and resolve every target in it (SPEC §4);
+2. take **one** map view (one shared-memory poll) and resolve every target in it (README: lookup);
    the answer reports that view's generation;
 3. trim once per distinct allowlist: targets that resolve to the same allowlist share one
    output. Without lz4 the output is scatter-gather (``Trimmer.trim_parts``: a new header
