@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 BIN = Path(sys.executable).parent
 ADOPTER_DOCS = ["README.md", "docs/leaf-sdk.md", "docs/kubernetes.md", "docs/operations.md",
-                "docs/frame-format.md"]
+                "docs/frame-format.md", "docs/daemon.md"]
 
 
 def _snippet() -> str:
