@@ -73,6 +73,8 @@ def test_sdk_imports_and_works_with_numpy_alone() -> None:
         "    read_frame(b'x', 'lz4')\n"
         "except Exception as exc:\n"
         "    assert type(exc).__name__ == 'UnsupportedEncoding', exc\n"
+        "else:\n"
+        "    raise AssertionError('an lz4 body was accepted without the lz4 module')\n"
         "print('ok')\n")
     out = subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True,
                          timeout=60, cwd=ROOT)
