@@ -31,7 +31,7 @@ _U16 = np.dtype("<u2")
 
 @dataclass(frozen=True)
 class BundleStatusRecord:
-    """What the blob says about one bundle (SPEC §5 "Observable")."""
+    """What the blob says about one bundle (what trimmer-inspect and the workers report)."""
 
     name: str
     path: str
@@ -99,7 +99,7 @@ def finish_root(b: flatbuffers.Builder, header: RootHeader, vectors: tuple[int, 
 class _Shared:
     """Deduplicates vectors and strings: FlatBuffers lets many tables point at one vector.
 
-    A model's signature is stable across versions (SPEC §3), so most versions of a model share
+    A model's signature is stable across versions, so most versions of a model share
     one allowlist; writing it once keeps both compile time and blob size O(distinct lists).
     """
 

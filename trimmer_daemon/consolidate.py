@@ -4,7 +4,7 @@ Runs in the daemon (the single writer). Each bundle is indexed once when its fil
 (re)loaded (:func:`index_bundle`: names -> sorted uint64 key arrays); consolidation then only
 merges arrays, so a reload of one bundle costs O(that bundle) + a cheap merge of the others.
 
-Rules (SPEC §4):
+Rules (README, "Lookup semantics"):
 - a model's versions are kept in natural order
   (:func:`trimmer_daemon.bundle.parse.version_sort_key`); the last one is "latest";
 - the same model+version defined by several bundles with *different* inputs gets the union of

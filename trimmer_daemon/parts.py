@@ -4,7 +4,7 @@ Runs in the daemon's main loop for small files and in the parse worker process
 (:mod:`trimmer_daemon.parse_worker`) for large ones; the result is plain bytes and numpy
 arrays, so it pickles across the pipe at memcpy speed. :mod:`trimmer_daemon.assemble` then
 splices the parts of every bundle into one blob, so a change re-does only the changed
-bundle's share (SPEC §11 "a change costs in proportion to what changed").
+bundle's share (a change costs in proportion to what changed).
 
 The block
 ---------

@@ -8,7 +8,7 @@ model's stable key and reads one model table; the answer is memoised per generat
 hot path is one dictionary hit. Allowlists are zero-copy ``uint64`` views on the blob, so a
 worker's memory for the map stays O(models it serves), not O(features).
 
-Lookup semantics (SPEC §4):
+Lookup semantics (README, "Lookup semantics"):
 
 ============================================  =============================================
 request                                       outcome
@@ -170,7 +170,7 @@ class FeatureMapView:
 
     # -- for people (trimmer-inspect) --------------------------------------------------------
     def bundles(self) -> list[dict[str, Any]]:
-        """Per-bundle status as the daemon published it (SPEC §5 "Observable")."""
+        """Per-bundle status as the daemon published it."""
         try:
             return self._bundles()
         except _CORRUPT as exc:

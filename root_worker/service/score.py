@@ -8,7 +8,7 @@ Runs in each root worker (one :class:`Scorer` per process, built after fork). Pe
    and so is a frame of more than ``FT_MAX_CANDIDATES`` candidates or an answer that
    would hold more than ``FT_MAX_ANSWER_SCORES`` scores (targets x candidates): the
    answer's size is bounded by settings, never by what a client asks for;
-2. take **one** map view (one shared-memory poll) and resolve every target in it (SPEC §4);
+2. take **one** map view (one shared-memory poll) and resolve every target in it (README: lookup);
    the answer reports that view's generation;
 3. trim once per distinct allowlist: targets that resolve to the same allowlist share one
    output. Without lz4 the output is scatter-gather (``Trimmer.trim_parts``: a new header

@@ -40,7 +40,13 @@ from pathlib import Path
 from typing import Any
 
 from root_worker.testing.client import Client, metric_samples
-from root_worker.testing.stack import PROJECT_DIR, CloseReport, Stack, StackError, shm_segments
+from root_worker.testing.stack import (
+    EXAMPLES_DIR,
+    CloseReport,
+    Stack,
+    StackError,
+    shm_segments,
+)
 from root_worker.testing.workload import load_universe, make_frame
 
 MODELS = ("ads_ctr", "ads_cvr", "homefeed_rank")
@@ -497,13 +503,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=3, help="client threads")
     p.add_argument("--timeout", type=float, default=120.0,
                    help="give up on the traffic after this many seconds")
-    p.add_argument("--examples", type=Path, default=PROJECT_DIR / "examples",
-                   help="directory with features.json and bundles/ (default: the repo's)")
+    p.add_argument("--examples", type=Path, default=EXAMPLES_DIR,
+                   help="directory with features.json and bundles/ (default: the examples "
+                        "installed with the package, examples/ in a checkout)")
     p.add_argument("--keep-workdir", action="store_true",
                    help="keep the temporary directory (logs) after stopping")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if args.requests < 2:
         p.error("--requests must be at least 2 (the hot swap happens half way)")
+    needed = ["features.json", "bundles/ads/module_info.json",
+              "bundles/homefeed/module_info.json", str(SWAP_SOURCE)]
+    lacking = [n for n in needed if not (args.examples / n).is_file()]
+    if lacking:
+        p.error(f"--examples {args.examples}: no {', '.join(lacking)} there (the demo starts "
+                "from the example bundles: a checkout's examples/ directory, or the copy "
+                "installed with the package)")
     # SIGTERM unwinds like Ctrl-C, so the finally blocks stop every process; SIGINT too,
     # even when started in the background by a shell that set it to "ignore"
     for sig in (signal.SIGINT, signal.SIGTERM):

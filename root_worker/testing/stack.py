@@ -65,6 +65,9 @@ GENERATION_METRIC = "feature_trimmer_root_map_generation"
 # The directory that holds the root_worker package: children run from here so that
 # ``python -m`` finds the project even from a source checkout that is not installed.
 PROJECT_DIR = Path(__file__).resolve().parents[2]
+# The example bundles, features and routing the demo and the harness start from: in a
+# checkout a link to examples/, in a wheel a copy (package data of root_worker.testing).
+EXAMPLES_DIR = Path(__file__).resolve().parent / "example-data"
 
 
 class StackError(RuntimeError):

@@ -1,4 +1,4 @@
-"""Build a bundle-level signature file from model directories and ``.pt`` archives (SPEC §7).
+"""Build a bundle-level signature file from model directories and ``.pt`` archives.
 
 Runs in the deploy pipeline (``trimmer-bundle build``), never on the request path.
 

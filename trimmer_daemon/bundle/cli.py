@@ -1,4 +1,4 @@
-"""``trimmer-bundle``: build and validate bundle-level signature files (SPEC §7).
+"""``trimmer-bundle``: build and validate bundle-level signature files.
 
 ``main(argv)`` returns the exit code instead of exiting, so tests call it in-process.
 Exit codes: 0 ok, 1 error (invalid file, nothing usable, I/O failure), 2 usage error.

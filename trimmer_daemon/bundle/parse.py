@@ -1,4 +1,4 @@
-"""Bundle-level signature files: strict parsing and validation (SPEC §3).
+"""Bundle-level signature files: strict parsing and validation.
 
 This is the one parser used by both the daemon (on every reload) and ``trimmer-bundle
 validate``, so a file that validates on a laptop is exactly a file the daemon accepts.
