@@ -40,6 +40,8 @@ from flatbuffers_schema.fmap.FeatureMap import FeatureMap as FbMap
 from flatbuffers_schema.fmap.Model import Model as FbModel
 from flatbuffers_schema.fmap.Version import Version as FbVersion
 from flatbuffers_schema.keys import KEY_DTYPE, Allowlist, name_key
+from flatbuffers_schema.oip import TensorSignature
+from flatbuffers_schema.tensor_specs import read_signature
 
 #: Resolutions memoised per generation; bounded because clients choose the model names.
 MEMO_MAX = 8192
@@ -69,6 +71,7 @@ class Resolution:
     version: str | None          # the version whose allowlist applies (None: pass through)
     allowlist: Allowlist | None  # None means: send untrimmed
     generation: int = 0
+    tensors: TensorSignature | None = None  # the version's inputs, when the bundle says
 
     @property
     def trims(self) -> bool:
@@ -154,7 +157,7 @@ class FeatureMapView:
         vt = table.Versions(chosen)
         allowlist = Allowlist(_u64_view(vt.FeatureKeysAsNumpy()), vt.Digest())
         return Resolution(outcome, model, version, _text(vt.Version()), allowlist,
-                          self.generation)
+                          self.generation, read_signature(vt))
 
     def _find_model(self, model: str) -> FbModel | None:
         keys = self._model_keys
