@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test bench bench-trim bench-reload bench-e2e bench-hostile bench-send demo run lint schema clean
+.PHONY: test bench bench-trim bench-reload bench-e2e bench-hostile bench-send demo run lint schema clean triton
 
 $(STAMP): setup.cfg pyproject.toml $(wildcard setup.py)
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,15 @@ demo: $(STAMP)           ## the whole stack on loopback: traffic, hot swap, tabl
 
 run: $(STAMP)            ## the demo stack, kept up until Ctrl-C
 	$(PY) -m root_worker.testing.demo run
+
+# A real NVIDIA Triton server (the tritonserver binary nvidia-pytriton bundles) in its own
+# venv: it pins numpy<2. Used by tests/test_triton.py, make demo DEMO_ARGS=--triton and the
+# e2e bench's --triton; docs/triton.md.
+TRITON_VENV := .triton/venv
+triton: $(TRITON_VENV)/.installed  ## install the Triton server for the tests, demo, bench
+$(TRITON_VENV)/.installed: $(STAMP)
+	$(PY) -m root_worker.testing.triton install
+	touch $@
 
 schema: $(STAMP)         ## regenerate flatbuffers_schema Python code with flatc
 	$(PY) -m flatbuffers_schema.regen

@@ -19,6 +19,7 @@ frame.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from urllib.parse import quote
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 CONTENT_TYPE = "application/octet-stream"
@@ -41,8 +42,8 @@ RAGGED_OFFSETS_SUFFIX = ".offsets"
 def infer_path(model: str, version: str | None) -> str:
     """The inference path; the version is pinned whenever it is known."""
     if version is None:
-        return f"/v2/models/{model}/infer"
-    return f"/v2/models/{model}/versions/{version}/infer"
+        return f"/v2/models/{quote(model, safe='')}/infer"
+    return f"/v2/models/{quote(model, safe='')}/versions/{quote(version, safe='')}/infer"
 
 
 @dataclass(frozen=True, slots=True)

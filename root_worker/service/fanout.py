@@ -142,6 +142,7 @@ class LeafCall:
         self._data = bytearray()
         self._timer: Timer | None = None
         self.endpoint: Endpoint | None = None
+        self.reply_headers: dict[str, str] = {}  # the answer's head (names lower-cased)
         self.body_bytes = body_bytes if body_bytes is not None else \
             sum(memoryview(b).nbytes for b in body)
         self.done = False
@@ -385,6 +386,7 @@ class LeafCall:
             self._pool.give(self.endpoint, sock)
         else:
             sock.close()
+        self.reply_headers = head.headers
         self._finish((head.status, bytes(self._data)))
 
 

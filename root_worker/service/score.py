@@ -44,6 +44,7 @@ from urllib.parse import urlencode
 
 import lz4.frame
 
+from flatbuffers_schema.oip import infer_path
 from flatbuffers_schema.wire import (
     ENCODING_HEADER,
     ENCODING_LZ4,
@@ -60,13 +61,14 @@ from root_worker.featuremap.live_map import LiveMap
 from root_worker.featuremap.map_reader import FeatureMapView
 from root_worker.frame import FrameError, Trimmer, check_frame, peek_metadata
 from root_worker.frame.lru import LruCache
+from root_worker.service import oip
 from root_worker.service.buffers import BufferPool
 from root_worker.service.fanout import LeafCall, LeafError, LeafPool
 from root_worker.service.http1 import HttpError
 from root_worker.service.loop import Loop, run_until
 from root_worker.service.metrics import MAX_CACHED_MODELS, ModelMetrics, RootMetrics
 from root_worker.service.replies import leaf_reply, materialize
-from root_worker.service.routing import Routing
+from root_worker.service.routing import PROTOCOL_OIP, Routing
 from root_worker.service.settings import Settings
 from root_worker.service.targets import BadTargets, Target, parse_targets
 
@@ -110,6 +112,9 @@ class Prepared:
     fallback: str | None = None
     result: Any = None
     t0: float = 0.0
+    oip: bool = False               # the leaves speak the Open Inference Protocol (oip.py)
+    path: str | None = None         # the v2 request's path and headers
+    headers: dict[str, str] | None = None
 
 
 @dataclass(slots=True)
@@ -128,6 +133,7 @@ class Request:
     targets: list[Prepared] = field(default_factory=list)
     payloads: list[Payload] = field(default_factory=list)
     pending: int = 0
+    frame_index: Any = None  # oip.FrameIndex, built by the first v2 target
 
     def release(self) -> None:
         """Give every pooled buffer back (no leaf call reads them any more)."""
@@ -219,13 +225,18 @@ class Scorer:
             mm = self.metrics.model(target.model)
             p = Prepared(target, OUTCOME_OFF, target.version, req.untrimmed, n, n, 0, mm)
             req.targets.append(p)
+            v2 = self.routing.protocol(target.model) == PROTOCOL_OIP
             if self.settings.mode == "off":
+                if v2:
+                    self._oip(req, p, None, None)
                 continue
             res = self.live_map.resolve_in(view, target.model, target.version)
             p.outcome = res.outcome.value
             if res.version is not None:
                 p.version = res.version
-            if res.allowlist is not None:
+            if v2:
+                self._oip(req, p, res.tensors, res.allowlist)
+            elif res.allowlist is not None:
                 self._trim(req, p, res.allowlist, outputs)
 
     def _trim(self, req: Request, p: Prepared, allowlist: Any,
@@ -287,6 +298,27 @@ class Scorer:
         req.payloads.append(payload)
         return payload, res
 
+    def _oip(self, req: Request, p: Prepared, tensors: Any, allowlist: Any) -> None:
+        """A v2 request for a target whose leaves speak the Open Inference Protocol: the
+        model's inputs as views of the request body (oip.py; a column that cannot match is
+        a 400 naming it; too many candidates fail this target alone)."""
+        p.oip = True
+        try:
+            if req.frame_index is None:
+                req.frame_index = oip.index_frame(req.body)
+            built = oip.build_request(req.frame_index, p.target.model, tensors, allowlist,
+                                      req.headers.get(REQUEST_ID_HEADER))
+        except FrameError as exc:
+            raise BadRequest(400, "bad_frame", f"malformed frame: {exc}") from None
+        except oip.ColumnError as exc:
+            raise BadRequest(400, "bad_column", str(exc)) from None
+        except oip.BatchTooLarge as exc:
+            p.result = LeafError("batch_size", f"model {p.target.model!r}: {exc}")
+            return
+        p.payload = Payload(built.parts, built.nbytes, checked=True)
+        p.bytes_trimmed = built.nbytes
+        p.path, p.headers = infer_path(p.target.model, p.version), built.headers
+
     def _check(self, payload: Payload) -> None:
         """No leaf gets a frame the root could have rejected (400 naming the column)."""
         if payload.checked or self.settings.mode == "off":
@@ -309,6 +341,9 @@ class Scorer:
     # -- fan-out -------------------------------------------------------------------------
     def _start(self, req: Request, i: int, payload: Payload, trimmed_for: str | None) -> None:
         p = req.targets[i]
+        if p.oip:
+            self._start_oip(req, i, p)
+            return
         headers = req.headers
         if trimmed_for is not None:
             headers = {**headers, TRIMMED_FOR_HEADER: trimmed_for}
@@ -325,6 +360,20 @@ class Scorer:
                         lambda result: self._ended(req, i, call, trimmed_for, result), nbytes)
         call.start()
 
+    def _start_oip(self, req: Request, i: int, p: Prepared) -> None:
+        if p.result is not None:  # failed before any leaf call (e.g. batch_size)
+            p.t0 = time.perf_counter()
+            self._ended(req, i, None, None, p.result)
+            return
+        assert p.path is not None and p.headers is not None
+        p.t0 = time.perf_counter()
+        call = LeafCall(req.loop, self.pool, self.routing.pick(p.target.model), p.path,
+                        p.headers, p.payload.parts, req.deadline,
+                        self.settings.max_leaf_reply_bytes,
+                        lambda result: self._ended(req, i, call, None, result),
+                        p.payload.nbytes)
+        call.start()
+
     def _leaf_path(self, model: str, version: str | None) -> str:
         """``/score?model=..&version=..`` for a leaf call (memoised)."""
         key = (model, version)
@@ -336,18 +385,20 @@ class Scorer:
             self._paths.put(key, path)
         return path
 
-    def _ended(self, req: Request, i: int, call: LeafCall, trimmed_for: str | None,
+    def _ended(self, req: Request, i: int, call: LeafCall | None, trimmed_for: str | None,
                result: Any) -> None:
         p = req.targets[i]
         p.metrics.leaf_seconds.observe(time.perf_counter() - p.t0)
         if not isinstance(result, LeafError):
+            assert call is not None
             p.metrics.sent.inc(call.body_bytes)
             url = call.endpoint.url if call.endpoint else "leaf"
             status, data = result
             if status == STATUS_SKEW and trimmed_for is not None and self._resend(req, i):
                 return
             try:
-                result = leaf_reply(url, status, data)
+                result = oip.read_answer(url, status, data, call.reply_headers) if p.oip \
+                    else leaf_reply(url, status, data)
                 result.update(leaf=url, bytes_sent=call.body_bytes)
             except LeafError as exc:
                 result = exc

@@ -293,15 +293,36 @@ class TritonServer(Proc):
             time.sleep(0.1)
 
 
+def install(venv: Path | None = None) -> Path:
+    """Create the server's venv (``make triton``): nothing outside it, nothing cached."""
+    import subprocess
+    import venv as venv_module
+
+    venv = venv or venv_path()
+    if not (venv / "bin" / "python").exists():
+        venv_module.EnvBuilder(with_pip=True).create(venv)
+    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q",
+                    "--no-cache-dir", PYTRITON_REQUIREMENT], check=True, env=child_env())
+    return venv
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m root_worker.testing.triton REPO``: write the repository, serve it."""
+    """``python -m root_worker.testing.triton install | serve REPO``."""
     import argparse
     import tempfile
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("repo", type=Path, help="model repository to write and serve")
-    parser.add_argument("--port", type=int, default=0)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("install", help=f"create {DEFAULT_VENV} (or ${VENV_ENV}) with "
+                                   f"{PYTRITON_REQUIREMENT}")
+    serve = sub.add_parser("serve", help="write the test model repository and serve it")
+    serve.add_argument("repo", type=Path, help="model repository to write and serve")
+    serve.add_argument("--port", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.command == "install":
+        t0 = time.monotonic()
+        print(f"Triton server installed in {install()} in {time.monotonic() - t0:.0f} s")
+        return 0
     inst = find_install()
     if isinstance(inst, str):
         print(inst, file=sys.stderr)
