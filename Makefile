@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test bench bench-trim bench-reload bench-e2e bench-hostile bench-send demo run lint schema clean triton
+.PHONY: test bench bench-trim bench-reload bench-e2e bench-hostile bench-send demo run lint schema clean triton bench-triton
 
 $(STAMP): setup.cfg pyproject.toml $(wildcard setup.py)
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ bench-hostile: $(STAMP)  ## deadlines under misbehaving leaves, slow/idle client
 
 bench-send: $(STAMP)     ## the kernel's share: receive + fan-out sends, off vs trimmed (trim/off floor)
 	$(PY) bench/send_bench.py $(BENCH_ARGS)
+
+bench-triton: $(STAMP) triton  ## root CPU + wire bytes: a v2 (Triton) target vs a native-frame target
+	$(PY) bench/triton_bench.py $(BENCH_ARGS)
 
 bench: bench-trim
 

@@ -41,18 +41,12 @@ from root_worker.testing import triton as T
 from trimmer_daemon.bundle.cli import main as bundle_main
 
 C = 16
-CTR_INPUTS = ("user_dense", "item_ids")
-RANK_INPUTS = ("query_emb", "clicks")
+CTR_INPUTS, RANK_INPUTS = T.INPUTS["tr_ctr"], T.INPUTS["tr_rank"]
 
 
 def union_columns(n: int = C, seed: int = 0) -> dict[str, Any]:
     """What a root holds: every model's inputs and a feature neither model uses."""
-    rng = np.random.default_rng(seed)
-    return {"user_dense": rng.standard_normal((n, 8)).astype(np.float32),
-            "ctx_unused": rng.standard_normal((n, 16)).astype(np.float32),
-            "item_ids": rng.integers(0, 5000, (n, 4), dtype=np.int64),
-            "query_emb": rng.standard_normal((n, 8)).astype(np.float16),
-            "clicks": rng.integers(0, 100, (n, 1), dtype=np.int32)}
+    return T.union_columns(n, seed)
 
 
 def v2_body(columns: dict[str, Any], names: tuple[str, ...] | list[str],
@@ -159,7 +153,8 @@ def test_answers_are_read_as_scores() -> None:
          "parameters": {"binary_data_size": extra.nbytes}}]}).encode()
     data = header + out.tobytes() + extra.tobytes()
     reply = oip.read_answer("u", 200, data, {HEADER_LENGTH.lower(): str(len(header))})
-    assert np.array_equal(np.array(reply["scores"], np.float32), out.reshape(-1))
+    assert np.array_equal(np.array(reply["scores"].value, np.float32), out.reshape(-1))
+    assert np.array_equal(np.array(json.loads(reply["scores"].text), np.float32), out.reshape(-1))
     assert reply["outputs"]["aux"] == extra.tolist() and reply["leaf_version"] == "2"
     with pytest.raises(oip.LeafError, match="does not fit") as err:
         oip.read_answer("u", 200, data[:-4], {HEADER_LENGTH.lower(): str(len(header))})

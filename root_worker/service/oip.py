@@ -74,10 +74,15 @@ from root_worker.frame.format import (
 )
 from root_worker.frame.lru import LruCache
 from root_worker.service.fanout import LeafError
+from root_worker.service.replies import RawJSON
 
 OFFSETS_DATATYPE = "INT64"
 _LAYOUTS = LayoutCache(64)
-_NAMES: LruCache[int, tuple[Layout, dict[str, int]]] = LruCache(64)
+# per layout: column index by name, v2 datatype per column
+_NAMES: LruCache[int, tuple[Layout, dict[str, int], tuple[str, ...]]] = LruCache(64)
+# checked block tables: (layout hint, table bytes, candidates, meta offset) -> offsets, sizes
+_TABLES: LruCache[tuple[int, bytes, int, int], tuple[Layout, list[int], list[int]]] = \
+    LruCache(256)
 _DUMPS = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
@@ -96,6 +101,7 @@ class FrameIndex:
     body: memoryview
     layout: Layout
     names: dict[str, int]
+    datatypes: tuple[str, ...]
     n_candidates: int
     off: list[int]
     nb: list[int]
@@ -113,7 +119,7 @@ class FrameIndex:
             check_ragged_offsets(layout, self.body, np.asarray(self.off, np.uint64),
                                  np.asarray(self.nb, np.uint64), self.n_candidates,
                                  np.array([i], np.intp))
-        elif layout.dtypes[i] == np.bool_ and self.nb[i]:
+        elif self.datatypes[i] == "BOOL" and self.nb[i]:
             block = np.frombuffer(self.column(i), np.uint8)
             if int(block.max()) > 1:
                 raise FrameError(f"{layout.label(i)}: bool value byte "
@@ -126,14 +132,21 @@ def index_frame(body: memoryview) -> FrameIndex:
     pre = read_preamble(body)
     layout = _LAYOUTS.get(pre.hint, pre.n_columns,
                           body[PREAMBLE_SIZE:pre.layout_end].tobytes())
-    table = np.frombuffer(body, dtype="<u8", count=2 * pre.n_columns,
-                          offset=pre.table_offset).reshape(pre.n_columns, 2)
-    off, nb = check_table(layout, table, pre.n_candidates, pre.table_end, pre.meta_offset)
+    raw = body[pre.table_offset:pre.table_end].tobytes()
+    key = (layout.hint, raw, pre.n_candidates, pre.meta_offset)
+    hit = _TABLES.get(key)  # a table already checked against this layout: the same result
+    if hit is None or hit[0] is not layout:
+        table = np.frombuffer(raw, dtype="<u8").reshape(pre.n_columns, 2)
+        off, nb = check_table(layout, table, pre.n_candidates, pre.table_end,
+                              pre.meta_offset)
+        hit = (layout, off.tolist(), nb.tolist())
+        _TABLES.put(key, hit)
     known = _NAMES.get(layout.hint)
     if known is None or known[0] is not layout:
-        known = (layout, {n: i for i, n in enumerate(layout.names)})
+        known = (layout, {n: i for i, n in enumerate(layout.names)},
+                 tuple(DATATYPE_BY_DTYPE[d.name] for d in layout.dtypes))
         _NAMES.put(layout.hint, known)
-    return FrameIndex(body, layout, known[1], pre.n_candidates, off.tolist(), nb.tolist(),
+    return FrameIndex(body, layout, known[1], known[2], pre.n_candidates, hit[1], hit[2],
                       set())
 
 
@@ -152,7 +165,7 @@ class BatchTooLarge(Exception):
 
 
 def _datatype(fi: FrameIndex, i: int) -> str:
-    return DATATYPE_BY_DTYPE[fi.layout.dtypes[i].name]
+    return fi.datatypes[i]
 
 
 def _fit(model: str, name: str, shape: list[int], declared: Sequence[int] | None,
@@ -320,8 +333,17 @@ def _outputs(url: str, outputs: list[Any], binary: memoryview) -> list[tuple[str
     return out
 
 
+# printf formats that round-trip each float width (the client reads the same value back)
+_FLOAT_FORMAT = {2: "%.5g", 4: "%.9g", 8: "%.17g"}
+
+
 def _values(arr: Any) -> Any:
-    """One number per candidate when each element is a single value, else nested lists."""
+    """One number per candidate when each element is a single value (its JSON text kept,
+    :class:`RawJSON`, printed once with the digits its width needs), else nested lists."""
     if arr.ndim >= 1 and arr.size == arr.shape[0]:
-        return arr.reshape(-1).tolist()
+        flat = arr.reshape(-1).tolist()
+        fmt = _FLOAT_FORMAT.get(arr.dtype.itemsize) if arr.dtype.kind == "f" else None
+        if fmt is None:
+            return flat
+        return RawJSON("[" + ",".join(map(fmt.__mod__, flat)) + "]", flat)
     return arr.tolist()

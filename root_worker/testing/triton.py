@@ -208,6 +208,31 @@ instance_group [ {{ kind: KIND_CPU count: 1 }} ]
 """,
 }
 RANK_MAX_BATCH = 64
+INPUTS = {"tr_ctr": ("user_dense", "item_ids"), "tr_rank": ("query_emb", "clicks")}
+
+
+def union_columns(n: int, seed: int = 0, extra: int = 0) -> dict[str, Any]:
+    """What a root holds for ``n`` candidates: both models' inputs, ``ctx_unused`` (16
+    float32 per candidate, no model uses it) and ``extra`` more unused columns (60% float32
+    scalars, 20% float16 embeddings of 16, 20% int64 ids): a union neither model accepts."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    cols: dict[str, Any] = {
+        "user_dense": rng.standard_normal((n, 8)).astype(np.float32),
+        "ctx_unused": rng.standard_normal((n, 16)).astype(np.float32),
+        "item_ids": rng.integers(0, 5000, (n, 4), dtype=np.int64),
+        "query_emb": rng.standard_normal((n, 8)).astype(np.float16),
+        "clicks": rng.integers(0, 100, (n, 1), dtype=np.int32)}
+    for i in range(extra):
+        kind = i % 5
+        if kind < 3:
+            cols[f"x_f32_{i:05d}"] = rng.standard_normal(n).astype(np.float32)
+        elif kind == 3:
+            cols[f"x_emb_{i:05d}"] = rng.standard_normal((n, 16)).astype(np.float16)
+        else:
+            cols[f"x_ids_{i:05d}"] = rng.integers(0, 1 << 40, n, dtype=np.int64)
+    return cols
 
 
 def write_model_repository(repo: Path) -> Path:
