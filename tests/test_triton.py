@@ -415,3 +415,14 @@ def test_a_new_version_in_the_repository_reaches_the_bundle_and_the_root(env: En
     assert t["status"] == "ok" and t["leaf_version"] == "3" and t["outcome"] == "trimmed"
     want = env.direct([("tr_ctr", "3", {n: cols[n] for n in CTR_INPUTS})])[0]
     assert np.array(t["scores"], np.float32).tobytes() == want.reshape(-1).tobytes()
+
+
+def test_the_published_map_shows_each_versions_signature(env: Env) -> None:
+    """What trimmer-inspect models lists: the datatype and shape of every input."""
+    view = env.daemon.view()
+    assert view is not None
+    rank = next(m for m in view.models() if m["name"] == "tr_rank")
+    assert rank["versions"][0]["max_batch_size"] == T.RANK_MAX_BATCH
+    assert rank["versions"][0]["inputs"] == [
+        {"name": "query_emb", "datatype": "FP16", "shape": (8,), "optional": False},
+        {"name": "clicks", "datatype": "INT32", "shape": (1,), "optional": False}]

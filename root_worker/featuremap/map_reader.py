@@ -215,6 +215,12 @@ class FeatureMapView:
                                 for k in _u16_list(v)],
                     "output_count": v.OutputCount(),
                 })
+                sig = read_signature(v)
+                if sig is not None:  # the Open Inference Protocol signature, when known
+                    versions[-1]["max_batch_size"] = sig.max_batch_size
+                    versions[-1]["inputs"] = [
+                        {"name": s.name, "datatype": s.datatype, "shape": s.shape,
+                         "optional": s.optional} for s in sig.inputs]
             yield {"name": _text(m.Name()), "versions": versions,
                    "latest": versions[-1]["version"] if versions else None}
 
