@@ -159,6 +159,10 @@ def test_answers_are_read_as_scores() -> None:
     with pytest.raises(oip.LeafError, match="does not fit") as err:
         oip.read_answer("u", 200, data[:-4], {HEADER_LENGTH.lower(): str(len(header))})
     assert err.value.kind == "bad_reply"
+    neg = json.dumps({"outputs": [{"name": "s", "datatype": "FP32", "shape": [-1],
+                                   "parameters": {"binary_data_size": -4}}]}).encode()
+    with pytest.raises(oip.LeafError, match="negative dimension"):
+        oip.read_answer("u", 200, neg + out.tobytes(), {HEADER_LENGTH.lower(): str(len(neg))})
     with pytest.raises(oip.LeafError, match="answered 400: unexpected input") as err:
         oip.read_answer("u", 400, b'{"error":"unexpected input"}', {})
     assert err.value.kind == "status" and err.value.status == 400

@@ -47,6 +47,7 @@ The answer
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -310,7 +311,9 @@ def _outputs(url: str, outputs: list[Any], binary: memoryview) -> list[tuple[str
         except (KeyError, TypeError, ValueError):
             raise _bad(url, f"output {str(o)[:120]}: no name, shape or known datatype") \
                 from None
-        count = int(np.prod(shape)) if shape else 1
+        if any(d < 0 for d in shape):
+            raise _bad(url, f"output {name!r}: shape {shape[:8]} has a negative dimension")
+        count = math.prod(shape)
         params = o.get("parameters") or {}
         if "binary_data_size" in params:
             size = params["binary_data_size"]
