@@ -314,6 +314,7 @@ class Scorer:
             raise BadRequest(400, "bad_column", str(exc)) from None
         except oip.BatchTooLarge as exc:
             p.result = LeafError("batch_size", f"model {p.target.model!r}: {exc}")
+            p.bytes_trimmed = 0  # nothing is sent
             return
         p.payload = Payload(built.parts, built.nbytes, checked=True)
         p.bytes_trimmed = built.nbytes
