@@ -430,3 +430,19 @@ def test_the_published_map_shows_each_versions_signature(env: Env) -> None:
     assert rank["versions"][0]["inputs"] == [
         {"name": "query_emb", "datatype": "FP16", "shape": (8,), "optional": False},
         {"name": "clicks", "datatype": "INT32", "shape": (1,), "optional": False}]
+
+
+def test_a_live_servers_metadata_gives_the_repositorys_signatures(env: Env) -> None:
+    """--triton-server reads GET /v2/models/M/versions/V (+ config): the same entries as
+    --triton-repo for the versions the server has loaded."""
+    live, repo = env.tmp / "live.json", env.tmp / "repo.json"
+    args = [a for m in T.MODELS for a in ("--triton-server", env.server.url, m)]
+    assert bundle_main(["build", "-o", str(live), *args]) == 0
+    assert bundle_main(["build", "-o", str(repo), "--triton-repo", str(env.server.repo)]) == 0
+    live_doc, repo_doc = json.loads(live.read_text()), json.loads(repo.read_text())
+    for model in T.MODELS:
+        loaded = {e["version"] for e in live_doc[model]}
+        assert loaded and loaded <= {e["version"] for e in repo_doc[model]}
+        assert [e for e in repo_doc[model] if e["version"] in loaded] == live_doc[model]
+    assert bundle_main(["build", "-o", str(live), "--triton-server", env.server.url,
+                        "no_such_model"]) == 1
