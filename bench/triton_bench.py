@@ -19,8 +19,9 @@ Every request is one frame of ``--candidates`` candidates carrying the union
 ``--extra`` columns neither uses (60% float32 scalars, 20% float16 embeddings of 16 values,
 20% int64 ids), naming both models (a fan-out of 2). ``--frames``
 distinct frames (seeds) are cycled. Per round the configurations run in rotated order, each
-for ``--requests`` sequential requests on one kept-alive connection; root CPU is utime +
-stime of the pool's master and workers over that window (``/proc``), per request. Reported:
+for ``--requests`` sequential requests on one kept-alive connection; root CPU is the CPU
+time of the pool's master and workers over that window (``/proc/PID/task/*/schedstat``,
+nanoseconds), per request. Reported:
 root CPU per request (median and range over rounds), the v2/native ratio per round (target
 <= 1.2), wire bytes per request (root -> leaf bodies, from ``bytes_sent``), p50 latency.
 Writes bench/results/triton_bench.json; every process and shm segment is removed at exit.
@@ -38,7 +39,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from e2e_bench import cpu_seconds
 from report import RESULTS_DIR, write_results
 
 from root_worker.frame import encode
@@ -55,8 +55,24 @@ def make_frame(n: int, extra: int, seed: int) -> bytes:
                                                     "targets": TARGETS})
 
 
+def cpu_ns(pid: int) -> int:
+    """CPU time of every thread of ``pid`` in ns (``/proc/PID/task/*/schedstat``: not the
+    10 ms ticks of ``/proc/PID/stat``); 0 once it is gone."""
+    total = 0
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except FileNotFoundError:
+        return 0
+    for task in tasks:
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return total
+
+
 def pool_cpu(pool: Pool) -> float:
-    return sum(cpu_seconds(p) for p in (pool.pid, *pool.worker_pids()))
+    return sum(cpu_ns(p) for p in (pool.pid, *pool.worker_pids())) / 1e9
 
 
 def window(pool: Pool, frames: list[bytes], n: int) -> dict[str, Any]:

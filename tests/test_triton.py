@@ -143,6 +143,32 @@ def test_scalar_columns_batch_limits_and_ragged_columns() -> None:
     assert np.array_equal(np.frombuffer(built.parts[2], np.int64), cols["r"].offsets)
 
 
+def test_the_blocks_a_v2_request_sends_are_checked() -> None:
+    """A malformed block of a sent column is a FrameError (400 bad_frame at the root); a
+    bool byte other than 0/1 too; a column no target sends is not read."""
+    import struct
+
+    from root_worker.frame import FrameError
+    from root_worker.frame.format import read_preamble
+
+    cols = {"a": np.ones((C, 2), np.float32), "flag": np.ones(C, bool),
+            "other": np.zeros(C, np.float32)}
+    frame = bytearray(encode(cols))
+    pre = read_preamble(memoryview(frame))
+    sig = TensorSignature((InputSpec("a", "FP32", (2,)), InputSpec("flag", "BOOL", ())), 64)
+    other = pre.table_offset + 16 * 2  # column 2's (offset, nbytes)
+    struct.pack_into("<Q", frame, other, 3)  # misaligned: never read by a v2 target of a
+    oip.build_request(oip.index_frame(memoryview(frame)), "m", sig, None, None)
+    struct.pack_into("<Q", frame, pre.table_offset, 3)  # column 0, sent: refused
+    with pytest.raises(FrameError, match="column 0 'a': block at 3"):
+        oip.build_request(oip.index_frame(memoryview(frame)), "m", sig, None, None)
+    frame = bytearray(encode(cols))
+    off = struct.unpack_from("<Q", frame, pre.table_offset + 16)[0]
+    frame[off + 5] = 2
+    with pytest.raises(FrameError, match="bool value byte 5 is not 0 or 1"):
+        oip.build_request(oip.index_frame(memoryview(frame)), "m", sig, None, None)
+
+
 def test_answers_are_read_as_scores() -> None:
     out = np.arange(C, dtype=np.float32).reshape(C, 1) / 3
     extra = np.ones((C, 2), np.float16)

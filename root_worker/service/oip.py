@@ -31,6 +31,12 @@ Ragged columns
     ``values[offsets[i]:offsets[i+1]]``), both views of the frame's block. Only a model
     without a batch dimension (``max_batch_size: 0``) that declares both can take them;
     otherwise a 400 names the column.
+Checks
+    The frame's preamble and layout as for every frame; of the block table, the blocks a v2
+    request sends (alignment, bounds, size, ragged offsets, bool bytes -- what the frame
+    check checks), each once per request; a malformed one is a 400 ``bad_frame``. The
+    columns sent and the JSON header (but its ``id``) are cached per layout, signature and
+    candidate count: a request builds only the ``id`` and the views.
 The request
     ``POST /v2/models/M/versions/V/infer`` (the version whose allowlist applied, pinned: the
     server never runs a version the request was not shaped for), the binary tensor data
@@ -65,11 +71,14 @@ from flatbuffers_schema.oip import (
 )
 from root_worker.frame import FrameError
 from root_worker.frame.format import (
+    BLOCK_ALIGN,
+    OFFSETS_DTYPE,
     PREAMBLE_SIZE,
+    TABLE_ENTRY,
     Layout,
     LayoutCache,
-    check_ragged_offsets,
-    check_table,
+    align,
+    explain_ragged,
     ragged_head,
     read_preamble,
 )
@@ -81,9 +90,9 @@ OFFSETS_DATATYPE = "INT64"
 _LAYOUTS = LayoutCache(64)
 # per layout: column index by name, v2 datatype per column
 _NAMES: LruCache[int, tuple[Layout, dict[str, int], tuple[str, ...]]] = LruCache(64)
-# checked block tables: (layout hint, table bytes, candidates, meta offset) -> offsets, sizes
-_TABLES: LruCache[tuple[int, bytes, int, int], tuple[Layout, list[int], list[int]]] = \
-    LruCache(256)
+# per (layout, signature or allowlist, candidates): the columns sent and the JSON header
+# without its id, when no column is ragged (sizes then depend only on these)
+_PLANS: LruCache[tuple[int, int, int], tuple[Layout, Any, list[int], bytes]] = LruCache(256)
 _DUMPS = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
@@ -97,58 +106,69 @@ class ColumnError(ValueError):
 
 @dataclass(slots=True)
 class FrameIndex:
-    """One request's frame, indexed once for all its v2 targets."""
+    """One request's frame for all its v2 targets: the layout (cached), and each sent
+    column's block checked once, when first sent -- the rest of the frame is not read."""
 
     body: memoryview
     layout: Layout
     names: dict[str, int]
     datatypes: tuple[str, ...]
     n_candidates: int
-    off: list[int]
-    nb: list[int]
-    _checked: set[int]
+    table_offset: int
+    data_start: int
+    data_end: int
+    _blocks: dict[int, tuple[int, int]]
+
+    def block(self, i: int) -> tuple[int, int]:
+        """``(offset, nbytes)`` of column ``i``'s block, checked as the frame check would
+        check it (alignment, bounds, size; ragged offsets; bool bytes); FrameError."""
+        known = self._blocks.get(i)
+        if known is not None:
+            return known
+        layout, c = self.layout, self.n_candidates
+        off, nb = TABLE_ENTRY.unpack_from(self.body, self.table_offset + TABLE_ENTRY.size * i)
+        elem = int(layout.elem_size[i])
+        where = layout.label(i)
+        if off % BLOCK_ALIGN or off < self.data_start or off + nb > self.data_end:
+            raise FrameError(f"{where}: block at {off} (+{nb}) is not a {BLOCK_ALIGN}-byte "
+                             f"aligned block inside the data [{self.data_start}, "
+                             f"{self.data_end})")
+        if layout.ragged[i]:
+            head = ragged_head(c)
+            if nb < head or (nb - head) % elem:
+                raise FrameError(f"{where}: ragged block of {nb} bytes is not the offsets "
+                                 f"head ({head}) plus whole values of {elem} bytes")
+            explain_ragged(where, np.frombuffer(self.body, OFFSETS_DTYPE, c + 1, off),
+                           (nb - head) // elem)
+        elif nb != c * elem:
+            raise FrameError(f"{where}: dense block of {nb} bytes, expected {c} x {elem}")
+        if self.datatypes[i] == "BOOL" and nb:
+            data = np.frombuffer(self.body, np.uint8, nb, off)
+            if layout.ragged[i]:
+                data = data[ragged_head(c):]
+            if data.size and int(data.max()) > 1:
+                raise FrameError(f"{where}: bool value byte {int(np.argmax(data > 1))} is "
+                                 "not 0 or 1")
+        self._blocks[i] = (off, nb)
+        return off, nb
 
     def column(self, i: int) -> memoryview:
-        return self.body[self.off[i]:self.off[i] + self.nb[i]]
-
-    def check(self, i: int) -> None:
-        """Check what the frame check would (bool bytes, ragged offsets) for a kept column."""
-        if i in self._checked:
-            return
-        layout = self.layout
-        if layout.ragged[i]:
-            check_ragged_offsets(layout, self.body, np.asarray(self.off, np.uint64),
-                                 np.asarray(self.nb, np.uint64), self.n_candidates,
-                                 np.array([i], np.intp))
-        elif self.datatypes[i] == "BOOL" and self.nb[i]:
-            block = np.frombuffer(self.column(i), np.uint8)
-            if int(block.max()) > 1:
-                raise FrameError(f"{layout.label(i)}: bool value byte "
-                                 f"{int(np.argmax(block > 1))} is not 0 or 1")
-        self._checked.add(i)
+        off, nb = self.block(i)
+        return self.body[off:off + nb]
 
 
 def index_frame(body: memoryview) -> FrameIndex:
-    """Validate the frame's preamble, layout and block table; raises FrameError."""
+    """Read the frame's preamble and layout (cached per layout); raises FrameError."""
     pre = read_preamble(body)
     layout = _LAYOUTS.get(pre.hint, pre.n_columns,
                           body[PREAMBLE_SIZE:pre.layout_end].tobytes())
-    raw = body[pre.table_offset:pre.table_end].tobytes()
-    key = (layout.hint, raw, pre.n_candidates, pre.meta_offset)
-    hit = _TABLES.get(key)  # a table already checked against this layout: the same result
-    if hit is None or hit[0] is not layout:
-        table = np.frombuffer(raw, dtype="<u8").reshape(pre.n_columns, 2)
-        off, nb = check_table(layout, table, pre.n_candidates, pre.table_end,
-                              pre.meta_offset)
-        hit = (layout, off.tolist(), nb.tolist())
-        _TABLES.put(key, hit)
     known = _NAMES.get(layout.hint)
     if known is None or known[0] is not layout:
         known = (layout, {n: i for i, n in enumerate(layout.names)},
                  tuple(DATATYPE_BY_DTYPE[d.name] for d in layout.dtypes))
         _NAMES.put(layout.hint, known)
-    return FrameIndex(body, layout, known[1], known[2], pre.n_candidates, hit[1], hit[2],
-                      set())
+    return FrameIndex(body, layout, known[1], known[2], pre.n_candidates, pre.table_offset,
+                      align(pre.table_end, BLOCK_ALIGN), pre.meta_offset, {})
 
 
 @dataclass(slots=True)
@@ -224,7 +244,33 @@ def build_request(fi: FrameIndex, model: str, sig: TensorSignature | None,
     if sig is not None and sig.max_batch_size > 0 and fi.n_candidates > sig.max_batch_size:
         raise BatchTooLarge(f"{fi.n_candidates} candidates, the model's max_batch_size is "
                             f"{sig.max_batch_size} (send at most that many per request)")
+    what = sig if sig is not None else allowlist
+    key = (fi.layout.hint, id(what), fi.n_candidates)
+    plan = _PLANS.get(key)
+    if plan is not None and plan[0] is fi.layout and plan[1] is what:
+        views = [fi.column(i) for i in plan[2]]  # each block checked once per request
+        head = plan[3]
+    else:
+        pieces, columns = _pieces(fi, model, sig, allowlist)
+        views = [p[1] for p in pieces]
+        doc: dict[str, Any] = {"inputs": [p[0] for p in pieces],
+                               "parameters": {"binary_data_output": True}}
+        head = _DUMPS(doc).encode("utf-8")[:-1]
+        if columns is not None:  # no ragged column: the same header for every such frame
+            _PLANS.put(key, (fi.layout, what, columns, head))
+    header = head + (b',"id":' + _DUMPS(request_id).encode("utf-8") + b"}"
+                     if request_id is not None else b"}")
+    return Built([header, *views], len(header) + sum(v.nbytes for v in views),
+                 {"Content-Type": CONTENT_TYPE, HEADER_LENGTH: str(len(header))}, len(views))
+
+
+def _pieces(fi: FrameIndex, model: str, sig: TensorSignature | None,
+            allowlist: Allowlist | None) -> tuple[list[tuple[dict[str, Any], Any]],
+                                                  list[int] | None]:
+    """The inputs (header entry, view) in order, and the columns they are when none is
+    ragged (None otherwise)."""
     pieces: list[tuple[dict[str, Any], Any]] = []
+    columns: list[int] | None = []
     if sig is not None:
         ragged_done: set[str] = set()
         for spec in sig.inputs:
@@ -234,33 +280,29 @@ def build_request(fi: FrameIndex, model: str, sig: TensorSignature | None,
                     continue
                 raise ColumnError(model, spec.name, "the frame has no such column and the "
                                                     "model requires it")
-            fi.check(i)
             if fi.layout.ragged[i]:
                 pieces += _ragged(fi, model, spec.name, i, sig)
                 ragged_done.add(spec.name + RAGGED_OFFSETS_SUFFIX)
+                columns = None
             else:
                 pieces.append(_dense(fi, model, spec.name, i, sig, spec.datatype, spec.shape))
+                if columns is not None:
+                    columns.append(i)
+        return pieces, columns
+    if allowlist is None:
+        cols = list(range(fi.layout.n_columns))
     else:
-        if allowlist is None:
-            cols = range(fi.layout.n_columns)
+        cols = np.flatnonzero(np.isin(fi.layout.keys, allowlist.keys)).tolist()
+    for i in cols:
+        name = fi.layout.names[i]
+        if fi.layout.ragged[i]:
+            pieces += _ragged(fi, model, name, i, None)
+            columns = None
         else:
-            cols = np.flatnonzero(np.isin(fi.layout.keys, allowlist.keys)).tolist()
-        for i in cols:
-            fi.check(i)
-            name = fi.layout.names[i]
-            if fi.layout.ragged[i]:
-                pieces += _ragged(fi, model, name, i, None)
-            else:
-                pieces.append(_dense(fi, model, name, i, None, None, None))
-    doc: dict[str, Any] = {"inputs": [p[0] for p in pieces],
-                           "parameters": {"binary_data_output": True}}
-    if request_id is not None:
-        doc["id"] = request_id
-    header = _DUMPS(doc).encode("utf-8")
-    parts = [header, *(p[1] for p in pieces)]
-    nbytes = len(header) + sum(p[1].nbytes for p in pieces)
-    return Built(parts, nbytes, {"Content-Type": CONTENT_TYPE,
-                                 HEADER_LENGTH: str(len(header))}, len(pieces))
+            pieces.append(_dense(fi, model, name, i, None, None, None))
+            if columns is not None:
+                columns.append(i)
+    return pieces, columns
 
 
 # -------------------------------------------------------------------------------------------
