@@ -223,6 +223,44 @@ def test_bundle_from_a_model_repository(tmp_path: Path) -> None:
     assert bundle_main(["build", "-o", str(out), "--triton-repo", str(repo)]) == 1
 
 
+def test_a_v2_server_without_triton_s_config_endpoint(tmp_path: Path) -> None:
+    """--triton-server on a v2 server that has model metadata but no /config (a KServe
+    runtime): the leading -1 is the batch dimension, max_batch_size stays unknown."""
+    import http.server
+
+    meta = {"name": "km", "versions": ["7"], "platform": "x",
+            "inputs": [{"name": "dense", "datatype": "FP32", "shape": [-1, 8]}],
+            "outputs": [{"name": "p", "datatype": "FP32", "shape": [-1, 1]}]}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            body = json.dumps(meta).encode()
+            if self.path.endswith("/config"):
+                self.send_response(404)
+                body = b'{"error":"no config"}'
+            else:
+                self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        out = tmp_path / "b.json"
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        assert bundle_main(["build", "-o", str(out), "--triton-server", url, "km"]) == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+    entry = json.loads(out.read_text())["km"][0]
+    assert entry["version"] == "7" and "max_batch_size" not in entry
+    assert entry["inputs"] == [{"name": "dense", "datatype": "FP32", "shape": [8]}]
+
+
 # -------------------------------------------------------------------------------------------
 # against the real server
 
