@@ -42,8 +42,8 @@ run: $(STAMP)            ## the demo stack, kept up until Ctrl-C
 	$(PY) -m root_worker.testing.demo run
 
 # A real NVIDIA Triton server (the tritonserver binary nvidia-pytriton bundles) in its own
-# venv: it pins numpy<2. Used by tests/test_triton.py, make demo DEMO_ARGS=--triton and the
-# e2e bench's --triton; docs/triton.md.
+# venv: it pins numpy<2. Used by tests/test_triton.py, make demo (a fourth leaf when it is
+# installed) and make bench-triton; docs/triton.md.
 TRITON_VENV := .triton/venv
 triton: $(TRITON_VENV)/.installed  ## install the Triton server for the tests, demo, bench
 $(TRITON_VENV)/.installed: $(STAMP)
