@@ -182,6 +182,8 @@ def test_answers_are_read_as_scores() -> None:
     assert np.array_equal(np.array(reply["scores"].value, np.float32), out.reshape(-1))
     assert np.array_equal(np.array(json.loads(reply["scores"].text), np.float32), out.reshape(-1))
     assert reply["outputs"]["aux"] == extra.tolist() and reply["leaf_version"] == "2"
+    with pytest.raises(oip.LeafError, match="output 'score' has 16 rows for 8 candidates"):
+        oip.read_answer("u", 200, data, {HEADER_LENGTH.lower(): str(len(header))}, 8)
     with pytest.raises(oip.LeafError, match="does not fit") as err:
         oip.read_answer("u", 200, data[:-4], {HEADER_LENGTH.lower(): str(len(header))})
     assert err.value.kind == "bad_reply"

@@ -313,9 +313,11 @@ def _bad(url: str, why: str) -> LeafError:
     return LeafError("bad_reply", f"{url}: v2 answer {why}")
 
 
-def read_answer(url: str, status: int, data: bytes, headers: dict[str, str]
-                ) -> dict[str, Any]:
-    """The client-facing fields of a v2 answer (module docstring); raises LeafError."""
+def read_answer(url: str, status: int, data: bytes, headers: dict[str, str],
+                candidates: int | None = None) -> dict[str, Any]:
+    """The client-facing fields of a v2 answer (module docstring); raises LeafError.
+    ``candidates``: the request's candidate count; an output with more rows is refused
+    (as a leaf's answer with more scores than candidates)."""
     raw = headers.get(HEADER_LENGTH.lower())
     try:
         n = len(data) if raw is None else int(raw)
@@ -335,6 +337,10 @@ def read_answer(url: str, status: int, data: bytes, headers: dict[str, str]
     if not isinstance(outputs, list) or not outputs:
         raise _bad(url, "without outputs")
     arrays = _outputs(url, outputs, memoryview(data)[n:])
+    for name, arr in arrays:
+        rows = arr.shape[0] if arr.ndim else 1
+        if candidates is not None and rows > max(candidates, 1):
+            raise _bad(url, f"output {name!r} has {rows} rows for {candidates} candidates")
     first, *rest = arrays
     reply: dict[str, Any] = {"scores": _values(first[1])}
     if rest:
