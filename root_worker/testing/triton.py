@@ -352,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(inst, str):
         print(inst, file=sys.stderr)
         return 1
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop and clean up, as ^C
     write_model_repository(args.repo)
     with tempfile.TemporaryDirectory() as work:
         server = TritonServer(inst, args.repo, Path(work), args.port or None)
