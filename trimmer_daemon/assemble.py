@@ -355,7 +355,8 @@ def _merge_model(model: str, defs: list[BundlePart], bundle_names: list[tuple[st
     for part in defs:
         i = _index_of(part, model)
         for v in range(int(part.version_start[i]), int(part.version_start[i + 1])):
-            iv = IndexedVersion(part.versions[v], part.keys_of(v), int(part.output_counts[v]))
+            iv = IndexedVersion(part.versions[v], part.keys_of(v), int(part.output_counts[v]),
+                                part.tensors[v])
             per_version.setdefault(iv.version, []).append((part.bundle_index, iv))
     digests: dict[int, int] = {}
     return [_merge(model, version, per_version[version], bundle_names,  # type: ignore[arg-type]

@@ -44,7 +44,9 @@ import numpy as np
 from flatbuffers_schema.fmap import Model as FbModel
 from flatbuffers_schema.fmap import Version as FbVersion
 from flatbuffers_schema.keys import KEY_DTYPE, keyset_digest, name_key
+from flatbuffers_schema.oip import TensorSignature
 from flatbuffers_schema.shm_layout import checksum
+from flatbuffers_schema.tensor_specs import add_signature, write_inputs
 from trimmer_daemon.bundle.parse import Limits, ParsedBundle, parse_bundle, version_sort_key
 
 _U32 = np.dtype("<u4")
@@ -74,6 +76,7 @@ class BundlePart:
     key_offsets: np.ndarray  # uint32 offset from the block's end of each version's vector
     key_counts: np.ndarray  # uint32 number of keys of each version
     output_counts: np.ndarray  # uint32
+    tensors: tuple[TensorSignature | None, ...]  # parallel to versions
     feature_keys: np.ndarray  # sorted unique uint64 keys of every input name of the bundle
     name_offsets: np.ndarray  # uint32, len(feature_keys) + 1, into feature_names
     feature_names: bytes  # UTF-8 names parallel to feature_keys
@@ -253,6 +256,7 @@ class _Compiler:
         self.key_offsets: list[int] = []
         self.key_counts: list[int] = []
         self.outputs: list[int] = []
+        self.tensors: list[TensorSignature | None] = []
 
     def model(self, name: str, entries: list) -> int:  # type: ignore[type-arg]
         b = self.b
@@ -282,12 +286,15 @@ class _Compiler:
         self.key_offsets.append(vec)
         self.key_counts.append(count)
         self.outputs.append(len(mv.output_names))
+        self.tensors.append(mv.tensors)
+        inputs = write_inputs(b, mv.tensors)
         FbVersion.Start(b)
         FbVersion.AddVersion(b, version)
         FbVersion.AddFeatureKeys(b, vec)
         FbVersion.AddDigest(b, digest)
         FbVersion.AddBundles(b, self.index_vec)
         FbVersion.AddOutputCount(b, len(mv.output_names))
+        add_signature(b, mv.tensors, inputs)
         return int(FbVersion.End(b))
 
 
@@ -316,6 +323,6 @@ def compile_part(parsed: ParsedBundle, bundle_index: int,
         version_start=np.array(starts, dtype=_U32), versions=tuple(c.versions),
         key_offsets=np.array(c.key_offsets, dtype=_U32),
         key_counts=np.array(c.key_counts, dtype=_U32),
-        output_counts=np.array(c.outputs, dtype=_U32),
+        output_counts=np.array(c.outputs, dtype=_U32), tensors=tuple(c.tensors),
         feature_keys=feat_keys, name_offsets=name_offsets, feature_names=feat_names,
         collisions=collisions)

@@ -40,6 +40,8 @@ from flatbuffers_schema.fmap.FeatureMap import FeatureMap as FbMap
 from flatbuffers_schema.fmap.Model import Model as FbModel
 from flatbuffers_schema.fmap.Version import Version as FbVersion
 from flatbuffers_schema.keys import KEY_DTYPE, Allowlist, name_key
+from flatbuffers_schema.oip import TensorSignature
+from flatbuffers_schema.tensor_specs import read_signature
 
 #: Resolutions memoised per generation; bounded because clients choose the model names.
 MEMO_MAX = 8192
@@ -69,6 +71,7 @@ class Resolution:
     version: str | None          # the version whose allowlist applies (None: pass through)
     allowlist: Allowlist | None  # None means: send untrimmed
     generation: int = 0
+    tensors: TensorSignature | None = None  # the version's inputs, when the bundle says
 
     @property
     def trims(self) -> bool:
@@ -154,7 +157,7 @@ class FeatureMapView:
         vt = table.Versions(chosen)
         allowlist = Allowlist(_u64_view(vt.FeatureKeysAsNumpy()), vt.Digest())
         return Resolution(outcome, model, version, _text(vt.Version()), allowlist,
-                          self.generation)
+                          self.generation, read_signature(vt))
 
     def _find_model(self, model: str) -> FbModel | None:
         keys = self._model_keys
@@ -212,6 +215,12 @@ class FeatureMapView:
                                 for k in _u16_list(v)],
                     "output_count": v.OutputCount(),
                 })
+                sig = read_signature(v)
+                if sig is not None:  # the Open Inference Protocol signature, when known
+                    versions[-1]["max_batch_size"] = sig.max_batch_size
+                    versions[-1]["inputs"] = [
+                        {"name": s.name, "datatype": s.datatype, "shape": s.shape,
+                         "optional": s.optional} for s in sig.inputs]
             yield {"name": _text(m.Name()), "versions": versions,
                    "latest": versions[-1]["version"] if versions else None}
 

@@ -47,6 +47,7 @@ from urllib.parse import urlencode
 
 import lz4.frame
 
+from flatbuffers_schema.oip import infer_path
 from flatbuffers_schema.wire import (
     ENCODING_HEADER,
     ENCODING_LZ4,
@@ -64,14 +65,14 @@ from root_worker.featuremap.map_reader import FeatureMapView
 from root_worker.frame import FrameError, Trimmer, check_frame, peek_metadata
 from root_worker.frame.format import read_preamble
 from root_worker.frame.lru import LruCache
-from root_worker.service import faults
+from root_worker.service import faults, oip
 from root_worker.service.buffers import BufferPool
 from root_worker.service.fanout import LeafCall, LeafError, LeafPool
 from root_worker.service.http1 import HttpError
 from root_worker.service.loop import Loop, run_until
 from root_worker.service.metrics import MAX_CACHED_MODELS, ModelMetrics, RootMetrics
 from root_worker.service.replies import leaf_reply, materialize
-from root_worker.service.routing import Routing
+from root_worker.service.routing import PROTOCOL_OIP, Routing
 from root_worker.service.settings import Settings
 from root_worker.service.targets import BadTargets, Target, parse_targets
 
@@ -115,6 +116,9 @@ class Prepared:
     fallback: str | None = None
     result: Any = None
     t0: float = 0.0
+    oip: bool = False               # the leaves speak the Open Inference Protocol (oip.py)
+    path: str | None = None         # the v2 request's path and headers
+    headers: dict[str, str] | None = None
 
 
 @dataclass(slots=True)
@@ -135,6 +139,7 @@ class Request:
     targets: list[Prepared] = field(default_factory=list)
     payloads: list[Payload] = field(default_factory=list)
     pending: int = 0
+    frame_index: Any = None  # oip.FrameIndex, built by the first v2 target
 
     def release(self) -> None:
         """Give every pooled buffer back (no leaf call reads them any more)."""
@@ -239,13 +244,18 @@ class Scorer:
             mm = self.metrics.model(target.model)
             p = Prepared(target, OUTCOME_OFF, target.version, req.untrimmed, n, n, 0, mm)
             req.targets.append(p)
+            v2 = self.routing.protocol(target.model) == PROTOCOL_OIP
             if self.settings.mode == "off":
+                if v2:
+                    self._oip(req, p, None, None)
                 continue
             res = self.live_map.resolve_in(view, target.model, target.version)
             p.outcome = res.outcome.value
             if res.version is not None:
                 p.version = res.version
-            if res.allowlist is not None:
+            if v2:
+                self._oip(req, p, res.tensors, res.allowlist)
+            elif res.allowlist is not None:
                 self._trim(req, p, res.allowlist, outputs)
 
     def _trim(self, req: Request, p: Prepared, allowlist: Any,
@@ -310,6 +320,28 @@ class Scorer:
         req.payloads.append(payload)
         return payload, res
 
+    def _oip(self, req: Request, p: Prepared, tensors: Any, allowlist: Any) -> None:
+        """A v2 request for a target whose leaves speak the Open Inference Protocol: the
+        model's inputs as views of the request body (oip.py; a column that cannot match is
+        a 400 naming it; too many candidates fail this target alone)."""
+        p.oip = True
+        try:
+            if req.frame_index is None:
+                req.frame_index = oip.index_frame(req.body)
+            built = oip.build_request(req.frame_index, p.target.model, tensors, allowlist,
+                                      req.headers.get(REQUEST_ID_HEADER))
+        except FrameError as exc:
+            raise BadRequest(400, "bad_frame", f"malformed frame: {exc}") from None
+        except oip.ColumnError as exc:
+            raise BadRequest(400, "bad_column", str(exc)) from None
+        except oip.BatchTooLarge as exc:
+            p.result = LeafError("batch_size", f"model {p.target.model!r}: {exc}")
+            p.bytes_trimmed = 0  # nothing is sent
+            return
+        p.payload = Payload(built.parts, built.nbytes, checked=True)
+        p.bytes_trimmed = built.nbytes
+        p.path, p.headers = infer_path(p.target.model, p.version), built.headers
+
     def _check(self, payload: Payload) -> None:
         """No leaf gets a frame the root could have rejected (400 naming the column)."""
         if payload.checked or self.settings.mode == "off":
@@ -332,6 +364,9 @@ class Scorer:
     # -- fan-out -------------------------------------------------------------------------
     def _start(self, req: Request, i: int, payload: Payload, trimmed_for: str | None) -> None:
         p = req.targets[i]
+        if p.oip:
+            self._start_oip(req, i, p)
+            return
         headers = req.headers
         if trimmed_for is not None:
             headers = {**headers, TRIMMED_FOR_HEADER: trimmed_for}
@@ -348,6 +383,20 @@ class Scorer:
                         lambda result: self._ended(req, i, call, trimmed_for, result), nbytes)
         call.start()
 
+    def _start_oip(self, req: Request, i: int, p: Prepared) -> None:
+        if p.result is not None:  # failed before any leaf call (e.g. batch_size)
+            p.t0 = time.perf_counter()
+            self._ended(req, i, None, None, p.result)
+            return
+        assert p.path is not None and p.headers is not None
+        p.t0 = time.perf_counter()
+        call = LeafCall(req.loop, self.pool, self.routing.pick(p.target.model), p.path,
+                        p.headers, p.payload.parts, req.deadline,
+                        self.settings.max_leaf_reply_bytes,
+                        lambda result: self._ended(req, i, call, None, result),
+                        p.payload.nbytes)
+        call.start()
+
     def _leaf_path(self, model: str, version: str | None) -> str:
         """``/score?model=..&version=..`` for a leaf call (memoised)."""
         key = (model, version)
@@ -359,17 +408,18 @@ class Scorer:
             self._paths.put(key, path)
         return path
 
-    def _ended(self, req: Request, i: int, call: LeafCall, trimmed_for: str | None,
+    def _ended(self, req: Request, i: int, call: LeafCall | None, trimmed_for: str | None,
                result: Any) -> None:
         """One leaf call ended. An unexpected exception here fails this target alone
         (``internal``, logged once with the request id, counted); the request goes on."""
         p = req.targets[i]
-        url = call.endpoint.url if call.endpoint else "leaf"
+        url = call.endpoint.url if call is not None and call.endpoint else "leaf"
         try:
-            if call.faults:
+            if call is not None and call.faults:
                 self.metrics.faults.labels("leaf").inc()
             p.metrics.leaf_seconds.observe(time.perf_counter() - p.t0)
             if not isinstance(result, LeafError):
+                assert call is not None  # only a v2 target fails before a call
                 p.metrics.sent.inc(call.body_bytes)
                 status, data = result
                 faults.check(req.inject, "leaf_answer")
@@ -377,7 +427,9 @@ class Scorer:
                         self._resend(req, i):
                     return
                 try:
-                    result = leaf_reply(url, status, data, req.candidates)
+                    result = oip.read_answer(url, status, data, call.reply_headers,
+                                             req.candidates) if p.oip else \
+                        leaf_reply(url, status, data, req.candidates)
                     result.update(leaf=url, bytes_sent=call.body_bytes)
                 except LeafError as exc:
                     result = exc

@@ -383,8 +383,9 @@ def _merge(found: Iterable[FoundVersion]) -> dict[str, dict[str, FoundVersion]]:
         if prev is None:
             versions[fv.version] = fv
             continue
-        same = (prev.signature.input_names, prev.signature.output_names) == (
-            fv.signature.input_names, fv.signature.output_names)
+        same = (prev.signature.input_names, prev.signature.output_names,
+                prev.signature.tensors) == (fv.signature.input_names,
+                                            fv.signature.output_names, fv.signature.tensors)
         if not same:
             raise BuildError(f"model {fv.model!r} version {fv.version!r} is defined twice with "
                              f"different signatures: {prev.origin} and {fv.origin}")
@@ -402,8 +403,29 @@ def _warn_signature_changes(model: str, ordered: list[FoundVersion], warn: Warn)
                  "same across versions; fork a new model to change it)")
 
 
+def _entry(fv: FoundVersion) -> dict[str, object]:
+    """One version entry of the bundle file (tensor signature fields only when known)."""
+    sig = fv.signature
+    out: dict[str, object] = {"version": fv.version, "input_names": list(sig.input_names),
+                              "output_names": list(sig.output_names)}
+    if sig.tensors is not None:
+        if sig.tensors.max_batch_size >= 0:
+            out["max_batch_size"] = sig.tensors.max_batch_size
+        specs = []
+        for spec in sig.tensors.inputs:
+            item: dict[str, object] = {"name": spec.name, "datatype": spec.datatype}
+            if spec.shape is not None:
+                item["shape"] = list(spec.shape)
+            if spec.optional:
+                item["optional"] = True
+            specs.append(item)
+        out["inputs"] = specs
+    return out
+
+
 def build_bundle(sources: Iterable[Source], *, limits: Limits = DEFAULT_LIMITS,
-                 output_name: str = "<bundle>", warn: Warn | None = None) -> BuildResult:
+                 output_name: str = "<bundle>", warn: Warn | None = None,
+                 found_elsewhere: Iterable[FoundVersion] = ()) -> BuildResult:
     """Collect, merge and serialise; the bytes are validated with ``parse_bundle``.
 
     Warnings go to ``warn`` as they happen (so they are seen even if the build then fails)
@@ -418,7 +440,7 @@ def build_bundle(sources: Iterable[Source], *, limits: Limits = DEFAULT_LIMITS,
         if warn is not None:
             warn(message)
 
-    found: list[FoundVersion] = []
+    found: list[FoundVersion] = list(found_elsewhere)  # e.g. Triton repositories, servers
     for source in sources:
         found += collect_source(source, limits, report)
     models = _merge(found)
@@ -428,9 +450,7 @@ def build_bundle(sources: Iterable[Source], *, limits: Limits = DEFAULT_LIMITS,
     for model in sorted(models):
         ordered = [models[model][v] for v in sorted(models[model], key=version_sort_key)]
         _warn_signature_changes(model, ordered, report)
-        doc[model] = [{"version": fv.version,
-                       "input_names": list(fv.signature.input_names),
-                       "output_names": list(fv.signature.output_names)} for fv in ordered]
+        doc[model] = [_entry(fv) for fv in ordered]
     data = (json.dumps(doc, sort_keys=True, indent=2) + "\n").encode("utf-8")
     parse_bundle(data, path=output_name, limits=limits)  # the daemon must accept what we write
     versions = [fv for by_version in models.values() for fv in by_version.values()]
