@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 .PHONY: test bench bench-trim bench-reload bench-e2e bench-hostile bench-send demo run lint schema clean \
-        mutate mutate-sample fuzz-engine lean-test
+        mutate mutate-sample fuzz-engine lean-test triton bench-triton
 .PHONY: bench-rollout
 
 $(STAMP): setup.cfg pyproject.toml $(wildcard setup.py)
@@ -38,6 +38,9 @@ bench-send: $(STAMP)     ## the kernel's share: receive + fan-out sends, off vs 
 bench-rollout: $(STAMP)  ## rollout rehearsal: 3 root hosts (namespaces), canary, rollout, rollback
 	$(PY) bench/rollout_bench.py $(BENCH_ARGS)
 
+bench-triton: $(STAMP) triton  ## root CPU + wire bytes: a v2 (Triton) target vs a native-frame target
+	$(PY) bench/triton_bench.py $(BENCH_ARGS)
+
 bench: bench-trim
 
 demo: $(STAMP)           ## the whole stack on loopback: traffic, hot swap, table, checks
@@ -45,6 +48,15 @@ demo: $(STAMP)           ## the whole stack on loopback: traffic, hot swap, tabl
 
 run: $(STAMP)            ## the demo stack, kept up until Ctrl-C
 	$(PY) -m root_worker.testing.demo run
+
+# A real NVIDIA Triton server (the tritonserver binary nvidia-pytriton bundles) in its own
+# venv: it pins numpy<2. Used by tests/test_triton.py, make demo (a fourth leaf when it is
+# installed) and make bench-triton; docs/triton.md.
+TRITON_VENV := .triton/venv
+triton: $(TRITON_VENV)/.installed  ## install the Triton server for the tests, demo, bench
+$(TRITON_VENV)/.installed: $(STAMP)
+	$(PY) -m root_worker.testing.triton install
+	touch $@
 
 schema: $(STAMP)         ## regenerate flatbuffers_schema Python code with flatc
 	$(PY) -m flatbuffers_schema.regen

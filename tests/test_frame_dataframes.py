@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from lean_helpers import optional
 
 from root_worker.frame import Ragged, decode, encode
 
@@ -23,12 +24,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture
 def pd() -> Any:
-    return pytest.importorskip("pandas")
+    return optional("pandas")
 
 
 @pytest.fixture
 def pa() -> Any:
-    return pytest.importorskip("pyarrow")
+    return optional("pyarrow")
 
 
 def test_metadata_takes_numpy_scalars() -> None:
@@ -153,7 +154,7 @@ def test_a_pyarrow_table_becomes_a_frame(pa: Any) -> None:
     batch = table.to_batches()[0]
     assert decode(encode(batch)).columns["emb"].tolist() == c["emb"].tolist()
     # pandas with pyarrow-backed columns takes the same path
-    pdm = pytest.importorskip("pandas")
+    pdm = optional("pandas")
     df = table.select(["ids", "clicks"]).to_pandas(types_mapper=pdm.ArrowDtype)
     assert decode(encode(df)).columns["ids"] == c["ids"]
 

@@ -1,4 +1,4 @@
-"""trimmer-inspect against real maps published by a real daemon (SPEC §7, §9).
+"""trimmer-inspect against real maps published by a real daemon.
 
 Every verb is run in-process through ``main(argv)`` (and the installed console script at
 least once), on the healthy path and on the warning and critical ones: stale / missing /

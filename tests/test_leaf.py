@@ -238,6 +238,24 @@ def test_trimmer_leaf_says_in_one_line_when_it_cannot_listen() -> None:
                          "in use\n"
 
 
+def test_trimmer_leaf_signature_reads_what_trimmer_bundle_reads(tmp_path: Path) -> None:
+    """--signature takes a .pt archive (read by trimmer-bundle's code); a broken one is one
+    line on stderr, exit 2."""
+    import zipfile
+    pt = tmp_path / "ads_ctr" / "3" / "model.pt"
+    pt.parent.mkdir(parents=True)
+    with zipfile.ZipFile(pt, "w") as zf:
+        zf.writestr("model/extra/module_info.json", json.dumps({"input_names": ["f32"]}))
+    store = ModelStore(signatures=[("ads_ctr", "3", str(pt))])
+    assert store.get("ads_ctr", "3").input_names == ("f32",)
+    (tmp_path / "bad.pt").write_bytes(b"PK\x03\x04 broken")
+    out = subprocess.run([str(Path(sys.executable).parent / "trimmer-leaf"), "--signature",
+                          f"m@1={tmp_path / 'bad.pt'}"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out
+    assert "not a valid .pt (zip) archive" in out.stderr and "Traceback" not in out.stderr
+
+
 def test_store_default_skips_pending_versions(tmp_path: Path) -> None:
     """A leaf given a bundle with a pending version serves it when asked by name, and by
     default only once it is promoted (the roots' rule for "latest")."""

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from lean_helpers import LEAN, optional
 
 from flatbuffers_schema import wire
 from flatbuffers_schema.keys import Allowlist
@@ -151,7 +152,7 @@ def test_check_skew_takes_inputs() -> None:
 
 
 def test_read_frame_lz4_bounded_and_encoding_errors() -> None:
-    lz4_frame = pytest.importorskip("lz4.frame")
+    lz4_frame = optional("lz4.frame")
     frame = _frame()
     assert read_frame(lz4_frame.compress(frame), " LZ4 ").n_candidates == 4
     assert read_frame(frame, "identity").n_candidates == 4
@@ -197,7 +198,7 @@ def test_to_torch_without_torch_says_so() -> None:
 
 
 def test_to_torch_shares_memory_of_a_writable_body() -> None:
-    torch = pytest.importorskip("torch")
+    torch = optional("torch")
     body = bytearray(_frame())
     inputs = InputConverter(["ctr", "ids", "nope"])(read_frame(body))
     ctr, (values, offsets), nope = inputs.to_torch()
@@ -211,7 +212,7 @@ def test_to_torch_shares_memory_of_a_writable_body() -> None:
 def test_to_torch_never_writes_into_a_read_only_body() -> None:
     """A ``bytes`` body -- what FastAPI, aiohttp and Flask hand a leaf -- is immutable:
     the tensors are copies, and an in-place op changes the tensor, never the bytes."""
-    pytest.importorskip("torch")
+    optional("torch")
     body = _frame()
     before = bytes(body)  # an independent copy to compare with
     inputs = InputConverter(["ctr", "emb", "ids"])(read_frame(body))
@@ -263,17 +264,16 @@ def test_a_model_named_input_names_is_still_a_bundle(tmp_path: Path) -> None:
 
 def _pt_archive(path: Path, signature: dict[str, object]) -> None:
     """A real TorchScript archive with its signature as an extra file (what a model
-    pipeline ships), or -- without torch -- the same zip layout written by zipfile."""
+    pipeline ships), or -- in the lean venv, without torch -- the same zip layout."""
     path.parent.mkdir(parents=True, exist_ok=True)
     extra = {"module_info.json": json.dumps(signature)}
-    try:
-        import torch
-    except ImportError:
+    if LEAN:  # no torch in the lean venv
         import zipfile
         with zipfile.ZipFile(path, "w") as zf:
             zf.writestr("model/extra/module_info.json", extra["module_info.json"])
             zf.writestr("model/data.pkl", b"\x80\x02N.")
         return
+    torch = optional("torch")
     with warnings.catch_warnings():  # torch 2.13 deprecates TorchScript; archives remain
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.jit.save(torch.jit.script(torch.nn.Linear(2, 1)), str(path), _extra_files=extra)
@@ -348,12 +348,9 @@ def test_the_documented_leaf_serves_the_contract(doc_leaf: tuple[str, int]) -> N
     # ctr + emb row sums + list lengths, per candidate
     emb = np.arange(12, dtype=np.float64).reshape(4, 3).sum(axis=1)
     assert doc["scores"] == (np.arange(4) + emb + [2, 0, 1, 3]).tolist()
-    try:
-        import lz4.frame
-    except ImportError:  # the lean install: lz4 is its optional extra
-        pass
-    else:
-        status, lz = _post(doc_leaf, lz4.frame.compress(frame), Content_Encoding="lz4")
+    if not LEAN:  # the lean install: lz4 is its optional extra
+        lz4_frame = optional("lz4.frame")
+        status, lz = _post(doc_leaf, lz4_frame.compress(frame), Content_Encoding="lz4")
         assert (status, lz["scores"]) == (200, doc["scores"])
     # trimmed for version 1 (no emb): this leaf serves 2 and needs emb -> 409
     trimmed = bytes(Trimmer().trim(frame, Allowlist.from_names(["ctr", "ids"])).data)

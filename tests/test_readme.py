@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 BIN = Path(sys.executable).parent
 ADOPTER_DOCS = ["README.md", "docs/leaf-sdk.md", "docs/kubernetes.md", "docs/operations.md",
-                "docs/frame-format.md"]
+                "docs/frame-format.md", "docs/daemon.md"]
 
 
 def _snippet() -> str:
@@ -132,3 +132,38 @@ def test_make_run_prints_a_working_trimmer_inspect_line() -> None:
             os.killpg(proc.pid, signal.SIGKILL)
             rest = proc.communicate()[0]
     assert proc.returncode == 0, rest
+
+
+def _tracked_text() -> dict[str, str]:
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=60, check=True).stdout.split()
+    out = {}
+    for name in files:
+        path = ROOT / name
+        if path.is_file() and not path.is_symlink() and path.suffix in {
+                ".py", ".md", ".yml", ".yaml", ".toml", ".cfg", ".h", ".c", ".service",
+                ".json", ".conf", ""}:
+            try:
+                out[name] = path.read_text()
+            except UnicodeDecodeError:
+                continue
+    return out
+
+
+def test_the_repository_states_its_rules_itself() -> None:
+    """No citation of a document the repository does not hold (a spec's sections, a
+    directory beside the checkout)."""
+    for name, text in _tracked_text().items():
+        for bad in ("SPEC " + "\u00a7", "../" + "shared"):
+            assert bad not in text, f"{name} cites {bad!r}"
+
+
+def test_every_trimmer_inspect_verb_in_the_docs_exists() -> None:
+    out = subprocess.run([str(BIN / "trimmer-inspect"), "--help"], capture_output=True,
+                         text=True, timeout=60)
+    verbs = set(re.findall(r"^    (\w+) {2,}", out.stdout, re.M))
+    assert {"status", "models", "lookup", "diff", "dump"} <= verbs
+    for name in ["README.md", *(f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md"))]:
+        for verb in re.findall(r"trimmer-inspect (?:--[\w-]+(?: \S+)? )*([a-z]+)\b",
+                               (ROOT / name).read_text()):
+            assert verb in verbs, f"{name}: trimmer-inspect {verb} is no verb"

@@ -1,4 +1,4 @@
-"""Hostile conditions on the request path (SPEC §10), against the real gunicorn pool.
+"""Hostile conditions on the request path, against the real gunicorn pool.
 
 Real parts only: the event-worker pool in its own process group, a real misbehaving leaf
 process (``tests/bad_leaf.py``: drip, hang, slow headers, slow accept, huge, endless,

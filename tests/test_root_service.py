@@ -185,7 +185,7 @@ def test_missing_features_are_counted_and_scores_still_match(backend: Backend,
     assert delta == 5
 
 
-# -- SPEC §4 outcomes ----------------------------------------------------------------------
+# -- lookup outcomes (README, "Lookup semantics") ------------------------------------------
 def test_unknown_model_passes_through_and_absent_version_falls_back(backend: Backend,
                                                                      root: RootProc) -> None:
     client = root.client()

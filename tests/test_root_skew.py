@@ -1,6 +1,6 @@
 """A rollout skew: the root trims for a version the leaf does not serve yet.
 
-Roots receive new allowlists before leaves roll the version out (SPEC §7, the article's
+Roots receive new allowlists before leaves roll the version out (docs/kubernetes.md, the article's
 "root configs lead"). If a request reaches a leaf still on the old version and the trimmed
 frame lacks features that version needs, the leaf refuses it (409) and the root re-sends the
 frame untrimmed: trimming costs bandwidth, never scores. Real daemon, gunicorn and leaf.

@@ -8,7 +8,7 @@ model's stable key and reads one model table; the answer is memoised per generat
 hot path is one dictionary hit. Allowlists are zero-copy ``uint64`` views on the blob, so a
 worker's memory for the map stays O(models it serves), not O(features).
 
-Lookup semantics (SPEC §4):
+Lookup semantics (README, "Lookup semantics"):
 
 ============================================  =============================================
 request                                       outcome
@@ -30,6 +30,7 @@ every pending version's allowlist: a frame no version the leaf may serve finds s
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import struct
 from collections.abc import Iterator
@@ -44,6 +45,8 @@ from flatbuffers_schema.fmap.FeatureMap import FeatureMap as FbMap
 from flatbuffers_schema.fmap.Model import Model as FbModel
 from flatbuffers_schema.fmap.Version import Version as FbVersion
 from flatbuffers_schema.keys import KEY_DTYPE, Allowlist, keyset_digest, name_key
+from flatbuffers_schema.oip import TensorSignature
+from flatbuffers_schema.tensor_specs import read_signature
 
 #: Resolutions memoised per generation; bounded because clients choose the model names.
 MEMO_MAX = 8192
@@ -73,6 +76,7 @@ class Resolution:
     version: str | None          # the version whose allowlist applies (None: pass through)
     allowlist: Allowlist | None  # None means: send untrimmed
     generation: int = 0
+    tensors: TensorSignature | None = None  # the version's inputs, when the bundle says
     pending: tuple[str, ...] = ()  # the model's pending versions (never "latest")
     union: bool = False          # resolve_rollout: the union of ``version`` and ``pending``
 
@@ -165,9 +169,8 @@ class FeatureMapView:
                 raise MapError(f"corrupt feature map blob (generation {self.generation}) "
                                f"while resolving model {model!r}: {exc}") from exc
             keys = np.unique(np.concatenate(lists))
-            res = Resolution(res.outcome, model, None, res.version,
-                             Allowlist(keys, keyset_digest(keys)), self.generation,
-                             res.pending, union=True)
+            res = dataclasses.replace(res, allowlist=Allowlist(keys, keyset_digest(keys)),
+                                      union=True)
         if len(self._rollout) >= MEMO_MAX:
             self._rollout.clear()
         self._rollout[model] = res
@@ -199,7 +202,7 @@ class FeatureMapView:
         vt = table.Versions(chosen)
         allowlist = Allowlist(_u64_view(vt.FeatureKeysAsNumpy()), vt.Digest())
         return Resolution(outcome, model, version, _text(vt.Version()), allowlist,
-                          self.generation, pending)
+                          self.generation, read_signature(vt), pending)
 
     def _find_model(self, model: str) -> FbModel | None:
         keys = self._model_keys
@@ -215,7 +218,7 @@ class FeatureMapView:
 
     # -- for people (trimmer-inspect) --------------------------------------------------------
     def bundles(self) -> list[dict[str, Any]]:
-        """Per-bundle status as the daemon published it (SPEC §5 "Observable")."""
+        """Per-bundle status as the daemon published it."""
         try:
             return self._bundles()
         except _CORRUPT as exc:
@@ -257,6 +260,12 @@ class FeatureMapView:
                                 for k in _u16_list(v)],
                     "output_count": v.OutputCount(), "pending": bool(v.Pending()),
                 })
+                sig = read_signature(v)
+                if sig is not None:  # the Open Inference Protocol signature, when known
+                    versions[-1]["max_batch_size"] = sig.max_batch_size
+                    versions[-1]["inputs"] = [
+                        {"name": s.name, "datatype": s.datatype, "shape": s.shape,
+                         "optional": s.optional} for s in sig.inputs]
             n = len(versions)
             yield {"name": _text(m.Name()), "versions": versions,
                    "latest": versions[_latest(m, n)]["version"] if versions else None}

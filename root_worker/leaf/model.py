@@ -38,13 +38,8 @@ import numpy as np
 
 from root_worker.frame import Column, Frame, Ragged
 from root_worker.leaf.sdk import InputConverter, Inputs
-from trimmer_daemon.bundle.parse import (
-    BundleError,
-    latest_version,
-    load_bundle_file,
-    parse_signature,
-    read_file_bounded,
-)
+from trimmer_daemon.bundle.build import read_signature
+from trimmer_daemon.bundle.parse import BundleError, latest_version, load_bundle_file
 
 log = logging.getLogger(__name__)
 INT_BITS = 20
@@ -266,7 +261,7 @@ class ModelStore:
         self._only = set(only)
         self._fixed: dict[str, dict[str, LeafModel]] = {}
         for model, version, path in signatures:
-            sig = parse_signature(read_file_bounded(path, 64 << 20), path=path)
+            sig = read_signature(path, model=model, version=version).signature
             self._fixed.setdefault(model, {})[version] = LeafModel.build(
                 model, version, sig.input_names)
         self._stamps: dict[str, tuple[int, int, int]] = {}

@@ -58,6 +58,7 @@ from root_worker.frame import FrameError
 from root_worker.leaf.model import ModelStore
 from root_worker.leaf.sdk import (
     DEFAULT_MAX_FRAME_BYTES,
+    BuildError,
     UnsupportedEncoding,
     check_skew,
     decompress,
@@ -287,7 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", default=[], metavar="NAME",
                    help="serve only these models of the bundles (repeatable)")
     p.add_argument("--signature", action="append", default=[], metavar="MODEL[@VERSION]=PATH",
-                   help="a per-model module_info.json (version defaults to 1)")
+                   help="the model's signature: a per-model module_info.json, a .pt archive "
+                        "or a version directory, read as trimmer-bundle reads them "
+                        "(version defaults to 1)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_ranged(int, 0, MAX_PORT), default=8101,
                    help="0 picks a free port")
@@ -325,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         store = ModelStore(args.bundle, args.model, _signatures(args.signature))
-    except (ValueError, BundleError) as exc:
+    except (ValueError, BundleError, BuildError) as exc:
         print(f"trimmer-leaf: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:

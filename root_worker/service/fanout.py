@@ -135,6 +135,7 @@ class LeafCall:
         self._reply: ReplyParser | None = None
         self._timer: Timer | None = None
         self.endpoint: Endpoint | None = None
+        self.reply_headers: dict[str, str] = {}  # the answer's head (names lower-cased)
         self.body_bytes = body_bytes if body_bytes is not None else \
             sum(memoryview(b).nbytes for b in body)
         self.done = False
@@ -350,6 +351,7 @@ class LeafCall:
             self._pool.give(self.endpoint, sock)
         else:
             sock.close()
+        self.reply_headers = reply.headers
         self._finish((reply.status, bytes(reply.body)))
 
 

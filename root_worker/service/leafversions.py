@@ -25,8 +25,8 @@ version-skew round trip per worker (the 409 that teaches the new version, plus a
 already in flight to it then). The table is an LRU of :data:`MAX_LEARNED` (endpoint, model)
 entries; an evicted entry is learned again from the next answer.
 
-Requests that name a version are trimmed for it as before (SPEC §4) and teach nothing: a
-leaf may serve a named version that is not its default.
+Requests that name a version are trimmed for it as before (README, "Lookup semantics") and
+teach nothing: a leaf may serve a named version that is not its default.
 
 :class:`LogLimiter` keeps skew and fallback log lines to one per (kind, model) and
 :data:`LOG_INTERVAL_S`, with the count of the events folded into it.
@@ -34,6 +34,7 @@ leaf may serve a named version that is not its default.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -143,12 +144,11 @@ def choose(live_map: LiveMap, view: FeatureMapView | None, model: str,
         return Choice(live_map.resolve_rollout_in(view, model), LEAF_UNKNOWN, None)
     res = live_map.resolve_in(view, model, leaf_version)
     if res.outcome is Outcome.VERSION_FALLBACK:
-        untrimmed = Resolution(Outcome.VERSION_FALLBACK, model, None, leaf_version, None,
-                               res.generation, res.pending)
+        untrimmed = dataclasses.replace(res, requested_version=None, version=leaf_version,
+                                        allowlist=None, tensors=None)
         return Choice(untrimmed, LEAF_NOT_IN_MAP, leaf_version)
     if res.outcome is Outcome.TRIMMED:
-        res = Resolution(res.outcome, model, None, res.version, res.allowlist,
-                         res.generation, res.pending)
+        res = dataclasses.replace(res, requested_version=None)
     return Choice(res, LEAF_LEARNED, leaf_version)
 
 

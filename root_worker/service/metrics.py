@@ -12,7 +12,7 @@ process, e.g. in unit tests) the values stay in this process.
 ==================================================  =======  =================================
 metric                                              type     meaning
 ==================================================  =======  =================================
-feature_trimmer_root_targets_total{model,outcome}   counter  targets by SPEC §4 outcome
+feature_trimmer_root_targets_total{model,outcome}   counter  targets by lookup outcome
                                                              (``off`` in mode off)
 feature_trimmer_root_untrimmed_bytes_total{model}   counter  frame bytes before trimming
 feature_trimmer_root_trimmed_bytes_total{model}     counter  frame bytes after trimming (in

@@ -2,7 +2,7 @@
 
 Runs in each root worker (imported by the event worker, so no prometheus_client here).
 :func:`leaf_reply` checks a leaf's answer (a JSON object whose ``scores`` are finite
-numbers, SPEC's leaf contract) and keeps what the client gets. The common answer -- a flat
+numbers, the leaf contract) and keeps what the client gets. The common answer -- a flat
 array of plain numbers first in the object, as the leaf SDK writes it -- is found by one
 regular expression once the reply parsed, and its text is kept (:class:`RawJSON`), which
 :func:`answer_body` splices into the client's answer unchanged: printing 64 floats per target

@@ -8,7 +8,7 @@ Runs in each root worker (one :class:`Scorer` per process, built after fork). Pe
    and so is a frame of more than ``FT_MAX_CANDIDATES`` candidates or an answer that
    would hold more than ``FT_MAX_ANSWER_SCORES`` scores (targets x candidates): the
    answer's size is bounded by settings, never by what a client asks for;
-2. take **one** map view (one shared-memory poll) and resolve every target in it (SPEC §4);
+2. take **one** map view (one shared-memory poll) and resolve every target in it (README: lookup);
    the answer reports that view's generation. A target that names no version gets its
    replica first (``Routing.pick``) and the allowlist of the version that replica serves,
    as this worker learned it from its answers (:mod:`root_worker.service.leafversions`;
@@ -50,6 +50,7 @@ from urllib.parse import urlencode
 
 import lz4.frame
 
+from flatbuffers_schema.oip import infer_path
 from flatbuffers_schema.wire import (
     ENCODING_HEADER,
     ENCODING_LZ4,
@@ -67,7 +68,7 @@ from root_worker.featuremap.map_reader import FeatureMapView
 from root_worker.frame import FrameError, Trimmer, check_frame, peek_metadata
 from root_worker.frame.format import read_preamble
 from root_worker.frame.lru import LruCache
-from root_worker.service import faults
+from root_worker.service import faults, oip
 from root_worker.service.buffers import BufferPool
 from root_worker.service.fanout import LeafCall, LeafError, LeafPool
 from root_worker.service.http1 import HttpError
@@ -82,7 +83,7 @@ from root_worker.service.leafversions import (
 from root_worker.service.loop import Loop, run_until
 from root_worker.service.metrics import MAX_CACHED_MODELS, ModelMetrics, RootMetrics
 from root_worker.service.replies import leaf_reply, materialize
-from root_worker.service.routing import Routing
+from root_worker.service.routing import PROTOCOL_OIP, Routing
 from root_worker.service.settings import Settings
 from root_worker.service.targets import BadTargets, Target, parse_targets
 
@@ -129,6 +130,9 @@ class Prepared:
     t0: float = 0.0
     endpoints: Any = None           # the replicas, in the order the call tries them
     leaf: str | None = None         # version-less target: how its allowlist was chosen
+    oip: bool = False               # the leaves speak the Open Inference Protocol (oip.py)
+    path: str | None = None         # the v2 request's path and headers
+    headers: dict[str, str] | None = None
 
 
 @dataclass(slots=True)
@@ -149,6 +153,7 @@ class Request:
     targets: list[Prepared] = field(default_factory=list)
     payloads: list[Payload] = field(default_factory=list)
     pending: int = 0
+    frame_index: Any = None  # oip.FrameIndex, built by the first v2 target
 
     def release(self) -> None:
         """Give every pooled buffer back (no leaf call reads them any more)."""
@@ -256,9 +261,12 @@ class Scorer:
             p = Prepared(target, OUTCOME_OFF, target.version, req.untrimmed, n, n, 0, mm)
             p.endpoints = self.routing.pick(target.model)  # the replica before the trim
             req.targets.append(p)
+            v2 = self.routing.protocol(target.model) == PROTOCOL_OIP
             if self.settings.mode == "off":
+                if v2:
+                    self._oip(req, p, None, None)
                 continue
-            if target.version is None:
+            if target.version is None and not v2:  # v2 (OIP) servers: oip.py's versions
                 url = p.endpoints[0].url if p.endpoints else ""
                 choice = choose(self.live_map, view, target.model,
                                 self.versions.get(url, target.model))
@@ -274,7 +282,9 @@ class Scorer:
             p.outcome = res.outcome.value
             if res.version is not None:
                 p.version = res.version
-            if res.allowlist is not None:
+            if v2:
+                self._oip(req, p, res.tensors, res.allowlist)
+            elif res.allowlist is not None:
                 self._trim(req, p, res.allowlist, outputs)
 
     def _trim(self, req: Request, p: Prepared, allowlist: Any,
@@ -339,6 +349,28 @@ class Scorer:
         req.payloads.append(payload)
         return payload, res
 
+    def _oip(self, req: Request, p: Prepared, tensors: Any, allowlist: Any) -> None:
+        """A v2 request for a target whose leaves speak the Open Inference Protocol: the
+        model's inputs as views of the request body (oip.py; a column that cannot match is
+        a 400 naming it; too many candidates fail this target alone)."""
+        p.oip = True
+        try:
+            if req.frame_index is None:
+                req.frame_index = oip.index_frame(req.body)
+            built = oip.build_request(req.frame_index, p.target.model, tensors, allowlist,
+                                      req.headers.get(REQUEST_ID_HEADER))
+        except FrameError as exc:
+            raise BadRequest(400, "bad_frame", f"malformed frame: {exc}") from None
+        except oip.ColumnError as exc:
+            raise BadRequest(400, "bad_column", str(exc)) from None
+        except oip.BatchTooLarge as exc:
+            p.result = LeafError("batch_size", f"model {p.target.model!r}: {exc}")
+            p.bytes_trimmed = 0  # nothing is sent
+            return
+        p.payload = Payload(built.parts, built.nbytes, checked=True)
+        p.bytes_trimmed = built.nbytes
+        p.path, p.headers = infer_path(p.target.model, p.version), built.headers
+
     def _check(self, payload: Payload) -> None:
         """No leaf gets a frame the root could have rejected (400 naming the column)."""
         if payload.checked or self.settings.mode == "off":
@@ -361,6 +393,9 @@ class Scorer:
     # -- fan-out -------------------------------------------------------------------------
     def _start(self, req: Request, i: int, payload: Payload, trimmed_for: str | None) -> None:
         p = req.targets[i]
+        if p.oip:
+            self._start_oip(req, i, p)
+            return
         headers = req.headers
         if trimmed_for is not None:
             headers = {**headers, TRIMMED_FOR_HEADER: trimmed_for}
@@ -380,6 +415,20 @@ class Scorer:
                         lambda result: self._ended(req, i, call, trimmed_for, result), nbytes)
         call.start()
 
+    def _start_oip(self, req: Request, i: int, p: Prepared) -> None:
+        if p.result is not None:  # failed before any leaf call (e.g. batch_size)
+            p.t0 = time.perf_counter()
+            self._ended(req, i, None, None, p.result)
+            return
+        assert p.path is not None and p.headers is not None
+        p.t0 = time.perf_counter()
+        call = LeafCall(req.loop, self.pool, p.endpoints, p.path,
+                        p.headers, p.payload.parts, req.deadline,
+                        self.settings.max_leaf_reply_bytes,
+                        lambda result: self._ended(req, i, call, None, result),
+                        p.payload.nbytes)
+        call.start()
+
     def _leaf_path(self, model: str, version: str | None) -> str:
         """``/score?model=..&version=..`` for a leaf call (memoised)."""
         key = (model, version)
@@ -391,28 +440,31 @@ class Scorer:
             self._paths.put(key, path)
         return path
 
-    def _ended(self, req: Request, i: int, call: LeafCall, trimmed_for: str | None,
+    def _ended(self, req: Request, i: int, call: LeafCall | None, trimmed_for: str | None,
                result: Any) -> None:
         """One leaf call ended. An unexpected exception here fails this target alone
         (``internal``, logged once with the request id, counted); the request goes on."""
         p = req.targets[i]
-        url = call.endpoint.url if call.endpoint else "leaf"
+        url = call.endpoint.url if call is not None and call.endpoint else "leaf"
         try:
-            if call.faults:
+            if call is not None and call.faults:
                 self.metrics.faults.labels("leaf").inc()
             p.metrics.leaf_seconds.observe(time.perf_counter() - p.t0)
             if not isinstance(result, LeafError):
+                assert call is not None  # only a v2 target fails before a call
                 p.metrics.sent.inc(call.body_bytes)
                 status, data = result
                 faults.check(req.inject, "leaf_answer")
-                learns = p.target.version is None and call.endpoint is not None
+                learns = p.target.version is None and not p.oip and call.endpoint is not None
                 if status == STATUS_SKEW and trimmed_for is not None:
                     if learns:
                         self._learn(p, url, refusal_version(data))
                     if self._resend(req, i):
                         return
                 try:
-                    result = leaf_reply(url, status, data, req.candidates)
+                    result = oip.read_answer(url, status, data, call.reply_headers,
+                                             req.candidates) if p.oip else \
+                        leaf_reply(url, status, data, req.candidates)
                     result.update(leaf=url, bytes_sent=call.body_bytes)
                 except LeafError as exc:
                     result = exc

@@ -1,4 +1,4 @@
-"""Build a bundle-level signature file from model directories and ``.pt`` archives (SPEC §7).
+"""Build a bundle-level signature file from model directories and ``.pt`` archives.
 
 Runs in the deploy pipeline (``trimmer-bundle build``), never on the request path.
 
@@ -393,8 +393,9 @@ def _merge(found: Iterable[FoundVersion]) -> dict[str, dict[str, FoundVersion]]:
         if prev is None:
             versions[fv.version] = fv
             continue
-        same = (prev.signature.input_names, prev.signature.output_names) == (
-            fv.signature.input_names, fv.signature.output_names)
+        same = (prev.signature.input_names, prev.signature.output_names,
+                prev.signature.tensors) == (fv.signature.input_names,
+                                            fv.signature.output_names, fv.signature.tensors)
         if not same:
             raise BuildError(f"model {fv.model!r} version {fv.version!r} is defined twice with "
                              f"different signatures: {prev.origin} and {fv.origin}")
@@ -423,8 +424,32 @@ def serialise(doc: object) -> bytes:
     return (json.dumps(doc, sort_keys=True, indent=2) + "\n").encode("utf-8")
 
 
+def _entry(fv: FoundVersion) -> dict[str, object]:
+    """One version entry of the bundle file (tensor signature fields only when known, the
+    pending mark only when pending)."""
+    sig = fv.signature
+    out: dict[str, object] = {"version": fv.version, "input_names": list(sig.input_names),
+                              "output_names": list(sig.output_names)}
+    if sig.tensors is not None:
+        if sig.tensors.max_batch_size >= 0:
+            out["max_batch_size"] = sig.tensors.max_batch_size
+        specs = []
+        for spec in sig.tensors.inputs:
+            item: dict[str, object] = {"name": spec.name, "datatype": spec.datatype}
+            if spec.shape is not None:
+                item["shape"] = list(spec.shape)
+            if spec.optional:
+                item["optional"] = True
+            specs.append(item)
+        out["inputs"] = specs
+    if fv.pending:  # only then: a build without pending sources writes what it always did
+        out[PENDING_KEY] = True
+    return out
+
+
 def build_bundle(sources: Iterable[Source], *, limits: Limits = DEFAULT_LIMITS,
-                 output_name: str = "<bundle>", warn: Warn | None = None) -> BuildResult:
+                 output_name: str = "<bundle>", warn: Warn | None = None,
+                 found_elsewhere: Iterable[FoundVersion] = ()) -> BuildResult:
     """Collect, merge and serialise; the bytes are validated with ``parse_bundle``.
 
     Warnings go to ``warn`` as they happen (so they are seen even if the build then fails)
@@ -439,7 +464,7 @@ def build_bundle(sources: Iterable[Source], *, limits: Limits = DEFAULT_LIMITS,
         if warn is not None:
             warn(message)
 
-    found: list[FoundVersion] = []
+    found: list[FoundVersion] = list(found_elsewhere)  # e.g. Triton repositories, servers
     for source in sources:
         found += collect_source(source, limits, report)
     models = _merge(found)
@@ -457,15 +482,6 @@ def build_bundle(sources: Iterable[Source], *, limits: Limits = DEFAULT_LIMITS,
     return BuildResult(data=data, models=len(models), versions=len(versions),
                        pending_versions=sum(fv.pending for fv in versions),
                        warnings=tuple(warnings), notes=tuple(notes))
-
-
-def _entry(fv: FoundVersion) -> dict[str, object]:
-    entry: dict[str, object] = {"version": fv.version,
-                                "input_names": list(fv.signature.input_names),
-                                "output_names": list(fv.signature.output_names)}
-    if fv.pending:  # only then: a build without pending sources writes what it always did
-        entry[PENDING_KEY] = True
-    return entry
 
 
 # ---------------------------------------------------------------------------------------------

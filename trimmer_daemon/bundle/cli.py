@@ -1,4 +1,4 @@
-"""``trimmer-bundle``: build and validate bundle-level signature files (SPEC §7).
+"""``trimmer-bundle``: build and validate bundle-level signature files.
 
 ``main(argv)`` returns the exit code instead of exiting, so tests call it in-process.
 Exit codes: 0 ok, 1 error (invalid file, nothing usable, I/O failure), 2 usage error.
@@ -49,6 +49,12 @@ How model name and version are derived:
   ARCHIVE.pt            must sit at <model>/<version>/<name>.pt
   --entry M V PATH      explicit model M, version V; PATH is a {SIGNATURE_FILE},
                         a .pt archive or a version directory
+  --triton-repo REPO    a Triton model repository: <REPO>/<model>/config.pbtxt (parsed
+                        as Triton's ModelConfig protobuf) and the numeric version
+                        directories its version_policy serves; the entries also carry
+                        each input's datatype and shape and max_batch_size
+  --triton-server URL M the versions of model M a live v2 server lists, from its model
+                        metadata (and, on Triton, its model config)
 
 A version without a signature is skipped with a warning. A broken signature, a corrupt
 archive, or one model+version with two different signatures is an error. Output: models
@@ -134,6 +140,14 @@ def _make_parser() -> argparse.ArgumentParser:
     build.add_argument("--pending-entry", nargs=3, action="append", default=[],
                        metavar=("MODEL", "VERSION", "PATH"),
                        help="explicit pending model version (repeatable)")
+    build.add_argument("--triton-repo", action="append", default=[], metavar="REPO",
+                       help="a Triton model repository: every <REPO>/<model>/config.pbtxt "
+                            "and the versions its version_policy serves, with each input's "
+                            "datatype and shape (repeatable; needs feature-trimmer[triton])")
+    build.add_argument("--triton-server", nargs=2, action="append", default=[],
+                       metavar=("URL", "MODEL"),
+                       help="a live v2 server (Triton, KServe): every version of MODEL it "
+                            "lists, from GET /v2/models/MODEL/versions/V (repeatable)")
     build.set_defaults(func=_cmd_build, parser=build)
 
     promote = commands.add_parser(
@@ -197,14 +211,22 @@ def _print_warning(message: str) -> None:
 
 def _cmd_build(args: argparse.Namespace) -> int:
     sources = _sources(args)
-    if not sources:
+    if not sources and not args.triton_repo and not args.triton_server:
         try:
-            args.parser.error("no SOURCE given (model directories, archives or --entry)")
+            args.parser.error("no SOURCE given (model directories, archives, --entry, "
+                              "--triton-repo or --triton-server)")
         except SystemExit as exc:
             return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
+        found = []
+        if args.triton_repo or args.triton_server:
+            from trimmer_daemon.bundle import triton  # protobuf and tritonclient: only here
+            for repo in args.triton_repo:
+                found += triton.read_repository(repo, limits=args.limits, warn=_print_warning)
+            for url, model in args.triton_server:
+                found += triton.read_server(url, model, warn=_print_warning)
         result = build_bundle(sources, limits=args.limits, output_name=args.output,
-                              warn=_print_warning)
+                              warn=_print_warning, found_elsewhere=found)
     except (BuildError, BundleError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR

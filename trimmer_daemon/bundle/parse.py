@@ -1,4 +1,4 @@
-"""Bundle-level signature files: strict parsing and validation (SPEC §3).
+"""Bundle-level signature files: strict parsing and validation.
 
 This is the one parser used by both the daemon (on every reload) and ``trimmer-bundle
 validate``, so a file that validates on a laptop is exactly a file the daemon accepts.
@@ -38,6 +38,14 @@ a JSONPath-like location (``$["model_A"][2].input_names[5]``) and the reason:
   only the alphabet ``A-Z a-z 0-9 . _ - ~`` (RFC 3986 unreserved characters,
   :data:`flatbuffers_schema.wire.NAME_PATTERN`); the error names the offending character.
   Feature and output names may be any Unicode.
+- Optional, per entry, the model version's tensor signature as an Open Inference Protocol
+  server (NVIDIA Triton, KServe) declares it -- what ``trimmer-bundle build --triton-repo``
+  writes: ``inputs``, an array of ``{"name", "datatype", "shape", "optional"}`` (``name``
+  one of ``input_names``, once; ``datatype`` a v2 datatype such as ``"FP32"``; ``shape``
+  the dims without the batch dimension, integers >= -1, ``-1`` for any size, optional;
+  ``optional`` a boolean, default false), and ``max_batch_size`` (an integer >= 0, as
+  Triton's model config: 0 means no batch dimension). Files without them stay valid; the
+  root uses them to refuse a column that cannot match (docs/triton.md).
 - The same version twice in one model's list is an error. Duplicate feature names in one
   ``input_names`` are collapsed (first occurrence order kept) and reported as a warning;
   ``output_names`` are kept as written.
@@ -58,6 +66,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import cast
 
+from flatbuffers_schema.oip import DATATYPES, MAX_DIMS, InputSpec, TensorSignature
 from flatbuffers_schema.settings import positive, setting
 from flatbuffers_schema.wire import NAME_ALPHABET, NAME_PATTERN
 
@@ -150,6 +159,7 @@ class ModelVersion:
     version: str
     input_names: tuple[str, ...]  # de-duplicated, first-occurrence order
     output_names: tuple[str, ...]
+    tensors: TensorSignature | None = None  # the optional inputs / max_batch_size
     pending: bool = False  # shipped ahead of the leaves: never "latest" until promoted
 
 
@@ -170,6 +180,7 @@ class Signature:
     input_names: tuple[str, ...]  # de-duplicated, first-occurrence order
     output_names: tuple[str, ...]
     warnings: tuple[str, ...] = field(default=())
+    tensors: TensorSignature | None = None  # the optional inputs / max_batch_size
 
 
 # ---------------------------------------------------------------------------------------------
@@ -506,7 +517,72 @@ def _parse_entry(entry: object, json_path: str, ctx: _Context) -> ModelVersion:
     if not isinstance(pending, bool):
         raise ctx.error(f"{json_path}.{PENDING_KEY}", f"{PENDING_KEY} must be true or false, "
                                                        f"got {_type_name(pending)}")
-    return ModelVersion(version, inputs, outputs, pending)
+    return ModelVersion(version, inputs, outputs,
+                        _parse_tensors(entry, inputs, json_path, ctx), pending)
+
+
+_MAX_INT_DIGITS = 12
+
+
+def _small_int(value: object, json_path: str, what: str, low: int, ctx: _Context) -> int:
+    if not isinstance(value, _JsonInt):
+        raise ctx.error(json_path, f"{what} must be an integer, got {_type_name(value)}")
+    if len(value.text) > _MAX_INT_DIGITS or int(value.text) < low:
+        raise ctx.error(json_path, f"{what} must be an integer >= {low} of at most "
+                                   f"{_MAX_INT_DIGITS} digits, got {value.text[:20]}")
+    return int(value.text)
+
+
+def _parse_input_spec(item: object, at: str, known: set[str], ctx: _Context) -> InputSpec:
+    if not isinstance(item, dict):
+        raise ctx.error(at, f"an input must be an object, got {_type_name(item)}")
+    name = _check_name(_require(item, "name", at, ctx), f"{at}.name", "input name", ctx)
+    if name not in known:
+        raise ctx.error(f"{at}.name", f"input {_quote(name)} is not in input_names")
+    datatype = _require(item, "datatype", at, ctx)
+    if datatype not in DATATYPES:
+        raise ctx.error(f"{at}.datatype", f"datatype must be one of {', '.join(DATATYPES)}, "
+                                          f"got {_quote(str(datatype))[:40]}")
+    shape = None
+    if "shape" in item:
+        dims = item["shape"]
+        if not isinstance(dims, list) or len(dims) > MAX_DIMS:
+            raise ctx.error(f"{at}.shape", f"shape must be an array of at most {MAX_DIMS} "
+                                           f"integers, got {_type_name(dims)}")
+        shape = tuple(_small_int(d, f"{at}.shape[{k}]", "a dimension", -1, ctx)
+                      for k, d in enumerate(dims))
+    optional = item.get("optional", False)
+    if not isinstance(optional, bool):
+        raise ctx.error(f"{at}.optional", f"optional must be a boolean, got "
+                                          f"{_type_name(optional)}")
+    return InputSpec(name, str(datatype), shape, optional)
+
+
+def _parse_tensors(entry: dict, inputs: tuple[str, ...], json_path: str,  # type: ignore[type-arg]
+                   ctx: _Context) -> TensorSignature | None:
+    """The optional ``inputs`` / ``max_batch_size`` of an entry (module docstring)."""
+    if "inputs" not in entry and "max_batch_size" not in entry:
+        return None
+    mbs = -1
+    if "max_batch_size" in entry:
+        mbs = _small_int(entry["max_batch_size"], f"{json_path}.max_batch_size",
+                         "max_batch_size", 0, ctx)
+    raw = entry.get("inputs", [])
+    where = f"{json_path}.inputs"
+    if not isinstance(raw, list):
+        raise ctx.error(where, f"inputs must be an array of objects, got {_type_name(raw)}")
+    if len(raw) > ctx.limits.max_features_per_version:
+        raise ctx.error(where, f"too many inputs: {len(raw)} > limit "
+                               f"{ctx.limits.max_features_per_version}")
+    known = set(inputs)
+    specs: dict[str, InputSpec] = {}
+    for i, item in enumerate(raw):
+        spec = _parse_input_spec(item, f"{where}[{i}]", known, ctx)
+        if spec.name in specs:
+            raise ctx.error(f"{where}[{i}].name", f"input {_quote(spec.name)} is described "
+                                                  "twice")
+        specs[spec.name] = spec
+    return TensorSignature(tuple(specs.values()), mbs)
 
 
 def _parse_model(entries: object, json_path: str, ctx: _Context) -> tuple[ModelVersion, ...]:
@@ -578,7 +654,8 @@ def parse_signature(data: bytes, *, path: str, limits: Limits = DEFAULT_LIMITS) 
                           "input_names", ctx, required=True)
     outputs = _parse_names(doc.get("output_names", []), "$.output_names", "output_names",
                            ctx, required=False)
-    return Signature(inputs, outputs, ctx.warnings())
+    tensors = _parse_tensors(doc, inputs, "$", ctx)
+    return Signature(inputs, outputs, ctx.warnings(), tensors)
 
 
 def read_file_bounded(path: str | os.PathLike[str], max_bytes: int) -> bytes:
