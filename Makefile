@@ -4,12 +4,12 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test bench bench-trim bench-reload bench-e2e bench-hostile bench-send demo run lint schema clean
+.PHONY: test bench bench-trim bench-reload bench-e2e bench-hostile bench-send demo run lint schema clean fuzz
 
 $(STAMP): setup.cfg pyproject.toml $(wildcard setup.py)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,bench,lint]'
+	$(PY) -m pip install -q -e '.[test,bench,lint,fuzz]'
 	touch $(STAMP)
 
 test: $(STAMP)           ## run the whole test suite
@@ -31,6 +31,13 @@ bench-send: $(STAMP)     ## the kernel's share: receive + fan-out sends, off vs 
 	$(PY) bench/send_bench.py $(BENCH_ARGS)
 
 bench: bench-trim
+
+# Coverage-guided fuzzing (atheris): every parsing entry point, FUZZ_SECONDS each; corpora
+# grow in $(FUZZ_DIR) across runs, findings land there as crash-*/timeout-*/oom-* files.
+FUZZ_SECONDS ?= 300
+FUZZ_DIR ?= .fuzz
+fuzz: $(STAMP)           ## fuzz every parser for FUZZ_SECONDS (default 300) each
+	$(PY) -m fuzz.run --seconds $(FUZZ_SECONDS) --workdir $(FUZZ_DIR) $(FUZZ_TARGETS)
 
 demo: $(STAMP)           ## the whole stack on loopback: traffic, hot swap, table, checks
 	$(PY) -m root_worker.testing.demo demo $(DEMO_ARGS)
