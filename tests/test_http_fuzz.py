@@ -99,22 +99,31 @@ KINDS = ("healthz", "readyz", "metrics", "not_found", "not_allowed", "score", "s
          "score_expect", "score_big", "bad_target", "healthz_10_keepalive")
 
 
+SIMPLE = {  # kind -> the bodiless request
+    "healthz": Req("GET", "/healthz", [HOST]),
+    "head": Req("HEAD", "/healthz", [HOST]),
+    "readyz": Req("GET", "/readyz", [HOST, ("Accept", "*/*")]),
+    "metrics": Req("GET", "/metrics", [HOST]),
+    "not_found": Req("GET", "/nope?x=1", [HOST], expect=frozenset({404})),
+    "not_allowed": Req("DELETE", "/healthz", [HOST], expect=frozenset({405})),
+    "healthz_10_keepalive": Req("GET", "/healthz", [("Connection", "keep-alive")],
+                                version="1.0"),
+}
+
+
 def make_request(world: World, kind: str, i: int, chunk: int = 64) -> Req:
+    """A request of ``kind``: ``i`` numbers its request id, ``chunk`` sizes its chunks."""
+    if kind in SIMPLE:
+        return replace(SIMPLE[kind], headers=list(SIMPLE[kind].headers))
     rid = f"r-{i}"
-    if kind == "healthz":
-        return Req("GET", "/healthz", [HOST])
-    if kind == "head":
-        return Req("HEAD", "/healthz", [HOST])
-    if kind == "readyz":
-        return Req("GET", "/readyz", [HOST, ("Accept", "*/*")])
-    if kind == "metrics":
-        return Req("GET", "/metrics", [HOST])
-    if kind == "not_found":
-        return Req("GET", "/nope?x=1", [HOST], expect=frozenset({404}))
-    if kind == "not_allowed":
-        return Req("DELETE", "/healthz", [HOST], expect=frozenset({405}))
-    if kind == "healthz_10_keepalive":
-        return Req("GET", "/healthz", [("Connection", "keep-alive")], version="1.0")
+    if kind in ("bad_frame", "bad_frame_chunked"):  # well-framed, but no frame: 400 at once
+        body = b"hello, not a frame"[:chunk % 18 + 1]
+        if kind == "bad_frame":
+            return Req("POST", "/score?target=ads_ctr", [HOST, ("Content-Length",
+                                                            str(len(body)))], body,
+                       expect=frozenset({400}))
+        return Req("POST", "/score?target=ads_ctr", [HOST, ("Transfer-Encoding", "chunked")],
+                   chunked(body, (chunk % 7 + 1,)), expect=frozenset({400}), raw_body=True)
     if kind == "bad_target":
         frame = world.frame(rid)
         return Req("POST", "/score?target=", [HOST, ("Content-Length", str(len(frame)))],
@@ -193,9 +202,14 @@ def check_worker(world: World, log_at: int) -> None:
 
 
 def check_valid(world: World, reqs: list[Req], answers: list[Answer]) -> None:
-    """Every request of a valid stream answered, with its status, in order."""
-    assert len(answers) == len(reqs), (len(answers), [a.status for a in answers])
-    for req, answer in zip(reqs, answers, strict=True):
+    """Every request of a valid stream answered, with its status, in order (the server may
+    close early only after an error answer that says ``Connection: close``)."""
+    for i, req in enumerate(reqs):
+        if i == len(answers):
+            assert i and answers[-1].status >= 400 and answers[-1].closes, \
+                f"request {i} of {len(reqs)} ({req.method} {req.target}) went unanswered"
+            return
+        answer = answers[i]
         assert answer.status in req.expect, (req.method, req.target, answer)
         if req.request_id is not None:
             assert answer.json()["request_id"] == req.request_id, answer.body[:200]
@@ -215,6 +229,27 @@ def test_valid_streams_are_answered_in_order(world: World) -> None:
     @settings(FUZZ, max_examples=100)
     @given(case=streams(world).flatmap(
         lambda reqs: st.tuples(st.just(reqs), cuts(sum(len(r.render()) for r in reqs)))))
+    def prop(case: tuple[list[Req], tuple[list[int], bool]]) -> None:
+        reqs, (at, paced) = case
+        run_valid(world, reqs, at, paced)
+
+    prop()
+
+
+@pytest.mark.xfail(strict=True, reason="issue 17: a chunked body answered at once (400) whose "
+                   "last chunk came in a later read is dispatched again: one answer too many")
+def test_valid_streams_with_client_errors_are_answered_in_order(world: World) -> None:
+    kinds = ("bad_frame", "bad_frame_chunked", "bad_target", "score", "healthz")
+
+    # the issue's double dispatch: "5\r\nhello\r\n", then "0\r\n\r\n" and a whole POST in
+    # the server's next read
+    first, second = make_request(world, "bad_frame_chunked", 0, 4), make_request(world, "score", 1)
+    twice = ([first, second], ([len(first.render()) - 5], True))
+
+    @settings(FUZZ, max_examples=60)
+    @given(case=streams(world, kinds).flatmap(
+        lambda reqs: st.tuples(st.just(reqs), cuts(sum(len(r.render()) for r in reqs)))))
+    @example(case=twice)
     def prop(case: tuple[list[Req], tuple[list[int], bool]]) -> None:
         reqs, (at, paced) = case
         run_valid(world, reqs, at, paced)
@@ -378,7 +413,6 @@ def run_mutated(world: World, reqs: list[Req], m: int, bad: bytes, at: list[int]
     # length leaves bytes that read as a next, malformed request) and may close at any time.
     methods = [r.method for r in reqs[:m]] + ["POST"] * (len(reqs) - m + 1)
     answers, log_at = exchange(world, data, at, paced, methods)
-    assert len(answers) >= m, "a valid request before the mutated one went unanswered"
     check_valid(world, reqs[:m], answers[:m])
     check_worker(world, log_at)
 
