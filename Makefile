@@ -4,7 +4,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test bench bench-trim bench-reload bench-e2e bench-hostile bench-send demo run lint schema clean fuzz
+.PHONY: test bench bench-trim bench-reload bench-e2e bench-hostile bench-send demo run lint schema clean \
+        mutate mutate-sample fuzz-engine lean-test fuzz
 
 $(STAMP): setup.cfg pyproject.toml $(wildcard setup.py)
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +15,9 @@ $(STAMP): setup.cfg pyproject.toml $(wildcard setup.py)
 
 test: $(STAMP)           ## run the whole test suite
 	$(PY) -m pytest
+
+lean-test:               ## the lean install (lean/) on Python 3.10 and 3.13: pip check + its tests
+	.ci/lean-test $(LEAN_PYTHONS)
 
 bench-trim: $(STAMP)     ## frame trim + map compile/attach/lookup micro-benchmarks
 	$(PY) bench/trim_bench.py
@@ -32,12 +36,14 @@ bench-send: $(STAMP)     ## the kernel's share: receive + fan-out sends, off vs 
 
 bench: bench-trim
 
-# Coverage-guided fuzzing (atheris): every parsing entry point, FUZZ_SECONDS each; corpora
+# Coverage-guided fuzzing (atheris): every parsing entry point, FUZZ_SECONDS each (300 unless
+# given on the command line or in the environment; fuzz-engine's own default is 600); corpora
 # grow in $(FUZZ_DIR) across runs, findings land there as crash-*/timeout-*/oom-* files.
-FUZZ_SECONDS ?= 300
 FUZZ_DIR ?= .fuzz
 fuzz: $(STAMP)           ## fuzz every parser for FUZZ_SECONDS (default 300) each
-	$(PY) -m fuzz.run --seconds $(FUZZ_SECONDS) --workdir $(FUZZ_DIR) $(FUZZ_TARGETS)
+	$(PY) -m fuzz.run --workdir $(FUZZ_DIR) --seconds \
+	    $(if $(filter command line environment,$(origin FUZZ_SECONDS)),$(FUZZ_SECONDS),300) \
+	    $(FUZZ_TARGETS)
 
 demo: $(STAMP)           ## the whole stack on loopback: traffic, hot swap, table, checks
 	$(PY) -m root_worker.testing.demo demo $(DEMO_ARGS)
@@ -60,5 +66,45 @@ lint: $(STAMP)           ## ruff (pinned) + mypy --strict on the public API
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy --strict $(STRICT)
 
+# The C trim engine under AddressSanitizer + UBSan (gcc): the frame tests against a sanitized
+# build of _copyruns, then the aliasing-on fuzzer (fuzz/engine/) for FUZZ_SECONDS.
+FUZZ_SECONDS ?= 600
+fuzz-engine: $(STAMP)    ## C trim engine under ASan/UBSan: frame tests, then fuzz FUZZ_SECONDS
+	$(PY) fuzz/engine/sanitized.py tests
+	$(PY) fuzz/engine/sanitized.py fuzz --seconds $(FUZZ_SECONDS)
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache mutants
+
+# Mutation testing (docs/testing.md; mutmut, config in setup.cfg): the functions whose bugs
+# cost correctness -- frame format and codec, the trim plan checks, the shm layout and the
+# publisher's publication path, the bundle state machine, the watcher's hold, the map
+# reader, the buffer pool. `make mutate` runs them all from scratch (~10-20 min, niced) and
+# prints the score per module and every survivor; `make mutate-sample` (CI) runs a fixed
+# few and fails on a survivor not listed as equivalent in docs/testing.md.
+MUTATE_TARGETS := 'root_worker.frame.format.*' 'root_worker.frame.codec.*' \
+    'root_worker.frame.check.*' 'root_worker.frame.trim.*_prepare__*' \
+    'root_worker.frame.trim.*_Plan*' 'root_worker.frame.trim.*_new_plan__*' \
+    'root_worker.frame.trim.*_new_size_plan__*' 'flatbuffers_schema.shm_layout.*' \
+    'trimmer_daemon.publisher.*_flip__*' 'trimmer_daemon.publisher.*publish__*' \
+    'trimmer_daemon.publisher.*publish_parts__*' 'trimmer_daemon.publisher.*_write_blob__*' \
+    'trimmer_daemon.publisher.*_recover__*' 'trimmer_daemon.publisher.*reclaim__*' \
+    'trimmer_daemon.publisher.*_make_room__*' 'trimmer_daemon.publisher.*_room_for__*' \
+    'trimmer_daemon.publisher.*_blob_size__*' 'trimmer_daemon.publisher.*_scan_blobs__*' \
+    'trimmer_daemon.state.*' 'trimmer_daemon.watcher.*_track_writers__*' \
+    'trimmer_daemon.watcher.*held_since__*' 'trimmer_daemon.watcher.*modifications__*' \
+    'trimmer_daemon.watcher.*ǁsync__*' 'root_worker.featuremap.map_reader.*' \
+    'root_worker.service.buffers.*'
+MUTATE_SAMPLE := 'root_worker.frame.format.x_check_ragged_offsets__*' \
+    'trimmer_daemon.publisher.*_flip__*' 'trimmer_daemon.watcher.*_track_writers__*' \
+    'root_worker.service.buffers.*_take__*'
+
+mutate: $(STAMP)         ## mutation testing of the correctness-critical modules (docs/testing.md)
+	rm -rf mutants
+	nice -n 10 timeout 3600 $(VENV)/bin/mutmut run --max-children 2 $(MUTATE_TARGETS)
+	$(PY) tests/mutation_report.py
+
+mutate-sample: $(STAMP)  ## CI: a fixed sample of mutants (< 2 min); fails on a new survivor
+	rm -rf mutants
+	nice -n 10 timeout 600 $(VENV)/bin/mutmut run --max-children 2 $(MUTATE_SAMPLE)
+	$(PY) tests/mutation_report.py --strict

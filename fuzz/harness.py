@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from typing import Any
 
 
 class Finding(AssertionError):
@@ -28,13 +29,16 @@ def unsplit(payload: bytes) -> bytes:
     return b"\x00" + payload
 
 
-def same_in_pieces(parse: Callable[[list[bytes]], object],
-                   errors: tuple[type[BaseException], ...]) -> Callable[[bytes], None]:
+def same_in_pieces(parse: Callable[[list[bytes]], Any],
+                   errors: tuple[type[BaseException], ...],
+                   key: Callable[[Any], object] = lambda result: result
+                   ) -> Callable[[bytes], None]:
     """A target: ``parse`` must raise nothing but ``errors``, and give for the payload read in
-    pieces what it gives read whole (the same result, or an error of the same type)."""
+    pieces what it gives read whole (the same ``key`` of its result, or an error of the same
+    type)."""
     def outcome(pieces: list[bytes]) -> tuple[str, object]:
         try:
-            return "ok", parse(pieces)
+            return "ok", key(parse(pieces))
         except errors as exc:
             return "error", type(exc).__name__
 

@@ -8,9 +8,9 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from flatbuffers_schema.atomic_file import write_atomic
 from root_worker.featuremap.live_map import LiveMap
@@ -29,6 +29,24 @@ def wait_for(cond: Callable[[], T], timeout: float = 10.0, what: str = "conditio
         return stack.wait_for(cond, timeout, what, interval)
     except stack.StackError as exc:
         raise AssertionError(str(exc)) from None
+
+
+def compile_as_the_daemon(parsed: Mapping[str, Any], *, generation: int,
+                          built_at_ns: int = 123, sha256: str = "ab" * 32) -> Any:
+    """The daemon's own compile path for parsed bundles (name -> ParsedBundle, in bundle
+    order): one part per bundle (``parts.compile_part``) spliced by an ``Assembler``, as
+    ``daemon.py`` publishes; returns the ``Assembled`` (``.parts``, ``.crc``)."""
+    from flatbuffers_schema.fmap.BundleState import BundleState
+    from trimmer_daemon.assemble import Assembler
+    from trimmer_daemon.compiler import BundleStatusRecord
+    from trimmer_daemon.parts import compile_part
+
+    parts = [compile_part(p, i) for i, p in enumerate(parsed.values())]
+    statuses = [BundleStatusRecord(name=n, path=f"/b/{n}", state=BundleState.Ok,
+                                   sha256=sha256, model_count=len(p.models))
+                for n, p in parsed.items()]
+    return Assembler().assemble(parts, statuses, generation=generation,
+                                built_at_ns=built_at_ns, daemon_pid=os.getpid())
 
 
 def free_port() -> int:

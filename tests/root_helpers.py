@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from daemon_helpers import ROOT, wait_for
+from daemon_helpers import ROOT, compile_as_the_daemon, wait_for
 
 from flatbuffers_schema.keys import Allowlist
 from root_worker.frame import Trimmer, decode
@@ -30,6 +30,10 @@ from root_worker.testing.client import Client
 from root_worker.testing.workload import FeatureSpec, assign_models, bundle_doc, make_universe
 
 STOP_TIMEOUT = 10.0
+DEADLINE_MARGIN = 0.5
+"""How long after its leaf deadline a timed-out call or request may end in a test: a few
+hundred ms for the loop's wake-up and the answer on a shared 2-core machine -- far less than
+a timer armed late could hide in (every slow-leaf test asserts elapsed time with it)."""
 
 
 class Proc:
@@ -228,8 +232,9 @@ def write_routing(path: Path, routes: Mapping[str, Any]) -> Path:
 
 # -- in-process pieces for unit tests -------------------------------------------------------
 class MapPublisher:
-    """Publish feature maps from bundle documents in this process (the daemon's own code
-    path minus the watcher), for tests of the readers."""
+    """Publish feature maps from bundle documents in this process through the daemon's own
+    compile path (a part per bundle spliced by the assembler, ``publish_parts``) minus the
+    watcher, for tests of the readers."""
 
     def __init__(self, prefix: str) -> None:
         from trimmer_daemon.publisher import Publisher
@@ -246,18 +251,9 @@ class MapPublisher:
     def publish_parsed(self, parsed: Mapping[str, Any]) -> int:
         """Publish already parsed bundles (a test may hand-build one the validator refuses,
         as a map compiled by an older daemon could hold)."""
-        from flatbuffers_schema.fmap.BundleState import BundleState
-        from trimmer_daemon.compiler import BundleStatusRecord, compile_map
-        from trimmer_daemon.consolidate import KeyCache, consolidate, index_bundle
-
-        cache = KeyCache()
-        indexed = [(name, index_bundle(p, cache)) for name, p in parsed.items()]
-        statuses = [BundleStatusRecord(name=n, path=f"/b/{n}", state=BundleState.Ok)
-                    for n in parsed]
-        blob = compile_map(consolidate(indexed, cache), statuses,
-                           generation=self.publisher.next_generation,
-                           built_at_ns=time.time_ns(), daemon_pid=os.getpid(), cache=cache)
-        return self.publisher.publish(blob)
+        out = compile_as_the_daemon(parsed, generation=self.publisher.next_generation,
+                                    built_at_ns=time.time_ns())
+        return self.publisher.publish_parts(out.parts, out.crc)
 
     def close(self) -> None:
         self.publisher.cleanup()

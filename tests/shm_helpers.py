@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import resource
 import selectors
@@ -74,6 +75,57 @@ def check_blob(buffer: memoryview | bytes, generation: int, max_size: int) -> st
 
 
 shm_names = L.segment_files
+
+
+def control_problem(ctl: L.Buffer, prefix: str) -> str | None:
+    """``None`` if the control is in a state a reader may meet: the active word is 0 or
+    RETIRED, or names a slot holding exactly that generation (valid crc) whose blob segment
+    is complete (its size and crc are the slot's). Else what is wrong (the write order of
+    shm_layout broken: blob, then slot, then -- last -- the active word)."""
+    word = L.read_active(ctl)
+    if word in (L.NONE_PUBLISHED, L.RETIRED):
+        return None
+    offset = L.slot_offset(word)
+    record = L.decode_slot(bytes(ctl[offset:offset + L.SLOT_SIZE]))
+    if record is None:
+        return f"active word {word} names a slot with a bad crc"
+    if record.generation != word:
+        return f"active word {word} names the slot of generation {record.generation}"
+    try:
+        with open(os.path.join(L.SHM_DIR, f"{prefix}.g{word}"), "rb") as f:
+            blob = f.read()
+    except FileNotFoundError:
+        return f"active word {word} names a generation with no blob segment"
+    if len(blob) != record.blob_size or L.checksum(blob) != record.blob_checksum:
+        return f"generation {word}: the blob is not the one its slot describes"
+    return None
+
+
+def stable_mismatch(ctl: L.Buffer) -> str | None:
+    """One lock-free read as a worker makes it (word, slot copy, word): a description if the
+    word did not move and the slot is whole but of another generation -- a state only a
+    publisher that writes the active word before the slot can leave -- else ``None``."""
+    first = L.read_active(ctl)
+    if first in (L.NONE_PUBLISHED, L.RETIRED):
+        return None
+    offset = L.slot_offset(first)
+    raw = bytes(ctl[offset:offset + L.SLOT_SIZE])
+    record = L.decode_slot(raw)
+    if L.read_active(ctl) == first and record is not None and record.generation != first:
+        return f"active word {first} named the slot of generation {record.generation}"
+    return None
+
+
+class ObservedControl(mmap.mmap):
+    """A control mapping that calls ``hook(key)`` after every write into it: put in place
+    of a real Publisher's own mapping (same fd, same shared pages), it lets a test look at
+    the segment between one write of a publication and the next."""
+
+    hook: Callable[[object], None]
+
+    def __setitem__(self, key: object, value: object) -> None:
+        super().__setitem__(key, value)  # type: ignore[index]
+        self.hook(key)
 
 
 # -- driving child processes from the tests ---------------------------------------------
@@ -151,9 +203,17 @@ def _reader(prefix: str, max_size: int, until_gen: int, stop_file: str) -> int:
     print("ready", flush=True)
     seen: list[int] = []
     violations: list[str] = []
-    polls = 0
+    polls = order_violations = 0
+    ctl: mmap.mmap | None = None
     deadline = time.monotonic() + 120.0
     while time.monotonic() < deadline:
+        if ctl is None:
+            ctl = _map_control(prefix)
+        else:  # a raw read beside the reader's own: never a whole slot of another generation
+            problem = stable_mismatch(ctl)
+            if problem:
+                order_violations += 1
+                violations.append(problem)
         snapshot = reader.poll()
         polls += 1
         if snapshot is not None and (not seen or snapshot.generation != seen[-1]):
@@ -176,6 +236,7 @@ def _reader(prefix: str, max_size: int, until_gen: int, stop_file: str) -> int:
                 "last": seen[-1] if seen else 0,
                 "violations": violations[:10],
                 "n_violations": len(violations),
+                "order_violations": order_violations,
                 "verify_failures": stats.verify_failures,
                 "attach_errors": stats.attach_errors,
                 "inconsistent_reads": stats.inconsistent_reads,
@@ -186,6 +247,20 @@ def _reader(prefix: str, max_size: int, until_gen: int, stop_file: str) -> int:
         flush=True,
     )
     return 0
+
+
+def _map_control(prefix: str) -> mmap.mmap | None:
+    """A read-only mapping of ``prefix``'s control segment, or ``None`` if none is there."""
+    try:
+        fd = os.open(os.path.join(L.SHM_DIR, prefix + ".ctl"), os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        if os.fstat(fd).st_size < L.CTL_SIZE:
+            return None
+        return mmap.mmap(fd, L.CTL_SIZE, prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
 
 
 def _holder(prefix: str) -> int:

@@ -6,6 +6,9 @@ import hashlib
 import json
 import os
 import pickle
+import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -349,13 +352,56 @@ def test_fifo_does_not_block(tmp_path: Path) -> None:
         load_bundle_file(fifo)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
+def _load_as(uid: int | None, path: Path) -> str:
+    """``load_bundle_file(path)`` as ``uid`` (None: as we are): "ok", or the BundleError's
+    message. As root, a forked child drops to ``uid`` (no supplementary groups) first: root
+    reads any file, so that is the only way the permission check really runs in CI."""
+    if uid is None:
+        try:
+            load_bundle_file(path)
+        except BundleError as exc:
+            return str(exc)
+        return "ok"
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 0
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            assert os.geteuid() == uid
+            os.write(w, _load_as(None, path).encode())
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        out = f.read().decode()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the unprivileged child failed"
+    return out
+
+
 def test_unreadable_file(tmp_path: Path) -> None:
-    path = tmp_path / "secret.json"
-    path.write_bytes(_bundle(m=[_entry()]))
-    path.chmod(0)
-    with pytest.raises(BundleError, match=r"\$: permission denied"):
-        load_bundle_file(path)
+    """A file its reader may not read is refused with 'permission denied'. Never skipped:
+    as root (CI) the load runs in a child that dropped to an unprivileged uid, and the same
+    file made readable then loads, so the refusal is the file's mode, not the path's."""
+    uid = 65534 if os.geteuid() == 0 else None  # nobody
+    where = Path(tempfile.mkdtemp(prefix="ft-unreadable-"))  # not under a 0700 pytest dir
+    try:
+        where.chmod(0o755)
+        path = where / "secret.json"
+        path.write_bytes(_bundle(m=[_entry()]))
+        path.chmod(0)
+        got = _load_as(uid, path)
+        assert re.search(r"\$: permission denied", got), got
+        path.chmod(0o644)
+        assert _load_as(uid, path) == "ok"
+    finally:
+        shutil.rmtree(where)
 
 
 def test_symlink_loop(tmp_path: Path) -> None:

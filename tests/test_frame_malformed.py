@@ -257,3 +257,40 @@ def test_fast_path_still_checks_per_request_fields() -> None:
             trimmer.trim(frame, allow)
         assert str(info.value) == message, case
     assert bytes(trimmer.trim(REF, allow).data) == bytes(Trimmer().trim(REF, allow).data)
+
+
+
+def test_a_block_inside_the_metadata_is_refused_by_every_reader() -> None:
+    """A dense block that lies wholly inside the frame but over the metadata (its end
+    within ``frame_len``, past ``meta_offset``): every reader refuses it with the block
+    error, instead of returning a column whose bytes are the metadata JSON.
+
+    Fails on the planted bug ``check_table(..., pre.frame_len)`` instead of
+    ``pre.meta_offset`` in codec.decode (decode returns the JSON bytes as 'beta'), in
+    Trimmer's plan check (trim.py: the numpy trimmer copies them) and in
+    check.check_frame (accepts the frame): checked by planting each and reverting."""
+    from root_worker.frame.check import check_frame
+
+    cols = {"alpha": COLS["alpha"], "beta": COLS["beta"]}
+    good = encode(cols, {"request_id": "bad-1", "pad": "x" * 400})
+    t_off = align(PREAMBLE_SIZE + PREAMBLE.unpack(good[:PREAMBLE_SIZE])[4], 8)
+    meta_off = PREAMBLE.unpack(good[:PREAMBLE_SIZE])[9]
+    beta_nb = struct.unpack_from("<Q", good, t_off + TABLE_ENTRY_SIZE + 8)[0]
+    inside = align(meta_off, 64)
+    assert inside + beta_nb <= len(good)  # the block ends inside the frame
+    frame = patch(good, t_off + TABLE_ENTRY_SIZE, "Q", inside)
+    message = (f"column 1 'beta': block [offset {inside}, {inside + beta_nb}) runs "
+               f"past end of data (metadata starts at {meta_off})")
+    readers: dict[str, Callable[[bytes], object]] = {
+        "decode": decode, "check_frame": check_frame}
+    for b in BACKENDS:
+        t = Trimmer(backend=b)
+        readers[f"trim-{b}"] = lambda f, t=t: t.trim(f, Allowlist.from_names(["beta"]))
+        readers[f"trim-{b}-alpha"] = lambda f, t=t: t.trim(f, Allowlist.from_names(["alpha"]))
+        readers[f"parts-{b}"] = lambda f, t=t: t.trim_parts(f, Allowlist.from_names(["beta"]))
+    for name, read in readers.items():
+        read(good)  # the same frame with the block where it was is fine
+        for _ in range(2):  # cold, then from a cached plan
+            with pytest.raises(FrameError) as info:
+                read(frame)
+            assert str(info.value) == message, name

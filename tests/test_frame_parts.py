@@ -171,6 +171,44 @@ def test_check_ragged_refuses_bad_offsets_of_kept_columns(kernel: str) -> None:
             _copyruns.set_kernel(frame_copy.KERNEL)
 
 
+@pytest.mark.parametrize("kernel", ["memcpy", "best"])
+def test_check_ragged_refuses_offsets_that_end_one_value_short(kernel: str) -> None:
+    """offsets[C] one below n_values (ends at 8 of a block's 9 values, non-decreasing, so
+    only the end comparison can see it): every backend's ``check_ragged`` refuses it, cold
+    and from the cached plan, in ``trim`` and ``trim_parts``, as ``decode`` does.
+
+    Fails on the planted bug ``heads[:, -1] != n_values`` -> ``>`` in
+    ``format.check_ragged_offsets`` (numpy backend) and on ``!= n_values`` -> ``> n_values``
+    in ``ragged_bad`` (_copyruns_plan.h, C backend): both then accept the frame (checked by
+    planting each, rebuilding, running this test and reverting)."""
+    if frame_copy.HAVE_C:
+        from root_worker.frame import _copyruns  # type: ignore[attr-defined]
+        _copyruns.set_kernel(frame_copy.KERNEL if kernel == "best" else kernel)
+    try:
+        for lengths in ([2, 3, 4], [0, 0, 5, 1, 1, 0, 2, 3, 1, 0, 4, 1, 1]):
+            n_cand, n_values = len(lengths), sum(lengths)
+            ids = Ragged.from_lengths(np.arange(n_values, dtype=np.int64), lengths)
+            frame = encode({"dense": np.zeros(n_cand, np.float32), "ids": ids})
+            kept = Allowlist.from_names(["ids"])
+            bad = corrupt_offsets(frame, 1, n_cand, n_values - 1)
+            with pytest.raises(FrameError, match="ragged offsets end at"):
+                decode(bad)
+            for t in TRIMMERS.values():
+                for _ in range(2):  # cold, then from the cached plan
+                    with pytest.raises(FrameError, match="'ids': ragged offsets end at "
+                                                         f"{n_values - 1} but the block "
+                                                         f"holds {n_values} values"):
+                        t.trim(bad, kept, check_ragged=True)
+                    with pytest.raises(FrameError, match="ragged offsets"):
+                        t.trim_parts(bad, kept, check_ragged=True)
+            assert outputs(bad, kept, True) == {b: FrameError for b in BACKENDS}
+            assert outputs(frame, kept, True) == {
+                b: bytes(TRIMMERS["numpy"].trim(frame, kept).data) for b in BACKENDS}
+    finally:
+        if frame_copy.HAVE_C:
+            _copyruns.set_kernel(frame_copy.KERNEL)
+
+
 def test_check_ragged_on_zero_candidates_and_odd_elements() -> None:
     for n_cand in (0, 1, 4, 5):
         cols = mixed_cols(n_cand, 5)

@@ -13,7 +13,7 @@ import pytest
 from make_golden import GOLDEN, build, invalid_frames, valid_frames
 
 from flatbuffers_schema.keys import Allowlist, name_key
-from root_worker.frame import FrameError, Ragged, Trimmer, decode, peek_metadata
+from root_worker.frame import BACKENDS, FrameError, Ragged, Trimmer, decode, peek_metadata
 
 MANIFEST = json.loads((GOLDEN / "manifest.json").read_text())
 KEYS = json.loads((GOLDEN / "name_keys.json").read_text())
@@ -86,6 +86,30 @@ def test_invalid_frame_is_rejected_with_the_recorded_error(name: str) -> None:
     if want["class"] in TRIM_CHECKED:  # the trimmer refuses it too, whatever it keeps
         with pytest.raises(FrameError):
             Trimmer().trim(frame, Allowlist.from_names(["alpha"]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", [n for n in INVALID if MANIFEST["invalid"][n]["class"]
+                                  == "ragged"])
+def test_ragged_vectors_are_refused_by_every_backends_ragged_check(name: str,
+                                                                   backend: str) -> None:
+    """The ragged vectors (offsets_end_short among them) through ``trim`` and
+    ``trim_parts`` with ``check_ragged=True`` keeping the bad column ``beta``: refused on
+    every backend with the worded error ``decode`` gives; not checked when ``beta`` is
+    dropped. Fails for offsets_end_short on the planted bug ``heads[:, -1] != n_values`` ->
+    ``>`` in ``format.check_ragged_offsets`` (numpy) or the same in ``ragged_bad`` of
+    _copyruns_plan.h (C): checked by planting each and reverting."""
+    frame, want = _read("invalid", name), MANIFEST["invalid"][name]["python_error"]
+    t = Trimmer(backend=backend)
+    for _ in range(2):  # cold, then from the cached plan
+        with pytest.raises(FrameError) as exc:
+            t.trim(frame, Allowlist.from_names(["beta", "alpha"]), check_ragged=True)
+        assert str(exc.value) == want
+        with pytest.raises(FrameError, match="'beta': ragged offsets"):
+            t.trim_parts(frame, Allowlist.from_names(["beta"]), check_ragged=True)
+        kept = decode(t.trim(frame, Allowlist.from_names(["alpha", "gamma"]),
+                             check_ragged=True).data)
+        assert list(kept.columns) == ["alpha", "gamma"]
 
 
 def test_the_trimmed_vector_is_what_the_trimmer_makes_and_is_idempotent() -> None:

@@ -10,9 +10,8 @@ read with h11 (``tests/http_edge.py``), never with the root's own parser.
 
 The client tools come from apt (``apache2-utils``, ``wrk``, ``curl``; ``.ci/run`` installs
 them and sets ``FT_REQUIRE_HTTP_TOOLS=1``, which turns a missing tool into a failure; elsewhere
-a test without its tool is skipped, naming it). Tests marked ``xfail(strict=True)`` are the
-ones today's hand-written HTTP layer fails (issue 17); each mark goes when the rewrite makes
-its test pass (strict: a test that starts passing fails until its mark is removed).
+a test without its tool is skipped, naming it). Most raw-socket cases are ones the
+hand-written HTTP layer before llhttp failed (issue 17).
 """
 
 from __future__ import annotations
@@ -128,9 +127,6 @@ def _ab(url: str, *args: str) -> dict[str, int]:
     return figures
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17: an HTTP/1.0 keep-alive request is kept "
-                   "open but answered without Connection: keep-alive (ab -k waits for a "
-                   "close that never comes)")
 def test_ab_keepalive_healthz_and_score(pool: RootProc, frame_file: Path) -> None:
     for args in (("-k", "-n", "500", "-c", "4"),
                  ("-k", "-n", "100", "-c", "2", "-p", str(frame_file), "-T",
@@ -210,8 +206,6 @@ def test_wrk_healthz_and_score(pool: RootProc, frame_file: Path, tmp_path: Path)
 
 
 # -- raw sockets: what a client library would hide ----------------------------------------------
-@pytest.mark.xfail(strict=True, reason="issue 17: HEAD /healthz is answered 405 with a body "
-                   "on a kept-alive connection (the next answer is misread)")
 def test_head_has_no_body_and_the_next_request_is_answered(pool: RootProc) -> None:
     with connect(pool.url) as s:
         s.sendall(request("HEAD", "/healthz", [HOST]))
@@ -225,8 +219,6 @@ def test_head_has_no_body_and_the_next_request_is_answered(pool: RootProc) -> No
     assert answers[0].status == 200 and "pid" in answers[0].json()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17: an HTTP/1.0 keep-alive answer lacks "
-                   "Connection: keep-alive")
 def test_http10_keepalive_is_answered_keepalive_and_kept_open(pool: RootProc) -> None:
     keep = request("GET", "/healthz", [("Connection", "keep-alive")], version="1.0")
     with connect(pool.url) as s:
@@ -239,8 +231,6 @@ def test_http10_keepalive_is_answered_keepalive_and_kept_open(pool: RootProc) ->
     assert second.status == 200 and "pid" in second.json()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17: HTTP/1.1 without Host, or with two Host "
-                   "fields, is served instead of refused with 400")
 @pytest.mark.parametrize("headers", [[], [HOST, ("Host", "other")]], ids=["none", "two"])
 def test_http11_host_missing_or_repeated_is_400_json(pool: RootProc,
                                                      headers: list[tuple[str, str]]) -> None:
@@ -254,8 +244,6 @@ def test_http10_without_host_is_served(pool: RootProc) -> None:
     assert answer.status == 200 and "pid" in answer.json()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17: Transfer-Encoding in an HTTP/1.0 request is "
-                   "honoured (the body is de-chunked and served) instead of 400 and close")
 def test_transfer_encoding_in_http10_is_400_and_closes(pool: RootProc, stack: EdgeStack
                                                        ) -> None:
     data = request("POST", "/score?target=ads_ctr", [("Transfer-Encoding", "chunked"),
@@ -270,8 +258,6 @@ def test_transfer_encoding_in_http10_is_400_and_closes(pool: RootProc, stack: Ed
     check_error_body(answers[0])
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17: Expect: 100-continue in HTTP/1.0 gets an "
-                   "interim 100 Continue")
 def test_expect_in_http10_gets_no_interim_100(pool: RootProc, stack: EdgeStack) -> None:
     frame = stack.tiny_frame()
     answer = _one(pool.url, post_score(frame, version="1.0",
@@ -279,8 +265,6 @@ def test_expect_in_http10_gets_no_interim_100(pool: RootProc, stack: EdgeStack) 
     assert answer.interim == [] and answer.status == 200, answer
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17: absolute-form request targets are refused "
-                   "with 400 bad_request_line")
 @pytest.mark.parametrize("method", ["GET", "POST"])
 def test_absolute_form_targets_are_served_like_origin_form(pool: RootProc, stack: EdgeStack,
                                                            method: str) -> None:
@@ -323,16 +307,8 @@ def _statuses(url: str, pieces: list[bytes], n_requests: int, paced: bool) -> li
     return [a.status for a in answers]
 
 
-@pytest.mark.parametrize("case", [
-    "valid_post",
-    pytest.param("bare_lf_head", marks=pytest.mark.xfail(
-        strict=True, reason="issue 17: a bare-LF head with a CRLF request behind it is "
-        "answered differently depending on where the TCP segments end")),
-    "bad_chunked_body",
-    pytest.param("chunked_then_post", marks=pytest.mark.xfail(
-        strict=True, reason="issue 17: a chunked body whose last chunk arrives in a later "
-        "segment is dispatched twice (one request more is answered)")),
-])
+@pytest.mark.parametrize("case", ["valid_post", "bare_lf_head", "bad_chunked_body",
+                                  "chunked_then_post"])
 def test_one_answer_whatever_the_segmentation(pool: RootProc, stack: EdgeStack,
                                               case: str) -> None:
     data = _segmentation_cases(stack)[case]
@@ -355,8 +331,6 @@ def test_one_answer_whatever_the_segmentation(pool: RootProc, stack: EdgeStack,
 
 
 # -- silent connections -----------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="issue 17: the head deadline starts at the first byte: "
-                   "a connection that never sends one is kept for FT_KEEPALIVE")
 def test_a_silent_connection_is_closed_by_the_header_deadline(pool: RootProc) -> None:
     with connect(pool.url) as s:
         t0 = time.monotonic()
@@ -379,8 +353,6 @@ def many_fds() -> Iterator[None]:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17: 1,500 silent connections hold the worker's "
-                   "FT_MAX_CONNECTIONS slots for FT_KEEPALIVE; /healthz is not answered")
 def test_a_flood_of_silent_connections_leaves_healthz_answerable(pool: RootProc,
                                                                  many_fds: None) -> None:
     flood: list[socket.socket] = []
@@ -399,8 +371,6 @@ def test_a_flood_of_silent_connections_leaves_healthz_answerable(pool: RootProc,
 
 
 # -- deep pipelining --------------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="issue 17: pipelined requests recurse through the write "
-                   "path (RecursionError, 500s, tracebacks, a dead worker)")
 def test_ten_thousand_pipelined_requests_in_order_while_another_connection_is_served(
         pool: RootProc) -> None:
     n = 10_000

@@ -319,12 +319,16 @@ def test_never_loaded_and_empty(shm_prefix: str, tmp_path: Path,
         rc, doc = run_json(capsys, shm_prefix, "status")
         assert rc == 2 and codes(doc) == {"bundle_never_loaded": "critical"}
         assert "pass through untrimmed" in doc["findings"][0]["message"]
+        # a liveness probe restarts: a bad file is noted, never a reason (it would loop)
+        rc, doc = run_json(capsys, shm_prefix, "status", "--liveness")
+        assert rc == 0 and codes(doc) == {"bundle_never_loaded": "ok"}
         rc, doc = run_json(capsys, shm_prefix, "diff")
         assert rc == 1 and doc["bundles"][0]["status"] == "invalid"
     with DaemonProc(shm_prefix, {}, tmp_path / "d2.log") as d:
         d.wait_view(lambda v: True)
         rc, doc = run_json(capsys, shm_prefix, "status")
         assert rc == 1 and codes(doc) == {"no_bundles": "warning"}
+        assert run(capsys, shm_prefix, "status", "--liveness")[0] == 0
 
 
 def test_dead_daemon(daemon: DaemonProc, capsys: pytest.CaptureFixture[str]) -> None:
@@ -495,6 +499,33 @@ def test_blob_not_a_feature_map(shm_prefix: str, capsys: pytest.CaptureFixture[s
         assert "not a feature map" in doc["findings"][0]["message"]
     finally:
         pub.cleanup()
+
+
+def test_liveness_still_fails_on_what_a_restart_fixes(daemon: DaemonProc,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    gen = stop_leaving_map(daemon)
+    _flip_blob_byte(daemon.prefix, gen)
+    rc, doc = run_json(capsys, daemon.prefix, "status", "--liveness", "--heartbeat-crit", "off")
+    assert rc == 2 and codes(doc)["verify_failed"] == "critical"
+
+
+@pytest.mark.parametrize("verb", VERBS, ids=lambda v: v[0])
+def test_json_verbs_print_json_when_shared_memory_cannot_be_read(
+        shm_prefix: str, capsys: pytest.CaptureFixture[str], verb: list[str]) -> None:
+    """A control segment that cannot be opened (here a symlink loop planted at its path):
+    CRITICAL, and with --json still one document on stdout, nothing on stderr."""
+    ctl = SHM / f"{shm_prefix}.ctl"
+    ctl.symlink_to(ctl)
+    try:
+        rc, out, err = run(capsys, shm_prefix, *verb, "--json")
+        doc = json.loads(out)
+        assert rc == doc["exit_code"] == 2 and err == ""
+        assert codes(doc) == {"shm_unreadable": "critical"} and doc["status"] == "critical"
+        assert "Too many levels of symbolic links" in doc["findings"][0]["message"]
+        rc, out, err = run(capsys, shm_prefix, *verb)
+        assert rc == 2 and out == "" and err.startswith("CRITICAL: cannot read shared memory")
+    finally:
+        ctl.unlink()
 
 
 # -- read-only, console script, usage ------------------------------------------------------------

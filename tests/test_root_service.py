@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import pytest
 from conftest import shm_leftovers
 from daemon_helpers import DaemonProc, remove_segments, replace_bundle, wait_for, write_bundle
 from root_helpers import (
+    DEADLINE_MARGIN,
     LeafProc,
     RootProc,
     Workload,
@@ -31,11 +33,13 @@ from root_helpers import (
 
 from flatbuffers_schema.keys import Allowlist
 from root_worker.frame import Trimmer, decode, encode
+from root_worker.frame.backends import BACKEND, KERNEL, describe_backend
 from root_worker.testing.client import Client, metric_samples, metric_value
 from root_worker.testing.workload import make_columns, make_frame
 
 MODELS = ("ads_ctr", "ads_cvr", "homefeed_rank")
 M = "feature_trimmer_root_"
+LEAF_TIMEOUT = 2.0  # the slow leaf answers after 6 s
 
 
 @dataclass
@@ -94,7 +98,7 @@ def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
 
 def _root(backend: Backend, name: str, **settings: str) -> RootProc:
     env = {"FT_SHM_NAME": backend.prefix, "FT_ROUTING": str(backend.routing),
-           "FT_LEAF_TIMEOUT": "2.0", "FT_MAX_REQUEST_BYTES": str(4 << 20)}
+           "FT_LEAF_TIMEOUT": str(LEAF_TIMEOUT), "FT_MAX_REQUEST_BYTES": str(4 << 20)}
     env.update(settings)
     return RootProc(backend.tmp, env, name)
 
@@ -224,8 +228,12 @@ def test_unrouted_models_share_one_metric_label(backend: Backend, root: RootProc
 def test_dead_and_slow_leaves_fail_only_their_targets(backend: Backend, root: RootProc) -> None:
     client = root.client()
     frame = _frame(backend, seed=5)
+    t0 = time.monotonic()
     status, doc = client.score(frame, ["ghost", "slowmodel", "ads_cvr", "homefeed_rank"])
+    elapsed = time.monotonic() - t0
     assert status == 200, doc
+    # the slow leaf (6 s) ends the request at FT_LEAF_TIMEOUT, not later
+    assert LEAF_TIMEOUT <= elapsed < LEAF_TIMEOUT + DEADLINE_MARGIN, elapsed
     r = _by_model(doc)
     assert r["ghost"]["status"] == "error" and r["ghost"]["error"]["kind"] == "connect"
     assert r["slowmodel"]["status"] == "error" and r["slowmodel"]["error"]["kind"] == "timeout"
@@ -332,6 +340,7 @@ def test_health_readiness_and_metrics_per_worker(backend: Backend, root: RootPro
     for doc in seen.values():
         assert doc["status"] == "ok" and doc["reasons"] == []
         assert doc["map_age_seconds"] >= 0 and doc["heartbeat_age_seconds"] < 10
+        assert doc["trim_backend"] == describe_backend()  # the workers trim as this install
     status, ready = root.client().json("GET", "/readyz")
     assert status == 200 and ready["ready"]
     text = root.client().metrics()
@@ -340,6 +349,8 @@ def test_health_readiness_and_metrics_per_worker(backend: Backend, root: RootPro
     assert {int(p) for p in served} >= pids and set(served.values()) == {gen}
     assert metric_value(text, M + "map_age_seconds") >= 0
     assert metric_value(text, M + "info", mode="trim", lz4="0") == len(pids)
+    assert metric_value(text, M + "trim_backend_info", backend=BACKEND,
+                        kernel=KERNEL or "none") == len(pids)
 
 
 def test_bundle_update_reaches_every_worker_and_the_leaf(backend: Backend,

@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from root_helpers import LeafThread, MapPublisher, Workload, reference_scores, trimmed_size
+from root_helpers import (
+    DEADLINE_MARGIN,
+    LeafThread,
+    MapPublisher,
+    Workload,
+    reference_scores,
+    trimmed_size,
+)
 
 from root_worker.featuremap.live_map import LiveMap
 from root_worker.frame import Trimmer
@@ -174,10 +181,18 @@ def test_calls_on_one_loop_keep_their_own_results_and_deadlines() -> None:
                                                           f"{hung.getsockname()[1]}")
     deadline = time.monotonic() + 1.0
     try:
+        ended: dict[str, float] = {}
+
+        def done(name: str, r: Any) -> None:
+            results[name], ended[name] = r, time.monotonic()
+
         for name, eps in (("ok", [ok]), ("hung", [silent]), ("none", [])):
             LeafCall(loop, pool, eps, "/nowhere", {}, [b"x"], deadline, 1 << 20,
-                     lambda r, name=name: results.__setitem__(name, r)).start()
+                     lambda r, name=name: done(name, r)).start()
         run_until(loop, lambda: len(results) == 3, time.monotonic() + 30)
+        # the hung call ends at its deadline: not before, nor later than a wake-up's margin
+        late = ended["hung"] - deadline
+        assert 0 <= late < DEADLINE_MARGIN, late
         assert results["ok"][0] == 404
         assert isinstance(results["hung"], LeafError) and results["hung"].kind == "timeout"
         assert isinstance(results["none"], LeafError) and results["none"].kind == "no_route"
@@ -356,6 +371,40 @@ def test_no_map_then_map_then_retired(shm_prefix: str) -> None:
         live.close()
         if pub is not None:
             pub.close()
+
+
+def test_latest_version_is_the_natural_order_latest_of_the_published_map(
+        shm_prefix: str) -> None:
+    """The root resolves a target that names no version to the latest in natural order
+    ("10" after "9") of the map the daemon's own compile path publishes (MapPublisher: a
+    part per bundle, spliced by the assembler), trims to that version's features and the
+    leaf serving both versions scores it. Fails on the planted bug of sorting versions by
+    raw string in ``parts.compile_part`` (latest becomes "9"): checked by planting it."""
+    wl = Workload(60)
+    names = sorted(wl.models["ads_ctr"])
+    v9, v10 = names[:3], names[:6]
+    leaf = LeafThread(ModelStore.from_inputs({"ads_ctr": {"9": v9, "10": v10}}))
+    live = LiveMap(shm_prefix)
+    pub = MapPublisher(shm_prefix)
+    sc = None
+    try:
+        pub.publish({"ads": {"ads_ctr": [{"version": "9", "input_names": v9},
+                                         {"version": "10", "input_names": v10},
+                                         {"version": "2", "input_names": names[:1]}]}})
+        sc = Scorer(load_settings({}, shm_name=shm_prefix), live,
+                    Routing.from_doc({"*": leaf.url}), RootMetrics())
+        frame = make_frame(wl.universe, 3, targets=["ads_ctr"])
+        status, doc = sc.score(frame, "")
+        assert status == 200 and doc["ok"] == 1, doc
+        (target,) = doc["targets"]
+        assert (target["outcome"], target["version"]) == ("trimmed", "10"), target
+        assert target["bytes_sent"] == trimmed_size(frame, v10)
+    finally:
+        if sc is not None:
+            sc.close()
+        leaf.close()
+        live.close()
+        pub.close()
 
 
 def test_request_ids_reach_leaves_only_when_header_safe(stack: dict) -> None:

@@ -152,6 +152,7 @@ def test_torn_read_stress(prefix: str, tmp_path: Path) -> None:
         H.reap(*readers, writer)
     for report in reports:
         assert report["n_violations"] == 0, report["violations"]
+        assert report["order_violations"] == 0, report["violations"]
         assert report["verify_failures"] == 0, report["last_error"]
         assert report["last"] == generations
         print("reader report:", report)
@@ -160,6 +161,53 @@ def test_torn_read_stress(prefix: str, tmp_path: Path) -> None:
     # control stay (readers never register segments for cleanup; only the owner unlinks).
     assert f"{prefix}.g{generations}" in H.shm_names(prefix)
     Publisher(prefix).cleanup()
+
+
+def test_every_intermediate_state_of_a_publication_is_consistent(prefix: str,
+                                                                 publishers: list) -> None:
+    """The publisher's write order, checked deterministically: its control mapping is
+    swapped for one that calls a hook after every write (same fd, same shared pages), and at
+    each intermediate state of each publication the segment must be one a reader may meet
+    (the active word names a whole slot of its generation whose blob is complete), and a
+    real ShmReader polled right then must see no inconsistency and only the old or the new
+    generation. A publication is exactly two writes: the slot, then the active word.
+
+    Fails on the planted bug of writing the active word before the slot in
+    ``Publisher._flip`` (checked by planting it and reverting): after the first write the
+    word names a slot that still holds generation N-2."""
+    pub = Publisher(prefix)
+    publishers.append(pub)
+    pub.publish(H.make_blob(1))
+    reader = ShmReader(prefix)
+    assert reader.poll().generation == 1
+    seen: list[tuple[object, int, int]] = []  # (what was written, word, reader's generation)
+
+    def hook(key: object) -> None:
+        problem = H.control_problem(observed, prefix)
+        assert problem is None, f"after writing {key}: {problem}"
+        snap = reader.poll()
+        assert reader.stats.inconsistent_reads == 0, reader.stats.last_error
+        assert snap is not None
+        seen.append((key, L.read_active(observed), snap.generation))
+
+    assert pub._ctl is not None and pub._ctl_fd >= 0
+    observed = H.ObservedControl(pub._ctl_fd, L.CTL_SIZE)
+    observed.hook = hook
+    pub._ctl.close()
+    pub._ctl = observed
+    for gen in range(2, 8):
+        seen.clear()
+        assert pub.publish(H.make_blob(gen)) == gen
+        slot, active = L.slot_offset(gen), L.OFF_ACTIVE
+        beat = slice(L.OFF_HEARTBEAT, L.OFF_HEARTBEAT + L.HEARTBEAT_STRUCT.size)
+        assert [s for s in seen if s[0] != beat] == [
+            (slice(slot, slot + L.SLOT_SIZE), gen - 1, gen - 1),
+            (slice(active, active + 8), gen, gen)], seen
+        assert bytes(reader.poll().buffer) == H.make_blob(gen)
+    pub.heartbeat()  # other writes (the heartbeat) keep the control consistent too
+    assert reader.stats.attaches == 7 and reader.stats.verify_failures == 0
+    reader.close()
+    observed.hook = lambda key: None  # cleanup (the fixture) retires the prefix
 
 
 def test_kill_minus_nine_during_publication(prefix: str, tmp_path: Path) -> None:
@@ -200,7 +248,11 @@ def test_kill_minus_nine_during_publication(prefix: str, tmp_path: Path) -> None
         finally:
             H.reap(background)
     assert reader.stats.verify_failures == 0, reader.stats.last_error
+    # No reader ever used an inconsistent generation: every snapshot it took was that
+    # generation's whole blob, and no raw read found the active word naming a whole slot of
+    # another generation (a word written before its slot).
     assert report["n_violations"] == 0 and report["verify_failures"] == 0, report
+    assert report["order_violations"] == 0, report
     assert report["last"] == last_seen
     print("kills inside a publication:", mid_write_kills)
     assert mid_write_kills >= 1, "no kill landed inside a publication; the test proved nothing"

@@ -13,6 +13,7 @@ import fnmatch
 import os
 import struct
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -110,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "daemon only publishes on change)")
     p.add_argument("--age-crit", type=_duration, default=0.0, metavar="DURATION",
                    help="CRITICAL when the map was published longer ago (default: off)")
+    p.add_argument("--liveness", action="store_true",
+                   help="count only what restarting the daemon can fix (no map, an "
+                        "unreadable or corrupt map, a stale heartbeat); bundle states are "
+                        "listed but never change the exit code: a liveness probe that "
+                        "restarts the daemon for a bad bundle file would loop and lose "
+                        "last-known-good content")
     p = verbs.add_parser("models", help="models, versions, allowlist sizes, source bundles")
     p.add_argument("pattern", nargs="?", default="*", metavar="PATTERN",
                    help="only models whose name matches this glob (default: all)")
@@ -157,19 +164,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
     except (OSError, posix_ipc.Error) as exc:
-        print(f"CRITICAL: cannot read shared memory {prefix!r}: {exc}", file=sys.stderr)
-        return EXIT_CRITICAL
+        return _critical(args, prefix, "shm_unreadable",
+                         f"cannot read shared memory {prefix!r}: {exc}")
     except _CORRUPT as exc:  # a verified blob whose FlatBuffers offsets are still wrong
-        print(f"CRITICAL: the published map {prefix!r} is corrupt: {type(exc).__name__}: "
-              f"{exc}", file=sys.stderr)
-        return EXIT_CRITICAL
+        return _critical(args, prefix, "map_corrupt", f"the published map {prefix!r} is "
+                                                      f"corrupt: {type(exc).__name__}: {exc}")
+
+
+def _critical(args: argparse.Namespace, prefix: str, code: str, message: str) -> int:
+    """A verb that could not run: the message on stderr, or with ``--json`` the envelope
+    every verb prints (status, exit code, one finding) on stdout, so a consumer of
+    ``--json`` always gets a document."""
+    if args.json:
+        state = MapState(prefix, time.time_ns())
+        state.add(Level.CRITICAL, code, message)
+        render.print_json(render.envelope(state))
+    else:
+        print(f"CRITICAL: {message}", file=sys.stderr)
+    return EXIT_CRITICAL
 
 
 # -- verbs ------------------------------------------------------------------------------------
 
 def cmd_status(state: MapState, args: argparse.Namespace) -> Level:
     evaluate(state, Thresholds(args.heartbeat_warn, args.heartbeat_crit, args.age_warn,
-                               args.age_crit))
+                               args.age_crit, liveness=args.liveness))
     if args.json:
         doc = render.envelope(state)
         doc.update(render.status_facts(state))

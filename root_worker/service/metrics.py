@@ -35,6 +35,9 @@ feature_trimmer_root_map_age_seconds                gauge    age of the stalest 
                                                              map (updated per request/scrape)
 feature_trimmer_root_map_errors_total               counter  map generations refused/corrupt
 feature_trimmer_root_info{mode,lz4}                 gauge    1: the configured mode
+feature_trimmer_root_trim_backend_info{backend,kernel} gauge 1: the trim backend serving
+                                                             (``c`` or ``numpy``; kernel:
+                                                             the C copy kernel, or none)
 ==================================================  =======  =================================
 """
 
@@ -135,8 +138,19 @@ class RootMetrics:
                              registry=r, multiprocess_mode="livemax")
         self.map_errors = Counter(P + "map_errors", "Map generations refused or corrupt",
                                   registry=r)
+        self.faults = Counter(
+            P + "faults", "Unexpected exceptions contained to one connection or one target, "
+            "by phase (each is a bug: it is logged with its request id)", ["phase"],
+            registry=r)
+        self.accept_pauses = Counter(
+            P + "accept_pauses", "Times a worker stopped accepting for a moment because the "
+            "process ran out of file descriptors (EMFILE/ENFILE)", registry=r)
         self.info = Gauge(P + "info", "The configured mode", ["mode", "lz4"], registry=r,
                           multiprocess_mode="liveall")
+        self.trim_backend = Gauge(P + "trim_backend_info",
+                                  "The trim backend serving (c: the C accelerator, numpy: "
+                                  "the fallback)", ["backend", "kernel"], registry=r,
+                                  multiprocess_mode="liveall")
         self._map_errors_seen = 0
         self._map_seen = (-1, -1)
         self._age_set_ns = 0
@@ -163,6 +177,9 @@ class RootMetrics:
 
     def set_mode(self, mode: str, lz4: bool) -> None:
         self.info.labels(mode, "1" if lz4 else "0").set(1)
+
+    def set_trim_backend(self, backend: str, kernel: str | None) -> None:
+        self.trim_backend.labels(backend, kernel or "none").set(1)
 
     def set_map(self, generation: int, published_at_ns: int, now_ns: int,
                 map_errors: int, *, force: bool = True) -> None:

@@ -4,7 +4,10 @@ Runs in each root worker (one :class:`Scorer` per process, built after fork). Pe
 (:meth:`Scorer.begin`):
 
 1. read the frame's preamble and metadata (``peek_metadata``) and the targets
-   (:mod:`root_worker.service.targets`); anything malformed is a :class:`BadRequest` (4xx);
+   (:mod:`root_worker.service.targets`); anything malformed is a :class:`BadRequest` (4xx),
+   and so is a frame of more than ``FT_MAX_CANDIDATES`` candidates or an answer that
+   would hold more than ``FT_MAX_ANSWER_SCORES`` scores (targets x candidates): the
+   answer's size is bounded by settings, never by what a client asks for;
 2. take **one** map view (one shared-memory poll) and resolve every target in it (SPEC §4);
    the answer reports that view's generation;
 3. trim once per distinct allowlist: targets that resolve to the same allowlist share one
@@ -59,7 +62,9 @@ from flatbuffers_schema.wire import (
 from root_worker.featuremap.live_map import LiveMap
 from root_worker.featuremap.map_reader import FeatureMapView
 from root_worker.frame import FrameError, Trimmer, check_frame, peek_metadata
+from root_worker.frame.format import read_preamble
 from root_worker.frame.lru import LruCache
+from root_worker.service import faults
 from root_worker.service.buffers import BufferPool
 from root_worker.service.fanout import LeafCall, LeafError, LeafPool
 from root_worker.service.http1 import HttpError
@@ -125,6 +130,8 @@ class Request:
     headers: dict[str, str]
     on_done: Callable[[int, dict[str, Any]], None]
     untrimmed: Payload
+    candidates: int = 0
+    inject: str | None = None     # a test's fault injection phase (FT_TEST_FAULTS only)
     targets: list[Prepared] = field(default_factory=list)
     payloads: list[Payload] = field(default_factory=list)
     pending: int = 0
@@ -173,17 +180,30 @@ class Scorer:
         return status, materialize(doc)
 
     def begin(self, body: memoryview, query: str, loop: Loop,
-              on_done: Callable[[int, dict[str, Any]], None]) -> Request:
+              on_done: Callable[[int, dict[str, Any]], None],
+              inject: str | None = None) -> Request:
         """Prepare every target and start its leaf call; ``on_done(status, doc)`` runs once
         when the last one ended. Raises :class:`BadRequest` before any leaf is contacted."""
+        s = self.settings
         try:
+            candidates = read_preamble(body).n_candidates
             metadata = peek_metadata(body)
         except FrameError as exc:
             raise BadRequest(400, "bad_frame", f"malformed frame: {exc}") from None
+        if candidates > s.max_candidates:
+            raise BadRequest(413, "too_many_candidates", f"the frame holds {candidates} "
+                             f"candidates; the limit is {s.max_candidates} "
+                             "(FT_MAX_CANDIDATES)")
         try:
-            targets = parse_targets(metadata, query, self.settings.max_targets)
+            targets = parse_targets(metadata, query, s.max_targets)
         except BadTargets as exc:
             raise BadRequest(400, "bad_targets", str(exc)) from None
+        if len(targets) * candidates > s.max_answer_scores:
+            raise BadRequest(413, "answer_too_large", f"{len(targets)} targets x "
+                             f"{candidates} candidates would answer "
+                             f"{len(targets) * candidates} scores; the limit is "
+                             f"{s.max_answer_scores} (FT_MAX_ANSWER_SCORES): split the "
+                             "request")
         request_id = metadata.get("request_id")
         if not isinstance(request_id, str | int) or isinstance(request_id, bool):
             request_id = None  # echoed as given only when a string or integer
@@ -196,7 +216,7 @@ class Scorer:
             headers[REQUEST_ID_HEADER] = str(request_id)  # only a header-safe id is forwarded
         req = Request(self, loop, body, request_id, view.generation if view else 0,
                       loop.clock() + self.settings.leaf_timeout, headers, on_done,
-                      Payload([body], len(body)))
+                      Payload([body], len(body)), candidates, inject)
         try:
             self._prepare_all(req, view, targets)
             for p in {id(p.payload): p.payload for p in req.targets}.values():
@@ -264,6 +284,7 @@ class Scorer:
             return None
         t0 = time.perf_counter()
         try:
+            faults.check(req.inject, "trim")
             if contiguous:
                 res = self.trimmer.trim(req.body, allowlist, out=buf, check_ragged=True)
                 parts = [res.data]
@@ -277,8 +298,10 @@ class Scorer:
         except Exception as exc:  # a trimmer bug must cost bandwidth, never the request
             if buf is not None:
                 self.buffers.give(buf)
-            log.exception("trim failed model=%s version=%s; sending untrimmed",
-                          p.target.model, p.version)
+            log.exception("fault contained phase=trim request_id=%s: trim failed model=%s "
+                          "version=%s; sending untrimmed", req.request_id, p.target.model,
+                          p.version)
+            self.metrics.faults.labels("trim").inc()
             p.metrics.trim_errors.inc()
             p.fallback = f"trim_error: {type(exc).__name__}"
             return None
@@ -338,19 +361,33 @@ class Scorer:
 
     def _ended(self, req: Request, i: int, call: LeafCall, trimmed_for: str | None,
                result: Any) -> None:
+        """One leaf call ended. An unexpected exception here fails this target alone
+        (``internal``, logged once with the request id, counted); the request goes on."""
         p = req.targets[i]
-        p.metrics.leaf_seconds.observe(time.perf_counter() - p.t0)
-        if not isinstance(result, LeafError):
-            p.metrics.sent.inc(call.body_bytes)
-            url = call.endpoint.url if call.endpoint else "leaf"
-            status, data = result
-            if status == STATUS_SKEW and trimmed_for is not None and self._resend(req, i):
-                return
-            try:
-                result = leaf_reply(url, status, data)
-                result.update(leaf=url, bytes_sent=call.body_bytes)
-            except LeafError as exc:
-                result = exc
+        url = call.endpoint.url if call.endpoint else "leaf"
+        try:
+            if call.faults:
+                self.metrics.faults.labels("leaf").inc()
+            p.metrics.leaf_seconds.observe(time.perf_counter() - p.t0)
+            if not isinstance(result, LeafError):
+                p.metrics.sent.inc(call.body_bytes)
+                status, data = result
+                faults.check(req.inject, "leaf_answer")
+                if status == STATUS_SKEW and trimmed_for is not None and \
+                        self._resend(req, i):
+                    return
+                try:
+                    result = leaf_reply(url, status, data, req.candidates)
+                    result.update(leaf=url, bytes_sent=call.body_bytes)
+                except LeafError as exc:
+                    result = exc
+        except Exception as exc:
+            log.error("fault contained phase=leaf_answer request_id=%s model=%s url=%s: "
+                      "%s: %s", req.request_id, p.target.model, url, type(exc).__name__, exc,
+                      exc_info=exc)
+            self.metrics.faults.labels("leaf_answer").inc()
+            result = LeafError("internal", f"{url}: internal error (logged): "
+                               f"{type(exc).__name__}")
         p.result = result
         req.pending -= 1
         if req.pending == 0:

@@ -36,6 +36,7 @@ directory).
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import os
@@ -44,12 +45,14 @@ import zipfile
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from trimmer_daemon.bundle.parse import (
     DEFAULT_LIMITS,
     BundleError,
     Limits,
     Signature,
+    latest_version,
     parse_bundle,
     parse_signature,
     read_file_bounded,
@@ -62,14 +65,17 @@ __all__ = [
     "BundleError",  # re-exported: build_bundle raises it for an invalid signature file
     "BuildResult",
     "FoundVersion",
+    "LocatedSignature",
     "Source",
     "build_bundle",
     "collect_source",
     "read_archive_signature",
+    "read_signature",
 ]
 
 SIGNATURE_FILE = "module_info.json"
 ARCHIVE_SUFFIX = ".pt"
+_ZIP_MAGIC = b"PK\x03\x04"
 _ARCHIVE_SIGNATURE = re.compile(r"[^/]+/extra/module_info\.json\Z")
 # What a damaged or unsupported zip can raise from zipfile (beyond OSError).
 _ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, RuntimeError,
@@ -122,12 +128,21 @@ class BuildResult:
 # reading signatures
 
 
-def read_archive_signature(path: str, limits: Limits = DEFAULT_LIMITS) -> tuple[bytes, str] | None:
-    """The signature bytes and member name in a ``.pt`` zip, or None if it has none.
+def read_archive_signature(path: str | bytes, limits: Limits = DEFAULT_LIMITS
+                           ) -> tuple[bytes, str] | None:
+    """The signature bytes and member name in a ``.pt`` zip (a path, or the archive's
+    bytes), or None if it has none.
 
     Raises :class:`BuildError` for an unreadable or corrupt archive, several signature
     members, or a member larger than ``limits.max_file_bytes``.
     """
+    if isinstance(path, bytes):
+        try:
+            return _read_archive_signature(io.BytesIO(path), limits.max_file_bytes)
+        except _ArchiveProblem as exc:
+            raise BuildError(f"<archive>: {exc}") from None
+        except _ZIP_ERRORS as exc:
+            raise BuildError(f"<archive>: not a valid .pt (zip) archive: {exc}") from None
     try:
         return _read_archive_signature(path, limits.max_file_bytes)
     except _ArchiveProblem as exc:
@@ -140,7 +155,8 @@ def read_archive_signature(path: str, limits: Limits = DEFAULT_LIMITS) -> tuple[
         raise BuildError(f"{path}: not a valid .pt (zip) archive: {exc}") from None
 
 
-def _read_archive_signature(path: str, max_bytes: int) -> tuple[bytes, str] | None:
+def _read_archive_signature(path: str | io.BytesIO, max_bytes: int
+                            ) -> tuple[bytes, str] | None:
     with zipfile.ZipFile(path) as archive:
         members = [i for i in archive.infolist() if _ARCHIVE_SIGNATURE.match(i.filename)]
         if not members:
@@ -195,6 +211,101 @@ def _signature_at(path: str, limits: Limits) -> tuple[Signature, str] | None:
     if path.endswith(".json"):
         return _signature_from_file(path, limits), path
     return _signature_from_archive(path, limits)
+
+
+class LocatedSignature(NamedTuple):
+    """One model version's signature, where it was read, and the version it is (``None``
+    when a per-model file was read and no version was given)."""
+
+    signature: Signature
+    origin: str
+    version: str | None
+
+
+def read_signature(source: str | os.PathLike[str] | bytes, *, model: str | None = None,
+                   version: str | None = None, limits: Limits = DEFAULT_LIMITS
+                   ) -> LocatedSignature:
+    """One model version's signature from anything ``trimmer-bundle`` reads: a leaf's and a
+    tool's one way in (``InputConverter.from_signature`` uses it).
+
+    ``source`` is a path or the file's bytes:
+
+    - a **per-model** ``module_info.json``, ``{"input_names": [...], "output_names": [...]}``
+      (what a model artifact ships; ``model`` and ``version`` are not needed),
+    - a **per-bundle** ``module_info.json``, ``{"MODEL": [{"version": ..., "input_names":
+      [...]}, ...], ...}`` (what ``trimmer-bundle build`` writes and the daemon watches):
+      ``model`` is required, ``version`` defaults to the model's latest (natural order),
+    - a ``.pt`` archive (its ``*/extra/module_info.json``, per model),
+    - a version directory ``<model>/<version>/`` (its ``module_info.json``, else its single
+      ``.pt``), as ``trimmer-bundle build`` reads it.
+
+    Raises :class:`BundleError` (invalid JSON or names; model or version not in the bundle)
+    or :class:`BuildError` (archive problems, no signature found).
+    """
+    if isinstance(source, bytes):
+        if source.startswith(_ZIP_MAGIC):
+            return _from_archive_found(read_archive_signature(source, limits), "<archive>",
+                                       version, limits)
+        return _from_json(source, "<module_info.json>", model, version, limits)
+    path = os.fsdecode(source)
+    if os.path.isdir(path):
+        found = _signature_from_version_dir(path, limits)
+        if found is None:
+            raise BuildError(f"{path}: no signature ({SIGNATURE_FILE} or a {ARCHIVE_SUFFIX} "
+                             "archive holding one)")
+        # as trimmer-bundle reads it: the directory's name is the version
+        return LocatedSignature(found[0], found[1],
+                                version or os.path.basename(os.path.abspath(path)))
+    data = read_file_bounded(path, limits.max_file_bytes)
+    if path.endswith(ARCHIVE_SUFFIX) or data.startswith(_ZIP_MAGIC):
+        return _from_archive_found(read_archive_signature(path, limits), path, version, limits)
+    return _from_json(data, path, model, version, limits)
+
+
+def _from_archive_found(found: tuple[bytes, str] | None, name: str, version: str | None,
+                        limits: Limits) -> LocatedSignature:
+    if found is None:
+        raise BuildError(f"{name}: no */extra/{SIGNATURE_FILE} in the archive")
+    data, member = found
+    origin = f"{name}!{member}"
+    return LocatedSignature(parse_signature(data, path=origin, limits=limits), origin, version)
+
+
+def _is_per_model(doc: object) -> bool:
+    """A per-model signature has ``input_names`` holding names; a bundle's values hold
+    version objects (a model may even be called ``input_names``)."""
+    if not isinstance(doc, dict) or "input_names" not in doc:
+        return False
+    names = doc["input_names"]
+    return not (isinstance(names, list) and names and all(isinstance(e, dict) for e in names))
+
+
+def _from_json(data: bytes, path: str, model: str | None, version: str | None,
+               limits: Limits) -> LocatedSignature:
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError):
+        doc = None  # the strict parser below reports it with line and column
+    if doc is None or _is_per_model(doc):
+        return LocatedSignature(parse_signature(data, path=path, limits=limits), path, version)
+    bundle = parse_bundle(data, path=path, limits=limits)
+    known = ", ".join(sorted(bundle.models)) or "none"
+    if model is None:
+        raise BundleError(path, "$", f"a per-bundle file: name the model to read (it "
+                                     f"defines: {known})")
+    entries = bundle.models.get(model)
+    if entries is None:
+        raise BundleError(path, "$", f"no model {model!r} in this bundle (it defines: "
+                                     f"{known})")
+    by_version = {e.version: e for e in entries}
+    chosen = latest_version(by_version) if version is None else version
+    entry = by_version.get(chosen)
+    if entry is None:
+        raise BundleError(path, f"$[{json.dumps(model)}]",
+                          f"no version {chosen!r} of model {model!r} (it has: "
+                          f"{', '.join(sorted(by_version, key=version_sort_key))})")
+    sig = Signature(entry.input_names, entry.output_names, bundle.warnings)
+    return LocatedSignature(sig, f"{path}: {model} version {chosen}", chosen)
 
 
 # ---------------------------------------------------------------------------------------------
