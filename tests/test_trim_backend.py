@@ -73,7 +73,7 @@ def test_status_names_the_numpy_fallback_and_its_cause() -> None:
 
 def test_a_build_without_a_compiler_warns_and_installs(tmp_path: Path) -> None:
     """setup.py with CC=/bin/false: the build succeeds without the extension, and says so."""
-    for name in ("setup.py", "setup.cfg", "pyproject.toml", "README.md"):
+    for name in ("setup.py", "setup.cfg", "pyproject.toml", "README.md", "VERSION"):
         shutil.copy(ROOT / name, tmp_path / name)
     frame = tmp_path / "root_worker" / "frame"
     frame.mkdir(parents=True)
