@@ -5,13 +5,13 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 .PHONY: test bench bench-trim bench-reload bench-e2e bench-hostile bench-send demo run lint schema clean \
-        mutate mutate-sample fuzz-engine lean-test triton bench-triton
+        mutate mutate-sample fuzz-engine lean-test triton bench-triton fuzz
 .PHONY: bench-rollout
 
 $(STAMP): setup.cfg pyproject.toml $(wildcard setup.py)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,bench,lint]'
+	$(PY) -m pip install -q -e '.[test,bench,lint,fuzz]'
 	touch $(STAMP)
 
 test: $(STAMP)           ## run the whole test suite
@@ -42,6 +42,15 @@ bench-triton: $(STAMP) triton  ## root CPU + wire bytes: a v2 (Triton) target vs
 	$(PY) bench/triton_bench.py $(BENCH_ARGS)
 
 bench: bench-trim
+
+# Coverage-guided fuzzing (atheris): every parsing entry point, FUZZ_SECONDS each (300 unless
+# given on the command line or in the environment; fuzz-engine's own default is 600); corpora
+# grow in $(FUZZ_DIR) across runs, findings land there as crash-*/timeout-*/oom-* files.
+FUZZ_DIR ?= .fuzz
+fuzz: $(STAMP)           ## fuzz every parser for FUZZ_SECONDS (default 300) each
+	$(PY) -m fuzz.run --workdir $(FUZZ_DIR) --seconds \
+	    $(if $(filter command line environment,$(origin FUZZ_SECONDS)),$(FUZZ_SECONDS),300) \
+	    $(FUZZ_TARGETS)
 
 demo: $(STAMP)           ## the whole stack on loopback: traffic, hot swap, table, checks
 	$(PY) -m root_worker.testing.demo demo $(DEMO_ARGS)
