@@ -547,29 +547,23 @@ class Conn:
             body = self._body(msg, msg.content_length)
             assert body.view is not None
             n = sock.recv_into(body.view[body.got:msg.content_length])
+            if n:
+                body.got += n
+                faults.check(faults.phase_of(msg.headers), "body")
+                self._count(body)  # counted as it arrived (HttpError 503 past the cap)
         except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self.close()
             return
         except HttpError as exc:
             self._refuse(exc)
+            return
+        except OSError:
+            self.close()
             return
         except Exception as exc:
             self._fault(exc, "body")
             return
         if not n:
             self._eof()
-            return
-        body.got += n
-        try:
-            faults.check(faults.phase_of(msg.headers), "body")
-            self._count(body)
-        except HttpError as exc:
-            self._refuse(exc)
-            return
-        except Exception as exc:
-            self._fault(exc, "body")
             return
         self.stream.body_arrived(n)
         if msg.complete:
