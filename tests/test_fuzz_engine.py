@@ -60,7 +60,7 @@ def test_replay_and_a_failing_input_is_saved(tmp_path: Path) -> None:
     assert done.returncode == 1, done.stderr
     saved = list(tmp_path.glob("crash-*"))
     assert len(saved) == 1 and "FAILED on input" in done.stderr
-    assert "trim_parts differs" in done.stderr
+    assert "c trim_parts differs" in done.stderr
 
 
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc's ASan runtime")
