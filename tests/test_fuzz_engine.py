@@ -33,7 +33,8 @@ def test_target_reaches_every_case(tmp_path: Path) -> None:
     figures = json.loads(stats.read_text())
     assert figures["inputs"] > 100 and figures["trims"] > 100
     for key in ("frames_ok", "frames_refused", "raw_calls", "plans_forged_refused",
-                "plans_other_key", *(f"trim_mode_{m}" for m in range(5))):
+                "plans_other_key", "reentry_cases", "reentry_inside",
+                *(f"trim_mode_{m}" for m in range(5))):
         assert figures.get(key, 0) > 0, (key, figures)
     assert not list(tmp_path.glob("crash-*"))
 
@@ -60,7 +61,7 @@ def test_replay_and_a_failing_input_is_saved(tmp_path: Path) -> None:
     assert done.returncode == 1, done.stderr
     saved = list(tmp_path.glob("crash-*"))
     assert len(saved) == 1 and "FAILED on input" in done.stderr
-    assert "trim_parts differs" in done.stderr
+    assert "c trim_parts differs" in done.stderr
 
 
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc's ASan runtime")

@@ -16,7 +16,11 @@ a :class:`Provider` into one of these cases, and every case asserts an exact exp
   anywhere in or out of ``dst``, runs valid or not: the bytes of the pure-Python twins
   (``backends.copy_runs_loop`` / ``write_frame_py``), or ValueError with nothing written;
 * ``plans``: ``plan_trim`` over a cache holding a forged entry (TypeError) or a real Plan
-  under another frame's key (a decline, or the right bytes).
+  under another frame's key (a decline, or the right bytes);
+* ``reentry``: a garbage collection at a random allocation inside a trim (both backends)
+  runs a finalizer that rewrites words of the input and trims another frame with the same
+  Trimmer: no memory error, a trim or a FrameError, and on the C path exactly the trim of
+  the input as it was, as it became, or as it was checked with the new bytes copied.
 
 Why not libFuzzer (atheris): under gcc's ASan runtime, preloaded, libFuzzer's coverage
 callbacks resolve to the sanitizer's stubs (atheris warns "broken Python code coverage"), so
@@ -28,6 +32,7 @@ case on every input instead.  A failing input is saved (``--artifacts``) and rep
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import struct
@@ -206,12 +211,8 @@ def case_trim(fdp: Provider) -> None:
         shift = fdp.int_in(-len(frame) - 64, len(frame) + 64)
         for name, trimmer in trimmers.items():
             got = one_trim(trimmer, frame, allow, mode, shift, check_ragged)
-            if mode == 4 and want[0] == "ok" and got[0] == "ok":
-                assert got == want, f"{name} trim_parts differs"
-            elif mode != 4 or want[0] == "ok":
-                assert got == want, f"{name} mode {mode}: {got!r:.300} != {want!r:.300}"
-            else:  # trim_parts words the same error class (it never takes an out)
-                assert got[0] == want[0], f"{name} trim_parts: {got!r:.300} != {want!r:.300}"
+            what = "trim_parts" if mode == 4 else f"trim (out mode {mode})"
+            assert got == want, f"{name} {what} differs: {got!r:.300} != {want!r:.300}"
     STATS["frames_ok" if want[0] == "ok" else "frames_refused"] += 1
 
 
@@ -309,16 +310,92 @@ def case_plans(fdp: Provider) -> None:
     STATS["plans_other_key"] += 1
 
 
+class _Rewriter:
+    """A finalizer with side effects: rewrite the input, trim something else."""
+
+    def __init__(self, action: Any) -> None:
+        self.action = action
+        self.me = self  # a cycle: only the collector frees it
+
+    def __del__(self) -> None:
+        self.action()
+
+
+def case_reentry(fdp: Provider) -> None:
+    built, other = build_frame(fdp), build_frame(fdp)
+    if built is None or other is None:
+        return
+    (frame, names), (frame_b, _) = built, other
+    allow = allowlist(fdp, names)
+    mutated = mutate(fdp, frame)
+    if len(mutated) != len(frame):
+        return  # (the rewrite happens in place)
+    threshold = fdp.int_in(1, 40)
+    check_ragged = fdp.flag()
+    before = reference(frame, allow, check_ragged)
+    after = reference(mutated, allow, check_ragged)
+    # checked as it was, copied as it became: the frame's header and table, the new data
+    n_cols, layout_len = struct.unpack_from("<II", frame, 8)
+    table_end = ((64 + layout_len + 7) & ~7) + 16 * n_cols
+    hybrid = reference(frame[:table_end] + mutated[table_end:], allow, False)
+    for backend in backends.BACKENDS:
+        got = reentered_trim(Trimmer(backend=backend), frame, mutated, frame_b, allow,
+                             threshold, check_ragged)
+        STATS["trims"] += 1
+        assert got[0] in ("ok", "FrameError"), f"{backend} re-entered trim: {got!r:.300}"
+        if backend == "c" and before[0] == "ok" and got not in (before, after):
+            # the C path validates, then (at the output's allocation) the finalizer may run,
+            # then it copies: every output byte is the checked frame's or the rewritten one's
+            assert got[0] == "ok" and hybrid[0] == "ok", f"c re-entered trim: {got!r:.300}"
+            g, a, h = (np.frombuffer(x, np.uint8) for x in (got[1], before[1], hybrid[1]))
+            assert g.size == a.size == h.size and np.all((g == a) | (g == h)), \
+                "c re-entered trim: output bytes from neither input"
+    STATS["reentry_cases"] += 1
+
+
+def reentered_trim(trimmer: Trimmer, frame: bytes, mutated: bytes, frame_b: bytes,
+                   allow: Allowlist, threshold: int, check_ragged: bool) -> tuple[str, Any]:
+    """Trim a copy of ``frame`` while a finalizer, run by the collector at some allocation
+    inside the call, rewrites it into ``mutated`` and trims ``frame_b`` with ``trimmer``."""
+    for _ in range(2):
+        outcome(lambda: trimmer.trim(frame, allow))  # its plan (and memo) for this table
+    src = bytearray(frame)
+    inside = [False]
+
+    def rewrite() -> None:
+        src[:] = mutated
+        outcome(lambda: trimmer.trim(frame_b, allow))
+        STATS["reentry_inside" if inside[0] else "reentry_outside"] += 1
+
+    old = gc.get_threshold()
+    gc.collect(0)
+    gc.disable()
+    try:
+        _Rewriter(rewrite)
+        gc.set_threshold(threshold)
+        gc.enable()
+        inside[0] = True
+        got = outcome(lambda: bytes(trimmer.trim(src, allow, check_ragged=check_ragged).data))
+        inside[0] = False
+    finally:
+        gc.set_threshold(*old)
+        gc.enable()
+        gc.collect(0)  # (if the finalizer has not run yet)
+    return got
+
+
 def test_one_input(data: bytes) -> None:
     STATS["inputs"] += 1
     fdp = Provider(data)
-    case = fdp.int_in(0, 9)
+    case = fdp.int_in(0, 11)
     if case < 6:
         case_trim(fdp)
     elif case < 9:
         case_raw(fdp)
-    else:
+    elif case < 10:
         case_plans(fdp)
+    else:
+        case_reentry(fdp)
 
 
 def main(argv: list[str] | None = None) -> int:
