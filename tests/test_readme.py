@@ -100,14 +100,15 @@ def test_library_snippet_is_safe_from_four_threads(
                                {"request_id": f"t{t}-{k}", "targets": ["ads_ctr"]})
                 want = ns["trim"](frame, allowlist).data  # a private output per call
 
-                def post(url: str, headers: dict[str, str], parts: list[Any]
+                def post(url: str, headers: dict[str, str], parts: list[Any],
+                         want: bytes = bytes(want), where: str = f"thread {t} frame {k}"
                          ) -> tuple[int, bytes]:
                     time.sleep(0)  # a real client's I/O: let the other threads run
                     sent = b"".join(parts)
-                    if sent != bytes(want):
-                        errors.append(f"thread {t} frame {k}: the leaf got another frame")
-                    got = decode(sent)
-                    return 200, json.dumps({"scores": got.columns["ctx_num_0002"].tolist()}).encode()
+                    if sent != want:
+                        errors.append(f"{where}: the leaf got another frame")
+                    scores = decode(sent).columns["ctx_num_0002"].tolist()
+                    return 200, json.dumps({"scores": scores}).encode()
 
                 status, doc = ns["score"](frame, None, post)
                 target = doc["targets"][0]
