@@ -159,7 +159,7 @@ class Prepared:
     sending: Payload | None = None  # what the latest LeafRequest sends (a re-send: untrimmed)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class LeafRequest:
     """One leaf call to make: POST ``path`` with ``headers`` and the body ``parts``."""
 
