@@ -79,6 +79,15 @@ class Root:
         return status, doc
 
     async def _target(self, plan: Plan, i: int, deadline: float) -> None:
+        """One target to its end; a bug here fails this target alone (``internal``)."""
+        try:
+            await self._call(plan, i, deadline)
+        except Exception as exc:
+            log.exception("target %d of request %s failed", i, plan.request_id)
+            self.contract.fail(plan, i, LeafError("internal", f"internal error (logged): "
+                                                  f"{type(exc).__name__}"))
+
+    async def _call(self, plan: Plan, i: int, deadline: float) -> None:
         req = self.contract.request(plan, i)
         while req is not None:  # a 409 to a trimmed frame: once more, untrimmed
             if not req.endpoints:

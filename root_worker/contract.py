@@ -170,9 +170,9 @@ class LeafRequest:
     nbytes: int                   # their total length (the Content-Length)
     trimmed: bool                 # the body is a trimmed frame (X-FT-Trimmed-For sent)
 
-    @staticmethod
-    def url(endpoint: Endpoint, path: str) -> str:
-        return endpoint.url + path
+    def url(self, endpoint: Endpoint) -> str:
+        """The full URL of this call to ``endpoint`` (one of :attr:`endpoints`)."""
+        return endpoint.url + self.path
 
 
 @dataclass(slots=True)
