@@ -158,3 +158,64 @@ def test_a_new_generation_is_attached_off_the_event_loop(tmp_path: Path) -> None
         daemon.close()
         remove_segments(prefix)
         assert not shm_leftovers(prefix)
+
+
+def test_threads_share_one_contract_with_lz4_and_the_pool_comes_back(tmp_path: Path) -> None:
+    """4 threads, one Contract in mode trim with lz4 (pooled contiguous outputs): every
+    body is its own frame trimmed then compressed, a 409 to a trimmed frame gives the whole
+    frame compressed, and every pooled buffer is back once each plan finished."""
+    import threading
+
+    import lz4.frame
+
+    from root_worker.frame import Trimmer
+
+    wl = Workload()
+    prefix = f"fttest_{uuid.uuid4().hex[:12]}"
+    ads = tmp_path / "ads" / "module_info.json"
+    write_bundle(ads, wl.ads_doc())
+    daemon = DaemonProc(prefix, {"ads": ads}, tmp_path / "daemon.log")
+    live = LiveMap(prefix)
+    try:
+        daemon.wait_view(lambda v: v.resolve("ads_ctr").allowlist is not None)
+        contract = Contract(load_settings({}, shm_name=prefix, lz4=True), live,
+                            Routing.from_doc({"*": "http://127.0.0.1:9"}))
+        allowlist = live.resolve("ads_ctr", "1").allowlist
+        errors: list[str] = []
+
+        def worker(t: int) -> None:
+            for k in range(60):
+                frame = make_frame(wl.universe, 1 + (t * 7 + k) % 16, seed=t * 1000 + k)
+                plan = contract.prepare(frame, [Target("ads_ctr", "1")])
+                try:
+                    req = contract.request(plan, 0)
+                    assert req is not None and req.trimmed
+                    want = Trimmer().trim(frame, allowlist).data
+                    if lz4.frame.decompress(b"".join(req.parts)) != bytes(want) or \
+                            req.headers.get("Content-Encoding") != "lz4" or \
+                            req.headers.get("X-FT-Trimmed-For") != "1":
+                        errors.append(f"{t}/{k}: not its own trimmed frame")
+                    again = contract.answer(plan, 0, "http://127.0.0.1:9", 409,
+                                            b'{"error": "skew", "version": "0"}')
+                    if again is None or again.trimmed or \
+                            lz4.frame.decompress(b"".join(again.parts)) != frame:
+                        errors.append(f"{t}/{k}: the re-send is not the whole frame")
+                    contract.answer(plan, 0, "http://127.0.0.1:9", 200, b'{"scores": []}')
+                finally:
+                    status, doc = contract.finish(plan)
+                if doc["targets"][0].get("fallback") != "version_skew_resent_untrimmed":
+                    errors.append(f"{t}/{k}: {doc['targets'][0]}")
+
+        threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(120)
+        assert not any(th.is_alive() for th in threads)
+        assert not errors, errors[:5]
+        assert contract.buffers.in_use == 0
+    finally:
+        live.close()
+        daemon.close()
+        remove_segments(prefix)
+        assert not shm_leftovers(prefix)
