@@ -72,11 +72,12 @@ schema: $(STAMP)         ## regenerate flatbuffers_schema Python code with flatc
 	$(PY) -m root_worker.frame.cheader
 
 # mypy --strict covers the public API: frame codec + trim engine, name keys, the contracts,
-# the map reader and the bundle parser (config: [mypy] in setup.cfg).
+# the map reader, the bundle parser and the root's contract library (config: [mypy] in setup.cfg).
 STRICT := root_worker/frame flatbuffers_schema/keys.py flatbuffers_schema/settings.py \
           flatbuffers_schema/wire.py flatbuffers_schema/shm_layout.py \
           flatbuffers_schema/atomic_file.py flatbuffers_schema/feature_map.py \
-          root_worker/featuremap/map_reader.py trimmer_daemon/bundle/parse.py
+          root_worker/featuremap/map_reader.py trimmer_daemon/bundle/parse.py \
+          root_worker/contract.py
 
 lint: $(STAMP)           ## ruff (pinned) + mypy --strict on the public API
 	$(VENV)/bin/ruff check .

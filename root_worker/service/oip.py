@@ -322,7 +322,7 @@ def read_answer(url: str, status: int, data: bytes, headers: dict[str, str],
     try:
         n = len(data) if raw is None else int(raw)
     except ValueError:
-        raise _bad(url, f"with {HEADER_LENGTH}: {raw[:40]!r}") from None
+        raise _bad(url, f"with {HEADER_LENGTH}: {str(raw)[:40]!r}") from None
     if not 0 < n <= len(data):
         raise _bad(url, f"with {HEADER_LENGTH} {n} outside its {len(data)} bytes")
     try:
