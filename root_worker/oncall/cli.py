@@ -324,10 +324,13 @@ _VERBS = {"status": cmd_status, "models": cmd_models, "lookup": cmd_lookup, "dif
 def _learned(view: FeatureMapView, model: str, roots: list[str]
              ) -> tuple[list[dict[str, Any]], list[str]]:
     """Per root worker and leaf endpoint: the version learned and what a version-less
-    request to it gets (``trimmed`` for that version, or ``version_fallback``: untrimmed)."""
+    request to it gets (``trimmed`` for that version; ``rollout union`` while that version
+    takes part in a rollout; or untrimmed when no bundle lists it)."""
     from root_worker.oncall.learned import LearnedError, learned_versions
+    from root_worker.service.leafversions import in_rollout
 
     rows, errors = [], []
+    rollout = view.resolve_rollout(model)
     for root in roots:
         try:
             found = learned_versions(root, model)
@@ -336,11 +339,13 @@ def _learned(view: FeatureMapView, model: str, roots: list[str]
             print(f"WARNING: {exc}", file=sys.stderr)
             continue
         for x in found:
-            res = view.resolve(model, x.version)
+            union = in_rollout(rollout, x.version)
+            res = rollout if union else view.resolve(model, x.version)
             known = res.outcome.value == "trimmed"
             rows.append({"root": x.root, "pid": x.pid, "endpoint": x.endpoint,
                          "version": x.version,
-                         "outcome": "trimmed" if known else "untrimmed (not in the map)",
+                         "outcome": "rollout union" if union else "trimmed" if known else
+                         "untrimmed (not in the map)",
                          "features": len(res.allowlist) if known and res.allowlist is not None
                          else None})
     return rows, errors

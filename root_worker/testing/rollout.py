@@ -633,7 +633,9 @@ def article_stages(r: Rehearsal) -> list[Stage]:
 
 def single_root_stages(r: Rehearsal) -> list[Stage]:
     """The issue's four stages on one root and one leaf: v2 pending while the leaf serves
-    v1; the leaf moves to v2; the root promotes v2; the leaf rolls back to v1."""
+    v1; the leaf moves to v2; the root promotes v2; the rollback (as the runbook orders it
+    after a promotion: the root demotes v2 -- pending again -- then the leaf goes back to
+    v1)."""
     pending = r.pipeline.build("root-v1-v2pending", current=[(MODEL, "1")],
                                pending=[(MODEL, "2")])
     promoted = r.pipeline.promote(pending, "root-v1-v2")
@@ -645,19 +647,20 @@ def single_root_stages(r: Rehearsal) -> list[Stage]:
               changed=1),
         Stage("c root promotes v2", "trimmer-bundle promote homefeed.json",
               lambda: r.deploy([0], promoted)),
-        Stage("d rollback: leaf -> v1", "deploy the leaf at v1",
-              lambda: r.roll_leaf("hf-b", "1"), changed=1),
+        Stage("d rollback: demote v2, leaf -> v1", "trimmer-bundle promote --demote "
+              f"homefeed.json {MODEL}@2; deploy the leaf at v1",
+              lambda: (r.deploy([0], pending), r.roll_leaf("hf-b", "1")), changed=1),
     ]
 
 
-def verdict(rows: Sequence[dict[str, Any]], workers_per_endpoint: int) -> dict[str, Any]:
+def verdict(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The targets, per stage: 0 errors, 0 under-sent frames, skew round trips <= the
-    learned changes (each costs at most one) and <= endpoints changed x the workers that
-    reach an endpoint, bytes sent / untrimmed within 10 % of the steady state."""
+    learned changes (each costs at most one) and <= the leaf endpoints changed (over every
+    root host and worker), bytes sent / untrimmed within 10 % of the steady state."""
     steady = rows[0]["sent_vs_untrimmed"]
     out = []
     for row in rows:
-        bound = row["endpoints_changed"] * workers_per_endpoint
+        bound = row["endpoints_changed"]
         checks = {
             "errors": row["errors"] == 0,
             "under_sent": row["under_sent"] == 0,
