@@ -13,7 +13,14 @@ import random
 
 import pytest
 
-from root_worker.service.http1 import HttpError, Message, ReplyParser, RequestStream
+from root_worker.service.http1 import (
+    MAX_SMALL_PIECES,
+    MIN_PIECE_BYTES,
+    HttpError,
+    Message,
+    ReplyParser,
+    RequestStream,
+)
 
 MAX_HEAD = 32 << 10
 MAX_BODY = 1 << 20
@@ -151,6 +158,21 @@ def test_a_chunked_body_is_capped() -> None:
         s.feed(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
                b"8\r\n12345678\r\n8\r\n12345678\r\n0\r\n\r\n")
     assert (info.value.status, info.value.code) == (413, "too_large")
+
+
+def test_a_body_of_tiny_chunks_is_refused() -> None:
+    """Each chunk costs the worker a callback: 1-byte chunks past MAX_SMALL_PIECES are a 400,
+    while the same count of ordinary chunks is served."""
+    head = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    tiny = b"1\r\nx\r\n" * (MAX_SMALL_PIECES + 10) + b"0\r\n\r\n"
+    done, err = _parse(head + tiny)
+    assert err is not None and (err.status, err.code) == (400, "bad_chunked"), err
+    assert "larger" in err.message
+    fine = (b"%x\r\n" % MIN_PIECE_BYTES + b"y" * MIN_PIECE_BYTES + b"\r\n") * \
+        (MAX_SMALL_PIECES + 10) + b"0\r\n\r\n"
+    s = RequestStream(MAX_HEAD, 1 << 30)
+    s.feed(head + fine)
+    assert len(s.done) == 1 and len(s.done[0].store) == MIN_PIECE_BYTES * (MAX_SMALL_PIECES + 10)
 
 
 def test_absolute_form_http10_keep_alive_expect_and_head() -> None:

@@ -8,8 +8,9 @@ parser Node.js runs, fuzzed continuously; nothing here parses HTTP syntax by han
 module adds is policy, applied once llhttp has framed a message:
 
 * limits: request line (414), head bytes and header fields (431), trailer fields and bytes
-  (431), body bytes (413); every limit is checked while bytes arrive, so nothing here holds
-  more than the caller's limits allow;
+  (431), body bytes (413), chunks of a few bytes each (400: each costs a callback); every
+  limit is checked while bytes arrive, so nothing here holds more than the caller's limits
+  allow;
 * RFC 9112 rules llhttp leaves to the server: HTTP/1.0 or 1.1 only (505); exactly one
   ``Host`` in HTTP/1.1 (400); ``Transfer-Encoding`` in HTTP/1.0 is faulty framing (400, and
   the connection closes); only the ``chunked`` coding (501); ``Expect: 100-continue`` only in
@@ -36,6 +37,11 @@ MAX_REQUEST_LINE = 8190  # gunicorn's limit_request_line default
 MAX_HEADER_FIELDS = 100  # gunicorn's limit_request_fields default (also for trailers)
 MAX_REPLY_HEAD = 16 << 10  # a leaf answer's head
 _FIELD_OVERHEAD = 4  # ": " and CRLF around each field, counted against the head's size
+# A chunked body of many tiny chunks costs a Python callback per chunk (llhttp de-chunks in
+# C, the data arrives one callback per piece): past MAX_SMALL_PIECES pieces, a body whose
+# pieces average under MIN_PIECE_BYTES is refused (400) rather than burning the worker's CPU.
+MAX_SMALL_PIECES = 4096
+MIN_PIECE_BYTES = 64
 # llhttp's refusals (its reason text) sorted into this service's error codes, first match
 _REFUSAL_CODES = (("chunk", "bad_chunked"), ("content-length", "bad_length"),
                   ("transfer-encoding", "bad_framing"), ("header", "bad_header"))
@@ -61,7 +67,7 @@ class Message:
 
     __slots__ = ("method", "target", "path", "query", "minor", "headers", "hosts",
                  "content_length", "chunked", "keep_alive", "expect_continue", "headed",
-                 "complete", "received", "head_bytes", "fields", "store")
+                 "complete", "received", "pieces", "head_bytes", "fields", "store")
 
     def __init__(self) -> None:
         self.method = ""
@@ -78,6 +84,7 @@ class Message:
         self.headed = False       # the head is parsed and accepted
         self.complete = False     # the whole body arrived
         self.received = 0         # body bytes so far
+        self.pieces = 0           # body pieces llhttp delivered (chunks, or parts of one)
         self.head_bytes = 0       # request line + fields (+ trailers), as llhttp saw them
         self.fields = 0
         self.store: Any = None
@@ -136,12 +143,12 @@ class RequestStream:
         if self.closed:
             return
         msg = self.msg
-        if msg is None or not msg.headed:
-            self._unheaded += len(data)
-            if self._unheaded > self.max_head + MAX_REQUEST_LINE:
+        if msg is None or not msg.headed:  # (the head may end inside this piece: counted
+            if self._unheaded > self.max_head + MAX_REQUEST_LINE:  # after the check)
                 self.closed = True
                 raise HttpError(431, "header_too_large", "request head exceeds "
                                 f"{self.max_head} bytes (FT_MAX_HEADER_BYTES)")
+            self._unheaded += len(data)
         self._error = None
         try:
             self._hp.feed_data(data)
@@ -296,9 +303,14 @@ class RequestStream:
         msg = self.msg
         assert msg is not None
         msg.received += len(data)
+        msg.pieces += 1
         if msg.received > self.max_body:
             self._fail(HttpError(413, "too_large", f"chunked body exceeds the limit of "
                                  f"{self.max_body} bytes (FT_MAX_REQUEST_BYTES)"))
+        if msg.pieces > MAX_SMALL_PIECES and msg.received < msg.pieces * MIN_PIECE_BYTES:
+            self._fail(HttpError(400, "bad_chunked", f"chunked body of {msg.pieces} chunks "
+                                 f"averaging under {MIN_PIECE_BYTES} bytes: send larger "
+                                 "chunks (or a Content-Length)"))
         try:
             self._sink(msg, data)
         except BaseException as exc:
