@@ -3,6 +3,7 @@ shaped 1 Gbit/s link (issues #4, #9).
 
     python bench/e2e_bench.py [--candidates 64] [--clients 4] [--duration 4] [--rounds 3]
                               [--frames 32] [--configs off,lz4,...] [--shaped auto|off]
+                              [--baseline TREE]
     make bench-e2e                                # the same, with BENCH_ARGS="..." if wanted
 
 The stack of ``make demo`` (:mod:`root_worker.testing.stack`): one ``trimmer-daemon``
@@ -21,7 +22,7 @@ for every configuration:
 The minimal root (2 forked workers) reads the body with ``recv_into`` into a reused buffer,
 uses the project's own peek / map view / trim, sends with ``sendmsg`` on kept-alive sockets
 and parses the leaves' JSON -- no deadlines, limits or metrics. The ratio of root CPU per
-request, pool / minimal, is the HTTP-layer overhead the pool adds (target <= 1.3); trim / off
+request, pool / minimal, is the HTTP-layer overhead the pool adds (target <= 1.2); trim / off
 of the pool is what trimming saves the root (target <= 0.7).
 
 Workload (production-shaped, ``examples/``): a 2000-feature union (55% float32 scalars, 15%
@@ -109,13 +110,15 @@ CONFIGS = {  # name -> (root, FT_MODE, FT_LZ4); root "pool" is gunicorn, "minima
     "trim+lz4": ("pool", "trim", True),
     "min-off": ("minimal", "off", False),
     "min-trim": ("minimal", "trim", False),
+    "base-off": ("base", "off", False),     # only with --baseline: the same pool, run from
+    "base-trim": ("base", "trim", False),   # another checkout (before/after in one run)
 }
 SHAPED_CONFIGS = ["off", "trim"]
 TARGETS = ["ads_ctr", "ads_cvr", "homefeed_rank"]
 N_FRAMES = 32  # distinct frames (seeds): more than the trimmer's size plans per layout
 TICK = os.sysconf("SC_CLK_TCK")
 TARGET_THROUGHPUT_X, TARGET_WIRE_REDUCTION = 1.5, 0.65
-TARGET_POOL_VS_MINIMAL, TARGET_TRIM_VS_OFF_CPU = 1.3, 0.7
+TARGET_POOL_VS_MINIMAL, TARGET_TRIM_VS_OFF_CPU = 1.2, 0.7
 TARGET_SHAPED_BOUND, TARGET_SHAPED_P99 = 0.95, 0.45
 SHAPED_RATE = "1gbit"
 
@@ -390,6 +393,12 @@ def verdict(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
             v[f"pool_vs_minimal_root_cpu_{mode}_rounds"] = round_ratios(
                 results[mode], results[f"min-{mode}"])
             v[f"pool_vs_minimal_{mode}_target_met"] = ratio <= TARGET_POOL_VS_MINIMAL
+    for mode in ("off", "trim"):
+        if f"base-{mode}" in results:  # this checkout / the --baseline checkout
+            v[f"root_cpu_vs_baseline_{mode}"] = round(
+                root_cpu(results[mode]) / root_cpu(results[f"base-{mode}"]), 3)
+            v[f"root_cpu_vs_baseline_{mode}_rounds"] = round_ratios(results[mode],
+                                                                    results[f"base-{mode}"])
     if "min-off" in results and "min-trim" in results:
         # The yardstick's own trim / off: what trimming saves a root that does only the
         # unavoidable work (receiving the frame, sending, parsing the answers): the floor
@@ -512,9 +521,13 @@ def run_configs(stack: Stack, names: Sequence[str], frames: Sequence[bytes],
             if kind == "minimal":
                 root: Any = MinimalRoot(name, stack, mode, routing).wait_ready()
             else:
+                # the other checkout first on sys.path (PYTHONSAFEPATH: -m must not put
+                # the working directory, this checkout, before it)
+                extra = {"PYTHONPATH": str(args.baseline), "PYTHONSAFEPATH": "1"} \
+                    if kind == "base" else {}
                 root = stack.start_pool(name, mode=mode, lz4=lz4_on, FT_ROUTING=str(routing),
                                         FT_THREADS=str(args.threads),
-                                        FT_WORKER_CLASS=args.worker_class)
+                                        FT_WORKER_CLASS=args.worker_class, **extra)
             try:
                 w = measure(stack, root, name, frames, args, leaves)
             finally:
@@ -631,6 +644,11 @@ def report_ratios(v: dict[str, Any]) -> None:
           f"per round {_range(v['root_cpu_trim_vs_off_rounds'])} (target "
           f"<= {TARGET_TRIM_VS_OFF_CPU}: "
           f"{'met' if v['root_cpu_trim_vs_off_target_met'] else 'NOT met'})")
+    for mode in ("off", "trim"):
+        key = f"root_cpu_vs_baseline_{mode}"
+        if key in v:
+            print(f"root CPU per request, this checkout / --baseline ({mode}): {v[key]:.2f}x "
+                  f"pooled, per round {_range(v[key + '_rounds'])}")
     if "minimal_root_cpu_trim_vs_off" in v:
         print(f"root CPU per request, trim / off (minimal root, the floor): "
               f"{v['minimal_root_cpu_trim_vs_off']:.2f} pooled, per round "
@@ -719,18 +737,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=4.0, help="measured seconds per window")
     p.add_argument("--warmup", type=float, default=1.5)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--configs", default=",".join(CONFIGS),
+    p.add_argument("--configs", default=",".join(c for c in CONFIGS if CONFIGS[c][0] != "base"),
                    help="comma-separated subset of %(default)s (must include off and trim)")
     p.add_argument("--shaped", choices=("auto", "off"), default="auto",
                    help="also run off/trim behind a 1 Gbit/s shaped veth (auto: when network "
                         "namespaces are available)")
     p.add_argument("--examples", type=Path, default=ROOT / "examples")
     p.add_argument("--output", type=Path, default=RESULTS)
+    p.add_argument("--baseline", type=Path, metavar="TREE",
+                   help="also run the pool from this checkout of another commit (its C "
+                        "accelerator built in place), as base-off and base-trim: root CPU "
+                        "before/after a change in one run. E.g. git worktree add /tmp/base "
+                        "<commit> && (cd /tmp/base && python setup.py build_ext --inplace)")
     p.add_argument("--inner-shaped", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--leaf-netns", help=argparse.SUPPRESS)
     p.add_argument("--leaf-host", help=argparse.SUPPRESS)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     args.configs = [c for c in args.configs.split(",") if c]
+    if args.baseline is not None:
+        args.configs += [c for c in ("base-off", "base-trim") if c not in args.configs]
+    elif any(CONFIGS.get(c, ("",))[0] == "base" for c in args.configs):
+        p.error("base-off and base-trim need --baseline TREE")
     if not {"off", "trim"} <= set(args.configs) or not set(args.configs) <= set(CONFIGS):
         p.error(f"--configs: a subset of {','.join(CONFIGS)} with off and trim")
     for sig in (signal.SIGINT, signal.SIGTERM):  # both unwind through the finally blocks

@@ -77,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
             target = SCHEMA_DIR / package
             shutil.rmtree(target, ignore_errors=True)
             shutil.copytree(root / package, target)
+            # flatc creates its directories 0750; the package is imported by the daemon's
+            # and the root's users too (tests/test_deploy.py runs them as other users)
+            target.chmod(0o755)
+            for path in target.iterdir():
+                path.chmod(0o644)
             print(f"regenerated {target}")
     return 0
 

@@ -174,10 +174,12 @@ def add_version_flag(parser: argparse.ArgumentParser) -> None:
 
 def package_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version("feature-trimmer")
-    except PackageNotFoundError:  # a source tree that was never installed
-        return "(not installed)"
+    for dist in ("feature-trimmer", "feature-trimmer-lean"):  # the full or the lean install
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            continue
+    return "(not installed)"  # a source tree that was never installed
 
 
 # -- validators: each takes a str (env/flag) or a TOML value and returns the typed value ------

@@ -14,7 +14,10 @@ Answers (``Content-Type: application/json``):
     200 ``{"scores": [...], "version": ..., ...}``: ``scores`` (a list) is required, every
     other field optional; ``version`` is the version the leaf actually served.
     409 (version skew): the frame was trimmed for another version and lacks
-    features this leaf's version needs; the root re-sends it untrimmed.
+    features this leaf's version needs; the root re-sends it untrimmed. The body
+    ``{"error": ..., "version": V}`` names the version V the leaf serves, and the root
+    trims that leaf's version-less requests for V from then on (as it does from the
+    ``version`` of a 200 answer).
     4xx / 5xx: ``{"error": "..."}``.
 """
 

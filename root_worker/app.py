@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from root_worker.featuremap.live_map import LiveMap
+from root_worker.frame.backends import describe_backend
 from root_worker.service.http1 import Answer, error_body, json_body, status_text
 from root_worker.service.metrics import RootMetrics
 from root_worker.service.routing import Routing, RoutingError
@@ -59,6 +60,10 @@ class WorkerState:
         self.metrics = RootMetrics(routing.listed)
         self.metrics.set_mode(settings.mode, settings.lz4)
         self.scorer = Scorer(settings, self.live_map, routing, self.metrics)
+        self.trim_backend = describe_backend(self.scorer.trimmer.backend)
+        if self.trim_backend["backend"] != "c":
+            log.warning("trim backend: %s", self.trim_backend["reason"])
+        self.metrics.set_trim_backend(self.trim_backend["backend"], self.trim_backend["kernel"])
         self.connections: Callable[[], int] | None = None  # set by the event worker
 
     def refresh_map(self) -> None:
@@ -159,6 +164,7 @@ class RootApp:
             "daemon_pid": control.heartbeat_pid if control else None,
             "published_generation": control.generation if control else None,
             "mode": s.mode, "lz4": s.lz4, "shm_name": s.shm_name,
+            "trim_backend": state.trim_backend,
             "uptime_seconds": time.monotonic() - state.started,
             "map_errors": lm.map_errors,
             "reader": {"attaches": stats.attaches, "verify_failures": stats.verify_failures,

@@ -17,6 +17,7 @@ model         behaviour
 ``chunky``    ``200`` chunked, 64 KiB chunks forever
 ``reset``     closes with a TCP reset after reading the request
 ``garbage``   a malformed status line
+``badlength`` ``200`` with ``Content-Length: \xb2`` (a digit to ``str.isdigit``, not to int)
 anything      ``200 {"scores": []}`` at once (a cheap healthy leaf; keep-alive)
 ============  =================================================================
 
@@ -95,6 +96,9 @@ def behave(conn: socket.socket, model: str) -> bool:
         return False
     if model == "garbage":
         conn.sendall(b"HTTP/9 teapot\r\n\r\n")
+        return False
+    if model == "badlength":
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\n{}")
         return False
     body = b'{"scores": []}'
     conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "

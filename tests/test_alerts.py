@@ -26,7 +26,7 @@ RUNBOOK = ROOT / "docs" / "operations.md"
 EXTERNAL = {"up",  # Prometheus' own
             "feature_trimmer_inspect_status"}  # a textfile collector's (operations.md)
 PROMQL_WORDS = {"min", "sum", "by", "on", "rate", "increase", "time", "host", "model",
-                "outcome", "job", "state", "vector"}
+                "outcome", "job", "state", "vector", "phase"}
 
 needs_promtool = pytest.mark.skipif(
     shutil.which("promtool") is None and not os.environ.get("FT_REQUIRE_PROMTOOL"),

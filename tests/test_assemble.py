@@ -64,6 +64,7 @@ def _same(a: FeatureMapView, b: FeatureMapView) -> None:
         for version in (None, "1", "2", "3", "9", "10", "404"):
             x, y = a.resolve(model, version), b.resolve(model, version)
             assert (x.outcome, x.version) == (y.outcome, y.version), (model, version)
+            assert x.tensors == y.tensors, (model, version)
             if y.allowlist is not None:
                 assert x.allowlist is not None
                 assert np.array_equal(x.allowlist.keys, y.allowlist.keys)
@@ -196,3 +197,61 @@ def test_padding_to_a_spare_size_keeps_the_blob_readable() -> None:
         assert len(blob) == (plain.size + pad if padded else plain.size), pad
         assert out.parts[-len(parts):] == plain.parts[-len(parts):]  # the blocks, untouched
         _same(FeatureMapView(blob), FeatureMapView(b"".join(bytes(p) for p in plain.parts)))
+
+
+TRITON = {"tr_ctr": [{"version": "1", "input_names": ["d", "ids"], "max_batch_size": 64,
+                      "inputs": [{"name": "d", "datatype": "FP32", "shape": [8]},
+                                 {"name": "ids", "datatype": "INT64", "shape": [-1],
+                                  "optional": True}]},
+                     {"version": "2", "input_names": ["d"]}],
+          "shared": [{"version": "1", "input_names": ["s1"], "max_batch_size": 0,
+                      "inputs": [{"name": "s1", "datatype": "BOOL", "shape": []}]}]}
+
+
+def test_tensor_signatures_travel_both_compile_paths() -> None:
+    """The optional tensor signature reaches the map the same way through the spliced parts
+    and the whole-map compiler, alone or merged with another bundle (the first one's)."""
+    from flatbuffers_schema.oip import InputSpec, TensorSignature
+
+    for docs in ({"triton": TRITON}, {"triton": TRITON, "ads": ADS, "feed": FEED}):
+        ref, spliced = FeatureMapView(_reference(docs)), FeatureMapView(_spliced(docs))
+        _same(spliced, ref)
+        got = spliced.resolve("tr_ctr", "1").tensors
+        assert got == TensorSignature((InputSpec("d", "FP32", (8,)),
+                                       InputSpec("ids", "INT64", (-1,), True)), 64)
+        assert spliced.resolve("tr_ctr", "2").tensors is None
+        assert spliced.resolve("ctr", "9").tensors is None
+        assert spliced.resolve("shared", "1").tensors == (
+            TensorSignature((InputSpec("s1", "BOOL", ()),), 0))
+
+
+def test_pending_versions_in_both_compilers() -> None:
+    """A pending version is never latest; a version two bundles define is pending only when
+    both say so; the spliced blob (one bundle, and merged across bundles) and the reference
+    blob agree."""
+    one = {"m": [{"version": "1", "input_names": ["a", "b"]},
+                 {"version": "2", "input_names": ["a", "c"], "pending": True}],
+           "new": [{"version": "1", "input_names": ["n"], "pending": True}]}
+    other = {"m": [{"version": "2", "input_names": ["a", "c"], "pending": True},
+                   {"version": "3", "input_names": ["d"], "pending": True}]}
+    for docs in ({"one": one}, {"one": one, "other": other}):
+        spliced, reference = FeatureMapView(_spliced(docs)), FeatureMapView(_reference(docs))
+        _same(spliced, reference)
+        for view in (spliced, reference):
+            res = view.resolve("m")
+            assert res.version == "1"
+            assert set(res.pending) == ({"2"} if len(docs) == 1 else {"2", "3"})
+            union = view.resolve_rollout("m")
+            assert union.union and union.version == "1"
+            names = set(view.feature_names(union.allowlist.keys))
+            assert names == ({"a", "b", "c"} if len(docs) == 1 else {"a", "b", "c", "d"})
+            assert view.resolve("m", "2").outcome.value == "trimmed"  # named: exact
+            m = next(x for x in view.models() if x["name"] == "m")
+            assert m["latest"] == "1" and [v["pending"] for v in m["versions"]][:2] == \
+                [False, True]
+            new = view.resolve("new")  # every version pending: the last one, no union needed
+            assert new.version == "1" and new.pending == ("1",)
+    # current in one bundle, pending in another: current
+    mixed = {"one": one, "cur": {"m": [{"version": "2", "input_names": ["a", "c"]}]}}
+    for blob in (_spliced(mixed), _reference(mixed)):
+        assert FeatureMapView(blob).resolve("m").version == "2"

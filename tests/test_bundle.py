@@ -22,6 +22,7 @@ from trimmer_daemon.bundle.parse import (
     Limits,
     ModelVersion,
     ParsedBundle,
+    latest_current,
     latest_version,
     load_bundle_file,
     parse_bundle,
@@ -193,8 +194,8 @@ def test_duplicate_features_collapsed_with_warning() -> None:
 
 
 def test_unknown_keys_ignored() -> None:
-    parsed = load_bundle_file(GOOD / "unknown_keys.json")
-    assert parsed.models["m"] == (ModelVersion("1", ("a",), ()),)
+    parsed = load_bundle_file(GOOD / "unknown_keys.json")  # "pending" is known since then
+    assert parsed.models["m"] == (ModelVersion("1", ("a",), (), pending=True),)
     assert parsed.warnings == ()
 
 
@@ -522,3 +523,28 @@ def test_arbitrary_json_raises_only_bundle_error(value: object) -> None:
         parse_bundle(json.dumps(value).encode(), path="fuzz")
     except BundleError:
         pass
+
+
+def test_pending_mark() -> None:
+    doc = {"m": [{"version": "1", "input_names": ["a"]},
+                 {"version": "2", "input_names": ["a", "b"], "pending": True},
+                 {"version": "3", "input_names": ["a"], "pending": False}]}
+    parsed = parse_bundle(json.dumps(doc).encode(), path="b.json")
+    assert [mv.pending for mv in parsed.models["m"]] == [False, True, False]
+    current = latest_current(parsed.models["m"])
+    assert current is not None and current.version == "3"
+    only_pending = {"m": [{"version": "2", "input_names": ["a"], "pending": True}]}
+    assert latest_current(parse_bundle(json.dumps(only_pending).encode(),
+                                       path="b.json").models["m"]) is None
+    # files without the mark stay valid, and read as not pending
+    plain = parse_bundle(b'{"m": [{"version": "1", "input_names": ["a"]}]}', path="b.json")
+    assert plain.models["m"][0].pending is False
+
+
+@pytest.mark.parametrize("value", ['"yes"', "1", "null", "[]"])
+def test_pending_mark_must_be_a_boolean(value: str) -> None:
+    data = f'{{"m": [{{"version": "1", "input_names": ["a"], "pending": {value}}}]}}'
+    with pytest.raises(BundleError) as err:
+        parse_bundle(data.encode(), path="b.json")
+    assert err.value.json_path == '$["m"][0].pending'
+    assert "pending must be true or false" in err.value.reason

@@ -133,6 +133,36 @@ def test_build_pending_merge(capsys: pytest.CaptureFixture[str], tmp_path: Path)
     doc = json.loads(out.read_text())
     assert [e["version"] for e in doc["ranker"]] == ["7", "8"]
     assert [e["version"] for e in doc["newmodel"]] == ["1"]
+    # the mark: only on versions that came from pending sources alone
+    assert [e.get("pending") for e in doc["ranker"]] == [None, True]
+    assert doc["newmodel"][0]["pending"] is True
+    parsed = load_bundle_file(out)
+    assert [mv.pending for mv in parsed.models["ranker"]] == [False, True]
+
+
+def test_promote_and_demote(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    write_dir_version(tmp_path / "cur", "ranker", "7", ["a", "b"])
+    write_dir_version(tmp_path / "pend", "ranker", "8", ["a", "c"])
+    out = tmp_path / "b.json"
+    code, _, err = run(capsys, "build", "-o", str(out), str(tmp_path / "cur" / "ranker"),
+                       "--pending", str(tmp_path / "pend" / "ranker"))
+    assert code == EXIT_OK, err
+    pending_bytes = out.read_bytes()
+    code, stdout, err = run(capsys, "promote", str(out))
+    assert code == EXIT_OK, err
+    assert "promoted: ranker@8" in stdout
+    assert [mv.pending for mv in load_bundle_file(out).models["ranker"]] == [False, False]
+    code, stdout, _ = run(capsys, "promote", str(out))
+    assert code == EXIT_OK and "nothing to change" in stdout
+    # a rollback after promotion: the same bytes as the pending build
+    code, stdout, err = run(capsys, "promote", "--demote", str(out), "ranker@8")
+    assert code == EXIT_OK, err
+    assert out.read_bytes() == pending_bytes
+    code, _, err = run(capsys, "promote", str(out), "ranker@9")
+    assert code == EXIT_ERROR and "model 'ranker' has no version '9'" in err
+    code, _, err = run(capsys, "promote", "--demote", str(out))
+    assert code == EXIT_ERROR and "demote needs MODEL@VERSION" in err
+    assert out.read_bytes() == pending_bytes
 
 
 def test_build_conflicting_signature_is_error(capsys: pytest.CaptureFixture[str],
@@ -147,13 +177,15 @@ def test_build_conflicting_signature_is_error(capsys: pytest.CaptureFixture[str]
     assert not out.exists()
 
 
-def test_build_warns_when_signature_changes_across_versions(
+def test_build_notes_signature_changes_across_versions(
         capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     write_dir_version(tmp_path, "ranker", "1", ["a"])
     write_dir_version(tmp_path, "ranker", "2", ["a", "b"])
     code, _, err = run(capsys, "build", "-o", str(tmp_path / "b.json"), str(tmp_path / "ranker"))
     assert code == EXIT_OK
-    assert "input_names of version '2' differ from version '1'" in err
+    # a supported change (roots trim per leaf version): a note, no warning, no "fork"
+    assert "note: model 'ranker': version '2' adds 1 and drops 0 of the 1 inputs" in err
+    assert "warning" not in err and "fork" not in err
 
 
 def test_build_archive_without_signature_only_warns(capsys: pytest.CaptureFixture[str],

@@ -1,4 +1,4 @@
-"""trimmer-daemon end to end: real subprocess, real inotify, real POSIX shm (SPEC §5, §9)."""
+"""trimmer-daemon end to end: real subprocess, real inotify, real POSIX shm."""
 
 from __future__ import annotations
 

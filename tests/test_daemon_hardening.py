@@ -1,4 +1,4 @@
-"""Daemon hardening (issue #11, SPEC §11): real daemon subprocess, real inotify, real shm.
+"""Daemon hardening (issue #11): real daemon subprocess, real inotify, real shm.
 
 Bounded /dev/shm under flapping, the self-healing control segment and its separate lock,
 start-up that never ends in a traceback. Waits are conditions with deadlines.

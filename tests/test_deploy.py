@@ -1,6 +1,9 @@
-"""The Kubernetes manifests (deploy/kubernetes/), the image recipe (Containerfile) and
-examples/daemon.toml, checked without a cluster: every manifest parses, commands and flags
-exist, every FT_* variable is a real setting, ports and paths agree between containers, and
+"""The Kubernetes manifests (deploy/kubernetes/: the base, the pipeline's bundles, an
+overlay), the image recipe (Containerfile) and examples/daemon.toml, checked without a
+cluster: every manifest parses, and every rendered one is valid against the Kubernetes API
+schemas; commands and flags exist, every FT_* variable is a real setting and none is unused,
+ports and paths agree between containers, memory limits follow from the caps (the
+arithmetic of docs/kubernetes.md), probes never restart the daemon for a bundle, and
 the daemon and the root run together as two processes sharing a private /dev/shm exactly
 as the pod wires them (each in its own mount namespace with the same directory mounted at
 /dev/shm, read-only for the root; the manifest's users; bundles in kubelet-style ConfigMap
@@ -34,7 +37,10 @@ from trimmer_daemon.config import SETTINGS as DAEMON_SETTINGS
 from trimmer_daemon.config import load_config, setting_values
 
 ROOT = Path(__file__).resolve().parent.parent
-K8S = ROOT / "deploy" / "kubernetes"
+K8S = ROOT / "deploy" / "kubernetes" / "base"
+BUNDLES = ROOT / "deploy" / "kubernetes" / "bundles"  # the deploy pipeline's apply unit
+OVERLAY = ROOT / "deploy" / "kubernetes" / "overlays" / "example"
+KUBE_DOC = ROOT / "docs" / "kubernetes.md"
 BIN = Path(sys.executable).parent
 CONTAINERFILE = ROOT / "Containerfile"
 PROJECT_SCRIPTS = {"trimmer-daemon", "trimmer-inspect", "trimmer-bundle", "trimmer-leaf",
@@ -52,8 +58,8 @@ def _docs() -> list[dict[str, Any]]:
     return docs
 
 
-def _kustomization() -> dict[str, Any]:
-    return yaml.safe_load((K8S / "kustomization.yaml").read_text())
+def _kustomization(where: Path = K8S) -> dict[str, Any]:
+    return yaml.safe_load((where / "kustomization.yaml").read_text())
 
 
 def _deployment() -> dict[str, Any]:
@@ -75,12 +81,15 @@ def _expand(args: list[str], env: dict[str, str]) -> list[str]:
 
 
 def _generated(name: str) -> dict[str, str]:
-    """The files of a configMapGenerator entry: key -> content."""
-    (gen,) = [g for g in _kustomization()["configMapGenerator"] if g["name"] == name]
+    """The files of a configMapGenerator entry (the base's or the pipeline's bundles'):
+    key -> content."""
+    found = [(where, g) for where in (K8S, BUNDLES)
+             for g in _kustomization(where)["configMapGenerator"] if g["name"] == name]
+    ((where, gen),) = found
     out = {}
     for spec in gen["files"]:
         key, _, path = spec.rpartition("=")
-        out[key or Path(path).name] = (K8S / path).read_text()
+        out[key or Path(path).name] = (where / path).read_text()
     return out
 
 
@@ -117,11 +126,15 @@ def test_every_manifest_parses_and_kustomize_lists_existing_files() -> None:
     k = _kustomization()
     for res in k["resources"]:
         assert (K8S / res).is_file(), res
-    for gen in k["configMapGenerator"]:
-        for spec in gen["files"]:
-            assert (K8S / spec.rpartition("=")[2]).is_file(), spec
+    for where in (K8S, BUNDLES):
+        for gen in _kustomization(where)["configMapGenerator"]:
+            for spec in gen["files"]:
+                assert (where / spec.rpartition("=")[2]).is_file(), spec
+    # the base never carries bundles: re-applying it must not overwrite the pipeline's
+    assert not [g for g in k["configMapGenerator"] if "bundle" in g["name"]]
     for name in ("feature-trimmer-bundle-ads", "feature-trimmer-bundle-homefeed"):
-        (gen,) = [g for g in k["configMapGenerator"] if g["name"] == name]
+        (gen,) = [g for g in _kustomization(BUNDLES)["configMapGenerator"]
+                  if g["name"] == name]
         assert gen["options"]["disableNameSuffixHash"] is True  # updated in place: ..data swap
 
 
@@ -182,8 +195,8 @@ def test_ports_and_paths_agree() -> None:
     assert root["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     assert root["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert int(_daemon_toml()["metrics_listen"].rpartition(":")[2]) == ports["daemon-metrics"]
-    (svc,) = [d for d in _docs() if d["kind"] == "Service"]
-    assert {p["targetPort"] for p in svc["spec"]["ports"]} <= set(ports)
+    for svc in [d for d in _docs() if d["kind"] == "Service"]:
+        assert {p["targetPort"] for p in svc["spec"]["ports"]} <= set(ports)
     # files the processes are told to read are in volumes mounted into that container
     root_mounts, daemon_mounts = _mounts(root), _mounts(daemon)
     routing = Path(env["FT_ROUTING"])
@@ -220,8 +233,8 @@ def test_pods_run_unprivileged_with_requests_and_a_disruption_budget() -> None:
     assert pdb["spec"]["selector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
     labels = dep["spec"]["template"]["metadata"]["labels"]
     assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items()
-    (svc,) = [d for d in _docs() if d["kind"] == "Service"]
-    assert svc["spec"]["selector"].items() <= labels.items()
+    for svc in [d for d in _docs() if d["kind"] == "Service"]:
+        assert svc["spec"]["selector"].items() <= labels.items()
     # the image's users are the manifest's
     text = CONTAINERFILE.read_text()
     assert f"--gid {gid} " in text
@@ -351,7 +364,8 @@ class Pod:
         cmd = c[probe]["exec"]["command"]
         gid = _deployment()["spec"]["template"]["spec"]["securityContext"]["runAsGroup"]
         enter = ["nsenter", "-t", str(daemon.pid), "-m", "--"]
-        inspect = [w for w in shlex.split(cmd[-1]) if not w.startswith((">", ";"))][:2]
+        words = shlex.split(cmd[-1])
+        inspect = words[:next(i for i, w in enumerate(words) if w.startswith((">", ";")))]
         as_user = ["setpriv", f"--reuid={c['securityContext']['runAsUser']}",
                    f"--regid={gid}", "--clear-groups", "--", *inspect]
         return [subprocess.run([*enter, *argv], env=self.env(c), capture_output=True,
@@ -456,20 +470,202 @@ def _kubectl() -> str:
     return found
 
 
-def test_kustomize_builds_and_every_reference_resolves() -> None:
-    out = subprocess.run([_kubectl(), "kustomize", str(K8S)], capture_output=True, text=True,
+# --- rendered: what kubectl applies --------------------------------------------------------
+MiB = 1 << 20
+#: Budgets per process beyond its caps (RSS measured during `make demo` with `ps`: gunicorn
+#: master 28 MB, workers 41-78 MB, trimmer-daemon 44 MB; doubled or more for headroom).
+#: docs/kubernetes.md shows the same figures (test_memory_limits_follow_from_the_caps).
+ROOT_MASTER_MIB, ROOT_WORKER_MIB, DAEMON_MIB = 64, 128, 128
+PRESTOP_S, GRACEFUL_TIMEOUT_S = 5, 10  # gunicorn_conf.graceful_timeout
+
+
+def _render(where: Path) -> list[dict[str, Any]]:
+    out = subprocess.run([_kubectl(), "kustomize", str(where)], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr
-    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def _quantity(q: str | int) -> int:
+    """Bytes of a Kubernetes memory quantity (the suffixes these manifests use)."""
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "": 1}
+    m = re.fullmatch(r"(\d+)(Ki|Mi|Gi|)", str(q))
+    assert m, q
+    return int(m.group(1)) * units[m.group(2)]
+
+
+def test_kustomize_builds_and_every_reference_resolves() -> None:
+    docs = _render(K8S)
     config_maps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
     (dep,) = [d for d in docs if d["kind"] == "Deployment"]
     spec = dep["spec"]["template"]["spec"]
+    bundle_volumes = {}
     for vol in spec["volumes"]:
-        if "configMap" in vol:  # generated names (with their hash) are wired in
-            assert vol["configMap"]["name"] in config_maps, vol
-    assert "feature-trimmer-bundle-ads" in config_maps  # in place: no hash suffix
+        if "configMap" not in vol:
+            continue
+        name = vol["configMap"]["name"]
+        if name.startswith("feature-trimmer-bundle-"):
+            bundle_volumes[name] = vol
+        else:  # generated names (with their hash) are wired in
+            assert name in config_maps, vol
+    # bundles: the pipeline's ConfigMaps, mounted (optional: a pod starts without one),
+    # never rendered by the base, exactly what the pipeline's kustomization renders
+    assert not [n for n in config_maps if n.startswith("feature-trimmer-bundle-")]
+    assert all(v["configMap"]["optional"] is True for v in bundle_volumes.values())
+    pipeline = {d["metadata"]["name"] for d in _render(BUNDLES)}
+    assert pipeline == set(bundle_volumes) == {"feature-trimmer-bundle-ads",
+                                                "feature-trimmer-bundle-homefeed"}
     assert any(n.startswith("feature-trimmer-daemon-") for n in config_maps)  # rolls pods
     images = {c["image"] for c in spec["containers"]}
     assert images == {"registry.example.com/feature-trimmer:0.1.0"}
     for d in docs:
         assert d["metadata"]["labels"]["app.kubernetes.io/part-of"] == "feature-trimmer"
+
+
+def test_the_overlay_example_keeps_the_base_and_leaves_bundles_to_the_pipeline() -> None:
+    docs = _render(OVERLAY)
+    assert {d["metadata"]["namespace"] for d in docs} == {"ml-serving"}
+    assert not [d for d in docs if "bundle" in d["metadata"]["name"]]
+    (dep,) = [d for d in docs if d["kind"] == "Deployment"]
+    assert dep["spec"]["replicas"] == 6
+    assert {c["image"] for c in dep["spec"]["template"]["spec"]["containers"]} == {
+        "registry.example.com/ml-serving/feature-trimmer:0.1.0"}
+    bundles = _render(OVERLAY / "bundles")
+    assert {(d["kind"], d["metadata"]["namespace"]) for d in bundles} == {
+        ("ConfigMap", "ml-serving")}
+    assert {d["metadata"]["name"] for d in bundles} == {d["metadata"]["name"]
+                                                        for d in _render(BUNDLES)}
+
+
+@pytest.mark.parametrize("where", [K8S, BUNDLES, OVERLAY, OVERLAY / "bundles"],
+                         ids=["base", "bundles", "overlay", "overlay-bundles"])
+def test_every_rendered_manifest_is_valid_against_the_kubernetes_schemas(where: Path) -> None:
+    """kubernetes-validate ships the API's JSON schemas (no network): strict, so a misspelt
+    or misplaced field fails; the oldest Kubernetes the manifests need (1.30: the
+    topology spread's matchLabelKeys) and the newest the package knows."""
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    docs = _render(where)
+    assert docs
+    for version in ("1.30.0", kubernetes_validate.latest_version()):
+        for d in docs:
+            try:
+                kubernetes_validate.validate(d, version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                pytest.fail(f"{where.name}: {d['kind']}/{d['metadata']['name']} on "
+                            f"Kubernetes {version}: {exc.message} at "
+                            f"{'.'.join(map(str, exc.path))}")
+    bad = json.loads(json.dumps(docs[0]))
+    bad["metadata"]["lables"] = {}  # the validator does reject: a misspelt field
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, "1.30.0", strict=True)
+
+
+def test_memory_limits_follow_from_the_caps() -> None:
+    """Each container's limit holds what its caps allow (so FT_MAX_BUFFER_BYTES' 503 and
+    the parse worker's own limit act before the OOM killer), and docs/kubernetes.md shows
+    this very arithmetic."""
+    docs = _render(K8S)
+    (dep,) = [d for d in docs if d["kind"] == "Deployment"]
+    spec = dep["spec"]["template"]["spec"]
+    containers = {c["name"]: c for c in spec["containers"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+
+    def memory_volumes(c: dict[str, Any]) -> int:
+        """memory-backed emptyDirs this container writes (tmpfs pages are charged to the
+        writer); the root maps /dev/shm read-only: the daemon's pages, not its own."""
+        return sum(_quantity(volumes[m["name"]]["emptyDir"]["sizeLimit"])
+                   for m in c["volumeMounts"] if not m.get("readOnly")
+                   and volumes[m["name"]].get("emptyDir", {}).get("medium") == "Memory")
+
+    root, daemon = containers["root"], containers["trimmer-daemon"]
+    env = _env(root)
+    from root_worker.service.settings import load_settings
+    settings = load_settings(env)
+    workers, buffers = settings.workers, settings.max_buffer_bytes
+    assert buffers >= settings.max_request_bytes  # one body fits (the master checks too)
+    root_need = (ROOT_MASTER_MIB * MiB + workers * (ROOT_WORKER_MIB * MiB + buffers)
+                 + memory_volumes(root))
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap"
+             and d["metadata"]["name"].startswith("feature-trimmer-daemon-")]
+    toml = tomllib.loads(cm["data"]["daemon.toml"])
+    parse = toml["max_parse_memory"]
+    daemon_need = DAEMON_MIB * MiB + parse + memory_volumes(daemon)
+    for c, need in ((root, root_need), (daemon, daemon_need)):
+        res = c["resources"]
+        limit = _quantity(res["limits"]["memory"])
+        assert need <= limit, (c["name"], need // MiB, limit // MiB)
+        assert _quantity(res["requests"]["memory"]) == limit  # never overcommitted
+    # a ConfigMap is at most 1 MiB: the daemon refuses more, and parses within its cap
+    assert toml["max_file_bytes"] <= MiB and parse >= 20 * toml["max_file_bytes"]
+    doc = " ".join(KUBE_DOC.read_text().split())
+    root_line = (f"root: {ROOT_MASTER_MIB} MiB (master) + FT_WORKERS {workers} × "
+                 f"({ROOT_WORKER_MIB} MiB (worker) + FT_MAX_BUFFER_BYTES {buffers // MiB} MiB) "
+                 f"+ {memory_volumes(root) // MiB} MiB (run volume) = {root_need // MiB} MiB "
+                 f"≤ limit {root['resources']['limits']['memory']}")
+    daemon_line = (f"trimmer-daemon: {DAEMON_MIB} MiB (daemon) + max_parse_memory "
+                   f"{parse // MiB} MiB + {memory_volumes(daemon) // MiB} MiB (shm and lock "
+                   f"volumes) = {daemon_need // MiB} MiB ≤ limit "
+                   f"{daemon['resources']['limits']['memory']}")
+    assert root_line in doc, root_line
+    assert daemon_line in doc, daemon_line
+
+
+def test_root_drains_pods_spread_and_daemon_metrics_are_apart() -> None:
+    spec = _deployment()["spec"]["template"]["spec"]
+    root = _containers()["root"]
+    assert root["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", str(PRESTOP_S)]
+    assert "graceful_timeout = 10" in (ROOT / "root_worker" / "gunicorn_conf.py").read_text()
+    assert PRESTOP_S + GRACEFUL_TIMEOUT_S < spec["terminationGracePeriodSeconds"]
+    spread = {c["topologyKey"]: c for c in spec["topologySpreadConstraints"]}
+    labels = _deployment()["spec"]["template"]["metadata"]["labels"]
+    assert spread["kubernetes.io/hostname"]["whenUnsatisfiable"] == "DoNotSchedule"
+    assert "topology.kubernetes.io/zone" in spread
+    for c in spread.values():
+        assert c["labelSelector"]["matchLabels"].items() <= labels.items()
+    services = {d["metadata"]["name"]: d for d in _docs() if d["kind"] == "Service"}
+    client = services["feature-trimmer-root"]
+    assert [p["targetPort"] for p in client["spec"]["ports"]] == ["http"]
+    metrics = services["feature-trimmer-daemon-metrics"]
+    assert [p["targetPort"] for p in metrics["spec"]["ports"]] == ["daemon-metrics"]
+    assert metrics["spec"]["clusterIP"] == "None"  # per pod, for scraping only
+
+
+def test_no_setting_is_set_that_the_pod_does_not_use() -> None:
+    from root_worker.service.settings import load_settings
+    env = _env(_containers()["root"])
+    if load_settings(env).worker_class != "gthread":  # threads: the gthread worker only
+        assert "FT_THREADS" not in env
+
+
+def test_daemon_probes_never_restart_it_for_a_bundle() -> None:
+    for probe in ("startupProbe", "livenessProbe"):
+        cmd = _containers()["trimmer-daemon"][probe]["exec"]["command"][-1]
+        assert "trimmer-inspect status --liveness" in cmd, cmd
+    assert "readinessProbe" not in _containers()["trimmer-daemon"]  # /readyz decides
+
+
+@needs_mount_ns
+def test_a_bundle_that_never_loaded_passes_the_daemon_probes(pod: Pod) -> None:
+    """The pod starts with a broken bundle ConfigMap: status is CRITICAL (the alert), the
+    startup and liveness probes pass (no restart loop), the other bundle is served."""
+    AtomicWriterLike(pod.dirs_of("bundle-ads")).write({"module_info.json": "{broken"})
+    daemon = pod.start("trimmer-daemon")
+    env = pod.env(pod.containers["trimmer-daemon"])
+
+    def status() -> dict[str, Any] | None:
+        daemon.check_alive()
+        out = subprocess.run(["nsenter", "-t", str(daemon.pid), "-m", "--", "trimmer-inspect",
+                              "--json", "status"], env=env, capture_output=True, text=True,
+                             timeout=60)
+        doc = json.loads(out.stdout) if out.stdout else None
+        return doc if doc and doc["generation"] else None
+    doc = wait_for(status, START_S, "the daemon's first map")
+    assert doc["exit_code"] == 2
+    assert {f["code"] for f in doc["findings"] if f["level"] == "critical"} == {
+        "bundle_never_loaded"}
+    assert {b["name"]: b["state"] for b in doc["bundles"]} == {"ads": "never_loaded",
+                                                               "homefeed": "ok"}
+    for probe in ("startupProbe", "livenessProbe"):
+        for out in pod.exec_probe(daemon, probe):
+            assert out.returncode == 0, (out.args, out.stdout + out.stderr)
+    assert daemon.alive()

@@ -1,4 +1,4 @@
-"""Consolidation, compilation and the read side of the feature map (SPEC §4, §5)."""
+"""Consolidation, compilation and the read side of the feature map."""
 
 from __future__ import annotations
 

@@ -185,7 +185,7 @@ def test_encode_rejects_bad_columns(columns: dict[str, np.ndarray], message: str
 def test_encode_rejects_non_json_metadata() -> None:
     with pytest.raises(ValueError):
         encode({"a": np.zeros(2)}, {"x": float("nan")})
-    with pytest.raises(TypeError):
+    with pytest.raises(ValueError, match="metadata is not JSON: Object of type object"):
         encode({"a": np.zeros(2)}, {"x": object()})
 
 

@@ -302,12 +302,12 @@ def test_fast_cache_is_bounded_and_cleared() -> None:
     assert not trimmer._fast
 
 
-# --- pack_columns and plan_trim argument checks ---------------------------------------------
-def test_pack_columns_rejects_inconsistent_plans() -> None:
-    ok: dict[str, Any] = dict(n_columns=2, layout_len=30, elem=np.array([4, 8], np.uint64),
+# --- make_plan and plan_trim argument checks ------------------------------------------------
+def test_make_plan_rejects_inconsistent_plans() -> None:
+    ok: dict[str, Any] = dict(layout=bytes(30), n_columns=2, elem=np.array([4, 8], np.uint64),
                               ragged=np.array([0, 1], np.uint8), kept=np.array([1], np.int64),
                               prefix=bytes(96), n_missing=0)
-    assert isinstance(_copyruns.pack_columns(*ok.values()), bytes)
+    assert isinstance(_copyruns.make_plan(*ok.values()), _copyruns.Plan)
     bad_cases: list[dict[str, Any]] = [
         dict(elem=np.array([4], np.uint64)),  # one element size for two columns
         dict(elem=np.array([0, 8], np.uint64)),  # zero-size elements
@@ -323,8 +323,10 @@ def test_pack_columns_rejects_inconsistent_plans() -> None:
         dict(n_columns=1 << 32),
     ]
     for change in bad_cases:
-        with pytest.raises(ValueError, match="pack_columns"):
-            _copyruns.pack_columns(*{**ok, **change}.values())
+        with pytest.raises(ValueError, match="make_plan"):
+            _copyruns.make_plan(*{**ok, **change}.values())
+    with pytest.raises(TypeError):
+        _copyruns.make_plan(*{**ok, "layout": bytearray(30)}.values())
 
 
 def test_plan_trim_checks_its_arguments() -> None:
@@ -344,9 +346,8 @@ def test_plan_trim_checks_its_arguments() -> None:
     allow = Allowlist.from_names(["col_0000"])
     warm(trimmer, frame, allow)
     key = next(iter(trimmer._fast))
-    for entry in (b"x", (b"x",), (trimmer._fast[key][0], b"short"),
-                  (trimmer._fast[key][0], bytes(400))):
-        with pytest.raises(TypeError, match="plan"):
+    for entry in (b"x", (b"x",), (frame[64:], b"short"), (frame[64:], bytes(400))):
+        with pytest.raises(TypeError, match="Plan objects"):
             _copyruns.plan_trim({key: entry}, frame, None, allow.digest, False, TrimResult)
 
 

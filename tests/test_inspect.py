@@ -1,4 +1,4 @@
-"""trimmer-inspect against real maps published by a real daemon (SPEC §7, §9).
+"""trimmer-inspect against real maps published by a real daemon.
 
 Every verb is run in-process through ``main(argv)`` (and the installed console script at
 least once), on the healthy path and on the warning and critical ones: stale / missing /
@@ -134,11 +134,12 @@ def test_models(daemon: DaemonProc, capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, _ = run(capsys, daemon.prefix, "models")
     assert rc == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["MODEL", "VERSION", "LATEST", "FEATURES", "BUNDLES", "CONFLICT"]
+    assert lines[0].split() == ["MODEL", "VERSION", "LATEST", "PENDING", "FEATURES", "BUNDLES",
+                                "CONFLICT"]
     assert [line.split() for line in lines[1:4]] == [
-        ["ctr", "1", "no", "2", "ads", "no"],
-        ["ctr", "10", "yes", "3", "ads", "no"],  # natural order: "10" is the latest
-        ["rank", "1", "yes", "3", "feed", "no"]]
+        ["ctr", "1", "no", "no", "2", "ads", "no"],
+        ["ctr", "10", "yes", "no", "3", "ads", "no"],  # natural order: "10" is the latest
+        ["rank", "1", "yes", "no", "3", "feed", "no"]]
     assert lines[4].startswith("2 models, 3 versions")
 
     rc, out, _ = run(capsys, daemon.prefix, "models", "r*")
@@ -163,7 +164,7 @@ def test_models_conflict(daemon: DaemonProc, ctr10_bundles: dict[str, Path],
     assert rc == 0 and v1["conflict"] is True and v1["features"] == 3  # union a, b, q
     assert v1["bundles"] == ["ads", "feed"]
     rc, out, _ = run(capsys, daemon.prefix, "models", "ctr")
-    assert out.splitlines()[1].split() == ["ctr", "1", "no", "3", "ads,feed", "yes"]
+    assert out.splitlines()[1].split() == ["ctr", "1", "no", "no", "3", "ads,feed", "yes"]
     # a conflict is a note in status, not a warning (the union never under-sends)
     rc, doc = run_json(capsys, daemon.prefix, "status")
     assert rc == 0 and codes(doc) == {"conflict": "ok"}
@@ -192,6 +193,25 @@ def test_lookup(daemon: DaemonProc, capsys: pytest.CaptureFixture[str], argv: li
         assert doc["feature_names"] == expected and doc["features"] == len(expected)
         assert doc["bundles"] == ["ads"] and doc["latest"] == "10"
         assert doc["known_versions"] == ["1", "10"] and len(doc["digest"]) == 16
+
+
+def test_pending_version(daemon: DaemonProc, ctr10_bundles: dict[str, Path],
+                         capsys: pytest.CaptureFixture[str]) -> None:
+    """A version the bundle marks pending is shown as such and is never the latest."""
+    write_bundle(ctr10_bundles["ads"], {"ctr": [
+        {"version": "1", "input_names": F1},
+        {"version": "10", "input_names": ["a", "b", "c"], "pending": True}]})
+    daemon.wait_view(lambda v: v.resolve("ctr").pending == ("10",), what="ctr 10 pending")
+    rc, out, _ = run(capsys, daemon.prefix, "models", "ctr")
+    assert rc == 0 and [line.split() for line in out.splitlines()[1:3]] == [
+        ["ctr", "1", "yes", "no", "2", "ads", "no"],
+        ["ctr", "10", "no", "yes", "3", "ads", "no"]]
+    rc, doc = run_json(capsys, daemon.prefix, "lookup", "ctr")
+    assert rc == 0 and doc["version"] == "1" and doc["latest"] == "1"
+    assert doc["pending_versions"] == ["10"]
+    assert doc["unknown_leaf_features"] == len(set(F1) | {"a", "b", "c"})
+    rc, doc = run_json(capsys, daemon.prefix, "lookup", "ctr", "10")
+    assert rc == 0 and doc["outcome"] == "trimmed" and "(pending)" in doc["explanation"]
 
 
 def test_lookup_features_text(daemon: DaemonProc, capsys: pytest.CaptureFixture[str]) -> None:
@@ -261,6 +281,22 @@ def test_diff_daemon_down(daemon: DaemonProc, ctr10_bundles: dict[str, Path],
     assert "2 bundles, 2 differ" in out
 
 
+def test_diff_pending_mark(daemon: DaemonProc, ctr10_bundles: dict[str, Path],
+                           capsys: pytest.CaptureFixture[str]) -> None:
+    """A file whose only change is the pending mark (a promotion or a demotion the daemon
+    has not loaded) is reported per version."""
+    stop_leaving_map(daemon)
+    write_bundle(ctr10_bundles["ads"], {"ctr": [
+        {"version": "1", "input_names": F1},
+        {"version": "10", "input_names": ["a", "b", "c"], "pending": True}]})
+    rc, doc = run_json(capsys, daemon.prefix, "diff", "--models")
+    ads = doc["bundles"][0]
+    assert rc == 1 and [(c["model"], c["version"], c["change"]) for c in ads["models"]] == [
+        ("ctr", "10", "pending_on_disk")]
+    rc, out, _ = run(capsys, daemon.prefix, "diff", "--models")
+    assert "ads: ctr 10: pending on disk, current in the map" in out
+
+
 def test_diff_with_config(daemon: DaemonProc, ctr10_bundles: dict[str, Path], tmp_path: Path,
                           capsys: pytest.CaptureFixture[str]) -> None:
     extra = tmp_path / "extra.json"
@@ -319,12 +355,16 @@ def test_never_loaded_and_empty(shm_prefix: str, tmp_path: Path,
         rc, doc = run_json(capsys, shm_prefix, "status")
         assert rc == 2 and codes(doc) == {"bundle_never_loaded": "critical"}
         assert "pass through untrimmed" in doc["findings"][0]["message"]
+        # a liveness probe restarts: a bad file is noted, never a reason (it would loop)
+        rc, doc = run_json(capsys, shm_prefix, "status", "--liveness")
+        assert rc == 0 and codes(doc) == {"bundle_never_loaded": "ok"}
         rc, doc = run_json(capsys, shm_prefix, "diff")
         assert rc == 1 and doc["bundles"][0]["status"] == "invalid"
     with DaemonProc(shm_prefix, {}, tmp_path / "d2.log") as d:
         d.wait_view(lambda v: True)
         rc, doc = run_json(capsys, shm_prefix, "status")
         assert rc == 1 and codes(doc) == {"no_bundles": "warning"}
+        assert run(capsys, shm_prefix, "status", "--liveness")[0] == 0
 
 
 def test_dead_daemon(daemon: DaemonProc, capsys: pytest.CaptureFixture[str]) -> None:
@@ -495,6 +535,33 @@ def test_blob_not_a_feature_map(shm_prefix: str, capsys: pytest.CaptureFixture[s
         assert "not a feature map" in doc["findings"][0]["message"]
     finally:
         pub.cleanup()
+
+
+def test_liveness_still_fails_on_what_a_restart_fixes(daemon: DaemonProc,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    gen = stop_leaving_map(daemon)
+    _flip_blob_byte(daemon.prefix, gen)
+    rc, doc = run_json(capsys, daemon.prefix, "status", "--liveness", "--heartbeat-crit", "off")
+    assert rc == 2 and codes(doc)["verify_failed"] == "critical"
+
+
+@pytest.mark.parametrize("verb", VERBS, ids=lambda v: v[0])
+def test_json_verbs_print_json_when_shared_memory_cannot_be_read(
+        shm_prefix: str, capsys: pytest.CaptureFixture[str], verb: list[str]) -> None:
+    """A control segment that cannot be opened (here a symlink loop planted at its path):
+    CRITICAL, and with --json still one document on stdout, nothing on stderr."""
+    ctl = SHM / f"{shm_prefix}.ctl"
+    ctl.symlink_to(ctl)
+    try:
+        rc, out, err = run(capsys, shm_prefix, *verb, "--json")
+        doc = json.loads(out)
+        assert rc == doc["exit_code"] == 2 and err == ""
+        assert codes(doc) == {"shm_unreadable": "critical"} and doc["status"] == "critical"
+        assert "Too many levels of symbolic links" in doc["findings"][0]["message"]
+        rc, out, err = run(capsys, shm_prefix, *verb)
+        assert rc == 2 and out == "" and err.startswith("CRITICAL: cannot read shared memory")
+    finally:
+        ctl.unlink()
 
 
 # -- read-only, console script, usage ------------------------------------------------------------

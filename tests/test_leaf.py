@@ -4,6 +4,7 @@ on trimming; its HTTP server (lz4, errors, stats, keep-alive); its model store; 
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -207,3 +208,64 @@ def test_cli_port_file_and_usage_errors(tmp_path: Path) -> None:
         proc.terminate()
         out, _ = proc.communicate(timeout=10)
     assert proc.returncode == 0 and "listening on http://127.0.0.1:" in out
+
+
+def test_trimmer_leaf_rejects_out_of_range_values_in_one_line() -> None:
+    for args, what in ((["--port", "99999"], "--port: 99999 is out of range [0, 65535]"),
+                       (["--port", "x"], "--port: 'x' is not a valid int"),
+                       (["--max-body-bytes", "0"], "--max-body-bytes: 0 is out of range"),
+                       (["--delay-ms", "-5"], "--delay-ms: -5 is out of range"),
+                       (["--log-level", "loud"], "--log-level: invalid choice")):
+        out = subprocess.run([str(Path(sys.executable).parent / "trimmer-leaf"),
+                              "--bundle", str(ROOT / "examples/bundles/ads/module_info.json"),
+                              *args], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2, out
+        assert out.stderr.count("\n") == 1 and what in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr
+
+
+def test_trimmer_leaf_says_in_one_line_when_it_cannot_listen() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = subprocess.run([str(Path(sys.executable).parent / "trimmer-leaf"), "--bundle",
+                              str(ROOT / "examples/bundles/ads/module_info.json"),
+                              "--port", str(port), "--log-level", "error"],
+                             capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert out.stderr == f"trimmer-leaf: cannot listen on 127.0.0.1:{port}: Address already " \
+                         "in use\n"
+
+
+def test_trimmer_leaf_signature_reads_what_trimmer_bundle_reads(tmp_path: Path) -> None:
+    """--signature takes a .pt archive (read by trimmer-bundle's code); a broken one is one
+    line on stderr, exit 2."""
+    import zipfile
+    pt = tmp_path / "ads_ctr" / "3" / "model.pt"
+    pt.parent.mkdir(parents=True)
+    with zipfile.ZipFile(pt, "w") as zf:
+        zf.writestr("model/extra/module_info.json", json.dumps({"input_names": ["f32"]}))
+    store = ModelStore(signatures=[("ads_ctr", "3", str(pt))])
+    assert store.get("ads_ctr", "3").input_names == ("f32",)
+    (tmp_path / "bad.pt").write_bytes(b"PK\x03\x04 broken")
+    out = subprocess.run([str(Path(sys.executable).parent / "trimmer-leaf"), "--signature",
+                          f"m@1={tmp_path / 'bad.pt'}"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out
+    assert "not a valid .pt (zip) archive" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_store_default_skips_pending_versions(tmp_path: Path) -> None:
+    """A leaf given a bundle with a pending version serves it when asked by name, and by
+    default only once it is promoted (the roots' rule for "latest")."""
+    path = tmp_path / "b.json"
+    write_bundle(path, {"a": [{"version": "1", "input_names": ["x"]},
+                              {"version": "2", "input_names": ["z"], "pending": True}],
+                        "n": [{"version": "1", "input_names": ["y"], "pending": True}]})
+    store = ModelStore([str(path)])
+    assert store.get("a", None).version == "1" and store.get("a", "2").version == "2"
+    assert store.get("n", None).version == "1"  # every version pending: still served
+    replace_bundle(path, {"a": [{"version": "1", "input_names": ["x"]},
+                                {"version": "2", "input_names": ["z"]}]})
+    wait_for(lambda: store.get("a", None).version == "2", 5, "the promotion to reach the leaf")

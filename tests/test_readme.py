@@ -6,12 +6,16 @@ anchors resolve."""
 from __future__ import annotations
 
 import configparser
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from daemon_helpers import DaemonProc, remove_segments
@@ -20,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 BIN = Path(sys.executable).parent
 ADOPTER_DOCS = ["README.md", "docs/leaf-sdk.md", "docs/kubernetes.md", "docs/operations.md",
-                "docs/frame-format.md"]
+                "docs/frame-format.md", "docs/daemon.md"]
 
 
 def _snippet() -> str:
@@ -29,33 +33,102 @@ def _snippet() -> str:
     return code
 
 
-def _run_snippet(shm_name: str) -> list[str]:
+def _run_snippet(shm_name: str) -> list[list[str]]:
     out = subprocess.run([sys.executable, "-c", _snippet()], cwd=ROOT, capture_output=True,
                          text=True, timeout=120, env={**os.environ, "FT_SHM_NAME": shm_name})
     assert out.returncode == 0, out.stderr
-    return out.stdout.split()
+    return [line.split() for line in out.stdout.splitlines()]
 
 
 def test_library_snippet_runs_without_a_daemon(shm_prefix: str) -> None:
-    words = _run_snippet(shm_prefix)
-    assert words[0] == "passthrough_no_map"
-    assert "'unused_emb']" in words  # sent untrimmed: every column
+    sent, answer = _run_snippet(shm_prefix)
+    assert sent[0] == "http://127.0.0.1:8101/score?model=ads_ctr"
+    assert "'unused_emb']" in sent  # sent untrimmed: every column
+    assert answer[:2] == ["passthrough_no_map", "200"]
+
+
+def _example_daemon(shm_prefix: str, tmp_path: Path) -> DaemonProc:
+    daemon = DaemonProc(shm_prefix, {"ads": ROOT / "examples/bundles/ads/module_info.json"},
+                        tmp_path / "daemon.log")
+    daemon.wait_view(lambda v: v.generation > 0)
+    return daemon
 
 
 def test_library_snippet_trims_with_a_daemon_on_the_example_bundles(
         shm_prefix: str, tmp_path: Path) -> None:
-    daemon = DaemonProc(shm_prefix, {"ads": ROOT / "examples/bundles/ads/module_info.json"},
-                        tmp_path / "daemon.log")
+    daemon = _example_daemon(shm_prefix, tmp_path)
     try:
-        daemon.wait_view(lambda v: v.generation > 0)
-        words = _run_snippet(shm_prefix)
+        sent, answer = _run_snippet(shm_prefix)
     finally:
         daemon.stop()
         daemon.close()
         remove_segments(shm_prefix)
-    assert " ".join(words[:3]) == "trimmed ['ctx_num_0002', 'pin_seq_0009']"
-    before, after = int(words[3]), int(words[5])
+    assert " ".join(sent[1:3]) == "['ctx_num_0002', 'pin_seq_0009']"
+    before, after = int(sent[3]), int(sent[5])
     assert after < before
+    assert answer[:2] == ["trimmed", "200"]
+
+
+def test_library_snippet_is_safe_from_four_threads(
+        shm_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The snippet's own score() from 4 threads at once, 250 distinct frames each: every
+    frame a leaf gets is exactly its request's frame trimmed, and every answer goes back
+    to its own request (the old snippet's shared bytearray corrupted frames here)."""
+    import numpy as np
+
+    from root_worker.frame import Ragged, decode, encode
+
+    daemon = _example_daemon(shm_prefix, tmp_path)
+    monkeypatch.setenv("FT_SHM_NAME", shm_prefix)
+    ns: dict[str, Any] = {}
+    try:
+        exec(compile(_snippet(), "README.md#library-api", "exec"), ns)  # noqa: S102
+        allowlist = ns["live"].resolve("ads_ctr").allowlist
+        assert allowlist is not None
+        errors: list[str] = []
+
+        def worker(t: int) -> None:
+            rng = np.random.default_rng(t)
+            for k in range(250):
+                n = 1 + (k + t) % 32
+                ctx = rng.standard_normal(n).astype(np.float32)
+                seqs = [list(rng.integers(0, 1000, size=int(rng.integers(0, 5))))
+                        for _ in range(n)]
+                frame = encode({"ctx_num_0002": ctx,
+                                "pin_seq_0009": Ragged.from_lists(seqs, np.int64),
+                                "unused_emb": rng.standard_normal((n, 8)).astype(np.float16)},
+                               {"request_id": f"t{t}-{k}", "targets": ["ads_ctr"]})
+                want = ns["trim"](frame, allowlist).data  # a private output per call
+
+                def post(url: str, headers: dict[str, str], parts: list[Any],
+                         want: bytes = bytes(want), where: str = f"thread {t} frame {k}"
+                         ) -> tuple[int, bytes]:
+                    time.sleep(0)  # a real client's I/O: let the other threads run
+                    sent = b"".join(parts)
+                    if sent != want:
+                        errors.append(f"{where}: the leaf got another frame")
+                    scores = decode(sent).columns["ctx_num_0002"].tolist()
+                    return 200, json.dumps({"scores": scores}).encode()
+
+                status, doc = ns["score"](frame, None, post)
+                target = doc["targets"][0]
+                if status != 200 or target["scores"] != ctx.tolist() or \
+                        doc["request_id"] != f"t{t}-{k}" or target["outcome"] != "trimmed":
+                    errors.append(f"thread {t} frame {k}: {status} {target}")
+
+        threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(120)
+        assert not any(th.is_alive() for th in threads)
+        assert not errors, errors[:5]
+    finally:
+        if "live" in ns:
+            ns["live"].close()
+        daemon.stop()
+        daemon.close()
+        remove_segments(shm_prefix)
 
 
 def test_readme_links_bring_your_own_leaf() -> None:
@@ -132,3 +205,38 @@ def test_make_run_prints_a_working_trimmer_inspect_line() -> None:
             os.killpg(proc.pid, signal.SIGKILL)
             rest = proc.communicate()[0]
     assert proc.returncode == 0, rest
+
+
+def _tracked_text() -> dict[str, str]:
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=60, check=True).stdout.split()
+    out = {}
+    for name in files:
+        path = ROOT / name
+        if path.is_file() and not path.is_symlink() and path.suffix in {
+                ".py", ".md", ".yml", ".yaml", ".toml", ".cfg", ".h", ".c", ".service",
+                ".json", ".conf", ""}:
+            try:
+                out[name] = path.read_text()
+            except UnicodeDecodeError:
+                continue
+    return out
+
+
+def test_the_repository_states_its_rules_itself() -> None:
+    """No citation of a document the repository does not hold (a spec's sections, a
+    directory beside the checkout)."""
+    for name, text in _tracked_text().items():
+        for bad in ("SPEC " + "\u00a7", "../" + "shared"):
+            assert bad not in text, f"{name} cites {bad!r}"
+
+
+def test_every_trimmer_inspect_verb_in_the_docs_exists() -> None:
+    out = subprocess.run([str(BIN / "trimmer-inspect"), "--help"], capture_output=True,
+                         text=True, timeout=60)
+    verbs = set(re.findall(r"^    (\w+) {2,}", out.stdout, re.M))
+    assert {"status", "models", "lookup", "diff", "dump"} <= verbs
+    for name in ["README.md", *(f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md"))]:
+        for verb in re.findall(r"trimmer-inspect (?:--[\w-]+(?: \S+)? )*([a-z]+)\b",
+                               (ROOT / name).read_text()):
+            assert verb in verbs, f"{name}: trimmer-inspect {verb} is no verb"

@@ -33,6 +33,7 @@ from root_helpers import (
 
 from flatbuffers_schema.keys import Allowlist
 from root_worker.frame import Trimmer, decode, encode
+from root_worker.frame.backends import BACKEND, KERNEL, describe_backend
 from root_worker.testing.client import Client, metric_samples, metric_value
 from root_worker.testing.workload import make_columns, make_frame
 
@@ -184,7 +185,7 @@ def test_missing_features_are_counted_and_scores_still_match(backend: Backend,
     assert delta == 5
 
 
-# -- SPEC §4 outcomes ----------------------------------------------------------------------
+# -- lookup outcomes (README, "Lookup semantics") ------------------------------------------
 def test_unknown_model_passes_through_and_absent_version_falls_back(backend: Backend,
                                                                      root: RootProc) -> None:
     client = root.client()
@@ -339,6 +340,7 @@ def test_health_readiness_and_metrics_per_worker(backend: Backend, root: RootPro
     for doc in seen.values():
         assert doc["status"] == "ok" and doc["reasons"] == []
         assert doc["map_age_seconds"] >= 0 and doc["heartbeat_age_seconds"] < 10
+        assert doc["trim_backend"] == describe_backend()  # the workers trim as this install
     status, ready = root.client().json("GET", "/readyz")
     assert status == 200 and ready["ready"]
     text = root.client().metrics()
@@ -347,6 +349,8 @@ def test_health_readiness_and_metrics_per_worker(backend: Backend, root: RootPro
     assert {int(p) for p in served} >= pids and set(served.values()) == {gen}
     assert metric_value(text, M + "map_age_seconds") >= 0
     assert metric_value(text, M + "info", mode="trim", lz4="0") == len(pids)
+    assert metric_value(text, M + "trim_backend_info", backend=BACKEND,
+                        kernel=KERNEL or "none") == len(pids)
 
 
 def test_bundle_update_reaches_every_worker_and_the_leaf(backend: Backend,
@@ -364,7 +368,8 @@ def test_bundle_update_reaches_every_worker_and_the_leaf(backend: Backend,
     def v2_scored() -> dict | None:
         status, doc = client.score(frame, ["homefeed_rank"])
         r = doc["targets"][0]
-        return r if r.get("leaf_version") == "2" else None
+        # a worker that learned v1 pays one skew re-send for the change, then trims for v2
+        return r if r.get("leaf_version") == "2" and "fallback" not in r else None
     r = wait_for(v2_scored, 10, "the leaf to roll out v2")
     assert r["version"] == "2" and r["outcome"] == "trimmed"
     assert r["bytes_sent"] == trimmed_size(frame, wl.v2)

@@ -1,4 +1,4 @@
-"""Publication in POSIX shared memory (SPEC §5): real segments, real processes, no mocks.
+"""Publication in POSIX shared memory: real segments, real processes, no mocks.
 
 Every test gets a unique prefix; the ``prefix`` fixture fails the test if any segment of it
 is left in /dev/shm afterwards (and removes it). Waits are conditions with deadlines.

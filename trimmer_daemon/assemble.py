@@ -21,7 +21,7 @@ spare segment, which already holds the current blob) the head is padded by a few
 bytes right after the root offset so that the blob keeps that size, the unchanged blocks
 keep their offsets, and the publisher skips them (:mod:`trimmer_daemon.publisher`).
 
-Rules kept from :mod:`trimmer_daemon.consolidate` (SPEC §4): a model defined by several
+Rules kept from :mod:`trimmer_daemon.consolidate` (README): a model defined by several
 bundles is merged here version by version (union of differing allowlists, a conflict report,
 natural version order) and written as a new ``Model`` table in the head; the blocks' own
 tables of that model stay in the blob unreferenced. The name table covers exactly the keys
@@ -350,12 +350,13 @@ def _index_of(part: BundlePart, model: str) -> int:
 
 def _merge_model(model: str, defs: list[BundlePart], bundle_names: list[tuple[str, None]],
                  conflicts: list[str]) -> list[VersionEntry]:
-    """Merge one model's versions across the bundles that define it (SPEC §4)."""
+    """Merge one model's versions across the bundles that define it (README, "Lookup semantics")."""
     per_version: dict[str, list[tuple[int, IndexedVersion]]] = {}
     for part in defs:
         i = _index_of(part, model)
         for v in range(int(part.version_start[i]), int(part.version_start[i + 1])):
-            iv = IndexedVersion(part.versions[v], part.keys_of(v), int(part.output_counts[v]))
+            iv = IndexedVersion(part.versions[v], part.keys_of(v), int(part.output_counts[v]),
+                                part.tensors[v], bool(part.pending[v]))
             per_version.setdefault(iv.version, []).append((part.bundle_index, iv))
     digests: dict[int, int] = {}
     return [_merge(model, version, per_version[version], bundle_names,  # type: ignore[arg-type]

@@ -23,6 +23,7 @@ from flatbuffers_schema.fmap import Model as FbModel
 from flatbuffers_schema.fmap import Version as FbVersion
 from flatbuffers_schema.fmap.BundleState import BundleState
 from flatbuffers_schema.keys import KEY_DTYPE, name_key
+from flatbuffers_schema.tensor_specs import add_signature, write_inputs
 from trimmer_daemon.consolidate import ConsolidatedMap, KeyCache, VersionEntry
 
 _U32 = np.dtype("<u4")
@@ -31,7 +32,7 @@ _U16 = np.dtype("<u2")
 
 @dataclass(frozen=True)
 class BundleStatusRecord:
-    """What the blob says about one bundle (SPEC §5 "Observable")."""
+    """What the blob says about one bundle (what trimmer-inspect and the workers report)."""
 
     name: str
     path: str
@@ -99,7 +100,7 @@ def finish_root(b: flatbuffers.Builder, header: RootHeader, vectors: tuple[int, 
 class _Shared:
     """Deduplicates vectors and strings: FlatBuffers lets many tables point at one vector.
 
-    A model's signature is stable across versions (SPEC §3), so most versions of a model share
+    A model's signature is stable across versions, so most versions of a model share
     one allowlist; writing it once keeps both compile time and blob size O(distinct lists).
     """
 
@@ -143,6 +144,7 @@ def _version(b: flatbuffers.Builder, shared: _Shared, e: VersionEntry) -> int:
     keys = shared.keys_vector(e)
     srcs = shared.bundles_vector(e.bundles)
     version = shared.string(e.version)
+    inputs = write_inputs(b, e.tensors)
     FbVersion.Start(b)
     FbVersion.AddVersion(b, version)
     FbVersion.AddFeatureKeys(b, keys)
@@ -151,6 +153,9 @@ def _version(b: flatbuffers.Builder, shared: _Shared, e: VersionEntry) -> int:
     if e.conflict:
         FbVersion.AddConflict(b, True)
     FbVersion.AddOutputCount(b, e.output_count)
+    add_signature(b, e.tensors, inputs)
+    if e.pending:
+        FbVersion.AddPending(b, True)
     return FbVersion.End(b)
 
 

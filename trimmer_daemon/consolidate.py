@@ -4,9 +4,11 @@ Runs in the daemon (the single writer). Each bundle is indexed once when its fil
 (re)loaded (:func:`index_bundle`: names -> sorted uint64 key arrays); consolidation then only
 merges arrays, so a reload of one bundle costs O(that bundle) + a cheap merge of the others.
 
-Rules (SPEC §4):
+Rules (README, "Lookup semantics"):
 - a model's versions are kept in natural order
   (:func:`trimmer_daemon.bundle.parse.version_sort_key`); the last one is "latest";
+- a version marked pending is never "latest" (the last version that is not pending is); one
+  that several bundles define is pending only if every one of them marks it so;
 - the same model+version defined by several bundles with *different* inputs gets the union of
   the allowlists (never under-send) and a conflict report naming the bundles;
 - two different feature names with the same 64-bit key are reported as a key collision (both
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from flatbuffers_schema.keys import KEY_DTYPE, keyset_digest, name_key
+from flatbuffers_schema.oip import TensorSignature
 from trimmer_daemon.bundle.parse import ParsedBundle, version_sort_key
 
 log = logging.getLogger(__name__)
@@ -89,6 +92,8 @@ class IndexedVersion:
     version: str
     keys: np.ndarray  # sorted unique uint64
     output_count: int
+    tensors: TensorSignature | None = None
+    pending: bool = False
 
 
 @dataclass(frozen=True)
@@ -115,7 +120,8 @@ def index_bundle(parsed: ParsedBundle, cache: KeyCache) -> IndexedBundle:
             keys = seen.get(mv.input_names)
             if keys is None:
                 keys = seen[mv.input_names] = cache.keys_of(mv.input_names)
-            indexed.append(IndexedVersion(mv.version, keys, len(mv.output_names)))
+            indexed.append(IndexedVersion(mv.version, keys, len(mv.output_names),
+                                          mv.tensors, mv.pending))
         models[model] = tuple(indexed)
     return IndexedBundle(parsed, models)
 
@@ -139,6 +145,8 @@ class VersionEntry:
     bundles: tuple[int, ...]  # indices into the bundle list given to consolidate()
     conflict: bool
     output_count: int
+    tensors: TensorSignature | None = None  # the first defining bundle's
+    pending: bool = False
 
 
 @dataclass
@@ -201,10 +209,17 @@ def _merge(model: str, version: str, defs: list[tuple[int, IndexedVersion]],
         log.warning("allowlist conflict model=%s version=%s bundles=%s union=%d",
                     model, version, names, keys.size)
     output_count = max(iv.output_count for _, iv in defs)
+    tensors = first.tensors
+    if any(iv.tensors != tensors for _, iv in defs[1:]):
+        names = ", ".join(bundles[i][0] for i, _ in defs)
+        conflicts.append(f"model {model!r} version {version!r}: bundles {names} declare "
+                         f"different tensor signatures; the root uses the first one's")
     digest = digests.get(id(keys)) if not conflict else None
     if digest is None:
         digest = keyset_digest(keys)
         if not conflict:  # ``keys`` is a bundle's array, alive as long as the bundle
             digests[id(keys)] = digest
-    return VersionEntry(version, keys, digest, indices, conflict, output_count)
+    pending = all(iv.pending for _, iv in defs)  # current in any bundle: current
+    return VersionEntry(version, keys, digest, indices, conflict, output_count, tensors,
+                        pending)
 

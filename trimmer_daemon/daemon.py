@@ -13,7 +13,7 @@ a publication only writes the root and references the unchanged parts
 read, the loop has the publisher prepare the next generation's segment (its *spare*, a copy
 of the current blob), so the next publication writes only the changed parts into it.
 
-Guarantees (SPEC §5, §9, §11):
+Guarantees (docs/daemon.md, docs/operations.md):
 - start is never blocked: the first generation is published even if every bundle is broken
   (a broken bundle logs CRITICAL and shows its error in the map's bundle status); a metrics
   port that is taken is logged, shown in the status line and the map, and retried;

@@ -4,7 +4,7 @@ Runs in the daemon's main loop for small files and in the parse worker process
 (:mod:`trimmer_daemon.parse_worker`) for large ones; the result is plain bytes and numpy
 arrays, so it pickles across the pipe at memcpy speed. :mod:`trimmer_daemon.assemble` then
 splices the parts of every bundle into one blob, so a change re-does only the changed
-bundle's share (SPEC §11 "a change costs in proportion to what changed").
+bundle's share (a change costs in proportion to what changed).
 
 The block
 ---------
@@ -44,7 +44,9 @@ import numpy as np
 from flatbuffers_schema.fmap import Model as FbModel
 from flatbuffers_schema.fmap import Version as FbVersion
 from flatbuffers_schema.keys import KEY_DTYPE, keyset_digest, name_key
+from flatbuffers_schema.oip import TensorSignature
 from flatbuffers_schema.shm_layout import checksum
+from flatbuffers_schema.tensor_specs import add_signature, write_inputs
 from trimmer_daemon.bundle.parse import Limits, ParsedBundle, parse_bundle, version_sort_key
 
 _U32 = np.dtype("<u4")
@@ -74,6 +76,8 @@ class BundlePart:
     key_offsets: np.ndarray  # uint32 offset from the block's end of each version's vector
     key_counts: np.ndarray  # uint32 number of keys of each version
     output_counts: np.ndarray  # uint32
+    tensors: tuple[TensorSignature | None, ...]  # parallel to versions
+    pending: np.ndarray  # bool per version: marked pending in the bundle
     feature_keys: np.ndarray  # sorted unique uint64 keys of every input name of the bundle
     name_offsets: np.ndarray  # uint32, len(feature_keys) + 1, into feature_names
     feature_names: bytes  # UTF-8 names parallel to feature_keys
@@ -253,6 +257,8 @@ class _Compiler:
         self.key_offsets: list[int] = []
         self.key_counts: list[int] = []
         self.outputs: list[int] = []
+        self.tensors: list[TensorSignature | None] = []
+        self.pending: list[bool] = []
 
     def model(self, name: str, entries: list) -> int:  # type: ignore[type-arg]
         b = self.b
@@ -282,12 +288,18 @@ class _Compiler:
         self.key_offsets.append(vec)
         self.key_counts.append(count)
         self.outputs.append(len(mv.output_names))
+        self.tensors.append(mv.tensors)
+        inputs = write_inputs(b, mv.tensors)
+        self.pending.append(mv.pending)
         FbVersion.Start(b)
         FbVersion.AddVersion(b, version)
         FbVersion.AddFeatureKeys(b, vec)
         FbVersion.AddDigest(b, digest)
         FbVersion.AddBundles(b, self.index_vec)
         FbVersion.AddOutputCount(b, len(mv.output_names))
+        add_signature(b, mv.tensors, inputs)
+        if mv.pending:
+            FbVersion.AddPending(b, True)
         return int(FbVersion.End(b))
 
 
@@ -316,6 +328,7 @@ def compile_part(parsed: ParsedBundle, bundle_index: int,
         version_start=np.array(starts, dtype=_U32), versions=tuple(c.versions),
         key_offsets=np.array(c.key_offsets, dtype=_U32),
         key_counts=np.array(c.key_counts, dtype=_U32),
-        output_counts=np.array(c.outputs, dtype=_U32),
+        output_counts=np.array(c.outputs, dtype=_U32), tensors=tuple(c.tensors),
+        pending=np.array(c.pending, dtype=bool),
         feature_keys=feat_keys, name_offsets=name_offsets, feature_names=feat_names,
         collisions=collisions)

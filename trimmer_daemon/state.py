@@ -10,7 +10,7 @@ parsing it. The state machine:
                             ok --deleted--> missing --recreated--> ok
                             ok --held too long (a writer keeps it open)--> stale
 
-Status means *now*, not *the last event* (SPEC §9): a file whose current content equals the
+Status means *now*, not *the last event*: a file whose current content equals the
 loaded content is ``ok`` even if an earlier write failed. A bundle that fails validation, or
 disappears, keeps serving its last-known-good map; only a configuration change (SIGHUP)
 removes a bundle from the map. Content a writer still holds (see

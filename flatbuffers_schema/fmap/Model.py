@@ -36,7 +36,7 @@ class Model(object):
         return None
 
     # Ascending natural order (digit runs compare as integers, text runs as strings);
-    # the last entry is the "latest" version used for fallback.
+    # the last entry that is not pending is the "latest" version used for fallback.
     # Model
     def Versions(self, j):
         o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(6))

@@ -117,8 +117,54 @@ class Version(object):
             return self._tab.Get(flatbuffers.number_types.Uint32Flags, o + self._tab.Pos)
         return 0
 
+    # The version's inputs as an Open Inference Protocol server (Triton, KServe) declares
+    # them, when the bundle says (trimmer-bundle build --triton-repo); absent otherwise.
+    # Version
+    def Inputs(self, j):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(16))
+        if o != 0:
+            x = self._tab.Vector(o)
+            x += flatbuffers.number_types.UOffsetTFlags.py_type(j) * 4
+            x = self._tab.Indirect(x)
+            from flatbuffers_schema.fmap.TensorSpec import TensorSpec
+            obj = TensorSpec()
+            obj.Init(self._tab.Bytes, x)
+            return obj
+        return None
+
+    # Version
+    def InputsLength(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(16))
+        if o != 0:
+            return self._tab.VectorLen(o)
+        return 0
+
+    # Version
+    def InputsIsNone(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(16))
+        return o == 0
+
+    # Triton's max_batch_size: 0 = no batch dimension, N = at most N per request; -1 = not
+    # known.
+    # Version
+    def MaxBatchSize(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(18))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Int32Flags, o + self._tab.Pos)
+        return -1
+
+    # True when the bundle marks this version pending (rolled out to roots before leaves):
+    # requests naming it get its allowlist, but it is never "latest" until promoted.
+    # Maps written before this field read as not pending.
+    # Version
+    def Pending(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(20))
+        if o != 0:
+            return bool(self._tab.Get(flatbuffers.number_types.BoolFlags, o + self._tab.Pos))
+        return False
+
 def VersionStart(builder):
-    builder.StartObject(6)
+    builder.StartObject(9)
 
 def Start(builder):
     VersionStart(builder)
@@ -170,6 +216,30 @@ def VersionAddOutputCount(builder, outputCount):
 
 def AddOutputCount(builder, outputCount):
     VersionAddOutputCount(builder, outputCount)
+
+def VersionAddInputs(builder, inputs):
+    builder.PrependUOffsetTRelativeSlot(6, flatbuffers.number_types.UOffsetTFlags.py_type(inputs), 0)
+
+def AddInputs(builder, inputs):
+    VersionAddInputs(builder, inputs)
+
+def VersionStartInputsVector(builder, numElems):
+    return builder.StartVector(4, numElems, 4)
+
+def StartInputsVector(builder, numElems):
+    return VersionStartInputsVector(builder, numElems)
+
+def VersionAddMaxBatchSize(builder, maxBatchSize):
+    builder.PrependInt32Slot(7, maxBatchSize, -1)
+
+def AddMaxBatchSize(builder, maxBatchSize):
+    VersionAddMaxBatchSize(builder, maxBatchSize)
+
+def VersionAddPending(builder, pending):
+    builder.PrependBoolSlot(8, pending, 0)
+
+def AddPending(builder, pending):
+    VersionAddPending(builder, pending)
 
 def VersionEnd(builder):
     return builder.EndObject()

@@ -8,6 +8,11 @@ two generations and reports the one that served it. :meth:`LiveMap.resolve` is t
 one-target shorthand (poll + lookup). A new generation that is not a readable feature map
 is refused and the previous one kept; with no map at all every target resolves to
 ``passthrough_no_map``.
+
+Threads: a LiveMap may be shared; :meth:`current` from several threads never waits (one
+attaches, the others serve the generation attached before). Attaching a generation maps it
+and checks its checksum: an event loop calls :meth:`current_nowait` and runs
+:meth:`current` in a thread when it says ``stale``.
 """
 
 from __future__ import annotations
@@ -58,6 +63,15 @@ class LiveMap:
         log.info("attached map generation=%d models=%d", view.generation, view.model_count)
         return view
 
+    def current_nowait(self) -> tuple[FeatureMapView | None, bool]:
+        """``(view, stale)`` without attaching: when a new generation (or a periodic
+        recheck) is waiting, the view already attached and ``stale`` True -- then call
+        :meth:`current` in a thread (it maps the segment and checks its checksum). For an
+        event loop; never waits, never reads more than the control block's active word."""
+        if self.reader.due():
+            return self._view, True
+        return self.current(), False
+
     @property
     def generation(self) -> int:
         """The generation this worker serves (0: none)."""
@@ -84,6 +98,19 @@ class LiveMap:
             log.error("map lookup failed generation=%d model=%r error=%s", view.generation,
                       model, exc)
             return no_map(model, version)
+
+    def resolve_rollout_in(self, view: FeatureMapView | None, model: str) -> Resolution:
+        """:meth:`FeatureMapView.resolve_rollout` (a leaf whose version is not known yet: the
+        union of the latest and the pending versions); never raises for a bad map."""
+        if view is None:
+            return no_map(model)
+        try:
+            return view.resolve_rollout(model)
+        except MapError as exc:
+            self.map_errors += 1
+            log.error("map lookup failed generation=%d model=%r error=%s", view.generation,
+                      model, exc)
+            return no_map(model)
 
     def close(self) -> None:
         self._view = self._snapshot = None

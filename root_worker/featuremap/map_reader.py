@@ -8,7 +8,7 @@ model's stable key and reads one model table; the answer is memoised per generat
 hot path is one dictionary hit. Allowlists are zero-copy ``uint64`` views on the blob, so a
 worker's memory for the map stays O(models it serves), not O(features).
 
-Lookup semantics (SPEC §4):
+Lookup semantics (README, "Lookup semantics"):
 
 ============================================  =============================================
 request                                       outcome
@@ -20,12 +20,17 @@ model known, no version                       ``trimmed`` with the latest versio
 no map published / map unreadable             ``passthrough_no_map`` (:data:`NO_MAP`)
 ============================================  =============================================
 
-"Latest" is the last version of the model in the blob, which the daemon sorts in natural
-order (digit runs compare as integers, text runs as strings: "2" < "10", "v9" < "v10").
+"Latest" is the last version of the model in the blob that is not **pending**; the daemon
+sorts versions in natural order (digit runs compare as integers, text runs as strings: "2" <
+"10", "v9" < "v10"). A pending version (shipped to roots ahead of its leaves) is trimmed for
+only when a request names it, or when a leaf is known to serve it. For a leaf whose version
+is not known yet, :meth:`FeatureMapView.resolve_rollout` gives the union of the latest and
+every pending version's allowlist: a frame no version the leaf may serve finds short.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import struct
 from collections.abc import Iterator
@@ -39,7 +44,9 @@ from flatbuffers_schema.feature_map import FILE_IDENTIFIER, state_name
 from flatbuffers_schema.fmap.FeatureMap import FeatureMap as FbMap
 from flatbuffers_schema.fmap.Model import Model as FbModel
 from flatbuffers_schema.fmap.Version import Version as FbVersion
-from flatbuffers_schema.keys import KEY_DTYPE, Allowlist, name_key
+from flatbuffers_schema.keys import KEY_DTYPE, Allowlist, keyset_digest, name_key
+from flatbuffers_schema.oip import TensorSignature
+from flatbuffers_schema.tensor_specs import read_signature
 
 #: Resolutions memoised per generation; bounded because clients choose the model names.
 MEMO_MAX = 8192
@@ -69,6 +76,9 @@ class Resolution:
     version: str | None          # the version whose allowlist applies (None: pass through)
     allowlist: Allowlist | None  # None means: send untrimmed
     generation: int = 0
+    tensors: TensorSignature | None = None  # the version's inputs, when the bundle says
+    pending: tuple[str, ...] = ()  # the model's pending versions (never "latest")
+    union: bool = False          # resolve_rollout: the union of ``version`` and ``pending``
 
     @property
     def trims(self) -> bool:
@@ -85,9 +95,14 @@ class Resolution:
         if self.outcome is Outcome.VERSION_FALLBACK:
             return (f"version {asked!r} of {self.model!r} is not in the map: falling back to "
                     f"the latest version {self.version!r} ({n} features)")
+        if self.union:
+            return (f"leaf version not known yet: union of the latest version "
+                    f"{self.version!r} and pending {', '.join(map(repr, self.pending))} "
+                    f"({n} features)")
         if asked is None:
             return f"no version requested: latest version {self.version!r} ({n} features)"
-        return f"exact match: version {self.version!r} ({n} features)"
+        kind = " (pending)" if self.version in self.pending else ""
+        return f"exact match: version {self.version!r}{kind} ({n} features)"
 
 
 def no_map(model: str, version: str | None = None) -> Resolution:
@@ -119,6 +134,7 @@ class FeatureMapView:
             raise MapError("corrupt feature map blob: model index does not match model count")
         self._buf = buf
         self._memo: dict[tuple[str, str | None], Resolution] = {}
+        self._rollout: dict[str, Resolution] = {}
 
     # -- hot path -------------------------------------------------------------------------
     def resolve(self, model: str, version: str | None = None) -> Resolution:
@@ -136,13 +152,45 @@ class FeatureMapView:
         self._memo[(model, version)] = res
         return res
 
+    def resolve_rollout(self, model: str) -> Resolution:
+        """The allowlist for a leaf of ``model`` whose version is not known (yet): the union
+        of the latest version's and every pending version's (memoised). Without pending
+        versions this is :meth:`resolve` ``(model)``."""
+        hit = self._rollout.get(model)
+        if hit is not None:
+            return hit
+        res = self.resolve(model)
+        if res.pending and res.allowlist is not None:
+            try:
+                lists = [res.allowlist.keys] + [
+                    k for v in res.pending
+                    if (k := self._keys_of(model, v)) is not None]
+            except _CORRUPT as exc:
+                raise MapError(f"corrupt feature map blob (generation {self.generation}) "
+                               f"while resolving model {model!r}: {exc}") from exc
+            keys = np.unique(np.concatenate(lists))
+            res = dataclasses.replace(res, allowlist=Allowlist(keys, keyset_digest(keys)),
+                                      union=True)
+        if len(self._rollout) >= MEMO_MAX:
+            self._rollout.clear()
+        self._rollout[model] = res
+        return res
+
+    def _keys_of(self, model: str, version: str) -> np.ndarray | None:
+        res = self.resolve(model, version)
+        if res.outcome is not Outcome.TRIMMED or res.allowlist is None:
+            return None
+        return res.allowlist.keys
+
     def _resolve_cold(self, model: str, version: str | None) -> Resolution:
         table = self._find_model(model)
         if table is None:
             return Resolution(Outcome.PASSTHROUGH_UNKNOWN_MODEL, model, version, None, None,
                               self.generation)
         n = table.VersionsLength()
-        chosen, outcome = n - 1, Outcome.TRIMMED
+        pending = tuple(_text(table.Versions(i).Version()) for i in range(n)
+                        if table.Versions(i).Pending())
+        chosen, outcome = _latest(table, n), Outcome.TRIMMED
         if version is not None:
             wanted = version.encode("utf-8")
             for i in range(n - 1, -1, -1):
@@ -154,7 +202,7 @@ class FeatureMapView:
         vt = table.Versions(chosen)
         allowlist = Allowlist(_u64_view(vt.FeatureKeysAsNumpy()), vt.Digest())
         return Resolution(outcome, model, version, _text(vt.Version()), allowlist,
-                          self.generation)
+                          self.generation, read_signature(vt), pending)
 
     def _find_model(self, model: str) -> FbModel | None:
         keys = self._model_keys
@@ -170,7 +218,7 @@ class FeatureMapView:
 
     # -- for people (trimmer-inspect) --------------------------------------------------------
     def bundles(self) -> list[dict[str, Any]]:
-        """Per-bundle status as the daemon published it (SPEC §5 "Observable")."""
+        """Per-bundle status as the daemon published it."""
         try:
             return self._bundles()
         except _CORRUPT as exc:
@@ -210,10 +258,17 @@ class FeatureMapView:
                     "digest": f"{v.Digest():016x}", "conflict": bool(v.Conflict()),
                     "bundles": [bundle_names[k] if k < len(bundle_names) else str(k)
                                 for k in _u16_list(v)],
-                    "output_count": v.OutputCount(),
+                    "output_count": v.OutputCount(), "pending": bool(v.Pending()),
                 })
+                sig = read_signature(v)
+                if sig is not None:  # the Open Inference Protocol signature, when known
+                    versions[-1]["max_batch_size"] = sig.max_batch_size
+                    versions[-1]["inputs"] = [
+                        {"name": s.name, "datatype": s.datatype, "shape": s.shape,
+                         "optional": s.optional} for s in sig.inputs]
+            n = len(versions)
             yield {"name": _text(m.Name()), "versions": versions,
-                   "latest": versions[-1]["version"] if versions else None}
+                   "latest": versions[_latest(m, n)]["version"] if versions else None}
 
     def conflicts(self) -> list[str]:
         return [_text(self._root.Conflicts(i)) for i in range(self._root.ConflictsLength())]
@@ -244,6 +299,15 @@ class FeatureMapView:
         return {"generation": self.generation, "built_at_ns": self.built_at_ns,
                 "daemon_pid": self.daemon_pid, "bundles": self.bundles(),
                 "models": models, "conflicts": self.conflicts()}
+
+
+def _latest(table: FbModel, n: int) -> int:
+    """Index of the model's latest version: the last one that is not pending (the last one
+    when every version is pending: a model no leaf serves yet)."""
+    for i in range(n - 1, -1, -1):
+        if not table.Versions(i).Pending():
+            return i
+    return n - 1
 
 
 def _u64_view(arr: Any) -> np.ndarray:

@@ -146,12 +146,7 @@ class ShmReader:
 
         ``None`` means no usable map (nothing published, or the control segment is gone).
         """
-        ctl = self._ctl
-        if (
-            ctl is not None
-            and _unpack_active(ctl, _OFF_ACTIVE)[0] == self._seen
-            and self._clock() < self._next_recheck
-        ):
+        if not self.due():
             return self._snapshot
         if not self._refreshing.acquire(blocking=False):
             return self._snapshot
@@ -159,6 +154,16 @@ class ShmReader:
             return self._refresh()
         finally:
             self._refreshing.release()
+
+    def due(self) -> bool:
+        """Would :meth:`poll` do more than return the current snapshot (a new generation to
+        attach, a periodic recheck, no control block yet)? Lock-free, never waits."""
+        ctl = self._ctl
+        return not (
+            ctl is not None
+            and _unpack_active(ctl, _OFF_ACTIVE)[0] == self._seen
+            and self._clock() < self._next_recheck
+        )
 
     def control(self) -> ControlInfo | None:
         """Read the control block (no attach, no verify); ``None`` if there is none."""

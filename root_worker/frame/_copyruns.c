@@ -7,9 +7,15 @@
  * frame layout constants come from _frame_layout.h, generated from format.py (no layout
  * offset is spelled here).
  *
+ * Aliasing: any argument may share memory with any other.  Runs are read once into private
+ * memory before they are checked; copies between buffers that overlap are memmoves, in the
+ * documented order; plan_trim reads an input that shares memory with out from a copy taken
+ * first; plans are opaque objects only make_plan creates.  The sanitized build and fuzzer
+ * in fuzz/engine/ check all of this under AddressSanitizer and UBSan.
+ *
  * One translation unit in parts: this file (the module, copy_runs, write_frame,
  * same_bytes, set_kernel) includes, in order, _copyruns_kernels.h (copy and compare
- * kernels, byte-order helpers), _copyruns_plan.h (pack_columns blobs, the block-table and
+ * kernels, byte-order helpers), _copyruns_plan.h (Plan objects, the block-table and
  * ragged checks, the memo), _copyruns_request.h (one request: plan_trim) and
  * _copyruns_parts.h (the scatter-gather result: Span, plan_parts).
  *
@@ -17,7 +23,9 @@
  *       dst: writable contiguous buffer; src: contiguous buffer; runs: contiguous int64
  *       buffer of n*3 values (src_offset, dst_offset, length).  Copies every run (with the
  *       kernel below) and returns the total number of bytes copied.  The GIL is released
- *       when the total is large (copying is then pure memory traffic).
+ *       when the total is large (copying is then pure memory traffic).  runs is read once,
+ *       before any byte moves; if src and dst share memory each run is a memmove, in order
+ *       (what slice assignments between views of one buffer do, run by run).
  *
  *   set_kernel(name) -> name
  *       Switches to another copy kernel the CPU supports (tests and benchmarks); KERNEL is
@@ -27,14 +35,17 @@
  *       The whole output step of one trim from a Python-built plan: dst[:len(header)] =
  *       header; patch the three per-request preamble fields (frame_len, meta_offset,
  *       meta_len); copy_runs(dst, src, runs); copy the metadata src[meta_offset:+meta_len]
- *       to dst[out_meta_offset:].  Returns the output length.
+ *       to dst[out_meta_offset:].  Returns the output length.  Those four steps happen in
+ *       that order, each as memmove, whatever shares memory with dst (header, runs, src):
+ *       the result is that of trim._write_frame_py.
  *
  *   same_bytes(buf, offset, expected) -> bool
  *       True if buf[offset:offset + len(expected)] == expected (memcmp, no temporary
  *       copy); False if that range is not inside buf.
  *
- *   pack_columns(n_columns, layout_len, elem, ragged, kept, prefix, n_missing) -> bytes
- *       Packs the plan of one (layout, allowlist) into an immutable blob for plan_trim:
+ *   make_plan(layout, n_columns, elem, ragged, kept, prefix, n_missing) -> Plan
+ *       The plan of one (layout, allowlist) for plan_trim, as an opaque Plan object (no
+ *       attributes, no buffer, no other constructor): layout (bytes, the layout section),
  *       elem (uint64 per column: element bytes, 1 .. MAX_ELEM_BYTES), ragged (uint8 per
  *       column, 0 or 1), kept (int64, increasing column indices), prefix (the output
  *       preamble with the kept n_columns, layout_len and layout_hint, the kept layout
@@ -43,13 +54,14 @@
  *   plan_trim(cache, src, out, digest, check_ragged, result_type) -> result | None
  *       The trimmer's whole request in one call, for ANY valid block table.  Checks src's
  *       preamble as read_preamble does, looks up cache[key] with key = 16 bytes
- *       "<QQ"(layout_hint, digest), an entry being (layout bytes, pack_columns blob);
+ *       "<QQ"(layout_hint, digest), an entry being a Plan (anything else: TypeError);
  *       compares the layout bytes; validates every block of the block table as
  *       check_table does (alignment, order, overlap, bounds, exact sizes); if check_ragged,
  *       the offsets head of every kept ragged block (offsets[0] == 0, non-decreasing,
  *       offsets[C] == n_values); computes the canonical output table and the coalesced
  *       runs; writes the output into out (a writable 1-D unsigned-byte buffer, or None for
- *       a new bytearray) and returns result_type(memoryview of the output, len(src),
+ *       a new bytearray; out may share memory with src, the input is then copied first)
+ *       and returns result_type(memoryview of the output, len(src),
  *       output length, n_kept, n_missing).  Returns None, having written nothing, whenever
  *       there is no plan or anything is invalid or does not fit: the caller's general path
  *       then serves the request or words the error.  Nothing is trusted from an earlier
@@ -128,6 +140,55 @@ check_runs(const int64_t *r, Py_ssize_t n_runs, Py_ssize_t src_len, Py_ssize_t d
     return 0;
 }
 
+/* The caller's runs, read once into private memory (on the stack up to LOCAL_RUNS runs)
+ * before they are checked: a runs buffer that is (a view of) dst, or that anything else
+ * rewrites during the copy, cannot change a run after its check. */
+#define LOCAL_RUNS 128
+typedef struct {
+    int64_t local[3 * LOCAL_RUNS];
+    int64_t *r;
+    Py_ssize_t n;
+} runs_copy;
+
+static int
+take_runs(const Py_buffer *runs, runs_copy *rc)
+{
+    rc->r = rc->local;
+    rc->n = 0;
+    if (runs->len % (3 * (Py_ssize_t)sizeof(int64_t)) != 0) {
+        PyErr_SetString(PyExc_ValueError, "runs must hold int64 triples (a multiple of 3 values)");
+        return -1;
+    }
+    if (((uintptr_t)runs->buf) % sizeof(int64_t) != 0) {
+        PyErr_SetString(PyExc_ValueError, "runs buffer of int64 triples must be 8-byte aligned");
+        return -1;
+    }
+    rc->n = runs->len / (3 * (Py_ssize_t)sizeof(int64_t));
+    if (rc->n > LOCAL_RUNS && (rc->r = PyMem_Malloc((size_t)runs->len)) == NULL) {
+        rc->r = rc->local;
+        PyErr_NoMemory();
+        return -1;
+    }
+    memcpy(rc->r, runs->buf, (size_t)runs->len);
+    return 0;
+}
+
+static void
+free_runs(runs_copy *rc)
+{
+    if (rc->r != rc->local) {
+        PyMem_Free(rc->r);
+    }
+}
+
+/* Non-zero if the byte ranges [a, a + alen) and [b, b + blen) share a byte. */
+static inline int
+ranges_overlap(const void *a, Py_ssize_t alen, const void *b, Py_ssize_t blen)
+{
+    const uintptr_t x = (uintptr_t)a, y = (uintptr_t)b;
+    return alen > 0 && blen > 0 && x < y + (uintptr_t)blen && y < x + (uintptr_t)alen;
+}
+
 static void
 copy_runs_loop(char *d, const char *s, const int64_t *r, Py_ssize_t n_runs)
 {
@@ -142,18 +203,30 @@ copy_runs_loop(char *d, const char *s, const int64_t *r, Py_ssize_t n_runs)
     }
 }
 
+/* When src and dst share memory: each run in order, as memmove (what Python's slice
+ * assignments between views of one buffer do, run by run). */
+static void
+move_runs_loop(char *d, const char *s, const int64_t *r, Py_ssize_t n_runs)
+{
+    for (Py_ssize_t i = 0; i < n_runs; i++) {
+        memmove(d + r[3 * i + 1], s + r[3 * i], (size_t)r[3 * i + 2]);
+    }
+}
+
 /* Copy checked runs; the GIL is released when there is enough memory traffic to share.
  * The buffers stay exported (Py_buffer held by the caller), so they cannot move. */
 static void
-copy_all_runs(char *d, const char *s, const int64_t *r, Py_ssize_t n_runs, int64_t total)
+copy_all_runs(char *d, Py_ssize_t d_len, const char *s, Py_ssize_t s_len, const int64_t *r,
+              Py_ssize_t n_runs, int64_t total)
 {
+    const int overlap = ranges_overlap(d, d_len, s, s_len);
     if (total >= RELEASE_GIL_MIN_BYTES) {
         Py_BEGIN_ALLOW_THREADS
-        copy_runs_loop(d, s, r, n_runs);
+        (overlap ? move_runs_loop : copy_runs_loop)(d, s, r, n_runs);
         Py_END_ALLOW_THREADS
     }
     else {
-        copy_runs_loop(d, s, r, n_runs);
+        (overlap ? move_runs_loop : copy_runs_loop)(d, s, r, n_runs);
     }
 }
 
@@ -162,30 +235,20 @@ copy_runs(PyObject *self, PyObject *args)
 {
     (void)self;
     Py_buffer dst, src, runs;
+    runs_copy rc;
     int64_t total = 0;
     PyObject *result = NULL;
 
     if (!PyArg_ParseTuple(args, "w*y*y*:copy_runs", &dst, &src, &runs)) {
         return NULL;
     }
-    if (runs.len % (3 * (Py_ssize_t)sizeof(int64_t)) != 0) {
-        PyErr_SetString(PyExc_ValueError, "runs must hold a multiple of 3 int64 values");
+    if (take_runs(&runs, &rc) < 0 || check_runs(rc.r, rc.n, src.len, dst.len, &total) < 0) {
         goto done;
     }
-    Py_ssize_t n_runs = runs.len / (3 * (Py_ssize_t)sizeof(int64_t));
-    const int64_t *r = (const int64_t *)runs.buf;
-    if (((uintptr_t)r) % sizeof(int64_t) != 0) {
-        PyErr_SetString(PyExc_ValueError, "runs buffer must be 8-byte aligned");
-        goto done;
-    }
-    if (check_runs(r, n_runs, src.len, dst.len, &total) < 0) {
-        goto done;
-    }
-    char *d = (char *)dst.buf;
-    const char *s = (const char *)src.buf;
-    copy_all_runs(d, s, r, n_runs, total);
+    copy_all_runs((char *)dst.buf, dst.len, (const char *)src.buf, src.len, rc.r, rc.n, total);
     result = PyLong_FromLongLong((long long)total);
 done:
+    free_runs(&rc);
     PyBuffer_Release(&runs);
     PyBuffer_Release(&src);
     PyBuffer_Release(&dst);
@@ -197,6 +260,7 @@ write_frame(PyObject *self, PyObject *args)
 {
     (void)self;
     Py_buffer dst, src, header, runs;
+    runs_copy rc;
     long long meta_off, meta_len, out_meta;
     int64_t total = 0;
     PyObject *result = NULL;
@@ -205,11 +269,7 @@ write_frame(PyObject *self, PyObject *args)
                           &meta_off, &meta_len, &out_meta)) {
         return NULL;
     }
-    Py_ssize_t n_runs = runs.len / (3 * (Py_ssize_t)sizeof(int64_t));
-    const int64_t *r = (const int64_t *)runs.buf;
-    if (runs.len % (3 * (Py_ssize_t)sizeof(int64_t)) != 0
-        || ((uintptr_t)r) % sizeof(int64_t) != 0) {
-        PyErr_SetString(PyExc_ValueError, "runs must be aligned int64 triples");
+    if (take_runs(&runs, &rc) < 0) {
         goto done;
     }
     if (header.len < FRAME_TAIL_END || header.len > dst.len || meta_off < 0 || meta_len < 0
@@ -221,17 +281,21 @@ write_frame(PyObject *self, PyObject *args)
                      header.len, meta_off, out_meta, meta_len, src.len, dst.len);
         goto done;
     }
-    if (check_runs(r, n_runs, src.len, dst.len, &total) < 0) {
+    if (check_runs(rc.r, rc.n, src.len, dst.len, &total) < 0) {
         goto done;
     }
+    /* In order, each step as memmove when its buffers share memory: the header (which may
+     * be a view of dst or src), the tail, the runs, the metadata -- exactly the steps of
+     * trim._write_frame_py, whatever aliases what. */
     char *d = (char *)dst.buf;
     const char *s = (const char *)src.buf;
-    memcpy(d, header.buf, (size_t)header.len);
+    memmove(d, header.buf, (size_t)header.len);
     store_tail(d, (uint64_t)(out_meta + meta_len), (uint64_t)out_meta, (uint64_t)meta_len);
-    copy_all_runs(d, s, r, n_runs, total);
-    memcpy(d + out_meta, s + meta_off, (size_t)meta_len);
+    copy_all_runs(d, dst.len, s, src.len, rc.r, rc.n, total);
+    memmove(d + out_meta, s + meta_off, (size_t)meta_len);
     result = PyLong_FromLongLong(out_meta + meta_len);
 done:
+    free_runs(&rc);
     PyBuffer_Release(&runs);
     PyBuffer_Release(&header);
     PyBuffer_Release(&src);
@@ -271,11 +335,9 @@ static PyMethodDef methods[] = {
      "same_bytes(buf, offset, expected) -> bool: memcmp of a region against bytes."},
     {"set_kernel", set_kernel, METH_O,
      "set_kernel(name) -> name: use another supported copy kernel (tests, benchmarks)."},
-    {"pack_columns", pack_columns, METH_VARARGS,
-     "pack_columns(n_columns, layout_len, elem, ragged, kept, prefix, n_missing) -> bytes: "
-     "a checked plan blob for plan_trim / plan_parts."},
-    {"memo_size", memo_size, METH_O,
-     "memo_size(blob) -> int: bytes of the memo bytearray a plan cache entry carries."},
+    {"make_plan", make_plan, METH_VARARGS,
+     "make_plan(layout, n_columns, elem, ragged, kept, prefix, n_missing) -> Plan: a checked, "
+     "opaque plan for plan_trim / plan_parts."},
     {"plan_trim", (PyCFunction)(void (*)(void))plan_trim, METH_FASTCALL,
      "plan_trim(cache, src, out, digest, check_ragged, result_type) -> result or None."},
     {"trim_entry", (PyCFunction)(void (*)(void))trim_entry, METH_FASTCALL,
@@ -297,7 +359,7 @@ PyInit__copyruns(void)
 {
     detect_cpu();
     if (PyType_Ready(&PinType) < 0 || PyType_Ready(&SpanType) < 0
-        || PyType_Ready(&TrimEntryType) < 0) {
+        || PyType_Ready(&TrimEntryType) < 0 || PyType_Ready(&PlanType) < 0) {
         return NULL;
     }
     str_digest = PyUnicode_InternFromString("digest");
@@ -308,7 +370,8 @@ PyInit__copyruns(void)
     }
     PyObject *m = PyModule_Create(&module);
     if (m != NULL && (PyModule_AddStringConstant(m, "KERNEL", kernel_names[kernel]) < 0
-                      || PyModule_AddObjectRef(m, "Span", (PyObject *)&SpanType) < 0)) {
+                      || PyModule_AddObjectRef(m, "Span", (PyObject *)&SpanType) < 0
+                      || PyModule_AddObjectRef(m, "Plan", (PyObject *)&PlanType) < 0)) {
         Py_DECREF(m);
         return NULL;
     }

@@ -188,7 +188,7 @@ done:
     }
     Py_XDECREF(header);
     Py_XDECREF(parts);
-    Py_XDECREF(rq.entry);
+    request_release(&rq);
     PyBuffer_Release(&src);
     return result;
 }

@@ -1,6 +1,6 @@
 /* _copyruns_plan.h: part of _copyruns.c, which includes its parts once, in this order:
- * kernels, plan, request, parts (see its docstring).  This part: plan blobs (pack_columns),
- * the block-table and ragged checks, the memo. */
+ * kernels, plan, request, parts (see its docstring).  This part: plans (make_plan: opaque
+ * Plan objects), the block-table and ragged checks, the memo. */
 /* A new reference to type(data, bytes_in, bytes_out, n_kept, n_missing), a tuple subclass
  * (NamedTuple): built directly, as tuple.__new__(type, items) would. */
 static PyObject *
@@ -45,7 +45,7 @@ typedef struct {
     uint8_t reserved;
 } col_desc;
 
-/* The head of a pack_columns blob (native byte order; the blob never leaves the process),
+/* The head of a plan's blob (native byte order; private memory of its Plan object),
  * followed, each at an 8-byte aligned offset, by col_desc[n_columns], uint32 kept[n_kept]
  * (increasing column indices) and the output header prefix (preamble with the kept
  * n_columns, layout_len and layout_hint; the kept layout section; its padding), which is
@@ -84,102 +84,6 @@ desc_at(uint64_t i, uint64_t n_columns)
     return group + 4 <= n_columns ? group | ((0x3120u >> (4 * (i & 3))) & 3) : i;
 }
 
-static PyObject *
-pack_columns(PyObject *self, PyObject *args)
-{
-    (void)self;
-    unsigned long long n_columns, layout_len, n_missing;
-    Py_buffer elem, ragged, kept, prefix;
-    PyObject *result = NULL;
-
-    if (!PyArg_ParseTuple(args, "KKy*y*y*y*K:pack_columns", &n_columns, &layout_len, &elem,
-                          &ragged, &kept, &prefix, &n_missing)) {
-        return NULL;
-    }
-    const uint64_t *el = (const uint64_t *)elem.buf;
-    const uint8_t *rg = (const uint8_t *)ragged.buf;
-    const int64_t *kp = (const int64_t *)kept.buf;
-    uint64_t n_kept = (uint64_t)kept.len / sizeof(int64_t);
-    if (n_columns > UINT32_MAX || layout_len > UINT32_MAX
-        || (uint64_t)elem.len != 8 * n_columns || ((uintptr_t)el) % 8 != 0
-        || (uint64_t)ragged.len != n_columns || kept.len % 8 != 0 || ((uintptr_t)kp) % 8 != 0
-        || n_kept > n_columns || prefix.len < FRAME_PREAMBLE_SIZE
-        || prefix.len % FRAME_TABLE_ALIGN != 0 || prefix.len > UINT32_MAX) {
-        PyErr_SetString(PyExc_ValueError, "pack_columns: inconsistent sizes");
-        goto done;
-    }
-    for (uint64_t j = 0; j < n_kept; j++) {
-        if (kp[j] < 0 || (uint64_t)kp[j] >= n_columns || (j && kp[j] <= kp[j - 1])) {
-            PyErr_Format(PyExc_ValueError, "pack_columns: kept[%llu] = %lld is not an "
-                         "increasing column index", (unsigned long long)j, (long long)kp[j]);
-            goto done;
-        }
-    }
-    plan_head h;
-    memset(&h, 0, sizeof h);
-    h.magic = PLAN_MAGIC;
-    h.n_columns = n_columns;
-    h.layout_len = layout_len;
-    h.table_offset = align_up(FRAME_PREAMBLE_SIZE + layout_len, FRAME_TABLE_ALIGN);
-    h.n_kept = n_kept;
-    h.n_missing = n_missing;
-    h.out_table_offset = (uint64_t)prefix.len;
-    uint64_t out_table_end = h.out_table_offset + FRAME_TABLE_ENTRY_SIZE * n_kept;
-    h.header_len = n_kept ? align_up(out_table_end, FRAME_BLOCK_ALIGN) : out_table_end;
-    h.cols_at = sizeof h;
-    h.kept_at = h.cols_at + sizeof(col_desc) * n_columns;
-    h.prefix_at = align_up(h.kept_at + 4 * n_kept, 8);
-    h.vec_at = align_up(h.prefix_at + (uint64_t)prefix.len, 8);
-    h.slow_at = h.vec_at + 8 * n_columns;
-    for (uint64_t i = 0; i < n_columns; i++) {
-        h.n_ragged += rg[i] != 0;
-        h.n_slow += rg[i] && (el[i] & (el[i] - 1)) != 0;
-    }
-    h.blob_len = h.slow_at + 4 * h.n_slow;
-    result = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)h.blob_len);
-    if (result == NULL) {
-        goto done;
-    }
-    char *b = PyBytes_AS_STRING(result);
-    memset(b, 0, (size_t)h.blob_len);
-    memcpy(b, &h, sizeof h);
-    col_desc *cols = (col_desc *)(b + h.cols_at);
-    for (uint64_t i = 0; i < n_columns; i++) {
-        if (el[i] == 0 || el[i] > FRAME_MAX_ELEM_BYTES || rg[i] > 1) {
-            PyErr_Format(PyExc_ValueError, "pack_columns: column %llu has element size %llu, "
-                         "ragged flag %u", (unsigned long long)i, (unsigned long long)el[i],
-                         (unsigned)rg[i]);
-            Py_CLEAR(result);
-            goto done;
-        }
-        cols[i].elem = (uint32_t)el[i];
-        cols[i].ragged = rg[i];
-        cols[i].slow = rg[i] && (el[i] & (el[i] - 1)) != 0;
-    }
-    uint64_t *vec = (uint64_t *)(b + h.vec_at);
-    uint32_t *slow = (uint32_t *)(b + h.slow_at);
-    for (uint64_t i = 0, k = 0; i < n_columns; i++) {
-        vec[desc_at(i, n_columns)] =
-            !cols[i].ragged ? el[i] : DESC_RAGGED | (cols[i].slow ? 0 : el[i] - 1);
-        if (cols[i].slow) {
-            slow[k++] = (uint32_t)i;
-        }
-    }
-    uint32_t *k32 = (uint32_t *)(b + h.kept_at);
-    for (uint64_t j = 0; j < n_kept; j++) {
-        k32[j] = (uint32_t)kp[j];
-        cols[kp[j]].kept = 1;
-        vec[desc_at((uint64_t)kp[j], n_columns)] |= DESC_KEPT;
-    }
-    memcpy(b + h.prefix_at, prefix.buf, (size_t)prefix.len);
-done:
-    PyBuffer_Release(&prefix);
-    PyBuffer_Release(&kept);
-    PyBuffer_Release(&ragged);
-    PyBuffer_Release(&elem);
-    return result;
-}
-
 /* The preamble checks of format.read_preamble that do not depend on the layout. */
 static int
 preamble_ok(const char *s, Py_ssize_t n)
@@ -194,11 +98,17 @@ preamble_ok(const char *s, Py_ssize_t n)
            && load_le(s + FRAME_FRAME_LEN_AT, FRAME_FRAME_LEN_SIZE) == (uint64_t)n;
 }
 
-/* One request, as read and validated by read_request. */
+/* One request, as read and validated by read_request.  table is the block table the
+ * request was validated against: the memo's when it matched, else a private copy taken
+ * before the checks (table_own, freed by request_release) -- so nothing that rewrites the
+ * input meanwhile (another thread, a finalizer run by an allocation) can change a checked
+ * offset or size; the copies then read the input only inside the checked blocks. */
 typedef struct {
     PyObject *entry; /* the cache entry (a new reference), kept alive for the call */
+    char *table_own; /* PyMem_Malloc'd copy of the input's block table, or NULL */
+    PyObject *memo_obj; /* the memo this request uses (a new reference), or NULL */
     const char *blob, *s, *table;
-    const char *memo; /* the plan's memo, when it holds this request's header and runs */
+    const char *memo; /* its bytes, when it holds this request's table, header and runs */
     const plan_head *h;
     Py_ssize_t n;
     uint64_t n_cand, meta_off, meta_len, out_meta;
@@ -269,7 +179,7 @@ check_range(const table_check *c, uint64_t i, check_acc *a)
 /* Columns [0, i) four at a time while column i + 4 exists (its offset closes the order
  * check of column i + 3); returns i, the first column left to check_range.  a->prev is
  * then the end of column i - 1.  The lanes hold columns (0, 2, 1, 3) of each group -- the
- * order the in-lane unpacks of the table produce, and the order pack_columns stores the
+ * order the in-lane unpacks of the table produce, and the order make_plan stores the
  * descriptors of each whole group in (see desc_at) -- so no cross-lane shuffle is needed. */
 __attribute__((target("avx2"))) static uint64_t
 check_range_avx2(const table_check *c, check_acc *a)
@@ -415,13 +325,15 @@ ragged_bad(const request *rq, const col_desc *cols, const uint32_t *kept)
     return 0;
 }
 
-/* A plan's memo (a bytearray of memo_size(blob) bytes the Python side allocates): the last
- * block table that passed check_blocks for the plan, with its n_candidates, meta_offset,
- * output metadata offset, output header and coalesced runs -- kept only for plans without
- * ragged columns, whose tables repeat from request to request (dense frames with a
- * repeated candidate count: every request).  A request whose table is byte for byte the
- * memo's skips the per-column checks, the output table and the run computation for one
- * compare, which exits at the first differing chunk.  Read and written with the GIL held.
+/* A plan's memo (a bytes object of memo_bytes(head) bytes that only this module sees): the
+ * last block table that passed check_blocks for the plan, with its n_candidates,
+ * meta_offset, output metadata offset, output header and coalesced runs -- kept only for
+ * plans without ragged columns, whose tables repeat from request to request (dense frames
+ * with a repeated candidate count: every request).  A request whose table is byte for byte
+ * the memo's skips the per-column checks, the output table and the run computation for one
+ * compare, which exits at the first differing chunk.  A memo is never changed once built:
+ * a new table gets a new memo, and a request holds a reference to the one it uses, so no
+ * other request (another thread, or one a finalizer runs) can change it under its feet.
  *
  *   memo_head | table [16 * n_columns] | header [header_len, 8-aligned] | runs [n_kept][2]
  */
@@ -460,4 +372,160 @@ memo_lookup(const char *memo, const char *table, const request *rq)
     return m.out_meta;
 }
 
-static void memo_store(char *memo, const request *rq);
+
+
+/* ---- Plan: one (layout, allowlist) plan, opaque to Python -------------------------------
+ *
+ * make_plan checks its arguments once and builds the blob in memory only this module can
+ * reach (the memo too, later): no attribute, no buffer export, no constructor besides make_plan (the
+ * type disallows instantiation, and copy/pickle find no state).  A plan cache entry that
+ * is not a Plan is refused, so no Python code can hand plan_trim a blob whose offsets
+ * point anywhere. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *layout; /* bytes: the layout section the plan was built for, layout_len long */
+    char *blob;       /* plan_head, descriptors, kept, prefix: immutable after make_plan */
+    PyObject *memo;   /* bytes: the current memo (see memo_head), or NULL */
+} Plan;
+
+static void
+plan_dealloc(Plan *self)
+{
+    Py_XDECREF(self->layout);
+    PyMem_Free(self->blob);
+    Py_XDECREF(self->memo);
+    PyObject_Free(self);
+}
+
+static PyObject *
+plan_repr(Plan *self)
+{
+    const plan_head *h = (const plan_head *)self->blob;
+    return PyUnicode_FromFormat("<Plan: %llu columns, %llu kept>",
+                                (unsigned long long)h->n_columns, (unsigned long long)h->n_kept);
+}
+
+static PyTypeObject PlanType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "root_worker.frame._copyruns.Plan",
+    .tp_basicsize = sizeof(Plan),
+    .tp_dealloc = (destructor)plan_dealloc,
+    .tp_repr = (reprfunc)plan_repr,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .tp_doc = "A checked trim plan of one (layout, allowlist), made by make_plan; opaque.",
+};
+
+/* make_plan(layout, n_columns, elem, ragged, kept, prefix, n_missing) -> Plan.  Every input
+ * value is read once, into private memory, and checked there. */
+static PyObject *
+make_plan(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *layout;
+    unsigned long long n_columns, n_missing;
+    Py_buffer elem, ragged, kept, prefix;
+    col_desc *cols = NULL;
+    Plan *plan = NULL;
+
+    if (!PyArg_ParseTuple(args, "SKy*y*y*y*K:make_plan", &layout, &n_columns, &elem, &ragged,
+                          &kept, &prefix, &n_missing)) {
+        return NULL;
+    }
+    const uint64_t layout_len = (uint64_t)PyBytes_GET_SIZE(layout);
+    const uint64_t n_kept = (uint64_t)kept.len / sizeof(int64_t);
+    if (!PyBytes_CheckExact(layout) || n_columns > UINT32_MAX || layout_len > UINT32_MAX
+        || (uint64_t)elem.len != 8 * n_columns || (uint64_t)ragged.len != n_columns
+        || kept.len % 8 != 0 || n_kept > n_columns || prefix.len < FRAME_PREAMBLE_SIZE
+        || prefix.len % FRAME_TABLE_ALIGN != 0 || prefix.len > UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "make_plan: inconsistent sizes");
+        goto done;
+    }
+    cols = PyMem_Calloc((size_t)n_columns + 1, sizeof(col_desc));
+    if (cols == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    uint64_t n_ragged = 0, n_slow = 0;
+    for (uint64_t i = 0; i < n_columns; i++) {
+        uint64_t el;
+        memcpy(&el, (const char *)elem.buf + 8 * i, 8); /* (any alignment) */
+        const uint8_t rg = ((const uint8_t *)ragged.buf)[i];
+        if (el == 0 || el > FRAME_MAX_ELEM_BYTES || rg > 1) {
+            PyErr_Format(PyExc_ValueError, "make_plan: column %llu has element size %llu, "
+                         "ragged flag %u", (unsigned long long)i, (unsigned long long)el,
+                         (unsigned)rg);
+            goto done;
+        }
+        cols[i].elem = (uint32_t)el;
+        cols[i].ragged = rg;
+        cols[i].slow = rg && (el & (el - 1)) != 0;
+        n_ragged += rg;
+        n_slow += cols[i].slow;
+    }
+    plan_head h;
+    memset(&h, 0, sizeof h);
+    h.magic = PLAN_MAGIC;
+    h.n_columns = n_columns;
+    h.layout_len = layout_len;
+    h.table_offset = align_up(FRAME_PREAMBLE_SIZE + layout_len, FRAME_TABLE_ALIGN);
+    h.n_kept = n_kept;
+    h.n_missing = n_missing;
+    h.n_ragged = n_ragged;
+    h.n_slow = n_slow;
+    h.out_table_offset = (uint64_t)prefix.len;
+    uint64_t out_table_end = h.out_table_offset + FRAME_TABLE_ENTRY_SIZE * n_kept;
+    h.header_len = n_kept ? align_up(out_table_end, FRAME_BLOCK_ALIGN) : out_table_end;
+    h.cols_at = sizeof h;
+    h.kept_at = h.cols_at + sizeof(col_desc) * n_columns;
+    h.prefix_at = align_up(h.kept_at + 4 * n_kept, 8);
+    h.vec_at = align_up(h.prefix_at + (uint64_t)prefix.len, 8);
+    h.slow_at = h.vec_at + 8 * n_columns;
+    h.blob_len = h.slow_at + 4 * h.n_slow;
+    plan = PyObject_New(Plan, &PlanType);
+    if (plan == NULL) {
+        goto done;
+    }
+    plan->layout = Py_NewRef(layout);
+    plan->memo = NULL;
+    plan->blob = PyMem_Calloc(1, (size_t)h.blob_len);
+    if (plan->blob == NULL) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    char *b = plan->blob;
+    uint32_t *k32 = (uint32_t *)(b + h.kept_at);
+    for (uint64_t j = 0; j < n_kept; j++) {
+        int64_t k;
+        memcpy(&k, (const char *)kept.buf + 8 * j, 8);
+        if (k < 0 || (uint64_t)k >= n_columns || (j && (uint64_t)k <= k32[j - 1])) {
+            PyErr_Format(PyExc_ValueError, "make_plan: kept[%llu] = %lld is not an "
+                         "increasing column index", (unsigned long long)j, (long long)k);
+            goto fail;
+        }
+        k32[j] = (uint32_t)k;
+        cols[k].kept = 1;
+    }
+    memcpy(b, &h, sizeof h);
+    memcpy(b + h.cols_at, cols, sizeof(col_desc) * n_columns);
+    uint64_t *vec = (uint64_t *)(b + h.vec_at);
+    uint32_t *slow = (uint32_t *)(b + h.slow_at);
+    for (uint64_t i = 0, k = 0; i < n_columns; i++) {
+        const uint64_t el = cols[i].elem;
+        vec[desc_at(i, n_columns)] = (!cols[i].ragged ? el
+                                      : DESC_RAGGED | (cols[i].slow ? 0 : el - 1))
+                                     | (cols[i].kept ? DESC_KEPT : 0);
+        if (cols[i].slow) {
+            slow[k++] = (uint32_t)i;
+        }
+    }
+    memcpy(b + h.prefix_at, prefix.buf, (size_t)prefix.len);
+    goto done;
+fail:
+    Py_CLEAR(plan);
+done:
+    PyMem_Free(cols);
+    PyBuffer_Release(&prefix);
+    PyBuffer_Release(&kept);
+    PyBuffer_Release(&ragged);
+    PyBuffer_Release(&elem);
+    return (PyObject *)plan;
+}

@@ -19,8 +19,9 @@ plan_key(const char *keybuf)
     return last_key;
 }
 
-/* The plan cache's entry for keybuf (borrowed), checked to be (layout bytes, plan blob,
- * memo bytearray); NULL if there is none (no exception) or it is malformed (TypeError). */
+/* The plan cache's entry for keybuf (borrowed), checked to be a Plan (made by make_plan,
+ * so its blob is consistent); NULL if there is none (no exception) or it is anything else
+ * (TypeError: nothing else is ever read as a plan). */
 static PyObject *
 lookup_entry(PyObject *cache, const char *keybuf)
 {
@@ -29,23 +30,9 @@ lookup_entry(PyObject *cache, const char *keybuf)
         return NULL;
     }
     PyObject *entry = PyDict_GetItemWithError(cache, key);
-    if (entry == NULL) {
-        return NULL;
-    }
-    if (!PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 3
-        || !PyBytes_CheckExact(PyTuple_GET_ITEM(entry, 0))
-        || !PyBytes_CheckExact(PyTuple_GET_ITEM(entry, 1))
-        || !PyByteArray_CheckExact(PyTuple_GET_ITEM(entry, 2))
-        || PyBytes_GET_SIZE(PyTuple_GET_ITEM(entry, 1)) < (Py_ssize_t)sizeof(plan_head)) {
-        PyErr_SetString(PyExc_TypeError,
-                        "trimmer plan cache entries must be (bytes, plan blob, memo bytearray)");
-        return NULL;
-    }
-    const plan_head *h = (const plan_head *)PyBytes_AS_STRING(PyTuple_GET_ITEM(entry, 1));
-    if (h->magic != PLAN_MAGIC
-        || (uint64_t)PyBytes_GET_SIZE(PyTuple_GET_ITEM(entry, 1)) != h->blob_len
-        || (uint64_t)PyByteArray_GET_SIZE(PyTuple_GET_ITEM(entry, 2)) != memo_bytes(h)) {
-        PyErr_SetString(PyExc_TypeError, "trimmer plan cache entry holds no pack_columns blob");
+    if (entry != NULL && !Py_IS_TYPE(entry, &PlanType)) {
+        PyErr_Format(PyExc_TypeError, "trimmer plan cache entries must be Plan objects made "
+                     "by make_plan, not %.100s", Py_TYPE(entry)->tp_name);
         return NULL;
     }
     return entry;
@@ -60,6 +47,8 @@ typedef struct {
     PyObject *entry;
     char key[PLAN_KEY_SIZE];
 } plan_slot;
+
+static int memo_store(Plan *plan, request *rq);
 
 /* Read and validate one request against its cached plan: 1 if it can be served (rq filled,
  * rq->entry a new reference), 0 if not (no entry, anything differs or is invalid: the
@@ -101,8 +90,8 @@ read_request(PyObject *cache, const Py_buffer *src, PyObject *digest_obj, int ch
         Py_XSETREF(slot->entry, Py_NewRef(entry));
         memcpy(slot->key, keybuf, PLAN_KEY_SIZE);
     }
-    PyObject *layout = PyTuple_GET_ITEM(entry, 0), *memo_obj = PyTuple_GET_ITEM(entry, 2);
-    const char *blob = PyBytes_AS_STRING(PyTuple_GET_ITEM(entry, 1));
+    PyObject *layout = ((Plan *)entry)->layout;
+    const char *blob = ((Plan *)entry)->blob;
     const plan_head *h = (const plan_head *)blob;
     /* The layout must be the plan's, byte for byte; then the table must fit before the
      * metadata, and every block must be valid. */
@@ -113,18 +102,26 @@ read_request(PyObject *cache, const Py_buffer *src, PyObject *digest_obj, int ch
         return 0;
     }
     const char *table = s + h->table_offset;
-    char *memo = PyByteArray_AS_STRING(memo_obj);
+    PyObject *memo = ((Plan *)entry)->memo;
     rq->blob = blob;
     rq->h = h;
     rq->s = s;
     rq->n = n;
-    rq->table = table;
-    rq->out_meta = memo_lookup(memo, table, rq);
+    rq->out_meta = memo != NULL ? memo_lookup(PyBytes_AS_STRING(memo), table, rq) : 0;
     if (rq->out_meta != 0) {
-        rq->memo = memo;
+        rq->memo_obj = Py_NewRef(memo);
+        rq->memo = PyBytes_AS_STRING(memo);
+        rq->table = MEMO_TABLE(rq->memo); /* the same bytes, in memory nothing else writes */
     }
     else {
-        rq->out_meta = check_blocks(table, blob, rq->n_cand, table_end, rq->meta_off);
+        const size_t table_len = (size_t)(FRAME_TABLE_ENTRY_SIZE * n_columns);
+        if ((rq->table_own = PyMem_Malloc(table_len ? table_len : 1)) == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        memcpy(rq->table_own, table, table_len);
+        rq->table = rq->table_own;
+        rq->out_meta = check_blocks(rq->table, blob, rq->n_cand, table_end, rq->meta_off);
         if (rq->out_meta == 0) {
             return 0;
         }
@@ -133,13 +130,23 @@ read_request(PyObject *cache, const Py_buffer *src, PyObject *digest_obj, int ch
                                    (const uint32_t *)(blob + h->kept_at))) {
         return 0;
     }
-    if (rq->memo == NULL && h->n_ragged == 0) { /* ragged lengths change tables: no memo */
-        memo_store(memo, rq);
-        rq->memo = memo;
+    if (rq->memo == NULL && h->n_ragged == 0 /* ragged lengths change tables: no memo */
+        && memo_store((Plan *)entry, rq) < 0) {
+        return -1;
     }
     Py_INCREF(entry); /* the cache may drop it while the GIL is released */
     rq->entry = entry;
     return 1;
+}
+
+/* What read_request holds for a request: its plan entry, memo and private table copy. */
+static void
+request_release(request *rq)
+{
+    Py_CLEAR(rq->entry);
+    Py_CLEAR(rq->memo_obj);
+    PyMem_Free(rq->table_own);
+    rq->table_own = NULL;
 }
 
 /* Write the output header (header_len bytes at d: the plan's prefix, this request's
@@ -185,16 +192,25 @@ build_output(char *d, const request *rq, uint64_t *runs)
     return r + 1;
 }
 
-/* Record this request's (validated) table, header and runs as the plan's memo. */
-static void
-memo_store(char *memo, const request *rq)
+/* Build a new memo from this request's (validated) table, header and runs, make it the
+ * plan's and the request's; -1 on MemoryError. */
+static int
+memo_store(Plan *plan, request *rq)
 {
-    memo_head m = {0, rq->n_cand, rq->meta_off, rq->out_meta, 0};
-    memcpy(memo, &m, sizeof m); /* invalid while it changes */
+    PyObject *obj = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)memo_bytes(rq->h));
+    if (obj == NULL) {
+        return -1;
+    }
+    char *memo = PyBytes_AS_STRING(obj);
+    memo_head m = {1, rq->n_cand, rq->meta_off, rq->out_meta, 0};
     memcpy(MEMO_TABLE(memo), rq->table, (size_t)(FRAME_TABLE_ENTRY_SIZE * rq->h->n_columns));
     m.n_runs = build_output(MEMO_HEADER(memo, rq->h), rq, MEMO_RUNS(memo, rq->h));
-    m.valid = 1;
     memcpy(memo, &m, sizeof m);
+    Py_XSETREF(plan->memo, Py_NewRef(obj));
+    rq->memo_obj = obj;
+    rq->memo = memo;
+    rq->table = MEMO_TABLE(memo);
+    return 0;
 }
 
 /* The output header and runs of one request: from the plan's memo (a hit) or built into
@@ -327,19 +343,8 @@ write_trimmed(char *d, const request *rq)
     int backwards = copy_backwards;
     copy_backwards = !backwards;
     if (rq->out_meta - rq->h->header_len >= RELEASE_GIL_MIN_BYTES) {
-        /* src, out and the plan entry are all held: nothing moves or goes away.  Another
-         * thread may rewrite the memo meanwhile, so its runs are copied out first. */
-        if (rl.runs != sc.runs) {
-            uint64_t *own = rl.n_runs > SCRATCH_RUNS ? PyMem_Malloc((size_t)(16 * rl.n_runs))
-                                                     : sc.local;
-            if (own == NULL) {
-                scratch_free(&sc);
-                PyErr_NoMemory();
-                return -1;
-            }
-            memcpy(own, rl.runs, (size_t)(16 * rl.n_runs));
-            rl.runs = sc.runs = own;
-        }
+        /* src, out, the plan entry and the memo are all held (and a memo never changes):
+         * nothing moves or goes away. */
         Py_BEGIN_ALLOW_THREADS
         copy_list(d, rq, rl.runs, rl.n_runs, backwards);
         Py_END_ALLOW_THREADS
@@ -350,18 +355,6 @@ write_trimmed(char *d, const request *rq)
     memcpy(d + rq->out_meta, rq->s + rq->meta_off, (size_t)rq->meta_len);
     scratch_free(&sc);
     return 0;
-}
-
-static PyObject *
-memo_size(PyObject *self, PyObject *blob)
-{
-    (void)self;
-    if (!PyBytes_Check(blob) || PyBytes_GET_SIZE(blob) < (Py_ssize_t)sizeof(plan_head)
-        || ((const plan_head *)PyBytes_AS_STRING(blob))->magic != PLAN_MAGIC) {
-        PyErr_SetString(PyExc_TypeError, "memo_size(blob): not a pack_columns blob");
-        return NULL;
-    }
-    return PyLong_FromUnsignedLongLong(memo_bytes((const plan_head *)PyBytes_AS_STRING(blob)));
 }
 
 static int
@@ -376,21 +369,12 @@ check_call(const char *name, PyObject *const *args, Py_ssize_t nargs, Py_ssize_t
     return 0;
 }
 
-/* A writable, 1-D, C-contiguous unsigned-byte memoryview of out with exactly len bytes
- * (a new bytearray for None); NULL without an exception when out does not qualify. */
+/* A writable, 1-D, C-contiguous unsigned-byte memoryview of out_obj (a new reference);
+ * NULL without an exception when out_obj does not qualify. */
 static PyObject *
-output_view(PyObject *out_obj, uint64_t len)
+out_view(PyObject *out_obj)
 {
     PyObject *data;
-    if (out_obj == Py_None) {
-        PyObject *fresh = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)len);
-        if (fresh == NULL) {
-            return NULL;
-        }
-        data = PyMemoryView_FromObject(fresh);
-        Py_DECREF(fresh);
-        return data;
-    }
     if (!PyObject_CheckBuffer(out_obj) || (data = PyMemoryView_FromObject(out_obj)) == NULL) {
         PyErr_Clear();
         return NULL;
@@ -398,21 +382,55 @@ output_view(PyObject *out_obj, uint64_t len)
     Py_buffer *view = PyMemoryView_GET_BUFFER(data);
     if (view->readonly || view->ndim != 1
         || (view->format != NULL && strcmp(view->format, "B") != 0)
-        || !PyBuffer_IsContiguous(view, 'C') || (uint64_t)view->len < len) {
+        || !PyBuffer_IsContiguous(view, 'C')) {
         Py_DECREF(data);
         return NULL;
     }
-    if ((uint64_t)view->len != len) {
-        /* Shorten this new, not yet shared 1-D byte view in place (what slicing it would
-         * set up in a second memoryview; its managed buffer keeps the full export). */
-        view->len = (Py_ssize_t)len;
-        view->shape[0] = (Py_ssize_t)len;
+    return data;
+}
+
+/* Shorten data, a new, not yet shared 1-D byte view from out_view, to exactly len bytes in
+ * place (what slicing it would set up in a second memoryview; its managed buffer keeps the
+ * full export); -1 if it is shorter than len. */
+static int
+fit_view(PyObject *data, uint64_t len)
+{
+    Py_buffer *view = PyMemoryView_GET_BUFFER(data);
+    if ((uint64_t)view->len < len) {
+        return -1;
+    }
+    view->len = (Py_ssize_t)len;
+    view->shape[0] = (Py_ssize_t)len;
+    return 0;
+}
+
+/* A writable, 1-D, C-contiguous unsigned-byte memoryview of out with exactly len bytes
+ * (a new bytearray for None); NULL without an exception when out does not qualify. */
+static PyObject *
+output_view(PyObject *out_obj, uint64_t len)
+{
+    if (out_obj == Py_None) {
+        PyObject *fresh = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)len);
+        if (fresh == NULL) {
+            return NULL;
+        }
+        PyObject *data = PyMemoryView_FromObject(fresh);
+        Py_DECREF(fresh);
+        return data;
+    }
+    PyObject *data = out_view(out_obj);
+    if (data != NULL && fit_view(data, len) < 0) {
+        Py_CLEAR(data);
     }
     return data;
 }
 
 /* One trim through the plan cache: a new reference to the result, a new reference to
- * None when the general path must serve it (nothing written), NULL with an exception. */
+ * None when the general path must serve it (nothing written), NULL with an exception.
+ *
+ * An out that shares memory with src (out=buf: a trim in place; or any overlapping view)
+ * gets exactly the bytes a separate out would: the input is first copied whole, and the
+ * request is validated and served from that copy (memmove semantics for the whole trim). */
 static PyObject *
 trim_request(PyObject *cache, PyObject *src_obj, PyObject *out_obj, PyObject *digest_obj,
              int check_ragged, PyTypeObject *result_type, plan_slot *slot)
@@ -423,16 +441,35 @@ trim_request(PyObject *cache, PyObject *src_obj, PyObject *out_obj, PyObject *di
         Py_RETURN_NONE;
     }
     request rq = {0};
-    PyObject *result = NULL, *data = NULL;
-    int ok = read_request(cache, &src, digest_obj, check_ragged, &rq, slot);
+    PyObject *result = NULL, *data = NULL, *snapshot = NULL;
+    Py_buffer in = src; /* what the request reads: src, or its snapshot (buf and len only) */
+    if (out_obj != Py_None) {
+        if ((data = out_view(out_obj)) == NULL) {
+            result = Py_NewRef(Py_None); /* the general path words the error */
+            goto done;
+        }
+        const Py_buffer *ov = PyMemoryView_GET_BUFFER(data);
+        if (ranges_overlap(ov->buf, ov->len, src.buf, src.len)) {
+            if ((snapshot = PyBytes_FromStringAndSize(src.buf, src.len)) == NULL) {
+                goto done;
+            }
+            in.buf = PyBytes_AS_STRING(snapshot);
+        }
+    }
+    int ok = read_request(cache, &in, digest_obj, check_ragged, &rq, slot);
     if (ok <= 0) {
         result = ok < 0 ? NULL : Py_NewRef(Py_None);
         goto done;
     }
     const uint64_t out_len = rq.out_meta + rq.meta_len;
-    data = output_view(out_obj, out_len);
     if (data == NULL) {
-        result = PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
+        data = output_view(Py_None, out_len);
+        if (data == NULL) {
+            goto done;
+        }
+    }
+    else if (fit_view(data, out_len) < 0) {
+        result = Py_NewRef(Py_None); /* too small: the general path words the error */
         goto done;
     }
     if (write_trimmed((char *)PyMemoryView_GET_BUFFER(data)->buf, &rq) == 0) {
@@ -441,7 +478,8 @@ trim_request(PyObject *cache, PyObject *src_obj, PyObject *out_obj, PyObject *di
     }
 done:
     Py_XDECREF(data);
-    Py_XDECREF(rq.entry);
+    Py_XDECREF(snapshot);
+    request_release(&rq);
     PyBuffer_Release(&src);
     return result;
 }

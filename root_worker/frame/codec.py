@@ -47,6 +47,7 @@ from root_worker.frame.format import (
     ragged_head,
     read_preamble,
 )
+from root_worker.frame.tables import columns_from
 
 BOOL_CODE = CODE_BY_DTYPE[np.dtype("?")]
 _LAYOUTS = LayoutCache()
@@ -221,14 +222,25 @@ def _layout_bytes(cols: list[_Col]) -> bytes:
     return records.tobytes() + dims.tobytes() + b"".join(c.name for c in cols)
 
 
-def encode(columns: Mapping[str, Column], metadata: Mapping[str, Any] | None = None, *,
-           n_candidates: int | None = None) -> bytes:
+def encode(columns: Mapping[str, Any] | Any, metadata: Mapping[str, Any] | None = None, *,
+           n_candidates: int | None = None, dtypes: Mapping[str, Any] | None = None) -> bytes:
     """Pack ``columns`` (same candidate count each) and ``metadata`` into a frame.
 
-    ``metadata`` must be JSON-serialisable (conventionally it carries ``request_id``);
-    ``n_candidates`` is only needed when there are no columns.  Raises ``ValueError`` for
-    unsupported dtypes, shapes or inconsistent candidate counts.
+    ``columns`` maps names to numpy arrays (dense, candidate axis first) or :class:`Ragged`;
+    it may also be a pandas DataFrame or a pyarrow Table / RecordBatch, and its values
+    pandas Series or pyarrow arrays: list cells become ragged columns, array cells and
+    ``fixed_size_list`` fixed-shape ones (the rules: :mod:`root_worker.frame.tables`).
+    ``dtypes`` casts named columns (``{"ids": np.int32}``). ``metadata`` must be
+    JSON-serialisable (numpy scalars are taken as their Python values; conventionally it
+    carries ``request_id``); ``n_candidates`` is only needed when there are no columns (a
+    table gives its row count).  Raises ``ValueError`` naming the column for unsupported
+    dtypes, nulls, shapes or inconsistent candidate counts.
     """
+    if dtypes is not None or type(columns) is not dict or not all(
+            type(c) is np.ndarray or type(c) is Ragged for c in columns.values()):
+        columns, rows = columns_from(columns, dtypes)
+        if n_candidates is None:
+            n_candidates = rows
     cols = [_Col(name, col) for name, col in columns.items()]
     counts = {c.count for c in cols}
     if n_candidates is not None:
@@ -238,8 +250,12 @@ def encode(columns: Mapping[str, Column], metadata: Mapping[str, Any] | None = N
     n_cand = counts.pop() if counts else 0
     if not 0 <= n_cand <= MAX_CANDIDATES:
         raise ValueError(f"n_candidates {n_cand} is outside [0, {MAX_CANDIDATES}]")
-    meta_text = json.dumps(dict(metadata or {}), separators=(",", ":"), ensure_ascii=False,
-                           allow_nan=False)
+    try:
+        meta_text = json.dumps(dict(metadata or {}), separators=(",", ":"), ensure_ascii=False,
+                               allow_nan=False, default=_json_default)
+    except TypeError as exc:
+        raise ValueError(f"metadata is not JSON: {exc} (use str, int, float, bool, None, "
+                         "lists and objects of them)") from None
     if meta_text.count("[") + meta_text.count("{") > MAX_META_DEPTH and \
             _nesting_depth(meta_text) > MAX_META_DEPTH:
         raise ValueError(f"metadata nests deeper than {MAX_META_DEPTH}")
@@ -259,6 +275,13 @@ def encode(columns: Mapping[str, Column], metadata: Mapping[str, Any] | None = N
                              n_cand, 0, cursor + len(meta), cursor, len(meta), ZERO_RESERVED)
     parts.append(meta)
     return b"".join(parts)
+
+
+def _json_default(value: object) -> object:
+    """numpy scalars (``np.int64(3)``, ``np.float32``, ``np.bool_``) as Python values."""
+    if isinstance(value, np.generic) and value.dtype.kind in "biuf":
+        return value.item()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
 # --- decode -------------------------------------------------------------------------------

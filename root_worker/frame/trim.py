@@ -26,8 +26,13 @@ map that must be free to go away).
 Cache levels, all bounded LRU (:class:`~root_worker.frame.lru.LruCache`):
 
 * ``_Plan`` per (layout, allowlist): kept column indices, the output layout section and its
-  hint, the missing-feature count; on the C backend also packed (``pack_columns``) into
-  ``Trimmer._fast``, which the C calls read.
+  hint, the missing-feature count; on the C backend also an opaque ``_copyruns.Plan``
+  (``make_plan``) in ``Trimmer._fast``, which the C calls read (they refuse anything else
+  there).
+
+Aliasing: ``out`` may share memory with ``buf`` (``out=buf`` trims in place, a shifted view
+of one buffer works too); the output is then exactly what a separate ``out`` would get, on
+both backends, because the input is copied whole before anything is written.
 * ``_SizePlan`` per plan and block table, for the general path and the numpy backend: the
   full output header and the coalesced copy runs (dense frames with a repeated candidate
   count always hit; ragged frames take the vectorised build).
@@ -51,9 +56,7 @@ from flatbuffers_schema.keys import Allowlist
 from root_worker.frame.backends import (
     BACKENDS,
     UniformRows,
-    copy_runs_loop,
-    memo_size_c,
-    pack_columns_c,
+    make_plan_c,
     plan_parts_c,
     plan_trim_c,
     same_bytes_c,
@@ -61,6 +64,7 @@ from root_worker.frame.backends import (
     trim_entry_c,
     uniform_rows,
     write_frame_c,
+    write_frame_py,
 )
 from root_worker.frame.codec import Buffer, as_bytes_view
 from root_worker.frame.format import (
@@ -190,8 +194,8 @@ class _Plan:
         prefix[PREAMBLE_SIZE:PREAMBLE_SIZE + len(self.out_layout)] = self.out_layout
         self.out_prefix = bytes(prefix)
         self.sizes: LruCache[tuple[int, int], _SizePlan] = LruCache(max_sizes)
-        # (layout, pack_columns blob, memo), what the C calls read from Trimmer._fast
-        self.c_entry: tuple[bytes, bytes, bytearray] | None = None
+        # the _copyruns.Plan the C calls read from Trimmer._fast
+        self.c_entry: Any = None
 
     def size_plan(self, src: memoryview, pre: Preamble, for_python: bool) -> _SizePlan:
         """Validate this request's block table and build its output header and runs."""
@@ -275,9 +279,9 @@ class Trimmer:
         self._max_sizes = max_sizes_per_plan
         self._plans: LruCache[tuple[int, int], _Plan] = LruCache(max_plans)
         self._layouts = LayoutCache(max_plans)
-        # C backend: _PLAN_KEY bytes -> (layout bytes, pack_columns blob), read by
-        # _copyruns.plan_trim / plan_parts, which serve any valid block table in one call.
-        self._fast: LruCache[bytes, tuple[bytes, bytes, bytearray]] = LruCache(max_plans)
+        # C backend: _PLAN_KEY bytes -> _copyruns.Plan, read by _copyruns.plan_trim /
+        # plan_parts, which serve any valid block table in one call.
+        self._fast: LruCache[bytes, Any] = LruCache(max_plans)
         self._entry: Any = None
         if self._use_c and type(self).trim is Trimmer.trim:  # (a subclass's own trim wins)
             # The C backend's trim is one C call (_copyruns.trim_entry): the same signature
@@ -295,11 +299,14 @@ class Trimmer:
 
         ``out``: a writable byte buffer (``bytearray``, ``np.uint8`` array, ...) to write
         into; the output is never longer than the input, so ``len(buf)`` bytes always
-        suffice.  Without it a new buffer is allocated.  ``check_ragged``: also check the
+        suffice, and ``out`` may be ``buf`` itself (a trim in place) or overlap it: the
+        result is the same as with a separate buffer.  Without it a new buffer is
+        allocated.  ``check_ragged``: also check the
         offsets head of every *kept* ragged column (``offsets[0] == 0``, non-decreasing,
         ``offsets[C] == n_values``), so a malformed list is refused here rather than by the
         receiver's :func:`~root_worker.frame.decode`.  Raises :class:`FrameError` for a
-        malformed frame, ``ValueError`` if ``out`` is too small.
+        malformed frame, ``ValueError`` if ``out`` is too small, ``TypeError`` if
+        ``allowlist.digest`` is not an ``int`` (:func:`~flatbuffers_schema.keys.keyset_digest`).
         """
         # One C call validates the preamble, the layout and this request's block table
         # against the cached (layout, allowlist) plan and writes the output; None means "no
@@ -343,11 +350,14 @@ class Trimmer:
             dst = memoryview(out)  # type: ignore[arg-type]  # (ndarray: see as_bytes_view)
             if dst.readonly or dst.nbytes < out_len or dst.format != "B" or dst.ndim != 1:
                 dst = _output_view(dst, out_len)
+        src = req.src
+        if out is not None and type(src) is not bytes and _overlaps(dst, src):
+            src = bytes(src)  # read the input whole before writing (out=buf, in place)
         if self._use_c:
-            write_frame_c(dst, req.src, sizes.header, sizes.runs, meta_off, meta_len,
+            write_frame_c(dst, src, sizes.header, sizes.runs, meta_off, meta_len,
                           sizes.out_meta_offset)
         else:
-            _write_frame_py(dst, as_bytes_view(req.src), sizes, meta_off, meta_len)
+            _write_frame_py(dst, as_bytes_view(src), sizes, meta_off, meta_len)
         return _new_tuple(TrimResult, (dst[:out_len], req.bytes_in, out_len,
                                        req.plan.n_kept, req.plan.n_missing))
 
@@ -368,6 +378,10 @@ class Trimmer:
 
     def _prepare(self, buf: Buffer, allowlist: Allowlist, check_ragged: bool) -> _Request:
         """Validate one request completely (worded errors) and find or build its plans."""
+        digest = allowlist.digest
+        if not isinstance(digest, int):
+            raise TypeError(f"Allowlist.digest must be an int (keyset_digest of its keys), "
+                            f"got {type(digest).__name__}")
         src = buf if type(buf) is bytes else as_bytes_view(buf)
         n = len(src)
         if n < PREAMBLE_SIZE:
@@ -377,17 +391,17 @@ class Trimmer:
         if (magic != MAGIC or version != VERSION or flags or reserved0 or frame_len != n
                 or meta_off + meta_len != n or reserved1 != ZERO_RESERVED):
             read_preamble(as_bytes_view(src))  # raises the precise error
-        key = (hint, allowlist.digest)
+        key = (hint, digest)
         plan = self._plans.get(key)
         if (plan is not None and plan.n_columns == n_columns and plan.layout_len == layout_len
                 and self._same(src, PREAMBLE_SIZE, plan.layout_raw)):
             self._plans.touch(key)
         else:
             plan = self._new_plan(src, allowlist)
-        if self._use_c and hint == plan.layout.hint and 0 <= allowlist.digest <= _U64_MAX:
+        if self._use_c and hint == plan.layout.hint and 0 <= digest <= _U64_MAX:
             # From now on the C path serves this (layout, allowlist), whatever the block
             # table.  Only under the true layout hint: wrong hints never occupy C slots.
-            self._install_c(_PLAN_KEY.pack(hint, allowlist.digest), plan)
+            self._install_c(_PLAN_KEY.pack(hint, digest), plan)
         sizes = plan.sizes.get((n_cand, meta_off))
         if sizes is None or not self._same(src, plan.table_offset, sizes.table):
             sizes = self._new_size_plan(plan, src)
@@ -424,11 +438,10 @@ class Trimmer:
     def _install_c(self, key: bytes, plan: _Plan) -> None:
         entry = plan.c_entry
         if entry is None:
-            blob = pack_columns_c(plan.n_columns, plan.layout_len, plan.layout.elem_size,
-                                  plan.layout.ragged.astype(np.uint8),
-                                  plan.kept.astype(np.int64), plan.out_prefix, plan.n_missing)
-            memo = bytearray(memo_size_c(blob))
-            entry = plan.c_entry = (plan.layout_raw, blob, memo)
+            entry = plan.c_entry = make_plan_c(
+                plan.layout_raw, plan.n_columns, plan.layout.elem_size,
+                plan.layout.ragged.astype(np.uint8), plan.kept.astype(np.int64),
+                plan.out_prefix, plan.n_missing)
         if self._fast.get(key) is not entry:
             self._fast.put(key, entry)
 
@@ -448,15 +461,15 @@ def _declined(*_args: object) -> None:
 
 def _write_frame_py(dst: memoryview, src: memoryview, sizes: _SizePlan, meta_off: int,
                     meta_len: int) -> None:
-    """Pure-Python twin of ``_copyruns.write_frame``: header, patched tail, blocks, metadata."""
-    out_meta = sizes.out_meta_offset
-    dst[:len(sizes.header)] = sizes.header
-    TAIL.pack_into(dst, TAIL_OFFSET, out_meta + meta_len, out_meta, meta_len)
-    if sizes.uniform is not None:
-        sizes.uniform.copy(dst, src)
-    else:
-        copy_runs_loop(dst, src, sizes.runs_list)
-    dst[out_meta:out_meta + meta_len] = src[meta_off:meta_off + meta_len]
+    """The numpy backend's output step (``write_frame_py`` with the size plan's copy)."""
+    write_frame_py(dst, src, sizes.header, sizes.runs_list, meta_off, meta_len,
+                   sizes.out_meta_offset, sizes.uniform)
+
+
+def _overlaps(dst: memoryview, src: Buffer) -> bool:
+    """Whether the output and input buffers share any byte (by address range)."""
+    return bool(np.may_share_memory(np.frombuffer(dst, np.uint8),
+                                    np.frombuffer(src, np.uint8)))
 
 
 def _output_view(out: memoryview, out_len: int) -> memoryview:

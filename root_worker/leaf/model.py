@@ -38,13 +38,8 @@ import numpy as np
 
 from root_worker.frame import Column, Frame, Ragged
 from root_worker.leaf.sdk import InputConverter, Inputs
-from trimmer_daemon.bundle.parse import (
-    BundleError,
-    latest_version,
-    load_bundle_file,
-    parse_signature,
-    read_file_bounded,
-)
+from trimmer_daemon.bundle.build import read_signature
+from trimmer_daemon.bundle.parse import BundleError, latest_version, load_bundle_file
 
 log = logging.getLogger(__name__)
 INT_BITS = 20
@@ -266,11 +261,12 @@ class ModelStore:
         self._only = set(only)
         self._fixed: dict[str, dict[str, LeafModel]] = {}
         for model, version, path in signatures:
-            sig = parse_signature(read_file_bounded(path, 64 << 20), path=path)
+            sig = read_signature(path, model=model, version=version).signature
             self._fixed.setdefault(model, {})[version] = LeafModel.build(
                 model, version, sig.input_names)
         self._stamps: dict[str, tuple[int, int, int]] = {}
         self._from_bundles: dict[str, dict[str, dict[str, LeafModel]]] = {}
+        self._pending: dict[str, set[tuple[str, str]]] = {}  # per bundle: marked pending
         self._models: dict[str, dict[str, LeafModel]] = {}
         self._latest: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -309,6 +305,8 @@ class ModelStore:
                 m: {v.version: LeafModel.build(m, v.version, v.input_names) for v in versions}
                 for m, versions in parsed.models.items()
                 if not self._only or m in self._only}
+            self._pending[path] = {(m, v.version) for m, versions in parsed.models.items()
+                                   for v in versions if v.pending}
             changed = True
         if changed or force:
             self._publish()
@@ -321,7 +319,11 @@ class ModelStore:
         for m, versions in self._fixed.items():
             models.setdefault(m, {}).update(versions)
         self._models = models
-        self._latest = {m: latest_version(vs) for m, vs in models.items() if vs}
+        # a version a bundle marks pending is the default only once no other is left (as on
+        # the roots: "latest" is the greatest version that is not pending)
+        pending = set().union(*self._pending.values()) if self._pending else set()
+        self._latest = {m: latest_version([v for v in vs if (m, v) not in pending] or vs)
+                        for m, vs in models.items() if vs}
         self.reloads += 1
         log.info("leaf models: %s", {m: sorted(vs) for m, vs in models.items()})
 

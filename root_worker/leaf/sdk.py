@@ -17,7 +17,8 @@ Per request::
     return 200, score_reply(scores, served_version)
 
 where ``converter = InputConverter.from_signature(path)`` was built once from the model's
-``module_info.json``. Dense inputs are zero-copy numpy views of shape ``(C, *dims)`` on
+signature (a per-model or per-bundle ``module_info.json``, a ``.pt`` archive: read by the
+same code as ``trimmer-bundle``). Dense inputs are zero-copy numpy views of shape ``(C, *dims)`` on
 the request body; ragged inputs are :class:`~root_worker.frame.Ragged` (``values`` of shape
 ``(n_values, *dims)`` and int64 ``offsets`` of length ``C + 1``), also views; a missing
 input is ``None`` and named in ``inputs.missing``.
@@ -26,6 +27,7 @@ input is ``None`` and named in ``inputs.missing``.
 from __future__ import annotations
 
 import operator
+import os
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -42,13 +44,14 @@ from flatbuffers_schema.wire import (
     STATUS_SKEW,
 )
 from root_worker.frame import Column, Frame, FrameError, Ragged, decode
-from trimmer_daemon.bundle.parse import DEFAULT_LIMITS, Limits, parse_signature, read_file_bounded
+from trimmer_daemon.bundle.build import BuildError, read_signature
+from trimmer_daemon.bundle.parse import DEFAULT_LIMITS, BundleError, Limits
 
-__all__ = ["Column", "Frame", "FrameError", "InputConverter", "Inputs", "Ragged", "Refusal",
-           "UnsupportedEncoding", "check_skew", "read_frame", "score_reply"]
+__all__ = ["BuildError", "BundleError", "Column", "Frame", "FrameError", "InputConverter",
+           "Inputs", "Ragged", "Refusal", "UnsupportedEncoding", "check_skew", "read_frame",
+           "score_reply"]
 
 DEFAULT_MAX_FRAME_BYTES = 256 << 20
-MAX_SIGNATURE_BYTES = 64 << 20
 MAX_LAYOUTS = 64  # frame layouts (column name tuples) a converter remembers
 
 
@@ -106,7 +109,9 @@ class Inputs:
         input, a ``(values, offsets)`` pair per ragged one (``offsets`` has ``C + 1``
         entries: ``nn.EmbeddingBag(..., include_last_offset=True)``), ``None`` when missing.
         Memory is shared when the array is writable and native-endian (decode from a
-        ``bytearray``), else copied once. torch is imported only here."""
+        ``bytearray``); a read-only array (decoded from ``bytes``, what most web frameworks
+        hand a leaf) is copied once, so an in-place tensor op never writes into immutable
+        memory. torch is imported only here."""
         try:
             import torch  # noqa: F401  (optional: never a dependency of the project)
         except ImportError:
@@ -115,10 +120,11 @@ class Inputs:
 
 
 def _torch_ready(a: np.ndarray) -> np.ndarray:
-    """``a`` itself when torch can share it, else a native, writable, contiguous copy."""
+    """``a`` itself when torch can share it, else a native, writable, contiguous copy
+    (``np.array`` copies always; ``ascontiguousarray`` would hand back a read-only ``a``)."""
     if a.flags.writeable and a.dtype.isnative and a.flags.c_contiguous and a.flags.aligned:
         return a
-    return np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("="))
+    return np.array(a, dtype=a.dtype.newbyteorder("="), order="C", copy=True)
 
 
 def _torch_input(a: Column | None) -> Any:
@@ -154,7 +160,9 @@ class _LayoutPlan:
 class InputConverter:
     """Turns decoded frames into one model's inputs, in signature order.
 
-    Built once per model version from its ``input_names``; thread-safe. The column lookup
+    Built once per model version from its ``input_names`` (each name once: a repeated name
+    is a ``ValueError`` here; :meth:`from_signature` collapses repeats as the daemon does, with
+    a warning in :attr:`warnings`); thread-safe. The column lookup
     is planned once per frame layout (the tuple of column names, which a root repeats
     request after request) and then costs one C-level ``itemgetter`` call.
     """
@@ -167,20 +175,30 @@ class InputConverter:
             dup = sorted({n for n in names if names.count(n) > 1})
             raise ValueError(f"input_names lists {dup} more than once")
         self.input_names = names
+        self.version: str | None = None  # from_signature: the version read, when known
+        self.origin: str | None = None  # from_signature: where the signature was read
+        self.warnings: tuple[str, ...] = ()
         self._plans: dict[tuple[str, ...], _LayoutPlan] = {}
         self._lock = threading.Lock()
 
     @classmethod
-    def from_signature(cls, source: str | bytes, *, limits: Limits = DEFAULT_LIMITS
-                       ) -> InputConverter:
-        """From a model's ``module_info.json`` (a path, or its bytes): ``input_names`` in
-        order, validated as strictly as the daemon does (``BundleError`` names the file,
-        the JSON path and the reason; duplicate names are collapsed)."""
-        if isinstance(source, bytes):
-            data, path = source, "<module_info.json>"
-        else:
-            data, path = read_file_bounded(source, MAX_SIGNATURE_BYTES), str(source)
-        return cls(parse_signature(data, path=path, limits=limits).input_names)
+    def from_signature(cls, source: str | os.PathLike[str] | bytes, *,
+                       model: str | None = None, version: str | None = None,
+                       limits: Limits = DEFAULT_LIMITS) -> InputConverter:
+        """From a model's signature (a path, or the file's bytes), read by the code
+        ``trimmer-bundle`` uses (:func:`trimmer_daemon.bundle.build.read_signature`): a
+        per-model ``module_info.json`` (``{"input_names": [...]}``), a per-bundle one
+        (``{"MODEL": [{"version": ..., "input_names": [...]}]}``: pass ``model``; ``version``
+        defaults to the latest), a ``.pt`` archive or a ``<model>/<version>/`` directory.
+        ``input_names`` in order, validated as strictly as the daemon does (``BundleError``
+        names the file, the JSON path and the reason; ``BuildError`` a broken archive);
+        duplicate names are collapsed and reported in :attr:`warnings`. :attr:`version` is
+        the version read (a bundle's entry, a version directory's name, else ``version``)."""
+        found = read_signature(source, model=model, version=version, limits=limits)
+        conv = cls(found.signature.input_names)
+        conv.version, conv.origin = found.version, found.origin
+        conv.warnings = found.signature.warnings
+        return conv
 
     def _plan(self, key: tuple[str, ...], columns: Mapping[str, Column]) -> _LayoutPlan:
         plan = _LayoutPlan(self.input_names, columns)
@@ -220,9 +238,10 @@ def check_skew(trimmed_for: str | None, served_version: str,
     ``trimmed_for`` is the request's ``X-FT-Trimmed-For`` header (``None`` when absent: the
     frame is untrimmed). If the root trimmed the frame for another version than the one this
     leaf serves and the frame lacks inputs of the served version, answer 409
-    (``STATUS_SKEW``): the root re-sends the frame untrimmed, so scores never depend on
-    trimming. Otherwise (``None``) score it; missing inputs of an untrimmed frame or of a
-    frame trimmed for this very version are the payload's own gaps, not a skew.
+    (``STATUS_SKEW``) with the served ``version`` in the body: the root re-sends the frame
+    untrimmed, so scores never depend on trimming, and trims for that version from then on.
+    Otherwise (``None``) score it; missing inputs of an untrimmed frame or of a frame
+    trimmed for this very version are the payload's own gaps, not a skew.
     """
     names = missing.missing if isinstance(missing, Inputs) else tuple(missing)
     if trimmed_for is None or trimmed_for == served_version or not names:
@@ -230,13 +249,16 @@ def check_skew(trimmed_for: str | None, served_version: str,
     which = f" of {model!r}" if model else ""
     return Refusal(STATUS_SKEW, {REPLY_ERROR: (
         f"frame trimmed for version {trimmed_for!r}{which}, this leaf serves version "
-        f"{served_version!r} and lacks {len(names)} of its features (e.g. {names[0]!r})")})
+        f"{served_version!r} and lacks {len(names)} of its features (e.g. {names[0]!r})"),
+        REPLY_VERSION: served_version})
 
 
 def score_reply(scores: Sequence[float] | np.ndarray, version: str | None = None,
                 **extra: Any) -> dict[str, Any]:
     """The JSON document of a 200 answer: ``scores`` (required, finite numbers), the
-    served ``version`` (optional), and any extra fields."""
+    served ``version`` (optional), and any extra fields. The root keeps only ``scores`` and
+    ``version`` (as ``leaf_version``) of a leaf's answer: extra fields are for your own
+    callers and logs, and never reach the root's client (docs/leaf-sdk.md says why)."""
     values = np.asarray(scores, dtype=np.float64).reshape(-1)
     if not np.isfinite(values).all():
         raise ValueError("scores must be finite numbers (the root refuses NaN/Infinity)")

@@ -48,11 +48,17 @@ from urllib.parse import parse_qs, urlsplit
 
 from flatbuffers_schema.atomic_file import write_atomic
 from flatbuffers_schema.settings import add_version_flag
-from flatbuffers_schema.wire import ENCODING_HEADER, REPLY_ERROR, TRIMMED_FOR_HEADER
+from flatbuffers_schema.wire import (
+    ENCODING_HEADER,
+    REPLY_ERROR,
+    STATUS_SKEW,
+    TRIMMED_FOR_HEADER,
+)
 from root_worker.frame import FrameError
 from root_worker.leaf.model import ModelStore
 from root_worker.leaf.sdk import (
     DEFAULT_MAX_FRAME_BYTES,
+    BuildError,
     UnsupportedEncoding,
     check_skew,
     decompress,
@@ -74,15 +80,21 @@ class LeafStats:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.totals = {"requests": 0, "errors": 0, "bytes_received": 0, "frame_bytes": 0}
+        # scored_with_missing: frames scored although inputs of the served version were
+        # missing (an under-sent frame the 409 rule let through: untrimmed, or trimmed for
+        # this very version); refused_skew: 409s (trimmed for another version, short)
+        self.totals = {"requests": 0, "errors": 0, "bytes_received": 0, "frame_bytes": 0,
+                       "scored_with_missing": 0, "refused_skew": 0}
         self.by_model: dict[str, dict[str, int]] = {}
 
     def record(self, model: str | None, wire: int, frame: int, columns: int,
-               ok: bool) -> None:
+               ok: bool, missing: int = 0, skew: bool = False) -> None:
         with self._lock:
             t = self.totals
             t["requests"] += 1
             t["errors"] += 0 if ok else 1
+            t["scored_with_missing"] += 1 if ok and missing else 0
+            t["refused_skew"] += 1 if skew else 0
             t["bytes_received"] += wire
             t["frame_bytes"] += frame
             if model is not None and ok:
@@ -99,9 +111,10 @@ class LeafStats:
 
 
 class LeafReplyError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, **extra: Any) -> None:
         super().__init__(message)
         self.status = status
+        self.extra = extra  # more fields of the error answer (a 409's served version)
 
 
 class LeafServer(ThreadingHTTPServer):
@@ -175,15 +188,17 @@ class LeafHandler(BaseHTTPRequestHandler):
             doc, frame_len, columns = self._score(model, (query.get("version") or [None])[0],
                                                   body)
         except LeafReplyError as exc:
-            self.server.stats.record(model, wire, frame_len, columns, ok=False)
-            self._send_json(exc.status, {"error": str(exc)})
+            self.server.stats.record(model, wire, frame_len, columns, ok=False,
+                                     skew=exc.status == STATUS_SKEW)
+            self._send_json(exc.status, {"error": str(exc), **exc.extra})
             return
         except Exception as exc:  # a bug: answer 500, keep serving
             log.exception("scoring failed model=%s", model)
             self.server.stats.record(model, wire, frame_len, columns, ok=False)
             self._send_json(500, {"error": f"internal error: {type(exc).__name__}: {exc}"})
             return
-        self.server.stats.record(model, wire, frame_len, columns, ok=True)
+        self.server.stats.record(model, wire, frame_len, columns, ok=True,
+                                 missing=len(doc["missing"]))
         if self.server.delay_s:
             time.sleep(self.server.delay_s)  # a deliberately slow leaf (tests)
         self._send_json(200, doc)
@@ -230,7 +245,8 @@ class LeafHandler(BaseHTTPRequestHandler):
         refusal = check_skew(self.headers.get(TRIMMED_FOR_HEADER), lm.version, inputs,
                              model=model)
         if refusal is not None:
-            raise LeafReplyError(refusal.status, refusal.body[REPLY_ERROR])
+            raise LeafReplyError(refusal.status, refusal.body[REPLY_ERROR],
+                                 **{k: v for k, v in refusal.body.items() if k != REPLY_ERROR})
         doc = score_reply(lm.score_inputs(inputs), lm.version, model=model,
                           requested_version=version, n_candidates=frame.n_candidates,
                           n_columns=len(frame.columns), missing=list(inputs.missing),
@@ -272,7 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", default=[], metavar="NAME",
                    help="serve only these models of the bundles (repeatable)")
     p.add_argument("--signature", action="append", default=[], metavar="MODEL[@VERSION]=PATH",
-                   help="a per-model module_info.json (version defaults to 1)")
+                   help="the model's signature: a per-model module_info.json, a .pt archive "
+                        "or a version directory, read as trimmer-bundle reads them "
+                        "(version defaults to 1)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_ranged(int, 0, MAX_PORT), default=8101,
                    help="0 picks a free port")
@@ -310,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         store = ModelStore(args.bundle, args.model, _signatures(args.signature))
-    except (ValueError, BundleError) as exc:
+    except (ValueError, BundleError, BuildError) as exc:
         print(f"trimmer-leaf: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:

@@ -13,6 +13,7 @@ import fnmatch
 import os
 import struct
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -110,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "daemon only publishes on change)")
     p.add_argument("--age-crit", type=_duration, default=0.0, metavar="DURATION",
                    help="CRITICAL when the map was published longer ago (default: off)")
+    p.add_argument("--liveness", action="store_true",
+                   help="count only what restarting the daemon can fix (no map, an "
+                        "unreadable or corrupt map, a stale heartbeat); bundle states are "
+                        "listed but never change the exit code: a liveness probe that "
+                        "restarts the daemon for a bad bundle file would loop and lose "
+                        "last-known-good content")
     p = verbs.add_parser("models", help="models, versions, allowlist sizes, source bundles")
     p.add_argument("pattern", nargs="?", default="*", metavar="PATTERN",
                    help="only models whose name matches this glob (default: all)")
@@ -117,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL")
     p.add_argument("version", nargs="?", default=None, metavar="VERSION")
     p.add_argument("--features", action="store_true", help="list the allowlist's feature names")
+    p.add_argument("--root", action="append", default=[], metavar="URL",
+                   help="a root pool (http://HOST:PORT, repeatable): also show the version "
+                        "each of its workers learned that each leaf endpoint serves, and the "
+                        "allowlist a request naming no version gets there")
     p = verbs.add_parser("diff", help="bundle files on disk vs. what is published")
     p.add_argument("--config", metavar="FILE",
                    help="the daemon's TOML config: also compare the configured bundle list "
@@ -157,19 +168,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
     except (OSError, posix_ipc.Error) as exc:
-        print(f"CRITICAL: cannot read shared memory {prefix!r}: {exc}", file=sys.stderr)
-        return EXIT_CRITICAL
+        return _critical(args, prefix, "shm_unreadable",
+                         f"cannot read shared memory {prefix!r}: {exc}")
     except _CORRUPT as exc:  # a verified blob whose FlatBuffers offsets are still wrong
-        print(f"CRITICAL: the published map {prefix!r} is corrupt: {type(exc).__name__}: "
-              f"{exc}", file=sys.stderr)
-        return EXIT_CRITICAL
+        return _critical(args, prefix, "map_corrupt", f"the published map {prefix!r} is "
+                                                      f"corrupt: {type(exc).__name__}: {exc}")
+
+
+def _critical(args: argparse.Namespace, prefix: str, code: str, message: str) -> int:
+    """A verb that could not run: the message on stderr, or with ``--json`` the envelope
+    every verb prints (status, exit code, one finding) on stdout, so a consumer of
+    ``--json`` always gets a document."""
+    if args.json:
+        state = MapState(prefix, time.time_ns())
+        state.add(Level.CRITICAL, code, message)
+        render.print_json(render.envelope(state))
+    else:
+        print(f"CRITICAL: {message}", file=sys.stderr)
+    return EXIT_CRITICAL
 
 
 # -- verbs ------------------------------------------------------------------------------------
 
 def cmd_status(state: MapState, args: argparse.Namespace) -> Level:
     evaluate(state, Thresholds(args.heartbeat_warn, args.heartbeat_crit, args.age_warn,
-                               args.age_crit))
+                               args.age_crit, liveness=args.liveness))
     if args.json:
         doc = render.envelope(state)
         doc.update(render.status_facts(state))
@@ -206,11 +229,11 @@ def cmd_models(state: MapState, args: argparse.Namespace) -> Level:
     rows = []
     for m in models:
         for v in m["versions"]:
-            rows.append((m["name"], v["version"], v["version"] == m["latest"], v["features"],
-                         ",".join(v["bundles"]), v["conflict"]))
+            rows.append((m["name"], v["version"], v["version"] == m["latest"], v["pending"],
+                         v["features"], ",".join(v["bundles"]), v["conflict"]))
     if rows:
-        print(fmt.table(["MODEL", "VERSION", "LATEST", "FEATURES", "BUNDLES", "CONFLICT"],
-                        rows))
+        print(fmt.table(["MODEL", "VERSION", "LATEST", "PENDING", "FEATURES", "BUNDLES",
+                         "CONFLICT"], rows))
     print(f"{len(models)} models, {len(rows)} versions (generation {view.generation})"
           + ("" if args.pattern == "*" else f" matching {args.pattern!r}"))
     return state.level
@@ -231,17 +254,30 @@ def cmd_lookup(state: MapState, args: argparse.Namespace) -> Level:
         "trims": res.trims, "version": res.version, "explanation": res.explain(),
         "latest": info["latest"] if info else None,
         "known_versions": [v["version"] for v in info["versions"]] if info else [],
+        "pending_versions": list(res.pending),
         "features": len(names) if names is not None else None,
         "digest": vinfo["digest"] if vinfo else None,
         "bundles": vinfo["bundles"] if vinfo else [],
         "conflict": vinfo["conflict"] if vinfo else False, "generation": view.generation}
+    if res.pending and args.version is None:  # what a leaf of unknown version gets
+        doc["unknown_leaf_features"] = len(view.resolve_rollout(args.model).allowlist or ())
+    if args.root:
+        doc["leaf_versions"], errors = _learned(view, args.model, args.root)
+        if errors:
+            doc["leaf_versions_errors"] = errors
     if args.json:
         if args.features:
             doc["feature_names"] = names
         render.print_json({**render.envelope(state), **doc})
         return state.level
     print(res.explain())
+    learned = doc.pop("leaf_versions", None)
     print(fmt.key_values([(k, render.show(v)) for k, v in doc.items() if k != "explanation"]))
+    if learned:
+        print()
+        print(fmt.table(["ROOT", "PID", "LEAF", "SERVES", "GETS", "FEATURES"],
+                        [(x["root"], x["pid"], x["endpoint"], x["version"], x["outcome"],
+                          x["features"]) for x in learned]))
     if args.features and names is not None:
         print()
         print("\n".join(names))
@@ -284,6 +320,36 @@ _VERBS = {"status": cmd_status, "models": cmd_models, "lookup": cmd_lookup, "dif
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
+def _learned(view: FeatureMapView, model: str, roots: list[str]
+             ) -> tuple[list[dict[str, Any]], list[str]]:
+    """Per root worker and leaf endpoint: the version learned and what a version-less
+    request to it gets (``trimmed`` for that version; ``rollout union`` while that version
+    takes part in a rollout; or untrimmed when no bundle lists it)."""
+    from root_worker.oncall.learned import LearnedError, learned_versions
+    from root_worker.service.leafversions import in_rollout
+
+    rows, errors = [], []
+    rollout = view.resolve_rollout(model)
+    for root in roots:
+        try:
+            found = learned_versions(root, model)
+        except LearnedError as exc:
+            errors.append(str(exc))
+            print(f"WARNING: {exc}", file=sys.stderr)
+            continue
+        for x in found:
+            union = in_rollout(rollout, x.version)
+            res = rollout if union else view.resolve(model, x.version)
+            known = res.outcome.value == "trimmed"
+            rows.append({"root": x.root, "pid": x.pid, "endpoint": x.endpoint,
+                         "version": x.version,
+                         "outcome": "rollout union" if union else "trimmed" if known else
+                         "untrimmed (not in the map)",
+                         "features": len(res.allowlist) if known and res.allowlist is not None
+                         else None})
+    return rows, errors
+
 
 def _need_view(state: MapState, args: argparse.Namespace, **extra: Any) -> FeatureMapView | None:
     """The map, or (after reporting why there is none: CRITICAL) ``None``."""

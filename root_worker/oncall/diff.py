@@ -161,6 +161,9 @@ def model_changes(view: FeatureMapView, bundle: str,
                                    _published_names(view, model, version), pv["conflict"]))
         else:
             change = _feature_change(view, model, version, mv, pv["conflict"])
+            if change is None and mv.pending != pv.get("pending", False):
+                change = _change(model, version, "promoted" if pv.get("pending") else
+                                 "pending_on_disk", [], [], pv["conflict"])
             if change is not None:
                 changes.append(change)
     return changes
@@ -197,6 +200,9 @@ def describe_change(c: dict[str, Any], max_names: int = 8) -> str:
                                             if len(names) > max_names else "")
     what = {"added": "only on disk (not published)",
             "removed": "only published (not on disk)",
-            "features_changed": "features differ"}.get(c["change"], c["change"])
+            "features_changed": "features differ",
+            "promoted": "promoted on disk, still pending in the map",
+            "pending_on_disk": "pending on disk, current in the map"}.get(c["change"],
+                                                                        c["change"])
     conflict = " [conflict: published is a union]" if c["conflict"] else ""
     return f"{c['model']} {c['version']}: {what} ({shown}){conflict}"

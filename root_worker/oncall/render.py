@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 from root_worker.featuremap.map_reader import FeatureMapView
+from root_worker.frame.backends import describe_backend
 from root_worker.oncall import format as fmt
 from root_worker.oncall.diff import BundleDiff, describe_change
 from root_worker.oncall.state import Level, MapState
@@ -39,6 +40,7 @@ def status_facts(state: MapState) -> dict[str, Any]:
         "models": view.model_count if view else None,
         "bundles": view.bundles() if view else [],
         "conflicts": view.conflicts() if view else [],
+        "trim_backend": describe_backend(),
     }
 
 
@@ -55,9 +57,10 @@ def summary(state: MapState) -> str:
 
 def status_lines(state: MapState) -> list[tuple[str, object]]:
     c, d, snap, view = state.control, state.daemon, state.snapshot, state.view
+    # what this host's install trims with (the root workers import the same package)
+    lines: list[tuple[str, object]] = [("trim backend", describe_backend()["reason"])]
     if c is None:
-        return []
-    lines: list[tuple[str, object]] = []
+        return lines
     if c.generation:
         lines.append(("generation", f"{c.generation} published {fmt.iso_utc(c.published_at_ns)}"
                                     f" ({fmt.ago(c.published_at_ns, state.now_ns)})"))

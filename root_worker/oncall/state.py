@@ -53,6 +53,10 @@ class Thresholds:
     heartbeat_crit: float = 30.0
     age_warn: float = 0.0
     age_crit: float = 0.0
+    #: ``status --liveness``: bundle states (stale, missing, never loaded, none configured)
+    #: are reported as notes and never change the exit code -- a restart of the daemon
+    #: cannot fix a bad file and would throw away last-known-good content.
+    liveness: bool = False
 
 
 @dataclass(frozen=True)
@@ -217,7 +221,7 @@ def evaluate(state: MapState, limits: Thresholds) -> None:
     _check_daemon(state, limits)
     _check_age(state, limits)
     if state.view is not None:
-        _check_bundles(state, state.view)
+        _check_bundles(state, state.view, liveness=limits.liveness)
 
 
 def _check_daemon(state: MapState, limits: Thresholds) -> None:
@@ -271,18 +275,21 @@ _BUNDLE_MEANING = {
 }
 
 
-def _check_bundles(state: MapState, view: FeatureMapView) -> None:
+def _check_bundles(state: MapState, view: FeatureMapView, *, liveness: bool = False) -> None:
     bundles = view.bundles()
     if not bundles:
-        state.add(Level.WARNING, "no_bundles",
+        state.add(Level.OK if liveness else Level.WARNING, "no_bundles",
                   "the map has no bundles configured: every request passes through untrimmed")
     for b in bundles:
         if b["state"] != "ok":
             meaning = _BUNDLE_MEANING.get(b["state"], "unknown state")
             error = f": {b['error']}" if b["error"] else ""
-            # never_loaded is an init-time failure: it alerts as critical (SPEC §9); the
-            # daemon still started and serves every other bundle.
+            # never_loaded is an init-time failure: it alerts as critical, and never blocks
+            # the host: the daemon still started and serves every other bundle (so a
+            # liveness check, which restarts, only notes it).
             level = Level.CRITICAL if b["state"] == "never_loaded" else Level.WARNING
+            if liveness:
+                level = Level.OK
             state.add(level, f"bundle_{b['state']}",
                       f"bundle {b['name']!r} is {b['state']} ({meaning}){error}")
         for warning in b["warnings"]:

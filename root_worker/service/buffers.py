@@ -8,6 +8,12 @@ rather than exceed it, and the caller answers 503 (a request body) or sends untr
 trimmed output). Freed buffers are kept for reuse up to half the cap and
 :meth:`BufferPool.shrink` (called when the worker is idle) unmaps them all: memory goes back
 to the kernel (``munmap``), it does not stay in the allocator's heap.
+
+A request body is *charged* as its bytes arrive, not when its Content-Length is announced:
+the worker takes the mapping with ``charge=0`` and calls :meth:`BufferPool.charge` ahead of
+each read. A fresh anonymous mapping costs no memory until written, so what the cap counts
+is what the worker's memory holds, and a client that only announces a large body holds
+nothing healthy requests need.
 """
 
 from __future__ import annotations
@@ -34,36 +40,54 @@ class BufferPool:
     def size_class(n: int) -> int:
         return max(MIN_BUFFER, 1 << max(0, n - 1).bit_length())
 
-    def take(self, n: int) -> mmap.mmap | None:
-        """A writable buffer of at least ``n`` bytes, or None if the cap would be passed."""
+    def take(self, n: int, charge: int | None = None) -> mmap.mmap | None:
+        """A writable buffer of at least ``n`` bytes, or None if the cap would be passed.
+
+        ``charge``: the bytes to count now (default: the whole buffer); the rest is counted
+        by :meth:`charge` as it is written, and :meth:`give` must be told the total."""
         size = self.size_class(n)
         with self._lock:
-            return self._take(size)
+            return self._take(size, size if charge is None else charge)
 
-    def _take(self, size: int) -> mmap.mmap | None:
+    def _take(self, size: int, charge: int) -> mmap.mmap | None:
         free = self._free.get(size)
         if free:
             buf = free.pop()
             self.kept -= size
         else:
-            if self.in_use + self.kept + size > self.cap:
+            if self.in_use + self.kept + charge > self.cap:
                 self._shrink()
-            if self.in_use + size > self.cap:
+            if self.in_use + charge > self.cap:
                 self.refused += 1
                 return None
             buf = mmap.mmap(-1, size)
-        self.in_use += size
+        self.in_use += charge
         self.peak = max(self.peak, self.in_use)
         return buf
 
-    def give(self, buf: mmap.mmap) -> None:
+    def charge(self, n: int) -> bool:
+        """Count ``n`` more bytes of a buffer taken with a partial charge; False (nothing
+        counted) if the cap would be passed."""
+        with self._lock:
+            if self.in_use + self.kept + n > self.cap:
+                self._shrink()
+            if self.in_use + n > self.cap:
+                self.refused += 1
+                return False
+            self.in_use += n
+            self.peak = max(self.peak, self.in_use)
+            return True
+
+    def give(self, buf: mmap.mmap, charged: int | None = None, reuse: bool = True) -> None:
+        """Give ``buf`` back; ``charged``: what was counted for it (default: its size);
+        ``reuse=False``: never hand it out again (someone may still read it)."""
         size = len(buf)
         with self._lock:
-            self._give(buf, size)
+            self._give(buf, size, size if charged is None else charged, reuse)
 
-    def _give(self, buf: mmap.mmap, size: int) -> None:
-        self.in_use -= size
-        if self.kept + size <= self.cap // 2:
+    def _give(self, buf: mmap.mmap, size: int, charged: int, reuse: bool = True) -> None:
+        self.in_use -= charged
+        if reuse and self.kept + size <= self.cap // 2:
             self._free.setdefault(size, []).append(buf)
             self.kept += size
         else:

@@ -21,6 +21,8 @@ kind            meaning
 ``status``      the leaf answered with a non-2xx status (its message is kept)
 ``bad_reply``   the leaf's answer is malformed, not the JSON object expected, or larger
                 than ``FT_MAX_LEAF_REPLY_BYTES`` (read no further)
+``internal``    an unexpected exception while handling this target (a bug: logged once,
+                counted in ``feature_trimmer_root_faults_total``); other targets go on
 ==============  ==============================================================
 """
 
@@ -29,29 +31,24 @@ from __future__ import annotations
 import bisect
 import errno
 import itertools
+import logging
 import socket
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from root_worker.service.http1 import (
-    ChunkedDecoder,
-    Head,
-    HttpError,
-    find_head_end,
-    parse_response,
-)
+from root_worker.service.http1 import HttpError, ReplyParser
 from root_worker.service.keepalive import should_retry
 from root_worker.service.loop import READ, WRITE, Loop, Timer, run_until
 from root_worker.service.routing import Endpoint
 
 MAX_IDLE_PER_ENDPOINT = 16
 MAX_IDLE_S = 30.0  # an idle kept-alive socket older than this is closed, not reused
-MAX_REPLY_HEAD = 16 << 10
 RECV_CHUNK = 64 << 10
 IOV_MAX = 1024
 SEND_BUDGET_MIN = 64 << 10  # after a partial send, offer at least this many bytes per call
+log = logging.getLogger(__name__)
 _REFUSED = (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EADDRNOTAVAIL)
 
 
@@ -135,16 +132,14 @@ class LeafCall:
         self._budget = SEND_BUDGET_MIN  # bytes offered per sendmsg after a partial one
         self._sent = 0
         self._first = 0
-        self._rx = bytearray()
-        self._head: Head | None = None
-        self._body_start = 0
-        self._chunks: ChunkedDecoder | None = None
-        self._data = bytearray()
+        self._reply: ReplyParser | None = None
         self._timer: Timer | None = None
         self.endpoint: Endpoint | None = None
+        self.reply_headers: dict[str, str] = {}  # the answer's head (names lower-cased)
         self.body_bytes = body_bytes if body_bytes is not None else \
             sum(memoryview(b).nbytes for b in body)
         self.done = False
+        self.faults = 0
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> LeafCall:
@@ -184,13 +179,21 @@ class LeafCall:
         self._drop_socket()
         self._finish(err)
 
+    def contain(self, exc: BaseException) -> None:
+        """An exception escaped one of this call's handlers (the loop's backstop): the
+        target fails with ``internal``; the exception is logged once, with its URL."""
+        log.error("leaf call fault contained url=%s: %s: %s", self._url, type(exc).__name__,
+                  exc, exc_info=exc)
+        self.faults += 1
+        self._fail(LeafError("internal", f"{self._url}: internal error (logged): "
+                             f"{type(exc).__name__}"))
+
     # -- connect ---------------------------------------------------------------------------
     def _connect(self) -> None:
         ep = self.endpoint = self._eps[self._i]
         sock = self._pool.take(ep) if self._attempt == 0 else None
         self._reused = sock is not None
-        self._rx.clear()
-        self._head = None
+        self._reply = None
         self._ends = []
         self._total = -1
         if sock is not None:
@@ -298,11 +301,17 @@ class LeafCall:
         except OSError as exc:
             self._io_error(exc, "reading the answer")
             return
-        if not data:
-            self._eof()
-            return
+        reply = self._reply
+        if reply is None:
+            reply = self._reply = ReplyParser(self._max_reply)
         try:
-            self._take(data)
+            if not data:
+                if reply.eof():
+                    self._complete(reply)
+                else:
+                    self._eof(reply)
+            elif reply.feed(data):
+                self._complete(reply)
         except HttpError as exc:
             self._fail(LeafError("bad_reply", f"{self._url}: {exc.message}"))
 
@@ -310,63 +319,20 @@ class LeafCall:
     def _url(self) -> str:
         return self.endpoint.url if self.endpoint else "leaf"
 
-    def _take(self, data: bytes) -> None:
-        if self._head is None:
-            self._rx += data
-            end = find_head_end(self._rx)
-            if end < 0:
-                if len(self._rx) > MAX_REPLY_HEAD:
-                    raise HttpError(502, "bad_reply", f"answer head exceeds {MAX_REPLY_HEAD} "
-                                    "bytes")
-                return
-            head = self._head = parse_response(bytes(self._rx[:end]))
-            if head.content_length is not None and head.content_length > self._max_reply:
-                raise HttpError(502, "bad_reply", f"answer of {head.content_length} bytes "
-                                f"exceeds FT_MAX_LEAF_REPLY_BYTES={self._max_reply}")
-            if head.chunked:
-                self._chunks = ChunkedDecoder(self._data.extend, self._max_reply)
-            data = bytes(self._rx[end:])
-            self._rx.clear()
-        self._body_part(data)
-
-    def _body_part(self, data: bytes) -> None:
-        head = self._head
-        assert head is not None
-        if self._chunks is not None:
-            try:
-                used = self._chunks.feed(memoryview(data))
-            except HttpError as exc:
-                raise HttpError(502, "bad_reply", f"answer body: {exc.message}") from None
-            if self._chunks.done:
-                self._complete(head, keep=used == len(data))
-            return
-        self._data += data
-        if len(self._data) > self._max_reply:
-            raise HttpError(502, "bad_reply", f"answer exceeds FT_MAX_LEAF_REPLY_BYTES="
-                            f"{self._max_reply}")
-        if head.content_length is not None and len(self._data) >= head.content_length:
-            if len(self._data) > head.content_length:
-                raise HttpError(502, "bad_reply", "more bytes than its Content-Length")
-            self._complete(head, keep=True)
-
-    def _eof(self) -> None:
-        head = self._head
-        if head is None:
+    def _eof(self, reply: ReplyParser) -> None:
+        if not reply.headed:
             exc = ConnectionResetError("closed before answering")
-            if should_retry(exc, self._reused, self._attempt) and not self._rx:
+            if should_retry(exc, self._reused, self._attempt) and not reply.head_bytes:
                 self._retry()
                 return
             self._fail(LeafError("io", f"{self._url}: connection closed before the answer "
-                                 f"was complete ({len(self._rx)} head bytes)"))
-        elif head.content_length is None and not head.chunked:
-            self._complete(head, keep=False)  # an answer delimited by the close
+                                 f"was complete ({reply.head_bytes} head bytes)"))
         else:
             self._fail(LeafError("io", f"{self._url}: connection closed after "
-                                 f"{len(self._data)} body bytes"))
+                                 f"{len(reply.body)} body bytes"))
 
     def _io_error(self, exc: OSError, stage: str) -> None:
-        if should_retry(exc, self._reused, self._attempt) and not self._rx and \
-                self._head is None:
+        if should_retry(exc, self._reused, self._attempt) and self._reply is None:
             self._retry()
             return
         self._fail(LeafError("io", f"{self._url}: connection lost while {stage}: "
@@ -377,15 +343,16 @@ class LeafCall:
         self._attempt = 1
         self._connect()
 
-    def _complete(self, head: Head, keep: bool) -> None:
+    def _complete(self, reply: ReplyParser) -> None:
         sock, self._sock = self._sock, None
         assert sock is not None and self.endpoint is not None
         self._loop.unwatch(sock)
-        if keep and head.keep_alive:
+        if reply.keep_alive:
             self._pool.give(self.endpoint, sock)
         else:
             sock.close()
-        self._finish((head.status, bytes(self._data)))
+        self.reply_headers = reply.headers
+        self._finish((reply.status, bytes(reply.body)))
 
 
 def post_blocking(pool: LeafPool, endpoints: Sequence[Endpoint], path: str, body: Any,

@@ -6,15 +6,24 @@ outside it (the WSGI path under a threaded gunicorn worker, tests) drives a priv
 until its exchanges end (:func:`run_until`). Handlers are callables taking the ready event
 mask; timers are cancellable and run in deadline order. Nothing here blocks longer than the
 next timer.
+
+The loop owns every transition: work that must follow the current handler (the next
+pipelined request of a connection) is queued with :meth:`Loop.call_soon` and runs on the
+next turn, after the I/O that is ready, never inside the code that finished the last one.
+A handler that raises is contained: the exception and the handler go to
+:attr:`Loop.on_error` (the worker logs and counts it and lets the handler's owner -- a
+connection, a leaf call -- end itself) and the loop goes on; it never unwinds the loop.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import select
 import selectors
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +35,7 @@ _EPOLL = {READ: select.EPOLLIN, WRITE: select.EPOLLOUT, READ | WRITE: select.EPO
 # errors and hang-ups wake both directions: the handler's recv/send then sees them
 _READABLE = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP | select.EPOLLRDHUP
 _WRITABLE = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
+log = logging.getLogger(__name__)
 
 
 class Timer:
@@ -59,6 +69,12 @@ class Loop:
         self._events: dict[int, int] = {}         # fd -> registered epoll mask
         self._fds: dict[Any, int] = {}            # watched object -> its fd at watch time
         self._owner: dict[int, Any] = {}          # fd -> the object watched on it
+        self._soon: deque[Callable[[], None]] = deque()
+        self.on_error: Callable[[BaseException, Any], None] = _log_error
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the next turn of the loop (after this turn's ready I/O)."""
+        self._soon.append(fn)
 
     def call_at(self, when: float, fn: Callable[[], None]) -> Timer:
         t = Timer(when, fn)
@@ -99,8 +115,8 @@ class Loop:
 
     def run_once(self, max_wait: float) -> None:
         """Wait for I/O up to the next timer (at most ``max_wait`` s) and dispatch."""
-        timeout = max_wait
-        if self._timers:
+        timeout = 0.0 if self._soon else max_wait
+        if self._timers and timeout:
             timeout = min(timeout, max(0.0, self._timers[0][0] - self.clock()))
         try:
             ready = self._ep.poll(timeout)
@@ -110,8 +126,18 @@ class Loop:
         for fd, ev in ready:
             handler = handlers.get(fd)  # an earlier handler may have unwatched it
             if handler is not None:
-                handler((READ if ev & _READABLE else 0) | (WRITE if ev & _WRITABLE else 0))
+                try:
+                    handler((READ if ev & _READABLE else 0) | (WRITE if ev & _WRITABLE else 0))
+                except Exception as exc:
+                    self.on_error(exc, handler)
         self._run_timers()
+        soon = self._soon
+        for _ in range(len(soon)):  # only what was queued before this turn
+            fn = soon.popleft()
+            try:
+                fn()
+            except Exception as exc:
+                self.on_error(exc, fn)
 
     def _run_timers(self) -> None:
         now = self.clock()
@@ -119,7 +145,10 @@ class Loop:
         while timers and timers[0][0] <= now:
             t = heapq.heappop(timers)[2]
             if not t.cancelled:
-                t.fn()
+                try:
+                    t.fn()
+                except Exception as exc:
+                    self.on_error(exc, t.fn)
         while timers and timers[0][2].cancelled:  # keep the heap from filling with husks
             heapq.heappop(timers)
 
@@ -130,6 +159,12 @@ class Loop:
         self._fds.clear()
         self._owner.clear()
         self._timers.clear()
+        self._soon.clear()
+
+
+def _log_error(exc: BaseException, handler: Any) -> None:
+    log.error("loop handler %r failed: %s: %s", handler, type(exc).__name__, exc,
+              exc_info=exc)
 
 
 def run_until(loop: Loop, done: Callable[[], bool], deadline: float) -> None:

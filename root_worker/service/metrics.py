@@ -12,7 +12,7 @@ process, e.g. in unit tests) the values stay in this process.
 ==================================================  =======  =================================
 metric                                              type     meaning
 ==================================================  =======  =================================
-feature_trimmer_root_targets_total{model,outcome}   counter  targets by SPEC §4 outcome
+feature_trimmer_root_targets_total{model,outcome}   counter  targets by lookup outcome
                                                              (``off`` in mode off)
 feature_trimmer_root_untrimmed_bytes_total{model}   counter  frame bytes before trimming
 feature_trimmer_root_trimmed_bytes_total{model}     counter  frame bytes after trimming (in
@@ -25,6 +25,13 @@ feature_trimmer_root_trim_errors_total{model}       counter  trimmer failures (s
 feature_trimmer_root_leaf_errors_total{model,kind}  counter  failed targets by kind (fanout.py)
 feature_trimmer_root_skew_resends_total{model}      counter  leaf on another version refused a
                                                              trimmed frame: re-sent untrimmed
+feature_trimmer_root_leaf_version{model,endpoint,   gauge    1: the version this worker learned
+  version,pid}                                               that the leaf endpoint serves for
+                                                             version-less requests (0: no
+                                                             longer); read by trimmer-inspect
+                                                             lookup --root
+feature_trimmer_root_leaf_version_changes_total     counter  learned versions that replaced
+  {model}                                                    another (a leaf rolled over)
 feature_trimmer_root_trim_seconds                   histo    one trim (per target)
 feature_trimmer_root_leaf_seconds{model}            histo    leaf round trip per target
 feature_trimmer_root_requests_total{code}           counter  /score answers by HTTP status
@@ -35,6 +42,9 @@ feature_trimmer_root_map_age_seconds                gauge    age of the stalest 
                                                              map (updated per request/scrape)
 feature_trimmer_root_map_errors_total               counter  map generations refused/corrupt
 feature_trimmer_root_info{mode,lz4}                 gauge    1: the configured mode
+feature_trimmer_root_trim_backend_info{backend,kernel} gauge 1: the trim backend serving
+                                                             (``c`` or ``numpy``; kernel:
+                                                             the C copy kernel, or none)
 ==================================================  =======  =================================
 """
 
@@ -56,6 +66,8 @@ from prometheus_client import multiprocess as prom_multiprocess
 P = "feature_trimmer_root_"
 OTHER_MODEL = "_other"
 MAX_CACHED_MODELS = 4096  # model name -> bound children; clients choose the names
+MAX_LEAF_VERSION_SERIES = 1024  # (model, endpoint, version) series one worker exports
+OTHER_VERSION = "_other"  # a leaf version past that bound
 TRIM_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2)
 MAP_AGE_EVERY_NS = 100_000_000  # per-request map age updates: at most every 0.1 s
 LEAF_BUCKETS = (5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1, 2.5, 5)
@@ -135,8 +147,27 @@ class RootMetrics:
                              registry=r, multiprocess_mode="livemax")
         self.map_errors = Counter(P + "map_errors", "Map generations refused or corrupt",
                                   registry=r)
+        self.faults = Counter(
+            P + "faults", "Unexpected exceptions contained to one connection or one target, "
+            "by phase (each is a bug: it is logged with its request id)", ["phase"],
+            registry=r)
+        self.accept_pauses = Counter(
+            P + "accept_pauses", "Times a worker stopped accepting for a moment because the "
+            "process ran out of file descriptors (EMFILE/ENFILE)", registry=r)
         self.info = Gauge(P + "info", "The configured mode", ["mode", "lz4"], registry=r,
                           multiprocess_mode="liveall")
+        self.trim_backend = Gauge(P + "trim_backend_info",
+                                  "The trim backend serving (c: the C accelerator, numpy: "
+                                  "the fallback)", ["backend", "kernel"], registry=r,
+                                  multiprocess_mode="liveall")
+        self.leaf_version = Gauge(P + "leaf_version", "1: the version this worker learned "
+                                  "that a leaf endpoint serves for version-less requests",
+                                  ["model", "endpoint", "version"], registry=r,
+                                  multiprocess_mode="liveall")
+        self.leaf_version_changes = Counter(P + "leaf_version_changes",
+                                            "Learned leaf versions that replaced another",
+                                            by_model, registry=r)
+        self._leaf_series: set[tuple[str, str, str]] = set()
         self._map_errors_seen = 0
         self._map_seen = (-1, -1)
         self._age_set_ns = 0
@@ -154,6 +185,29 @@ class RootMetrics:
                 self._models[model] = mm
         return mm
 
+    def leaf_version_changed(self, url: str, model: str, old: str | None,
+                             new: str | None) -> None:
+        """Export what a worker learned (:class:`~root_worker.service.leafversions.
+        LeafVersions` calls it): the old version's series to 0, the new one's to 1."""
+        label = model if self._listed(model) else OTHER_MODEL
+        if old is not None:
+            self.leaf_version.labels(label, url, self._version_label(label, url, old)).set(0)
+            if new is not None:
+                self.leaf_version_changes.labels(label).inc()
+        if new is not None:
+            self.leaf_version.labels(label, url, self._version_label(label, url, new)).set(1)
+
+    def _version_label(self, model: str, url: str, version: str) -> str:
+        """``version``, or ``_other`` once this worker exports too many series (a leaf that
+        reports ever new versions must not grow the scrape without bound)."""
+        key = (model, url, version)
+        if key in self._leaf_series:
+            return version
+        if len(self._leaf_series) >= MAX_LEAF_VERSION_SERIES:
+            return OTHER_VERSION
+        self._leaf_series.add(key)
+        return version
+
     def answered(self, status: int) -> None:
         """Count one ``/score`` answer (the label child bound once per status code)."""
         child = self._answers.get(status)
@@ -163,6 +217,9 @@ class RootMetrics:
 
     def set_mode(self, mode: str, lz4: bool) -> None:
         self.info.labels(mode, "1" if lz4 else "0").set(1)
+
+    def set_trim_backend(self, backend: str, kernel: str | None) -> None:
+        self.trim_backend.labels(backend, kernel or "none").set(1)
 
     def set_map(self, generation: int, published_at_ns: int, now_ns: int,
                 map_errors: int, *, force: bool = True) -> None:

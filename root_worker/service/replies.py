@@ -2,7 +2,7 @@
 
 Runs in each root worker (imported by the event worker, so no prometheus_client here).
 :func:`leaf_reply` checks a leaf's answer (a JSON object whose ``scores`` are finite
-numbers, SPEC's leaf contract) and keeps what the client gets. The common answer -- a flat
+numbers, the leaf contract) and keeps what the client gets. The common answer -- a flat
 array of plain numbers first in the object, as the leaf SDK writes it -- is found by one
 regular expression once the reply parsed, and its text is kept (:class:`RawJSON`), which
 :func:`answer_body` splices into the client's answer unchanged: printing 64 floats per target
@@ -38,8 +38,12 @@ class RawJSON:
 _SCORES_TEXT = re.compile(rb'\s*\{\s*"scores"\s*:\s*(\[[-+.eE0-9,\s]*\])')
 
 
-def leaf_reply(url: str, status: int, data: bytes) -> dict[str, Any]:
-    """The fields of a leaf's answer the client gets; raises LeafError if unusable."""
+def leaf_reply(url: str, status: int, data: bytes, candidates: int | None = None
+               ) -> dict[str, Any]:
+    """The fields of a leaf's answer the client gets; raises LeafError if unusable.
+
+    ``candidates``: the request's candidate count; a reply with more scores than that is
+    ``bad_reply`` (what the client gets is bounded by what it asked for)."""
     try:  # C-speed parse; NaN/Infinity literals refused here, overflowed floats below
         doc = _DECODER.decode(data.decode(json.detect_encoding(data), "surrogatepass"))
     except (UnicodeDecodeError, ValueError, RecursionError):
@@ -51,6 +55,9 @@ def leaf_reply(url: str, status: int, data: bytes) -> dict[str, Any]:
     if not isinstance(doc, dict) or not isinstance(doc.get("scores"), list):
         raise LeafError("bad_reply", f"{url} answered 200 without a JSON object with scores")
     scores = doc["scores"]
+    if candidates is not None and len(scores) > max(candidates, 1):
+        raise LeafError("bad_reply", f"{url} answered {len(scores)} scores for "
+                        f"{candidates} candidates")
     if not _finite(scores):  # 1e999 parses as inf: not re-encodable as strict JSON
         raise LeafError("bad_reply", f"{url} answered scores that are not finite numbers")
     reply: dict[str, Any] = {"scores": scores}

@@ -8,6 +8,15 @@ route for models not listed::
      "homefeed_rank": "http://10.0.0.9:8103",
      "*": "http://10.0.0.10:8100"}
 
+A model's entry may also be an object naming the protocol its leaves speak::
+
+    {"tr_ctr": {"urls": ["http://10.0.0.11:8000"], "protocol": "oip"}}
+
+``"protocol"`` is ``"frame"`` (the default: this project's frame, ``POST <URL>/score``) or
+``"oip"``: the Open Inference Protocol (KServe v2: NVIDIA Triton, KServe), REST with the
+binary tensor data extension, ``POST <URL>/v2/models/<model>/versions/<version>/infer``
+(:mod:`root_worker.service.oip`). ``"url"`` may stand for a one-element ``"urls"``.
+
 Only ``http://HOST:PORT[/PATH]`` URLs are accepted; the root POSTs to ``<URL>/score``.
 Routing is independent of the feature map: a model the map does not know is still routed
 (and sent untrimmed). Errors raise :class:`RoutingError` naming the file, the key and why.
@@ -24,6 +33,9 @@ from urllib.parse import urlsplit
 
 DEFAULT_KEY = "*"
 MAX_ROUTING_BYTES = 4 << 20
+PROTOCOL_FRAME = "frame"
+PROTOCOL_OIP = "oip"
+PROTOCOLS = (PROTOCOL_FRAME, PROTOCOL_OIP)
 
 
 class RoutingError(ValueError):
@@ -57,8 +69,10 @@ class Endpoint(NamedTuple):
 class Routing:
     """Model -> replica endpoints, with a per-model round-robin cursor (one per worker)."""
 
-    def __init__(self, routes: Mapping[str, list[Endpoint]]) -> None:
+    def __init__(self, routes: Mapping[str, list[Endpoint]],
+                 protocols: Mapping[str, str] | None = None) -> None:
         self._routes = {m: tuple(eps) for m, eps in routes.items()}
+        self._protocols = {m: p for m, p in (protocols or {}).items() if p != PROTOCOL_FRAME}
         self._cursors: dict[str, Iterator[int]] = {
             m: itertools.cycle(range(len(eps))) for m, eps in self._routes.items()}
 
@@ -86,9 +100,12 @@ class Routing:
         if not isinstance(doc, dict):
             raise RoutingError(f"{where}: top level must be an object of model -> URL(s)")
         routes: dict[str, list[Endpoint]] = {}
+        protocols: dict[str, str] = {}
         for model, urls in doc.items():
             if not model:
                 raise RoutingError(f"{where}: empty model name")
+            if isinstance(urls, dict):
+                protocols[model], urls = _route_object(urls, f"{where}: {model!r}")
             urls = [urls] if isinstance(urls, str) else urls
             if not isinstance(urls, list) or not urls:
                 raise RoutingError(f"{where}: {model!r}: expected a URL or a non-empty list "
@@ -97,11 +114,16 @@ class Routing:
                 routes[model] = [Endpoint.parse(u) for u in urls]
             except ValueError as exc:
                 raise RoutingError(f"{where}: {model!r}: {exc}") from None
-        return cls(routes)
+        return cls(routes, protocols)
 
     def listed(self, model: str) -> bool:
         """Is ``model`` named in the file (not only served by the default route)?"""
         return model in self._routes and model != DEFAULT_KEY
+
+    def protocol(self, model: str) -> str:
+        """What the leaves of ``model`` speak: ``"frame"`` or ``"oip"``."""
+        return self._protocols.get(model if model in self._routes else DEFAULT_KEY,
+                                   PROTOCOL_FRAME)
 
     def endpoints(self, model: str) -> tuple[Endpoint, ...]:
         eps = self._routes.get(model)
@@ -120,5 +142,22 @@ class Routing:
         start = next(self._cursors[key])
         return list(eps[start:] + eps[:start])
 
-    def to_dict(self) -> dict[str, list[str]]:
-        return {m: [e.url for e in eps] for m, eps in self._routes.items()}
+    def to_dict(self) -> dict[str, Any]:
+        return {m: {"urls": [e.url for e in eps], "protocol": self._protocols[m]}
+                if m in self._protocols else [e.url for e in eps]
+                for m, eps in self._routes.items()}
+
+
+def _route_object(doc: dict[str, Any], where: str) -> tuple[str, Any]:
+    """``{"urls": [...] | "url": "...", "protocol": ...}`` -> (protocol, urls)."""
+    unknown = set(doc) - {"url", "urls", "protocol"}
+    if unknown:
+        raise RoutingError(f"{where}: unknown keys {sorted(unknown)} (expected url or urls, "
+                           f"and protocol)")
+    if ("url" in doc) == ("urls" in doc):
+        raise RoutingError(f"{where}: give exactly one of \"url\" and \"urls\"")
+    protocol = doc.get("protocol", PROTOCOL_FRAME)
+    if protocol not in PROTOCOLS:
+        raise RoutingError(f"{where}: protocol {protocol!r} is not one of "
+                           f"{', '.join(PROTOCOLS)}")
+    return protocol, doc.get("urls", doc.get("url"))

@@ -114,6 +114,15 @@ class Settings:
         "per-worker cap on request-body and trimmed-output buffers: a body that does not fit "
         "is refused with 503, a trimmed output that does not fit is sent untrimmed (counted "
         "as a trim error); must hold one FT_MAX_REQUEST_BYTES body", env="FT_MAX_BUFFER_BYTES")
+    max_candidates: int = setting(
+        100_000, positive(int, 1 << 30),
+        "a frame holding more candidates is refused with 413 (`too_many_candidates`)",
+        env="FT_MAX_CANDIDATES")
+    max_answer_scores: int = setting(
+        1 << 20, positive(int, 1 << 34),
+        "a request whose answer would hold more scores (targets x candidates) is refused "
+        "with 413 (`answer_too_large`): the answer's size is bounded by settings",
+        env="FT_MAX_ANSWER_SCORES")
     max_leaf_reply_bytes: int = setting(
         4 << 20, positive(int),
         "a leaf answer larger than this fails its target with `bad_reply`, read no further",

@@ -18,7 +18,7 @@ query string must decode to UTF-8 (``%ff`` is an error, not U+FFFD). Every probl
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qs
 
 MAX_NAME_BYTES = 1024  # the bundle validator's default name limit
@@ -94,7 +94,7 @@ def _from_metadata(doc: Any) -> list[Target]:
             version = str(version)
         if version is not None:
             _check_name(version, where, "version")
-        out.append(Target(model, version))
+        out.append(Target(cast(str, model), cast("str | None", version)))  # checked above
     return out
 
 

@@ -128,6 +128,7 @@ def metric_value(text: str, name: str, **labels: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from root_worker.testing.stack import EXAMPLES_DIR
     from root_worker.testing.workload import load_universe, make_frame
 
     p = argparse.ArgumentParser(prog="python -m root_worker.testing.client",
@@ -135,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("url", nargs="?", default="http://127.0.0.1:8100")
     p.add_argument("--target", action="append", metavar="MODEL[@VERSION]",
                    help="default: ads_ctr, ads_cvr, homefeed_rank")
-    p.add_argument("--features", default="examples/features.json")
+    p.add_argument("--features", default=str(EXAMPLES_DIR / "features.json"),
+                   help="the feature universe (default: the example features)")
     p.add_argument("--candidates", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the whole answer")

@@ -21,6 +21,14 @@ outcomes, generations per worker, the checks), stops everything and removes its 
 segments and temp directory -- also on Ctrl-C, SIGTERM and failure. Exit status 0 only if
 every check passed.
 
+With the Triton server installed (``make triton``; ``--triton auto``, the default, uses it
+when it is there, ``--triton on`` requires it) a real ``tritonserver`` joins as a fourth
+leaf: the test model repository (:mod:`root_worker.testing.triton`), a bundle built from it
+with ``trimmer-bundle build --triton-repo`` and routes ``"protocol": "oip"``. After the main
+traffic a few union frames go to both pools: the trim pool's v2 requests are answered 200,
+the off pool's (every column of the union) are refused 400 by Triton -- for such a server
+the trim is what makes the call valid.
+
 ``python -m root_worker.testing.demo run`` (``make run``) starts the same stack and keeps it up
 until Ctrl-C, printing the URLs and sample commands.
 """
@@ -40,7 +48,13 @@ from pathlib import Path
 from typing import Any
 
 from root_worker.testing.client import Client, metric_samples
-from root_worker.testing.stack import PROJECT_DIR, CloseReport, Stack, StackError, shm_segments
+from root_worker.testing.stack import (
+    EXAMPLES_DIR,
+    CloseReport,
+    Stack,
+    StackError,
+    shm_segments,
+)
 from root_worker.testing.workload import load_universe, make_frame
 
 MODELS = ("ads_ctr", "ads_cvr", "homefeed_rank")
@@ -342,7 +356,8 @@ def worker_report(stack: Stack, traffic: Traffic, swap: SwapTimes
 def demo(args: argparse.Namespace, examples: Path) -> int:
     t0 = time.monotonic()
     frames = build_frames(examples, args.candidates)
-    stack = Stack.create("ftdemo", examples, keep_workdir=args.keep_workdir)
+    inst = triton_install(args.triton)
+    stack = Stack.create("ftdemo", examples, keep_workdir=args.keep_workdir, triton=inst)
     checks: list[Check] = []
     try:
         print(f"stack: shm prefix {stack.prefix}, directory {stack.workdir}")
@@ -350,6 +365,9 @@ def demo(args: argparse.Namespace, examples: Path) -> int:
         off = stack.start_pool("off", mode="off")
         for name, leaf in stack.leaves.items():
             print(f"  leaf {name:<14} {leaf.url}")
+        if stack.triton is not None:
+            print(f"  leaf tritonserver {stack.triton.url} (tr_ctr, tr_rank: Open Inference "
+                  "Protocol)")
         print(f"  root pool trim  {trim.url} (FT_MODE=trim, 2 workers)\n"
               f"  root pool off   {off.url} (FT_MODE=off: the untrimmed reference)")
         print(f"traffic: {args.requests} requests x {len(frames[0]) / 1e6:.2f} MB frames "
@@ -364,6 +382,8 @@ def demo(args: argparse.Namespace, examples: Path) -> int:
         print(f"  done in {elapsed:.1f} s ({len(traffic.exchanges) / elapsed:.0f} frame pairs/s)"
               "\n")
         checks += report(stack, traffic, swap)
+        if stack.triton is not None:
+            checks += triton_phase(trim.url, off.url, args.candidates)
     finally:
         closed = stack.close()
     checks += cleanup_checks(stack, closed)
@@ -414,6 +434,55 @@ def report(stack: Stack, traffic: Traffic, swap: SwapTimes) -> list[Check]:
     return checks
 
 
+def triton_install(mode: str) -> Any:
+    """The Triton install to add (None: none), per ``--triton auto|on|off``."""
+    if mode == "off":
+        return None
+    from root_worker.testing import triton
+
+    inst = triton.find_install()
+    if isinstance(inst, str):
+        if mode == "on":
+            raise StackError(inst)
+        print(f"(no Triton leaf: {inst})")
+        return None
+    return inst
+
+
+def triton_phase(trim_url: str, off_url: str, candidates: int, n: int = 8) -> list[Check]:
+    """Union frames to both pools: v2 requests answered by Triton when trimmed, refused
+    when they carry the whole union (mode off)."""
+    from root_worker.frame import encode
+    from root_worker.testing import triton
+
+    ok = refused = total = 0
+    wire: list[int] = []
+    frame_bytes = 0
+    with Client(trim_url, timeout=30) as trim, Client(off_url, timeout=30) as off:
+        for seed in range(n):
+            frame = encode(triton.union_columns(candidates, seed, extra=200),
+                           {"targets": list(triton.MODELS)})
+            frame_bytes = len(frame)
+            _, doc = trim.score(frame)
+            for t in doc.get("targets", ()):
+                total += 1
+                ok += t.get("status") == "ok"
+                wire.append(t.get("bytes_sent", 0))
+            _, doc = off.score(frame)
+            refused += sum(t.get("error", {}).get("status") == 400
+                           for t in doc.get("targets", ()))
+    print(f"\nTriton leaf ({', '.join(triton.MODELS)}, Open Inference Protocol), {n} union "
+          f"frames of {frame_bytes / 1e3:.0f} KB:\n"
+          f"  trim pool: {ok}/{total} targets answered 200, "
+          f"{sum(wire) / max(len(wire), 1):.0f} bytes per v2 request (header + the model's "
+          f"inputs)\n"
+          f"  off pool (the whole union as inputs): {refused}/{total} refused 400 by Triton")
+    return [Check("Triton answered every trimmed v2 request", ok == total > 0,
+                  f"{ok}/{total}"),
+            Check("Triton refused every untrimmed (union) v2 request with 400",
+                  refused == total > 0, f"{refused}/{total}")]
+
+
 def cleanup_checks(stack: Stack, closed: CloseReport) -> list[Check]:
     left = shm_segments(stack.prefix)
     detail = (f"the daemon left {closed.leftover_segments}, removed by the demo"
@@ -441,7 +510,8 @@ def finish(checks: Sequence[Check], elapsed: float) -> int:
 
 # -- make run -------------------------------------------------------------------------------
 def run(args: argparse.Namespace, examples: Path) -> int:
-    stack = Stack.create("ftrun", examples, keep_workdir=args.keep_workdir)
+    stack = Stack.create("ftrun", examples, keep_workdir=args.keep_workdir,
+                         triton=triton_install(args.triton))
     try:
         trim = stack.start_pool("trim", mode="trim")
         off = stack.start_pool("off", mode="off")
@@ -497,13 +567,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=3, help="client threads")
     p.add_argument("--timeout", type=float, default=120.0,
                    help="give up on the traffic after this many seconds")
-    p.add_argument("--examples", type=Path, default=PROJECT_DIR / "examples",
-                   help="directory with features.json and bundles/ (default: the repo's)")
+    p.add_argument("--examples", type=Path, default=EXAMPLES_DIR,
+                   help="directory with features.json and bundles/ (default: the examples "
+                        "installed with the package, examples/ in a checkout)")
+    p.add_argument("--triton", choices=("auto", "on", "off"), default="auto",
+                   help="add a real tritonserver leaf (make triton installs it): auto = when "
+                        "installed (default), on = required, off = never")
     p.add_argument("--keep-workdir", action="store_true",
                    help="keep the temporary directory (logs) after stopping")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if args.requests < 2:
         p.error("--requests must be at least 2 (the hot swap happens half way)")
+    needed = ["features.json", "bundles/ads/module_info.json",
+              "bundles/homefeed/module_info.json", str(SWAP_SOURCE)]
+    lacking = [n for n in needed if not (args.examples / n).is_file()]
+    if lacking:
+        p.error(f"--examples {args.examples}: no {', '.join(lacking)} there (the demo starts "
+                "from the example bundles: a checkout's examples/ directory, or the copy "
+                "installed with the package)")
     # SIGTERM unwinds like Ctrl-C, so the finally blocks stop every process; SIGINT too,
     # even when started in the background by a shell that set it to "ignore"
     for sig in (signal.SIGINT, signal.SIGTERM):

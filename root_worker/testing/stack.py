@@ -65,6 +65,9 @@ GENERATION_METRIC = "feature_trimmer_root_map_generation"
 # The directory that holds the root_worker package: children run from here so that
 # ``python -m`` finds the project even from a source checkout that is not installed.
 PROJECT_DIR = Path(__file__).resolve().parents[2]
+# The example bundles, features and routing the demo and the harness start from: in a
+# checkout a link to examples/, in a wheel a copy (package data of root_worker.testing).
+EXAMPLES_DIR = Path(__file__).resolve().parent / "example-data"
 
 
 class StackError(RuntimeError):
@@ -319,8 +322,11 @@ class CloseReport:
 class Stack:
     """Daemon + one leaf per example model + any number of root pools, on loopback."""
 
-    def __init__(self, tag: str, examples: Path, keep_workdir: bool = False) -> None:
+    def __init__(self, tag: str, examples: Path, keep_workdir: bool = False,
+                 triton: Any = None) -> None:
         self.examples = examples
+        self.triton_install = triton  # a triton.TritonInstall: add a Triton leaf
+        self.triton: Any = None  # its triton.TritonServer, once started
         self.prefix = f"{tag}_{secrets.token_hex(6)}"
         self.workdir = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-"))
         self.keep_workdir = keep_workdir
@@ -334,10 +340,14 @@ class Stack:
 
     # -- starting -------------------------------------------------------------------------
     @classmethod
-    def create(cls, tag: str, examples: Path, keep_workdir: bool = False) -> Stack:
+    def create(cls, tag: str, examples: Path, keep_workdir: bool = False,
+               triton: Any = None) -> Stack:
         """Copy the bundles, start the daemon and the leaves, write the routing file and
-        wait for the first map. On failure everything started so far is stopped."""
-        stack = cls(tag, examples, keep_workdir)
+        wait for the first map. On failure everything started so far is stopped.
+        ``triton`` (a :class:`root_worker.testing.triton.TritonInstall`): also start a
+        tritonserver on the test model repository, a bundle built from it and routes
+        ``"protocol": "oip"`` to it."""
+        stack = cls(tag, examples, keep_workdir, triton)
         try:
             stack._start_backend()
         except BaseException:
@@ -349,14 +359,30 @@ class Stack:
         for name, dst in self.bundles.items():
             dst.parent.mkdir(parents=True)
             shutil.copyfile(self.examples / "bundles" / name / "module_info.json", dst)
+        oip_routes = self._start_triton() if self.triton_install is not None else {}
         self.daemon = Daemon(self.prefix, self.bundles, self.workdir)
         for name, bundle, models in EXAMPLE_LEAVES:
             self.leaves[name] = Leaf(name, self.bundles[bundle], models, self.workdir)
         for leaf in self.leaves.values():
             leaf.wait_ready()
-        routes = {name: [leaf.url] for name, leaf in self.leaves.items()}
+        routes: dict[str, Any] = {name: [leaf.url] for name, leaf in self.leaves.items()}
+        routes.update(oip_routes)
         self.routing.write_text(json.dumps(routes, indent=1) + "\n")
         self.daemon.wait_generation()
+
+    def _start_triton(self) -> dict[str, Any]:
+        from root_worker.testing import triton
+        from trimmer_daemon.bundle.cli import main as bundle_main
+
+        repo = triton.write_model_repository(self.workdir / "triton-repo")
+        self.triton = triton.TritonServer(self.triton_install, repo, self.workdir)
+        self.triton.wait_ready()
+        bundle = self.bundles["triton"] = self.workdir / "bundles" / "triton" / \
+            "module_info.json"
+        bundle.parent.mkdir(parents=True)
+        if bundle_main(["build", "-o", str(bundle), "--triton-repo", str(repo)]) != 0:
+            raise StackError(f"trimmer-bundle build --triton-repo {repo} failed")
+        return {m: {"url": self.triton.url, "protocol": "oip"} for m in triton.MODELS}
 
     def start_pool(self, name: str, mode: str = "trim", lz4: bool = False,
                    **settings: str) -> Pool:
@@ -376,7 +402,8 @@ class Stack:
 
     def processes(self) -> list[Proc]:
         daemon = [self.daemon] if self.daemon is not None else []
-        return [*self.pools.values(), *self.leaves.values(), *daemon]
+        server = [self.triton] if self.triton is not None else []
+        return [*self.pools.values(), *self.leaves.values(), *server, *daemon]
 
     def hot_swap(self, bundle: str, source: Path) -> None:
         copy_bundle_atomically(source, self.bundles[bundle])

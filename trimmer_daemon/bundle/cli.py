@@ -1,4 +1,4 @@
-"""``trimmer-bundle``: build and validate bundle-level signature files (SPEC §7).
+"""``trimmer-bundle``: build and validate bundle-level signature files.
 
 ``main(argv)`` returns the exit code instead of exiting, so tests call it in-process.
 Exit codes: 0 ok, 1 error (invalid file, nothing usable, I/O failure), 2 usage error.
@@ -20,6 +20,7 @@ from trimmer_daemon.bundle.build import (
     BuildError,
     Source,
     build_bundle,
+    promote_bundle,
 )
 from trimmer_daemon.bundle.parse import (
     DEFAULT_LIMITS,
@@ -27,6 +28,7 @@ from trimmer_daemon.bundle.parse import (
     Limits,
     ParsedBundle,
     load_bundle_file,
+    read_file_bounded,
 )
 
 __all__ = ["EXIT_ERROR", "EXIT_OK", "EXIT_USAGE", "main"]
@@ -47,18 +49,40 @@ How model name and version are derived:
   ARCHIVE.pt            must sit at <model>/<version>/<name>.pt
   --entry M V PATH      explicit model M, version V; PATH is a {SIGNATURE_FILE},
                         a .pt archive or a version directory
+  --triton-repo REPO    a Triton model repository: <REPO>/<model>/config.pbtxt (parsed
+                        as Triton's ModelConfig protobuf) and the numeric version
+                        directories its version_policy serves; the entries also carry
+                        each input's datatype and shape and max_batch_size
+  --triton-server URL M the versions of model M a live v2 server lists, from its model
+                        metadata (and, on Triton, its model config)
 
 A version without a signature is skipped with a warning. A broken signature, a corrupt
 archive, or one model+version with two different signatures is an error. Output: models
 sorted, versions in natural order ("2" < "10", "v9" < "v10"), sorted keys, indent 2;
 written atomically (temp file + fsync + rename), and only if it validates.
 
-Pending versions (--pending, --pending-entry) are merged into the same output, so roots
-receive the allowlists before the new leaf version rolls out.
+Pending versions (--pending, --pending-entry) are merged into the same output, marked
+"pending": true, so roots receive the allowlists before the new leaf version rolls out. A
+pending version is never a model's "latest" on the roots: a request that names no version
+is trimmed for the version its leaf serves (learned from the leaves' answers), and until
+that is known, for the union of the current and pending inputs. Once every leaf serves it:
+'trimmer-bundle promote FILE'. A version's inputs may differ from the previous version's
+(printed as a note); see docs/operations.md, "Rolling out a model version".
 
 Note: --pending takes several values; put positional SOURCEs before it.
 
 exit codes: 0 written, 1 nothing usable or error (output left untouched), 2 usage error
+"""
+
+_PROMOTE_HELP = """\
+Clear the pending mark of model versions in a bundle file (the last stage of a rollout:
+every leaf serves them), or set it again with --demote (a rollback after promotion).
+
+TARGET is MODEL (all its versions) or MODEL@VERSION; no TARGET promotes every pending
+version. The file is validated first and written atomically (in place, or to --output);
+nothing is written when nothing changes.
+
+exit codes: 0 written or nothing to change, 1 invalid file or unknown target, 2 usage error
 """
 
 _VALIDATE_HELP = """\
@@ -116,7 +140,28 @@ def _make_parser() -> argparse.ArgumentParser:
     build.add_argument("--pending-entry", nargs=3, action="append", default=[],
                        metavar=("MODEL", "VERSION", "PATH"),
                        help="explicit pending model version (repeatable)")
+    build.add_argument("--triton-repo", action="append", default=[], metavar="REPO",
+                       help="a Triton model repository: every <REPO>/<model>/config.pbtxt "
+                            "and the versions its version_policy serves, with each input's "
+                            "datatype and shape (repeatable; needs feature-trimmer[triton])")
+    build.add_argument("--triton-server", nargs=2, action="append", default=[],
+                       metavar=("URL", "MODEL"),
+                       help="a live v2 server (Triton, KServe): every version of MODEL it "
+                            "lists, from GET /v2/models/MODEL/versions/V (repeatable)")
     build.set_defaults(func=_cmd_build, parser=build)
+
+    promote = commands.add_parser(
+        "promote", help="clear (or, with --demote, set) the pending mark of versions",
+        description=_PROMOTE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[limits])
+    promote.add_argument("file", metavar="FILE", help="bundle file to change")
+    promote.add_argument("targets", nargs="*", metavar="TARGET",
+                         help="MODEL or MODEL@VERSION (default: every pending version)")
+    promote.add_argument("--demote", action="store_true",
+                         help="mark the targets pending again (rollback)")
+    promote.add_argument("-o", "--output", metavar="FILE",
+                         help="write here instead of replacing FILE")
+    promote.set_defaults(func=_cmd_promote, parser=promote)
 
     validate = commands.add_parser(
         "validate", help="check bundle files as the daemon would",
@@ -166,14 +211,22 @@ def _print_warning(message: str) -> None:
 
 def _cmd_build(args: argparse.Namespace) -> int:
     sources = _sources(args)
-    if not sources:
+    if not sources and not args.triton_repo and not args.triton_server:
         try:
-            args.parser.error("no SOURCE given (model directories, archives or --entry)")
+            args.parser.error("no SOURCE given (model directories, archives, --entry, "
+                              "--triton-repo or --triton-server)")
         except SystemExit as exc:
             return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
+        found = []
+        if args.triton_repo or args.triton_server:
+            from trimmer_daemon.bundle import triton  # protobuf and tritonclient: only here
+            for repo in args.triton_repo:
+                found += triton.read_repository(repo, limits=args.limits, warn=_print_warning)
+            for url, model in args.triton_server:
+                found += triton.read_server(url, model, warn=_print_warning)
         result = build_bundle(sources, limits=args.limits, output_name=args.output,
-                              warn=_print_warning)
+                              warn=_print_warning, found_elsewhere=found)
     except (BuildError, BundleError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
@@ -183,8 +236,38 @@ def _cmd_build(args: argparse.Namespace) -> int:
         print(f"{PROG}: error: cannot write {args.output}: {exc.strerror or exc}",
               file=sys.stderr)
         return EXIT_ERROR
+    for note in result.notes:
+        print(f"{PROG}: note: {note}", file=sys.stderr)
     print(f"{args.output}: wrote {result.models} models, {result.versions} versions "
           f"({result.pending_versions} pending)")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
+# promote
+
+
+def _cmd_promote(args: argparse.Namespace) -> int:
+    output = args.output or args.file
+    try:
+        data = read_file_bounded(args.file, args.limits.max_file_bytes)
+        result = promote_bundle(data, args.targets, path=args.file, limits=args.limits,
+                                demote=args.demote)
+    except (BuildError, BundleError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    for warning in result.warnings:
+        _print_warning(warning)
+    what = "pending again" if args.demote else "promoted"
+    if not result.changed and output == args.file:
+        print(f"{args.file}: nothing to change (no version {what})")
+        return EXIT_OK
+    try:
+        write_atomic(output, result.data)
+    except OSError as exc:
+        print(f"{PROG}: error: cannot write {output}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"{output}: {what}: {', '.join(result.changed) or 'none'}")
     return EXIT_OK
 
 

@@ -1,4 +1,4 @@
-"""Bundle-level signature files: strict parsing and validation (SPEC §3).
+"""Bundle-level signature files: strict parsing and validation.
 
 This is the one parser used by both the daemon (on every reload) and ``trimmer-bundle
 validate``, so a file that validates on a laptop is exactly a file the daemon accepts.
@@ -26,6 +26,10 @@ a JSONPath-like location (``$["model_A"][2].input_names[5]``) and the reason:
   a non-empty ``input_names`` array of strings and an optional ``output_names`` array of
   strings. **Unknown extra keys in an entry (and at the top of a signature) are ignored**, for
   forward compatibility; they must still be strict JSON.
+- An entry may carry ``"pending": true`` (:data:`PENDING_KEY`, a JSON boolean; ``false`` is
+  the same as leaving it out): the version is shipped to roots ahead of its leaves and is
+  never a model's "latest" until it is promoted (``trimmer-bundle promote``). Files without
+  the key are valid as they were; a validator from before the key ignores it.
 - Every name (model, version, feature, output) is a non-empty string of at most
   ``Limits.max_name_length`` UTF-8 bytes and must be encodable as UTF-8 (a lone surrogate
   written as a ``\\ud800`` escape is an error).
@@ -34,6 +38,14 @@ a JSONPath-like location (``$["model_A"][2].input_names[5]``) and the reason:
   only the alphabet ``A-Z a-z 0-9 . _ - ~`` (RFC 3986 unreserved characters,
   :data:`flatbuffers_schema.wire.NAME_PATTERN`); the error names the offending character.
   Feature and output names may be any Unicode.
+- Optional, per entry, the model version's tensor signature as an Open Inference Protocol
+  server (NVIDIA Triton, KServe) declares it -- what ``trimmer-bundle build --triton-repo``
+  writes: ``inputs``, an array of ``{"name", "datatype", "shape", "optional"}`` (``name``
+  one of ``input_names``, once; ``datatype`` a v2 datatype such as ``"FP32"``; ``shape``
+  the dims without the batch dimension, integers >= -1, ``-1`` for any size, optional;
+  ``optional`` a boolean, default false), and ``max_batch_size`` (an integer >= 0, as
+  Triton's model config: 0 means no batch dimension). Files without them stay valid; the
+  root uses them to refuse a column that cannot match (docs/triton.md).
 - The same version twice in one model's list is an error. Duplicate feature names in one
   ``input_names`` are collapsed (first occurrence order kept) and reported as a warning;
   ``output_names`` are kept as written.
@@ -54,16 +66,19 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import cast
 
+from flatbuffers_schema.oip import DATATYPES, MAX_DIMS, InputSpec, TensorSignature
 from flatbuffers_schema.settings import positive, setting
 from flatbuffers_schema.wire import NAME_ALPHABET, NAME_PATTERN
 
 __all__ = [
     "DEFAULT_LIMITS",
     "BundleError",
+    "PENDING_KEY",
     "Limits",
     "ModelVersion",
     "ParsedBundle",
     "Signature",
+    "latest_current",
     "latest_version",
     "load_bundle_file",
     "parse_bundle",
@@ -80,6 +95,8 @@ _READ_CHUNK = 1 << 20
 _PATH_KEY_CHARS = 64  # longer object keys are shortened in JSON paths
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _RUNS = re.compile(r"[0-9]+|[^0-9]+")
+#: The version entry key that marks a version pending (a JSON boolean).
+PENDING_KEY = "pending"
 
 
 class BundleError(ValueError):
@@ -142,6 +159,8 @@ class ModelVersion:
     version: str
     input_names: tuple[str, ...]  # de-duplicated, first-occurrence order
     output_names: tuple[str, ...]
+    tensors: TensorSignature | None = None  # the optional inputs / max_batch_size
+    pending: bool = False  # shipped ahead of the leaves: never "latest" until promoted
 
 
 @dataclass(frozen=True)
@@ -161,6 +180,7 @@ class Signature:
     input_names: tuple[str, ...]  # de-duplicated, first-occurrence order
     output_names: tuple[str, ...]
     warnings: tuple[str, ...] = field(default=())
+    tensors: TensorSignature | None = None  # the optional inputs / max_batch_size
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,6 +216,12 @@ def latest_version(versions: Iterable[str]) -> str:
     if not items:
         raise ValueError("latest_version() of no versions")
     return max(items, key=version_sort_key)
+
+
+def latest_current(versions: Iterable[ModelVersion]) -> ModelVersion | None:
+    """The greatest version that is not pending (None: every version is pending)."""
+    current = [mv for mv in versions if not mv.pending]
+    return max(current, key=lambda mv: version_sort_key(mv.version)) if current else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,7 +513,76 @@ def _parse_entry(entry: object, json_path: str, ctx: _Context) -> ModelVersion:
                           f"{json_path}.input_names", "input_names", ctx, required=True)
     outputs = _parse_names(entry.get("output_names", []), f"{json_path}.output_names",
                            "output_names", ctx, required=False)
-    return ModelVersion(version, inputs, outputs)
+    pending = entry.get(PENDING_KEY, False)
+    if not isinstance(pending, bool):
+        raise ctx.error(f"{json_path}.{PENDING_KEY}", f"{PENDING_KEY} must be true or false, "
+                                                       f"got {_type_name(pending)}")
+    return ModelVersion(version, inputs, outputs,
+                        _parse_tensors(entry, inputs, json_path, ctx), pending)
+
+
+_MAX_INT_DIGITS = 12
+
+
+def _small_int(value: object, json_path: str, what: str, low: int, ctx: _Context) -> int:
+    if not isinstance(value, _JsonInt):
+        raise ctx.error(json_path, f"{what} must be an integer, got {_type_name(value)}")
+    if len(value.text) > _MAX_INT_DIGITS or int(value.text) < low:
+        raise ctx.error(json_path, f"{what} must be an integer >= {low} of at most "
+                                   f"{_MAX_INT_DIGITS} digits, got {value.text[:20]}")
+    return int(value.text)
+
+
+def _parse_input_spec(item: object, at: str, known: set[str], ctx: _Context) -> InputSpec:
+    if not isinstance(item, dict):
+        raise ctx.error(at, f"an input must be an object, got {_type_name(item)}")
+    name = _check_name(_require(item, "name", at, ctx), f"{at}.name", "input name", ctx)
+    if name not in known:
+        raise ctx.error(f"{at}.name", f"input {_quote(name)} is not in input_names")
+    datatype = _require(item, "datatype", at, ctx)
+    if datatype not in DATATYPES:
+        raise ctx.error(f"{at}.datatype", f"datatype must be one of {', '.join(DATATYPES)}, "
+                                          f"got {_quote(str(datatype))[:40]}")
+    shape = None
+    if "shape" in item:
+        dims = item["shape"]
+        if not isinstance(dims, list) or len(dims) > MAX_DIMS:
+            raise ctx.error(f"{at}.shape", f"shape must be an array of at most {MAX_DIMS} "
+                                           f"integers, got {_type_name(dims)}")
+        shape = tuple(_small_int(d, f"{at}.shape[{k}]", "a dimension", -1, ctx)
+                      for k, d in enumerate(dims))
+    optional = item.get("optional", False)
+    if not isinstance(optional, bool):
+        raise ctx.error(f"{at}.optional", f"optional must be a boolean, got "
+                                          f"{_type_name(optional)}")
+    return InputSpec(name, str(datatype), shape, optional)
+
+
+def _parse_tensors(entry: dict, inputs: tuple[str, ...], json_path: str,  # type: ignore[type-arg]
+                   ctx: _Context) -> TensorSignature | None:
+    """The optional ``inputs`` / ``max_batch_size`` of an entry (module docstring)."""
+    if "inputs" not in entry and "max_batch_size" not in entry:
+        return None
+    mbs = -1
+    if "max_batch_size" in entry:
+        mbs = _small_int(entry["max_batch_size"], f"{json_path}.max_batch_size",
+                         "max_batch_size", 0, ctx)
+    raw = entry.get("inputs", [])
+    where = f"{json_path}.inputs"
+    if not isinstance(raw, list):
+        raise ctx.error(where, f"inputs must be an array of objects, got {_type_name(raw)}")
+    if len(raw) > ctx.limits.max_features_per_version:
+        raise ctx.error(where, f"too many inputs: {len(raw)} > limit "
+                               f"{ctx.limits.max_features_per_version}")
+    known = set(inputs)
+    specs: dict[str, InputSpec] = {}
+    for i, item in enumerate(raw):
+        spec = _parse_input_spec(item, f"{where}[{i}]", known, ctx)
+        if spec.name in specs:
+            raise ctx.error(f"{where}[{i}].name", f"input {_quote(spec.name)} is described "
+                                                  "twice")
+        specs[spec.name] = spec
+    return TensorSignature(tuple(specs.values()), mbs)
 
 
 def _parse_model(entries: object, json_path: str, ctx: _Context) -> tuple[ModelVersion, ...]:
@@ -559,7 +654,8 @@ def parse_signature(data: bytes, *, path: str, limits: Limits = DEFAULT_LIMITS) 
                           "input_names", ctx, required=True)
     outputs = _parse_names(doc.get("output_names", []), "$.output_names", "output_names",
                            ctx, required=False)
-    return Signature(inputs, outputs, ctx.warnings())
+    tensors = _parse_tensors(doc, inputs, "$", ctx)
+    return Signature(inputs, outputs, ctx.warnings(), tensors)
 
 
 def read_file_bounded(path: str | os.PathLike[str], max_bytes: int) -> bytes:

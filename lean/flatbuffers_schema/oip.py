@@ -1,0 +1,1 @@
+../../flatbuffers_schema/oip.py

@@ -1,0 +1,1 @@
+../../flatbuffers_schema/wire.py

@@ -1,0 +1,1 @@
+../../root_worker/__init__.py

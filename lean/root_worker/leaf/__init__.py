@@ -1,0 +1,1 @@
+../../../root_worker/leaf/__init__.py

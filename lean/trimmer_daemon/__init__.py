@@ -1,0 +1,1 @@
+../../trimmer_daemon/__init__.py

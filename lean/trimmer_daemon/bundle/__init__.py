@@ -1,0 +1,1 @@
+../../../trimmer_daemon/bundle/__init__.py
