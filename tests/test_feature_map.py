@@ -286,11 +286,11 @@ def test_the_dump_says_exactly_what_the_daemon_published() -> None:
     assert v10 is not None
     assert ctr["versions"] == [
         {"version": "2", "features": 1, "digest": f"{keyset_digest(keys(['z'])):016x}",
-         "conflict": False, "bundles": ["ads"], "output_count": 0},
+         "conflict": False, "bundles": ["ads"], "output_count": 0, "pending": False},
         {"version": "9", "features": 2, "digest": f"{keyset_digest(keys(['a', 'b'])):016x}",
-         "conflict": False, "bundles": ["ads"], "output_count": 0},
+         "conflict": False, "bundles": ["ads"], "output_count": 0, "pending": False},
         {"version": "10", "features": 3, "digest": f"{v10.digest:016x}", "conflict": False,
-         "bundles": ["ads"], "output_count": 1}]
+         "bundles": ["ads"], "output_count": 1, "pending": False}]
     assert models[2]["versions"][0]["bundles"] == ["feed"]
     dump = view.to_dict(with_features=True)
     assert set(dump) == {"generation", "built_at_ns", "daemon_pid", "bundles", "models",
