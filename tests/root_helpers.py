@@ -17,8 +17,9 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from daemon_helpers import ROOT, compile_as_the_daemon, wait_for
 
@@ -197,6 +198,24 @@ class Workload:
         if model == "homefeed_rank" and version == "2":
             return self.v2
         return self.models[model]
+
+
+@dataclass
+class PoolEnv:
+    """What a root test starts pools on: a published map (``prefix``), its workload, a leaf
+    process and a routing file. Subclasses set the settings their pools start with."""
+
+    tmp: Path
+    prefix: str
+    wl: Workload
+    leaf: Any
+    routing: Path
+    ROOT_SETTINGS: ClassVar[Mapping[str, str]] = {}
+
+    def root(self, name: str, **settings: str) -> RootProc:
+        env = {"FT_SHM_NAME": self.prefix, "FT_ROUTING": str(self.routing),
+               **self.ROOT_SETTINGS, **settings}
+        return RootProc(self.tmp, env, name)
 
 
 def reference_scores(frame: bytes, model: str, version: str, features: list[str]

@@ -19,7 +19,6 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -27,6 +26,7 @@ from daemon_helpers import wait_for
 from root_helpers import (
     BadLeafProc,
     MapPublisher,
+    PoolEnv,
     RootProc,
     Workload,
     raw_post,
@@ -43,20 +43,9 @@ MAX_CANDIDATES = 64
 MAX_ANSWER_SCORES = 256
 
 
-@dataclass
-class Env:
-    tmp: Path
-    prefix: str
-    wl: Workload
-    leaf: BadLeafProc
-    routing: Path
-
-    def root(self, name: str, **settings: str) -> RootProc:
-        env = {"FT_SHM_NAME": self.prefix, "FT_ROUTING": str(self.routing),
-               "FT_WORKERS": "1", "FT_LEAF_TIMEOUT": "2", "FT_HEADER_TIMEOUT": "5",
-               "FT_BODY_TIMEOUT": "5"}
-        env.update(settings)
-        return RootProc(self.tmp, env, name)
+class Env(PoolEnv):
+    ROOT_SETTINGS = {"FT_WORKERS": "1", "FT_LEAF_TIMEOUT": "2", "FT_HEADER_TIMEOUT": "5",
+                     "FT_BODY_TIMEOUT": "5"}
 
 
 @pytest.fixture(scope="module")

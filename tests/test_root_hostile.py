@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,7 @@ from root_helpers import (
     DEADLINE_MARGIN,
     BadLeafProc,
     MapPublisher,
+    PoolEnv,
     RootProc,
     Workload,
     idle_and_slow_clients,
@@ -53,20 +54,10 @@ BAD_KINDS = {"drip": "timeout", "hang": "timeout", "slowhead": "timeout",
 
 
 @dataclass
-class Env:
-    tmp: Path
-    prefix: str
-    wl: Workload
-    leaf: BadLeafProc
-    routing: Path
-    backlog: list[socket.socket]
-
-    def root(self, name: str, **settings: str) -> RootProc:
-        env = {"FT_SHM_NAME": self.prefix, "FT_ROUTING": str(self.routing),
-               "FT_LEAF_TIMEOUT": str(LEAF_TIMEOUT), "FT_MAX_LEAF_REPLY_BYTES": str(1 << 20),
-               "FT_HEADER_TIMEOUT": "2", "FT_BODY_TIMEOUT": "3"}
-        env.update(settings)
-        return RootProc(self.tmp, env, name)
+class Env(PoolEnv):
+    backlog: list[socket.socket] = field(default_factory=list)
+    ROOT_SETTINGS = {"FT_LEAF_TIMEOUT": str(LEAF_TIMEOUT), "FT_MAX_LEAF_REPLY_BYTES":
+                     str(1 << 20), "FT_HEADER_TIMEOUT": "2", "FT_BODY_TIMEOUT": "3"}
 
 
 @pytest.fixture(scope="module")
