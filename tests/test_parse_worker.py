@@ -136,6 +136,10 @@ def test_a_worker_killed_while_parsing_fails_only_that_job(worker: ParseWorker,
     os.kill(pid, signal.SIGSTOP)  # the next job is delivered into the pipe, then the
     path, data = _bundle(tmp_path, "victim")  # worker dies before answering it
     worker.submit("victim", data, path=path, limits=Limits(), bundle_index=1)
+    # the job is in the stopped child's pipe before it dies (the transfer thread may not have
+    # run yet; killed before that, the job never reached it and is re-sent, by design)
+    wait_for(lambda: worker._xfer is not None and worker._xfer.delivered, 10,
+             "the job to be delivered into the worker's pipe")
     os.kill(pid, signal.SIGKILL)
     job, result = _finish(worker)
     assert job.name == "victim" and isinstance(result, BundleError)
