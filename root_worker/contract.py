@@ -86,8 +86,8 @@ from flatbuffers_schema.wire import (
 )
 from root_worker.featuremap.live_map import LiveMap
 from root_worker.featuremap.map_reader import FeatureMapView
-from root_worker.frame import FrameError, Trimmer, check_frame, peek_metadata
-from root_worker.frame.format import read_preamble
+from root_worker.frame import FrameError, Trimmer, check_frame
+from root_worker.frame.codec import peek
 from root_worker.frame.lru import LruCache
 from root_worker.service import faults, oip
 from root_worker.service.buffers import BufferPool
@@ -240,8 +240,8 @@ class Contract:
         body = frame if isinstance(frame, memoryview) else memoryview(frame)
         s = self.settings
         try:
-            candidates = read_preamble(body).n_candidates
-            metadata = peek_metadata(body)
+            pre, metadata = peek(body)
+            candidates = pre.n_candidates
         except FrameError as exc:
             raise BadRequest(400, "bad_frame", f"malformed frame: {exc}") from None
         if candidates > s.max_candidates:

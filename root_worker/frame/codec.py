@@ -40,6 +40,7 @@ from root_worker.frame.format import (
     FrameError,
     Layout,
     LayoutCache,
+    Preamble,
     align,
     check_table,
     explain_ragged,
@@ -299,9 +300,15 @@ def as_bytes_view(buf: Buffer) -> memoryview:
 
 def peek_metadata(buf: Any) -> dict[str, Any]:
     """Return the metadata object after checking only the preamble (cheap)."""
+    return peek(buf)[1]
+
+
+def peek(buf: Any) -> tuple[Preamble, dict[str, Any]]:
+    """The checked preamble (candidate count, sizes) and the metadata object: one read of
+    each, for a caller that needs both."""
     mv = as_bytes_view(buf)
     pre = read_preamble(mv)
-    return _parse_metadata(mv, pre.meta_offset, pre.meta_len)
+    return pre, _parse_metadata(mv, pre.meta_offset, pre.meta_len)
 
 
 # --- metadata: strict RFC 8259 JSON ----------------------------------------------------------
