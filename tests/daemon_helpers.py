@@ -8,6 +8,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,6 +22,18 @@ from trimmer_daemon.publisher import Publisher
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_threads(work: Callable[[int], None], n: int, timeout: float = 120.0) -> None:
+    """Run ``work(i)`` for i in range(n) on n threads at once; fail if any is still running
+    after ``timeout`` (the caller asserts what they found)."""
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    assert not any(t.is_alive() for t in threads), f"threads still running after {timeout} s"
 
 
 def wait_for(cond: Callable[[], T], timeout: float = 10.0, what: str = "condition",

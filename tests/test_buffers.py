@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import mmap
 import random
-import threading
 
 import pytest
+from daemon_helpers import run_threads
 
 from root_worker.service.buffers import MIN_BUFFER, BufferPool
 
@@ -152,10 +152,6 @@ def test_threads_sharing_a_pool_never_lose_a_byte() -> None:
             taken.append(len(buf))
             pool.give(buf)
 
-    threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    run_threads(work, 4, 60)
     assert len(taken) == 2000 and pool.refused == 0
     assert pool.in_use == 0 and 0 < pool.kept <= 32 * M

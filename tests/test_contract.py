@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from conftest import shm_leftovers
-from daemon_helpers import ROOT, DaemonProc, remove_segments, wait_for, write_bundle
+from daemon_helpers import ROOT, DaemonProc, remove_segments, run_threads, wait_for, write_bundle
 from root_helpers import LeafProc, Proc, RootProc, Workload, reference_scores, write_routing
 
 from root_worker.contract import Contract, Routing, Target
@@ -164,7 +164,6 @@ def test_threads_share_one_contract_with_lz4_and_the_pool_comes_back(tmp_path: P
     """4 threads, one Contract in mode trim with lz4 (pooled contiguous outputs): every
     body is its own frame trimmed then compressed, a 409 to a trimmed frame gives the whole
     frame compressed, and every pooled buffer is back once each plan finished."""
-    import threading
 
     import lz4.frame
 
@@ -206,12 +205,7 @@ def test_threads_share_one_contract_with_lz4_and_the_pool_comes_back(tmp_path: P
                 if doc["targets"][0].get("fallback") != "version_skew_resent_untrimmed":
                     errors.append(f"{t}/{k}: {doc['targets'][0]}")
 
-        threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join(120)
-        assert not any(th.is_alive() for th in threads)
+        run_threads(worker, 4)
         assert not errors, errors[:5]
         assert contract.buffers.in_use == 0
     finally:

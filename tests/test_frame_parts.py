@@ -13,11 +13,11 @@ import re
 import struct
 import subprocess
 import sys
-import threading
 from typing import Any
 
 import numpy as np
 import pytest
+from daemon_helpers import run_threads
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -424,12 +424,7 @@ def test_threads_sharing_a_plan_get_their_own_tables() -> None:
             if bytes(trimmer.trim(frames[j], allow, out=out).data) != wants[j]:
                 errors.append(f"thread {k} frame {j} call {i}")
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not any(t.is_alive() for t in threads)
+    run_threads(work, 3)
     assert not errors, errors[:5]
 
 

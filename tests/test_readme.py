@@ -12,13 +12,12 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon_helpers import DaemonProc, remove_segments
+from daemon_helpers import DaemonProc, remove_segments, run_threads
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -116,12 +115,7 @@ def test_library_snippet_is_safe_from_four_threads(
                         doc["request_id"] != f"t{t}-{k}" or target["outcome"] != "trimmed":
                     errors.append(f"thread {t} frame {k}: {status} {target}")
 
-        threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join(120)
-        assert not any(th.is_alive() for th in threads)
+        run_threads(worker, 4)
         assert not errors, errors[:5]
     finally:
         if "live" in ns:
