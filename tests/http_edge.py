@@ -16,7 +16,6 @@ import select
 import socket
 import struct
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 import h11
 import numpy as np
 from daemon_helpers import write_bundle
-from root_helpers import LeafProc, MapPublisher, RootProc, Workload, write_routing
+from root_helpers import LeafProc, PoolEnv, RootProc, Workload, pool_env
 
 from root_worker.frame import encode
 from root_worker.testing.workload import make_frame
@@ -256,21 +255,10 @@ def chunked(body: bytes, sizes: Sequence[int] = (1000,)) -> bytes:
     return bytes(out + b"0\r\n\r\n")
 
 
-@dataclass
-class EdgeStack:
+class EdgeStack(PoolEnv):
     """A published map (ads_ctr, ads_cvr), one real leaf serving both, a routing file."""
 
-    tmp: Path
-    wl: Workload
-    leaf: LeafProc
-    routing: Path
-    prefix: str
-
-    def root(self, name: str, **settings: str) -> RootProc:
-        env = {"FT_SHM_NAME": self.prefix, "FT_ROUTING": str(self.routing),
-               "FT_WORKERS": "1", "FT_LEAF_TIMEOUT": "5"}
-        env.update(settings)
-        return RootProc(self.tmp, env, name)
+    ROOT_SETTINGS = {"FT_WORKERS": "1", "FT_LEAF_TIMEOUT": "5"}
 
     def frame(self, n: int = 4, request_id: str | None = None) -> bytes:
         return make_frame(self.wl.universe, n, request_id=request_id)
@@ -283,23 +271,13 @@ class EdgeStack:
 
 @contextlib.contextmanager
 def edge_stack(tmp: Path) -> Iterator[EdgeStack]:
-    from conftest import shm_leftovers
-
-    prefix = f"fttest_{uuid.uuid4().hex[:12]}"
-    wl = Workload()
     ads = tmp / "bundles" / "ads" / "module_info.json"
-    write_bundle(ads, wl.ads_doc())
-    pub = MapPublisher(prefix)
-    leaf = LeafProc(["--bundle", str(ads)], tmp, "edge-leaf")
-    try:
-        pub.publish({"ads": wl.ads_doc()})
-        leaf.wait_ready()
-        routing = write_routing(tmp / "routing.json", {"*": leaf.url})
-        yield EdgeStack(tmp, wl, leaf, routing, prefix)
-    finally:
-        leaf.stop()
-        pub.close()
-        assert not shm_leftovers(prefix)
+
+    def leaf(wl: Workload) -> LeafProc:
+        write_bundle(ads, wl.ads_doc())
+        return LeafProc(["--bundle", str(ads)], tmp, "edge-leaf")
+    with pool_env(EdgeStack, tmp, leaf, lambda wl: {"ads": wl.ads_doc()}) as st:
+        yield st
 
 
 @contextlib.contextmanager

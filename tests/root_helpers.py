@@ -16,10 +16,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from daemon_helpers import ROOT, compile_as_the_daemon, wait_for
 
@@ -216,6 +217,32 @@ class PoolEnv:
         env = {"FT_SHM_NAME": self.prefix, "FT_ROUTING": str(self.routing),
                **self.ROOT_SETTINGS, **settings}
         return RootProc(self.tmp, env, name)
+
+
+E = TypeVar("E", bound=PoolEnv)
+
+
+@contextlib.contextmanager
+def pool_env(env_cls: type[E], tmp: Path, make_leaf: Callable[[Workload], Any],
+             docs: Callable[[Workload], Mapping[str, dict[str, Any]]]) -> Iterator[E]:
+    """A fresh workload's bundles ``docs(wl)`` published under a unique shm prefix, the leaf
+    ``make_leaf(wl)`` ready, and a routing file sending every model to it; at exit the leaf
+    and the map are stopped and no segment of the prefix may be left."""
+    from conftest import shm_leftovers
+
+    prefix = f"fttest_{uuid.uuid4().hex[:12]}"
+    wl = Workload()
+    pub = MapPublisher(prefix)
+    leaf = make_leaf(wl)
+    try:
+        pub.publish(docs(wl))
+        leaf.wait_ready()
+        routing = write_routing(tmp / "routing.json", {"*": leaf.url})
+        yield env_cls(tmp, prefix, wl, leaf, routing)
+    finally:
+        leaf.stop()
+        pub.close()
+        assert not shm_leftovers(prefix)
 
 
 def reference_scores(frame: bytes, model: str, version: str, features: list[str]

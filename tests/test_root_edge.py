@@ -17,7 +17,6 @@ import resource
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,14 +24,12 @@ import pytest
 from daemon_helpers import wait_for
 from root_helpers import (
     BadLeafProc,
-    MapPublisher,
     PoolEnv,
     RootProc,
-    Workload,
+    pool_env,
     raw_post,
     read_answer,
     read_until_closed,
-    write_routing,
 )
 
 from root_worker.service.faults import PHASES
@@ -50,22 +47,10 @@ class Env(PoolEnv):
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    from conftest import shm_leftovers
-
     tmp = tmp_path_factory.mktemp("edge")
-    prefix = f"fttest_{uuid.uuid4().hex[:12]}"
-    wl = Workload()
-    pub = MapPublisher(prefix)
-    leaf = BadLeafProc(tmp)
-    try:
-        pub.publish({"ads": wl.ads_doc(), "hf": wl.homefeed_doc()})
-        leaf.wait_ready()
-        routing = write_routing(tmp / "routing.json", {"*": leaf.url})
-        yield Env(tmp, prefix, wl, leaf, routing)
-    finally:
-        leaf.stop()
-        pub.close()
-        assert not shm_leftovers(prefix)
+    with pool_env(Env, tmp, lambda wl: BadLeafProc(tmp),
+                  lambda wl: {"ads": wl.ads_doc(), "hf": wl.homefeed_doc()}) as e:
+        yield e
 
 
 @pytest.fixture(scope="module")
