@@ -48,16 +48,13 @@ _REFUSAL_CODES = (("chunk", "bad_chunked"), ("content-length", "bad_length"),
 
 
 class HttpError(Exception):
-    """A malformed or unacceptable message: answer ``status`` with ``code`` and ``message``.
+    """A malformed or unacceptable message: answer ``status`` with ``code`` and ``message``."""
 
-    ``close``: the connection cannot be read further (its framing is lost or refused)."""
-
-    def __init__(self, status: int, code: str, message: str, close: bool = True) -> None:
+    def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
-        self.close = close
 
 
 class Message:
