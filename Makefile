@@ -116,8 +116,8 @@ MUTATE_TARGETS := 'root_worker.frame.format.*' 'root_worker.frame.codec.*' \
 
 mutate: $(STAMP)         ## mutation testing of the correctness-critical modules (docs/testing.md)
 	rm -rf mutants
-	nice -n 10 timeout 3600 $(VENV)/bin/mutmut run --max-children 2 $(MUTATE_TARGETS)
+	nice -n 10 timeout 3600 .ci/private-shm $(VENV)/bin/mutmut run --max-children 2 $(MUTATE_TARGETS)
 	$(PY) tests/mutation_report.py
 
 mutate-sample: $(STAMP)  ## CI: a fixed sample of mutants (tests/mutation_sample.py); fails on a new survivor
-	nice -n 10 timeout 600 $(PY) tests/mutation_sample.py
+	nice -n 10 timeout 600 .ci/private-shm $(PY) tests/mutation_sample.py
