@@ -42,7 +42,7 @@ from root_helpers import (
 
 from root_worker.frame import decode
 from root_worker.service.buffers import BufferPool
-from root_worker.service.worker import BODY_RCVLOWAT
+from root_worker.service.worker import BODY_RCVLOWAT, CHARGE_STEP
 from root_worker.testing.client import Client, metric_value
 from root_worker.testing.workload import make_frame
 
@@ -322,9 +322,15 @@ def test_uss_with_64_targets_stays_within_twice_the_3_target_figure(
 
 def test_buffer_cap_sends_untrimmed_then_refuses_bodies_with_503(env: Env) -> None:
     """lz4 needs contiguous trimmed outputs (pooled buffers); without lz4 they are views of
-    the request buffer and only bodies take buffers."""
-    frame = _frame(env, 256)
+    the request buffer and only bodies take buffers.
+
+    The frame is under one CHARGE_STEP, so a body is charged its whole buffer as soon as
+    any of its bytes is read: the held bodies below hold the cap whatever the kernel
+    delivered first (with a larger frame, SO_RCVLOWAT may leave the tail of a body in the
+    socket, uncharged, until its last byte comes)."""
+    frame = _frame(env, 128)
     unit = BufferPool.size_class(len(frame))
+    assert 0 < len(frame) <= unit <= CHARGE_STEP, (len(frame), unit)
     proc = env.root("root-capped", FT_WORKERS="1", FT_MAX_BUFFER_BYTES=str(2 * unit),
                     FT_MAX_REQUEST_BYTES=str(unit), FT_LZ4="1")
     try:
