@@ -6,13 +6,14 @@ Run as a script, it plays one role in a real separate process (the tests start i
     python tests/shm_helpers.py writer PREFIX COUNT MAX_SIZE      # COUNT 0 = until killed
     python tests/shm_helpers.py reader PREFIX MAX_SIZE UNTIL_GEN STOP_FILE
     python tests/shm_helpers.py holder PREFIX
-    python tests/shm_helpers.py fsize  PREFIX LIMIT_BYTES BLOB_SIZE
+    python tests/shm_helpers.py fsize_start PREFIX
 
 Every role reports with lines on stdout (``ready``/``started N``, then one JSON line).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import mmap
@@ -24,7 +25,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -126,6 +127,21 @@ class ObservedControl(mmap.mmap):
     def __setitem__(self, key: object, value: object) -> None:
         super().__setitem__(key, value)  # type: ignore[index]
         self.hook(key)
+
+
+@contextlib.contextmanager
+def file_size_limit(limit: int) -> Iterator[None]:
+    """A stand-in for a full /dev/shm in this process: writes past ``limit`` bytes of any
+    file fail with ``EFBIG`` (``RLIMIT_FSIZE``, ``SIGXFSZ`` ignored) until the block ends,
+    then the limit and the signal's disposition are restored."""
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, old_limit[1]))
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
 
 
 # -- driving child processes from the tests ---------------------------------------------
@@ -272,39 +288,17 @@ def _holder(prefix: str) -> int:
     return 0
 
 
-def _fsize(prefix: str, limit: int, size: int) -> int:
-    """Publish a blob larger than RLIMIT_FSIZE allows: a stand-in for a full /dev/shm."""
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
-    publisher = Publisher(prefix)
-    before = publisher.generation
-    result: dict[str, object] = {"before": before}
-    try:
-        publisher.publish(b"\xab" * size)
-    except PublishError as exc:
-        result["error"] = str(exc)
-    result["after_failure"] = publisher.generation
-    result["next_after_failure"] = publisher.next_generation
-    result["segments_after_failure"] = shm_names(prefix)
-    result["retry"] = publisher.publish(make_blob(before + 1))
-    publisher.close()
-    print(json.dumps(result), flush=True)
-    return 0
-
-
 def _fsize_start(prefix: str) -> int:
     """Start a publisher while its control segment cannot be written (a full /dev/shm),
     then make room and publish."""
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.RLIM_INFINITY))
-    publisher = Publisher(prefix)  # must not raise
-    result: dict[str, object] = {"first_error": publisher.control_problem}
-    try:
-        publisher.publish(b"x" * 100)
-    except PublishError as exc:
-        result["publish_error"] = str(exc)
-    result["problem_while_full"] = bool(publisher.control_problem)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    with file_size_limit(1024):
+        publisher = Publisher(prefix)  # must not raise
+        result: dict[str, object] = {"first_error": publisher.control_problem}
+        try:
+            publisher.publish(b"x" * 100)
+        except PublishError as exc:
+            result["publish_error"] = str(exc)
+        result["problem_while_full"] = bool(publisher.control_problem)
     result["generation"] = publisher.publish(make_blob(1))
     result["problem_after"] = publisher.control_problem
     publisher.close()
@@ -320,8 +314,6 @@ def main(argv: list[str]) -> int:
         return _reader(prefix, int(rest[0]), int(rest[1]), rest[2])
     if role == "holder":
         return _holder(prefix)
-    if role == "fsize":
-        return _fsize(prefix, int(rest[0]), int(rest[1]))
     if role == "fsize_start":
         return _fsize_start(prefix)
     raise SystemExit(f"unknown role {role!r}")

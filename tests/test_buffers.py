@@ -155,3 +155,84 @@ def test_threads_sharing_a_pool_never_lose_a_byte() -> None:
     run_threads(work, 4, 60)
     assert len(taken) == 2000 and pool.refused == 0
     assert pool.in_use == 0 and 0 < pool.kept <= 32 * M
+
+
+# -- request bodies: a mapping taken uncharged, counted as its bytes arrive (charge) ------
+
+
+def test_a_body_taken_uncharged_is_counted_only_as_it_is_charged() -> None:
+    """The request path takes a body's mapping with ``charge=0`` and counts its bytes with
+    ``charge`` as they arrive, then gives back what was counted: a client that announces
+    a large body holds nothing until it sends it. Fails if ``take`` ignores ``charge``,
+    ``charge`` miscounts ``in_use``/``peak`` or its answer, or ``give`` ignores
+    ``charged``."""
+    pool = BufferPool(8 * M)
+    body = pool.take(4 * M, charge=0)
+    assert body is not None and len(body) == 4 * M
+    assert (pool.in_use, pool.peak, pool.refused) == (0, 0, 0)  # mapped, not counted
+    assert pool.charge(M) is True
+    assert (pool.in_use, pool.peak) == (M, M)
+    assert pool.charge(2 * M) is True
+    assert (pool.in_use, pool.peak) == (3 * M, 3 * M)
+    other = pool.take(M)  # a whole buffer meanwhile: counted at once
+    assert other is not None and (pool.in_use, pool.peak) == (4 * M, 4 * M)
+    pool.give(other)
+    assert (pool.in_use, pool.kept, pool.peak) == (3 * M, M, 4 * M)
+    assert pool.charge(M // 2) is True  # below the peak: the peak stays
+    assert (pool.in_use, pool.peak) == (3 * M + M // 2, 4 * M)
+    pool.give(body, charged=3 * M + M // 2)  # what was counted, not its size
+    assert (pool.in_use, pool.kept, pool.refused) == (0, M, 0)
+    assert body.closed  # M kept + 4M would pass half the cap: unmapped
+
+
+def test_charging_past_the_cap_is_refused_counted_and_changes_nothing() -> None:
+    """A body whose next bytes would pass the cap: ``charge`` answers False (the worker
+    answers 503), counts the refusal, counts no byte; charging exactly up to the cap is
+    allowed. Fails on an off-by-one in the cap check, on a refusal that is not counted (or
+    counted wrong), or on a refused charge that still adds to ``in_use``."""
+    pool = BufferPool(4 * M)
+    body = pool.take(4 * M, charge=0)
+    assert body is not None
+    assert pool.charge(3 * M) is True
+    assert pool.charge(M + 1) is False
+    assert (pool.in_use, pool.peak, pool.refused) == (3 * M, 3 * M, 1)
+    assert pool.charge(2 * M) is False
+    assert (pool.in_use, pool.refused) == (3 * M, 2)
+    assert pool.charge(M) is True  # exactly the cap
+    assert (pool.in_use, pool.peak, pool.refused) == (4 * M, 4 * M, 2)
+    assert pool.charge(1) is False and pool.refused == 3
+    pool.give(body, charged=4 * M)
+    assert pool.in_use == 0
+
+
+def test_charging_unmaps_kept_buffers_when_they_and_the_body_would_pass_the_cap() -> None:
+    """Kept buffers count against the cap: a charge that would take handed-out plus kept
+    bytes past it unmaps the kept ones first (and succeeds), one that fits exactly leaves
+    them kept. Fails if the check ignores the kept bytes or is off by one."""
+    pool = BufferPool(4 * M)
+    spare = [pool.take(M), pool.take(M)]
+    for buf in spare:
+        assert buf is not None
+        pool.give(buf)
+    assert pool.kept == 2 * M
+    body = pool.take(2 * M, charge=0)
+    assert body is not None and pool.kept == 2 * M  # nothing counted yet: all kept
+    assert pool.charge(2 * M) is True  # 2M in use + 2M kept == the cap: they stay
+    assert pool.kept == 2 * M and not any(b.closed for b in spare)
+    assert pool.charge(M // 2) is True  # would pass the cap with the kept ones: unmapped
+    assert pool.kept == 0 and all(b.closed for b in spare)
+    assert (pool.in_use, pool.refused) == (2 * M + M // 2, 0)
+    pool.give(body, charged=2 * M + M // 2)
+    assert pool.in_use == 0
+
+
+def test_a_buffer_given_back_without_reuse_is_unmapped_not_kept() -> None:
+    """``give(reuse=False)`` (a buffer someone may still read, e.g. a reply being sent) is
+    never handed out again: it is unmapped, not kept, though there is room to keep it."""
+    pool = BufferPool(8 * M)
+    buf = pool.take(M)
+    assert buf is not None
+    pool.give(buf, reuse=False)
+    assert (pool.in_use, pool.kept) == (0, 0) and buf.closed
+    again = pool.take(M)
+    assert again is not None and again is not buf

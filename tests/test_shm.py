@@ -6,12 +6,15 @@ is left in /dev/shm afterwards (and removes it). Waits are conditions with deadl
 
 from __future__ import annotations
 
+import errno
 import grp
+import logging
 import mmap
 import os
 import random
 import signal
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +25,12 @@ import pytest
 from flatbuffers_schema import shm_layout as L
 from flatbuffers_schema.shm_layout import SHM_DIR
 from root_worker.featuremap.shm_reader import ShmReader
-from trimmer_daemon.publisher import Publisher, PublisherError, PublisherLockedError
+from trimmer_daemon.publisher import (
+    Publisher,
+    PublisherError,
+    PublisherLockedError,
+    PublishError,
+)
 
 try:
     import shm_helpers as H
@@ -44,6 +52,14 @@ def publishers() -> Iterator[list[Publisher]]:
     for publisher in made:
         if publisher._ctl is not None:
             publisher.cleanup()
+
+
+PUBLISHER_LOG = "trimmer_daemon.publisher"
+
+
+def _log_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The publisher's log messages a test captured, formatted."""
+    return [r.getMessage() for r in caplog.records if r.name == PUBLISHER_LOG]
 
 
 def _path(name: str) -> str:
@@ -419,7 +435,8 @@ def test_reclaim_after_grace_keeps_old_mapping_readable(prefix: str, publishers:
     assert keys[:8].tobytes() == (1).to_bytes(8, "little")
 
 
-def test_restart_continues_sequence_and_reclaims_leftovers(prefix: str, publishers: list) -> None:
+def test_restart_continues_sequence_and_reclaims_leftovers(
+        prefix: str, publishers: list, caplog: pytest.LogCaptureFixture) -> None:
     clock = H.FakeClock()
     pub = Publisher(prefix, clock=clock, max_bytes_factor=1e6)
     for generation in (1, 2, 3):
@@ -433,10 +450,12 @@ def test_restart_continues_sequence_and_reclaims_leftovers(prefix: str, publishe
     crashed = posix_ipc.SharedMemory(f"/{prefix}.g4", posix_ipc.O_CREX, mode=0o640)
     os.write(crashed.fd, b"half a blo")
     crashed.close_fd()
-    successor = Publisher(prefix, clock=clock, max_bytes_factor=1e6)
+    with caplog.at_level(logging.INFO, logger=PUBLISHER_LOG):
+        successor = Publisher(prefix, clock=clock, max_bytes_factor=1e6)
     publishers.append(successor)
     assert successor.generation == 3
     assert f"{prefix}.g4" not in H.shm_names(prefix)
+    assert f"removed unpublished segment prefix={prefix} generation=4" in _log_lines(caplog)
     assert successor.publish(H.make_blob(4)) == 4
     assert reader.poll().generation == 4
     clock.now += 11
@@ -520,24 +539,31 @@ def test_reader_mapping_is_read_only(prefix: str, publishers: list) -> None:
 # -- /dev/shm full ----------------------------------------------------------------------
 
 
-def test_publish_fails_cleanly_when_space_runs_out(prefix: str) -> None:
+def test_publish_fails_cleanly_when_space_runs_out(prefix: str, publishers: list) -> None:
+    """A write that fails (a file-size limit standing in for a full /dev/shm, in this
+    process so mutation testing sees it): PublishError naming the size, the segment, the
+    cause (its strerror and errno) and the generation that stays current; the half-made
+    segment is removed, readers keep the current map, the number is not used up, and the
+    next attempt with room succeeds."""
     pub = Publisher(prefix)
+    publishers.append(pub)
     pub.publish(H.make_blob(1))
-    pub.close()
     reader = ShmReader(prefix)
     assert reader.poll().generation == 1
-    child = H.spawn("fsize", prefix, 64 * 1024, 1024 * 1024)
-    try:
-        result = _finish(child)
-    finally:
-        H.reap(child)
-    assert "File too large" in result["error"] and f"/{prefix}.g2" in result["error"]
-    assert "generation 1 stays current" in result["error"]
-    assert result["after_failure"] == 1 and result["next_after_failure"] == 2
-    assert result["segments_after_failure"] == [f"{prefix}.ctl", f"{prefix}.g1"]
-    assert result["retry"] == 2  # the next attempt, with room, succeeds
+    size = 1024 * 1024
+    with H.file_size_limit(64 * 1024), pytest.raises(PublishError) as info:
+        pub.publish(b"\xab" * size)
+    assert str(info.value) == (
+        f"cannot write {size} bytes to shm segment /{prefix}.g2: File too large "
+        f"(errno {errno.EFBIG}); generation 1 stays current")
+    assert isinstance(info.value.__cause__, OSError)
+    assert info.value.__cause__.errno == errno.EFBIG
+    assert (pub.generation, pub.next_generation) == (1, 2)
+    assert H.shm_names(prefix) == [f"{prefix}.ctl", f"{prefix}.g1"]
+    assert reader.poll().generation == 1
+    assert pub.publish(H.make_blob(2)) == 2  # the next attempt, with room, succeeds
     assert H.check_blob(reader.poll().buffer, 2, 4096) is None
-    Publisher(prefix).cleanup()
+    reader.close()
 
 
 # -- hardening (issue #11) ----------------------------------------------------------------
@@ -645,19 +671,17 @@ def test_a_restarted_publisher_counts_its_predecessors_blobs_in_the_bounds(
 
 def test_publications_and_reclaims_say_what_happened_in_the_log(
         prefix: str, publishers: list, caplog: pytest.LogCaptureFixture) -> None:
-    import logging
-
     clock = H.FakeClock()
     pub = Publisher(prefix, grace_s=10, clock=clock, max_segments=4, max_bytes_factor=50)
     publishers.append(pub)
     with pytest.raises(ValueError, match=r"^cannot publish an empty blob$"):
         pub.publish(b"")
-    with caplog.at_level(logging.DEBUG, logger="trimmer_daemon.publisher"):
+    with caplog.at_level(logging.DEBUG, logger=PUBLISHER_LOG):
         for _ in range(3):
             pub.publish(b"x" * 100)
         clock.now += 11  # past the grace: the next publication reclaims by age
         pub.publish(b"x" * 100)
-    lines = [r.getMessage() for r in caplog.records if r.name == "trimmer_daemon.publisher"]
+    lines = _log_lines(caplog)
     assert [line for line in lines if line.startswith("published ")] == [
         f"published prefix={prefix} generation={g} size=100" for g in (1, 2, 3, 4)]
     assert f"reclaimed early prefix={prefix} generation=1 (bounds: 4 segments, 50 x the " \
@@ -665,9 +689,14 @@ def test_publications_and_reclaims_say_what_happened_in_the_log(
     assert f"reclaimed prefix={prefix} segments=/{prefix}.g2" in lines
 
 
-def test_restart_reclaims_what_a_fast_restart_loop_left(prefix: str, publishers: list) -> None:
-    """Grace runs from the current generation's publication, not from each restart."""
-    clock = H.FakeClock()
+def test_restart_reclaims_what_a_fast_restart_loop_left(
+        prefix: str, publishers: list, caplog: pytest.LogCaptureFixture) -> None:
+    """Grace runs from the current generation's publication, not from each restart: a
+    restart half a second inside it reclaims nothing, one half a second past it reclaims
+    every older generation at once (and logs them). The clock reads like today's epoch
+    seconds, so a grace computed from a mis-scaled publication time (ns / 1e9) is off by
+    seconds and fails."""
+    clock = H.FakeClock(1_700_000_000.0)
     for generation in range(1, 11):  # ten daemons, each publishes once and exits at once
         pub = Publisher(prefix, clock=clock, grace_s=10.0, max_segments=100,
                         max_bytes_factor=1e6)
@@ -675,11 +704,92 @@ def test_restart_reclaims_what_a_fast_restart_loop_left(prefix: str, publishers:
         pub.close()
         clock.now += 0.5
     assert len(H.shm_names(prefix)) == 1 + 10  # nothing could be reclaimed yet
-    clock.now += 10.0  # the grace has passed since generation 10 was published
-    successor = Publisher(prefix, clock=clock, grace_s=10.0)
+    clock.now += 9.0  # generation 10 was published 9.5 s ago: within the grace
+    early = Publisher(prefix, clock=clock, grace_s=10.0)
+    publishers.append(early)
+    assert len(H.shm_names(prefix)) == 1 + 10 and early.generation == 10
+    early.close()
+    clock.now += 1.0  # the grace has passed since generation 10 was published
+    with caplog.at_level(logging.DEBUG, logger=PUBLISHER_LOG):
+        successor = Publisher(prefix, clock=clock, grace_s=10.0)
     publishers.append(successor)
     assert H.shm_names(prefix) == [f"{prefix}.ctl", f"{prefix}.g10"]
     assert ShmReader(prefix).poll().generation == 10
+    segments = ",".join(f"/{prefix}.g{g}" for g in range(1, 10))
+    assert f"reclaimed prefix={prefix} segments={segments}" in _log_lines(caplog)
+
+
+@pytest.mark.parametrize("state", ["slot fails its crc", "slot of another generation",
+                                   "retired by an unfinished cleanup"])
+def test_restart_on_a_control_with_no_valid_active_slot(
+        prefix: str, publishers: list, caplog: pytest.LogCaptureFixture, state: str) -> None:
+    """A predecessor left a control whose active word names no valid slot: a slot that
+    fails its crc (a stray write), a word a few generations ahead of the slot it names, or
+    RETIRED from a cleanup that died before unlinking. A starting publisher says so (a
+    warning with the word), resets the word to "nothing published", removes the blobs it
+    cannot vouch for (logging each), and continues the sequence above them: a number on
+    disk is never reused, so a worker never takes a new map for one it verified. Its next
+    publication is served."""
+    pub = Publisher(prefix, grace_s=3600, max_bytes_factor=1e6)
+    publishers.append(pub)
+    for generation in (1, 2, 3):
+        pub.publish(H.make_blob(generation))
+    pub.close()
+    ctl = _rw_control(prefix)
+    if state == "slot fails its crc":
+        word = 4
+        ctl[L.slot_offset(word) : L.slot_offset(word) + L.SLOT_SIZE] = b"\x5a" * L.SLOT_SIZE
+    elif state == "slot of another generation":
+        word = 3 + L.SLOT_COUNT  # its slot is generation 3's, whole and valid
+    else:
+        word = L.RETIRED
+    ctl[L.OFF_ACTIVE : L.OFF_ACTIVE + L.ACTIVE_STRUCT.size] = L.encode_active(word)
+    try:
+        with caplog.at_level(logging.INFO, logger=PUBLISHER_LOG):
+            successor = Publisher(prefix, grace_s=3600)
+        publishers.append(successor)
+        assert L.read_active(ctl) == L.NONE_PUBLISHED
+        L.check_header(ctl)  # the rest of the control is untouched (raises if not)
+    finally:
+        ctl.close()
+    warnings = [r.getMessage() for r in caplog.records
+                if r.name == PUBLISHER_LOG and r.levelno == logging.WARNING]
+    assert warnings == [f"control has no valid active slot prefix={prefix} word={word}"]
+    assert [line for line in _log_lines(caplog) if line.startswith("removed ")] == [
+        f"removed unpublished segment prefix={prefix} generation={g}" for g in (1, 2, 3)]
+    assert H.shm_names(prefix) == [f"{prefix}.ctl"]
+    assert (successor.generation, successor.next_generation) == (0, 4)
+    assert successor.live_segments() == []
+    reader = ShmReader(prefix)
+    assert reader.poll() is None and reader.control().generation == 0
+    assert successor.publish(H.make_blob(4)) == 4
+    assert H.check_blob(reader.poll().buffer, 4, 4096) is None
+    reader.close()
+
+
+def test_a_segment_gone_between_listing_and_stat_counts_as_no_bytes(prefix: str,
+                                                                      publishers: list) -> None:
+    """A predecessor's generation whose name cannot be stat'ed when a publisher starts (it
+    vanished after the directory was listed; here its name is a dangling symlink) is not an
+    error: it counts as 0 bytes in what the publisher reports (``live_segments``, the
+    daemon's shm_bytes metric) and in the byte bound, and is reclaimed like the others."""
+    first = Publisher(prefix, grace_s=3600, max_segments=50, max_bytes_factor=50)
+    publishers.append(first)
+    for _ in range(3):
+        first.publish(b"a" * 1000)
+    first.close()
+    gone = _path(f"{prefix}.g1")
+    os.unlink(gone)
+    os.symlink(f"/nonexistent/{prefix}", gone)
+    clock = H.FakeClock(time.time())
+    second = Publisher(prefix, grace_s=3600, clock=clock, max_segments=50,
+                       max_bytes_factor=50)
+    publishers.append(second)
+    assert sorted(second.live_segments()) == [(1, 0), (2, 1000), (3, 1000)]
+    clock.now += 3600
+    assert second.reclaim() == [f"/{prefix}.g1"]  # g2: the previous one, kept
+    assert not os.path.lexists(gone)
+    assert sorted(second.live_segments()) == [(2, 1000), (3, 1000)]
 
 
 def test_lock_survives_dev_shm_being_cleaned(prefix: str, publishers: list,

@@ -609,13 +609,14 @@ class Publisher:
             return 0
 
     def _room_for(self, size: int) -> bool:
-        """Would the kept segments plus one more of ``size`` bytes (0: none) fit the bounds:
-        segments <= max_segments, bytes <= max_bytes_factor x the larger of the current and
-        the new blob?"""
-        current = self._record.blob_size if self._record is not None else 0
+        """Would the kept segments plus a new one of ``size`` bytes fit the bounds: segments
+        (the superseded ones, the current one and the new one) <= max_segments, bytes <=
+        max_bytes_factor x the larger of the current and the new blob? Asked only while a
+        generation is current (there are superseded ones, or a spare is wanted)."""
+        assert self._record is not None
+        current = self._record.blob_size
         live = current + sum(r.size for r in self._retired)
-        extra = 2 if size else 1  # current (+ new)
-        return (len(self._retired) + extra <= self.max_segments
+        return (len(self._retired) + 2 <= self.max_segments
                 and live + size <= self.max_bytes_factor * max(size, current))
 
     def _drop_spare(self, *, unlink: bool) -> _Spare | None:
@@ -628,9 +629,9 @@ class Publisher:
         return spare
 
     def _make_room(self, size: int) -> None:
-        """Unlink the oldest superseded generations until a new blob of ``size`` bytes (0:
-        none) fits the bounds: segments <= max_segments, bytes <= max_bytes_factor x the
-        larger of the current and the new blob."""
+        """Unlink the oldest superseded generations until a new blob of ``size`` bytes fits
+        the bounds: segments <= max_segments, bytes <= max_bytes_factor x the larger of the
+        current and the new blob."""
         while self._retired and not self._room_for(size):
             oldest = self._retired.pop(0)
             _unlink(L.blob_name(self.prefix, oldest.generation))
