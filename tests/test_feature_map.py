@@ -586,3 +586,33 @@ def test_a_damaged_string_reads_with_replacement_characters() -> None:
     (status,) = FeatureMapView(bytes(bad)).bundles()
     assert status["warnings"] == ["w1", "w2 \ufffd\ufffd"]
     assert status["error"] == "/etc/ft/ads.json: $: bad"
+
+
+def test_model_names_sharing_a_64_bit_key_are_told_apart_by_name() -> None:
+    """Two model names whose keys collide share a key in the lookup index (the daemon keeps
+    both, in key order); the reader walks that run of equal keys comparing names, so each
+    name still gets its own model. Simulated on a daemon-built map by giving the model just
+    before "m2" in the index m2's key (a run of two, not at the start of the index)."""
+    docs = {"ads": {f"m{i}": [{"version": "1", "input_names": [f"f{i}"]}] for i in range(5)}}
+    blob = daemon_build(docs)
+    index = FbMap.GetRootAs(blob).ModelKeysAsNumpy()
+    assert isinstance(index, np.ndarray) and index.size == 5
+    j = int(np.searchsorted(index, name_keys(["m2"])[0]))
+    assert j >= 2  # else the run would start at index 0 or 1
+    bad = bytearray(blob)
+    at = _vector_at(blob, index) + 8 * (j - 1)
+    bad[at:at + 8] = bytes(bad[at + 8:at + 16])
+    view = FeatureMapView(bytes(bad))
+    res = view.resolve("m2")
+    assert res.outcome is Outcome.TRIMMED and res.allowlist is not None
+    assert view.feature_names(res.allowlist.keys) == ["f2"]
+
+
+def test_feature_names_read_a_list_of_keys_as_uint64() -> None:
+    """Keys may be given as a list of Python ints (trimmer-inspect diff builds one); keys
+    above 2**63 next to small ones are still read exactly as uint64 keys."""
+    view = FeatureMapView(daemon_build({"ads": {"m": [{"version": "1",
+                                                       "input_names": ["a", "m0"]}]}}))
+    big, small = (int(k) for k in name_keys(["m0", "a"]))
+    assert big >= 2**63 > small
+    assert view.feature_names([small, big]) == ["a", "m0"]

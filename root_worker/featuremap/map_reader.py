@@ -39,6 +39,7 @@ from typing import Any
 
 import flatbuffers
 import numpy as np
+from numpy.typing import ArrayLike
 
 from flatbuffers_schema.feature_map import FILE_IDENTIFIER, state_name
 from flatbuffers_schema.fmap.FeatureMap import FeatureMap as FbMap
@@ -270,8 +271,9 @@ class FeatureMapView:
     def conflicts(self) -> list[str]:
         return [_text(self._root.Conflicts(i)) for i in range(self._root.ConflictsLength())]
 
-    def feature_names(self, keys: np.ndarray) -> list[str]:
-        """Names of ``keys`` from the blob's name table (hex key when unnamed)."""
+    def feature_names(self, keys: ArrayLike) -> list[str]:
+        """Names of ``keys`` (any integer array or list, read as uint64 keys) from the blob's
+        name table (hex key when unnamed)."""
         table = _u64_view(self._root.FeatureKeysAsNumpy())
         offsets = self._root.NameOffsetsAsNumpy()
         blob = self._root.FeatureNamesAsNumpy()
