@@ -8,14 +8,20 @@ import os
 import zlib
 from collections.abc import Callable
 
+import flatbuffers
 import numpy as np
 import pytest
 from daemon_helpers import compile_as_the_daemon
 
+from flatbuffers_schema.feature_map import FILE_IDENTIFIER
+from flatbuffers_schema.fmap import FeatureMap as FbMapModule
+from flatbuffers_schema.fmap import Model as FbModel
+from flatbuffers_schema.fmap import Version as FbVersion
 from flatbuffers_schema.fmap.BundleState import BundleState
+from flatbuffers_schema.fmap.FeatureMap import FeatureMap as FbMap
 from flatbuffers_schema.keys import Allowlist, keyset_digest, name_keys
 from root_worker.featuremap.map_reader import FeatureMapView, MapError, Outcome, no_map
-from trimmer_daemon.bundle.parse import parse_bundle
+from trimmer_daemon.bundle.parse import ModelVersion, ParsedBundle, parse_bundle
 from trimmer_daemon.compiler import BundleStatusRecord, compile_map
 from trimmer_daemon.consolidate import KeyCache, consolidate, index_bundle
 
@@ -386,3 +392,227 @@ def test_a_blob_of_another_generation_is_refused() -> None:
         FeatureMapView(b"\x00" * 64)
     with pytest.raises(MapError, match=r"feature map blob too small \(11 bytes\)"):
         FeatureMapView(blob[:11])
+
+
+# --- the rollout union, what people see, and maps the daemon does not write -----------------
+ROLLOUT = {"m": [{"version": "1", "input_names": ["a", "b"]},
+                 {"version": "2", "input_names": ["a", "c"], "pending": True},
+                 {"version": "3", "input_names": ["d"], "pending": True}],
+           "plain": [{"version": "1", "input_names": ["x"]}]}
+
+
+def test_the_rollout_union_is_digested_explained_and_memoised(build: Build) -> None:
+    """A leaf of unknown version gets the union of the latest and every pending version,
+    with that union's own digest (the trim-plan cache key: the latest's digest would reuse
+    a plan for fewer columns), an explanation naming each version, and the same Resolution
+    object on the next request (the hot path is one dictionary hit). A model with nothing
+    pending gets plain resolve()'s answer, not a one-version "union"."""
+    view = FeatureMapView(build({"ads": ROLLOUT}))
+    union = view.resolve_rollout("m")
+    assert union.union and union.outcome is Outcome.TRIMMED and union.version == "1"
+    assert union.pending == ("2", "3") and union.allowlist is not None
+    assert np.array_equal(union.allowlist.keys, keys(["a", "b", "c", "d"]))
+    assert union.allowlist.digest == keyset_digest(keys(["a", "b", "c", "d"]))
+    assert union.explain() == ("leaf version not known yet: union of the latest version '1' "
+                               "and pending '2', '3' (4 features)")
+    assert view.resolve_rollout("m") is union
+    assert view.resolve("m", "2").explain() == "exact match: version '2' (pending) (2 features)"
+    plain = view.resolve_rollout("plain")
+    assert plain is view.resolve("plain") and not plain.union
+    assert plain.explain() == "no version requested: latest version '1' (1 features)"
+    assert view.resolve_rollout("nope").outcome is Outcome.PASSTHROUGH_UNKNOWN_MODEL
+
+
+def test_the_rollout_memo_is_bounded_and_cleared_when_full(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clients choose the model names: the rollout memo holds at most MEMO_MAX entries."""
+    from root_worker.featuremap import map_reader
+
+    monkeypatch.setattr(map_reader, "MEMO_MAX", 4)
+    view = FeatureMapView(daemon_build({"ads": ROLLOUT}))
+    first = view.resolve_rollout("m")
+    for i in range(3):
+        view.resolve_rollout(f"unknown{i}")
+    assert view.resolve_rollout("m") is first  # 4 entries: still memoised
+    view.resolve_rollout("one_more")  # the 5th clears the memo first
+    again = view.resolve_rollout("m")
+    assert again is not first and again.union and again.allowlist is not None
+    assert first.allowlist is not None and again.allowlist.digest == first.allowlist.digest
+
+
+def _vector_at(blob: bytes, arr: np.ndarray) -> int:
+    """Where the zero-copy ``arr`` starts in ``blob`` (its length word is just before)."""
+    return int(arr.ctypes.data - np.frombuffer(blob, np.uint8).ctypes.data)
+
+
+def test_a_corrupt_pending_version_fails_the_rollout_with_one_worded_error() -> None:
+    """A pending version whose allowlist points past the blob: resolve() of the model (the
+    latest version) still reads, resolve_rollout() raises MapError saying which generation
+    and model, once (the worker counts it and passes the request through untrimmed)."""
+    blob = daemon_build({"ads": ROLLOUT})
+    pending = FeatureMapView(blob).resolve("m", "3").allowlist
+    assert pending is not None
+    bad = bytearray(blob)
+    at = _vector_at(blob, pending.keys) - 4
+    bad[at:at + 4] = (0x0FFFFFFF).to_bytes(4, "little")
+    view = FeatureMapView(bytes(bad))
+    assert view.resolve("m").version == "1"
+    with pytest.raises(MapError, match=r"^corrupt feature map blob \(generation 7\) while "
+                                       r"resolving model 'm': ") as err:
+        view.resolve_rollout("m")
+    assert str(err.value).count("corrupt feature map blob") == 1
+
+
+def test_models_show_each_versions_tensor_signature() -> None:
+    """trimmer-inspect shows the Open Inference Protocol signature a bundle declares for a
+    version (inputs and max_batch_size), and nothing for a version that declares none."""
+    doc = {"m": [{"version": "1", "input_names": ["a", "b"]},
+                 {"version": "2", "input_names": ["a", "ids"], "max_batch_size": 8,
+                  "inputs": [{"name": "a", "datatype": "FP32", "shape": [4]},
+                             {"name": "ids", "datatype": "INT64", "shape": [-1],
+                              "optional": True}]}]}
+    (model,) = FeatureMapView(daemon_build({"sig": doc})).models()
+    v1, v2 = model["versions"]
+    assert "inputs" not in v1 and "max_batch_size" not in v1
+    assert v2["max_batch_size"] == 8
+    assert v2["inputs"] == [
+        {"name": "a", "datatype": "FP32", "shape": (4,), "optional": False},
+        {"name": "ids", "datatype": "INT64", "shape": (-1,), "optional": True}]
+
+
+def test_a_model_without_versions_is_a_map_error_not_an_empty_allowlist() -> None:
+    """The validator refuses a model with no versions, but a map can still hold one (an
+    older or damaged writer). Resolving it used to read the version table at index -1 --
+    bytes of the blob taken for a table -- and trimmed requests to nothing; now it is a
+    worded MapError (the worker passes the request through) and trimmer-inspect shows the
+    model with no latest version."""
+    parsed = ParsedBundle("/b/old", "ab" * 32, {
+        "empty": (), "m": (ModelVersion("1", ("a",), ()),)})
+    out = compile_as_the_daemon({"old": parsed}, generation=3)
+    view = FeatureMapView(b"".join(bytes(p) for p in out.parts))
+    for version in (None, "1"):
+        with pytest.raises(MapError, match=r"^corrupt feature map blob \(generation 3\) while "
+                                           r"resolving model 'empty': the model has no "
+                                           r"versions$"):
+            view.resolve("empty", version)
+    assert list(view.models())[0] == {"name": "empty", "versions": [], "latest": None}
+    assert view.resolve("m").version == "1"
+
+
+def test_the_model_index_must_match_the_model_count() -> None:
+    """A model index shorter than the model list (a damaged blob) is refused at attach."""
+    blob = daemon_build({"ads": ROLLOUT})
+    slots = FbMap.GetRootAs(blob).ModelSlotsAsNumpy()
+    assert isinstance(slots, np.ndarray) and slots.size == 2
+    bad = bytearray(blob)
+    at = _vector_at(blob, slots) - 4
+    bad[at:at + 4] = (1).to_bytes(4, "little")
+    with pytest.raises(MapError, match=r"^corrupt feature map blob: model index does not "
+                                       r"match model count$"):
+        FeatureMapView(bytes(bad))
+
+
+def _sparse_map(*, with_model: bool) -> bytes:
+    """A map written with the schema's own builder, leaving out what FlatBuffers lets a
+    writer leave out (an absent vector reads as empty): every vector when not
+    ``with_model``; else one model "m" whose current version "1" has no ``feature_keys``
+    and whose pending version "2" lists feature "a"."""
+    b = flatbuffers.Builder(256)
+    model = index = slots = 0
+    if with_model:
+        versions = []
+        for name, pending in (("1", False), ("2", True)):
+            vname = b.CreateString(name)
+            fkeys = b.CreateNumpyVector(keys(["a"])) if pending else 0
+            FbVersion.Start(b)
+            FbVersion.AddVersion(b, vname)
+            if fkeys:
+                FbVersion.AddFeatureKeys(b, fkeys)
+                FbVersion.AddDigest(b, keyset_digest(keys(["a"])))
+            FbVersion.AddPending(b, pending)
+            versions.append(FbVersion.End(b))
+        b.StartVector(4, len(versions), 4)
+        for off in reversed(versions):
+            b.PrependUOffsetTRelative(off)
+        vvec = b.EndVector()
+        mname = b.CreateString("m")
+        FbModel.Start(b)
+        FbModel.AddName(b, mname)
+        FbModel.AddVersions(b, vvec)
+        one = FbModel.End(b)
+        b.StartVector(4, 1, 4)
+        b.PrependUOffsetTRelative(one)
+        model = b.EndVector()
+        index = b.CreateNumpyVector(name_keys(["m"]))
+        slots = b.CreateNumpyVector(np.array([0], np.uint32))
+    FbMapModule.Start(b)
+    FbMapModule.AddGeneration(b, 9)
+    if with_model:
+        FbMapModule.AddModels(b, model)
+        FbMapModule.AddModelKeys(b, index)
+        FbMapModule.AddModelSlots(b, slots)
+    b.Finish(FbMapModule.End(b), file_identifier=FILE_IDENTIFIER)
+    return bytes(b.Output())
+
+
+def test_a_map_without_its_optional_vectors_reads_as_empty() -> None:
+    """FlatBuffers reads an absent vector as empty: a map with none is an empty map (every
+    model passes through, nothing to show), not an error; a version without feature keys
+    has an empty uint64 allowlist, and the rollout union with a pending version is exactly
+    that version's keys (still uint64: a float array would corrupt the keys and digest)."""
+    view = FeatureMapView(_sparse_map(with_model=False))
+    assert (view.generation, view.model_count) == (9, 0)
+    assert view.resolve("m").outcome is Outcome.PASSTHROUGH_UNKNOWN_MODEL
+    assert view.feature_names(np.array([1], np.uint64)) == ["<key 0x0000000000000001>"]
+    assert (list(view.models()), view.bundles(), view.conflicts()) == ([], [], [])
+    view = FeatureMapView(_sparse_map(with_model=True))
+    latest = view.resolve("m")
+    assert latest.version == "1" and latest.allowlist is not None
+    assert latest.allowlist.keys.dtype == np.uint64 and latest.allowlist.keys.size == 0
+    union = view.resolve_rollout("m")
+    assert union.union and union.allowlist is not None
+    assert union.allowlist.keys.dtype == np.uint64
+    assert np.array_equal(union.allowlist.keys, keys(["a"]))
+    assert union.allowlist.digest == keyset_digest(keys(["a"]))
+
+
+def test_a_damaged_string_reads_with_replacement_characters() -> None:
+    """A string of the blob that is not valid UTF-8 (a damaged map, as trimmer-inspect may
+    be pointed at) reads with U+FFFD in its place; the rest of the status stays readable."""
+    blob = _status_build({"ads": ADS}, STATUSES[:1])
+    at = blob.index("w2 ü".encode())
+    bad = bytearray(blob)
+    bad[at + 3] = 0xFF  # the first byte of the two-byte "ü"
+    (status,) = FeatureMapView(bytes(bad)).bundles()
+    assert status["warnings"] == ["w1", "w2 \ufffd\ufffd"]
+    assert status["error"] == "/etc/ft/ads.json: $: bad"
+
+
+def test_model_names_sharing_a_64_bit_key_are_told_apart_by_name() -> None:
+    """Two model names whose keys collide share a key in the lookup index (the daemon keeps
+    both, in key order); the reader walks that run of equal keys comparing names, so each
+    name still gets its own model. Simulated on a daemon-built map by giving the model just
+    before "m2" in the index m2's key (a run of two, not at the start of the index)."""
+    docs = {"ads": {f"m{i}": [{"version": "1", "input_names": [f"f{i}"]}] for i in range(5)}}
+    blob = daemon_build(docs)
+    index = FbMap.GetRootAs(blob).ModelKeysAsNumpy()
+    assert isinstance(index, np.ndarray) and index.size == 5
+    j = int(np.searchsorted(index, name_keys(["m2"])[0]))
+    assert j >= 2  # else the run would start at index 0 or 1
+    bad = bytearray(blob)
+    at = _vector_at(blob, index) + 8 * (j - 1)
+    bad[at:at + 8] = bytes(bad[at + 8:at + 16])
+    view = FeatureMapView(bytes(bad))
+    res = view.resolve("m2")
+    assert res.outcome is Outcome.TRIMMED and res.allowlist is not None
+    assert view.feature_names(res.allowlist.keys) == ["f2"]
+
+
+def test_feature_names_read_a_list_of_keys_as_uint64() -> None:
+    """Keys may be given as a list of Python ints (trimmer-inspect diff builds one); keys
+    above 2**63 next to small ones are still read exactly as uint64 keys."""
+    view = FeatureMapView(daemon_build({"ads": {"m": [{"version": "1",
+                                                       "input_names": ["a", "m0"]}]}}))
+    big, small = (int(k) for k in name_keys(["m0", "a"]))
+    assert big >= 2**63 > small
+    assert view.feature_names([small, big]) == ["a", "m0"]

@@ -39,6 +39,7 @@ from typing import Any
 
 import flatbuffers
 import numpy as np
+from numpy.typing import ArrayLike
 
 from flatbuffers_schema.feature_map import FILE_IDENTIFIER, state_name
 from flatbuffers_schema.fmap.FeatureMap import FeatureMap as FbMap
@@ -132,7 +133,6 @@ class FeatureMapView:
             raise MapError(f"corrupt feature map blob: {exc}") from exc
         if not self._model_keys.size == self._model_slots.size == self.model_count:
             raise MapError("corrupt feature map blob: model index does not match model count")
-        self._buf = buf
         self._memo: dict[tuple[str, str | None], Resolution] = {}
         self._rollout: dict[str, Resolution] = {}
 
@@ -161,13 +161,9 @@ class FeatureMapView:
             return hit
         res = self.resolve(model)
         if res.pending and res.allowlist is not None:
-            try:
-                lists = [res.allowlist.keys] + [
-                    k for v in res.pending
-                    if (k := self._keys_of(model, v)) is not None]
-            except _CORRUPT as exc:
-                raise MapError(f"corrupt feature map blob (generation {self.generation}) "
-                               f"while resolving model {model!r}: {exc}") from exc
+            # a corrupt pending version: resolve() raises the worded MapError
+            lists = [res.allowlist.keys] + [
+                k for v in res.pending if (k := self._keys_of(model, v)) is not None]
             keys = np.unique(np.concatenate(lists))
             res = dataclasses.replace(res, allowlist=Allowlist(keys, keyset_digest(keys)),
                                       union=True)
@@ -188,6 +184,8 @@ class FeatureMapView:
             return Resolution(Outcome.PASSTHROUGH_UNKNOWN_MODEL, model, version, None, None,
                               self.generation)
         n = table.VersionsLength()
+        if n == 0:  # never compiled (a model lists >= 1 version); Versions(-1) reads garbage
+            raise ValueError("the model has no versions")
         pending = tuple(_text(table.Versions(i).Version()) for i in range(n)
                         if table.Versions(i).Pending())
         chosen, outcome = _latest(table, n), Outcome.TRIMMED
@@ -273,8 +271,9 @@ class FeatureMapView:
     def conflicts(self) -> list[str]:
         return [_text(self._root.Conflicts(i)) for i in range(self._root.ConflictsLength())]
 
-    def feature_names(self, keys: np.ndarray) -> list[str]:
-        """Names of ``keys`` from the blob's name table (hex key when unnamed)."""
+    def feature_names(self, keys: ArrayLike) -> list[str]:
+        """Names of ``keys`` (any integer array or list, read as uint64 keys) from the blob's
+        name table (hex key when unnamed)."""
         table = _u64_view(self._root.FeatureKeysAsNumpy())
         offsets = self._root.NameOffsetsAsNumpy()
         blob = self._root.FeatureNamesAsNumpy()
