@@ -200,6 +200,16 @@ def test_encode_rejects_non_json_metadata() -> None:
         encode({"a": np.zeros(2)}, {"x": np.complex64(1)})  # numpy scalars: numbers only
 
 
+def test_encode_writes_int64_offsets_whatever_a_ragged_holds() -> None:
+    """``Ragged.offsets`` is a plain attribute: offsets replaced after construction by
+    another integer array (say int32 offsets taken from a pyarrow list array) are still
+    written as the wire's int64, not as their own bytes under an int64 label."""
+    rag = Ragged.from_lengths(np.arange(6, dtype=np.int16), [2, 0, 4])
+    rag.offsets = np.array([0, 2, 2, 6], np.int32)
+    got = decode(encode({"r": rag})).ragged("r")
+    assert got.offsets.tolist() == [0, 2, 2, 6] and got.values.tolist() == list(range(6))
+
+
 def test_column_names_up_to_the_limit() -> None:
     """A name of exactly MAX_NAME_BYTES UTF-8 bytes is a valid frame name (the field is
     a uint16); one byte more is refused before anything is packed."""

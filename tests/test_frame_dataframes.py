@@ -85,6 +85,8 @@ def test_equal_length_lists_stay_ragged_and_dtypes_cast(pd: Any) -> None:
     # a Series as one value of a mapping, beside a numpy column
     mixed = decode(encode({"ids": df["ids"], "y": np.zeros(2)}))
     assert mixed.columns["ids"] == Ragged(np.array([1, 2, 3, 4]), [0, 2, 4])
+    alone = decode(encode({"ids": df["ids"]}))  # no numpy column beside it
+    assert alone.columns["ids"] == Ragged(np.array([1, 2, 3, 4]), [0, 2, 4])
     with pytest.raises(ValueError, match=r"dtypes names columns that are not there: \['nope'\]"):
         encode(df[["ids", "x"]], dtypes={"nope": np.int8})
 
