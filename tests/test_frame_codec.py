@@ -17,8 +17,12 @@ from root_worker.frame import (
     encode,
     peek_metadata,
 )
+from root_worker.frame.codec import MAX_META_DEPTH
 from root_worker.frame.format import (
     BLOCK_ALIGN,
+    MAX_CANDIDATES,
+    MAX_ELEM_BYTES,
+    MAX_NAME_BYTES,
     PREAMBLE,
     PREAMBLE_SIZE,
     TABLE_ENTRY_SIZE,
@@ -168,7 +172,10 @@ def test_peek_metadata_reads_only_the_metadata() -> None:
     ("columns", "message"),
     [
         ({"a": np.zeros(3), "b": np.zeros(4)}, "disagree on the candidate count"),
-        ({"a": np.zeros(3, dtype=np.complex64)}, "unsupported dtype complex64"),
+        ({"a": np.zeros(3, dtype=np.complex64)}, "column 'a': unsupported dtype complex64"),
+        ({"r": Ragged(np.zeros(3, np.complex64), [0, 3])},
+         "column 'r': unsupported dtype complex64"),
+        ({"r": Ragged(np.array(["x", "y"]), [0, 2])}, "column 'r': unsupported dtype <U1"),
         ({"a": np.array(["x", "y"])}, "unsupported dtype"),
         ({"a": np.float32(1.0)}, "leading candidate axis"),
         ({"a": np.zeros((3, 0))}, "non-zero dimensions"),
@@ -185,27 +192,160 @@ def test_encode_rejects_bad_columns(columns: dict[str, np.ndarray], message: str
 def test_encode_rejects_non_json_metadata() -> None:
     with pytest.raises(ValueError):
         encode({"a": np.zeros(2)}, {"x": float("nan")})
-    with pytest.raises(ValueError, match="metadata is not JSON: Object of type object"):
+    with pytest.raises(ValueError, match=r"^metadata is not JSON: Object of type object is "
+                                         r"not JSON serializable \(use str, int, float, bool, "
+                                         r"None, lists and objects of them\)$"):
         encode({"a": np.zeros(2)}, {"x": object()})
+    with pytest.raises(ValueError, match="Object of type complex64 is not JSON"):
+        encode({"a": np.zeros(2)}, {"x": np.complex64(1)})  # numpy scalars: numbers only
+
+
+def test_encode_writes_int64_offsets_whatever_a_ragged_holds() -> None:
+    """``Ragged.offsets`` is a plain attribute: offsets replaced after construction by
+    another integer array (say int32 offsets taken from a pyarrow list array) are still
+    written as the wire's int64, not as their own bytes under an int64 label."""
+    rag = Ragged.from_lengths(np.arange(6, dtype=np.int16), [2, 0, 4])
+    rag.offsets = np.array([0, 2, 2, 6], np.int32)
+    got = decode(encode({"r": rag})).ragged("r")
+    assert got.offsets.tolist() == [0, 2, 2, 6] and got.values.tolist() == list(range(6))
+
+
+def test_column_names_up_to_the_limit() -> None:
+    """A name of exactly MAX_NAME_BYTES UTF-8 bytes is a valid frame name (the field is
+    a uint16); one byte more is refused before anything is packed."""
+    name = "é" * (MAX_NAME_BYTES // 2) + "x"  # 65535 bytes, 32768 characters
+    assert len(name.encode()) == MAX_NAME_BYTES
+    assert list(decode(encode({name: np.arange(2)})).columns) == [name]
+    with pytest.raises(ValueError, match=f"name is longer than {MAX_NAME_BYTES} bytes"):
+        encode({name + "x": np.arange(2)})
+
+
+def test_element_size_limit_holds_exactly() -> None:
+    """An element (one candidate's dense cell, one ragged value) of MAX_ELEM_BYTES is
+    packed; one of 2**32 bytes is refused naming the column (with no candidates, so the
+    arrays are empty)."""
+    at_limit = np.zeros((0, 65535, 65537), np.uint8)  # 65535 * 65537 == 2**32 - 1
+    assert 65535 * 65537 == MAX_ELEM_BYTES
+    frame = decode(encode({"big": at_limit}))
+    assert frame.dense("big").shape == (0, 65535, 65537)
+    rag = decode(encode({"r": Ragged(np.zeros((0, 65535, 65537), np.uint8), [0])}))
+    assert rag.ragged("r").values.shape == (0, 65535, 65537)
+    for col in (np.zeros((0, 1 << 29), np.float64), Ragged(np.zeros((0, 1 << 30), np.int32), [0])):
+        with pytest.raises(ValueError, match=r"^column 'huge': elements of shape "
+                                             r"\(\d+,\) are too large$"):
+            encode({"huge": col})
+
+
+def test_candidate_count_limit_holds_exactly() -> None:
+    """``n_candidates`` is a uint32: 2**32 - 1 is a valid count, 2**32 and -1 are refused
+    with the range in the message."""
+    assert decode(encode({}, n_candidates=MAX_CANDIDATES)).n_candidates == MAX_CANDIDATES
+    for bad in (MAX_CANDIDATES + 1, -1):
+        with pytest.raises(ValueError, match=rf"^n_candidates {bad} is outside "
+                                             rf"\[0, {MAX_CANDIDATES}\]$"):
+            encode({}, n_candidates=bad)
+
+
+def test_dtypes_cast_a_mapping_of_numpy_columns() -> None:
+    """``dtypes=`` casts named columns of a plain dict too (dense and ragged values), not
+    only of a DataFrame; the other columns keep their dtype."""
+    frame = decode(encode({"a": np.arange(3), "r": Ragged.from_lengths(np.arange(4), [1, 0, 3]),
+                           "b": np.ones(3, np.float16)},
+                          dtypes={"a": np.int32, "r": np.uint8}))
+    assert frame.dense("a").dtype == np.int32 and frame.dense("a").tolist() == [0, 1, 2]
+    assert frame.ragged("r").values.dtype == np.uint8
+    assert frame.ragged("r") == Ragged.from_lengths(np.arange(4, dtype=np.uint8), [1, 0, 3])
+    assert frame.dense("b").dtype == np.float16
+
+
+def test_numpy_string_dtype_is_refused_naming_the_column() -> None:
+    """numpy 2's variable-width StringDType cannot be re-byte-ordered: encode still
+    refuses it with the usual ValueError naming the column, not a TypeError from numpy."""
+    string_dtype = getattr(np.dtypes, "StringDType", None)
+    if string_dtype is None:
+        pytest.skip("numpy < 2 has no StringDType")
+    col = np.array(["a", "b"], dtype=string_dtype())
+    with pytest.raises(ValueError, match="^column 's': unsupported dtype StringDType"):
+        encode({"s": col})
+
+
+def test_metadata_nesting_limit_holds_exactly_in_encode_and_decode() -> None:
+    """Metadata nested exactly MAX_META_DEPTH deep (the top-level object is depth 1)
+    round-trips, with more brackets than that beside it so that the depth is really
+    measured; one level more is refused by encode, and by decode from a hand-made frame.
+    Nesting through lists alone counts as through objects."""
+    def nested(depth: int) -> dict[str, object]:
+        inner: object = 0
+        for _ in range(depth - 1):
+            inner = [inner]
+        return {"deep": inner, "wide": [[], [], [{}]]}
+
+    ok = nested(MAX_META_DEPTH)
+    assert decode(encode({}, ok)).metadata == ok
+    with pytest.raises(ValueError, match=f"^metadata nests deeper than {MAX_META_DEPTH}$"):
+        encode({}, nested(MAX_META_DEPTH + 1))
+    base = encode({}, {})
+    meta_off = PREAMBLE.unpack(base[:PREAMBLE_SIZE])[9]
+    raw = json.dumps(nested(MAX_META_DEPTH + 1)).encode()
+    bad = bytearray(base[:meta_off] + raw)
+    struct.pack_into("<QQI", bad, 32, len(bad), meta_off, len(raw))
+    with pytest.raises(FrameError, match=f"nested {MAX_META_DEPTH + 1} deep, more than "
+                                         f"{MAX_META_DEPTH}"):
+        decode(bytes(bad))
 
 
 @pytest.mark.parametrize(
     ("values", "offsets", "message"),
     [
-        (np.arange(3), [1, 3], "start at 0"),
-        (np.arange(3), [0, 2], "end at len"),
-        (np.arange(3), [0, 2, 1, 3], "non-decreasing"),
-        (np.arange(3), [[0, 3]], "1-D integer"),
-        (np.arange(3), [0.0, 3.0], "1-D integer"),
-        (np.float32(1), [0, 1], "at least one dimension"),
+        (np.arange(3), [1, 2, 5],
+         r"Ragged offsets must start at 0 and end at len\(values\) \(3\), got 1 \.\. 5"),
+        (np.arange(3), [0, 2],
+         r"Ragged offsets must start at 0 and end at len\(values\) \(3\), got 0 \.\. 2"),
+        (np.arange(3), [0, 2, 1, 3], "Ragged offsets must be non-decreasing"),
+        (np.arange(3), [[0, 3]], "Ragged offsets must be a non-empty 1-D integer array"),
+        (np.arange(3), [0.0, 3.0], "Ragged offsets must be a non-empty 1-D integer array"),
+        (np.arange(3), [], "Ragged offsets must be a non-empty 1-D integer array"),
+        (np.float32(1), [0, 1], "Ragged values must have at least one dimension"),
     ],
 )
 def test_ragged_constructor_validates(values: np.ndarray, offsets: list[int],
                                       message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+    """The constructor's errors say what is wrong, in full (the first and last offset
+    when the ends are wrong)."""
+    with pytest.raises(ValueError, match=f"^{message}$"):
         Ragged(values, offsets)
-    with pytest.raises(ValueError, match="non-negative"):
-        Ragged.from_lengths(np.arange(3), [2, -1, 2])
+    for lengths in ([2, -1, 2], [[3]], [1.5, 1.5]):
+        with pytest.raises(ValueError, match="^Ragged lengths must be a 1-D array of "
+                                             "non-negative whole counts$"):
+            Ragged.from_lengths(np.arange(3), lengths)
+
+
+def test_ragged_lengths_are_whole_counts_of_any_dtype() -> None:
+    """Lengths come as int32 (pyarrow), uint8, float64 (a pandas column that once held
+    NaN) or a list: each whole count is taken; a fractional one is refused instead of
+    being truncated into a different split that happens to sum to the same total."""
+    values = np.arange(3)
+    for lengths in ([1, 2], np.array([1, 2], np.int32), np.array([1, 2], np.uint8),
+                    np.array([1.0, 2.0]), np.array([1, 2], np.uint64)):
+        assert Ragged.from_lengths(values, lengths).offsets.tolist() == [0, 1, 3]
+    for fractional in ([1.5, 2.5], np.array([0.5, 2.5])):  # truncated: [0, 1, 3], [0, 0, 2]
+        with pytest.raises(ValueError, match="non-negative whole counts"):
+            Ragged.from_lengths(values, fractional)
+
+
+def test_ragged_holds_int64_offsets_without_copying() -> None:
+    """``Ragged.offsets`` is int64 whatever integer type it was given, and the caller's
+    int64 arrays are used as they are: wrapping big decoded or preallocated arrays costs
+    no copy, and the offsets a Ragged holds are the ones the caller built."""
+    values = np.arange(5, dtype=np.float32)
+    for given in ([0, 2, 5], np.array([0, 2, 5], np.int32), np.array([0, 2, 5], np.uint16)):
+        rag = Ragged(values, given)
+        assert rag.offsets.dtype == np.dtype("<i8")
+        assert rag.offsets.tolist() == [0, 2, 5]
+    offsets = np.array([0, 2, 5], np.int64)
+    rag = Ragged(values, offsets)
+    assert rag.values is values and rag.offsets is offsets
+    assert Ragged.from_lengths(values, np.array([2, 3], np.int32)).offsets.dtype == np.int64
 
 
 def test_frame_typed_accessors() -> None:
@@ -250,3 +390,69 @@ def test_ragged_from_lists_takes_the_dtype_scalars_and_no_candidates() -> None:
     rows = Ragged.from_lists([[[1, 2, 3]], np.zeros((0, 3))], np.int64)  # an inner shape
     assert rows.values.shape == (1, 3) and rows.lengths.tolist() == [1, 0]
     assert rows.values.dtype == np.int64
+
+
+def test_as_bytes_view_gives_flat_unsigned_bytes() -> None:
+    """Every buffer is read as unsigned bytes (a signed or wider format is cast, so byte
+    0xFF reads 255, not -1); a flat byte memoryview is used as it is, no new view per
+    call."""
+    from root_worker.frame.codec import as_bytes_view
+
+    raw = bytes([0, 1, 0x7F, 0x80, 0xFF, 2, 3, 4])
+    flat = memoryview(raw)
+    assert as_bytes_view(flat) is flat
+    for buf in (raw, bytearray(raw), np.frombuffer(raw, np.int8), memoryview(raw).cast("b"),
+                np.frombuffer(raw, np.uint16), np.frombuffer(raw, np.uint8).reshape(2, 4)):
+        mv = as_bytes_view(buf)
+        assert (mv.format, mv.ndim, mv.nbytes) == ("B", 1, 8)
+        assert mv[4] == 255 and mv.tolist() == list(raw)
+
+
+def bool_frame(cols: dict[str, Column], meta: dict[str, object]) -> tuple[bytearray, list[int]]:
+    frame = bytearray(encode(cols, meta))
+    return frame, [off for off, _ in table_entries(bytes(frame))]
+
+
+def test_bool_bytes_other_than_0_and_1_are_refused_naming_column_and_byte() -> None:
+    """A bool byte that is not 0 or 1 is refused naming the right column and byte even
+    when an earlier bool column holds True values (1) and the bad byte is 2 or 255; a
+    ragged bool column's offsets (which exceed 1) are not bool bytes."""
+    cols: dict[str, Column] = {
+        "first": np.array([True, True, False, True]),
+        "ids": np.full(4, 7, np.int64),
+        "tags": Ragged.from_lengths(np.ones(6, bool), [0, 3, 1, 2]),
+        "second": np.array([False, True, False, False]),
+    }
+    frame, offs = bool_frame(cols, {"request_id": "b"})
+    assert decode(bytes(frame)).dense("second").tolist() == [False, True, False, False]
+    for bad in (2, 255):
+        broken = bytearray(frame)
+        broken[offs[3] + 2] = bad
+        with pytest.raises(FrameError, match=rf"^column 3 'second': bool value byte 2 is "
+                                             rf"{bad}, expected 0 or 1$"):
+            decode(bytes(broken))
+    broken = bytearray(frame)
+    broken[offs[2] + 64 + 5] = 3  # value 5 of the ragged column, after its 64-byte head
+    with pytest.raises(FrameError, match="^column 2 'tags': bool value byte 5 is 3, "
+                                         "expected 0 or 1$"):
+        decode(bytes(broken))
+
+
+def test_bool_blocks_that_end_the_buffer_are_checked() -> None:
+    """With an empty metadata section the last bool block ends the buffer: the bool
+    check still covers each block exactly (not the int column between them), and the
+    frame fails on its metadata -- a FrameError, never an IndexError."""
+    cols: dict[str, Column] = {"first": np.array([True, False, True]),
+                               "ids": np.full(3, 9, np.int64),
+                               "last": np.array([False, True, True])}
+    frame, offs = bool_frame(cols, {})
+    meta_off = PREAMBLE.unpack(bytes(frame[:PREAMBLE_SIZE]))[9]
+    assert offs[2] + 3 == meta_off  # the last block ends where the metadata starts
+    bare = frame[:meta_off]
+    struct.pack_into("<QQI", bare, 32, meta_off, meta_off, 0)
+    with pytest.raises(FrameError, match=rf"^metadata \[offset {meta_off}, {meta_off}\) is "
+                                         r"not valid JSON"):
+        decode(bytes(bare))
+    bare[meta_off - 1] = 2
+    with pytest.raises(FrameError, match="^column 2 'last': bool value byte 2 is 2"):
+        decode(bytes(bare))

@@ -85,8 +85,24 @@ def test_equal_length_lists_stay_ragged_and_dtypes_cast(pd: Any) -> None:
     # a Series as one value of a mapping, beside a numpy column
     mixed = decode(encode({"ids": df["ids"], "y": np.zeros(2)}))
     assert mixed.columns["ids"] == Ragged(np.array([1, 2, 3, 4]), [0, 2, 4])
+    alone = decode(encode({"ids": df["ids"]}))  # no numpy column beside it
+    assert alone.columns["ids"] == Ragged(np.array([1, 2, 3, 4]), [0, 2, 4])
     with pytest.raises(ValueError, match=r"dtypes names columns that are not there: \['nope'\]"):
         encode(df[["ids", "x"]], dtypes={"nope": np.int8})
+
+
+def test_a_table_without_columns_gives_its_row_count(pd: Any, pa: Any) -> None:
+    """The candidate count of a table is its row count, even with no columns to count
+    (a request whose every feature was trimmed); an explicit ``n_candidates`` must agree
+    with it."""
+    assert decode(encode(pd.DataFrame(index=range(5)))).n_candidates == 5
+    assert decode(encode(pa.table({"a": [1, 2, 3]}).select([]))).n_candidates == 3
+    df = pd.DataFrame({"x": [1.0, 2.0]})
+    assert decode(encode(df, n_candidates=2)).n_candidates == 2
+    with pytest.raises(ValueError, match=r"disagree on the candidate count: \[2, 3\]"):
+        encode(df, n_candidates=3)
+    with pytest.raises(ValueError, match=r"disagree on the candidate count: \[4, 5\]"):
+        encode(pd.DataFrame(index=range(5)), n_candidates=4)
 
 
 @pytest.mark.parametrize(("make", "match"), [

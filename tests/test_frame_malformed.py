@@ -199,6 +199,13 @@ CONTENT = {
     "metadata nested too deep": (
         with_metadata(b"[" * 100_000),
         None),
+    "metadata duplicate key": (  # named by its second occurrence, not the first key
+        with_metadata(b'{"a": 1, "b": 2, "b": 3}'),
+        f"metadata [offset {META_OFF}, {META_OFF + 24}) is not valid JSON (duplicate key "
+        f"'b')"),
+    "metadata a string of brackets": (  # brackets inside a string are not nesting
+        with_metadata(b'"' + b"[" * 200 + b'"'),
+        f"metadata [offset {META_OFF}, {META_OFF + 202}) is a JSON str, expected an object"),
 }
 
 

@@ -87,9 +87,10 @@ class Ragged:
     @classmethod
     def from_lengths(cls, values: ArrayLike, lengths: ArrayLike) -> Ragged:
         """Build from the flat values and each candidate's item count."""
-        lengths = np.asarray(lengths, dtype=np.int64)
-        if lengths.ndim != 1 or np.any(lengths < 0):
-            raise ValueError("Ragged lengths must be a 1-D array of non-negative counts")
+        given = np.asarray(lengths)
+        lengths = given.astype(np.int64)  # whole numbers of any dtype (1.5 is refused)
+        if lengths.ndim != 1 or np.any(lengths < 0) or np.any(lengths != given):
+            raise ValueError("Ragged lengths must be a 1-D array of non-negative whole counts")
         offsets = np.zeros(lengths.size + 1, dtype=OFFSETS_DTYPE)
         np.cumsum(lengths, out=offsets[1:])
         return cls(values, offsets)
@@ -237,15 +238,15 @@ def encode(columns: Mapping[str, Any] | Any, metadata: Mapping[str, Any] | None 
     table gives its row count).  Raises ``ValueError`` naming the column for unsupported
     dtypes, nulls, shapes or inconsistent candidate counts.
     """
+    rows: int | None = None  # a table's row count: the candidate count even with no columns
     if dtypes is not None or type(columns) is not dict or not all(
             type(c) is np.ndarray or type(c) is Ragged for c in columns.values()):
         columns, rows = columns_from(columns, dtypes)
-        if n_candidates is None:
-            n_candidates = rows
     cols = [_Col(name, col) for name, col in columns.items()]
     counts = {c.count for c in cols}
-    if n_candidates is not None:
-        counts.add(int(n_candidates))
+    for given in (rows, n_candidates):
+        if given is not None:
+            counts.add(int(given))
     if len(counts) > 1:
         raise ValueError(f"columns disagree on the candidate count: {sorted(counts)}")
     n_cand = counts.pop() if counts else 0
