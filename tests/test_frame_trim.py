@@ -316,15 +316,19 @@ def test_a_repeated_request_reuses_its_plan_and_size_plan(backend: str) -> None:
                                                 plan.c_entry)]
 
 
+@pytest.mark.parametrize("hinted", [True, False], ids=["true-hint", "zero-hint"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_reused_plan_outlives_older_ones(backend: str) -> None:
+def test_a_reused_plan_outlives_older_ones(backend: str, hinted: bool) -> None:
     """Plans are a least-recently-*used* cache: a plan found again is refreshed, so with
-    room for two, allowlists A B A C evict B's plan and keep A's (the same object).  (On
-    the C backend the general path serves allowlists whose digest is no uint64, which the
-    C path cannot key.)"""
+    room for two, allowlists A B A C evict B's plan and keep A's (the same object) --
+    also when the frames' hint is wrong (zero) and the plan is found under the true one.
+    (With true hints on the C backend, the general path serves allowlists whose digest is
+    no uint64, which the C path cannot key.)"""
     frame = encode(mixed_columns(3))
     hint = PREAMBLE.unpack(frame[:PREAMBLE_SIZE])[5]
-    beyond = 1 << 64 if backend == "c" else 0
+    beyond = 1 << 64 if backend == "c" and hinted else 0
+    if not hinted:
+        frame = zero_hint(frame)
 
     def allowlist(names: list[str]) -> Allowlist:
         keys = np.unique(name_keys(names))
