@@ -347,6 +347,27 @@ def test_a_reused_plan_outlives_older_ones(backend: str, hinted: bool) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_plan_found_under_its_hint_does_no_layout_work(backend: str) -> None:
+    """The general path's common case -- the plan found under the frame's hint, its layout
+    bytes compared with the plan's -- goes straight to the block table: the layout cache
+    (consulted only to find or build a plan) is not touched, its order stays that of the
+    parses.  (On the C backend the general path serves allowlists whose digest is no
+    uint64.)"""
+    frames = [encode({f"c{i}": np.arange(3.0), "d": np.ones(3)}) for i in range(3)]
+    keys = np.unique(name_keys(["c0", "c1", "c2"]))
+    allow = Allowlist(keys, keyset_digest(keys) + (1 << 64 if backend == "c" else 0))
+    trimmer = Trimmer(backend=backend)
+    for frame in frames:
+        trimmer.trim(frame, allow)
+    parsed = list(trimmer._layouts._entries)
+    assert len(parsed) == 3
+    for frame in frames[1::-1]:
+        assert list(decode(trimmer.trim(frame, allow).data).columns) == [
+            f"c{frames.index(frame)}"]
+    assert list(trimmer._layouts._entries) == parsed
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_reused_size_plan_outlives_older_ones(backend: str) -> None:
     """Size plans too: with room for two per plan, block tables A B A C evict B's and keep
     A's (the same object).  Zero hints: the general path on both backends."""
