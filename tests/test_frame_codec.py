@@ -26,6 +26,7 @@ from root_worker.frame.format import (
     PREAMBLE,
     PREAMBLE_SIZE,
     TABLE_ENTRY_SIZE,
+    LayoutCache,
     align,
     layout_hint,
 )
@@ -456,3 +457,45 @@ def test_bool_blocks_that_end_the_buffer_are_checked() -> None:
     bare[meta_off - 1] = 2
     with pytest.raises(FrameError, match="^column 2 'last': bool value byte 2 is 2"):
         decode(bytes(bare))
+
+
+def layout_of(frame: bytes) -> tuple[int, int, bytes]:
+    """(hint, n_columns, layout bytes) as a frame's preamble declares them."""
+    fields = PREAMBLE.unpack(frame[:PREAMBLE_SIZE])
+    return fields[5], fields[3], frame[PREAMBLE_SIZE:PREAMBLE_SIZE + fields[4]]
+
+
+def test_a_repeated_layout_is_parsed_once() -> None:
+    """LayoutCache (the decoder's, the trimmer's): a layout seen again -- under its true
+    hint, or under a wrong or zero one -- is the parsed Layout already cached, not a new
+    parse."""
+    hint, n_columns, raw = layout_of(encode({"a": np.arange(3.0), "b": np.ones((3, 2))}))
+    cache = LayoutCache(4)
+    first = cache.get(hint, n_columns, raw)
+    assert first.raw == raw and first.hint == hint and first.names == ("a", "b")
+    for _ in range(2):
+        for h in (hint, 0, hint ^ 1):
+            assert cache.get(h, n_columns, raw) is first
+            assert cache.lookup(hint, n_columns, raw) is first
+    assert cache.lookup(0, n_columns, raw) is None  # stored under its true hint only
+    assert cache.lookup(hint, n_columns + 1, raw) is None
+
+
+def test_the_layout_cache_keeps_the_recently_used_and_64_by_default() -> None:
+    """A bounded least-recently-used cache: a layout looked up again is refreshed (with
+    room for two, layouts A B A C evict B and keep A), and the default bound, the
+    decoder's, is 64 layouts."""
+    layouts = [layout_of(encode({f"c{i}": np.arange(2.0)})) for i in range(65)]
+    cache = LayoutCache(2)
+    a, b, c = layouts[:3]
+    parsed_a, parsed_b = cache.get(*a), cache.get(*b)
+    assert cache.get(*a) is parsed_a
+    cache.get(*c)
+    assert cache.lookup(*a) is parsed_a
+    assert cache.lookup(*b) is None
+    assert cache.get(*b) is not parsed_b
+
+    default = LayoutCache()
+    parsed = [default.get(*layout) for layout in layouts]
+    assert default.lookup(*layouts[1]) is parsed[1]  # 64 kept: the oldest, c0, is out
+    assert default.lookup(*layouts[0]) is None

@@ -272,6 +272,22 @@ def test_wrong_hints_and_odd_digests_never_get_fast_slots() -> None:
     assert not trimmer._fast
 
 
+def test_every_uint64_digest_gets_a_fast_slot() -> None:
+    """The C plan cache keys any digest in [0, 2**64), the bounds included: an allowlist
+    whose digest is 0 or 2**64 - 1 is installed and then served by one C call like any
+    other."""
+    frame = encode(dense(4, 10))
+    hint = struct.unpack_from("<Q", frame, 16)[0]
+    allow = Allowlist.from_names(["col_0001", "col_0004"])
+    for digest in (0, 1, (1 << 64) - 1):
+        trimmer = Trimmer(backend="c")
+        edge = Allowlist(allow.keys, digest)
+        assert bytes(trimmer.trim(frame, edge).data) == reference(frame, allow)
+        assert list(trimmer._fast) == [struct.pack("<QQ", hint, digest)]
+        res = fast(trimmer, frame, edge)
+        assert res is not None and bytes(res.data) == reference(frame, allow)
+
+
 def test_out_problems_fall_back_to_the_worded_errors() -> None:
     frame = encode(dense(6, 20))
     allow = Allowlist.from_names([f"col_{i:04d}" for i in range(20)])

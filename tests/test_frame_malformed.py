@@ -15,7 +15,18 @@ import pytest
 
 from flatbuffers_schema.keys import Allowlist
 from root_worker.frame import BACKENDS, Column, FrameError, Ragged, Trimmer, decode, encode
-from root_worker.frame.format import PREAMBLE, PREAMBLE_SIZE, TABLE_ENTRY_SIZE, align
+from root_worker.frame.format import (
+    MAGIC,
+    MAX_ELEM_BYTES,
+    PREAMBLE,
+    PREAMBLE_SIZE,
+    TABLE_ENTRY_SIZE,
+    VERSION,
+    ZERO_RESERVED,
+    align,
+    layout_hint,
+    read_preamble,
+)
 
 COLS: dict[str, Column] = {
     "alpha": np.arange(6, dtype=np.float32),
@@ -43,6 +54,40 @@ def patch(frame: bytes, offset: int, fmt: str, *values: object) -> bytes:
     return bytes(buf)
 
 
+# Three columns whose blocks tile the data exactly: a 54-byte name puts table_end (192) on a
+# 64-byte boundary, so the first block starts exactly at data_start; "a" (64 bytes) ends
+# where "b" starts; the metadata starts where "c" ends.
+SIZED = encode({"a" * 54: np.arange(16, dtype=np.float32), "b": np.arange(16.0),
+                "c": np.arange(16, dtype=np.int8)}, {})
+SIZED_TABLE = align(PREAMBLE_SIZE + PREAMBLE.unpack(SIZED[:PREAMBLE_SIZE])[4], 8)
+# One 1-byte block, the metadata moved from right after it (129) to the next 64-byte
+# boundary (a gap before the metadata is allowed).
+_ONE = encode({"x": np.array([7], np.int8)}, {"k": 1})
+ONE_GAP = patch(patch(_ONE[:129] + bytes(63) + _ONE[129:], 40, "Q", 192), 32, "Q",
+                len(_ONE) + 63)
+ONE_TABLE = 80
+# Two columns with a dimension each (dims at 80 and 84).
+TWO_DIMS = encode({"p": np.zeros((2, 2), np.int16), "q": np.zeros((2, 3), np.int16)})
+
+
+def with_layout_tail(frame: bytes, extra: int) -> bytes:
+    """``frame`` with ``extra`` (a multiple of 64) zero bytes appended to its layout section,
+    everything after moved along (preamble and block table fixed up, the hint kept): the
+    only fault is a layout section longer than its column records declare."""
+    fields = PREAMBLE.unpack(frame[:PREAMBLE_SIZE])
+    n_columns, layout_len, meta_off = fields[3], fields[4], fields[9]
+    end = PREAMBLE_SIZE + layout_len
+    out = bytearray(frame[:end] + bytes(extra) + frame[end:])
+    struct.pack_into("<I", out, 12, layout_len + extra)
+    struct.pack_into("<Q", out, 32, len(out))
+    struct.pack_into("<Q", out, 40, meta_off + extra)
+    table = align(end + extra, 8)
+    for i in range(n_columns):
+        at = table + TABLE_ENTRY_SIZE * i
+        struct.pack_into("<Q", out, at, struct.unpack_from("<Q", out, at)[0] + extra)
+    return bytes(out)
+
+
 def entry(i: int) -> int:
     return TABLE + TABLE_ENTRY_SIZE * i
 
@@ -59,6 +104,17 @@ def test_reference_frame_is_valid_and_as_documented() -> None:
     assert (N_COLUMNS, LAYOUT_LEN, N_CAND) == (3, 42, 6)
     assert REF[NAMES:NAMES + 14] == b"alphabetagamma"
     assert BLOCKS == [(192, 24), (256, 24), (320, 136)]
+    # The other base frames are valid and laid out as their comments say.
+    assert SIZED_TABLE + TABLE_ENTRY_SIZE * 3 == 192
+    assert [struct.unpack_from("<QQ", SIZED, SIZED_TABLE + 16 * i) for i in range(3)] == [
+        (192, 64), (256, 128), (384, 16)]
+    assert PREAMBLE.unpack(SIZED[:PREAMBLE_SIZE])[9] == 400
+    assert struct.unpack_from("<QQ", ONE_GAP, ONE_TABLE) == (128, 1)
+    assert decode(ONE_GAP).dense("x").tolist() == [7]
+    assert decode(ONE_GAP).metadata == {"k": 1}
+    assert decode(TWO_DIMS).dense("q").shape == (2, 3)
+    assert TWO_DIMS[80:88] == struct.pack("<II", 2, 3)
+    assert decode(with_layout_tail(REF, 0)).metadata == {"request_id": "bad-1"}
 
 
 def run_decode(frame: bytes) -> None:
@@ -128,9 +184,23 @@ STRUCTURAL = {
         patch(REF, DIMS, "I", 0xFFFF_FFFF),
         "column 1 'beta': shape (4294967295,) makes 8589934590 bytes per element, above the "
         "limit 4294967295"),
+    # The column named is the one holding the zero, not the first column with a dimension.
+    "zero dimension in a later column": (
+        patch(TWO_DIMS, 84, "I", 0), "column 1 'q': shape has a zero dimension"),
+    "layout with trailing bytes": (
+        with_layout_tail(REF, 64),
+        f"layout section is {LAYOUT_LEN + 64} bytes but its 3 column records declare "
+        f"{LAYOUT_LEN} (records + 4 dims + 14 names)"),
+    "metadata past the end": (
+        patch(patch(REF[:META_OFF - 4], 32, "Q", META_OFF - 4), 48, "I", 4),
+        f"metadata [offset {META_OFF}, {META_OFF + 4}) must lie after the block table (ends "
+        f"at {TABLE_END}) and end the frame ({META_OFF - 4} bytes)"),
     "misaligned block": (
         patch(REF, entry(1), "Q", BLOCKS[1][0] + 8),
         "column 1 'beta': block [offset 264, 288) is not aligned to 64 bytes"),
+    "odd block offset": (
+        patch(REF, entry(1), "Q", BLOCKS[1][0] + 1),
+        "column 1 'beta': block [offset 257, 281) is not aligned to 64 bytes"),
     "block inside header": (
         patch(REF, entry(0), "Q", 64),
         f"column 0 'alpha': block [offset 64, 88) starts inside the header (data starts at "
@@ -139,6 +209,10 @@ STRUCTURAL = {
         patch(REF, entry(2), "Q", 1 << 20),
         f"column 2 'gamma': block [offset 1048576, 1048712) runs past end of data (metadata "
         f"starts at {META_OFF})"),
+    "one byte at the metadata": (  # [192, 193): the block's end is 1 past meta_offset
+        patch(ONE_GAP, ONE_TABLE, "Q", 192),
+        "column 0 'x': block [offset 192, 193) runs past end of data (metadata starts at "
+        "192)"),
     "huge block size": (
         patch(REF, entry(2) + 8, "Q", 0xFFFF_FFFF_FFFF_FFC0),
         f"column 2 'gamma': block [offset 320, {320 + 0xFFFF_FFFF_FFFF_FFC0}) runs past end "
@@ -147,6 +221,22 @@ STRUCTURAL = {
         patch(REF, entry(1), "Q", 192),
         "column 1 'beta': block [offset 192, 216) overlaps or precedes the block of column 0 "
         "'alpha', which ends at 216"),
+    # A later block overlapping the one before it *and* ending exactly at the metadata:
+    # the overlap is what is wrong (named with the block it overlaps), not the end.
+    "overlap ending at the metadata": (
+        patch(SIZED, SIZED_TABLE + 32, "QQ", 320, 80),
+        "column 2 'c': block [offset 320, 400) overlaps or precedes the block of column 1 "
+        "'b', which ends at 384"),
+    # Wrong sizes on blocks placed exactly at data_start and exactly at the previous end:
+    # only the size is wrong.
+    "wrong size at data start": (
+        patch(SIZED, SIZED_TABLE + 8, "Q", 60),
+        f"column 0 {'a' * 54!r}: dense block [offset 192, 252) is 60 bytes, expected 64 (16 "
+        f"candidates x 4 bytes)"),
+    "wrong size right after the previous block": (
+        patch(SIZED, SIZED_TABLE + 16 + 8, "Q", 120),
+        "column 1 'b': dense block [offset 256, 376) is 120 bytes, expected 128 (16 "
+        "candidates x 8 bytes)"),
     "wrong dense size": (
         patch(REF, entry(0) + 8, "Q", 20),
         "column 0 'alpha': dense block [offset 192, 212) is 20 bytes, expected 24 (6 "
@@ -218,6 +308,46 @@ def test_structural_errors(case: str, reader: Callable[[bytes], None]) -> None:
     assert str(info.value) == message
 
 
+def test_an_element_of_exactly_the_size_limit_is_accepted() -> None:
+    """``MAX_ELEM_BYTES`` bytes per element is the largest accepted (an int8 column of
+    shape (4294967295,), here with no candidates); one byte more (65536 x 65536) is
+    refused."""
+    base = encode({"x": np.zeros((0, 3), np.int8)}, {"k": 1})
+    dims = PREAMBLE_SIZE + 8  # the one record, then its one dimension
+    at_limit = patch(base, dims, "I", MAX_ELEM_BYTES)
+    layout_len = PREAMBLE.unpack(base[:PREAMBLE_SIZE])[4]
+    at_limit = patch(at_limit, 16, "Q", layout_hint(at_limit[64:64 + layout_len]))
+    assert decode(at_limit).columns["x"].shape == (0, MAX_ELEM_BYTES)
+    for backend in BACKENDS:
+        res = Trimmer(backend=backend).trim(at_limit, Allowlist.from_names(["x"]))
+        assert bytes(res.data) == at_limit
+    two = encode({"x": np.zeros((0, 3, 3), np.int8)}, {"k": 1})
+    over = patch(two, dims, "II", 65536, 65536)
+    message = ("column 0 'x': shape (65536, 65536) makes 4294967296 bytes per element, above "
+               "the limit 4294967295")
+    for read in [decode] + [make_trim(b) for b in BACKENDS]:
+        with pytest.raises(FrameError) as info:
+            read(over)
+        assert str(info.value) == message
+
+
+def test_a_frame_of_only_its_preamble_is_well_formed() -> None:
+    """The smallest frame is its 64-byte preamble: no columns, and an empty layout, block
+    table and metadata, each ending exactly at the end of the frame.  Its structure is
+    valid (the metadata's content, empty here, is decode's to refuse): read_preamble
+    accepts it and trimming returns it unchanged."""
+    frame = PREAMBLE.pack(MAGIC, VERSION, 0, 0, 0, layout_hint(b""), 0, 0, PREAMBLE_SIZE,
+                          PREAMBLE_SIZE, 0, ZERO_RESERVED)
+    pre = read_preamble(memoryview(frame))
+    assert (pre.layout_end, pre.table_end, pre.meta_offset, pre.frame_len) == (64, 64, 64, 64)
+    for backend in BACKENDS:
+        trimmer = Trimmer(backend=backend)
+        for _ in range(2):
+            assert bytes(trimmer.trim(frame, Allowlist.from_names(["a"])).data) == frame
+    with pytest.raises(FrameError, match=r"metadata \[offset 64, 64\) is not valid JSON"):
+        decode(frame)
+
+
 @pytest.mark.parametrize("case", sorted(CONTENT))
 def test_content_errors_in_decode(case: str) -> None:
     frame, message = CONTENT[case]
@@ -252,17 +382,29 @@ def test_non_contiguous_buffer_is_a_frame_error() -> None:
             Trimmer().trim(bad, Allowlist.from_names(["alpha"]))
 
 
-def test_fast_path_still_checks_per_request_fields() -> None:
-    """A cached plan must not let a bad preamble or block table through."""
-    trimmer = Trimmer()
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fast_path_still_checks_per_request_fields(backend: str) -> None:
+    """A cached plan must not let a bad preamble, layout or block table through: each case
+    differs from the warmed frame in one place, and the plan and size plan cached for
+    that frame's hint, allowlist, layout start, n_candidates and meta_offset must not
+    stand in for the checks (a bad magic, metadata declared past the frame's end, a
+    layout section with bytes after the ones its records declare)."""
+    trimmer = Trimmer(backend=backend)
     allow = Allowlist.from_names(["alpha", "gamma"])
     trimmer.trim(REF, allow)  # warm the caches
+    trimmer.trim(REF, allow)
     for case in ("bad version", "truncated frame", "metadata not ending frame",
-                 "overlapping blocks", "wrong dense size", "reserved bytes"):
+                 "overlapping blocks", "wrong dense size", "reserved bytes", "bad magic",
+                 "unknown flags", "metadata past the end", "layout with trailing bytes",
+                 "odd block offset"):
         frame, message = STRUCTURAL[case]
-        with pytest.raises(FrameError) as info:
-            trimmer.trim(frame, allow)
-        assert str(info.value) == message, case
+        for _ in range(2):
+            with pytest.raises(FrameError) as info:
+                trimmer.trim(frame, allow)
+            assert str(info.value) == message, case
+            with pytest.raises(FrameError) as info:
+                trimmer.trim_parts(frame, allow)
+            assert str(info.value) == message, case
     assert bytes(trimmer.trim(REF, allow).data) == bytes(Trimmer().trim(REF, allow).data)
 
 

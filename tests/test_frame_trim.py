@@ -240,6 +240,165 @@ def test_same_layout_new_sizes_and_ragged_lengths(trimmer: Trimmer) -> None:
     assert len(trimmer._plans) == 1
 
 
+# --- the plan caches of the general path (Trimmer._prepare) --------------------------------
+def zero_hint(frame: bytes) -> bytes:
+    """``frame`` with a zero layout hint (an encoder that does not compute it): its plans
+    are found under the true hint, and every request takes the general path, on the C
+    backend too (wrong hints never get a C slot)."""
+    out = bytearray(frame)
+    struct.pack_into("<Q", out, 16, 0)
+    return bytes(out)
+
+
+def size_key(frame: bytes) -> tuple[int, int]:
+    """The key a size plan is cached under: (n_candidates, meta_offset)."""
+    fields = PREAMBLE.unpack(frame[:PREAMBLE_SIZE])
+    return fields[6], fields[9]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_cached_size_plan_serves_only_its_own_block_table(backend: str) -> None:
+    """Two frames with the same layout, allowlist, n_candidates and meta_offset but
+    different block tables (the values of two ragged columns swapped: the same total, so
+    the same meta_offset): each is trimmed with its own table, however the two alternate,
+    on the C path, the general path (zero hints) and trim_parts.  A size plan found under
+    (n_candidates, meta_offset) serves a request only if its block table is the request's:
+    trimmed with the other frame's table, r1 and r2 would swap their values."""
+    def frame(first: int, second: int) -> tuple[bytes, bytes]:
+        cols: dict[str, Column] = {
+            "r1": Ragged.from_lengths(np.arange(first, dtype=np.int64), [first, 0, 0, 0]),
+            "d": np.arange(4.0),
+            "r2": Ragged.from_lengths(np.arange(100, 100 + second, dtype=np.int64),
+                                      [0, 0, second, 0]),
+            "tail": np.arange(4, dtype=np.int32),
+        }
+        keep = ["r1", "r2", "tail"]
+        return encode(cols, {"m": 1}), encode({k: cols[k] for k in keep}, {"m": 1})
+
+    (a, want_a), (b, want_b) = frame(8, 16), frame(16, 8)
+    assert size_key(a) == size_key(b) and a[:PREAMBLE_SIZE] == b[:PREAMBLE_SIZE]
+    assert a != b  # only the block table and the data differ
+    allow = Allowlist.from_names(["r1", "r2", "tail"])
+    trimmer = Trimmer(backend=backend)
+    for _ in range(2):
+        for f, want in ((a, want_a), (b, want_b), (zero_hint(a), want_a),
+                        (zero_hint(b), want_b), (b, want_b), (a, want_a)):
+            assert bytes(trimmer.trim(f, allow).data) == want
+            assert b"".join(bytes(p) for p in trimmer.trim_parts(f, allow).parts) == want
+    assert len(trimmer._plans) == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_repeated_request_reuses_its_plan_and_size_plan(backend: str) -> None:
+    """The general path builds the (layout, allowlist) plan and the size plan of a block
+    table once: a request repeating them finds the same objects, nothing is rebuilt.  On
+    the C backend the plan is also installed for the C path, under the frame's (true)
+    layout hint and the allowlist's digest."""
+    frame = encode(mixed_columns(5), {"request_id": 1})
+    allow = Allowlist.from_names(NAMES[::3])
+    hint = PREAMBLE.unpack(frame[:PREAMBLE_SIZE])[5]
+    for f in ([zero_hint(frame), frame] if backend == "numpy" else [zero_hint(frame)]):
+        trimmer = Trimmer(backend=backend)
+        want = bytes(trimmer.trim(f, allow).data)
+        (plan,) = trimmer._plans.values()
+        sizes = plan.sizes[size_key(frame)]
+        for _ in range(3):
+            assert bytes(trimmer.trim(f, allow).data) == want
+            assert b"".join(bytes(p) for p in trimmer.trim_parts(f, allow).parts) == want
+            assert list(trimmer._plans.values()) == [plan]
+            assert list(plan.sizes.items()) == [(size_key(frame), sizes)]
+    if backend == "c":
+        trimmer = Trimmer(backend="c")
+        trimmer.trim(frame, allow)
+        (plan,) = trimmer._plans.values()
+        assert plan.c_entry is not None
+        assert list(trimmer._fast.items()) == [(struct.pack("<QQ", hint, allow.digest),
+                                                plan.c_entry)]
+
+
+@pytest.mark.parametrize("hinted", [True, False], ids=["true-hint", "zero-hint"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_reused_plan_outlives_older_ones(backend: str, hinted: bool) -> None:
+    """Plans are a least-recently-*used* cache: a plan found again is refreshed, so with
+    room for two, allowlists A B A C evict B's plan and keep A's (the same object) --
+    also when the frames' hint is wrong (zero) and the plan is found under the true one.
+    (With true hints on the C backend, the general path serves allowlists whose digest is
+    no uint64, which the C path cannot key.)"""
+    frame = encode(mixed_columns(3))
+    hint = PREAMBLE.unpack(frame[:PREAMBLE_SIZE])[5]
+    beyond = 1 << 64 if backend == "c" and hinted else 0
+    if not hinted:
+        frame = zero_hint(frame)
+
+    def allowlist(names: list[str]) -> Allowlist:
+        keys = np.unique(name_keys(names))
+        return Allowlist(keys, keyset_digest(keys) + beyond)
+
+    a, b, c = allowlist(NAMES[:3]), allowlist(NAMES[3:6]), allowlist(NAMES[6:9])
+    trimmer = Trimmer(max_plans=2, backend=backend)
+    trimmer.trim(frame, a)
+    plan_a = trimmer._plans[(hint, a.digest)]
+    trimmer.trim(frame, b)
+    assert bytes(trimmer.trim(frame, a).data) == encode(
+        {n: mixed_columns(3)[n] for n in NAMES[:3]})
+    trimmer.trim(frame, c)
+    assert set(trimmer._plans) == {(hint, a.digest), (hint, c.digest)}
+    assert trimmer._plans[(hint, a.digest)] is plan_a
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_plan_found_under_its_hint_does_no_layout_work(backend: str) -> None:
+    """The general path's common case -- the plan found under the frame's hint, its layout
+    bytes compared with the plan's -- goes straight to the block table: the layout cache
+    (consulted only to find or build a plan) is not touched, its order stays that of the
+    parses.  (On the C backend the general path serves allowlists whose digest is no
+    uint64.)"""
+    frames = [encode({f"c{i}": np.arange(3.0), "d": np.ones(3)}) for i in range(3)]
+    keys = np.unique(name_keys(["c0", "c1", "c2"]))
+    allow = Allowlist(keys, keyset_digest(keys) + (1 << 64 if backend == "c" else 0))
+    trimmer = Trimmer(backend=backend)
+    for frame in frames:
+        trimmer.trim(frame, allow)
+    parsed = list(trimmer._layouts._entries)
+    assert len(parsed) == 3
+    for frame in frames[1::-1]:
+        assert list(decode(trimmer.trim(frame, allow).data).columns) == [
+            f"c{frames.index(frame)}"]
+    assert list(trimmer._layouts._entries) == parsed
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_reused_size_plan_outlives_older_ones(backend: str) -> None:
+    """Size plans too: with room for two per plan, block tables A B A C evict B's and keep
+    A's (the same object).  Zero hints: the general path on both backends."""
+    trimmer = Trimmer(max_sizes_per_plan=2, backend=backend)
+    allow = Allowlist.from_names(NAMES[:10])
+    frames = {n: zero_hint(encode(mixed_columns(n))) for n in (1, 2, 3)}
+    trimmer.trim(frames[1], allow)
+    (plan,) = trimmer._plans.values()
+    first = plan.sizes[size_key(frames[1])]
+    trimmer.trim(frames[2], allow)
+    trimmer.trim(frames[1], allow)
+    trimmer.trim(frames[3], allow)
+    assert set(plan.sizes) == {size_key(frames[1]), size_key(frames[3])}
+    assert plan.sizes[size_key(frames[1])] is first
+
+
+@pytest.mark.parametrize("n_cand", [1, 65])
+def test_blocks_one_byte_past_a_multiple_of_64_keep_their_padding(trimmer: Trimmer,
+                                                                  n_cand: int) -> None:
+    """A kept block of 64k + 1 bytes (one byte per candidate) is followed by 63 bytes of
+    padding in the output, so the next kept block still starts on its 64-byte boundary."""
+    cols: dict[str, Column] = {
+        "a": np.arange(n_cand, dtype=np.int8), "b": np.ones(n_cand, dtype=np.bool_),
+        "c": np.arange(n_cand, dtype=np.uint8), "d": np.arange(n_cand, dtype=np.float32)}
+    frame = encode(cols, {"n": n_cand})
+    for keep in (["a", "c", "d"], ["a", "b"], ["b", "d"]):
+        for _ in range(2):
+            res = trimmer.trim(frame, Allowlist.from_names(keep))
+            assert bytes(res.data) == encode({k: cols[k] for k in keep}, {"n": n_cand})
+
+
 def test_caches_are_bounded() -> None:
     trimmer = Trimmer(max_plans=3, max_sizes_per_plan=2)
     frame = encode(mixed_columns(3))
@@ -281,6 +440,11 @@ def test_uniform_numpy_fast_path_is_used_and_correct() -> None:
     plan = next(iter(trimmer._plans.values()))
     assert next(iter(plan.sizes.values())).uniform is not None
     assert bytes(res.data) == encode({n: cols[n] for n in keep}, {"request_id": "u"})
+    if "c" in BACKENDS:  # the C backend copies its runs itself: no rows kept for it
+        c_trimmer = Trimmer(backend="c")
+        assert bytes(c_trimmer.trim(frame, Allowlist.from_names(keep)).data) == bytes(res.data)
+        (c_plan,) = c_trimmer._plans.values()
+        assert next(iter(c_plan.sizes.values())).uniform is None
 
 
 def test_loop_fallback_on_mixed_sizes() -> None:

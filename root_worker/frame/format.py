@@ -242,15 +242,15 @@ class Layout:
         self.dims_spans = np.stack([dims_start + DIM_SIZE * (dim_ends - ndim),
                                     dims_start + DIM_SIZE * dim_ends], axis=1)
         self.name_spans = np.stack([name_starts, name_ends], axis=1)
-        self.names = self._decode_names(name_starts.tolist(), name_ends.tolist())
+        self.names = self._decode_names(self.name_spans.tolist())
         self.ragged = rec["kind"] == KIND_RAGGED
         self.ragged_idx = np.flatnonzero(self.ragged)
         self._parse_types(dims, (dim_ends - ndim).tolist(), dim_ends.tolist())
 
-    def _decode_names(self, starts: list[int], ends: list[int]) -> tuple[str, ...]:
+    def _decode_names(self, spans: list[list[int]]) -> tuple[str, ...]:
         names: list[str] = []
         seen: dict[str, int] = {}
-        for i, (a, b) in enumerate(zip(starts, ends, strict=True)):
+        for i, (a, b) in enumerate(spans):
             try:
                 name = self.raw[a:b].decode("utf-8")
             except UnicodeDecodeError as exc:

@@ -426,6 +426,8 @@ class Trimmer:
         if plan is None or plan.layout is not layout:
             plan = _Plan(layout, allowlist, self._max_sizes)
             self._plans.put(key, plan)
+        else:
+            self._plans.touch(key)  # found under a wrong hint: used all the same
         return plan
 
     def _new_size_plan(self, plan: _Plan, src: Buffer) -> _SizePlan:
