@@ -2,8 +2,9 @@
 
     python tests/mutation_sample.py
 
-A fixed few functions whose bugs cost correctness -- the ragged-offsets check, the
-publisher's flip, the watcher's hold tracking, the buffer pool's take -- mutated by mutmut
+A fixed few functions whose bugs cost correctness -- the ragged-offsets check, the trim's
+request checks and plan caches (``Trimmer._prepare``), the publisher's flip and restart
+recovery, the watcher's hold tracking, the buffer pool's take and charge -- mutated by mutmut
 in a scratch copy of the tree (``build/mutate-sample``) whose ``[mutmut]`` section names
 only their files and the tests that cover them, so mutmut's fixed costs (generating
 mutants, one clean and one coverage run of the test subset) stay small. Then the report
@@ -22,13 +23,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SCRATCH = ROOT / "build" / "mutate-sample"
 SAMPLE = {  # file -> the mutants of it in the sample (mutmut names, fnmatch patterns)
-    "root_worker/frame/format.py": "root_worker.frame.format.x_check_ragged_offsets__*",
-    "trimmer_daemon/publisher.py": "trimmer_daemon.publisher.*_flip__*",
-    "trimmer_daemon/watcher.py": "trimmer_daemon.watcher.*_track_writers__*",
-    "root_worker/service/buffers.py": "root_worker.service.buffers.*_take__*",
+    "root_worker/frame/format.py": ["root_worker.frame.format.x_check_ragged_offsets__*"],
+    "root_worker/frame/trim.py": ["root_worker.frame.trim.xǁTrimmerǁ_prepare__*"],
+    "trimmer_daemon/publisher.py": ["trimmer_daemon.publisher.*_flip__*",
+                                    "trimmer_daemon.publisher.*_recover__*"],
+    "trimmer_daemon/watcher.py": ["trimmer_daemon.watcher.*_track_writers__*"],
+    "root_worker/service/buffers.py": ["root_worker.service.buffers.*_take__*",
+                                       "root_worker.service.buffers.*charge__*"],
 }
-TESTS = ["tests/test_frame_parts.py", "tests/test_golden.py", "tests/test_shm.py",
-         "tests/test_watcher_hold.py", "tests/test_buffers.py"]
+TESTS = ["tests/test_frame_parts.py", "tests/test_golden.py", "tests/test_frame_trim.py",
+         "tests/test_frame_malformed.py", "tests/test_frame_aliasing.py",
+         "tests/test_frame_fastpath.py", "tests/test_shm.py", "tests/test_watcher_hold.py",
+         "tests/test_buffers.py"]
 DESELECT = ["tests/test_shm.py::test_torn_read_stress",
             "tests/test_shm.py::test_kill_minus_nine_during_publication"]
 TREES = ["root_worker", "flatbuffers_schema", "trimmer_daemon", "tests", "docs"]
@@ -60,7 +66,8 @@ def main() -> int:
         shutil.copy2(ROOT / name, SCRATCH / name)
     (SCRATCH / "setup.cfg").write_text(_config())
     mutmut = str(Path(sys.executable).parent / "mutmut")
-    run = subprocess.run([mutmut, "run", "--max-children", "2", *SAMPLE.values()],
+    patterns = [p for ps in SAMPLE.values() for p in ps]
+    run = subprocess.run([mutmut, "run", "--max-children", "2", *patterns],
                          cwd=SCRATCH, stdout=subprocess.DEVNULL)
     if run.returncode:
         print(f"mutmut run failed ({run.returncode}); see {SCRATCH}", file=sys.stderr)
