@@ -184,6 +184,23 @@ def test_plans_are_cached_by_digest_not_identity(trimmer: Trimmer) -> None:
     assert len(trimmer._plans) == 2
 
 
+def test_allowlist_keys_given_as_python_ints_are_read_as_uint64(trimmer: Trimmer) -> None:
+    """Keys are 64-bit hashes, about half of them >= 2**63. An allowlist whose keys arrive
+    as a plain list of ints (a caller's own loader) is read as uint64, exactly: a key one
+    bit away from a column's key keeps nothing. (Read with numpy's default dtype, such a
+    list becomes float64, whose 53-bit mantissa rounds both keys to the same value: the
+    column would be kept, and counted as present.)"""
+    frame = encode(mixed_columns(4))
+    by_key = sorted(NAMES, key=lambda n: int(name_keys([n])[0]))
+    names = [by_key[0], by_key[-1]]  # the smallest and the largest key
+    kept, near = (int(k) for k in name_keys(names))
+    assert kept < 2**63 <= near  # a list numpy alone would read as float64
+    keys = np.unique(np.array([kept, near ^ 1], dtype=np.uint64))
+    res = trimmer.trim(frame, Allowlist([int(k) for k in keys], keyset_digest(keys)))
+    assert (res.n_kept, res.n_missing) == (1, 1)
+    assert bytes(res.data) == bytes(trimmer.trim(frame, Allowlist.from_names(names[:1])).data)
+
+
 def test_plan_holds_no_reference_to_the_allowlist_keys(trimmer: Trimmer) -> None:
     frame = encode(mixed_columns(4))
     backing = bytearray(np.unique(name_keys(["f001", "f004"])).tobytes())
