@@ -96,10 +96,10 @@ clean:
 # Mutation testing (docs/testing.md; mutmut, config in setup.cfg): the functions whose bugs
 # cost correctness -- frame format and codec, the trim plan checks, the shm layout and the
 # publisher's publication path, the bundle state machine, the watcher's hold, the map
-# reader, the buffer pool. `make mutate` runs them all from scratch (~25 min on a loaded
-# 2-core machine, niced) and prints the score per module and every survivor;
-# `make mutate-sample` (CI) runs a fixed few and fails on a survivor not listed as
-# equivalent in docs/testing.md.
+# reader, the buffer pool. `make mutate` runs them all from scratch (~15 min on a
+# 2-core machine, niced), prints the score per module and every survivor, and fails on a
+# survivor not listed as equivalent in docs/testing.md;
+# `make mutate-sample` (CI) runs a fixed few functions the same way.
 MUTATE_TARGETS := 'root_worker.frame.format.*' 'root_worker.frame.codec.*' \
     'root_worker.frame.check.*' 'root_worker.frame.trim.*_prepare__*' \
     'root_worker.frame.trim.*_Plan*' 'root_worker.frame.trim.*_new_plan__*' \
@@ -117,7 +117,7 @@ MUTATE_TARGETS := 'root_worker.frame.format.*' 'root_worker.frame.codec.*' \
 mutate: $(STAMP)         ## mutation testing of the correctness-critical modules (docs/testing.md)
 	rm -rf mutants
 	nice -n 10 timeout 3600 .ci/private-shm $(VENV)/bin/mutmut run --max-children 2 $(MUTATE_TARGETS)
-	$(PY) tests/mutation_report.py
+	$(PY) tests/mutation_report.py --strict
 
 mutate-sample: $(STAMP)  ## CI: a fixed sample of mutants (tests/mutation_sample.py); fails on a new survivor
 	nice -n 10 timeout 600 .ci/private-shm $(PY) tests/mutation_sample.py
