@@ -53,7 +53,8 @@ def test_the_sdist_holds_tests_docs_examples_units_and_deploy(tmp_path: Path) ->
                    "examples/bundles/ads/module_info.json", "systemd/feature-trimmer.service",
                    "deploy/kubernetes/base/kustomization.yaml",
                    "deploy/prometheus/feature-trimmer.rules.yml", "Containerfile", "Makefile",
-                   ".ci/run", "VERSION", "lean/pyproject.toml", "lean/root_worker/leaf/sdk.py",
+                   ".ci/run", ".ci/private-shm", "VERSION", "lean/pyproject.toml",
+                   "lean/root_worker/leaf/sdk.py",
                    "bench/report.py"):
         assert member in names, member
     assert not [n for n in names if n.endswith((".so", ".pyc")) or "__pycache__" in n]
