@@ -6,8 +6,10 @@ Reads ``mutmut results --all true`` (run it from the repository root after ``mut
 prints one line per mutated module -- mutants, killed (a timeout counts as killed: the
 tests noticed), survived, with no covering test, the score -- then every survivor. A
 survivor listed in docs/testing.md (its table of equivalent mutants: a backticked mutant
-name in the first column) is marked ``equivalent``; any other is ``NEW``. ``--strict``
-exits 1 if a NEW survivor or a mutant with no test is left (the CI sample uses it).
+name in the first column) is marked ``equivalent``; any other is ``NEW``. A listed mutant
+that was run and killed is printed as ``stale`` (a test now tells it apart: its row is to go).
+``--strict`` exits 1 if a NEW survivor, a mutant with no test or a stale row is left (``make
+mutate`` and the CI sample use it).
 """
 
 from __future__ import annotations
@@ -64,9 +66,13 @@ def main(argv: list[str]) -> int:
         mark = "equivalent" if name in known else "NEW"
         new += mark == "NEW"
         print(f"  {status:9} {mark:10} {name}")
+    stale = sorted(name for name, status in rows if name in known and status in CAUGHT)
+    for name in stale:
+        print(f"  killed    stale      {name}  (listed as equivalent: remove its row)")
     print(f"{len(rows)} mutants checked, {len(survivors)} not killed "
-          f"({len(survivors) - new} listed as equivalent in docs/testing.md, {new} new)")
-    return 1 if strict and new else 0
+          f"({len(survivors) - new} listed as equivalent in docs/testing.md, {new} new)"
+          + (f", {len(stale)} stale rows" if stale else ""))
+    return 1 if strict and (new or stale) else 0
 
 
 if __name__ == "__main__":
