@@ -3,7 +3,7 @@ shaped 1 Gbit/s link (issues #4, #9).
 
     python bench/e2e_bench.py [--candidates 64] [--clients 4] [--duration 4] [--rounds 3]
                               [--frames 32] [--configs off,lz4,...] [--shaped auto|off]
-                              [--baseline TREE]
+                              [--baseline TREE] [--strace]
     make bench-e2e                                # the same, with BENCH_ARGS="..." if wanted
 
 The stack of ``make demo`` (:mod:`root_worker.testing.stack`): one ``trimmer-daemon``
@@ -42,7 +42,10 @@ p50/p99 over all measured latencies (client-side, whole request). Wire bytes per
 root->leaf body bytes (``bytes_sent``), checked against the leaves' ``/stats``. Per-process
 CPU time (``/proc/<pid>/stat``: utime + stime of the root's master and workers, of the
 leaves, of the daemon, of this process for the client) over the measured windows gives CPU
-per request.
+per request. The root's share is also split into user and system time with its context
+switches (``/proc/<pid>/status``), and ``--strace`` (a separate run: tracing slows the
+workers) counts its system calls per request: where a pool's extra cost over the minimal
+root lies, in the kernel or in its own Python.
 
 Shaped link (``--shaped auto``, the default, when network namespaces work; root only): two
 network namespaces with unique names and a veth pair between them, each end shaped with
@@ -68,6 +71,7 @@ import json
 import os
 import resource
 import secrets
+import shutil
 import signal
 import statistics
 import subprocess
@@ -132,6 +136,57 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
+def cpu_split(pids: Sequence[int]) -> dict[str, float]:
+    """utime, stime (s) and voluntary / involuntary context switches summed over ``pids``
+    (a process that is gone counts 0): where a root's CPU goes, kernel or Python."""
+    out = {"user": 0.0, "sys": 0.0, "ctx_voluntary": 0.0, "ctx_involuntary": 0.0}
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            status = Path(f"/proc/{pid}/status").read_text().splitlines()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        out["user"] += int(fields[11]) / TICK
+        out["sys"] += int(fields[12]) / TICK
+        for line in status:
+            key, _, value = line.partition(":")
+            if key in ("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches"):
+                out["ctx_voluntary" if key[0] == "v" else "ctx_involuntary"] += int(value)
+    return out
+
+
+class Strace:
+    """``strace -c -f`` attached to a root's workers for one measured window (``--strace``):
+    system calls by name. It slows what it traces: a window it watched measures calls,
+    not CPU."""
+
+    def __init__(self, pids: Sequence[int], path: Path) -> None:
+        self.path = path
+        cmd = ["strace", "-c", "-f", "-o", str(path)]
+        for pid in pids:
+            cmd += ["-p", str(pid)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop(self) -> dict[str, int]:
+        """Detach and return calls per syscall."""
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        calls: dict[str, int] = {}
+        try:
+            lines = self.path.read_text().splitlines()
+        except FileNotFoundError:
+            return calls
+        for line in lines:  # % time, seconds, usecs/call, calls, [errors,] syscall
+            parts = line.split()
+            if len(parts) >= 5 and parts[0][0].isdigit() and parts[-1] != "total":
+                calls[parts[-1]] = calls.get(parts[-1], 0) + int(parts[3])
+        return calls
+
+
 def self_cpu() -> float:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime + ru.ru_stime
@@ -158,6 +213,8 @@ class Window:
     leaf_bytes: int = 0
     cpu: dict[str, float] = field(default_factory=dict)
     busy: float = 0.0
+    root_split: dict[str, float] = field(default_factory=dict)  # cpu_split of the root
+    syscalls: dict[str, int] = field(default_factory=dict)      # --strace: the root's
 
     @property
     def requests(self) -> int:
@@ -231,15 +288,20 @@ def measure(stack: Stack, pool: Any, config: str, frames: Sequence[bytes],
         leaf0 = sum(leaf.stats()["bytes_received"] for leaf in leaves)
         cpu0 = {k: sum(cpu_seconds(p) for p in pids) for k, pids in procs.items()}
         cpu0["client"] = self_cpu()
+        split0 = cpu_split(procs["root"])
         busy0, total0 = machine_busy()
+        tracer = Strace(procs["root"][1:], stack.workdir / f"strace-{config}-"
+                        f"{secrets.token_hex(4)}.txt") if args.strace else None
         t0 = time.monotonic()
         load.recording.set()
         time.sleep(args.duration)
         load.recording.clear()
         seconds = time.monotonic() - t0
+        syscalls = tracer.stop() if tracer is not None else {}
         busy1, total1 = machine_busy()
         cpu1 = {k: sum(cpu_seconds(p) for p in pids) for k, pids in procs.items()}
         cpu1["client"] = self_cpu()
+        split1 = cpu_split(procs["root"])
         samples, errors, outcomes = load.take()
     # requests still in flight when recording stopped were not counted, but the leaves
     # saw their bytes: the leaf counter is read after the clients stopped, so it is a
@@ -248,7 +310,8 @@ def measure(stack: Stack, pool: Any, config: str, frames: Sequence[bytes],
     w = Window(config, seconds, [s[0] for s in samples], [s[1] for s in samples],
                len(errors), outcomes, leaf1 - leaf0,
                {k: cpu1[k] - cpu0[k] for k in cpu1},
-               (busy1 - busy0) / max(1, total1 - total0))
+               (busy1 - busy0) / max(1, total1 - total0),
+               {k: split1[k] - split0[k] for k in split1}, syscalls)
     if errors:
         print(f"    {config}: {len(errors)} failed requests, e.g. {errors[0]}",
               file=sys.stderr)
@@ -279,6 +342,17 @@ def summarize(windows: Sequence[Window]) -> dict[str, Any]:
         # window's edges, so slightly above wire_bytes_per_request)
         "leaf_bytes_per_request": sum(w.leaf_bytes for w in windows) / n if n else 0.0,
         "cpu_ms_per_request": {k: v / n * 1e3 if n else 0.0 for k, v in cpu.items()},
+        # the root's CPU split: user (Python, numpy, the C engine) vs system (the kernel's
+        # sends, receives, epoll), and context switches, per request
+        "root_split_per_request": {
+            k: (sum(w.root_split.get(k, 0.0) for w in windows) / n
+                * (1e3 if k in ("user", "sys") else 1) if n else 0.0)
+            for k in ("user", "sys", "ctx_voluntary", "ctx_involuntary")},
+        "root_syscalls_per_request": {
+            name: round(sum(w.syscalls.get(name, 0) for w in windows) / n, 2)
+            for name in sorted({s for w in windows for s in w.syscalls},
+                               key=lambda s: -sum(w.syscalls.get(s, 0) for w in windows))
+        } if n and any(w.syscalls for w in windows) else {},
         "machine_busy": statistics.fmean(w.busy for w in windows),
         # CPU of processes that are not part of the benchmark (others sharing the machine)
         "other_load": max(0.0, statistics.fmean(w.busy for w in windows)
@@ -460,6 +534,25 @@ def where_the_time_goes(results: dict[str, dict[str, Any]], v: dict[str, Any]) -
                      f"{c['daemon'] / total:.0%}")
     lines.append(f"  CPU per request off / trim = {v['trim_cpu_capacity_x']:.2f}x: the "
                  "throughput ratio a CPU-bound machine reaches when nothing else runs on it")
+    return "\n".join(lines)
+
+
+def root_breakdown(results: dict[str, dict[str, Any]]) -> str:
+    """The root's CPU per request split into user and system time, its context switches
+    and (``--strace``) its system calls: where a pool's extra cost over the minimal root
+    lies, the kernel's or its own Python."""
+    lines = ["root CPU split per request (user: Python, numpy and the C engine; sys: the "
+             "kernel's sends, receives and polls):"]
+    for name, r in results.items():
+        s = r["root_split_per_request"]
+        lines.append(f"  {name:<9} user {s['user']:5.2f} ms  sys {s['sys']:5.2f} ms  "
+                     f"context switches {s['ctx_voluntary']:5.2f} voluntary, "
+                     f"{s['ctx_involuntary']:5.2f} involuntary")
+    for name, r in results.items():
+        calls = r["root_syscalls_per_request"]
+        if calls:
+            top = ", ".join(f"{k} {v:g}" for k, v in list(calls.items())[:10])
+            lines.append(f"  {name:<9} syscalls per request (strace -c): {top}")
     return "\n".join(lines)
 
 
@@ -711,6 +804,10 @@ def run(args: argparse.Namespace) -> int:
           f"{v['trim_p99_ratio']:.2f}, wire bytes -{v['trim_wire_reduction']:.1%}")
     report_ratios(v)
     print(where_the_time_goes(results, v))
+    print(root_breakdown(results))
+    if args.strace:
+        print("note: --strace slows the traced workers: this run's CPU figures and ratios "
+              "are not comparable with an untraced run")
     report_shaped(shaped)
     problems = sanity(results) + (sanity(shaped["results"]) if "results" in shaped else [])
     for line in problems:
@@ -749,11 +846,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "accelerator built in place), as base-off and base-trim: root CPU "
                         "before/after a change in one run. E.g. git worktree add /tmp/base "
                         "<commit> && (cd /tmp/base && python setup.py build_ext --inplace)")
+    p.add_argument("--strace", action="store_true",
+                   help="count each root's system calls per request (strace -c on its "
+                        "workers during every measured window); slows them, so use a "
+                        "separate run for CPU figures")
     p.add_argument("--inner-shaped", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--leaf-netns", help=argparse.SUPPRESS)
     p.add_argument("--leaf-host", help=argparse.SUPPRESS)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     args.configs = [c for c in args.configs.split(",") if c]
+    if args.strace and shutil.which("strace") is None:
+        p.error("--strace needs strace (apt-get install strace)")
     if args.baseline is not None:
         args.configs += [c for c in ("base-off", "base-trim") if c not in args.configs]
     elif any(CONFIGS.get(c, ("",))[0] == "base" for c in args.configs):
