@@ -439,6 +439,22 @@ def test_bool_bytes_other_than_0_and_1_are_refused_naming_column_and_byte() -> N
         decode(bytes(broken))
 
 
+def test_an_empty_bool_block_checks_no_byte_of_the_next_block() -> None:
+    """A bool column with no values (a ragged bool column whose every list is empty) has a
+    block of just its offsets head: the bool check covers none of its bytes, and never the
+    first byte of the block after it (here an int64 7, which is no bool). With 7 candidates
+    the head is 64 bytes, so the next block starts exactly where the empty values would."""
+    cols: dict[str, Column] = {
+        "flags": Ragged.from_lengths(np.zeros(0, bool), [0] * 7),
+        "ids": np.full(7, 7, np.int64),
+    }
+    frame, offs = bool_frame(cols, {"request_id": "e"})
+    assert offs[1] == offs[0] + 64 and frame[offs[1]] == 7
+    out = decode(bytes(frame))
+    assert out.ragged("flags").lengths.tolist() == [0] * 7
+    assert out.dense("ids").tolist() == [7] * 7
+
+
 def test_bool_blocks_that_end_the_buffer_are_checked() -> None:
     """With an empty metadata section the last bool block ends the buffer: the bool
     check still covers each block exactly (not the int column between them), and the
