@@ -213,23 +213,39 @@ def _writer(prefix: str, count: int, max_size: int) -> int:
     return 0
 
 
+class OrderWatch:
+    """The raw write-order check a stress reader makes beside its own polls: maps
+    ``prefix``'s control once it exists, then each :meth:`step` is one
+    :func:`stable_mismatch` read, counted in ``violations`` when it finds one."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.ctl: mmap.mmap | None = None
+        self.violations = 0
+
+    def step(self) -> str | None:
+        if self.ctl is None:
+            self.ctl = map_control(self.prefix)
+            return None
+        problem = stable_mismatch(self.ctl)
+        if problem:
+            self.violations += 1
+        return problem
+
+
 def _reader(prefix: str, max_size: int, until_gen: int, stop_file: str) -> int:
     reader = ShmReader(prefix)
     reader.poll()
     print("ready", flush=True)
     seen: list[int] = []
     violations: list[str] = []
-    polls = order_violations = 0
-    ctl: mmap.mmap | None = None
+    polls = 0
+    order = OrderWatch(prefix)  # never a whole slot of another generation
     deadline = time.monotonic() + 120.0
     while time.monotonic() < deadline:
-        if ctl is None:
-            ctl = map_control(prefix)
-        else:  # a raw read beside the reader's own: never a whole slot of another generation
-            problem = stable_mismatch(ctl)
-            if problem:
-                order_violations += 1
-                violations.append(problem)
+        problem = order.step()
+        if problem:
+            violations.append(problem)
         snapshot = reader.poll()
         polls += 1
         if snapshot is not None and (not seen or snapshot.generation != seen[-1]):
@@ -252,7 +268,7 @@ def _reader(prefix: str, max_size: int, until_gen: int, stop_file: str) -> int:
                 "last": seen[-1] if seen else 0,
                 "violations": violations[:10],
                 "n_violations": len(violations),
-                "order_violations": order_violations,
+                "order_violations": order.violations,
                 "verify_failures": stats.verify_failures,
                 "attach_errors": stats.attach_errors,
                 "inconsistent_reads": stats.inconsistent_reads,

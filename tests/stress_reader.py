@@ -4,7 +4,9 @@
 
 Every generation it sees must be a whole, verified map whose content matches what the
 writer encodes for step k (see :func:`stress_doc`). Prints ``ready`` once attached to a
-first generation, then on exit one JSON line: generations seen, checks made, errors.
+first generation, then on exit one JSON line: generations seen, checks made, errors. It
+stops when STOP_FILE appears, or after ``DEADLINE_S`` if it never does (a test that died),
+so a reader is never left polling.
 """
 
 from __future__ import annotations
@@ -12,14 +14,17 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _ROOT)
 
-from shm_helpers import map_control, stable_mismatch  # noqa: E402
+from shm_helpers import OrderWatch  # noqa: E402
 
 from root_worker.featuremap.live_map import LiveMap  # noqa: E402
 from root_worker.featuremap.map_reader import FeatureMapView  # noqa: E402
+
+DEADLINE_S = 300.0  # the stress tests stop their readers within a minute or two
 
 
 def stress_features(k: int) -> list[str]:
@@ -54,17 +59,14 @@ def main(prefix: str, stop_file: str) -> int:
     live = LiveMap(prefix)
     seen: set[int] = set()
     errors: list[str] = []
-    checks = order_violations = 0
+    checks = 0
     announced = False
-    ctl = None
-    while not os.path.exists(stop_file):
-        if ctl is None:
-            ctl = map_control(prefix)
-        else:  # a raw read beside the worker's own: never a whole slot of another generation
-            problem = stable_mismatch(ctl)
-            if problem:
-                order_violations += 1
-                errors.append(problem)
+    order = OrderWatch(prefix)  # beside the worker's own reads: never another generation's slot
+    deadline = time.monotonic() + DEADLINE_S
+    while not os.path.exists(stop_file) and time.monotonic() < deadline:
+        problem = order.step()
+        if problem:
+            errors.append(problem)
         view = live.current()
         if view is None:
             continue
@@ -81,7 +83,7 @@ def main(prefix: str, stop_file: str) -> int:
     stats = live.reader.stats
     print(json.dumps({"generations": len(seen), "checks": checks, "errors": errors[:20],
                       "n_errors": len(errors), "verify_failures": stats.verify_failures,
-                      "order_violations": order_violations,
+                      "order_violations": order.violations,
                       "map_errors": live.map_errors, "max_generation": max(seen, default=0)}),
           flush=True)
     live.close()
