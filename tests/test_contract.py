@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import sys
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,25 @@ class AsyncRootProc(Proc):
             return self.address_file.exists()
         wait_for(ready, timeout, "the asyncio root to listen")
         return self.address_file.read_text().strip()
+
+
+@contextmanager
+def ads_daemon(tmp_path: Path) -> Iterator[tuple[Workload, str, Path, DaemonProc, LiveMap]]:
+    """A real daemon publishing the workload's ads bundle under a unique prefix, and a
+    LiveMap on it; everything removed (and checked gone) at the end."""
+    wl = Workload()
+    prefix = f"fttest_{uuid.uuid4().hex[:12]}"
+    ads = tmp_path / "ads" / "module_info.json"
+    write_bundle(ads, wl.ads_doc())
+    daemon = DaemonProc(prefix, {"ads": ads}, tmp_path / "daemon.log")
+    live = LiveMap(prefix)
+    try:
+        yield wl, prefix, ads, daemon, live
+    finally:
+        live.close()
+        daemon.close()
+        remove_segments(prefix)
+        assert not shm_leftovers(prefix)
 
 
 def _by_model(doc: dict[str, Any]) -> dict[tuple[str, str | None], dict[str, Any]]:
@@ -124,13 +145,7 @@ def test_asyncio_root_answers_as_the_gunicorn_pool(tmp_path: Path) -> None:
 def test_a_new_generation_is_attached_off_the_event_loop(tmp_path: Path) -> None:
     """prepare(attach=False) serves the generation already attached while a newer one
     waits (plan.map_stale), and never attaches it; refresh() does."""
-    wl = Workload()
-    prefix = f"fttest_{uuid.uuid4().hex[:12]}"
-    ads = tmp_path / "ads" / "module_info.json"
-    write_bundle(ads, wl.ads_doc())
-    daemon = DaemonProc(prefix, {"ads": ads}, tmp_path / "daemon.log")
-    live = LiveMap(prefix)
-    try:
+    with ads_daemon(tmp_path) as (wl, prefix, ads, daemon, live):
         first = daemon.wait_view(lambda v: v.generation > 0).generation
         contract = Contract(load_settings({}, shm_name=prefix), live, Routing.empty())
         frame = make_frame(wl.universe, 4, seed=1)
@@ -153,11 +168,6 @@ def test_a_new_generation_is_attached_off_the_event_loop(tmp_path: Path) -> None
         assert plan.map_stale and plan.generation == first  # the old one, not waited for
         contract.refresh()
         assert live.generation > first
-    finally:
-        live.close()
-        daemon.close()
-        remove_segments(prefix)
-        assert not shm_leftovers(prefix)
 
 
 def test_threads_share_one_contract_with_lz4_and_the_pool_comes_back(tmp_path: Path) -> None:
@@ -169,13 +179,7 @@ def test_threads_share_one_contract_with_lz4_and_the_pool_comes_back(tmp_path: P
 
     from root_worker.frame import Trimmer
 
-    wl = Workload()
-    prefix = f"fttest_{uuid.uuid4().hex[:12]}"
-    ads = tmp_path / "ads" / "module_info.json"
-    write_bundle(ads, wl.ads_doc())
-    daemon = DaemonProc(prefix, {"ads": ads}, tmp_path / "daemon.log")
-    live = LiveMap(prefix)
-    try:
+    with ads_daemon(tmp_path) as (wl, prefix, _ads, daemon, live):
         daemon.wait_view(lambda v: v.resolve("ads_ctr").allowlist is not None)
         contract = Contract(load_settings({}, shm_name=prefix, lz4=True), live,
                             Routing.from_doc({"*": "http://127.0.0.1:9"}))
@@ -208,8 +212,3 @@ def test_threads_share_one_contract_with_lz4_and_the_pool_comes_back(tmp_path: P
         run_threads(worker, 4)
         assert not errors, errors[:5]
         assert contract.buffers.in_use == 0
-    finally:
-        live.close()
-        daemon.close()
-        remove_segments(prefix)
-        assert not shm_leftovers(prefix)
